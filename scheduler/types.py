@@ -1,0 +1,169 @@
+"""Value types shared by the routing core, the live scheduler and the cluster simulator.
+
+Everything here is immutable: a policy gets one `ClusterView` per decision and can neither
+change it nor keep a reference that changes under it. Mutable routing state (hash rings, the
+prefix index, leases) lives in its owners and is read through the view.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+BlockHashes = npt.NDArray[np.uint64]
+
+
+class Role(enum.StrEnum):
+    UNIFIED = "unified"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class DecisionReason(enum.StrEnum):
+    """Why a policy chose an endpoint; the value is the `reason` metric label.
+
+    Mirrors `twinroute.v1.DecisionReason` (DECISION_REASON_<NAME> <-> NAME.lower()).
+    """
+
+    CACHE_AFFINITY = "cache_affinity"
+    SLO_SWITCH = "slo_switch"
+    TIE_LESS_LOADED = "tie_less_loaded"
+    LEAST_LOADED = "least_loaded"
+    ROUND_ROBIN = "round_robin"
+    HASH = "hash"
+    HASH_BOUNDED = "hash_bounded"
+    MIN_TTFT = "min_ttft"
+    EXPLOIT = "exploit"
+    EXPLORE = "explore"
+    ONLY_CANDIDATE = "only_candidate"
+    SESSION_AFFINITY = "session_affinity"
+    REBALANCED = "rebalanced"
+    FALLBACK = "fallback"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One engine instance the scheduler can route to."""
+
+    id: str
+    address: str
+    role: Role = Role.UNIFIED
+    model: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """What the scheduler believes one endpoint carries at decision time.
+
+    `in_flight` and `pending_prefill_tokens` come from the scheduler's own leases and are
+    always known. `running`, `queued` and `kv_usage` come from scraping the engine and are
+    `None` when the last scrape is missing or stale: unknown, never zero.
+    """
+
+    in_flight: int = 0
+    pending_prefill_tokens: int = 0
+    # Sequences the scheduler believes are decoding there (leases past their prefill).
+    decoding: int = 0
+    running: int | None = None
+    queued: int | None = None
+    kv_usage: float | None = None
+    scrape_age_s: float | None = None
+
+
+EMPTY_LOAD = LoadSnapshot()
+
+
+@dataclass(frozen=True, slots=True)
+class PromptKeys:
+    """Chained block hashes of a prompt, the unit of prefix-cache affinity.
+
+    `block_hashes[i]` stands for the whole prefix up to and including block i (like vLLM's
+    block hashes), seeded by model, LoRA adapter and cache_salt so that different namespaces
+    never share a key. Only full blocks are hashed; `total_tokens` counts the tail too.
+    """
+
+    block_size: int
+    block_hashes: BlockHashes
+    total_tokens: int
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_hashes.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    """One request as the routing core sees it."""
+
+    request_id: str
+    keys: PromptKeys
+    prompt_tokens: int
+    session_id: str = ""
+    expected_output_tokens: int = 0
+    # None: the policy's configured default SLO.
+    ttft_slo_s: float | None = None
+    # Endpoint ids that must not be chosen (the router already failed there).
+    exclude: frozenset[str] = frozenset()
+
+
+class PrefixIndexView(Protocol):
+    """Read side of the scheduler's approximate record of what each endpoint has cached."""
+
+    def matched_blocks(self, endpoint_id: str, keys: PromptKeys) -> int:
+        """Number of leading blocks of `keys` believed cached on the endpoint."""
+        ...
+
+    def holders(self, keys: PromptKeys) -> Mapping[str, int]:
+        """Every endpoint believed to hold a prefix of `keys`, with its matched block count."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """Immutable input to one routing decision."""
+
+    endpoints: tuple[Endpoint, ...]
+    loads: Mapping[str, LoadSnapshot]
+    prefix_index: PrefixIndexView
+    now: float
+
+    def load(self, endpoint_id: str) -> LoadSnapshot:
+        return self.loads.get(endpoint_id, EMPTY_LOAD)
+
+    def ids(self) -> tuple[str, ...]:
+        return tuple(e.id for e in self.endpoints)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    endpoint_id: str
+    score: float
+    predicted_ttft_s: float
+    expected_cached_blocks: int
+    pending_prefill_tokens: int
+    role: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer, with enough context to explain it later."""
+
+    endpoint_id: str
+    reason: DecisionReason
+    policy: str
+    predicted_ttft_s: float = 0.0
+    expected_cached_blocks: int = 0
+    key_depth: int = 0
+    candidates: tuple[CandidateScore, ...] = ()
+    detail: str = ""
+    prefill_endpoint_id: str | None = None
+
+
+class NoEndpointError(LookupError):
+    """No routable endpoint is left for the request (empty pool, or all excluded)."""

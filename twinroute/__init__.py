@@ -1,0 +1,3 @@
+"""twinroute: cache- and load-aware scheduling for vLLM fleets on Kubernetes."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from twinroute.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""The `twinroute` command.
+
+Subcommands live in their own modules and are imported only when chosen, so `twinroute --help`
+stays fast and a subcommand's heavy dependencies (grpc, kopf, matplotlib) load only when used.
+Each module provides `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Protocol
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("twinroute.demo", "run every routing policy on the bundled Mooncake trace and compare"),
+}
+
+
+class _Subcommand(Protocol):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None: ...
+
+    def run(self, args: argparse.Namespace) -> int: ...
+
+
+def _load(name: str) -> _Subcommand:
+    module: _Subcommand = importlib.import_module(SUBCOMMANDS[name][0])  # type: ignore[assignment]
+    return module
+
+
+def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    from twinroute import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="twinroute",
+        description="Cache- and load-aware scheduling for vLLM fleets (DualMap routing).",
+    )
+    parser.add_argument("--version", action="version", version=f"twinroute {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            _load(name).add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in arguments if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in SUBCOMMANDS else None)
+    args = parser.parse_args(arguments)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _load(args.command).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
