@@ -85,16 +85,27 @@ class PromptKeys:
 
     `block_hashes[i]` stands for the whole prefix up to and including block i (like vLLM's
     block hashes), seeded by model, LoRA adapter and cache_salt so that different namespaces
-    never share a key. Only full blocks are hashed; `total_tokens` counts the tail too.
+    never share a key. Only full blocks are hashed.
+
+    Units are tokens when keys come from token ids (or a trace's block ids) and characters in
+    text mode (no tokenizer); `block_size` and `total_units` share that unit, and
+    `prefix_tokens` converts a matched block count into prompt tokens either way.
     """
 
     block_size: int
     block_hashes: BlockHashes
-    total_tokens: int
+    total_units: int
 
     @property
     def num_blocks(self) -> int:
         return int(self.block_hashes.shape[0])
+
+    def prefix_tokens(self, matched_blocks: int, *, prompt_tokens: int) -> int:
+        """Prompt tokens covered by the first `matched_blocks` blocks."""
+        if matched_blocks <= 0 or self.total_units <= 0:
+            return 0
+        covered_units = min(matched_blocks * self.block_size, self.total_units)
+        return min(prompt_tokens, round(prompt_tokens * covered_units / self.total_units))
 
 
 @dataclass(frozen=True, slots=True)
