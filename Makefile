@@ -8,7 +8,7 @@ demo: venv
 	.venv/bin/twinroute demo
 
 test: venv
-	.venv/bin/python -m pytest -q tests
+	.venv/bin/pytest -q tests
 
 lint: venv
 	.venv/bin/ruff check .

@@ -39,7 +39,9 @@ def generate(into: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    return sorted(p for p in (into / "twinroute" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+    return sorted(
+        p for p in (into / "twinroute" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+    )
 
 
 def main() -> int:
@@ -58,7 +60,9 @@ def main() -> int:
             else:
                 target.write_text(text)
         if stale:
-            print("generated code is out of date, run `python tools/gen_proto.py`:", file=sys.stderr)
+            print(
+                "generated code is out of date, run `python tools/gen_proto.py`:", file=sys.stderr
+            )
             for path in stale:
                 print(f"  {path}", file=sys.stderr)
             return 1

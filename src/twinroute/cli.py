@@ -15,7 +15,10 @@ from typing import Protocol
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("twinroute.demo", "run every routing policy on the bundled Mooncake trace and compare"),
+    "demo": (
+        "twinroute.demo",
+        "run every routing policy on the bundled Mooncake trace and compare",
+    ),
 }
 
 
@@ -26,7 +29,7 @@ class _Subcommand(Protocol):
 
 
 def _load(name: str) -> _Subcommand:
-    module: _Subcommand = importlib.import_module(SUBCOMMANDS[name][0])  # type: ignore[assignment]
+    module: _Subcommand = importlib.import_module(SUBCOMMANDS[name][0])
     return module
 
 
