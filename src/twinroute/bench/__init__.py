@@ -1,0 +1,1 @@
+"""Benchmarks (`twinroute bench NAME`): goodput and others, each in its own module."""

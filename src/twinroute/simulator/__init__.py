@@ -1,0 +1,1 @@
+"""Cluster simulator: vLLM-like instances behind the live routing core, fed by public traces."""
