@@ -28,6 +28,7 @@ of `step` would.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -161,6 +162,8 @@ class Instance:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._record_tokens = record_tokens
+        # Whether decode_step_time_s accepts an array of KV sizes (checked on first use).
+        self._vector_cost = True
         self._queries = 0
         self._hits = 0
         self._preemptions = 0
@@ -387,13 +390,34 @@ class Instance:
         steps = min(steps, self._cache.free_tokens // batch)
         if steps < 2:
             return None
+        return DecodeRun(steps=steps, ends_s=np.cumsum(self._decode_times(batch, kv_tokens, steps)))
+
+    def _decode_times(self, batch: int, kv_tokens: int, steps: int) -> npt.NDArray[np.float64]:
+        """Durations of `steps` decode steps whose KV grows by `batch` tokens a step."""
         decode = self._cost.decode_step_time_s
-        durations = np.fromiter(
-            (decode(batch_size=batch, kv_tokens=kv_tokens + j * batch) for j in range(steps)),
+        kv = kv_tokens + batch * np.arange(steps, dtype=np.int64)
+        if self._vector_cost:
+            try:
+                vector = np.asarray(decode(batch_size=batch, kv_tokens=kv), dtype=np.float64)
+            except (TypeError, ValueError):
+                vector = None
+            if vector is not None and vector.shape == (steps,):
+                # Spot-check against scalar calls: vectorising must not change the model.
+                for j in (0, steps - 1):
+                    if not math.isclose(
+                        float(vector[j]),
+                        decode(batch_size=batch, kv_tokens=int(kv[j])),
+                        rel_tol=1e-9,
+                    ):
+                        break
+                else:
+                    return vector
+            self._vector_cost = False
+        return np.fromiter(
+            (decode(batch_size=batch, kv_tokens=int(k)) for k in kv),
             dtype=np.float64,
             count=steps,
         )
-        return DecodeRun(steps=steps, ends_s=np.cumsum(durations))
 
     def apply_decode_run(self, run: DecodeRun, *, steps: int) -> StepResult:
         """Execute the first `steps` steps of `run` (planned on the current state)."""

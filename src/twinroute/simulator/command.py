@@ -1,0 +1,166 @@
+"""`twinroute simulate`: one policy, one trace, one pool; prints and optionally writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES
+from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
+from twinroute.simulator.traces import (
+    TRACE_FORMATS,
+    PrefixModel,
+    SharedPrefixWorkload,
+    TraceFormatError,
+    bundled_mooncake_trace,
+)
+
+
+def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    """Trace options shared by `simulate` and the benchmarks."""
+    group = parser.add_argument_group("trace")
+    group.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="trace file (default: the bundled Mooncake synthetic trace)",
+    )
+    group.add_argument("--format", choices=TRACE_FORMATS, default="mooncake")
+    group.add_argument(
+        "--block-size", type=int, default=512, help="prompt tokens per trace block id"
+    )
+    group.add_argument(
+        "--replicate",
+        type=int,
+        default=1,
+        metavar="N",
+        help="merge N copies of the trace with disjoint block ids (load a bigger pool)",
+    )
+    group.add_argument("--prefix-groups", type=int, default=64, help="azure: system prompts")
+    group.add_argument(
+        "--prefix-tokens", type=int, default=2048, help="azure: system prompt length"
+    )
+    group.add_argument("--zipf", type=float, default=1.1, help="azure/synthetic: popularity skew")
+    group.add_argument(
+        "--synthetic-requests", type=int, default=2000, help="synthetic: number of requests"
+    )
+    group.add_argument(
+        "--synthetic-rate", type=float, default=4.0, help="synthetic: requests per second"
+    )
+
+
+def trace_spec_from(args: argparse.Namespace) -> TraceSpec:
+    if args.replicate < 1:
+        raise ValueError("--replicate must be >= 1")
+    path = args.trace
+    if path is None and args.format == "mooncake":
+        path = bundled_mooncake_trace()
+    if path is None and args.format == "azure":
+        raise ValueError("--format azure needs --trace FILE")
+    return TraceSpec(
+        path=str(path) if path is not None else None,
+        trace_format=args.format,
+        block_size=args.block_size,
+        copies=args.replicate,
+        prefix_model=PrefixModel(
+            groups=args.prefix_groups, prefix_tokens=args.prefix_tokens, zipf_s=args.zipf
+        ),
+        workload=SharedPrefixWorkload(
+            requests=args.synthetic_requests, rate_rps=args.synthetic_rate, zipf_s=args.zipf
+        ),
+    )
+
+
+def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pool")
+    group.add_argument("--instances", type=int, default=8)
+    group.add_argument("--profile", choices=sorted(INSTANCE_PROFILES), default=DEFAULT_PROFILE)
+    group.add_argument(
+        "--kv-capacity-tokens",
+        type=int,
+        default=None,
+        help="KV cache per instance in tokens (default: the profile's)",
+    )
+    group.add_argument("--ttft-slo", type=float, default=5.0, help="TTFT SLO in seconds")
+    group.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=0.5,
+        help="seconds between engine metric scrapes (staleness the router sees)",
+    )
+    group.add_argument(
+        "--warmup",
+        type=float,
+        default=0.0,
+        help="share of the earliest requests left out of the metrics (DualMap: 500 of 3,993)",
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from twinroute.scheduler.policies import POLICY_NAMES
+
+    add_trace_arguments(parser)
+    add_pool_arguments(parser)
+    parser.add_argument("--policy", choices=POLICY_NAMES, default="dualmap")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument(
+        "--time-scale",
+        type=float,
+        default=None,
+        help="multiply arrival times (0.5 = twice the rate)",
+    )
+    load.add_argument("--rate", type=float, default=None, help="target request rate (req/s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="write the metrics here")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        trace = trace_spec_from(args)
+        summary = trace.summary()
+        time_scale = 1.0
+        if args.time_scale is not None:
+            time_scale = args.time_scale
+        elif args.rate is not None:
+            if args.rate <= 0:
+                raise ValueError("--rate must be > 0")
+            time_scale = summary.rate_rps / args.rate
+        if time_scale <= 0:
+            raise ValueError("--time-scale must be > 0")
+        spec = RunSpec(
+            trace=trace,
+            policy=args.policy,
+            instances=args.instances,
+            profile=args.profile,
+            kv_capacity_tokens=args.kv_capacity_tokens,
+            time_scale=time_scale,
+            ttft_slo_s=args.ttft_slo,
+            scrape_interval_s=args.scrape_interval,
+            warmup_fraction=args.warmup,
+            seed=args.seed,
+        )
+        result = run_spec(
+            spec, progress=None if args.quiet else sys.stderr, total_requests=summary.requests
+        )
+    except (TraceFormatError, ValueError, FileNotFoundError) as error:
+        print(f"twinroute simulate: {error}", file=sys.stderr)
+        return 2
+    metrics = result.summary()
+    metrics.update(
+        policy=args.policy,
+        instances=args.instances,
+        time_scale=time_scale,
+        seed=args.seed,
+        ttft_slo_s=args.ttft_slo,
+    )
+    width = max(len(k) for k in metrics)
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {shown}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return 0

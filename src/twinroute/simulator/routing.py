@@ -1,0 +1,87 @@
+"""The simulator's router: the live `SchedulerCore` with a policy from `make_policy`.
+
+Nothing here decides anything: it only translates the simulator's callbacks into the calls the
+live scheduler makes (pick, first token, complete, scrape, expiry), so a policy behaves in the
+simulation exactly as it would in production.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from twinroute.scheduler.types import Decision, Endpoint, PromptKeys, RoutingRequest
+from twinroute.simulator.cluster import Router
+from twinroute.simulator.instance import StepCostModel
+
+
+def trace_keys(
+    *, block_size: int, model: str, seed: int
+) -> Callable[[npt.NDArray[np.int64], int], PromptKeys]:
+    """Prompt keys from trace block ids, in a namespace that depends on the seed."""
+    from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
+
+    namespace = namespace_seed(model=model, cache_salt=f"twinroute-sim-{seed}")
+
+    def keys_for(block_ids: npt.NDArray[np.int64], prompt_tokens: int) -> PromptKeys:
+        return keys_from_block_ids(
+            block_ids, block_size=block_size, total_tokens=prompt_tokens, seed=namespace
+        )
+
+    return keys_for
+
+
+class CoreRouter:
+    """Adapts `SchedulerCore` to the simulator's `Router` protocol."""
+
+    def __init__(self, core: object) -> None:
+        self._core = core
+
+    def pick(self, request: RoutingRequest, *, now: float) -> tuple[str, Decision]:
+        result = self._core.pick(request, now=now)  # type: ignore[attr-defined]
+        return str(result.lease_id), result.decision
+
+    def first_token(self, lease_id: str, *, now: float) -> None:
+        self._core.first_token(lease_id, now=now)  # type: ignore[attr-defined]
+
+    def complete(
+        self, lease_id: str, *, now: float, observed_ttft_s: float, output_tokens: int
+    ) -> None:
+        self._core.complete(  # type: ignore[attr-defined]
+            lease_id,
+            now=now,
+            success=True,
+            observed_ttft_s=observed_ttft_s,
+            output_tokens=output_tokens,
+        )
+
+    def update_scrape(
+        self, endpoint_id: str, *, running: int, queued: int, kv_usage: float, now: float
+    ) -> None:
+        self._core.update_scrape(  # type: ignore[attr-defined]
+            endpoint_id, running=running, queued=queued, kv_usage=kv_usage, now=now
+        )
+
+    def tick(self, *, now: float) -> list[tuple[str, str, str]]:
+        self._core.expire(now)  # type: ignore[attr-defined]
+        return []
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+
+def core_router_factory(
+    *, policy: str, cost: StepCostModel, ttft_slo_s: float, block_size: int, seed: int
+) -> Callable[[tuple[Endpoint, ...]], Router]:
+    from twinroute.scheduler.core import SchedulerCore
+    from twinroute.scheduler.policies import PolicyConfig, make_policy
+
+    def build(endpoints: tuple[Endpoint, ...]) -> Router:
+        chosen = make_policy(policy, config=PolicyConfig(ttft_slo_s=ttft_slo_s, seed=seed))
+        core = SchedulerCore(policy=chosen, cost_model=cost)
+        core.set_endpoints(endpoints, now=0.0)
+        return CoreRouter(core)
+
+    return build

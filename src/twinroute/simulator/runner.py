@@ -1,0 +1,137 @@
+"""One simulation from a plain, picklable description (`RunSpec`), for the CLI and benchmarks.
+
+What a seed changes: the namespace of the prompt keys (so hash rings place prefixes
+differently), the phase of the metric scrapes, the policy's random choices, and for generated
+traces (synthetic, Azure prefix model) the workload itself. The Mooncake trace is replayed as
+recorded.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TextIO
+
+from twinroute.simulator.cluster import ClusterConfig, SimulationResult, simulate
+from twinroute.simulator.profiles import DEFAULT_PROFILE, get_profile
+from twinroute.simulator.routing import core_router_factory, trace_keys
+from twinroute.simulator.sim_cost import cost_model_for
+from twinroute.simulator.traces import (
+    MOONCAKE_BLOCK_TOKENS,
+    PrefixModel,
+    SharedPrefixWorkload,
+    TraceChunk,
+    TraceSummary,
+    open_trace,
+    replicate,
+    scale_time,
+    summarize,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSpec:
+    path: str | None
+    trace_format: str = "mooncake"
+    block_size: int = MOONCAKE_BLOCK_TOKENS
+    # Copies merged into one trace (block ids offset so copies share nothing).
+    copies: int = 1
+    prefix_model: PrefixModel = field(default_factory=PrefixModel)
+    workload: SharedPrefixWorkload = field(default_factory=SharedPrefixWorkload)
+
+    def with_seed(self, seed: int) -> TraceSpec:
+        return replace(
+            self,
+            prefix_model=replace(self.prefix_model, seed=seed),
+            workload=replace(self.workload, seed=seed),
+        )
+
+    def _source(self) -> Iterator[TraceChunk]:
+        return open_trace(
+            Path(self.path) if self.path else None,
+            trace_format=self.trace_format,
+            block_size=self.block_size,
+            prefix_model=self.prefix_model,
+            workload=self.workload,
+        )
+
+    def summary(self) -> TraceSummary:
+        """Summary of the trace as simulated (after replication, before time scaling)."""
+        base = summarize(self._source())
+        if self.copies == 1:
+            return base
+        return TraceSummary(
+            requests=base.requests * self.copies,
+            duration_s=base.duration_s + base.mean_gap_s * (self.copies - 1) / self.copies,
+            mean_prompt_tokens=base.mean_prompt_tokens,
+            max_block_id=(base.max_block_id + 1) * self.copies - 1,
+        )
+
+    def chunks(self, *, time_scale: float) -> Iterator[TraceChunk]:
+        stream = self._source()
+        if self.copies > 1:
+            base = summarize(self._source())
+            stream = replicate(
+                stream,
+                copies=self.copies,
+                id_stride=base.max_block_id + 1,
+                spacing_s=base.mean_gap_s,
+            )
+        if time_scale != 1.0:
+            stream = scale_time(stream, factor=time_scale)
+        return stream
+
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    trace: TraceSpec
+    policy: str
+    instances: int = 8
+    profile: str = DEFAULT_PROFILE
+    kv_capacity_tokens: int | None = None
+    time_scale: float = 1.0
+    ttft_slo_s: float = 5.0
+    scrape_interval_s: float = 0.5
+    warmup_fraction: float = 0.0
+    seed: int = 0
+    model: str = "sim-model"
+    keep_samples: bool = False
+
+
+def run_spec(
+    spec: RunSpec,
+    *,
+    progress: TextIO | None = sys.stderr,
+    total_requests: int | None = None,
+    label: str | None = None,
+) -> SimulationResult:
+    profile = get_profile(spec.profile).with_kv_capacity(spec.kv_capacity_tokens)
+    cost = cost_model_for(profile)
+    config = ClusterConfig(
+        instances=spec.instances,
+        profile=profile,
+        ttft_slo_s=spec.ttft_slo_s,
+        scrape_interval_s=spec.scrape_interval_s,
+        warmup_fraction=spec.warmup_fraction,
+        block_size=spec.trace.block_size,
+        keep_samples=spec.keep_samples,
+        scrape_phase=((spec.seed * 0.618033988749895) % 1.0) * spec.scrape_interval_s,
+    )
+    return simulate(
+        spec.trace.with_seed(spec.seed).chunks(time_scale=spec.time_scale),
+        config=config,
+        router_factory=core_router_factory(
+            policy=spec.policy,
+            cost=cost,
+            ttft_slo_s=spec.ttft_slo_s,
+            block_size=spec.trace.block_size,
+            seed=spec.seed,
+        ),
+        keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),
+        cost=cost,
+        total_requests=total_requests,
+        progress=progress,
+        label=label or f"simulate {spec.policy}",
+    )
