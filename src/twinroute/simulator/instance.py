@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -398,7 +399,9 @@ class Instance:
         kv = kv_tokens + batch * np.arange(steps, dtype=np.int64)
         if self._vector_cost:
             try:
-                vector = np.asarray(decode(batch_size=batch, kv_tokens=kv), dtype=np.float64)
+                # The protocol says int; a numpy-friendly formula takes arrays too.
+                array_decode = cast(Callable[..., object], decode)
+                vector = np.asarray(array_decode(batch_size=batch, kv_tokens=kv), dtype=np.float64)
             except (TypeError, ValueError):
                 vector = None
             if vector is not None and vector.shape == (steps,):
