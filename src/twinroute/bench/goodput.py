@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"twinroute bench goodput: {error}", file=sys.stderr)
         return 2
     native_rate = summary.rate_rps
-    start_rate = _round_rate(native_rate * args.instances / 8.0)
+    # The recorded rate suits about 8 instances per copy of the trace; start from there.
+    start_rate = _round_rate(native_rate * args.instances / (8.0 * trace.copies))
     seeds = list(range(args.seeds))
     bases = {
         policy: RunSpec(
