@@ -19,6 +19,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "twinroute.demo",
         "run every routing policy on the bundled Mooncake trace and compare",
     ),
+    "simulate": (
+        "twinroute.simulator.command",
+        "simulate a pool of vLLM instances behind one routing policy on a trace",
+    ),
+    "router": (
+        "twinroute.router.command",
+        "OpenAI-compatible router in front of vLLM engines (asks the scheduler)",
+    ),
+    "engine-sim": (
+        "twinroute.enginesim.command",
+        "a simulated vLLM engine (OpenAI API, vLLM metrics) running the instance model",
+    ),
+    "bench": ("twinroute.bench.command", "benchmarks: goodput, ..."),
 }
 
 

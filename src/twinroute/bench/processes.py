@@ -1,0 +1,153 @@
+"""Start and stop the server processes a live benchmark (or an end-to-end test) needs.
+
+Our own servers print `... listening on http://HOST:PORT` once bound, so they start on port 0
+and tell us their port; peer routers get a free port chosen here and are polled until a
+readiness URL answers 200. Every process is stopped by its own id (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import aiohttp
+
+_LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
+
+
+@dataclass(slots=True)
+class ServerProcess:
+    name: str
+    process: asyncio.subprocess.Process
+    address: str  # host:port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashing engine would go."""
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def stop(self, *, grace_s: float = 5.0) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout=grace_s)
+            except TimeoutError:
+                self.kill()
+                await self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def twinroute_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "twinroute", *args]
+
+
+async def start_announced(
+    name: str,
+    argv: Sequence[str],
+    *,
+    timeout_s: float = 30.0,
+    log_path: str | None = None,
+) -> ServerProcess:
+    """Start a server that prints `listening on http://HOST:PORT`; stderr goes to `log_path`."""
+    stderr = _log_target(log_path)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    finally:
+        if not isinstance(stderr, int):
+            stderr.close()
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                line = await process.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{name} exited before listening (argv: {' '.join(argv)})")
+                match = _LISTENING.search(line)
+                if match:
+                    break
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    # Nothing else is read from stdout; drain it so a chatty server never blocks on a pipe.
+    asyncio.get_running_loop().create_task(_drain(process.stdout))
+    address = f"{match.group(1).decode()}:{int(match.group(2))}"
+    return ServerProcess(name=name, process=process, address=address)
+
+
+async def start_polled(
+    name: str,
+    argv: Sequence[str],
+    *,
+    address: str,
+    ready_path: str,
+    timeout_s: float = 60.0,
+    log_path: str | None = None,
+    env: dict[str, str] | None = None,
+) -> ServerProcess:
+    """Start a server on a known address and poll `ready_path` until it answers 200."""
+    log = _log_target(log_path)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+        )
+    finally:
+        if not isinstance(log, int):
+            log.close()
+    server = ServerProcess(name=name, process=process, address=address)
+    try:
+        await wait_ready(f"http://{address}{ready_path}", timeout_s=timeout_s, process=process)
+    except BaseException:
+        await server.stop(grace_s=2.0)
+        raise
+    return server
+
+
+async def wait_ready(
+    url: str, *, timeout_s: float, process: asyncio.subprocess.Process | None = None
+) -> None:
+    timeout = aiohttp.ClientTimeout(total=2.0)
+    async with aiohttp.ClientSession(timeout=timeout) as session, asyncio.timeout(timeout_s):
+        while True:
+            if process is not None and process.returncode is not None:
+                raise RuntimeError(f"process exited ({process.returncode}) before {url} was ready")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+
+
+def _log_target(path: str | None) -> int | BinaryIO:
+    """Where a child's output goes: appended to `path`, or discarded."""
+    return open(path, "ab") if path else asyncio.subprocess.DEVNULL
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass

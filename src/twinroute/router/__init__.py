@@ -1,0 +1,1 @@
+"""OpenAI-compatible router: validates, asks the scheduler, forwards to the chosen engine."""

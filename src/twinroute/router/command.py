@@ -1,0 +1,130 @@
+"""`twinroute router`: the OpenAI-compatible front end on 127.0.0.1.
+
+Either `--scheduler HOST:PORT` (the `twinroute scheduler` gRPC service) or `--embedded` (the
+same scheduler in this process, over `--endpoints`). With `--scheduler` and `--endpoints`
+together, the endpoints are also the fallback: when the scheduler cannot be reached, requests
+go round robin and are labelled `fallback`.
+
+Prints `router listening on http://HOST:PORT` once bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from twinroute.router.scheduling import (
+    ClientStyleScheduler,
+    FallbackScheduler,
+    GrpcScheduler,
+    SchedulerPort,
+    WithFallback,
+)
+from twinroute.router.server import RouterSettings, Tokenizer, build_app
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="0 = any free port")
+    parser.add_argument(
+        "--model", action="append", required=True, help="served model name (repeatable)"
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--scheduler", help="gRPC address of `twinroute scheduler`")
+    source.add_argument("--embedded", action="store_true", help="run the scheduler in this process")
+    parser.add_argument(
+        "--endpoints", default="",
+        help="static engines, comma-separated [ID=]HOST:PORT (embedded: the pool; "
+        "with --scheduler: the fallback when it is unreachable)",
+    )  # fmt: skip
+    parser.add_argument("--policy", default="dualmap", help="embedded scheduler's policy")
+    parser.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json on disk")
+    parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
+    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
+    parser.add_argument("--log-level", default="WARNING")
+
+
+def parse_endpoints(spec: str) -> list[tuple[str, str]]:
+    """`a=127.0.0.1:8001,127.0.0.1:8002` -> [("a", "127.0.0.1:8001"), ("127.0.0.1:8002", ...)]."""
+    endpoints: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        endpoint_id, _, address = item.rpartition("=")
+        address = address.removeprefix("http://").rstrip("/")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"endpoint {item!r} is not [ID=]HOST:PORT")
+        endpoints.append((endpoint_id or address, address))
+    return endpoints
+
+
+def _embedded(*, endpoints: list[tuple[str, str]], policy: str, models: list[str]) -> Any:
+    """The in-process scheduler service (`twinroute.scheduler.service.SchedulerService`)."""
+    module = importlib.import_module("twinroute.scheduler.service")
+    factory = getattr(module, "embedded_service", None)
+    if factory is not None:
+        return factory(endpoints=endpoints, policy=policy, model=models[0])
+    return module.SchedulerService.from_static(endpoints=endpoints, policy=policy, model=models[0])
+
+
+def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
+    endpoints = parse_endpoints(args.endpoints)
+    if args.embedded:
+        if not endpoints:
+            raise ValueError("--embedded needs --endpoints")
+        service = _embedded(endpoints=endpoints, policy=args.policy, models=args.model)
+        return ClientStyleScheduler(service)
+    primary: SchedulerPort = GrpcScheduler(target=args.scheduler)
+    if endpoints:
+        return WithFallback(primary=primary, fallback=FallbackScheduler(endpoints=endpoints))
+    return primary
+
+
+async def serve(app: web.Application, *, host: str, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host=host, port=port, backlog=1024)
+    await site.start()
+    print(f"router listening on http://{host}:{runner.addresses[0][1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
+
+    async def main() -> None:
+        scheduler = build_scheduler(args)
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+        settings = RouterSettings(
+            models=tuple(args.model),
+            retries=args.retries,
+            max_body_bytes=args.max_body_bytes,
+            ttft_slo_s=args.ttft_slo_s,
+        )
+        app = build_app(scheduler=scheduler, settings=settings, tokenizer=tokenizer)
+        await serve(app, host=args.host, port=args.port)
+
+    try:
+        asyncio.run(main())
+    except (ValueError, OSError, ImportError) as error:
+        print(f"router: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,326 @@
+"""The router in front of engine-sim processes on 127.0.0.1: forwarding, retries, failures.
+
+The router runs in this process with a static round-robin placement (`FallbackScheduler`), so
+each test knows which engine a request goes to; the engines are real `twinroute engine-sim`
+processes (killed with SIGKILL where a test needs an engine to die).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.router.scheduling import FallbackScheduler
+from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, build_app
+
+MODEL = "sim-model"
+
+StartEngine = Callable[..., Awaitable[ServerProcess]]
+StartRouter = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def start_engine() -> AsyncIterator[StartEngine]:
+    engines: list[ServerProcess] = []
+
+    async def start(name: str, *, time_scale: float = 1.0) -> ServerProcess:
+        argv = twinroute_argv(
+            "engine-sim",
+            "--port=0",
+            f"--model={MODEL}",
+            f"--instance-id={name}",
+            f"--time-scale={time_scale}",
+        )
+        engine = await start_announced(name, argv)
+        engines.append(engine)
+        return engine
+
+    yield start
+    await asyncio.gather(*(engine.stop() for engine in engines))
+
+
+@pytest.fixture
+async def start_router() -> AsyncIterator[StartRouter]:
+    runners: list[web.AppRunner] = []
+
+    async def start(endpoints: list[tuple[str, str]], **settings: Any) -> str:
+        app = build_app(
+            scheduler=FallbackScheduler(endpoints=endpoints, reason="round_robin"),
+            settings=RouterSettings(models=(MODEL,), **settings),
+        )
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def completion(prompt: str = "hello world", **fields: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, **fields}
+
+
+async def test_streaming_and_whole_responses_pass_through(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    engine = await start_engine("e0")
+    router = await start_router([("e0", engine.address)])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{router}/v1/completions", json=completion()) as response:
+            assert response.status == 200
+            assert response.headers[ENDPOINT_HEADER] == "e0"
+            assert response.headers["x-twinroute-instance"] == "e0"
+            assert (await response.json())["usage"]["completion_tokens"] == 4
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "stream": True,
+        }
+        async with session.post(f"{router}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            events = [e for e in (await response.read()).decode().split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in events[:-1]]
+    assert "".join(d.get("content", "") for d in deltas).split() == ["lorem", "ipsum", "dolor"]
+
+
+async def test_connection_refused_is_retried_on_another_endpoint(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    engine = await start_engine("e1")
+    dead = f"127.0.0.1:{free_port()}"
+    router = await start_router([("dead", dead), ("e1", engine.address)])
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = completion(stream=stream)
+            async with session.post(f"{router}/v1/completions", json=body) as response:
+                assert response.status == 200
+                assert response.headers[ENDPOINT_HEADER] == "e1"
+                await response.read()
+        async with session.get(f"{router}/metrics") as response:
+            metrics = await response.text()
+    assert 'twinroute_router_retries_total{endpoint="dead"}' in metrics
+
+
+async def test_a_5xx_before_the_first_byte_is_retried(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="overloaded")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        engine = await start_engine("e1")
+        broken_address = f"127.0.0.1:{runner.addresses[0][1]}"
+        router = await start_router([("broken", broken_address), ("e1", engine.address)])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{router}/v1/completions", json=completion()) as response,
+        ):
+            assert response.status == 200
+            assert response.headers[ENDPOINT_HEADER] == "e1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_every_endpoint_failing_gives_a_502_naming_them(start_router: StartRouter) -> None:
+    endpoints = [(f"dead{i}", f"127.0.0.1:{free_port()}") for i in range(2)]
+    router = await start_router(endpoints, retries=5)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{router}/v1/completions", json=completion()) as response,
+    ):
+        error = (await response.json())["error"]
+    # Two endpoints: after both failed, the scheduler has nothing left to offer.
+    assert response.status == 503
+    assert "dead0" in error["message"]
+    assert "dead1" in error["message"]
+
+
+@pytest.mark.slow
+async def test_an_engine_killed_mid_run(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    """A stream already under way ends with an error event; a request still waiting for its
+    first token on the dead engine is served by the other one."""
+    # Ten times slower than modelled, so the long prompt's prefill takes a visible while.
+    doomed = await start_engine("doomed", time_scale=10.0)
+    healthy = await start_engine("healthy")
+    router = await start_router([("doomed", doomed.address), ("healthy", healthy.address)])
+    async with aiohttp.ClientSession() as session:
+        # Turn 0 -> doomed: a long generation that is streaming when the engine dies.
+        streaming = await session.post(
+            f"{router}/v1/completions", json=completion(max_tokens=100_000 // 100, stream=True)
+        )
+        assert streaming.headers[ENDPOINT_HEADER] == "doomed"
+        first = await streaming.content.readany()
+        assert first.startswith(b"data: ")
+        # Turn 1 -> healthy (spacer); turn 2 -> doomed: a long prompt still prefilling.
+        async with session.post(f"{router}/v1/completions", json=completion()) as spacer:
+            assert spacer.headers[ENDPOINT_HEADER] == "healthy"
+        long_prompt = " ".join(f"t{i}" for i in range(60_000))
+        waiting = asyncio.create_task(
+            session.post(f"{router}/v1/completions", json=completion(long_prompt, stream=True))
+        )
+        await _until_engine_has(session, doomed.url, requests=2)
+        doomed.kill()
+        rest = (await streaming.read()).decode()
+        response = await waiting
+        assert response.status == 200
+        assert response.headers[ENDPOINT_HEADER] == "healthy"
+        assert (await response.read()).decode().rstrip().endswith("data: [DONE]")
+        streaming.release()
+        response.release()
+    error_events = [e for e in rest.split("\n\n") if '"error"' in e]
+    assert len(error_events) == 1
+    assert "doomed" in json.loads(error_events[0].removeprefix("data: "))["error"]["message"]
+    assert rest.rstrip().endswith("data: [DONE]")
+
+
+async def _until_engine_has(session: aiohttp.ClientSession, url: str, *, requests: int) -> None:
+    async with asyncio.timeout(20):
+        while True:
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            total = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(("vllm:num_requests_running{", "vllm:num_requests_waiting{"))
+            )
+            if total >= requests:
+                return
+            await asyncio.sleep(0.02)
+
+
+BAD_INPUTS = [
+    (b"{not json", 400, None, "not valid JSON"),
+    (b"[1, 2]", 400, None, "JSON object"),
+    (json.dumps({"prompt": "x"}).encode(), 400, "model", "model"),
+    (json.dumps({"model": 7, "prompt": "x"}).encode(), 400, "model", "string"),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404, "model", "does not exist"),
+    (json.dumps({"model": MODEL}).encode(), 400, "prompt", "prompt"),
+    (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400, "prompt", "empty"),
+    (json.dumps({"model": MODEL, "prompt": 5}).encode(), 400, "prompt", "prompt"),
+    (json.dumps({"model": MODEL, "prompt": [1, -2]}).encode(), 400, "prompt", "token ids"),
+    (json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode(), 400, "prompt", "batched"),
+    (
+        json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1.5}).encode(),
+        400,
+        "max_tokens",
+        "integer",
+    ),
+    (
+        json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 0}).encode(),
+        400,
+        "max_tokens",
+        "at least 1",
+    ),
+    (
+        json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10**9}).encode(),
+        400,
+        "max_tokens",
+        "at most",
+    ),
+    (
+        json.dumps({"model": MODEL, "prompt": "x", "stream": "yes"}).encode(),
+        400,
+        "stream",
+        "boolean",
+    ),
+    (b'{"model": "' + MODEL.encode() + b'", "prompt": "' + b"a" * 5000 + b'"}', 413, None, "bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "param", "says"),
+    BAD_INPUTS,
+    ids=[
+        "malformed-json",
+        "not-an-object",
+        "missing-model",
+        "model-not-string",
+        "unknown-model",
+        "missing-prompt",
+        "empty-prompt",
+        "prompt-number",
+        "negative-token-id",
+        "batched-prompts",
+        "max-tokens-float",
+        "max-tokens-zero",
+        "max-tokens-absurd",
+        "stream-not-bool",
+        "oversized-body",
+    ],
+)
+async def test_bad_completions_get_4xx_with_a_reason(
+    start_router: StartRouter, raw: bytes, status: int, param: str | None, says: str
+) -> None:
+    # Nothing may be forwarded: the only endpoint does not exist.
+    router = await start_router([("nowhere", f"127.0.0.1:{free_port()}")], max_body_bytes=4096)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{router}/v1/completions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        ) as response,
+    ):
+        payload = await response.json()
+    assert response.status == status
+    assert set(payload["error"]) == {"message", "type", "param", "code"}
+    assert payload["error"]["param"] == param
+    assert says in payload["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        (None, "messages"),
+        ([], "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": "wizard", "content": "hi"}], "messages[0].role"),
+        ([{"role": "user", "content": 3}], "messages[0].content"),
+    ],
+    ids=["missing", "empty", "not-object", "bad-role", "bad-content"],
+)
+async def test_bad_chat_messages_get_400(
+    start_router: StartRouter, messages: object, param: str
+) -> None:
+    router = await start_router([("nowhere", f"127.0.0.1:{free_port()}")])
+    body: dict[str, Any] = {"model": MODEL}
+    if messages is not None:
+        body["messages"] = messages
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{router}/v1/chat/completions", json=body) as response,
+    ):
+        payload = await response.json()
+    assert response.status == 400
+    assert payload["error"]["param"] == param
+
+
+async def test_models_health_and_metrics(start_router: StartRouter) -> None:
+    router = await start_router([("nowhere", f"127.0.0.1:{free_port()}")])
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{router}/v1/models") as response:
+            assert [m["id"] for m in (await response.json())["data"]] == [MODEL]
+        async with session.get(f"{router}/health") as response:
+            assert response.status == 200
+        async with session.get(f"{router}/metrics") as response:
+            assert "twinroute_router_in_flight" in await response.text()
