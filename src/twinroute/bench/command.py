@@ -16,6 +16,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "twinroute.bench.goodput",
         "highest request rate each policy serves within the TTFT SLO (simulated pool)",
     ),
+    "live": (
+        "twinroute.bench.live",
+        "twinroute vs sglang-router vs vllm-router in front of the same engine-sim processes",
+    ),
 }
 
 

@@ -1,0 +1,185 @@
+"""Router overhead: latency added by going through a router instead of straight to an engine.
+
+Method: `--engines` engine-sim processes run with a tiny `--time-scale`, so the modelled GPU
+time is microseconds and what is left is HTTP and routing work. An open-loop async client sends
+`--rate` non-streaming completions per second (short prompts, `max_tokens=1`) for `--duration`
+seconds, first straight to the engines (the client rotates over them itself), then through each
+router in turn, after a short warm-up per path. Added latency = a router's percentile minus
+the direct path's percentile, measured in the same run on the same engines.
+
+Targets (issue 4): twinroute adds p50 <= 1 ms and p99 <= 5 ms at 200 req/s on the 2-core
+machine, and no more than vllm-router's round_robin.
+
+Run:  .venv/bin/python benchmarks/router_overhead.py --rate 200 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+
+from twinroute.bench.live import MODEL, ensure_peers, start_router
+from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
+
+DEFAULT_ROUTERS = "twinroute_round_robin,twinroute_dualmap,vllm_round_robin"
+
+
+async def load(
+    *, urls: list[str], rate: float, duration_s: float, session: aiohttp.ClientSession
+) -> npt.NDArray[np.float64]:
+    """Open-loop: request i leaves at i / rate; returns latencies (NaN for failures)."""
+    count = int(rate * duration_s)
+    latency = np.full(count, np.nan)
+    rotation = itertools.cycle(urls)
+
+    async def one(index: int, url: str) -> None:
+        body = {"model": MODEL, "prompt": f"request {index} says hello", "max_tokens": 1}
+        started = time.perf_counter()
+        try:
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                await response.read()
+                if response.status == 200:
+                    latency[index] = time.perf_counter() - started
+        except aiohttp.ClientError:
+            pass
+
+    tasks = []
+    start = time.perf_counter()
+    for index in range(count):
+        delay = start + index / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index, next(rotation))))
+    await asyncio.gather(*tasks)
+    return latency
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    engines: list[ServerProcess] = list(
+        await asyncio.gather(
+            *(
+                start_announced(
+                    f"engine-{i}",
+                    twinroute_argv(
+                        "engine-sim",
+                        "--port=0",
+                        f"--model={MODEL}",
+                        f"--instance-id=engine-{i}",
+                        f"--time-scale={args.time_scale}",
+                    ),
+                    log_path=str(logs / f"engine-{i}.log"),
+                )
+                for i in range(args.engines)
+            )
+        )
+    )
+    urls = [e.url for e in engines]
+    paths: dict[str, list[str]] = {"direct": urls}
+    started: list[Any] = []
+    results: dict[str, Any] = {}
+    try:
+        for name in [n for n in args.routers.split(",") if n]:
+            processes = await start_router(
+                name, engine_urls=urls, logs=logs, scheduler_mode=args.scheduler, slo_s=5.0
+            )
+            started.extend(processes)
+            paths[name] = [processes[-1].url]
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for name, targets in paths.items():
+                print(f"  {name}: warm-up, then {args.rate:g} req/s for {args.duration:g}s")
+                await load(urls=targets, rate=args.rate, duration_s=2.0, session=session)
+                latency = await load(
+                    urls=targets, rate=args.rate, duration_s=args.duration, session=session
+                )
+                ok = latency[~np.isnan(latency)]
+                results[name] = {
+                    "requests": len(latency),
+                    "errors": int(np.isnan(latency).sum()),
+                    "p50_ms": float(np.percentile(ok, 50) * 1000),
+                    "p90_ms": float(np.percentile(ok, 90) * 1000),
+                    "p99_ms": float(np.percentile(ok, 99) * 1000),
+                    "latency_ms": [round(float(x) * 1000, 3) for x in ok],
+                }
+    finally:
+        await asyncio.gather(*(p.stop() for p in reversed(started)))
+        await asyncio.gather(*(e.stop() for e in engines))
+    direct = results["direct"]
+    for r in results.values():
+        r["added_p50_ms"] = r["p50_ms"] - direct["p50_ms"]
+        r["added_p99_ms"] = r["p99_ms"] - direct["p99_ms"]
+    return results
+
+
+def report(results: dict[str, Any], *, out: Path, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| path | p50 (ms) | p90 (ms) | p99 (ms) | added p50 (ms) | added p99 (ms) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} "
+            f"| {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} | {r['errors']} |"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        values = np.sort(np.asarray(r["latency_ms"]))
+        axis.plot(values, np.linspace(0, 1, len(values)), label=name)
+    axis.set_xscale("log")
+    axis.set_xlabel("request latency (ms)")
+    axis.set_ylabel("share of requests")
+    axis.set_title("Router overhead: latency CDF, direct vs through each router")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "router_overhead.png", dpi=120)
+    plt.close(figure)
+    lines += ["", "![router overhead](router_overhead.png)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument("--routers", default=DEFAULT_ROUTERS)
+    parser.add_argument("--time-scale", type=float, default=1e-4)
+    parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="grpc")
+    parser.add_argument("--out", type=Path, default=Path("results/router_overhead"))
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_peers(args.routers.split(","))
+    results = asyncio.run(measure(args))
+    command = "python benchmarks/router_overhead.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    text = report(results, out=args.out, command=command)
+    print(text)
+    (args.out / "router_overhead.md").write_text(text + "\n")
+    (args.out / "router_overhead.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""`twinroute bench live`: the same engines behind each router in turn, one trace, compared.
+
+Method:
+1. **Workload.** A Mooncake trace (default: the bundled synthetic one) becomes text prompts:
+   each 512-token trace block becomes `--block-words` words derived from its hash id, so
+   requests that share hash ids share a text prefix (and, through the engine's word-level
+   tokenizer, cached KV blocks). Text is what every router accepts (sglang-router refuses
+   token ids), so the routers compete on equal terms. The engines run with
+   `--token-scale = 512 / block-words`: each word costs what 1/block-words of a trace block
+   costs on the modelled hardware (`--profile`, default Llama-3-8B on an H100), so prompts are
+   short on the wire but take realistic-relative prefill times in real time. Outputs are capped
+   at `--max-output-tokens` (the router streams every token; long outputs would measure
+   Python's chunk handling on this 2-core machine, not routing).
+2. **Time.** The first `--duration` seconds of the trace's arrivals, compressed `--speedup`
+   times, are replayed open-loop by an async client (streaming requests; TTFT = first chunk).
+3. **Routers**, each in front of `--engines` freshly started engine-sim processes (cold caches
+   for everyone): twinroute with `dualmap` and with `round_robin`, sglang-router and
+   vllm-router with `cache_aware`. Peers are pip-installed into `.tools/peers-venv` when
+   missing (pinned: sglang-router 0.3.2, vllm-router 0.1.17).
+4. **Measures**: client TTFT p50/p90/p99, SLO attainment (TTFT <= `--slo`), throughput
+   (completed requests / replay wall time), engine-side prefix-cache hit rate (deltas of the
+   engines' `vllm:prefix_cache_*` counters), load split (requests per engine), and router
+   overhead = mean client TTFT minus mean engine-side TTFT (the engines' own histograms).
+
+Writes `live.json` (`{"routers": {NAME: {...}}}`), `live.md` and PNG plots to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ROUTERS = ("twinroute_dualmap", "twinroute_round_robin", "sglang_cache_aware", "vllm_cache_aware")
+PEERS = {"sglang": "sglang-router==0.3.2", "vllm": "vllm-router==0.1.17"}
+PEERS_VENV = Path(".tools/peers-venv")
+MODEL = "twinroute-sim"
+TRACE_BLOCK_TOKENS = 512
+
+
+def _default_trace() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("twinroute.data") / "mooncake_synthetic_trace.jsonl"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
+    parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument(
+        "--routers", default=",".join(ROUTERS), help=f"comma-separated, from {', '.join(ROUTERS)}"
+    )
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of replay (wall clock) per router"
+    )
+    parser.add_argument(
+        "--speedup", type=float, default=1.0, help="arrival-time compression of the trace"
+    )
+    parser.add_argument("--slo", type=float, default=2.0, help="TTFT SLO in seconds")
+    parser.add_argument("--block-words", type=int, default=16)
+    parser.add_argument("--max-output-tokens", type=int, default=32)
+    parser.add_argument("--profile", default="llama3-8b-h100")
+    parser.add_argument(
+        "--kv-capacity-tokens", type=int, default=None,
+        help="engine KV memory in model tokens (default: the profile's)",
+    )  # fmt: skip
+    parser.add_argument("--time-scale", type=float, default=1.0, help="engine-sim --time-scale")
+    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--out", type=Path, default=Path("results/live"))
+    parser.add_argument(
+        "--twinroute-scheduler", choices=("grpc", "embedded"), default="grpc",
+        help="twinroute: a `twinroute scheduler` process + router, or the router's --embedded",
+    )  # fmt: skip
+
+
+# -- workload ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The replayed requests as arrays (never one Python object per request)."""
+
+    arrival_s: npt.NDArray[np.float64]
+    prompt_words: npt.NDArray[np.int64]
+    output_tokens: npt.NDArray[np.int64]
+    block_offsets: npt.NDArray[np.int64]
+    block_ids: npt.NDArray[np.int64]
+    block_words: int
+
+    def __len__(self) -> int:
+        return int(self.arrival_s.shape[0])
+
+    def prompt(self, index: int) -> str:
+        """Request `index`'s prompt text: each trace block's words derive from its hash id."""
+        blocks = self.block_ids[self.block_offsets[index] : self.block_offsets[index + 1]]
+        remaining = int(self.prompt_words[index])
+        words: list[str] = []
+        for block_id in blocks.tolist():
+            take = min(self.block_words, remaining)
+            words.extend(f"b{block_id}w{j}" for j in range(take))
+            remaining -= take
+            if remaining <= 0:
+                break
+        return " ".join(words)
+
+
+def load_workload(
+    *, trace: Path, duration_s: float, speedup: float, block_words: int, max_output: int
+) -> Workload:
+    from twinroute.simulator.traces import read_mooncake
+
+    scale = TRACE_BLOCK_TOKENS // block_words
+    arrivals: list[npt.NDArray[np.float64]] = []
+    words: list[npt.NDArray[np.int64]] = []
+    outputs: list[npt.NDArray[np.int64]] = []
+    offsets: list[npt.NDArray[np.int64]] = []
+    blocks: list[npt.NDArray[np.int64]] = []
+    base = 0
+    for chunk in read_mooncake(trace):
+        arrival = chunk.arrival_s / speedup
+        keep = arrival < duration_s
+        count = int(keep.sum())
+        if count == 0:
+            break
+        arrivals.append(arrival[:count])
+        words.append(np.maximum(1, -(-chunk.prompt_tokens[:count] // scale)))
+        outputs.append(np.clip(chunk.output_tokens[:count], 1, max_output))
+        end = int(chunk.block_offsets[count])
+        offsets.append(chunk.block_offsets[:count] + base)
+        blocks.append(chunk.block_ids[:end])
+        base += end
+        if count < len(chunk):
+            break
+    return Workload(
+        arrival_s=np.concatenate(arrivals),
+        prompt_words=np.concatenate(words),
+        output_tokens=np.concatenate(outputs),
+        block_offsets=np.concatenate([*offsets, np.asarray([base], dtype=np.int64)]),
+        block_ids=np.concatenate(blocks),
+        block_words=block_words,
+    )
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Replay:
+    ttft_s: npt.NDArray[np.float64]  # NaN where the request failed
+    errors: int
+    wall_s: float
+    error_samples: list[str] = field(default_factory=list)
+
+
+async def replay(
+    *, url: str, workload: Workload, timeout_s: float, progress_every_s: float = 15.0
+) -> Replay:
+    import aiohttp
+
+    ttft = np.full(len(workload), np.nan)
+    errors = 0
+    samples: list[str] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def send(index: int, session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        body = {
+            "model": MODEL,
+            "prompt": workload.prompt(index),
+            "max_tokens": int(workload.output_tokens[index]),
+            "stream": True,
+        }
+        started = time.monotonic()
+        first: float | None = None
+        tail = b""
+        try:
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:200]}")
+                async for chunk in response.content.iter_any():
+                    if first is None:
+                        first = time.monotonic() - started
+                    tail = (tail + chunk)[-256:]
+            if b"[DONE]" not in tail or b'"error"' in tail:
+                raise RuntimeError(f"stream ended without [DONE]: {tail[-120:]!r}")
+            ttft[index] = first if first is not None else math.nan
+        except Exception as error:  # every failure is counted, none is lost
+            errors += 1
+            if len(samples) < 5:
+                samples.append(f"{type(error).__name__}: {error}")
+
+    start = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        tasks: list[asyncio.Task[None]] = []
+        next_report = progress_every_s
+        for index in range(len(workload)):
+            delay = start + float(workload.arrival_s[index]) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(index, session)))
+            elapsed = time.monotonic() - start
+            if elapsed >= next_report:
+                done = sum(t.done() for t in tasks)
+                print(
+                    f"    {elapsed:5.0f}s: sent {index + 1}/{len(workload)}, done {done}, "
+                    f"errors {errors}",
+                    flush=True,
+                )
+                next_report += progress_every_s
+        await asyncio.gather(*tasks)
+    return Replay(
+        ttft_s=ttft, errors=errors, wall_s=time.monotonic() - start, error_samples=samples
+    )
+
+
+# -- engines' metrics -------------------------------------------------------------------------
+
+
+async def scrape(urls: Sequence[str]) -> list[dict[str, float]]:
+    import aiohttp
+
+    wanted = {
+        "vllm:prefix_cache_queries_total": "queries",
+        "vllm:prefix_cache_hits_total": "hits",
+        "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+        "vllm:time_to_first_token_seconds_count": "ttft_count",
+    }
+    results: list[dict[str, float]] = []
+    async with aiohttp.ClientSession() as session:
+        for url in urls:
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            values = {name: 0.0 for name in wanted.values()}
+            for line in text.splitlines():
+                name = line.split("{", 1)[0]
+                if name in wanted:
+                    values[wanted[name]] = float(line.rsplit(" ", 1)[1])
+            results.append(values)
+    return results
+
+
+# -- routers ----------------------------------------------------------------------------------
+
+
+def ensure_peers(names: Sequence[str]) -> None:
+    """Install the peer routers into their own venv when missing (pip, pinned versions)."""
+    import subprocess
+    import venv
+
+    needed = {PEERS[n.partition("_")[0]] for n in names if n.partition("_")[0] in PEERS}
+    missing = sorted(p for p in needed if not (PEERS_VENV / "bin" / p.split("==")[0]).exists())
+    if not missing:
+        return
+    print(f"installing {', '.join(missing)} into {PEERS_VENV} ...", flush=True)
+    if not (PEERS_VENV / "bin" / "pip").exists():
+        venv.create(PEERS_VENV, with_pip=True)
+    subprocess.run([str(PEERS_VENV / "bin" / "pip"), "install", "-q", *missing], check=True)
+
+
+async def start_router(
+    name: str, *, engine_urls: Sequence[str], logs: Path, scheduler_mode: str, slo_s: float
+) -> list[Any]:
+    """Start `name` (`twinroute|sglang|vllm` + `_` + policy) in front of the engines; returns
+    its processes, the router last."""
+    from twinroute.bench.processes import (
+        free_port,
+        start_announced,
+        start_polled,
+        twinroute_argv,
+    )
+
+    log = str(logs / f"{name}.log")
+    if name.startswith("twinroute_"):
+        policy = name.removeprefix("twinroute_")
+        endpoints = ",".join(
+            f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
+        )
+        common = ["--port=0", f"--model={MODEL}", f"--endpoints={endpoints}"]
+        if scheduler_mode == "embedded":
+            argv = twinroute_argv("router", *common, "--embedded", f"--policy={policy}")
+            return [await start_announced(name, argv, log_path=log)]
+        grpc_port = free_port()
+        scheduler = await start_announced(
+            f"{name}-scheduler",
+            twinroute_argv(
+                "scheduler",
+                f"--port={grpc_port}",
+                f"--policy={policy}",
+                f"--endpoints={endpoints}",
+                f"--ttft-slo-s={slo_s}",
+            ),
+            log_path=str(logs / f"{name}-scheduler.log"),
+        )
+        argv = twinroute_argv("router", *common, f"--scheduler=127.0.0.1:{grpc_port}")
+        return [scheduler, await start_announced(name, argv, log_path=log)]
+    port, metrics_port = free_port(), free_port()
+    peer, _, policy = name.partition("_")
+    flags = [
+        "--worker-urls",
+        *engine_urls,
+        f"--policy={policy}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--prometheus-host=127.0.0.1",
+        f"--prometheus-port={metrics_port}",
+    ]
+    if peer == "sglang":
+        argv = [str(PEERS_VENV / "bin" / "sglang-router"), "launch", *flags]
+        ready = "/readiness"  # sglang answers /health before its workers are registered
+    elif peer == "vllm":
+        argv = [str(PEERS_VENV / "bin" / "vllm-router"), *flags]
+        ready = "/health"
+    else:
+        raise ValueError(f"unknown router {name!r}")
+    return [
+        await start_polled(name, argv, address=f"127.0.0.1:{port}", ready_path=ready, log_path=log)
+    ]
+
+
+async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    from twinroute.bench.processes import start_announced, twinroute_argv
+
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    scale = TRACE_BLOCK_TOKENS // args.block_words
+    engine_args = [
+        "--port=0",
+        f"--model={MODEL}",
+        f"--profile={args.profile}",
+        f"--block-size={args.block_words}",
+        f"--token-scale={scale}",
+        f"--time-scale={args.time_scale}",
+    ]
+    if args.kv_capacity_tokens:
+        engine_args.append(f"--kv-capacity-tokens={args.kv_capacity_tokens}")
+    engines = await asyncio.gather(
+        *(
+            start_announced(
+                f"engine-{i}",
+                twinroute_argv("engine-sim", *engine_args, f"--instance-id=engine-{i}"),
+                log_path=str(logs / f"{name}-engine-{i}.log"),
+            )
+            for i in range(args.engines)
+        )
+    )
+    processes: list[Any] = list(engines)
+    try:
+        urls = [e.url for e in engines]
+        router = await start_router(
+            name,
+            engine_urls=urls,
+            logs=logs,
+            scheduler_mode=args.twinroute_scheduler,
+            slo_s=args.slo,
+        )
+        processes.extend(router)
+        before = await scrape(urls)
+        result = await replay(url=router[-1].url, workload=workload, timeout_s=args.request_timeout)
+        after = await scrape(urls)
+    finally:
+        await asyncio.gather(*(p.stop() for p in reversed(processes)))
+    return summarize(result, before=before, after=after, slo_s=args.slo)
+
+
+def summarize(
+    result: Replay, *, before: list[dict[str, float]], after: list[dict[str, float]], slo_s: float
+) -> dict[str, Any]:
+    ttft = result.ttft_s
+    ok = ttft[~np.isnan(ttft)]
+    total = len(ttft)
+
+    def delta(key: str) -> list[float]:
+        return [a[key] - b[key] for a, b in zip(after, before, strict=True)]
+
+    queries, hits = sum(delta("queries")), sum(delta("hits"))
+    engine_ttft_count = sum(delta("ttft_count"))
+    engine_ttft_mean = sum(delta("ttft_sum")) / engine_ttft_count if engine_ttft_count else 0.0
+    per_engine = delta("ttft_count")
+
+    def pct(q: float) -> float | None:
+        return float(np.percentile(ok, q)) if len(ok) else None
+
+    mean_load = sum(per_engine) / len(per_engine) if per_engine else 0.0
+    return {
+        "requests": total,
+        "ttft_p50_s": pct(50),
+        "ttft_p90_s": pct(90),
+        "ttft_p99_s": pct(99),
+        "ttft_mean_s": float(ok.mean()) if len(ok) else None,
+        # Failed requests count as missing the SLO.
+        "slo_attainment": float((ok <= slo_s).sum() / total) if total else 0.0,
+        "throughput_rps": len(ok) / result.wall_s if result.wall_s else 0.0,
+        "cache_hit_rate": hits / queries if queries else 0.0,
+        "errors": result.errors,
+        "error_samples": result.error_samples,
+        "router_overhead_ms": (float(ok.mean()) - engine_ttft_mean) * 1000 if len(ok) else None,
+        "requests_per_engine": per_engine,
+        "max_over_mean_load": max(per_engine) / mean_load if mean_load else 0.0,
+        "ttft_s": [round(float(x), 4) for x in ttft],
+    }
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"| router | TTFT p50 (s) | p90 (s) | p99 (s) | SLO {slo_s:g}s met | throughput (req/s) "
+        "| cache hit rate | errors | overhead (ms) | max/mean load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {fmt(r['ttft_p50_s'], '.3f')} | {fmt(r['ttft_p90_s'], '.3f')} "
+            f"| {fmt(r['ttft_p99_s'], '.3f')} | {r['slo_attainment']:.1%} "
+            f"| {r['throughput_rps']:.2f} | {r['cache_hit_rate']:.1%} | {r['errors']} "
+            f"| {fmt(r['router_overhead_ms'], '.1f')} | {r['max_over_mean_load']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], *, out: Path, slo_s: float) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        ttft = np.sort(np.asarray([x for x in r["ttft_s"] if not math.isnan(x)]))
+        if len(ttft):
+            axis.plot(ttft, np.arange(1, len(ttft) + 1) / r["requests"], label=name)
+    axis.axvline(slo_s, color="grey", linestyle="--", label=f"SLO {slo_s:g}s")
+    axis.set_xscale("log")
+    axis.set_xlabel("TTFT (s), client side")
+    axis.set_ylabel("share of requests")
+    axis.set_title("Live: TTFT CDF per router (same engines, same trace)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    paths.append(out / "live_ttft_cdf.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+
+    names = list(results)
+    figure, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for axis, key, title in zip(
+        axes,
+        ("slo_attainment", "cache_hit_rate", "max_over_mean_load"),
+        (f"SLO attainment (TTFT <= {slo_s:g}s)", "engine prefix-cache hit rate", "max/mean load"),
+        strict=True,
+    ):
+        axis.bar(range(len(names)), [results[n][key] for n in names], color="tab:blue")
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        axis.set_title(title, fontsize=10)
+        axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    paths.append(out / "live_summary.png")
+    figure.savefig(paths[-1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    names = [n.strip() for n in args.routers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROUTERS]
+    if unknown or not names:
+        print(f"bench live: unknown routers {unknown}; choose from {', '.join(ROUTERS)}")
+        return 2
+    if args.engines < 1 or args.duration <= 0 or args.speedup <= 0:
+        print("bench live: --engines >= 1, --duration > 0 and --speedup > 0 please")
+        return 2
+    if TRACE_BLOCK_TOKENS % args.block_words:
+        print(f"bench live: --block-words must divide {TRACE_BLOCK_TOKENS}")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_peers(names)
+    trace = args.trace or _default_trace()
+    workload = load_workload(
+        trace=trace,
+        duration_s=args.duration,
+        speedup=args.speedup,
+        block_words=args.block_words,
+        max_output=args.max_output_tokens,
+    )
+    print(
+        f"live bench: {len(workload)} requests over {args.duration:g}s "
+        f"({len(workload) / args.duration:.2f} req/s), {args.engines} engines, "
+        f"routers {', '.join(names)}",
+        flush=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        print(f"  {name} ...", flush=True)
+        results[name] = asyncio.run(run_one(name, args, workload))
+        r = results[name]
+        print(
+            f"  {name}: p50 {r['ttft_p50_s']}, SLO {r['slo_attainment']:.1%}, "
+            f"hit {r['cache_hit_rate']:.1%}, errors {r['errors']} {r['error_samples'][:2]}",
+            flush=True,
+        )
+    command = "twinroute bench live " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    text = table(results, slo_s=args.slo)
+    print(text)
+    document = {
+        "command": command,
+        "requests": len(workload),
+        "engines": args.engines,
+        "slo_s": args.slo,
+        "routers": results,
+    }
+    (args.out / "live.json").write_text(json.dumps(document, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=1))
+    plots = plot(results, out=args.out, slo_s=args.slo)
+    (args.out / "live.md").write_text(
+        f"Command: `{command}`\n\n{text}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)
+    )
+    print(f"wrote {args.out}/live.json, live.md, " + ", ".join(p.name for p in plots))
+    return 0
