@@ -101,5 +101,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"engine-sim: {error}", file=sys.stderr)
         return 2
-    asyncio.run(serve(app, host=args.host, port=args.port))
+    from twinroute.router.command import event_loop_runner
+
+    event_loop_runner()(serve(app, host=args.host, port=args.port))
     return 0

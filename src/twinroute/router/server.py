@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from yarl import URL
 
 from twinroute.openai_format import (
     Kind,
@@ -147,6 +148,8 @@ class RouterServer:
         self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count()
         self._prefix = f"twr-{int(time.time() * 1000) % 10**9}"
+        self._request_counters: dict[tuple[str, int], Any] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -197,7 +200,13 @@ class RouterServer:
                 error_body(message=error.reason, error_type="invalid_request_error"),
                 status=error.status,
             )
-        self._metrics.requests.labels(request.path, str(response.status)).inc()
+        key = (request.path, response.status)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._metrics.requests.labels(request.path, str(response.status))
+            if len(self._request_counters) < 256:  # paths come from clients: bound the cache
+                self._request_counters[key] = counter
+        counter.inc()
         return response
 
     # -- info routes -----------------------------------------------------------------------
@@ -321,7 +330,11 @@ class RouterServer:
         prompt_tokens: int,
     ) -> web.StreamResponse:
         assert self._session is not None, "start() the router before serving"
-        url = f"http://{placement.address}{request.path}"
+        url = self._urls.get((placement.address, request.path))
+        if url is None:
+            url = URL(f"http://{placement.address}{request.path}")
+            if len(self._urls) < 4096:
+                self._urls[(placement.address, request.path)] = url
         sent = self._clock()
         try:
             upstream = await self._session.post(
