@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "a simulated vLLM engine (OpenAI API, vLLM metrics) running the instance model",
     ),
     "bench": ("twinroute.bench.command", "benchmarks: goodput, ..."),
+    "operator": ("twinroute.operator.command", "run the ModelPool operator (kopf) for Kubernetes"),
 }
 
 

@@ -1,0 +1,201 @@
+"""`twinroute operator`: run the ModelPool operator (kopf) with its liveness endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import kopf
+from kubernetes import client, config
+from twinroute.operator.apply import DrainBudget, KubeApi
+from twinroute.operator.drain import Drainer
+from twinroute.operator.handlers import OperatorConfig, Reconciler, build_registry
+from twinroute.operator.render import RenderSettings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="watch this namespace (repeatable; exact names)",
+    )
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="watch ModelPools in every namespace"
+    )
+    parser.add_argument(
+        "--kubeconfig", default=None, help="kubeconfig file (default: in-cluster, then $KUBECONFIG)"
+    )
+    parser.add_argument(
+        "--liveness-host",
+        default="0.0.0.0",
+        help="address of the liveness endpoint (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--liveness-port",
+        type=int,
+        default=8081,
+        help="port of GET /healthz; 0 disables it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--scheduler-image",
+        required=True,
+        help="image of the scheduler/router pods (usually this operator's)",
+    )
+    parser.add_argument(
+        "--scheduler-cluster-role",
+        default="twinroute-scheduler",
+        help="ClusterRole each pool's scheduler is bound to (pods read-only)",
+    )
+    parser.add_argument(
+        "--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never")
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=30.0,
+        help="how often every pool is reconciled and its status refreshed",
+    )
+    parser.add_argument(
+        "--drain-timeout-seconds",
+        type=float,
+        default=30.0,
+        help="longest wait for the scheduler to drain pods on scale-in",
+    )
+    parser.add_argument(
+        "--drain-token-file",
+        default=None,
+        help="file with the bearer token the scheduler's Drain RPC requires",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+
+
+def load_client_configuration(kubeconfig: str | None) -> client.Configuration:
+    """In-cluster service account first, then a kubeconfig (reading $KUBECONFIG now, not at
+    import time)."""
+    configuration = client.Configuration()
+    if kubeconfig is None:
+        try:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            return configuration
+        except config.ConfigException:
+            pass
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, client_configuration=configuration
+    )
+    return configuration
+
+
+def connection_info(configuration: client.Configuration) -> kopf.ConnectionInfo:
+    """The same credentials for kopf as for the operator's own client."""
+    if configuration.refresh_api_key_hook is not None:
+        configuration.refresh_api_key_hook(configuration)
+    authorization = str((configuration.api_key or {}).get("authorization", ""))
+    scheme, _, token = authorization.partition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert or None,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file or None,
+        private_key_path=configuration.key_file or None,
+    )
+
+
+def build_operator(
+    *,
+    configuration: client.Configuration,
+    render: RenderSettings,
+    resync_interval_s: float,
+    drain_timeout_s: float,
+    drain_token: str = "",
+) -> tuple[kopf.OperatorRegistry, Reconciler]:
+    """Everything the operator needs, built here and passed in (also used by tests)."""
+    api = KubeApi(
+        api_client=client.ApiClient(configuration),
+        drainer=Drainer(token=drain_token),
+        drain_budget=DrainBudget(timeout_s=drain_timeout_s),
+    )
+    operator_config = OperatorConfig(render=render, resync_interval_s=resync_interval_s)
+    reconciler = Reconciler(api=api, config=operator_config)
+    login: Callable[[], kopf.ConnectionInfo] = lambda: connection_info(configuration)  # noqa: E731
+    registry = build_registry(reconciler=reconciler, config=operator_config, login=login)
+    return registry, reconciler
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        configuration = load_client_configuration(args.kubeconfig)
+    except config.ConfigException as error:
+        log.error("No Kubernetes configuration: %s", error)
+        return 2
+    token = ""
+    if args.drain_token_file:
+        with open(args.drain_token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+    registry, _ = build_operator(
+        configuration=configuration,
+        render=RenderSettings(
+            scheduler_image=args.scheduler_image,
+            scheduler_cluster_role=args.scheduler_cluster_role,
+            image_pull_policy=args.image_pull_policy,
+        ),
+        resync_interval_s=args.resync_seconds,
+        drain_timeout_s=args.drain_timeout_seconds,
+        drain_token=token,
+    )
+    liveness = (
+        f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None
+    )
+    kopf.run(
+        registry=registry,
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=_namespaces(args.namespaces, all_namespaces=args.all_namespaces),
+        liveness_endpoint=liveness,
+    )
+    return 0
+
+
+def _namespaces(namespaces: Sequence[str], *, all_namespaces: bool) -> list[str]:
+    if all_namespaces:
+        return []
+    return list(namespaces) or ["default"]
+
+
+def run_in_thread(
+    *,
+    registry: kopf.OperatorRegistry,
+    namespaces: Sequence[str],
+    liveness_endpoint: str | None,
+    stop: threading.Event,
+    ready: threading.Event,
+) -> threading.Thread:
+    """Run the operator on its own thread and event loop (tests, the local cluster stand-in)."""
+
+    def main() -> None:
+        kopf.run(
+            registry=registry,
+            standalone=True,
+            namespaces=list(namespaces),
+            liveness_endpoint=liveness_endpoint,
+            stop_flag=stop,
+            ready_flag=ready,
+        )
+
+    thread = threading.Thread(target=main, name="twinroute-operator", daemon=True)
+    thread.start()
+    return thread

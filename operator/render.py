@@ -1,0 +1,454 @@
+"""Render the children of a ModelPool: pure functions from a parsed spec to Kubernetes objects.
+
+Children (all in the pool's namespace, labelled with pool/role/model and owned by the pool):
+- per engine role: a Deployment `<pool>-<role>` running vLLM (or anything that speaks its
+  flags, such as `twinroute engine-sim`) and a headless Service of the same name;
+- the scheduler/router: a ConfigMap `<pool>-scheduler` with the routing settings, a
+  ServiceAccount and RoleBinding (read-only pod discovery, bound to the chart's ClusterRole),
+  a Deployment `<pool>-scheduler` (containers `scheduler` and `router`) and a Service `<pool>`
+  that is the pool's OpenAI endpoint.
+
+Every object carries `twinroute.io/render-hash`, a digest of its rendered content, so the
+planner patches exactly the objects whose rendering changed and never fights server defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import yaml
+from twinroute.operator.spec import PoolSpec, Role
+
+from twinroute import labels
+
+RENDER_HASH_ANNOTATION: Final = "twinroute.io/render-hash"
+CONFIG_HASH_ANNOTATION: Final = "twinroute.io/config-hash"
+CONFIG_FILE: Final = "scheduler.yaml"
+CONFIG_DIR: Final = "/etc/twinroute"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RenderSettings:
+    """What the operator knows that a pool's spec does not: set from its command line."""
+
+    scheduler_image: str
+    # The chart's read-only ClusterRole for discovery; each pool's scheduler is bound to it.
+    scheduler_cluster_role: str = "twinroute-scheduler"
+    grpc_port: int = 50051
+    metrics_port: int = 9090
+    router_port: int = 8080
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Owner:
+    """The ModelPool that owns the children (for owner references)."""
+
+    name: str
+    uid: str
+    api_version: str = f"{labels.API_GROUP}/{labels.API_VERSION}"
+    kind: str = labels.MODELPOOL_KIND
+
+
+def engine_name(*, pool: str, role: Role) -> str:
+    return f"{pool}-{role.value}"
+
+
+def scheduler_name(*, pool: str) -> str:
+    return f"{pool}-scheduler"
+
+
+def pool_labels(pool: PoolSpec, *, role: str) -> dict[str, str]:
+    return {
+        labels.POOL_LABEL: pool.name,
+        labels.ROLE_LABEL: role,
+        labels.MODEL_LABEL: labels.model_label_value(pool.model_name),
+        labels.MANAGED_BY_LABEL: labels.MANAGED_BY_VALUE,
+    }
+
+
+def selector_labels(pool: PoolSpec, *, role: str) -> dict[str, str]:
+    """Immutable Deployment selectors: pool and role only (the model may be renamed)."""
+    return {labels.POOL_LABEL: pool.name, labels.ROLE_LABEL: role}
+
+
+def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
+    """vLLM's flags: what routing depends on first, then the user's extra args."""
+    args = [
+        pool.model_source,
+        "--served-model-name",
+        pool.model_name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(pool.engine.port),
+        # The scheduler's affinity is worthless without the engine's prefix cache.
+        "--enable-prefix-caching",
+    ]
+    if role is not Role.UNIFIED:
+        connector = pool.engine.kv_transfer.connector
+        kv_role = (
+            "kv_both"
+            if connector == "NixlConnector"
+            else ("kv_producer" if role is Role.PREFILL else "kv_consumer")
+        )
+        config: dict[str, Any] = {"kv_connector": connector, "kv_role": kv_role}
+        if pool.engine.kv_transfer.extra_config:
+            config["kv_connector_extra_config"] = dict(pool.engine.kv_transfer.extra_config)
+        args += ["--kv-transfer-config", json.dumps(config, sort_keys=True)]
+    return args + list(pool.engine.args)
+
+
+def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, Any]:
+    """The routing settings the scheduler and router read from `CONFIG_DIR/CONFIG_FILE`."""
+    routing = pool.routing
+    return {
+        "pool": pool.name,
+        "model": pool.model_name,
+        "policy": routing.policy,
+        "ttftSloSeconds": routing.ttft_slo_s,
+        "prefixBlockSize": routing.prefix_block_size,
+        "virtualNodes": routing.virtual_nodes,
+        "rebalancing": routing.rebalancing,
+        "scrapeIntervalSeconds": routing.scrape_interval_s,
+        "disaggregated": pool.disaggregated,
+        "discovery": {
+            "kind": "kubernetes",
+            "namespace": pool.namespace,
+            "labelSelector": f"{labels.POOL_LABEL}={pool.name},"
+            f"{labels.ROLE_LABEL} in ({','.join(r.value for r in pool.roles)})",
+            "portAnnotation": labels.ENGINE_PORT_ANNOTATION,
+            "defaultPort": pool.engine.port,
+        },
+        "ports": {
+            "grpc": settings.grpc_port,
+            "metrics": settings.metrics_port,
+            "router": settings.router_port,
+        },
+    }
+
+
+def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -> list[Obj]:
+    """Every object the pool should own, in creation order (config before its consumers)."""
+    children: list[Obj] = []
+    config_map = _scheduler_config_map(pool, settings=settings)
+    children += [
+        config_map,
+        _scheduler_service_account(pool),
+        _scheduler_role_binding(pool, settings=settings),
+        _scheduler_deployment(pool, settings=settings, config_hash=_digest(config_map["data"])),
+        _scheduler_service(pool, settings=settings),
+    ]
+    for role in pool.roles:
+        children += [_engine_deployment(pool, role=role), _engine_service(pool, role=role)]
+    for child in children:
+        metadata = child["metadata"]
+        metadata["namespace"] = pool.namespace
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": owner.api_version,
+                "kind": owner.kind,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        metadata.setdefault("annotations", {})[RENDER_HASH_ANNOTATION] = _digest(child)
+    return children
+
+
+def _digest(value: Any) -> str:
+    encoded = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def _meta(name: str, object_labels: Mapping[str, str]) -> Obj:
+    return {"name": name, "labels": dict(object_labels)}
+
+
+def _restricted_security_context(*, read_only_root: bool) -> Obj:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": read_only_root,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
+    engine = pool.engine
+    object_labels = pool_labels(pool, role=role.value)
+    container: Obj = {
+        "name": "engine",
+        "image": engine.image,
+        "command": list(engine.command),
+        "args": engine_args(pool, role=role),
+        "ports": [
+            {"name": labels.ENGINE_PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}
+        ],
+        "env": [dict(item) for item in engine.env],
+        "resources": dict(engine.resources),
+        "securityContext": _restricted_security_context(read_only_root=False),
+        # Loading weights can take many minutes; the startup probe covers it so the liveness
+        # probe can stay strict afterwards.
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": labels.ENGINE_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 180,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": labels.ENGINE_PORT_NAME},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": labels.ENGINE_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    pod_spec: Obj = {
+        "containers": [container],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "nodeSelector": dict(engine.node_selector),
+        "tolerations": [dict(item) for item in engine.tolerations],
+        "enableServiceLinks": False,
+        # The scheduler drains an endpoint before scale-in; this is the grace for what remains.
+        "terminationGracePeriodSeconds": 60,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(engine_name(pool=pool.name, role=role), object_labels),
+        "spec": {
+            "replicas": pool.replicas[role],
+            "selector": {"matchLabels": selector_labels(pool, role=role.value)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": object_labels,
+                    "annotations": {
+                        labels.ENGINE_PORT_ANNOTATION: str(engine.port),
+                        labels.SERVED_MODEL_ANNOTATION: pool.model_name,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(engine.port),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _engine_service(pool: PoolSpec, *, role: Role) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            engine_name(pool=pool.name, role=role), pool_labels(pool, role=role.value)
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(pool, role=role.value),
+            "ports": [
+                {
+                    "name": labels.ENGINE_PORT_NAME,
+                    "port": pool.engine.port,
+                    "targetPort": labels.ENGINE_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def _scheduler_config_map(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    text = yaml.safe_dump(scheduler_config(pool, settings=settings), sort_keys=True)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(
+            scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "data": {CONFIG_FILE: text},
+    }
+
+
+def _scheduler_service_account(pool: PoolSpec) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(
+            scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "automountServiceAccountToken": True,
+    }
+
+
+def _scheduler_role_binding(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    name = scheduler_name(pool=pool.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(name, pool_labels(pool, role=labels.SCHEDULER_ROLE)),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": settings.scheduler_cluster_role,
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": pool.namespace}],
+    }
+
+
+def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequence[Obj]:
+    image = pool.scheduler.image or settings.scheduler_image
+    config_path = f"{CONFIG_DIR}/{CONFIG_FILE}"
+    common: Obj = {
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "securityContext": _restricted_security_context(read_only_root=True),
+        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+    }
+    scheduler: Obj = {
+        "name": "scheduler",
+        "command": ["twinroute", "scheduler"],
+        "args": [
+            "--config",
+            config_path,
+            "--host",
+            "0.0.0.0",
+            "--grpc-port",
+            str(settings.grpc_port),
+            "--metrics-port",
+            str(settings.metrics_port),
+        ],
+        "ports": [
+            {
+                "name": labels.SCHEDULER_GRPC_PORT_NAME,
+                "containerPort": settings.grpc_port,
+                "protocol": "TCP",
+            },
+            {
+                "name": labels.SCHEDULER_METRICS_PORT_NAME,
+                "containerPort": settings.metrics_port,
+                "protocol": "TCP",
+            },
+        ],
+        "readinessProbe": {"grpc": {"port": settings.grpc_port}, "periodSeconds": 5},
+        "livenessProbe": {
+            "grpc": {"port": settings.grpc_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        **common,
+    }
+    router: Obj = {
+        "name": "router",
+        "command": ["twinroute", "router"],
+        "args": [
+            "--config",
+            config_path,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(settings.router_port),
+            "--scheduler",
+            f"127.0.0.1:{settings.grpc_port}",
+        ],
+        "ports": [
+            {
+                "name": labels.ROUTER_HTTP_PORT_NAME,
+                "containerPort": settings.router_port,
+                "protocol": "TCP",
+            }
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": labels.ROUTER_HTTP_PORT_NAME},
+            "periodSeconds": 5,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": labels.ROUTER_HTTP_PORT_NAME},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
+        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
+        **common,
+    }
+    return [scheduler, router]
+
+
+def _scheduler_deployment(pool: PoolSpec, *, settings: RenderSettings, config_hash: str) -> Obj:
+    name = scheduler_name(pool=pool.name)
+    object_labels = pool_labels(pool, role=labels.SCHEDULER_ROLE)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, object_labels),
+        "spec": {
+            "replicas": pool.scheduler.replicas,
+            "selector": {"matchLabels": selector_labels(pool, role=labels.SCHEDULER_ROLE)},
+            "template": {
+                "metadata": {
+                    "labels": object_labels,
+                    # A changed routing config rolls the scheduler pods.
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "runAsGroup": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": list(_scheduler_containers(pool, settings=settings)),
+                    "volumes": [{"name": "config", "configMap": {"name": name}}],
+                },
+            },
+        },
+    }
+
+
+def _scheduler_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(pool.name, pool_labels(pool, role=labels.SCHEDULER_ROLE)),
+        "spec": {
+            "type": pool.scheduler.service_type,
+            "selector": selector_labels(pool, role=labels.SCHEDULER_ROLE),
+            "ports": [
+                {
+                    "name": labels.ROUTER_HTTP_PORT_NAME,
+                    "port": settings.router_port,
+                    "targetPort": labels.ROUTER_HTTP_PORT_NAME,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": labels.SCHEDULER_GRPC_PORT_NAME,
+                    "port": settings.grpc_port,
+                    "targetPort": labels.SCHEDULER_GRPC_PORT_NAME,
+                    "protocol": "TCP",
+                },
+                {
+                    "name": labels.SCHEDULER_METRICS_PORT_NAME,
+                    "port": settings.metrics_port,
+                    "targetPort": labels.SCHEDULER_METRICS_PORT_NAME,
+                    "protocol": "TCP",
+                },
+            ],
+        },
+    }

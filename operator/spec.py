@@ -1,0 +1,332 @@
+"""ModelPool spec: parsed once into frozen values, with the meaning checks the schema cannot do.
+
+The CRD's OpenAPI schema rejects most bad input at admission; this parser applies the same
+defaults (so a pool created without them, e.g. against a test API server, means the same thing)
+and raises `SpecError` for what is syntactically valid but meaningless: such a pool gets a
+`Degraded` condition and an Event, never a retry loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+POLICIES: Final = (
+    "dualmap",
+    "round_robin",
+    "least_loaded",
+    "consistent_hash",
+    "chwbl",
+    "cache_aware",
+    "min_ttft",
+    "preble",
+)
+SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
+KV_CONNECTORS: Final = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1")
+
+DEFAULT_ENGINE_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
+DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
+DEFAULT_ENGINE_PORT: Final = 8000
+DEFAULT_POLICY: Final = "dualmap"
+DEFAULT_TTFT_SLO_S: Final = 5.0
+DEFAULT_PREFIX_BLOCK_SIZE: Final = 512
+DEFAULT_VIRTUAL_NODES: Final = 160
+DEFAULT_SCRAPE_INTERVAL_S: Final = 1.0
+DEFAULT_SCHEDULER_REPLICAS: Final = 1
+DEFAULT_KV_CONNECTOR: Final = "NixlConnector"
+
+# Engine flags that would blind the scheduler: it needs prefix caching and the metrics.
+FORBIDDEN_ENGINE_ARGS: Final = (
+    "--no-enable-prefix-caching",
+    "--disable-log-stats",
+    "--served-model-name",
+    "--port",
+    "--kv-transfer-config",
+)
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Longest child suffix is "-scheduler" (10) and Deployment pod names add ~17 characters.
+MAX_POOL_NAME_LENGTH: Final = 40
+
+
+class Role(enum.StrEnum):
+    UNIFIED = "unified"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class SpecError(ValueError):
+    """The spec is well-formed but cannot mean anything; `field` names the culprit."""
+
+    def __init__(self, *, field: str, message: str) -> None:
+        super().__init__(f"spec.{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class KvTransfer:
+    connector: str = DEFAULT_KV_CONNECTOR
+    extra_config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    image: str = DEFAULT_ENGINE_IMAGE
+    command: tuple[str, ...] = DEFAULT_ENGINE_COMMAND
+    port: int = DEFAULT_ENGINE_PORT
+    args: tuple[str, ...] = ()
+    env: tuple[Mapping[str, Any], ...] = ()
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    kv_transfer: KvTransfer = field(default_factory=KvTransfer)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSpec:
+    policy: str = DEFAULT_POLICY
+    ttft_slo_s: float = DEFAULT_TTFT_SLO_S
+    prefix_block_size: int = DEFAULT_PREFIX_BLOCK_SIZE
+    virtual_nodes: int = DEFAULT_VIRTUAL_NODES
+    rebalancing: bool = True
+    scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSpec:
+    replicas: int = DEFAULT_SCHEDULER_REPLICAS
+    # Empty: the operator's default (the image the operator itself runs).
+    image: str = ""
+    service_type: str = "ClusterIP"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSpec:
+    name: str
+    namespace: str
+    model_name: str
+    model_source: str
+    replicas: Mapping[Role, int]
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+
+    @property
+    def disaggregated(self) -> bool:
+        return Role.UNIFIED not in self.replicas
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return tuple(role for role in Role if role in self.replicas)
+
+
+def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpec:
+    """Parse a ModelPool's metadata name, namespace and spec; raise `SpecError` when invalid."""
+    if len(name) > MAX_POOL_NAME_LENGTH or not _DNS_LABEL.match(name):
+        raise SpecError(
+            field="metadata.name",
+            message=f"{name!r} must be a DNS label of at most {MAX_POOL_NAME_LENGTH} characters",
+        )
+    model = _mapping(spec, "model", required=True)
+    model_name = _string(model, "name", path="model.name", required=True)
+    model_source = _string(model, "source", path="model.source", default=model_name)
+    return PoolSpec(
+        name=name,
+        namespace=namespace,
+        model_name=model_name,
+        model_source=model_source,
+        replicas=_parse_roles(_mapping(spec, "roles", required=True)),
+        engine=_parse_engine(_mapping(spec, "engine")),
+        routing=_parse_routing(_mapping(spec, "routing")),
+        scheduler=_parse_scheduler(_mapping(spec, "scheduler")),
+    )
+
+
+def _parse_roles(roles: Mapping[str, Any]) -> dict[Role, int]:
+    present = {role: _mapping(roles, role.value) for role in Role if role.value in roles}
+    unknown = sorted(set(roles) - {role.value for role in Role})
+    if unknown:
+        raise SpecError(field="roles", message=f"unknown roles {unknown}")
+    if Role.UNIFIED in present and (Role.PREFILL in present or Role.DECODE in present):
+        raise SpecError(
+            field="roles", message="set either unified, or prefill and decode, not both"
+        )
+    if Role.UNIFIED not in present and not (Role.PREFILL in present and Role.DECODE in present):
+        raise SpecError(field="roles", message="set either unified, or both prefill and decode")
+    return {
+        role: _integer(
+            body, "replicas", path=f"roles.{role.value}.replicas", default=1, low=0, high=1000
+        )
+        for role, body in present.items()
+    }
+
+
+def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
+    args = tuple(_strings(engine, "args", path="engine.args"))
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in FORBIDDEN_ENGINE_ARGS:
+            raise SpecError(
+                field="engine.args",
+                message=f"{flag} is managed by the operator (routing needs prefix caching, "
+                "the metrics, the served model name and the port)",
+            )
+    command = tuple(_strings(engine, "command", path="engine.command")) or DEFAULT_ENGINE_COMMAND
+    kv = _mapping(engine, "kvTransfer")
+    connector = _string(
+        kv, "connector", path="engine.kvTransfer.connector", default=DEFAULT_KV_CONNECTOR
+    )
+    if connector not in KV_CONNECTORS:
+        raise SpecError(
+            field="engine.kvTransfer.connector",
+            message=f"{connector!r} is not one of {list(KV_CONNECTORS)}",
+        )
+    extra = _mapping(kv, "extraConfig")
+    return EngineSpec(
+        image=_string(engine, "image", path="engine.image", default=DEFAULT_ENGINE_IMAGE),
+        command=command,
+        port=_integer(
+            engine, "port", path="engine.port", default=DEFAULT_ENGINE_PORT, low=1, high=65535
+        ),
+        args=args,
+        env=tuple(_mappings(engine, "env", path="engine.env")),
+        resources=dict(_mapping(engine, "resources")),
+        node_selector={str(k): str(v) for k, v in _mapping(engine, "nodeSelector").items()},
+        tolerations=tuple(_mappings(engine, "tolerations", path="engine.tolerations")),
+        kv_transfer=KvTransfer(
+            connector=connector, extra_config={str(k): str(v) for k, v in extra.items()}
+        ),
+    )
+
+
+def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
+    policy = _string(routing, "policy", path="routing.policy", default=DEFAULT_POLICY)
+    if policy not in POLICIES:
+        raise SpecError(
+            field="routing.policy", message=f"{policy!r} is not one of {list(POLICIES)}"
+        )
+    rebalancing = routing.get("rebalancing", True)
+    if not isinstance(rebalancing, bool):
+        raise SpecError(field="routing.rebalancing", message="must be true or false")
+    return RoutingSpec(
+        policy=policy,
+        ttft_slo_s=_number(
+            routing,
+            "ttftSloSeconds",
+            path="routing.ttftSloSeconds",
+            default=DEFAULT_TTFT_SLO_S,
+            low=0.01,
+            high=600.0,
+        ),
+        prefix_block_size=_integer(
+            routing,
+            "prefixBlockSize",
+            path="routing.prefixBlockSize",
+            default=DEFAULT_PREFIX_BLOCK_SIZE,
+            low=1,
+            high=65536,
+        ),
+        virtual_nodes=_integer(
+            routing,
+            "virtualNodes",
+            path="routing.virtualNodes",
+            default=DEFAULT_VIRTUAL_NODES,
+            low=1,
+            high=4096,
+        ),
+        rebalancing=rebalancing,
+        scrape_interval_s=_number(
+            routing,
+            "scrapeIntervalSeconds",
+            path="routing.scrapeIntervalSeconds",
+            default=DEFAULT_SCRAPE_INTERVAL_S,
+            low=0.1,
+            high=300.0,
+        ),
+    )
+
+
+def _parse_scheduler(scheduler: Mapping[str, Any]) -> SchedulerSpec:
+    service_type = _string(
+        scheduler, "serviceType", path="scheduler.serviceType", default="ClusterIP"
+    )
+    if service_type not in SERVICE_TYPES:
+        raise SpecError(
+            field="scheduler.serviceType",
+            message=f"{service_type!r} is not one of {list(SERVICE_TYPES)}",
+        )
+    return SchedulerSpec(
+        replicas=_integer(
+            scheduler,
+            "replicas",
+            path="scheduler.replicas",
+            default=DEFAULT_SCHEDULER_REPLICAS,
+            low=1,
+            high=16,
+        ),
+        image=_string(scheduler, "image", path="scheduler.image", default=""),
+        service_type=service_type,
+    )
+
+
+def _mapping(parent: Mapping[str, Any], key: str, *, required: bool = False) -> Mapping[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        if required:
+            raise SpecError(field=key, message="is required")
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(field=key, message=f"must be an object, not {type(value).__name__}")
+    return value
+
+
+def _string(
+    parent: Mapping[str, Any], key: str, *, path: str, required: bool = False, default: str = ""
+) -> str:
+    value = parent.get(key)
+    if value is None or value == "":
+        if required:
+            raise SpecError(field=path, message="is required")
+        return default
+    if not isinstance(value, str):
+        raise SpecError(field=path, message=f"must be a string, not {type(value).__name__}")
+    return value
+
+
+def _integer(
+    parent: Mapping[str, Any], key: str, *, path: str, default: int, low: int, high: int
+) -> int:
+    value = parent.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(field=path, message=f"must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise SpecError(field=path, message=f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _number(
+    parent: Mapping[str, Any], key: str, *, path: str, default: float, low: float, high: float
+) -> float:
+    value = parent.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(field=path, message=f"must be a number, not {value!r}")
+    if not low <= value <= high:
+        raise SpecError(field=path, message=f"{value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def _strings(parent: Mapping[str, Any], key: str, *, path: str) -> Sequence[str]:
+    value = parent.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise SpecError(field=path, message="must be a list of strings")
+    return value
+
+
+def _mappings(parent: Mapping[str, Any], key: str, *, path: str) -> Sequence[Mapping[str, Any]]:
+    value = parent.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(item, Mapping) for item in value):
+        raise SpecError(field=path, message="must be a list of objects")
+    return [dict(item) for item in value]

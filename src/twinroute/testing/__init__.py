@@ -1,0 +1,1 @@
+"""Test support that ships with the package: a local Kubernetes API server (kmock-based)."""

@@ -1,0 +1,535 @@
+"""A local Kubernetes API server for tests and the one-machine end-to-end run.
+
+kmock's `KubernetesEmulator` stores objects and serves list/watch/get, but on its own it cannot
+carry kopf or kubectl: it sets no `uid`, `resourceVersion` or `generation`, applies every PATCH
+as a dict merge (kopf removes finalizers with a JSON patch whose `test` op checks
+`/metadata/resourceVersion`), ignores label selectors, and has no `generateName`. This subclass
+adds exactly those API-server behaviours:
+
+- create: `uid`, `resourceVersion`, `generation: 1`, `creationTimestamp`, `generateName`;
+- patch: JSON patch (a failed `test` answers 422), merge patch (strategic merge is treated as a
+  merge patch), PUT replaces; a `/status` patch changes only `.status`, a patch of the object
+  itself never changes `.status`; `generation` moves when anything but metadata/status changes;
+- list/watch: `labelSelector` (equality, `!=`, `in`, `notin`, existence);
+- discovery of the resource kinds twinroute, kopf and kubectl touch.
+
+kmock cannot address the cluster-scoped `namespaces` resource (its path parser reads
+`/api/v1/namespaces/NAME` as a namespace), so namespaces are discoverable but not served; every
+namespace is assumed to exist (the operator never lists them). There is no garbage collector and
+no controllers:
+Deployments never get pods by themselves.
+
+Run it as a process: `python -m twinroute.testing.kube --port 0 --ready-file PATH` writes the
+URL into PATH once it listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import copy
+import datetime
+import itertools
+import json
+import pathlib
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import rendering
+from typing_extensions import override
+
+# (key "group/version/plural" or "version/plural", kind, namespaced, subresources, short names)
+RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] = (
+    # Discoverable (kopf waits for it) but not servable, see the module doc.
+    ("v1/namespaces", "Namespace", False, ("status",), ("ns",)),
+    ("v1/pods", "Pod", True, ("status",), ("po",)),
+    ("v1/services", "Service", True, ("status",), ("svc",)),
+    ("v1/configmaps", "ConfigMap", True, (), ("cm",)),
+    ("v1/serviceaccounts", "ServiceAccount", True, (), ("sa",)),
+    ("v1/events", "Event", True, (), ("ev",)),
+    ("apps/v1/deployments", "Deployment", True, ("status", "scale"), ("deploy",)),
+    ("rbac.authorization.k8s.io/v1/roles", "Role", True, (), ()),
+    ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True, (), ()),
+    ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False, (), ()),
+    ("rbac.authorization.k8s.io/v1/clusterrolebindings", "ClusterRoleBinding", False, (), ()),
+    (
+        "apiextensions.k8s.io/v1/customresourcedefinitions",
+        "CustomResourceDefinition",
+        False,
+        ("status",),
+        ("crd", "crds"),
+    ),
+    ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True, (), ("smon",)),
+    ("twinroute.io/v1alpha1/modelpools", "ModelPool", True, ("status", "scale"), ("mp",)),
+)
+VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
+
+
+@attrs.define(kw_only=True)
+class KubeApiServer(kmock.KubernetesEmulator):
+    """kmock's emulator plus what kopf and kubectl need from an API server (see module doc)."""
+
+    _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _names: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for key, kind, namespaced, subresources, shortnames in RESOURCES:
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind,
+                singular=kind.lower(),
+                namespaced=namespaced,
+                verbs=set(VERBS),
+                subresources=set(subresources),
+                shortnames=set(shortnames),
+            )
+
+    def next_version(self) -> str:
+        return str(next(self._versions))
+
+    def stored(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """A copy of one stored object, or None (for assertions in tests)."""
+        for (res, ns, nm), obj in list(self.objects.items()):
+            if _resource_key(res) == resource and ns == namespace and nm == name:
+                return None if obj.deleted else copy.deepcopy(obj.raw)
+        return None
+
+    def stored_all(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for (res, ns, _), obj in list(self.objects.items()):
+            wanted = namespace is None or ns == namespace
+            if _resource_key(res) == resource and not obj.deleted and wanted:
+                found.append(copy.deepcopy(obj.raw))
+        return found
+
+    def put_object(self, resource: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Store an object as if created through the API (tests use it for pods); not
+        thread-safe against concurrent writes to the same object."""
+        obj = copy.deepcopy(dict(body))
+        metadata = obj.setdefault("metadata", {})
+        self._fill_created(metadata)
+        self.objects[resource, metadata.get("namespace"), metadata["name"]] = obj
+        return obj
+
+    def _fill_created(self, metadata: dict[str, Any]) -> None:
+        if not metadata.get("name") and metadata.get("generateName"):
+            metadata["name"] = f"{metadata['generateName']}{next(self._names):05x}"
+        metadata.setdefault("uid", str(uuid.uuid4()))
+        metadata.setdefault("creationTimestamp", _now())
+        metadata["generation"] = 1
+        metadata["resourceVersion"] = self.next_version()
+
+    @override
+    async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        if request.resource is not None and request.action == kmock.action.CREATE:
+            if isinstance(request.data, dict):
+                metadata = request.data.setdefault("metadata", {})
+                if request.namespace and not metadata.get("namespace"):
+                    metadata["namespace"] = request.namespace
+                self._fill_created(metadata)
+        elif (
+            request.resource is not None
+            and request.action == kmock.action.UPDATE
+            and request.name is not None
+        ):
+            return await self._update(request)
+        return await super()._handle(request)
+
+    async def _update(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None
+        key = (request.resource, request.namespace, str(request.name))
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesObjectNotFoundError()
+            stored = self.objects[key]
+            old = copy.deepcopy(stored.raw)
+            changed = _apply_change(old, request)
+            if request.subresource == "status":
+                new = {**old, "status": changed.get("status")}
+            elif request.subresource in (None, ""):
+                # The object's own endpoint never changes its status (as with a subresource).
+                new = dict(changed)
+                new.pop("status", None)
+                if "status" in old:
+                    new["status"] = old["status"]
+            else:
+                raise kmock.KubernetesError(
+                    status=405,
+                    reason="MethodNotAllowed",
+                    message=f"subresource {request.subresource!r}",
+                )
+            if new.get("status") is None:
+                new.pop("status", None)
+            metadata = new.setdefault("metadata", {})
+            for immutable in ("name", "namespace", "uid", "creationTimestamp"):
+                if immutable in old.get("metadata", {}):
+                    metadata[immutable] = old["metadata"][immutable]
+            if new != old:
+                if _body_without(new) != _body_without(old):
+                    metadata["generation"] = int(old["metadata"].get("generation", 1)) + 1
+                metadata["resourceVersion"] = self.next_version()
+                stored.history.append(new)
+                gone = metadata.get("deletionTimestamp") and not metadata.get("finalizers")
+                if gone:
+                    stored.delete()
+                await self._buses[request.resource].put(
+                    {"type": "DELETED" if gone else "MODIFIED", "object": copy.deepcopy(new)}
+                )
+        return aiohttp.web.json_response(new)
+
+    @override
+    async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
+        answer = await super()._serve_list(request)
+        assert isinstance(answer, dict)
+        selector = LabelSelector.parse(request.params.get("labelSelector", ""))
+        fields = _field_selector(request.params.get("fieldSelector", ""))
+        answer["items"] = [
+            item
+            for item in answer["items"]
+            if selector.matches(item) and _fields_match(item, fields)
+        ]
+        answer["metadata"] = {"resourceVersion": str(next(self._versions))}
+        return answer
+
+    @override
+    async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        selector = LabelSelector.parse(request.params.get("labelSelector", ""))
+        fields = _field_selector(request.params.get("fieldSelector", ""))
+        async for event in super()._serve_watch(request):
+            if isinstance(event, dict):
+                obj = event.get("object") or {}
+                if not (selector.matches(obj) and _fields_match(obj, fields)):
+                    continue
+            yield event
+
+
+def _resource_key(resource: Any) -> str:
+    group = resource.group
+    return (
+        f"{group}/{resource.version}/{resource.plural}"
+        if group
+        else f"{resource.version}/{resource.plural}"
+    )
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _body_without(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def _apply_change(old: dict[str, Any], request: rendering.Request) -> dict[str, Any]:
+    content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    data = request.data
+    if request.method == kmock.method.PUT:
+        if not isinstance(data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="not an object")
+        expected = (data.get("metadata") or {}).get("resourceVersion")
+        if expected and expected != old["metadata"].get("resourceVersion"):
+            raise kmock.KubernetesError(
+                status=409, reason="Conflict", message="the object has been modified"
+            )
+        return copy.deepcopy(data)
+    if content_type == "application/json-patch+json":
+        if not isinstance(data, list):
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message="a JSON patch must be a list"
+            )
+        return json_patch(old, data)
+    if content_type in (
+        "application/merge-patch+json",
+        "application/strategic-merge-patch+json",
+        "application/json",
+        "",
+    ):
+        if not isinstance(data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="not an object")
+        merged = merge_patch(old, data)
+        assert isinstance(merged, dict)
+        return merged
+    raise kmock.KubernetesError(
+        status=415,
+        reason="UnsupportedMediaType",
+        message=f"patch type {content_type!r} is not supported",
+    )
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge recursively, `null` removes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def json_patch(document: dict[str, Any], operations: list[Any]) -> dict[str, Any]:
+    """RFC 6902 (add, remove, replace, test, move, copy); a failed `test` answers 422."""
+    result = copy.deepcopy(document)
+    for op in operations:
+        kind, path = op.get("op"), op.get("path", "")
+        if kind == "test":
+            if _pointer_get(result, path) != op.get("value"):
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message=f"test operation failed at {path}"
+                )
+        elif kind in ("add", "replace"):
+            result = _pointer_set(
+                result, path, copy.deepcopy(op.get("value")), insert=kind == "add"
+            )
+        elif kind == "remove":
+            result = _pointer_remove(result, path)
+        elif kind in ("move", "copy"):
+            value = copy.deepcopy(_pointer_get(result, op.get("from", "")))
+            if kind == "move":
+                result = _pointer_remove(result, op.get("from", ""))
+            result = _pointer_set(result, path, value, insert=True)
+        else:
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message=f"unknown JSON patch op {kind!r}"
+            )
+    return result
+
+
+_MISSING = object()
+
+
+def _tokens(path: str) -> list[str]:
+    if path == "":
+        return []
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.lstrip("/").split("/")]
+
+
+def _pointer_get(doc: Any, path: str) -> Any:
+    for token in _tokens(path):
+        if isinstance(doc, dict) and token in doc:
+            doc = doc[token]
+        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
+            doc = doc[int(token)]
+        else:
+            return _MISSING
+    return doc
+
+
+def _parent(doc: Any, path: str) -> tuple[Any, str]:
+    tokens = _tokens(path)
+    if not tokens:
+        raise kmock.KubernetesError(status=422, reason="Invalid", message="empty path")
+    parent = (
+        _pointer_get(
+            doc, "/" + "/".join(t.replace("~", "~0").replace("/", "~1") for t in tokens[:-1])
+        )
+        if len(tokens) > 1
+        else doc
+    )
+    if parent is _MISSING or not isinstance(parent, dict | list):
+        raise kmock.KubernetesError(status=422, reason="Invalid", message=f"no parent of {path}")
+    return parent, tokens[-1]
+
+
+def _pointer_set(doc: Any, path: str, value: Any, *, insert: bool) -> Any:
+    if path == "":
+        return value
+    parent, token = _parent(doc, path)
+    if isinstance(parent, list):
+        index = len(parent) if token == "-" else int(token)
+        if insert:
+            parent.insert(index, value)
+        else:
+            parent[index] = value
+    else:
+        if not insert and token not in parent:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=f"no {path}")
+        parent[token] = value
+    return doc
+
+
+def _pointer_remove(doc: Any, path: str) -> Any:
+    parent, token = _parent(doc, path)
+    try:
+        if isinstance(parent, list):
+            del parent[int(token)]
+        else:
+            del parent[token]
+    except (KeyError, IndexError, ValueError) as error:
+        raise kmock.KubernetesError(
+            status=422, reason="Invalid", message=f"cannot remove {path}"
+        ) from error
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class LabelSelector:
+    """A parsed `labelSelector` query: every requirement must hold."""
+
+    requirements: tuple[tuple[str, str, frozenset[str]], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> LabelSelector:
+        requirements = []
+        for term in _split_terms(text):
+            match = re.fullmatch(r"\s*(\S+?)\s+(in|notin)\s+\(([^)]*)\)\s*", term)
+            if match:
+                values = frozenset(v.strip() for v in match.group(3).split(",") if v.strip())
+                requirements.append((match.group(1), match.group(2), values))
+                continue
+            match = re.fullmatch(r"\s*([^!=\s]+)\s*(==|!=|=)\s*(\S*)\s*", term)
+            if match:
+                op = "!=" if match.group(2) == "!=" else "="
+                requirements.append((match.group(1), op, frozenset([match.group(3)])))
+                continue
+            match = re.fullmatch(r"\s*(!?)\s*(\S+)\s*", term)
+            if not match:
+                raise kmock.KubernetesError(
+                    status=400, reason="BadRequest", message=f"unable to parse requirement {term!r}"
+                )
+            requirements.append((match.group(2), "!" if match.group(1) else "exists", frozenset()))
+        return cls(tuple(requirements))
+
+    def matches(self, obj: Mapping[str, Any]) -> bool:
+        object_labels = (obj.get("metadata") or {}).get("labels") or {}
+        for key, op, values in self.requirements:
+            present = key in object_labels
+            value = object_labels.get(key)
+            ok = {
+                "=": present and value in values,
+                "in": present and value in values,
+                "!=": not present or value not in values,
+                "notin": not present or value not in values,
+                "exists": present,
+                "!": not present,
+            }[op]
+            if not ok:
+                return False
+        return True
+
+
+def _split_terms(text: str) -> list[str]:
+    terms, depth, current = [], 0, ""
+    for char in text:
+        if char == "," and depth == 0:
+            terms.append(current)
+            current = ""
+            continue
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        current += char
+    if current.strip():
+        terms.append(current)
+    return [t for t in terms if t.strip()]
+
+
+def _field_selector(text: str) -> dict[str, str]:
+    pairs = {}
+    for term in _split_terms(text):
+        key, _, value = term.partition("=")
+        pairs[key.strip()] = value.lstrip("=").strip()
+    return pairs
+
+
+def _fields_match(obj: Mapping[str, Any], fields: Mapping[str, str]) -> bool:
+    for path, expected in fields.items():
+        value: Any = obj
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        if str(value if value is not None else "") != expected:
+            return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class RunningServer:
+    url: str
+    api: KubeApiServer
+
+
+@contextlib.contextmanager
+def api_server_in_thread(*, port: int = 0) -> Iterator[RunningServer]:
+    """Serve a fresh `KubeApiServer` on 127.0.0.1 from its own thread and event loop."""
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        holder["loop"], holder["stop"] = asyncio.get_running_loop(), stop
+        async with KubeApiServer() as api, kmock.Server(api, port=port) as server:
+            holder["running"] = RunningServer(url=f"http://127.0.0.1:{server.port}", api=api)
+            started.set()
+            await stop.wait()
+
+    def main() -> None:
+        try:
+            asyncio.run(serve())
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=main, name="kube-api-server", daemon=True)
+    thread.start()
+    started.wait(timeout=30)
+    if "running" not in holder:
+        raise RuntimeError("the local Kubernetes API server did not start")
+    try:
+        yield holder["running"]
+    finally:
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(timeout=30)
+
+
+def write_kubeconfig(*, path: str, url: str, namespace: str = "default") -> None:
+    """A kubeconfig for kubectl and the Kubernetes client pointing at `url` (no auth)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "local", "cluster": {"server": url}}],
+        "users": [{"name": "local", "user": {"token": "local"}}],
+        "contexts": [
+            {
+                "name": "local",
+                "context": {"cluster": "local", "user": "local", "namespace": namespace},
+            }
+        ],
+        "current-context": "local",
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Local Kubernetes API server (kmock-based).")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--ready-file", default=None, help="write the URL here once listening")
+    parser.add_argument("--kubeconfig", default=None, help="also write a kubeconfig here")
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        async with KubeApiServer() as api, kmock.Server(api, port=args.port) as server:
+            url = f"http://127.0.0.1:{server.port}"
+            if args.kubeconfig:
+                write_kubeconfig(path=args.kubeconfig, url=url)
+            if args.ready_file:
+                await asyncio.to_thread(
+                    pathlib.Path(args.ready_file).write_text, url + "\n", encoding="utf-8"
+                )
+            print(url, flush=True)
+            await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
