@@ -8,8 +8,10 @@ processes (killed with SIGKILL where a test needs an engine to die).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,8 +19,9 @@ import pytest
 from aiohttp import web
 
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.openai_format import render_chat
 from twinroute.router.scheduling import FallbackScheduler
-from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, build_app
+from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, Tokenizer, build_app
 
 MODEL = "sim-model"
 
@@ -159,8 +162,8 @@ async def test_an_engine_killed_mid_run(
 ) -> None:
     """A stream already under way ends with an error event; a request still waiting for its
     first token on the dead engine is served by the other one."""
-    # Ten times slower than modelled, so the long prompt's prefill takes a visible while.
-    doomed = await start_engine("doomed", time_scale=10.0)
+    # Twenty times slower than modelled, so the long prompt's prefill takes a visible while.
+    doomed = await start_engine("doomed", time_scale=20.0)
     healthy = await start_engine("healthy")
     router = await start_router([("doomed", doomed.address), ("healthy", healthy.address)])
     async with aiohttp.ClientSession() as session:
@@ -174,7 +177,7 @@ async def test_an_engine_killed_mid_run(
         # Turn 1 -> healthy (spacer); turn 2 -> doomed: a long prompt still prefilling.
         async with session.post(f"{router}/v1/completions", json=completion()) as spacer:
             assert spacer.headers[ENDPOINT_HEADER] == "healthy"
-        long_prompt = " ".join(f"t{i}" for i in range(60_000))
+        long_prompt = " ".join(f"t{i}" for i in range(20_000))
         waiting = asyncio.create_task(
             session.post(f"{router}/v1/completions", json=completion(long_prompt, stream=True))
         )
@@ -324,3 +327,72 @@ async def test_models_health_and_metrics(start_router: StartRouter) -> None:
             assert response.status == 200
         async with session.get(f"{router}/metrics") as response:
             assert "twinroute_router_in_flight" in await response.text()
+
+
+class RecordingPort:
+    """Round robin that records every query, to see what the router asks the scheduler."""
+
+    def __init__(self, endpoints: list[tuple[str, str]]) -> None:
+        self.inner = FallbackScheduler(endpoints=endpoints, reason="round_robin")
+        self.queries: list[Any] = []
+        self.completions: list[dict[str, Any]] = []
+
+    async def pick(self, query: Any) -> Any:
+        self.queries.append(query)
+        placement = await self.inner.pick(query)
+        return dataclasses.replace(placement, lease_id=f"lease-{len(self.queries)}")
+
+    async def complete(self, **fields: Any) -> None:
+        self.completions.append(fields)
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.fixture
+def word_tokenizer(tmp_path: Path) -> str:
+    """A tokenizer.json on disk, as `--tokenizer` expects (built here, nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "<": 3, "|": 4, "user": 5, ">": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)
+
+
+async def test_prompt_keys_use_the_local_tokenizer_and_leases_are_completed(
+    start_engine: StartEngine, word_tokenizer: str
+) -> None:
+    engine = await start_engine("e0")
+    port = RecordingPort([("e0", engine.address)])
+    app = build_app(
+        scheduler=port,
+        settings=RouterSettings(models=(MODEL,)),
+        tokenizer=Tokenizer(word_tokenizer),
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = completion("hello world hello", max_tokens=2)
+            async with session.post(f"{router}/v1/completions", json=body) as response:
+                assert response.status == 200
+            chat = {"model": MODEL, "messages": [{"role": "user", "content": "world"}]}
+            async with session.post(f"{router}/v1/chat/completions", json=chat) as response:
+                assert response.status == 200
+    finally:
+        await runner.cleanup()  # waits for the background completions
+    assert port.queries[0].token_ids == [1, 2, 1]
+    assert port.queries[0].prompt_text is None
+    assert port.queries[0].expected_output_tokens == 2
+    # The chat conversation is rendered, then tokenized.
+    rendered = render_chat([{"role": "user", "content": "world"}])
+    assert port.queries[1].token_ids == Tokenizer(word_tokenizer).encode(rendered)
+    assert 2 in port.queries[1].token_ids
+    assert sorted(c["lease_id"] for c in port.completions) == ["lease-1", "lease-2"]
+    assert {c["outcome"] for c in port.completions} == {"success"}
+    assert port.completions[0]["output_tokens"] in (2, 16)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from twinroute.enginesim.core import EngineCore, EngineSettings
 from twinroute.enginesim.server import EngineIdentity, build_app
-from twinroute.simulator.instance import Instance
+from twinroute.simulator.instance import Instance, StepCostModel
 from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES, get_profile
 from twinroute.simulator.sim_cost import cost_model_for
 
@@ -55,9 +55,20 @@ def build(args: argparse.Namespace) -> web.Application:
     if args.block_size < 1 or args.token_scale < 1:
         raise ValueError("--block-size and --token-scale must be >= 1")
     profile = get_profile(args.profile).with_kv_capacity(args.kv_capacity_tokens)
+    cost: StepCostModel
+    try:
+        cost = cost_model_for(profile)
+    except ModuleNotFoundError:
+        from twinroute.enginesim.interim_cost import INTERIM_NAME, InterimRooflineCost
+
+        logger.warning(
+            "twinroute.scheduler.costmodel is not available: using the INTERIM cost model %s",
+            INTERIM_NAME,
+        )
+        cost = InterimRooflineCost()
     instance = Instance(
         config=profile.instance_config(block_size=args.block_size * args.token_scale),
-        cost=cost_model_for(profile),
+        cost=cost,
         record_tokens=True,
     )
     core = EngineCore(
