@@ -79,7 +79,16 @@ def selector_labels(pool: PoolSpec, *, role: str) -> dict[str, str]:
 
 
 def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
-    """vLLM's flags: what routing depends on first, then the user's extra args."""
+    """The engine's flags: what routing depends on first, then the user's extra args."""
+    if pool.engine.kind == "simulator":
+        return [
+            "--host", "0.0.0.0",
+            "--port", str(pool.engine.port),
+            "--model", pool.model_name,
+            # Kubernetes expands $(POD_NAME) from the container's env.
+            "--instance-id", "$(POD_NAME)",
+            *pool.engine.args,
+        ]  # fmt: skip
     args = [
         pool.model_source,
         "--served-model-name",
@@ -192,7 +201,10 @@ def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
         "ports": [
             {"name": labels.ENGINE_PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}
         ],
-        "env": [dict(item) for item in engine.env],
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            *(dict(item) for item in engine.env),
+        ],
         "resources": dict(engine.resources),
         "securityContext": _restricted_security_context(read_only_root=False),
         # Loading weights can take many minutes; the startup probe covers it so the liveness
@@ -358,14 +370,16 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
         "name": "router",
         "command": ["twinroute", "router"],
         "args": [
-            "--config",
-            config_path,
             "--host",
             "0.0.0.0",
             "--port",
             str(settings.router_port),
+            "--model",
+            pool.model_name,
             "--scheduler",
             f"127.0.0.1:{settings.grpc_port}",
+            "--ttft-slo-s",
+            str(pool.routing.ttft_slo_s),
         ],
         "ports": [
             {
@@ -383,7 +397,6 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
-        "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}],
         **common,
     }
     return [scheduler, router]

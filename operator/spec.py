@@ -26,6 +26,10 @@ POLICIES: Final = (
 )
 SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
 KV_CONNECTORS: Final = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1")
+# "vllm": a vLLM server (`vllm serve` flags). "simulator": `twinroute engine-sim`, which serves
+# vLLM's API and metrics from a timing model (tests, demos, end-to-end runs without GPUs).
+ENGINE_KINDS: Final = ("vllm", "simulator")
+DEFAULT_SIMULATOR_COMMAND: Final = ("twinroute", "engine-sim")
 
 DEFAULT_ENGINE_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
 DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
@@ -74,6 +78,7 @@ class KvTransfer:
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
+    kind: str = "vllm"
     image: str = DEFAULT_ENGINE_IMAGE
     command: tuple[str, ...] = DEFAULT_ENGINE_COMMAND
     port: int = DEFAULT_ENGINE_PORT
@@ -174,7 +179,11 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
                 message=f"{flag} is managed by the operator (routing needs prefix caching, "
                 "the metrics, the served model name and the port)",
             )
-    command = tuple(_strings(engine, "command", path="engine.command")) or DEFAULT_ENGINE_COMMAND
+    kind = _string(engine, "kind", path="engine.kind", default="vllm")
+    if kind not in ENGINE_KINDS:
+        raise SpecError(field="engine.kind", message=f"{kind!r} is not one of {list(ENGINE_KINDS)}")
+    default_command = DEFAULT_ENGINE_COMMAND if kind == "vllm" else DEFAULT_SIMULATOR_COMMAND
+    command = tuple(_strings(engine, "command", path="engine.command")) or default_command
     kv = _mapping(engine, "kvTransfer")
     connector = _string(
         kv, "connector", path="engine.kvTransfer.connector", default=DEFAULT_KV_CONNECTOR
@@ -186,6 +195,7 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
         )
     extra = _mapping(kv, "extraConfig")
     return EngineSpec(
+        kind=kind,
         image=_string(engine, "image", path="engine.image", default=DEFAULT_ENGINE_IMAGE),
         command=command,
         port=_integer(

@@ -13,11 +13,10 @@ adds exactly those API-server behaviours:
 - list/watch: `labelSelector` (equality, `!=`, `in`, `notin`, existence);
 - discovery of the resource kinds twinroute, kopf and kubectl touch.
 
-kmock cannot address the cluster-scoped `namespaces` resource (its path parser reads
-`/api/v1/namespaces/NAME` as a namespace), so namespaces are discoverable but not served; every
-namespace is assumed to exist (the operator never lists them). There is no garbage collector and
-no controllers:
-Deployments never get pods by themselves.
+- the cluster-scoped `namespaces` resource (kmock's path parser cannot address it).
+
+Namespaces are stored objects only: nothing requires one to exist before objects are put in it.
+There is no garbage collector and no controllers: Deployments never get pods by themselves.
 
 Run it as a process: `python -m twinroute.testing.kube --port 0 --ready-file PATH` writes the
 URL into PATH once it listens on 127.0.0.1.
@@ -43,12 +42,11 @@ from typing import Any
 import aiohttp.web
 import attrs
 import kmock
-from kmock._internal import rendering
+from kmock._internal import parsing, rendering
 from typing_extensions import override
 
 # (key "group/version/plural" or "version/plural", kind, namespaced, subresources, short names)
 RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] = (
-    # Discoverable (kopf waits for it) but not servable, see the module doc.
     ("v1/namespaces", "Namespace", False, ("status",), ("ns",)),
     ("v1/pods", "Pod", True, ("status",), ("po",)),
     ("v1/services", "Service", True, ("status",), ("svc",)),
@@ -70,6 +68,7 @@ RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] =
     ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True, (), ("smon",)),
     ("twinroute.io/v1alpha1/modelpools", "ModelPool", True, ("status", "scale"), ("mp",)),
 )
+_NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?")
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
 
 
@@ -91,6 +90,36 @@ class KubeApiServer(kmock.KubernetesEmulator):
                 subresources=set(subresources),
                 shortnames=set(shortnames),
             )
+
+    @override
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock's path parser reads `/api/v1/namespaces/NAME` as a namespace prefix; the
+        # cluster-scoped `namespaces` resource is parsed here instead.
+        match = _NAMESPACES_PATH.fullmatch(raw_request.path.rstrip("/"))
+        if match is None:
+            return await super().__call__(raw_request)
+        body = await raw_request.read()
+        try:
+            data = json.loads(body) if body else None
+        except ValueError:
+            data = None
+        name, subresource = match.group(1), match.group(2)
+        parsed = parsing.ParsedPath("", "v1", "namespaces", None, name, subresource)
+        request = rendering.Request(
+            id=len(self._requests), raw_request=raw_request, url=raw_request.url,
+            method=raw_request.method, params=dict(raw_request.query),
+            headers=dict(raw_request.headers), cookies=dict(raw_request.cookies),
+            data=data, body=body, text=body.decode(errors="replace"),
+            action=parsing.guess_k8s(parsed, kmock.method(raw_request.method),
+                                     dict(raw_request.query)),
+            resource=kmock.resource(group="", version="v1", plural="namespaces"),
+            namespace=None, name=name, subresource=subresource,
+        )  # fmt: skip
+        self._requests.append(request)
+        try:
+            return await self._handle(request)
+        except Exception as error:  # the API answers every failure as a Status object
+            return await self._render_error(error)
 
     def next_version(self) -> str:
         return str(next(self._versions))
@@ -186,18 +215,107 @@ class KubeApiServer(kmock.KubernetesEmulator):
         return aiohttp.web.json_response(new)
 
     @override
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        answer = await super()._serve_version(request)
+        assert isinstance(answer, dict)
+        # The core group's version is "v1", not "/v1"; subresources have no short names.
+        answer["groupVersion"] = str(answer["groupVersion"]).lstrip("/")
+        for entry in answer["resources"]:
+            if "/" in entry["name"]:
+                entry["shortNames"], entry["singularName"] = [], ""
+                if entry["name"].endswith("/scale"):
+                    entry["kind"] = "Scale"
+        return answer
+
+    @override
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         answer = await super()._serve_list(request)
-        assert isinstance(answer, dict)
+        assert isinstance(answer, dict) and request.resource is not None
         selector = LabelSelector.parse(request.params.get("labelSelector", ""))
         fields = _field_selector(request.params.get("fieldSelector", ""))
-        answer["items"] = [
+        items = [
             item
             for item in answer["items"]
             if selector.matches(item) and _fields_match(item, fields)
         ]
-        answer["metadata"] = {"resourceVersion": str(next(self._versions))}
+        version = str(next(self._versions))
+        if _wants_table(request):
+            return self._table(request, items, version=version)
+        info = self.resources[request.resource]
+        group = request.resource.group
+        return {
+            "apiVersion": f"{group}/{request.resource.version}"
+            if group
+            else str(request.resource.version),
+            "kind": f"{info.kind}List",
+            "metadata": {"resourceVersion": version},
+            "items": items,
+        }
+
+    @override
+    async def _serve_fetch(self, request: rendering.Request) -> rendering.Payload:
+        answer = await super()._serve_fetch(request)
+        if _wants_table(request) and isinstance(answer, dict):
+            return self._table(request, [answer], version=str(next(self._versions)))
         return answer
+
+    def _table(
+        self, request: rendering.Request, items: list[dict[str, Any]], *, version: str
+    ) -> dict[str, Any]:
+        """`kubectl get` asks for server-side printing: Name, the CRD's printer columns (when
+        the resource is a stored CRD), Age."""
+        assert request.resource is not None
+        columns: list[dict[str, Any]] = []
+        crd = self.stored(
+            "apiextensions.k8s.io/v1/customresourcedefinitions",
+            None,
+            f"{request.resource.plural}.{request.resource.group}",
+        )
+        for served in (crd or {}).get("spec", {}).get("versions", []):
+            if served.get("name") == request.resource.version:
+                columns = [
+                    c for c in served.get("additionalPrinterColumns", []) if not c.get("priority")
+                ]
+        if not any(c["jsonPath"] == ".metadata.creationTimestamp" for c in columns):
+            columns.append(
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+            )
+        definitions = [
+            {"name": "Name", "type": "string", "format": "name", "description": "", "priority": 0}
+        ]
+        definitions += [
+            {
+                "name": c["name"],
+                "type": c.get("type", "string"),
+                "format": "",
+                "description": c.get("description", ""),
+                "priority": 0,
+            }
+            for c in columns
+        ]
+        rows = []
+        for item in items:
+            cells: list[Any] = [item["metadata"]["name"]]
+            for column in columns:
+                value = _json_path(item, column["jsonPath"])
+                cells.append(_age(value) if column.get("type") == "date" and value else value)
+            rows.append(
+                {
+                    "cells": cells,
+                    "object": {
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": item["metadata"],
+                    },
+                }
+            )
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": version},
+            "columnDefinitions": definitions,
+            "rows": rows,
+        }
 
     @override
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
@@ -209,6 +327,31 @@ class KubeApiServer(kmock.KubernetesEmulator):
                 if not (selector.matches(obj) and _fields_match(obj, fields)):
                     continue
             yield event
+
+
+def _wants_table(request: rendering.Request) -> bool:
+    return "as=Table" in request.headers.get("Accept", "")
+
+
+def _json_path(obj: Mapping[str, Any], path: str) -> Any:
+    value: Any = obj
+    for part in path.strip(".").split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return value
+
+
+def _age(timestamp: str) -> str:
+    try:
+        then = datetime.datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(
+            tzinfo=datetime.UTC
+        )
+    except ValueError:
+        return timestamp
+    seconds = max(0, int((datetime.datetime.now(datetime.UTC) - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _resource_key(resource: Any) -> str:

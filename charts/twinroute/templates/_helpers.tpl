@@ -1,0 +1,71 @@
+{{- define "twinroute.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "twinroute.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else if contains (include "twinroute.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "twinroute.name" .) | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "twinroute.labels" -}}
+app.kubernetes.io/name: {{ include "twinroute.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "twinroute.operatorSelector" -}}
+app.kubernetes.io/name: {{ include "twinroute.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "twinroute.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "twinroute.schedulerRole" -}}
+{{- printf "%s-scheduler" (include "twinroute.fullname" .) -}}
+{{- end -}}
+
+{{/* The rules the operator needs in a namespace it watches: exactly the API calls it makes
+     (twinroute/operator/apply.py and kopf with scanning disabled). */}}
+{{- define "twinroute.operatorRules" -}}
+# kopf: watch pools, add/remove its finalizer and progress annotations.
+- apiGroups: [twinroute.io]
+  resources: [modelpools]
+  verbs: [list, watch, patch]
+# The operator writes each pool's status.
+- apiGroups: [twinroute.io]
+  resources: [modelpools/status]
+  verbs: [patch]
+# kopf posts Events about pools.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Children of a pool.
+- apiGroups: [""]
+  resources: [configmaps, services, serviceaccounts]
+  verbs: [list, create, patch, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [list, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
+  verbs: [list, create, patch, delete]
+# Binding each pool's scheduler to the read-only discovery role, without holding its rights.
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [clusterroles]
+  verbs: [bind]
+  resourceNames: [{{ include "twinroute.schedulerRole" . }}]
+# Status endpoints, and marking the pods a scale-in removes (pod-deletion-cost) after draining.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, patch]
+{{- end -}}
