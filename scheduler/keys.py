@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 import xxhash
-
 from twinroute.scheduler.types import PromptKeys
 
 DEFAULT_BLOCK_SIZE = 16

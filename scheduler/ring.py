@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import xxhash
-
 from twinroute.scheduler.keys import mix64
 
 DEFAULT_VIRTUAL_NODES = 256
