@@ -56,6 +56,7 @@ def build(args: argparse.Namespace) -> web.Application:
         raise ValueError("--block-size and --token-scale must be >= 1")
     profile = get_profile(args.profile).with_kv_capacity(args.kv_capacity_tokens)
     cost: StepCostModel
+    cost_name = profile.cost_profile
     try:
         cost = cost_model_for(profile)
     except ModuleNotFoundError:
@@ -66,6 +67,7 @@ def build(args: argparse.Namespace) -> web.Application:
             INTERIM_NAME,
         )
         cost = InterimRooflineCost()
+        cost_name = INTERIM_NAME
     instance = Instance(
         config=profile.instance_config(block_size=args.block_size * args.token_scale),
         cost=cost,
@@ -81,6 +83,7 @@ def build(args: argparse.Namespace) -> web.Application:
         model=args.model,
         instance_id=args.instance_id or f"engine-sim-{args.port}",
         max_model_len=profile.kv_capacity_tokens // args.token_scale,
+        cost_model=cost_name,
     )
     return build_app(core=core, identity=identity)
 

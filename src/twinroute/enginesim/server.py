@@ -55,6 +55,8 @@ class EngineIdentity:
     model: str
     instance_id: str
     max_model_len: int
+    # Which step-cost model prices the engine's time (shown in /v1/models).
+    cost_model: str = ""
 
 
 class _EngineCollector(Collector):
@@ -181,6 +183,7 @@ class EngineServer:
             "owned_by": "twinroute-engine-sim",
             "root": self._identity.model,
             "max_model_len": self._identity.max_model_len,
+            "twinroute_cost_model": self._identity.cost_model,
         }
         return web.json_response({"object": "list", "data": [model]})
 
