@@ -18,7 +18,6 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from twinroute.operator.spec import (
     DEFAULT_ENGINE_IMAGE,
     DEFAULT_ENGINE_PORT,
@@ -32,6 +31,7 @@ from twinroute.operator.spec import (
     SpecError,
     parse_pool,
 )
+
 from twinroute.testing.kube import api_server_in_thread, write_kubeconfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
