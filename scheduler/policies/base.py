@@ -1,0 +1,105 @@
+"""The policy interface and what every policy shares.
+
+A policy is a small object with one job: given one request and one immutable `ClusterView`,
+return a `Decision` that says where and why. It may keep routing state of its own (hash rings,
+a hotness tree, a rotation counter) but never reaches outside the view for load or cache
+information, so the same object runs in the live scheduler and in the simulator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from twinroute.scheduler.costmodel import LLAMA3_8B_H100, CostModel
+from twinroute.scheduler.types import (
+    CandidateScore,
+    ClusterView,
+    Decision,
+    Endpoint,
+    NoEndpointError,
+    RoutingRequest,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Settings every policy reads what it needs from; defaults follow the published rules."""
+
+    ttft_slo_s: float = 5.0
+    cost_model: CostModel = field(default=LLAMA3_8B_H100)
+    virtual_nodes: int = 256
+    seed: int = 0
+    # DualMap: sliding window of recent requests for prefix hotness, and key depth bounds.
+    hotness_window: int = 1024
+    min_key_depth: int = 1
+    max_key_depth: int = 64
+    # SGLang / vLLM router cache_aware defaults.
+    balance_abs_threshold: int = 64
+    balance_rel_threshold: float = 1.5
+    cache_threshold: float = 0.3
+    # KubeAI CHWBL: skip endpoints whose in-flight count exceeds this factor of the mean.
+    chwbl_load_factor: float = 1.25
+    # Characters (text mode) or tokens of the prompt that CHWBL / consistent_hash key on.
+    hash_prefix_blocks: int = 4
+
+
+class Policy(ABC):
+    """Chooses an endpoint for one request."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, config: PolicyConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
+        """Choose among `view.endpoints` less `request.exclude`; raise NoEndpointError if none."""
+
+
+def eligible_endpoints(request: RoutingRequest, view: ClusterView) -> tuple[Endpoint, ...]:
+    """Endpoints the request may go to; raises NoEndpointError when there are none."""
+    endpoints = tuple(e for e in view.endpoints if e.id not in request.exclude)
+    if not endpoints:
+        if view.endpoints:
+            raise NoEndpointError(
+                f"all {len(view.endpoints)} endpoints are excluded for request "
+                f"{request.request_id!r}"
+            )
+        raise NoEndpointError("the pool has no routable endpoint")
+    return endpoints
+
+
+def slo_of(request: RoutingRequest, config: PolicyConfig) -> float:
+    return config.ttft_slo_s if request.ttft_slo_s is None else request.ttft_slo_s
+
+
+def score_endpoint(
+    request: RoutingRequest,
+    view: ClusterView,
+    endpoint_id: str,
+    *,
+    cost_model: CostModel,
+    role: str = "",
+    matched_blocks: int | None = None,
+) -> CandidateScore:
+    """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record."""
+    matched = (
+        view.prefix_index.matched_blocks(endpoint_id, request.keys)
+        if matched_blocks is None
+        else matched_blocks
+    )
+    cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
+    load = view.load(endpoint_id)
+    ttft = cost_model.estimate_ttft_s(
+        uncached_tokens=request.prompt_tokens - cached, cached_tokens=cached, load=load
+    )
+    return CandidateScore(
+        endpoint_id=endpoint_id,
+        score=ttft,
+        predicted_ttft_s=ttft,
+        expected_cached_blocks=matched,
+        pending_prefill_tokens=load.pending_prefill_tokens,
+        role=role,
+    )
