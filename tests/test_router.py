@@ -336,6 +336,7 @@ class RecordingPort:
         self.inner = FallbackScheduler(endpoints=endpoints, reason="round_robin")
         self.queries: list[Any] = []
         self.completions: list[dict[str, Any]] = []
+        self.completed = asyncio.Event()
 
     async def pick(self, query: Any) -> Any:
         self.queries.append(query)
@@ -344,6 +345,7 @@ class RecordingPort:
 
     async def complete(self, **fields: Any) -> None:
         self.completions.append(fields)
+        self.completed.set()
 
     async def close(self) -> None:
         return None
@@ -396,3 +398,25 @@ async def test_prompt_keys_use_the_local_tokenizer_and_leases_are_completed(
     assert sorted(c["lease_id"] for c in port.completions) == ["lease-1", "lease-2"]
     assert {c["outcome"] for c in port.completions} == {"success"}
     assert port.completions[0]["output_tokens"] in (2, 16)
+
+
+async def test_a_client_that_leaves_before_its_first_token_still_closes_the_lease(
+    start_engine: StartEngine,
+) -> None:
+    engine = await start_engine("slow", time_scale=50.0)
+    port = RecordingPort([("slow", engine.address)])
+    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        body = completion(" ".join(f"t{i}" for i in range(5_000)), stream=True)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+            with pytest.raises(TimeoutError):
+                async with session.post(f"{router}/v1/completions", json=body) as response:
+                    await response.read()
+        await asyncio.wait_for(port.completed.wait(), timeout=5)
+    finally:
+        await runner.cleanup()
+    assert [(c["lease_id"], c["outcome"]) for c in port.completions] == [("lease-1", "cancelled")]

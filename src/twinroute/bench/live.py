@@ -478,6 +478,17 @@ def plot(results: dict[str, dict[str, Any]], *, out: Path, slo_s: float) -> list
     return paths
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the bench like Ctrl-C: asyncio cancels the replay and every started
+    process is stopped by the `finally` that owns it."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROUTERS]
@@ -506,6 +517,7 @@ def run(args: argparse.Namespace) -> int:
         f"routers {', '.join(names)}",
         flush=True,
     )
+    _stop_on_sigterm()
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         print(f"  {name} ...", flush=True)

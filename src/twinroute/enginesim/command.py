@@ -17,7 +17,7 @@ from aiohttp import web
 
 from twinroute.enginesim.core import EngineCore, EngineSettings
 from twinroute.enginesim.server import EngineIdentity, build_app
-from twinroute.simulator.instance import Instance, StepCostModel
+from twinroute.simulator.instance import Instance
 from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES, get_profile
 from twinroute.simulator.sim_cost import cost_model_for
 
@@ -55,19 +55,7 @@ def build(args: argparse.Namespace) -> web.Application:
     if args.block_size < 1 or args.token_scale < 1:
         raise ValueError("--block-size and --token-scale must be >= 1")
     profile = get_profile(args.profile).with_kv_capacity(args.kv_capacity_tokens)
-    cost: StepCostModel
-    cost_name = profile.cost_profile
-    try:
-        cost = cost_model_for(profile)
-    except ModuleNotFoundError:
-        from twinroute.enginesim.interim_cost import INTERIM_NAME, InterimRooflineCost
-
-        logger.warning(
-            "twinroute.scheduler.costmodel is not available: using the INTERIM cost model %s",
-            INTERIM_NAME,
-        )
-        cost = InterimRooflineCost()
-        cost_name = INTERIM_NAME
+    cost = cost_model_for(profile)
     instance = Instance(
         config=profile.instance_config(block_size=args.block_size * args.token_scale),
         cost=cost,
@@ -83,13 +71,21 @@ def build(args: argparse.Namespace) -> web.Application:
         model=args.model,
         instance_id=args.instance_id or f"engine-sim-{args.port}",
         max_model_len=profile.kv_capacity_tokens // args.token_scale,
-        cost_model=cost_name,
+        cost_model=profile.cost_profile,
     )
     return build_app(core=core, identity=identity)
 
 
 async def serve(app: web.Application, *, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Cancel a handler when its client disconnects: the router then closes the lease at
+    # once, and the engine withdraws a request that is still queued.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=port)
     await site.start()

@@ -91,7 +91,15 @@ def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
 
 
 async def serve(app: web.Application, *, host: str, port: int) -> None:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # Cancel a handler when its client disconnects: the router then closes the lease at
+    # once, and the engine withdraws a request that is still queued.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=10.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host=host, port=port, backlog=1024)
     await site.start()

@@ -82,6 +82,16 @@ class RouterSettings:
     ttft_slo_s: float = 0.0
 
 
+class _Lease:
+    """One placement and whether its outcome went back to the scheduler (exactly once)."""
+
+    __slots__ = ("placement", "reported")
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+        self.reported = False
+
+
 class _EngineFailed(Exception):
     """The engine failed before anything reached the client; the request can go elsewhere."""
 
@@ -291,13 +301,19 @@ class RouterServer:
             except ValueError as error:
                 raise RequestError(str(error)) from None
             self._metrics.decisions.labels(placement.reason).inc()
+            lease = _Lease(placement)
             try:
-                return await self._forward(request, raw, parsed, placement, prompt_tokens)
+                return await self._forward(request, raw, parsed, lease, prompt_tokens)
+            except asyncio.CancelledError:
+                # The client went away; the lease must still be closed exactly once.
+                if not lease.reported:
+                    self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
+                raise
             except _EngineFailed as error:
                 failures.append(f"{placement.endpoint_id}: {error}")
                 excluded.append(placement.endpoint_id)
                 self._metrics.retries.labels(placement.endpoint_id).inc()
-                self._complete_later(placement, "engine_error", 0.0, prompt_tokens, 0)
+                self._complete_later(lease, "engine_error", 0.0, prompt_tokens, 0)
                 logger.warning(
                     "request %s: endpoint %s failed (%s); retrying elsewhere",
                     query.request_id,
@@ -326,9 +342,10 @@ class RouterServer:
         request: web.Request,
         raw: bytes,
         parsed: ParsedRequest,
-        placement: Placement,
+        lease: _Lease,
         prompt_tokens: int,
     ) -> web.StreamResponse:
+        placement = lease.placement
         assert self._session is not None, "start() the router before serving"
         url = self._urls.get((placement.address, request.path))
         if url is None:
@@ -347,8 +364,8 @@ class RouterServer:
                 detail = (await upstream.read())[:200].decode(errors="replace")
                 raise _EngineFailed(f"HTTP {upstream.status}: {detail}")
             if parsed.stream and upstream.status == 200:
-                return await self._relay_stream(request, upstream, placement, sent, prompt_tokens)
-            return await self._relay_whole(upstream, placement, sent, prompt_tokens)
+                return await self._relay_stream(request, upstream, lease, sent, prompt_tokens)
+            return await self._relay_whole(upstream, lease, sent, prompt_tokens)
         finally:
             upstream.release()
 
@@ -363,10 +380,11 @@ class RouterServer:
     async def _relay_whole(
         self,
         upstream: aiohttp.ClientResponse,
-        placement: Placement,
+        lease: _Lease,
         sent: float,
         prompt_tokens: int,
     ) -> web.Response:
+        placement = lease.placement
         try:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
@@ -378,7 +396,7 @@ class RouterServer:
             prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
             output_tokens = usage.get("completion_tokens", 0)
         # A non-streamed response has no first token to time; its whole latency stands in.
-        self._complete_later(placement, "success", elapsed, prompt_tokens, output_tokens)
+        self._complete_later(lease, "success", elapsed, prompt_tokens, output_tokens)
         return web.Response(
             status=upstream.status, body=body, headers=self._headers(upstream, placement)
         )
@@ -387,10 +405,11 @@ class RouterServer:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        placement: Placement,
+        lease: _Lease,
         sent: float,
         prompt_tokens: int,
     ) -> web.StreamResponse:
+        placement = lease.placement
         content = upstream.content
         try:
             first = await content.readany()
@@ -426,19 +445,26 @@ class RouterServer:
                 events += chunk.count(b'"finish_reason":null')
                 await response.write(chunk)
             await response.write_eof()
+        except ConnectionResetError:
+            # The client went away mid-stream (aiohttp's ClientConnectionResetError is one).
+            outcome = "cancelled"
         finally:
-            self._complete_later(placement, outcome, ttft, prompt_tokens, events)
+            self._complete_later(lease, outcome, ttft, prompt_tokens, events)
         return response
 
     def _complete_later(
         self,
-        placement: Placement,
+        lease: _Lease,
         outcome: Outcome,
         observed_ttft_s: float,
         prompt_tokens: int,
         output_tokens: int,
     ) -> None:
         """Report to the scheduler without holding up the response."""
+        if lease.reported:
+            return
+        lease.reported = True
+        placement = lease.placement
 
         async def complete() -> None:
             try:
