@@ -1,0 +1,306 @@
+"""The scheduler's core: one object that the live gRPC scheduler and the cluster simulator both
+drive, so a policy behaves the same in both.
+
+It owns the endpoint set (with draining and unhealthy endpoints held out of routing), the
+prefix index, the lease table and the last scrape of each endpoint; per decision it builds one
+immutable `ClusterView`, asks the policy, and records the outcome (a lease, the prompt's blocks
+on the chosen endpoint, a bounded decision history for Explain, counters for telemetry).
+
+Time is always passed in (`now`), never read: the simulator runs it on simulated time and tests
+never sleep.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.leases import Lease, LeaseTable
+from twinroute.scheduler.policies.base import Policy
+from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
+from twinroute.scheduler.types import (
+    ClusterView,
+    Decision,
+    DecisionReason,
+    Endpoint,
+    LoadSnapshot,
+    NoEndpointError,
+    RoutingRequest,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PickResult:
+    lease_id: str
+    decision: Decision
+    endpoint: Endpoint
+    prefill_endpoint: Endpoint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One past decision, as Explain reports it."""
+
+    request_id: str
+    lease_id: str
+    decided_at: float
+    prompt_blocks: int
+    prompt_tokens: int
+    decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChange:
+    added: frozenset[str]
+    removed: frozenset[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Scrape:
+    running: int | None
+    queued: int | None
+    kv_usage: float | None
+    at: float
+
+
+class _Loads(Mapping[str, LoadSnapshot]):
+    """Per-endpoint load computed on first access: most policies read two endpoints, not all."""
+
+    def __init__(self, core: SchedulerCore, ids: tuple[str, ...], now: float) -> None:
+        self._core = core
+        self._ids = ids
+        self._now = now
+        self._cache: dict[str, LoadSnapshot] = {}
+
+    def __getitem__(self, endpoint_id: str) -> LoadSnapshot:
+        load = self._cache.get(endpoint_id)
+        if load is None:
+            if endpoint_id not in self._core.endpoints:
+                raise KeyError(endpoint_id)
+            load = self._cache[endpoint_id] = self._core.load(endpoint_id, now=self._now)
+        return load
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+class SchedulerCore:
+    def __init__(
+        self,
+        *,
+        policy: Policy,
+        cost_model: CostModel,
+        prefix_capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS,
+        lease_ttl_s: float = 600.0,
+        scrape_staleness_s: float = 5.0,
+        history_size: int = 1024,
+        lease_id_prefix: str = "",
+    ) -> None:
+        self.policy = policy
+        self.cost_model = cost_model
+        self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
+        self.leases = LeaseTable(
+            cost_model=cost_model, ttl_s=lease_ttl_s, id_prefix=lease_id_prefix
+        )
+        self.scrape_staleness_s = scrape_staleness_s
+        self.endpoints: dict[str, Endpoint] = {}
+        self.draining: set[str] = set()
+        self.unhealthy: set[str] = set()
+        self._scrapes: dict[str, _Scrape] = {}
+        self._history: collections.deque[DecisionRecord] = collections.deque(maxlen=history_size)
+        self._routable: tuple[Endpoint, ...] = ()
+        self._routable_ids: frozenset[str] = frozenset()
+        # Telemetry, read by the service's metrics and by the simulator's report.
+        self.decisions: collections.Counter[DecisionReason] = collections.Counter()
+        self.membership_changes = 0
+        self.picks_failed = 0
+
+    # -- membership -------------------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: Iterable[Endpoint], *, now: float = 0.0) -> MembershipChange:
+        """Make the endpoint set equal to `endpoints` (discovery's latest snapshot)."""
+        wanted = {endpoint.id: endpoint for endpoint in endpoints}
+        added = frozenset(wanted) - frozenset(self.endpoints)
+        removed = frozenset(self.endpoints) - frozenset(wanted)
+        for endpoint_id in removed:
+            self._forget(endpoint_id, now=now)
+        self.endpoints = wanted
+        change = MembershipChange(added=added, removed=removed)
+        if change:
+            self.membership_changes += 1
+        self._refresh_routable()
+        return change
+
+    def _forget(self, endpoint_id: str, *, now: float) -> None:
+        self.prefix_index.remove_endpoint(endpoint_id)
+        self.leases.forget_endpoint(endpoint_id, now=now)
+        self._scrapes.pop(endpoint_id, None)
+        self.draining.discard(endpoint_id)
+        self.unhealthy.discard(endpoint_id)
+
+    def drain(self, endpoint_id: str) -> bool:
+        """Stop routing to an endpoint that is leaving; its leases run to completion."""
+        if endpoint_id not in self.endpoints:
+            return False
+        self.draining.add(endpoint_id)
+        self._refresh_routable()
+        return True
+
+    def undrain(self, endpoint_id: str) -> None:
+        self.draining.discard(endpoint_id)
+        self._refresh_routable()
+
+    def set_health(self, endpoint_id: str, *, healthy: bool) -> None:
+        """Failing endpoints leave routing until they recover."""
+        if healthy:
+            self.unhealthy.discard(endpoint_id)
+        elif endpoint_id in self.endpoints:
+            self.unhealthy.add(endpoint_id)
+        self._refresh_routable()
+
+    def _refresh_routable(self) -> None:
+        held_out = self.draining | self.unhealthy
+        self._routable = tuple(
+            endpoint
+            for endpoint_id, endpoint in sorted(self.endpoints.items())
+            if endpoint_id not in held_out
+        )
+        self._routable_ids = frozenset(endpoint.id for endpoint in self._routable)
+
+    def routable(self) -> tuple[Endpoint, ...]:
+        return self._routable
+
+    def in_flight(self, endpoint_id: str) -> int:
+        return len(self.leases.leases_on(endpoint_id))
+
+    # -- load -------------------------------------------------------------------------------
+
+    def update_scrape(
+        self,
+        endpoint_id: str,
+        *,
+        running: int | None,
+        queued: int | None,
+        kv_usage: float | None,
+        now: float,
+    ) -> None:
+        if endpoint_id in self.endpoints:
+            self._scrapes[endpoint_id] = _Scrape(running, queued, kv_usage, now)
+
+    def load(self, endpoint_id: str, *, now: float) -> LoadSnapshot:
+        own = self.leases.load(endpoint_id, now=now)
+        scrape = self._scrapes.get(endpoint_id)
+        if scrape is None or now - scrape.at > self.scrape_staleness_s:
+            return own
+        return LoadSnapshot(
+            in_flight=own.in_flight,
+            pending_prefill_tokens=own.pending_prefill_tokens,
+            decoding=own.decoding,
+            running=scrape.running,
+            queued=scrape.queued,
+            kv_usage=scrape.kv_usage,
+            scrape_age_s=now - scrape.at,
+        )
+
+    def view(self, *, now: float) -> ClusterView:
+        routable = self._routable
+        ids = tuple(endpoint.id for endpoint in routable)
+        return ClusterView(
+            endpoints=routable,
+            loads=_Loads(self, ids, now),
+            prefix_index=self.prefix_index,
+            now=now,
+        )
+
+    # -- decisions --------------------------------------------------------------------------
+
+    def pick(self, request: RoutingRequest, *, now: float) -> PickResult:
+        """Choose an endpoint, open a lease on it and record the prompt there."""
+        try:
+            decision = self.policy.pick(request, self.view(now=now))
+        except NoEndpointError:
+            self.picks_failed += 1
+            raise
+        endpoint = self.endpoints.get(decision.endpoint_id)
+        if (
+            endpoint is None
+            or endpoint.id not in self._routable_ids
+            or endpoint.id in request.exclude
+        ):
+            self.picks_failed += 1
+            raise NoEndpointError(
+                f"policy {decision.policy!r} chose {decision.endpoint_id!r}, which is not routable"
+            )
+        matched = self.prefix_index.matched_blocks(endpoint.id, request.keys)
+        cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
+        lease = self.leases.open(
+            endpoint_id=endpoint.id,
+            request_id=request.request_id,
+            now=now,
+            prompt_tokens=request.prompt_tokens,
+            uncached_tokens=request.prompt_tokens - cached,
+            predicted_ttft_s=decision.predicted_ttft_s,
+        )
+        self.prefix_index.record(endpoint.id, request.keys)
+        self.decisions[decision.reason] += 1
+        self._history.append(
+            DecisionRecord(
+                request_id=request.request_id,
+                lease_id=lease.lease_id,
+                decided_at=now,
+                prompt_blocks=request.keys.num_blocks,
+                prompt_tokens=request.prompt_tokens,
+                decision=decision,
+            )
+        )
+        prefill = (
+            self.endpoints.get(decision.prefill_endpoint_id)
+            if decision.prefill_endpoint_id
+            else None
+        )
+        return PickResult(
+            lease_id=lease.lease_id, decision=decision, endpoint=endpoint, prefill_endpoint=prefill
+        )
+
+    def first_token(self, lease_id: str, *, now: float) -> bool:
+        return self.leases.first_token(lease_id, now=now)
+
+    def complete(
+        self,
+        lease_id: str,
+        *,
+        now: float,
+        success: bool = True,
+        observed_ttft_s: float | None = None,
+        output_tokens: int = 0,
+    ) -> Lease | None:
+        """Close a lease; returns it (for telemetry) or None when it was unknown or expired."""
+        return self.leases.close(lease_id, now=now)
+
+    def expire(self, now: float) -> list[Lease]:
+        return self.leases.expire(now=now)
+
+    def recent_decisions(
+        self, limit: int = 50, *, request_id: str | None = None
+    ) -> list[DecisionRecord]:
+        """The newest decisions first, optionally only those of one request."""
+        records: list[DecisionRecord] = []
+        for record in reversed(self._history):
+            if request_id is not None and record.request_id != request_id:
+                continue
+            records.append(record)
+            if len(records) >= limit:
+                break
+        return records
+
+    @property
+    def slo_switches(self) -> int:
+        return self.decisions[DecisionReason.SLO_SWITCH]

@@ -1,0 +1,194 @@
+"""In-flight leases: the scheduler's own, always-known view of the load it has placed.
+
+Every Pick opens one lease and exactly one Complete (or the time-to-live) closes it, so no
+count can leak when a router dies or a completion is lost.
+
+Pending prefill tokens are estimated per endpoint as a FIFO fluid queue: a lease enters with
+its uncached prompt tokens, and the queue drains at the cost model's prefill rate (slowed by
+the sequences decoding there) from the moment the scheduler placed it. A lease leaves the
+prefill queue when the queue has drained through it, when its first token is reported, or when
+it completes; a first-token report also settles every lease queued before it on that endpoint
+(FIFO), which corrects the fluid estimate with what really happened. Leases past prefill count
+as decoding until they complete.
+
+Cost: O(1) to open or close a lease; draining touches only leases that finish prefill.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.types import LoadSnapshot
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: str
+    endpoint_id: str
+    request_id: str
+    opened_at: float
+    prompt_tokens: int
+    uncached_tokens: int
+    predicted_ttft_s: float
+    # Uncached tokens of this lease not yet prefilled (fluid estimate).
+    remaining_prefill: float = 0.0
+    prefilled: bool = False
+    first_token_at: float | None = None
+
+
+@dataclass(slots=True)
+class _EndpointQueue:
+    prefill: deque[Lease] = field(default_factory=deque)
+    pending_tokens: float = 0.0
+    decoding: int = 0
+    in_flight: int = 0
+    last_drained_at: float = 0.0
+
+
+class LeaseTable:
+    """Open leases and per-endpoint load derived from them."""
+
+    def __init__(self, *, cost_model: CostModel, ttl_s: float = 600.0, id_prefix: str = "") -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"lease TTL must be positive, got {ttl_s}")
+        self._cost = cost_model
+        self._ttl_s = ttl_s
+        self._ids = itertools.count(1)
+        self._id_prefix = id_prefix
+        self._leases: dict[str, Lease] = {}
+        self._queues: dict[str, _EndpointQueue] = {}
+        self.expired_total = 0
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    def open(
+        self,
+        *,
+        endpoint_id: str,
+        request_id: str,
+        now: float,
+        prompt_tokens: int,
+        uncached_tokens: int,
+        predicted_ttft_s: float,
+    ) -> Lease:
+        queue = self._queue(endpoint_id, now)
+        lease = Lease(
+            lease_id=f"{self._id_prefix}{next(self._ids)}",
+            endpoint_id=endpoint_id,
+            request_id=request_id,
+            opened_at=now,
+            prompt_tokens=prompt_tokens,
+            uncached_tokens=uncached_tokens,
+            predicted_ttft_s=predicted_ttft_s,
+            remaining_prefill=float(max(0, uncached_tokens)),
+        )
+        self._leases[lease.lease_id] = lease
+        queue.in_flight += 1
+        if lease.remaining_prefill > 0:
+            queue.prefill.append(lease)
+            queue.pending_tokens += lease.remaining_prefill
+        else:
+            lease.prefilled = True
+            queue.decoding += 1
+        return lease
+
+    def first_token(self, lease_id: str, *, now: float) -> bool:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        lease.first_token_at = now
+        queue = self._queue(lease.endpoint_id, now)
+        if not lease.prefilled:
+            # FIFO: everything queued before this lease has been prefilled too.
+            while queue.prefill:
+                head = queue.prefill.popleft()
+                self._finish_prefill(queue, head)
+                if head is lease:
+                    break
+        return True
+
+    def close(self, lease_id: str, *, now: float) -> Lease | None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return None
+        queue = self._queue(lease.endpoint_id, now)
+        queue.in_flight -= 1
+        if lease.prefilled:
+            queue.decoding -= 1
+        else:
+            queue.pending_tokens -= lease.remaining_prefill
+            queue.prefill.remove(lease)
+            lease.prefilled = True
+        return lease
+
+    def expire(self, *, now: float) -> list[Lease]:
+        """Close leases older than the TTL (their completion never came)."""
+        cutoff = now - self._ttl_s
+        stale = [lease for lease in self._leases.values() if lease.opened_at < cutoff]
+        for lease in stale:
+            self.close(lease.lease_id, now=now)
+        self.expired_total += len(stale)
+        return stale
+
+    def leases_on(self, endpoint_id: str) -> list[Lease]:
+        return [lease for lease in self._leases.values() if lease.endpoint_id == endpoint_id]
+
+    def forget_endpoint(self, endpoint_id: str, *, now: float) -> list[Lease]:
+        """Close every lease on an endpoint that left the pool."""
+        leases = self.leases_on(endpoint_id)
+        for lease in leases:
+            self.close(lease.lease_id, now=now)
+        self._queues.pop(endpoint_id, None)
+        return leases
+
+    def load(self, endpoint_id: str, *, now: float) -> LoadSnapshot:
+        queue = self._queues.get(endpoint_id)
+        if queue is None:
+            return LoadSnapshot()
+        self._drain(queue, now)
+        return LoadSnapshot(
+            in_flight=queue.in_flight,
+            pending_prefill_tokens=round(max(0.0, queue.pending_tokens)),
+            decoding=queue.decoding,
+        )
+
+    def _queue(self, endpoint_id: str, now: float) -> _EndpointQueue:
+        queue = self._queues.get(endpoint_id)
+        if queue is None:
+            queue = self._queues[endpoint_id] = _EndpointQueue(last_drained_at=now)
+        else:
+            self._drain(queue, now)
+        return queue
+
+    def _drain(self, queue: _EndpointQueue, now: float) -> None:
+        elapsed = now - queue.last_drained_at
+        if elapsed <= 0:
+            return
+        queue.last_drained_at = now
+        rate = self._cost.linear_tokens_per_s * self._cost.prefill_share(decoding=queue.decoding)
+        budget = elapsed * rate
+        while queue.prefill and budget > 0:
+            head = queue.prefill[0]
+            if head.remaining_prefill > budget:
+                head.remaining_prefill -= budget
+                queue.pending_tokens -= budget
+                return
+            budget -= head.remaining_prefill
+            queue.prefill.popleft()
+            self._finish_prefill(queue, head)
+
+    @staticmethod
+    def _finish_prefill(queue: _EndpointQueue, lease: Lease) -> None:
+        queue.pending_tokens -= lease.remaining_prefill
+        lease.remaining_prefill = 0.0
+        lease.prefilled = True
+        queue.decoding += 1
+        if not queue.prefill:
+            queue.pending_tokens = 0.0
