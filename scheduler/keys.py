@@ -2,21 +2,28 @@
 
 A block's key stands for the whole prefix up to and including that block, like vLLM's
 prefix-cache block hashes, so two prompts share key i exactly when they share their first
-i + 1 blocks. Keys are seeded by a namespace (model, LoRA adapter, cache_salt): prompts in
-different namespaces never share a key, just as vLLM never shares their cached blocks.
+i + 1 blocks (up to 64-bit hash collisions). Keys are seeded by a namespace (model, LoRA
+adapter, cache_salt): prompts in different namespaces never share a key, just as vLLM never
+shares their cached blocks.
 
-Steps, all vectorised with numpy (hashing a 32k-token prompt costs tens of microseconds, not
-a Python loop per token or per block):
+Steps, all vectorised with numpy (no Python loop per token or per block):
 1. Cut the ids into full blocks of `block_size` (the tail is not hashed: vLLM caches only full
-   blocks) and fold each block's ids into one 64-bit value with a multiply-xor scheme, one
-   column of the (blocks x block_size) matrix at a time.
-2. Mix each block value with its position and the namespace seed (splitmix64 finaliser).
-3. Chain: a prefix sum of the mixed values (wrapping uint64 arithmetic), mixed again. The sum
-   over positions 0..i depends on every block of the prefix and its position, so the result is
-   a prefix hash without a sequential loop.
+   blocks) and view them as a (blocks x block_size) uint64 matrix.
+2. Mix every element with a constant of its column (its offset within the block) through the
+   splitmix64 finaliser, and sum each row (wrapping). Each term is a well-mixed function of one
+   token and its offset, so a change of any token changes the block value, and two blocks
+   collide only by a 64-bit coincidence, not by any linear pattern of token differences.
+3. Mix each block value with its block position and the namespace seed (splitmix64).
+4. Chain: a prefix sum of the mixed block values (wrapping uint64), mixed once more with the
+   seed. Element i of the sum depends on every block 0..i and on its position, so it is a
+   prefix hash computed without a sequential loop.
+
+Cost (2-core shared host, numpy 2.4): about 40 us for an 8k-token prompt and 120-150 us for
+32k tokens at block 16; less at block 512. Converting a Python list of token ids to an array
+costs more than hashing it (about 30 ns per id): pass numpy arrays where possible.
 
 All arithmetic is fixed-width and seeded explicitly: keys are identical across processes and
-never depend on PYTHONHASHSEED.
+never depend on PYTHONHASHSEED. The scheme is not cryptographic; keys decide routing only.
 """
 
 from __future__ import annotations
@@ -35,47 +42,82 @@ DUALMAP_BLOCK_SIZE = 512
 """DualMap keys prompts on 512-token blocks; the Mooncake traces use the same unit."""
 
 DEFAULT_BLOCK_CHARS = 64
-"""Text mode block size in characters: about 16 tokens of English text at ~4 chars per token."""
+"""Text-mode block size in characters: about 16 tokens (one vLLM block) of English text at
+roughly 4 characters per token, so text-mode keys have about the same granularity as token
+keys at `DEFAULT_BLOCK_SIZE`."""
 
 _U64 = np.uint64
 _MASK = (1 << 64) - 1
-_FOLD_PRIME = _U64(0x100000001B3)
-_GOLDEN = _U64(0x9E3779B97F4A7C15)
-_MIX_1 = _U64(0xBF58476D1CE4E5B9)
-_MIX_2 = _U64(0x94D049BB133111EB)
-_EMPTY = np.zeros(0, dtype=np.uint64)
-
-
-def _splitmix(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    z = values + _GOLDEN
-    z = (z ^ (z >> _U64(30))) * _MIX_1
-    z = (z ^ (z >> _U64(27))) * _MIX_2
-    result: npt.NDArray[np.uint64] = z ^ (z >> _U64(31))
-    return result
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX_1 = 0xBF58476D1CE4E5B9
+_MIX_2 = 0x94D049BB133111EB
+_TRACE_ID_SALT = 0x7F4A_7C15_F39C_C060
+_EMPTY: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+_EMPTY.flags.writeable = False
 
 
 def mix64(value: int) -> int:
-    """Scalar splitmix64 finaliser (the same function as the vectorised one)."""
-    z = (value + 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    """The splitmix64 finaliser on one Python int (same function as the vectorised one)."""
+    z = (value + _GOLDEN) & _MASK
+    z = ((z ^ (z >> 30)) * _MIX_1) & _MASK
+    z = ((z ^ (z >> 27)) * _MIX_2) & _MASK
     return z ^ (z >> 31)
 
 
+def mix64_array(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """The splitmix64 finaliser on every element (a new array; `values` is not modified)."""
+    with np.errstate(over="ignore"):
+        z = values + _U64(_GOLDEN)
+        z ^= z >> _U64(30)
+        z *= _U64(_MIX_1)
+        z ^= z >> _U64(27)
+        z *= _U64(_MIX_2)
+        z ^= z >> _U64(31)
+    return z
+
+
+def _column_constants(block_size: int) -> npt.NDArray[np.uint64]:
+    # Derived from the offset alone, so they are the same in every process and every run.
+    return mix64_array(np.arange(1, block_size + 1, dtype=np.uint64) * _U64(_MIX_2))
+
+
+_COLUMN_CACHE: dict[int, npt.NDArray[np.uint64]] = {}
+
+
+def _columns(block_size: int) -> npt.NDArray[np.uint64]:
+    columns = _COLUMN_CACHE.get(block_size)
+    if columns is None:
+        columns = _column_constants(block_size)
+        columns.flags.writeable = False
+        if len(_COLUMN_CACHE) < 64:
+            _COLUMN_CACHE[block_size] = columns
+    return columns
+
+
 def namespace_seed(*, model: str, lora_adapter: str = "", cache_salt: str = "") -> int:
-    """The 64-bit seed of a prefix-cache namespace."""
-    text = "\x1f".join(("twinroute/v1", model, lora_adapter, cache_salt))
-    return xxhash.xxh64_intdigest(text.encode("utf-8"))
+    """The 64-bit seed of a prefix-cache namespace (xxh64; the same in every process).
+
+    The parts are joined with a separator that cannot occur in them unnoticed (unit separator
+    plus length prefixes), so ("ab", "c") and ("a", "bc") are different namespaces.
+    """
+    parts = ("twinroute/v1", model, lora_adapter, cache_salt)
+    text = "\x1f".join(f"{len(part)}:{part}" for part in parts)
+    return xxhash.xxh64_intdigest(text.encode("utf-8", "surrogatepass"))
 
 
 def _chain(block_values: npt.NDArray[np.uint64], seed: int) -> npt.NDArray[np.uint64]:
     if block_values.shape[0] == 0:
         return _EMPTY
+    seed_u64 = _U64(seed & _MASK)
     with np.errstate(over="ignore"):
         positions = np.arange(block_values.shape[0], dtype=np.uint64)
-        salted = block_values ^ _splitmix(positions ^ _U64(seed))
-        prefix_sums = np.cumsum(_splitmix(salted), dtype=np.uint64)
-        return _splitmix(prefix_sums ^ _U64(seed))
+        positions ^= seed_u64
+        salted = block_values ^ mix64_array(positions)
+        prefix_sums = np.cumsum(mix64_array(salted), dtype=np.uint64)
+        prefix_sums ^= seed_u64
+    hashes = mix64_array(prefix_sums)
+    hashes.flags.writeable = False
+    return hashes
 
 
 def _fold_blocks(ids: npt.NDArray[np.uint64], block_size: int) -> npt.NDArray[np.uint64]:
@@ -83,35 +125,58 @@ def _fold_blocks(ids: npt.NDArray[np.uint64], block_size: int) -> npt.NDArray[np
     if blocks == 0:
         return _EMPTY
     matrix = ids[: blocks * block_size].reshape(blocks, block_size)
-    folded = np.full(blocks, 0xCBF29CE484222325, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for column in range(block_size):
-            folded = (folded ^ (matrix[:, column] + _GOLDEN)) * _FOLD_PRIME
+    mixed = mix64_array(matrix ^ _columns(block_size))
+    folded: npt.NDArray[np.uint64] = mixed.sum(axis=1, dtype=np.uint64)
     return folded
 
 
 def _check_block_size(block_size: int) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
+        raise TypeError(f"block size must be an int, got {type(block_size).__name__}")
     if block_size <= 0:
         raise ValueError(f"block size must be positive, got {block_size}")
+
+
+def _as_ids(
+    values: Sequence[int] | npt.NDArray[np.integer], *, what: str
+) -> npt.NDArray[np.uint64]:
+    """Non-negative integer ids as uint64; a clear error for anything else."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be one-dimensional, got shape {array.shape}")
+    if array.shape[0] == 0:
+        return _EMPTY
+    if array.dtype.kind == "u":
+        return array.astype(np.uint64, copy=False)
+    if array.dtype.kind != "i":
+        raise TypeError(f"{what} must be integers, got dtype {array.dtype}")
+    if int(array.min()) < 0:
+        raise ValueError(f"{what} must be non-negative, got {int(array.min())}")
+    return array.astype(np.uint64, copy=False)
 
 
 def keys_from_tokens(
     token_ids: Sequence[int] | npt.NDArray[np.integer], *, block_size: int, seed: int
 ) -> PromptKeys:
-    """Keys of a tokenised prompt."""
+    """Keys of a tokenised prompt; units are tokens."""
     _check_block_size(block_size)
-    ids = np.asarray(token_ids, dtype=np.int64).astype(np.uint64, copy=False)
+    ids = _as_ids(token_ids, what="token ids")
     hashes = _chain(_fold_blocks(ids, block_size), seed)
     return PromptKeys(block_size=block_size, block_hashes=hashes, total_units=int(ids.shape[0]))
 
 
 def keys_from_text(text: str, *, block_chars: int, seed: int) -> PromptKeys:
-    """Keys of a prompt given as text, when no tokenizer is configured.
+    """Keys of a prompt given as text, when no tokenizer is configured; units are characters.
 
-    Blocks are counted in characters (code points), so a multi-byte character is never split.
+    Blocks are counted in code points, never bytes, so a multi-byte UTF-8 character is never
+    split across blocks, and the keys do not depend on how the text was encoded on the wire.
     """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
     _check_block_size(block_chars)
-    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    # Lone surrogates (from JSON escapes) are kept as their code points, not rejected.
+    encoded = text.encode("utf-32-le", "surrogatepass")
+    code_points = np.frombuffer(encoded, dtype=np.uint32).astype(np.uint64)
     hashes = _chain(_fold_blocks(code_points, block_chars), seed)
     return PromptKeys(
         block_size=block_chars, block_hashes=hashes, total_units=int(code_points.shape[0])
@@ -128,21 +193,28 @@ def keys_from_block_ids(
     """Keys of a trace prompt described by one id per block (Mooncake `hash_ids`).
 
     Trace ids already stand for their whole prefix; chaining them anyway keeps one key scheme
-    for every source and puts them in the namespace of `seed`.
+    for every source and puts them in the namespace of `seed`. Only the ids of full blocks
+    (`total_tokens // block_size`) become keys, as with token ids.
     """
     _check_block_size(block_size)
-    ids = np.asarray(block_ids, dtype=np.int64).astype(np.uint64, copy=False)
+    if total_tokens < 0:
+        raise ValueError(f"total_tokens must be non-negative, got {total_tokens}")
+    ids = _as_ids(block_ids, what="block ids")
     full_blocks = min(ids.shape[0], total_tokens // block_size)
-    with np.errstate(over="ignore"):
-        values = _splitmix(ids[:full_blocks] * _FOLD_PRIME)
+    values = mix64_array(ids[:full_blocks] ^ _U64(_TRACE_ID_SALT))
     return PromptKeys(
         block_size=block_size, block_hashes=_chain(values, seed), total_units=total_tokens
     )
 
 
 def truncate(keys: PromptKeys, blocks: int) -> PromptKeys:
-    """The first `blocks` blocks of `keys` (a view, no copy)."""
+    """The first `blocks` blocks of `keys` (a read-only view, no copy).
+
+    `total_units` shrinks to the units those blocks cover, so `prefix_tokens` stays right.
+    """
     blocks = max(0, min(blocks, keys.num_blocks))
+    if blocks == keys.num_blocks and keys.total_units <= blocks * keys.block_size:
+        return keys
     return PromptKeys(
         block_size=keys.block_size,
         block_hashes=keys.block_hashes[:blocks],
