@@ -12,17 +12,17 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
 from twinroute.scheduler.types import Decision, Endpoint, PromptKeys, RoutingRequest
 from twinroute.simulator.cluster import Router
-from twinroute.simulator.instance import StepCostModel
 
 
 def trace_keys(
     *, block_size: int, model: str, seed: int
 ) -> Callable[[npt.NDArray[np.int64], int], PromptKeys]:
     """Prompt keys from trace block ids, in a namespace that depends on the seed."""
-    from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
-
     namespace = namespace_seed(model=model, cache_salt=f"twinroute-sim-{seed}")
 
     def keys_for(block_ids: npt.NDArray[np.int64], prompt_tokens: int) -> PromptKeys:
@@ -36,20 +36,20 @@ def trace_keys(
 class CoreRouter:
     """Adapts `SchedulerCore` to the simulator's `Router` protocol."""
 
-    def __init__(self, core: object) -> None:
+    def __init__(self, core: SchedulerCore) -> None:
         self._core = core
 
     def pick(self, request: RoutingRequest, *, now: float) -> tuple[str, Decision]:
-        result = self._core.pick(request, now=now)  # type: ignore[attr-defined]
-        return str(result.lease_id), result.decision
+        result = self._core.pick(request, now=now)
+        return result.lease_id, result.decision
 
     def first_token(self, lease_id: str, *, now: float) -> None:
-        self._core.first_token(lease_id, now=now)  # type: ignore[attr-defined]
+        self._core.first_token(lease_id, now=now)
 
     def complete(
         self, lease_id: str, *, now: float, observed_ttft_s: float, output_tokens: int
     ) -> None:
-        self._core.complete(  # type: ignore[attr-defined]
+        self._core.complete(
             lease_id,
             now=now,
             success=True,
@@ -60,27 +60,40 @@ class CoreRouter:
     def update_scrape(
         self, endpoint_id: str, *, running: int, queued: int, kv_usage: float, now: float
     ) -> None:
-        self._core.update_scrape(  # type: ignore[attr-defined]
+        self._core.update_scrape(
             endpoint_id, running=running, queued=queued, kv_usage=kv_usage, now=now
         )
 
     def tick(self, *, now: float) -> list[tuple[str, str, str]]:
-        self._core.expire(now)  # type: ignore[attr-defined]
+        # The core exposes no hotspot-rebalancing hook yet: nothing is ever moved.
+        self._core.expire(now)
         return []
 
     def counters(self) -> dict[str, int]:
-        return {}
+        return {"slo_switches": self._core.slo_switches}
 
 
 def core_router_factory(
-    *, policy: str, cost: StepCostModel, ttft_slo_s: float, block_size: int, seed: int
+    *,
+    policy: str,
+    cost: CostModel,
+    ttft_slo_s: float,
+    scrape_interval_s: float,
+    seed: int,
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
-    from twinroute.scheduler.core import SchedulerCore
+    """Builds a fresh core and policy per simulation, as a scheduler process would."""
     from twinroute.scheduler.policies import PolicyConfig, make_policy
 
     def build(endpoints: tuple[Endpoint, ...]) -> Router:
-        chosen = make_policy(policy, config=PolicyConfig(ttft_slo_s=ttft_slo_s, seed=seed))
-        core = SchedulerCore(policy=chosen, cost_model=cost)
+        chosen = make_policy(
+            policy, config=PolicyConfig(ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed)
+        )
+        core = SchedulerCore(
+            policy=chosen,
+            cost_model=cost,
+            # A scrape older than a few intervals means the engine stopped answering.
+            scrape_staleness_s=max(5.0, 4 * scrape_interval_s),
+        )
         core.set_endpoints(endpoints, now=0.0)
         return CoreRouter(core)
 

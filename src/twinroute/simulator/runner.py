@@ -126,7 +126,7 @@ def run_spec(
             policy=spec.policy,
             cost=cost,
             ttft_slo_s=spec.ttft_slo_s,
-            block_size=spec.trace.block_size,
+            scrape_interval_s=spec.scrape_interval_s,
             seed=spec.seed,
         ),
         keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),

@@ -6,15 +6,13 @@ simulator then measures routing decisions, not a gap between two models of the h
 
 from __future__ import annotations
 
-from twinroute.simulator.instance import StepCostModel
+from twinroute.scheduler.costmodel import COST_PROFILES, CostModel
 from twinroute.simulator.profiles import InstanceProfile
 
 
-def cost_model_for(profile: InstanceProfile) -> StepCostModel:
-    from twinroute.scheduler.costmodel import COST_PROFILES
-
+def cost_model_for(profile: InstanceProfile) -> CostModel:
     try:
-        model: StepCostModel = COST_PROFILES[profile.cost_profile]
+        model = COST_PROFILES[profile.cost_profile]
     except KeyError:
         raise ValueError(
             f"profile {profile.name!r} names cost profile {profile.cost_profile!r}, which "
