@@ -14,8 +14,10 @@ consequences:
   admitted request is evicted back to the head of the queue (its blocks stay cached, so the
   recompute mostly hits).
 - **Step time** from the shared `CostModel`: each prefill chunk costs
-  `prefill_time_s(uncached_tokens=chunk, cached_tokens=context before it)` and the decoding
-  requests together cost one `decode_step_time_s(batch_size, kv_tokens)`.
+  `prefill_time_s(uncached_tokens=chunk, cached_tokens=context before it)`, less the fixed
+  per-pass cost (`prefill_time_s(0, 0)`) for every chunk after the first since a step is one
+  forward pass, and the decoding requests together cost one
+  `decode_step_time_s(batch_size, kv_tokens)`.
 - The first token of a request is emitted at the end of the step that completes its prefill;
   it finishes when it has produced `output_tokens` tokens.
 
@@ -163,6 +165,7 @@ class Instance:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._record_tokens = record_tokens
+        self._pass_overhead_s = cost.prefill_time_s(uncached_tokens=0, cached_tokens=0)
         # Whether decode_step_time_s accepts an array of KV sizes (checked on first use).
         self._vector_cost = True
         self._queries = 0
@@ -296,6 +299,9 @@ class Instance:
         duration = 0.0
         for seq, tokens in chunks:
             duration += cost.prefill_time_s(uncached_tokens=tokens, cached_tokens=seq.computed)
+        if len(chunks) > 1:
+            # One forward pass per step: its fixed cost is paid once, not once per request.
+            duration -= (len(chunks) - 1) * self._pass_overhead_s
         if decodes:
             kv_tokens = sum(s.prompt_tokens + s.generated for s in decodes)
             duration += cost.decode_step_time_s(batch_size=len(decodes), kv_tokens=kv_tokens)
