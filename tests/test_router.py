@@ -420,3 +420,28 @@ async def test_a_client_that_leaves_before_its_first_token_still_closes_the_leas
     finally:
         await runner.cleanup()
     assert [(c["lease_id"], c["outcome"]) for c in port.completions] == [("lease-1", "cancelled")]
+
+
+async def test_embedded_router_process_places_with_the_scheduler_core(
+    start_engine: StartEngine,
+) -> None:
+    engines = [await start_engine(f"e{i}") for i in range(2)]
+    endpoints = ",".join(f"e{i}={e.address}" for i, e in enumerate(engines))
+    router = await start_announced(
+        "router",
+        twinroute_argv(
+            "router", "--port=0", f"--model={MODEL}", "--embedded", "--policy=round_robin",
+            f"--endpoints={endpoints}",
+        ),
+    )  # fmt: skip
+    try:
+        served = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.post(f"{router.url}/v1/completions", json=completion()) as r:
+                    assert r.status == 200
+                    assert r.headers["x-twinroute-reason"] == "round_robin"
+                    served.append(r.headers[ENDPOINT_HEADER])
+    finally:
+        await router.stop()
+    assert sorted(served) == ["e0", "e0", "e1", "e1"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import signal
 import sys
@@ -22,7 +21,6 @@ from typing import Any
 from aiohttp import web
 
 from twinroute.router.scheduling import (
-    ClientStyleScheduler,
     FallbackScheduler,
     GrpcScheduler,
     SchedulerPort,
@@ -52,6 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
+    parser.add_argument(
+        "--tokens-per-char", type=float, default=0.25,
+        help="model tokens per prompt character, to estimate text prompts' length",
+    )  # fmt: skip
+    parser.add_argument(
+        "--key-block-tokens", type=int, default=16, help="embedded: prefix-key block (tokens)"
+    )
+    parser.add_argument(
+        "--key-block-chars", type=int, default=64, help="embedded: prefix-key block (characters)"
+    )
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -68,22 +76,24 @@ def parse_endpoints(spec: str) -> list[tuple[str, str]]:
     return endpoints
 
 
-def _embedded(*, endpoints: list[tuple[str, str]], policy: str, models: list[str]) -> Any:
-    """The in-process scheduler service (`twinroute.scheduler.service.SchedulerService`)."""
-    module = importlib.import_module("twinroute.scheduler.service")
-    factory = getattr(module, "embedded_service", None)
-    if factory is not None:
-        return factory(endpoints=endpoints, policy=policy, model=models[0])
-    return module.SchedulerService.from_static(endpoints=endpoints, policy=policy, model=models[0])
-
-
 def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
     endpoints = parse_endpoints(args.endpoints)
     if args.embedded:
         if not endpoints:
             raise ValueError("--embedded needs --endpoints")
-        service = _embedded(endpoints=endpoints, policy=args.policy, models=args.model)
-        return ClientStyleScheduler(service)
+        from twinroute.router.embedded import CoreScheduler, KeySettings
+
+        return CoreScheduler(
+            endpoints=endpoints,
+            policy=args.policy,
+            model=args.model[0],
+            ttft_slo_s=args.ttft_slo_s,
+            keys=KeySettings(
+                key_block_tokens=args.key_block_tokens,
+                key_block_chars=args.key_block_chars,
+                tokens_per_char=args.tokens_per_char,
+            ),
+        )
     primary: SchedulerPort = GrpcScheduler(target=args.scheduler)
     if endpoints:
         return WithFallback(primary=primary, fallback=FallbackScheduler(endpoints=endpoints))
@@ -135,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             max_body_bytes=args.max_body_bytes,
             ttft_slo_s=args.ttft_slo_s,
+            tokens_per_char=args.tokens_per_char,
         )
         app = build_app(scheduler=scheduler, settings=settings, tokenizer=tokenizer)
         await serve(app, host=args.host, port=args.port)

@@ -1,9 +1,10 @@
 """How the router asks for a placement: one small async interface, several backings.
 
 `SchedulerPort` is what the request path needs (pick, then exactly one complete per pick).
-Backings: `GrpcScheduler` (the `twinroute scheduler` service over gRPC), `EmbeddedScheduler`
-(the same service in-process) and `FallbackScheduler` (round robin over a static list, used
-when the scheduler cannot be reached, so requests keep flowing and say so in their reason).
+Backings: `GrpcScheduler` (the `twinroute scheduler` service over gRPC),
+`twinroute.router.embedded.CoreScheduler` (the scheduler's core in-process) and
+`FallbackScheduler` (round robin over a static list, used when the scheduler cannot be
+reached, so requests keep flowing and say so in their reason).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class PickQuery:
     expected_output_tokens: int = 0
     ttft_slo_s: float = 0.0
     exclude_endpoints: frozenset[str] = frozenset()
+    # Prompt length in model tokens: exact with token ids, else the router's estimate; 0 = none.
+    prompt_tokens: int = 0
 
 
 class SchedulerPort(Protocol):
@@ -184,6 +187,7 @@ class GrpcScheduler:
             expected_output_tokens=query.expected_output_tokens,
             ttft_slo_s=query.ttft_slo_s,
             exclude_endpoints=sorted(query.exclude_endpoints),
+            prompt_tokens=query.prompt_tokens,
         )
         try:
             response: Any = await self._stub.Pick(request, timeout=self._timeout_s)
@@ -238,77 +242,3 @@ class GrpcScheduler:
 
     async def close(self) -> None:
         await self._channel.close()
-
-
-class ClientStyleScheduler:
-    """Adapts an object with the scheduler client's keyword API (`SchedulerClient`, or the
-    in-process `SchedulerService`) to `SchedulerPort`.
-
-    Expected: `await pick(request_id=, model=, prompt_text=|token_ids=, session_id=,
-    lora_adapter=, cache_salt=, expected_output_tokens=, ttft_slo_s=, exclude_endpoints=)`
-    returning `(address, endpoint_id, lease_id, reason, predicted_ttft_s, prefill_address)`,
-    and `await complete(lease_id=, outcome=, observed_ttft_s=, prompt_tokens=, output_tokens=)`.
-    """
-
-    def __init__(self, backend: Any) -> None:
-        self._backend = backend
-
-    async def pick(self, query: PickQuery) -> Placement:
-        prompt: dict[str, Any] = (
-            {"token_ids": list(query.token_ids)}
-            if query.token_ids is not None
-            else {"prompt_text": query.prompt_text or ""}
-        )
-        try:
-            result = await self._backend.pick(
-                request_id=query.request_id,
-                model=query.model,
-                session_id=query.session_id,
-                lora_adapter=query.lora_adapter,
-                cache_salt=query.cache_salt,
-                expected_output_tokens=query.expected_output_tokens,
-                ttft_slo_s=query.ttft_slo_s,
-                exclude_endpoints=sorted(query.exclude_endpoints),
-                **prompt,
-            )
-        except LookupError as error:  # NoEndpointError is a LookupError
-            raise NoEndpointAvailable(str(error)) from None
-        except ConnectionError as error:
-            raise SchedulerUnavailable(str(error)) from None
-        address, endpoint_id, lease_id, reason, predicted, prefill = result
-        prefill_address = getattr(prefill, "address", prefill) if prefill else None
-        return Placement(
-            address=str(address),
-            endpoint_id=str(endpoint_id),
-            lease_id=str(lease_id),
-            reason=str(getattr(reason, "value", reason)),
-            predicted_ttft_s=float(predicted),
-            prefill_address=str(prefill_address) if prefill_address else None,
-        )
-
-    async def complete(
-        self,
-        *,
-        lease_id: str,
-        outcome: Outcome,
-        observed_ttft_s: float,
-        prompt_tokens: int,
-        output_tokens: int,
-    ) -> None:
-        try:
-            await self._backend.complete(
-                lease_id=lease_id,
-                outcome=outcome,
-                observed_ttft_s=observed_ttft_s,
-                prompt_tokens=prompt_tokens,
-                output_tokens=output_tokens,
-            )
-        except ConnectionError as error:
-            raise SchedulerUnavailable(str(error)) from None
-
-    async def close(self) -> None:
-        close = getattr(self._backend, "close", None)
-        if close is not None:
-            result = close()
-            if hasattr(result, "__await__"):
-                await result

@@ -80,6 +80,8 @@ class RouterSettings:
     # Whole-response limit; long generations are legitimate, so it is generous.
     request_timeout_s: float = 600.0
     ttft_slo_s: float = 0.0
+    # Estimate of model tokens per character, for the scheduler's TTFT model in text mode.
+    tokens_per_char: float = 0.25
 
 
 class _Lease:
@@ -279,6 +281,11 @@ class RouterServer:
             lora_adapter="",
             expected_output_tokens=parsed.max_tokens,
             ttft_slo_s=self._settings.ttft_slo_s,
+            prompt_tokens=(
+                len(token_ids)
+                if token_ids is not None
+                else max(1, round(len(text or "") * self._settings.tokens_per_char))
+            ),
         )
 
     async def _serve(
@@ -286,7 +293,7 @@ class RouterServer:
     ) -> web.StreamResponse:
         excluded: list[str] = []
         failures: list[str] = []
-        prompt_tokens = len(query.token_ids) if query.token_ids is not None else 0
+        prompt_tokens = query.prompt_tokens
         for _attempt in range(self._settings.retries + 1):
             if excluded:
                 query = dataclasses.replace(query, exclude_endpoints=frozenset(excluded))
