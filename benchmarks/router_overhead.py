@@ -32,7 +32,7 @@ import numpy.typing as npt
 from twinroute.bench.live import MODEL, ensure_peers, start_router
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 
-DEFAULT_ROUTERS = "twinroute_round_robin,twinroute_dualmap,vllm_round_robin"
+DEFAULT_ROUTERS = "twinroute_round_robin,vllm_round_robin"
 
 
 async def load(
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--routers", default=DEFAULT_ROUTERS)
     parser.add_argument("--time-scale", type=float, default=1e-4)
-    parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="grpc")
+    parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="embedded")
     parser.add_argument("--out", type=Path, default=Path("results/router_overhead"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

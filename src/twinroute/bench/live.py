@@ -80,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--out", type=Path, default=Path("results/live"))
     parser.add_argument(
-        "--twinroute-scheduler", choices=("grpc", "embedded"), default="grpc",
+        "--twinroute-scheduler", choices=("grpc", "embedded"), default="embedded",
         help="twinroute: a `twinroute scheduler` process + router, or the router's --embedded",
     )  # fmt: skip
 
@@ -270,8 +270,34 @@ def ensure_peers(names: Sequence[str]) -> None:
     subprocess.run([str(PEERS_VENV / "bin" / "pip"), "install", "-q", *missing], check=True)
 
 
+@dataclass(frozen=True, slots=True)
+class TextShape:
+    """How text prompts map to model tokens, so twinroute's TTFT model sees real lengths."""
+
+    tokens_per_char: float = 0.25
+    key_block_chars: int = 64
+
+
+def text_shape(workload: Workload, *, token_scale: int, sample: int = 200) -> TextShape:
+    """Measured on the first `sample` prompts: model tokens per character, and characters per
+    engine block (a prefix-key block then spans about one engine cache block)."""
+    count = min(sample, len(workload))
+    chars = sum(len(workload.prompt(i)) for i in range(count))
+    words = int(workload.prompt_words[:count].sum())
+    return TextShape(
+        tokens_per_char=words * token_scale / chars,
+        key_block_chars=max(1, round(chars / words * workload.block_words)),
+    )
+
+
 async def start_router(
-    name: str, *, engine_urls: Sequence[str], logs: Path, scheduler_mode: str, slo_s: float
+    name: str,
+    *,
+    engine_urls: Sequence[str],
+    logs: Path,
+    scheduler_mode: str,
+    slo_s: float,
+    shape: TextShape = TextShape(),
 ) -> list[Any]:
     """Start `name` (`twinroute|sglang|vllm` + `_` + policy) in front of the engines; returns
     its processes, the router last."""
@@ -288,7 +314,14 @@ async def start_router(
         endpoints = ",".join(
             f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
         )
-        common = ["--port=0", f"--model={MODEL}", f"--endpoints={endpoints}"]
+        common = [
+            "--port=0",
+            f"--model={MODEL}",
+            f"--endpoints={endpoints}",
+            f"--ttft-slo-s={slo_s}",
+            f"--tokens-per-char={shape.tokens_per_char:.4f}",
+            f"--key-block-chars={shape.key_block_chars}",
+        ]
         if scheduler_mode == "embedded":
             argv = twinroute_argv("router", *common, "--embedded", f"--policy={policy}")
             return [await start_announced(name, argv, log_path=log)]
@@ -365,6 +398,7 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
             logs=logs,
             scheduler_mode=args.twinroute_scheduler,
             slo_s=args.slo,
+            shape=text_shape(workload, token_scale=scale),
         )
         processes.extend(router)
         before = await scrape(urls)
