@@ -1,0 +1,293 @@
+"""Decision cost: microseconds per routing decision, per policy, at 8 and at 256 endpoints.
+
+What one decision costs here (no gRPC, no network):
+- keys: `keys_from_tokens` over the prompt's token ids (token mode, 16-token blocks), given
+  as a numpy array; the `keys (list)` line shows the same from a Python list, as a servicer
+  that copies a protobuf repeated field would pay;
+- pick: keys + `policy.pick(request, view)` over the live `SchedulerCore`'s view: the pure
+  decision, as a policy makes it in the scheduler and in the simulator;
+- core: keys + `SchedulerCore.pick` (view, policy, lease, prefix-index record, history): the
+  whole decision path of the live scheduler minus the transport.
+Each prompt goes through both paths, so a policy's own state (rotation, hotness window) sees
+every prompt twice; that changes what it picks a little, not what a pick costs.
+
+Workload: 8k-token prompts (`--prompt-tokens`) from `--conversations` conversations that share
+a 1024-token system prompt; each conversation has its own 4096-token history and every request
+a fresh tail, so cache-aware policies find real prefixes in the index. Before measuring, each
+(policy, pool) pair routes `--warmup` requests through its core so rings, hotness trees and
+prefix records are in steady state; open leases are capped at 2 per endpoint (the oldest is
+completed first), so load differs between endpoints. Time advances 10 ms per request (injected,
+never read from the clock). Measurement is interleaved: rounds of `--batch` requests go to each
+(policy, pool) pair in turn, so a noisy neighbour on the shared host hits all of them alike.
+
+Prints a table of median and p99 microseconds (`--json` for machine-readable rows, `--plot` for
+a PNG). Policies not importable yet are listed as missing, not silently dropped.
+
+Run:  .venv/bin/python benchmarks/decision_cost.py --plot benchmarks/decision_cost.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import LLAMA3_8B_H100
+from twinroute.scheduler.keys import DEFAULT_BLOCK_SIZE, keys_from_tokens, namespace_seed
+from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
+from twinroute.scheduler.types import Endpoint, RoutingRequest
+
+SYSTEM_PROMPT_TOKENS = 1024
+HISTORY_TOKENS = 4096
+STEP_S = 0.01
+LEASES_PER_ENDPOINT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CostRow:
+    policy: str
+    endpoints: int
+    decisions: int
+    pick_p50_us: float
+    pick_p99_us: float
+    core_p50_us: float
+    core_p99_us: float
+
+
+@dataclass(slots=True)
+class _Workload:
+    """Prompts of one conversation mix, drawn reproducibly from a seeded generator."""
+
+    rng: np.random.Generator
+    system: npt.NDArray[np.int64]
+    histories: list[npt.NDArray[np.int64]]
+    tail_tokens: int
+
+    def next_prompt(self) -> npt.NDArray[np.int64]:
+        history = self.histories[int(self.rng.integers(len(self.histories)))]
+        tail = self.rng.integers(0, 128_000, self.tail_tokens)
+        return np.concatenate([self.system, history, tail])
+
+
+def _workload(*, seed: int, conversations: int, prompt_tokens: int) -> _Workload:
+    rng = np.random.default_rng(seed)
+    tail = prompt_tokens - SYSTEM_PROMPT_TOKENS - HISTORY_TOKENS
+    if tail <= 0:
+        raise SystemExit(
+            f"--prompt-tokens must exceed {SYSTEM_PROMPT_TOKENS + HISTORY_TOKENS} "
+            "(system prompt + history)"
+        )
+    return _Workload(
+        rng=rng,
+        system=rng.integers(0, 128_000, SYSTEM_PROMPT_TOKENS),
+        histories=[rng.integers(0, 128_000, HISTORY_TOKENS) for _ in range(conversations)],
+        tail_tokens=tail,
+    )
+
+
+@dataclass(slots=True)
+class _Subject:
+    """One (policy, pool size) pair with its own core, clock, open leases and samples."""
+
+    policy: str
+    endpoints: int
+    core: SchedulerCore
+    now: float = 0.0
+    issued: int = 0
+    open_leases: deque[str] = field(default_factory=deque)
+    pick_ns: list[int] = field(default_factory=list)
+    core_ns: list[int] = field(default_factory=list)
+
+    def _request(self, keys_tokens: npt.NDArray[np.int64], seed: int) -> RoutingRequest:
+        self.issued += 1
+        return RoutingRequest(
+            request_id=f"{self.policy}-{self.endpoints}-{self.issued}",
+            keys=keys_from_tokens(keys_tokens, block_size=DEFAULT_BLOCK_SIZE, seed=seed),
+            prompt_tokens=int(keys_tokens.shape[0]),
+            expected_output_tokens=256,
+        )
+
+    def decide(self, prompt: npt.NDArray[np.int64], *, seed: int, measure: bool) -> None:
+        self.now += STEP_S
+        # The pure decision: keys + policy over the core's view; nothing is recorded.
+        started = time.perf_counter_ns()
+        request = self._request(prompt, seed)
+        self.core.policy.pick(request, self.core.view(now=self.now))
+        pick_ns = time.perf_counter_ns() - started
+        # The live path: keys + SchedulerCore.pick, which opens a lease and records the prompt.
+        started = time.perf_counter_ns()
+        request = self._request(prompt, seed)
+        result = self.core.pick(request, now=self.now)
+        core_ns = time.perf_counter_ns() - started
+        if measure:
+            self.pick_ns.append(pick_ns)
+            self.core_ns.append(core_ns)
+        self.open_leases.append(result.lease_id)
+        while len(self.open_leases) > LEASES_PER_ENDPOINT * self.endpoints:
+            self.core.complete(self.open_leases.popleft(), now=self.now, output_tokens=256)
+
+
+def _subject(policy: str, endpoints: int) -> _Subject:
+    config = PolicyConfig(cost_model=LLAMA3_8B_H100)
+    core = SchedulerCore(policy=make_policy(policy, config=config), cost_model=LLAMA3_8B_H100)
+    core.set_endpoints(
+        Endpoint(id=f"vllm-{i:03d}", address=f"127.0.0.1:{8000 + i}") for i in range(endpoints)
+    )
+    return _Subject(policy=policy, endpoints=endpoints, core=core)
+
+
+def _available_policies(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    available, missing = [], {}
+    for name in names:
+        try:
+            make_policy(name)
+        except (ImportError, AttributeError) as error:
+            missing[name] = f"{type(error).__name__}: {error}"
+        else:
+            available.append(name)
+    return available, missing
+
+
+def _percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
+    values = np.asarray(samples_ns, dtype=np.float64) / 1e3
+    return float(np.median(values)), float(np.quantile(values, 0.99))
+
+
+def _time_keys(make: Callable[[], object], *, repeats: int) -> tuple[float, float]:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter_ns()
+        make()
+        samples.append(time.perf_counter_ns() - started)
+    return _percentiles_us(samples)
+
+
+def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    policies = list(dict.fromkeys(row.policy for row in rows))
+    pools = sorted({row.endpoints for row in rows})
+    figure, axes = plt.subplots(1, len(pools), figsize=(5.5 * len(pools), 4.2), squeeze=False)
+    for axis, pool in zip(axes[0], pools, strict=True):
+        by_policy = {row.policy: row for row in rows if row.endpoints == pool}
+        x = np.arange(len(policies))
+        axis.bar(x - 0.2, [by_policy[p].pick_p50_us for p in policies], 0.4, label="pick p50")
+        axis.bar(x + 0.2, [by_policy[p].core_p50_us for p in policies], 0.4, label="core p50")
+        axis.set_xticks(x, policies, rotation=35, ha="right")
+        axis.set_ylabel("microseconds per decision")
+        axis.set_title(f"{pool} endpoints, {prompt_tokens}-token prompts")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument("--endpoints", default="8,256", help="pool sizes, comma-separated")
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=300, help="decisions per pair, unmeasured")
+    parser.add_argument("--decisions", type=int, default=400, help="measured per pair")
+    parser.add_argument("--batch", type=int, default=20, help="decisions per pair per round")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", action="store_true", help="print rows as JSON lines too")
+    parser.add_argument("--plot", metavar="PNG", help="write a bar chart to this PNG")
+    args = parser.parse_args(argv)
+
+    requested = [name for name in args.policies.split(",") if name]
+    unknown = sorted(set(requested) - set(POLICY_NAMES))
+    if unknown:
+        parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+    pools = [int(n) for n in args.endpoints.split(",") if n]
+    if not pools or min(pools) < 1:
+        parser.error("--endpoints needs positive pool sizes")
+    policies, missing = _available_policies(requested)
+    print("# " + shlex.join([sys.executable, *sys.argv]))
+    for name, why in missing.items():
+        print(f"# policy {name} is missing here ({why}); not measured")
+
+    seed = namespace_seed(model="meta-llama/Llama-3.1-8B-Instruct")
+    workload = _workload(
+        seed=args.seed, conversations=args.conversations, prompt_tokens=args.prompt_tokens
+    )
+    sample = workload.next_prompt()
+    sample_list = sample.tolist()
+    keys_np = _time_keys(
+        lambda: keys_from_tokens(sample, block_size=DEFAULT_BLOCK_SIZE, seed=seed), repeats=2000
+    )
+    keys_list = _time_keys(
+        lambda: keys_from_tokens(sample_list, block_size=DEFAULT_BLOCK_SIZE, seed=seed),
+        repeats=500,
+    )
+
+    subjects = [_subject(policy, pool) for pool in pools for policy in policies]
+    started = time.perf_counter()
+    for subject in subjects:
+        for _ in range(args.warmup):
+            subject.decide(workload.next_prompt(), seed=seed, measure=False)
+    print(f"# warm-up done in {time.perf_counter() - started:.1f} s", flush=True)
+    rounds = -(-args.decisions // args.batch)
+    for round_index in range(rounds):
+        # Prompts are drawn before timing; every pair sees the same prompts in a round.
+        prompts = [workload.next_prompt() for _ in range(args.batch)]
+        for subject in subjects:
+            for prompt in prompts:
+                subject.decide(prompt, seed=seed, measure=True)
+        if (round_index + 1) % max(1, rounds // 5) == 0:
+            print(f"# round {round_index + 1}/{rounds}", file=sys.stderr, flush=True)
+
+    rows = []
+    for subject in subjects:
+        pick_p50, pick_p99 = _percentiles_us(subject.pick_ns)
+        core_p50, core_p99 = _percentiles_us(subject.core_ns)
+        rows.append(
+            CostRow(
+                policy=subject.policy,
+                endpoints=subject.endpoints,
+                decisions=len(subject.pick_ns),
+                pick_p50_us=pick_p50,
+                pick_p99_us=pick_p99,
+                core_p50_us=core_p50,
+                core_p99_us=core_p99,
+            )
+        )
+
+    blocks = args.prompt_tokens // DEFAULT_BLOCK_SIZE
+    print(
+        f"# {args.prompt_tokens}-token prompts, {blocks} blocks of {DEFAULT_BLOCK_SIZE}; "
+        f"microseconds per decision (median / p99), {args.decisions} decisions per row"
+    )
+    print(f"keys (numpy array)   p50 {keys_np[0]:8.1f}   p99 {keys_np[1]:8.1f}")
+    print(f"keys (Python list)   p50 {keys_list[0]:8.1f}   p99 {keys_list[1]:8.1f}")
+    print(
+        f"{'policy':<16} {'N':>4} {'pick p50':>9} {'pick p99':>9} {'core p50':>9} {'core p99':>9}"
+    )
+    for row in rows:
+        print(
+            f"{row.policy:<16} {row.endpoints:>4} {row.pick_p50_us:>9.1f} {row.pick_p99_us:>9.1f}"
+            f" {row.core_p50_us:>9.1f} {row.core_p99_us:>9.1f}"
+        )
+    if args.json:
+        print(json.dumps({"keys_numpy_us": keys_np, "keys_list_us": keys_list}))
+        for row in rows:
+            print(json.dumps(asdict(row)))
+    if args.plot:
+        _plot(rows, args.plot, prompt_tokens=args.prompt_tokens)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
