@@ -33,7 +33,7 @@ with `np.searchsorted`.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,9 @@ class RingChange:
         return bool(self.added or self.removed)
 
 
+_NO_CHANGE = RingChange(added=frozenset(), removed=frozenset())
+
+
 def _check_endpoint_id(endpoint_id: object) -> str:
     if not isinstance(endpoint_id, str):
         raise TypeError(f"endpoint id must be str, got {type(endpoint_id).__name__}")
@@ -88,6 +91,7 @@ class HashRing:
         self._points: dict[str, npt.NDArray[np.uint64]] = {}
         # Sorted endpoint names; `_owner_index` holds indexes into this list.
         self._owners: list[str] = []
+        self._members: frozenset[str] = frozenset()
         self._positions = _NO_POINTS
         self._owner_index = _NO_OWNERS
         # A list copy of `_positions`: bisect on a list is ~2x faster than a scalar searchsorted.
@@ -103,7 +107,7 @@ class HashRing:
 
     @property
     def members(self) -> frozenset[str]:
-        return frozenset(self._owners)
+        return self._members
 
     @property
     def sorted_members(self) -> tuple[str, ...]:
@@ -137,6 +141,7 @@ class HashRing:
         self._points[endpoint_id] = points
         owner = bisect.bisect_left(self._owners, endpoint_id)
         self._owners.insert(owner, endpoint_id)
+        self._members = frozenset(self._owners)
         slots = np.searchsorted(self._positions, points, side="left")
         at = np.minimum(slots, max(self._positions.shape[0] - 1, 0))
         if self._positions.shape[0] and bool(np.any(self._positions[at] == points)):
@@ -155,6 +160,7 @@ class HashRing:
             return
         owner = bisect.bisect_left(self._owners, endpoint_id)
         del self._owners[owner]
+        self._members = frozenset(self._owners)
         keep = self._owner_index != owner
         owners = self._owner_index[keep]
         owners -= (owners > owner).astype(np.int32)
@@ -174,6 +180,7 @@ class HashRing:
 
     def _rebuild(self) -> None:
         self._owners = sorted(self._points)
+        self._members = frozenset(self._owners)
         if not self._owners:
             self._positions, self._owner_index, self._position_list = _NO_POINTS, _NO_OWNERS, []
             return
@@ -271,9 +278,13 @@ class DualHashRing:
 
     def sync(self, endpoint_ids: Iterable[str]) -> RingChange:
         """Make the membership equal to `endpoint_ids`; says what changed."""
-        wanted = frozenset(_check_endpoint_id(e) for e in endpoint_ids)
+        wanted = frozenset(endpoint_ids)
         current = self.members
+        if wanted == current:
+            return _NO_CHANGE
         change = RingChange(added=wanted - current, removed=current - wanted)
+        for endpoint_id in change.added:
+            _check_endpoint_id(endpoint_id)
         if len(change.added) + len(change.removed) == 1:
             for endpoint_id in change.added:
                 self.add(endpoint_id)
@@ -284,17 +295,26 @@ class DualHashRing:
                 ring.update(add=sorted(change.added), remove=change.removed)
         return change
 
-    def candidates(self, key: int) -> tuple[str, str]:
-        """(first, second) for `key`; the same endpoint twice only when there is one member.
+    def candidates(self, key: int, *, exclude: Collection[str] = ()) -> tuple[str, str]:
+        """(first, second) for `key`; the same endpoint twice only when one member is left.
 
-        Raises LookupError when the rings are empty.
+        `exclude` (endpoints the request must avoid, e.g. where the router already failed)
+        are skipped as if absent from both rings: first becomes the next endpoint clockwise on
+        ring 1, second the next one on ring 2 that is neither excluded nor first. Keys whose
+        candidates are not excluded keep their pair. Raises LookupError when the rings are
+        empty or every member is excluded.
         """
-        first = self._rings[0].lookup(key)
-        second = self._rings[1].lookup(key)
-        if second != first:
-            return first, second
-        for second in self._rings[1].walk(key):
+        if not exclude:
+            first = self._rings[0].lookup(key)
+            second = self._rings[1].lookup(key)
             if second != first:
+                return first, second
+        else:
+            first = next((e for e in self._rings[0].walk(key) if e not in exclude), "")
+            if not first:
+                raise LookupError(f"all {len(self)} ring members are excluded")
+        for second in self._rings[1].walk(key):
+            if second != first and second not in exclude:
                 return first, second
         return first, first
 

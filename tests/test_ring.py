@@ -195,6 +195,28 @@ def test_sync_reports_what_changed() -> None:
         ring.candidates(0)
 
 
+def test_excluded_endpoints_are_skipped_and_other_pairs_keep_their_candidates() -> None:
+    ring = _dual(_names(6))
+    keys = [int(k) for k in _keys(3000)]
+    excluded = {"vllm-002", "vllm-004"}
+    for key in keys:
+        pair = ring.candidates(key)
+        avoided = ring.candidates(key, exclude=excluded)
+        assert not excluded & set(avoided) and avoided[0] != avoided[1]
+        if not excluded & set(pair):
+            assert avoided == pair
+        else:
+            first = next(e for e in ring.rings[0].walk(key) if e not in excluded)
+            second = next(e for e in ring.rings[1].walk(key) if e not in excluded | {first})
+            assert avoided == (first, second)
+    assert ring.candidates(keys[0], exclude=set(_names(6)) - {"vllm-001"}) == (
+        "vllm-001",
+        "vllm-001",
+    )
+    with pytest.raises(LookupError, match="excluded"):
+        ring.candidates(keys[0], exclude=frozenset(_names(6)))
+
+
 @pytest.mark.parametrize(
     ("call", "error"),
     [
