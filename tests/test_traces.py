@@ -19,6 +19,7 @@ from twinroute.simulator.traces import (
     replicate,
     scale_time,
     summarize,
+    take,
 )
 
 
@@ -198,3 +199,11 @@ def test_open_trace_rejects_unknown_format_and_missing_file(tmp_path: Path) -> N
         open_trace(bundled_mooncake_trace(), trace_format="parquet")
     with pytest.raises(FileNotFoundError):
         open_trace(tmp_path / "nope.jsonl", trace_format="mooncake")
+
+
+def test_take_keeps_the_first_requests_across_chunks() -> None:
+    workload = SharedPrefixWorkload(requests=100, seed=4)
+    first = _all(list(take(generate_shared_prefix(workload, chunk_requests=30), requests=45)))
+    whole = _all(list(generate_shared_prefix(workload)))
+    assert first[0].tolist() == whole[0][:45].tolist()
+    assert first[1] == whole[1][:45]

@@ -38,6 +38,13 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="merge N copies of the trace with disjoint block ids (load a bigger pool)",
     )
+    group.add_argument(
+        "--max-requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="replay only the first N requests (after --replicate)",
+    )
     group.add_argument("--prefix-groups", type=int, default=64, help="azure: system prompts")
     group.add_argument(
         "--prefix-tokens", type=int, default=2048, help="azure: system prompt length"
@@ -64,6 +71,7 @@ def trace_spec_from(args: argparse.Namespace) -> TraceSpec:
         trace_format=args.format,
         block_size=args.block_size,
         copies=args.replicate,
+        max_requests=args.max_requests,
         prefix_model=PrefixModel(
             groups=args.prefix_groups, prefix_tokens=args.prefix_tokens, zipf_s=args.zipf
         ),

@@ -28,6 +28,7 @@ from twinroute.simulator.traces import (
     replicate,
     scale_time,
     summarize,
+    take,
 )
 
 
@@ -38,6 +39,8 @@ class TraceSpec:
     block_size: int = MOONCAKE_BLOCK_TOKENS
     # Copies merged into one trace (block ids offset so copies share nothing).
     copies: int = 1
+    # Keep only the first N requests (after replication); None keeps all.
+    max_requests: int | None = None
     prefix_model: PrefixModel = field(default_factory=PrefixModel)
     workload: SharedPrefixWorkload = field(default_factory=SharedPrefixWorkload)
 
@@ -59,6 +62,8 @@ class TraceSpec:
 
     def summary(self) -> TraceSummary:
         """Summary of the trace as simulated (after replication, before time scaling)."""
+        if self.max_requests is not None:
+            return summarize(self.chunks(time_scale=1.0))
         base = summarize(self._source())
         if self.copies == 1:
             return base
@@ -79,6 +84,8 @@ class TraceSpec:
                 id_stride=base.max_block_id + 1,
                 spacing_s=base.mean_gap_s,
             )
+        if self.max_requests is not None:
+            stream = take(stream, requests=self.max_requests)
         if time_scale != 1.0:
             stream = scale_time(stream, factor=time_scale)
         return stream

@@ -439,6 +439,19 @@ def replicate(
         yield carry
 
 
+def take(chunks: Iterable[TraceChunk], *, requests: int) -> Iterator[TraceChunk]:
+    """The first `requests` requests of a trace."""
+    if requests < 1:
+        raise ValueError(f"need at least one request, got {requests}")
+    left = requests
+    for chunk in chunks:
+        if len(chunk) >= left:
+            yield _select(chunk, np.arange(left, dtype=np.int64))
+            return
+        left -= len(chunk)
+        yield chunk
+
+
 def open_trace(
     path: Path | None,
     *,
