@@ -119,9 +119,6 @@ def _plot(rows: list[QualityRow], path: str, *, virtual_nodes: int) -> None:
     figure, (remap, balance) = plt.subplots(1, 2, figsize=(11, 4.2))
     remap.plot(sizes, [r.add_ratio for r in rows], "o-", label="add one")
     remap.plot(sizes, [r.remove_worst_ratio for r in rows], "s-", label="remove one (worst)")
-    remap.plot(
-        sizes, [r.remove_mean_share / r.remove_ideal for r in rows], "^-", label="remove (mean)"
-    )
     remap.axhline(1.25, color="red", linestyle="--", label="bound 1.25")
     remap.axhline(1.0, color="grey", linewidth=0.8)
     remap.set(xscale="log", xlabel="endpoints N", ylabel="pair remap / ideal")
