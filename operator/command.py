@@ -135,7 +135,9 @@ def build_operator(
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     try:
         configuration = load_client_configuration(args.kubeconfig)

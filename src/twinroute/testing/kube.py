@@ -319,14 +319,44 @@ class KubeApiServer(kmock.KubernetesEmulator):
 
     @override
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
+        """Replay what exists (or, from a list's `resourceVersion`, what changed since), then
+        stream changes. Unlike kmock's own, the bus position is taken under the same lock as
+        the snapshot, so an object created between the two is neither lost nor doubled."""
+        assert request.resource is not None
         selector = LabelSelector.parse(request.params.get("labelSelector", ""))
         fields = _field_selector(request.params.get("fieldSelector", ""))
-        async for event in super()._serve_watch(request):
-            if isinstance(event, dict):
-                obj = event.get("object") or {}
-                if not (selector.matches(obj) and _fields_match(obj, fields)):
-                    continue
-            yield event
+
+        def wanted(obj: Mapping[str, Any]) -> bool:
+            namespace = (obj.get("metadata") or {}).get("namespace")
+            in_scope = request.namespace is None or namespace == request.namespace
+            return in_scope and selector.matches(obj) and _fields_match(obj, fields)
+
+        yield b""  # headers out: the stream is open even when nothing happens
+        bus = self._buses[request.resource]
+        async with self._lock:
+            mark = await bus.mark()
+            existing = [
+                copy.deepcopy(obj.raw)
+                for (res, _, _), obj in list(self.objects.items())
+                if res == request.resource and not obj.deleted
+            ]
+        since = request.params.get("resourceVersion", "")
+        if since.isdigit() and int(since) > 0:
+            # Watching from a list's version: only what changed after it (as the API does).
+            existing = [
+                obj
+                for obj in existing
+                if int((obj.get("metadata") or {}).get("resourceVersion") or 0) > int(since)
+            ]
+        try:
+            for obj in existing:
+                if wanted(obj):
+                    yield {"type": "ADDED", "object": obj}
+            async for event in bus.stream(since=mark):
+                if wanted(event.get("object") or {}):
+                    yield event
+        finally:
+            await bus.unmark(mark)
 
 
 def _wants_table(request: rendering.Request) -> bool:
