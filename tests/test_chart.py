@@ -41,23 +41,40 @@ SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 KUBE_VERSION = "1.33.0"
 OPTIONS = {
     "default": [],
-    "namespaced-with-monitoring": ["--set", "watchNamespaces={serving,batch}",
-                                   "--set", "serviceMonitor.enabled=true",
-                                   "--set", "grafanaDashboard.enabled=true"],
+    "namespaced-with-monitoring": [
+        "--set",
+        "watchNamespaces={serving,batch}",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "grafanaDashboard.enabled=true",
+    ],
 }
 
 
 @pytest.fixture(scope="session")
 def tools() -> dict[str, str]:
-    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True,
-                   timeout=300)
+    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True, timeout=300)
     return {name: str(ROOT / ".tools" / "bin" / name) for name in ("helm", "kubectl")}
 
 
 def helm_template(tools: dict[str, str], *extra: str) -> list[dict[str, Any]]:
-    out = subprocess.run([tools["helm"], "template", "twinroute", str(CHART), "--namespace",
-                          "twinroute-system", "--include-crds", *extra],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [
+            tools["helm"],
+            "template",
+            "twinroute",
+            str(CHART),
+            "--namespace",
+            "twinroute-system",
+            "--include-crds",
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 
@@ -68,21 +85,27 @@ def crd_schema() -> dict[str, Any]:
 
 
 def test_helm_is_version_4(tools: dict[str, str]) -> None:
-    version = subprocess.run([tools["helm"], "version", "--short"], check=True,
-                             capture_output=True, text=True).stdout
+    version = subprocess.run(
+        [tools["helm"], "version", "--short"], check=True, capture_output=True, text=True
+    ).stdout
     assert version.startswith("v4."), version
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
 def test_helm_lint_strict(tools: dict[str, str], options: list[str]) -> None:
-    result = subprocess.run([tools["helm"], "lint", "--strict", str(CHART), *options],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [tools["helm"], "lint", "--strict", str(CHART), *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
-def test_rendered_objects_match_kubernetes_schemas(tools: dict[str, str],
-                                                   options: list[str]) -> None:
+def test_rendered_objects_match_kubernetes_schemas(
+    tools: dict[str, str], options: list[str]
+) -> None:
     documents = helm_template(tools, *options)
     kinds = sorted({doc["kind"] for doc in documents})
     assert "Deployment" in kinds and "CustomResourceDefinition" in kinds
@@ -94,8 +117,11 @@ def test_rendered_objects_match_kubernetes_schemas(tools: dict[str, str],
 
 
 def test_bad_values_are_rejected_by_the_values_schema(tools: dict[str, str]) -> None:
-    result = subprocess.run([tools["helm"], "template", "x", str(CHART), "--set",
-                             "operator.logLevel=LOUD"], capture_output=True, text=True)
+    result = subprocess.run(
+        [tools["helm"], "template", "x", str(CHART), "--set", "operator.logLevel=LOUD"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "logLevel" in result.stderr
 
 
@@ -125,19 +151,33 @@ def _rules(documents: list[dict[str, Any]], kind: str, name: str) -> set[tuple[s
 
 def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str, str]) -> None:
     documents = helm_template(tools)
-    children = {(g, r, v) for g, r in (("", "configmaps"), ("", "services"),
-                                        ("", "serviceaccounts"), ("apps", "deployments"),
-                                        ("rbac.authorization.k8s.io", "rolebindings"))
-                for v in ("list", "create", "patch", "delete")}
+    children = {
+        (g, r, v)
+        for g, r in (
+            ("", "configmaps"),
+            ("", "services"),
+            ("", "serviceaccounts"),
+            ("apps", "deployments"),
+            ("rbac.authorization.k8s.io", "rolebindings"),
+        )
+        for v in ("list", "create", "patch", "delete")
+    }
     expected = children | {
-        ("twinroute.io", "modelpools", "list"), ("twinroute.io", "modelpools", "watch"),
-        ("twinroute.io", "modelpools", "patch"), ("twinroute.io", "modelpools/status", "patch"),
-        ("", "events", "create"), ("", "pods", "list"), ("", "pods", "patch"),
+        ("twinroute.io", "modelpools", "list"),
+        ("twinroute.io", "modelpools", "watch"),
+        ("twinroute.io", "modelpools", "patch"),
+        ("twinroute.io", "modelpools/status", "patch"),
+        ("", "events", "create"),
+        ("", "pods", "list"),
+        ("", "pods", "patch"),
         ("rbac.authorization.k8s.io", "clusterroles", "bind"),
     }
     assert _rules(documents, "ClusterRole", "twinroute-operator") == expected
     assert _rules(documents, "ClusterRole", "twinroute-scheduler") == {
-        ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch")}
+        ("", "pods", "get"),
+        ("", "pods", "list"),
+        ("", "pods", "watch"),
+    }
     namespaced = helm_template(tools, *OPTIONS["namespaced-with-monitoring"])
     assert not [d for d in namespaced if d["kind"] == "ClusterRoleBinding"]
     roles = [d for d in namespaced if d["kind"] == "Role"]
@@ -145,8 +185,9 @@ def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str
 
 
 def _load_render_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("render_manifests",
-                                                  ROOT / "tools" / "render_manifests.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_manifests", ROOT / "tools" / "render_manifests.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -158,8 +199,13 @@ def test_manifests_equal_helm_template_output(tools: dict[str, str]) -> None:
     for name, content in rendered.items():
         on_disk = (ROOT / "manifests" / name).read_text(encoding="utf-8")
         assert on_disk == content, f"manifests/{name} is stale: python tools/render_manifests.py"
-    plain = [doc for name in sorted(rendered) if name != "00-namespace.yaml"
-             for doc in yaml.safe_load_all(rendered[name]) if doc]
+    plain = [
+        doc
+        for name in sorted(rendered)
+        if name != "00-namespace.yaml"
+        for doc in yaml.safe_load_all(rendered[name])
+        if doc
+    ]
     assert plain == helm_template(tools)
 
 
@@ -204,8 +250,12 @@ INVALID_SPECS = {
 
 @pytest.mark.parametrize("spec", INVALID_SPECS.values(), ids=INVALID_SPECS.keys())
 def test_invalid_specs_fail_both_the_schema_and_the_parser(spec: dict[str, Any]) -> None:
-    body = {"apiVersion": "twinroute.io/v1alpha1", "kind": "ModelPool",
-            "metadata": {"name": "p"}, "spec": spec}
+    body = {
+        "apiVersion": "twinroute.io/v1alpha1",
+        "kind": "ModelPool",
+        "metadata": {"name": "p"},
+        "spec": spec,
+    }
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(body, crd_schema())
     with pytest.raises(SpecError):
@@ -245,26 +295,48 @@ def kubectl_env(tools: dict[str, str], tmp_path: pathlib.Path) -> Iterator[dict[
 
 
 def kubectl(tools: dict[str, str], env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([tools["kubectl"], *args], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [tools["kubectl"], *args], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
 
-def test_kubectl_applies_manifests_and_samples(tools: dict[str, str],
-                                               kubectl_env: dict[str, str]) -> None:
+def test_kubectl_applies_manifests_and_samples(
+    tools: dict[str, str], kubectl_env: dict[str, str]
+) -> None:
     out = kubectl(tools, kubectl_env, "apply", "--validate=false", "-f", str(ROOT / "manifests"))
-    for created in ("namespace/twinroute-system", "customresourcedefinition.apiextensions.k8s.io/"
-                    "modelpools.twinroute.io", "deployment.apps/twinroute-operator",
-                    "clusterrole.rbac.authorization.k8s.io/twinroute-scheduler"):
+    for created in (
+        "namespace/twinroute-system",
+        "customresourcedefinition.apiextensions.k8s.io/modelpools.twinroute.io",
+        "deployment.apps/twinroute-operator",
+        "clusterrole.rbac.authorization.k8s.io/twinroute-scheduler",
+    ):
         assert f"{created} created" in out
-    out = kubectl(tools, kubectl_env, "apply", "--validate=false", "-n", "serving", "-f",
-                  str(ROOT / "manifests" / "samples"))
+    out = kubectl(
+        tools,
+        kubectl_env,
+        "apply",
+        "--validate=false",
+        "-n",
+        "serving",
+        "-f",
+        str(ROOT / "manifests" / "samples"),
+    )
     assert out.count("created") == len(SAMPLES)
     table = kubectl(tools, kubectl_env, "get", "mp", "-n", "serving")
     assert table.split("\n")[0].split() == ["NAME", "READY", "POLICY", "PHASE", "AGE"]
     assert {line.split()[0] for line in table.strip().split("\n")[1:]} == {
-        yaml.safe_load(s.read_text())["metadata"]["name"] for s in SAMPLES}
-    again = kubectl(tools, kubectl_env, "apply", "--validate=false", "-n", "serving", "-f",
-                    str(ROOT / "manifests" / "samples"))
+        yaml.safe_load(s.read_text())["metadata"]["name"] for s in SAMPLES
+    }
+    again = kubectl(
+        tools,
+        kubectl_env,
+        "apply",
+        "--validate=false",
+        "-n",
+        "serving",
+        "-f",
+        str(ROOT / "manifests" / "samples"),
+    )
     assert again.count("unchanged") == len(SAMPLES)

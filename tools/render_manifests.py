@@ -58,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 path.write_text(content, encoding="utf-8")
     if args.check and stale:
-        print(f"manifests out of date: {', '.join(stale)}; run python tools/render_manifests.py",
-              file=sys.stderr)
+        print(
+            f"manifests out of date: {', '.join(stale)}; run python tools/render_manifests.py",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
