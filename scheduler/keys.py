@@ -13,14 +13,16 @@ Steps, all vectorised with numpy (no Python loop per token or per block):
    splitmix64 finaliser, and sum each row (wrapping). Each term is a well-mixed function of one
    token and its offset, so a change of any token changes the block value, and two blocks
    collide only by a 64-bit coincidence, not by any linear pattern of token differences.
-3. Mix each block value with its block position and the namespace seed (splitmix64).
+3. Combine each block value with its block position and the namespace seed, and mix
+   (splitmix64).
 4. Chain: a prefix sum of the mixed block values (wrapping uint64), mixed once more with the
    seed. Element i of the sum depends on every block 0..i and on its position, so it is a
    prefix hash computed without a sequential loop.
 
-Cost (2-core shared host, numpy 2.4): about 40 us for an 8k-token prompt and 120-150 us for
-32k tokens at block 16; less at block 512. Converting a Python list of token ids to an array
-costs more than hashing it (about 30 ns per id): pass numpy arrays where possible.
+Cost (2-core shared host, numpy 2.4, steady state): about 60 us for an 8k-token prompt and
+150-200 us for 32k tokens at block 16 (`benchmarks/decision_cost.py` prints it); about 20 us
+for a trace prompt of 24 block ids. Converting a Python list of token ids to an array costs
+more than hashing it (about 30 ns per id): pass numpy arrays where possible.
 
 All arithmetic is fixed-width and seeded explicitly: keys are identical across processes and
 never depend on PYTHONHASHSEED. The scheme is not cryptographic; keys decide routing only.
@@ -51,7 +53,7 @@ _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX_1 = 0xBF58476D1CE4E5B9
 _MIX_2 = 0x94D049BB133111EB
-_TRACE_ID_SALT = 0x7F4A_7C15_F39C_C060
+_TRACE_ID_MULTIPLIER = 0xD6E8_FEB8_6659_FD93
 _EMPTY: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
 _EMPTY.flags.writeable = False
 
@@ -66,13 +68,17 @@ def mix64(value: int) -> int:
 
 def mix64_array(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """The splitmix64 finaliser on every element (a new array; `values` is not modified)."""
-    with np.errstate(over="ignore"):
-        z = values + _U64(_GOLDEN)
-        z ^= z >> _U64(30)
-        z *= _U64(_MIX_1)
-        z ^= z >> _U64(27)
-        z *= _U64(_MIX_2)
-        z ^= z >> _U64(31)
+    return _mix_in_place(values + _U64(_GOLDEN))
+
+
+def _mix_in_place(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64's finaliser after its increment, overwriting `z`. numpy wraps uint64 array
+    arithmetic silently (no overflow warning for arrays), which is the arithmetic we want."""
+    z ^= z >> _U64(30)
+    z *= _U64(_MIX_1)
+    z ^= z >> _U64(27)
+    z *= _U64(_MIX_2)
+    z ^= z >> _U64(31)
     return z
 
 
@@ -109,13 +115,17 @@ def _chain(block_values: npt.NDArray[np.uint64], seed: int) -> npt.NDArray[np.ui
     if block_values.shape[0] == 0:
         return _EMPTY
     seed_u64 = _U64(seed & _MASK)
-    with np.errstate(over="ignore"):
-        positions = np.arange(block_values.shape[0], dtype=np.uint64)
-        positions ^= seed_u64
-        salted = block_values ^ mix64_array(positions)
-        prefix_sums = np.cumsum(mix64_array(salted), dtype=np.uint64)
-        prefix_sums ^= seed_u64
-    hashes = mix64_array(prefix_sums)
+    # Block value, position and namespace in one mixed word per block; no two (value,
+    # position) pairs of one prompt share an input except by a 64-bit coincidence.
+    salted = np.arange(block_values.shape[0], dtype=np.uint64)
+    salted *= _U64(_GOLDEN)
+    salted += seed_u64
+    salted ^= block_values
+    salted += _U64(_GOLDEN)
+    prefix_sums = np.cumsum(_mix_in_place(salted), dtype=np.uint64)
+    prefix_sums ^= seed_u64
+    prefix_sums += _U64(_GOLDEN)
+    hashes = _mix_in_place(prefix_sums)
     hashes.flags.writeable = False
     return hashes
 
@@ -125,7 +135,9 @@ def _fold_blocks(ids: npt.NDArray[np.uint64], block_size: int) -> npt.NDArray[np
     if blocks == 0:
         return _EMPTY
     matrix = ids[: blocks * block_size].reshape(blocks, block_size)
-    mixed = mix64_array(matrix ^ _columns(block_size))
+    mixed = matrix ^ _columns(block_size)
+    mixed += _U64(_GOLDEN)
+    _mix_in_place(mixed)
     folded: npt.NDArray[np.uint64] = mixed.sum(axis=1, dtype=np.uint64)
     return folded
 
@@ -201,7 +213,9 @@ def keys_from_block_ids(
         raise ValueError(f"total_tokens must be non-negative, got {total_tokens}")
     ids = _as_ids(block_ids, what="block ids")
     full_blocks = min(ids.shape[0], total_tokens // block_size)
-    values = mix64_array(ids[:full_blocks] ^ _U64(_TRACE_ID_SALT))
+    # An odd multiplier spreads small sequential ids over all 64 bits (a bijection); the
+    # chain mixes them.
+    values = ids[:full_blocks] * _U64(_TRACE_ID_MULTIPLIER)
     return PromptKeys(
         block_size=block_size, block_hashes=_chain(values, seed), total_units=total_tokens
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -348,15 +349,36 @@ def test_keys_match_pinned_values() -> None:
     the scheme updates these values and says so in the changelog."""
     assert namespace_seed(model="m") == 1388814801423089711
     assert _hashes(keys_from_tokens(np.arange(48), block_size=16, seed=0)) == [
-        14087245066206143491,
-        18428273345572664792,
-        10348881710016561367,
+        11447663173313581941,
+        9299842926498438788,
+        10827979223431710275,
     ]
     assert _hashes(keys_from_text("abcd" * 4, block_chars=8, seed=1)) == [
-        4453998010314299379,
-        9400817255104306830,
+        11117182377437237870,
+        15170598492330124866,
     ]
     assert _hashes(keys_from_block_ids([7, 8], block_size=512, total_tokens=1024, seed=2)) == [
-        12218670027165305410,
-        7838015551362320836,
+        3465288304758533098,
+        11999602048438466249,
     ]
+
+
+def test_trace_keys_match_exactly_when_the_block_id_prefixes_match() -> None:
+    """On the bundled Mooncake trace: every distinct hash_ids prefix gets its own key, and
+    every occurrence of a prefix the same key (ids are small sequential integers there, the
+    case a weak id mix would fold together)."""
+    from importlib.resources import files
+
+    trace = files("twinroute") / "data" / "mooncake_synthetic_trace.jsonl"
+    prefix_of_key: dict[int, tuple[int, ...]] = {}
+    blocks = 0
+    with trace.open("r", encoding="utf-8") as lines:
+        for line in lines:
+            ids = json.loads(line)["hash_ids"]
+            keys = keys_from_block_ids(ids, block_size=512, total_tokens=len(ids) * 512, seed=SEED)
+            for depth, key in enumerate(_hashes(keys)):
+                prefix = tuple(ids[: depth + 1])
+                assert prefix_of_key.setdefault(key, prefix) == prefix
+            blocks += keys.num_blocks
+    distinct_prefixes = len(prefix_of_key)
+    assert blocks > distinct_prefixes > 10_000
