@@ -329,6 +329,14 @@ def test_invalid_pool_is_degraded_with_an_event_and_operator_stays_healthy(
     # Still reconciling others.
     cluster.create_pool("chat", UNIFIED)
     wait_for(lambda: deployment(cluster, "chat-unified"), what="healthy pool reconciled")
+    # Fixing the spec is picked up (no retry loop before, a reconcile after).
+    cluster.patch_pool("broken", {"spec": {"roles": {"unified": None, "prefill": {"replicas": 1}}}})
+    wait_for(lambda: deployment(cluster, "broken-decode"), what="fixed pool reconciled")
+    fixed = wait_for(
+        lambda: (s := pool_status(cluster, "broken")).get("phase") == "Progressing" and s,
+        what="Degraded cleared",
+    )
+    assert next(c for c in fixed["conditions"] if c["type"] == "Degraded")["status"] == "False"
 
 
 def test_delete_removes_every_child(cluster: Cluster) -> None:
