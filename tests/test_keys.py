@@ -382,3 +382,25 @@ def test_trace_keys_match_exactly_when_the_block_id_prefixes_match() -> None:
             blocks += keys.num_blocks
     distinct_prefixes = len(prefix_of_key)
     assert blocks > distinct_prefixes > 10_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shared=st.integers(0, 80),
+    first_tail=st.lists(st.integers(0, 2**31 - 1), max_size=60),
+    second_tail=st.lists(st.integers(0, 2**31 - 1), max_size=60),
+    block_size=st.sampled_from([1, 4, 16]),
+)
+def test_keys_agree_exactly_on_the_shared_full_blocks(
+    shared: int, first_tail: list[int], second_tail: list[int], block_size: int
+) -> None:
+    prefix = list(range(shared))
+    one, two = prefix + first_tail, prefix + second_tail
+    a = _hashes(keys_from_tokens(one, block_size=block_size, seed=SEED))
+    b = _hashes(keys_from_tokens(two, block_size=block_size, seed=SEED))
+    common = 0
+    while common < min(len(one), len(two)) and one[common] == two[common]:
+        common += 1
+    same_blocks = common // block_size
+    assert a[:same_blocks] == b[:same_blocks]
+    assert all(x != y for x, y in zip(a[same_blocks:], b[same_blocks:], strict=False))

@@ -145,6 +145,32 @@ def test_same_key_same_answer_and_order_of_arrival_does_not_matter() -> None:
     assert expected == [churned.candidates(int(k)) for k in keys]
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    operations=st.lists(
+        st.tuples(st.booleans(), st.sampled_from([f"e{i}" for i in range(12)])), max_size=30
+    )
+)
+def test_any_history_of_adds_and_removes_gives_the_ring_a_fresh_build_gives(
+    operations: list[tuple[bool, str]],
+) -> None:
+    grown = DualHashRing(virtual_nodes=16)
+    for adding, name in operations:
+        if adding:
+            grown.add(name)
+        else:
+            grown.remove(name)
+    fresh = DualHashRing(virtual_nodes=16)
+    fresh.sync(grown.members)
+    assert grown.members == fresh.members
+    if not fresh.members:
+        return
+    keys = _keys(500)
+    for ring_grown, ring_fresh in zip(grown.rings, fresh.rings, strict=True):
+        assert (ring_grown.lookup_many(keys) == ring_fresh.lookup_many(keys)).all()
+    assert [grown.candidates(int(k)) for k in keys] == [fresh.candidates(int(k)) for k in keys]
+
+
 def test_second_candidate_is_the_next_distinct_endpoint_clockwise_on_ring_two() -> None:
     ring = _dual(_names(3))
     collided = [
