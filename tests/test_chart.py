@@ -18,6 +18,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from twinroute.operator.render import Owner, RenderSettings, render_children
 from twinroute.operator.spec import (
     DEFAULT_ENGINE_IMAGE,
     DEFAULT_ENGINE_PORT,
@@ -340,3 +341,17 @@ def test_kubectl_applies_manifests_and_samples(
         str(ROOT / "manifests" / "samples"),
     )
     assert again.count("unchanged") == len(SAMPLES)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=[s.stem for s in SAMPLES])
+def test_operator_children_match_kubernetes_schemas(sample: pathlib.Path) -> None:
+    body = yaml.safe_load(sample.read_text())
+    parsed = parse_pool(name=body["metadata"]["name"], namespace="serving", spec=body["spec"])
+    rendered = render_children(
+        parsed,
+        owner=Owner(name=parsed.name, uid="0f4c9a1e-1111-2222-3333-444455556666"),
+        settings=RenderSettings(scheduler_image="ghcr.io/twinroute/twinroute:0.1.0"),
+    )
+    assert rendered
+    for child in rendered:
+        kubernetes_validate.validate(child, KUBE_VERSION, strict=True)
