@@ -50,6 +50,9 @@ FORBIDDEN_ENGINE_ARGS: Final = (
     "--port",
     "--kv-transfer-config",
 )
+# Same bounds as the CRD (they keep its CEL rule within the API server's cost budget).
+MAX_ENGINE_ARGS: Final = 128
+MAX_ENGINE_ARG_LENGTH: Final = 4096
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Longest child suffix is "-scheduler" (10) and Deployment pod names add ~17 characters.
 MAX_POOL_NAME_LENGTH: Final = 40
@@ -171,6 +174,11 @@ def _parse_roles(roles: Mapping[str, Any]) -> dict[Role, int]:
 
 def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
     args = tuple(_strings(engine, "args", path="engine.args"))
+    if len(args) > MAX_ENGINE_ARGS or any(len(arg) > MAX_ENGINE_ARG_LENGTH for arg in args):
+        raise SpecError(
+            field="engine.args",
+            message=f"at most {MAX_ENGINE_ARGS} args of at most {MAX_ENGINE_ARG_LENGTH} characters",
+        )
     for arg in args:
         flag = arg.split("=", 1)[0]
         if flag in FORBIDDEN_ENGINE_ARGS:

@@ -77,6 +77,7 @@ INVALID = {
     "rebalancing string": ({**UNIFIED, "routing": {"rebalancing": "yes"}}, "routing.rebalancing"),
     "scheduler replicas zero": ({**UNIFIED, "scheduler": {"replicas": 0}}, "scheduler.replicas"),
     "engine not an object": ({**UNIFIED, "engine": ["x"]}, "engine"),
+    "too many engine args": ({**UNIFIED, "engine": {"args": ["--x"] * 129}}, "engine.args"),
 }
 
 
