@@ -1,4 +1,5 @@
-"""One real vLLM server (CPU build) and the facts the scheduler relies on.
+"""One real vLLM server (CPU build) and the facts the scheduler relies on: completions,
+the scraped metrics, prefix-cache hits on a repeated prompt, and KV events over ZMQ.
 
     TWINROUTE_E2E_VLLM=1 .venv/bin/pytest e2e/test_vllm_real.py -v
 
@@ -9,6 +10,7 @@ later runs reuse both. Server logs go to .tools/logs/.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pathlib
 from collections.abc import AsyncIterator
@@ -18,6 +20,7 @@ import pytest
 from vllm_real import (
     REPO_ROOT,
     REQUIRED_METRICS,
+    KvEventsRecorder,
     VllmServer,
     VllmServerConfig,
     ensure_tiny_llama,
@@ -51,8 +54,18 @@ def model_dir() -> pathlib.Path:
 
 
 @pytest.fixture
-async def server(model_dir: pathlib.Path) -> AsyncIterator[VllmServer]:
-    config = VllmServerConfig(model_dir=model_dir, log_path=LOG_DIR / "vllm-server-0.log")
+async def kv_events() -> AsyncIterator[KvEventsRecorder]:
+    async with KvEventsRecorder(out_path=LOG_DIR / "vllm-server-0-kv-events.jsonl") as recorder:
+        yield recorder
+
+
+@pytest.fixture
+async def server(model_dir: pathlib.Path, kv_events: KvEventsRecorder) -> AsyncIterator[VllmServer]:
+    config = VllmServerConfig(
+        model_dir=model_dir,
+        log_path=LOG_DIR / "vllm-server-0.log",
+        kv_events_endpoint=kv_events.endpoint,
+    )
     async with VllmServer(config=config) as running:
         yield running
 
@@ -79,7 +92,9 @@ async def _complete(
         return answer
 
 
-async def test_real_vllm_serves_completions_metrics_and_prefix_hits(server: VllmServer) -> None:
+async def test_real_vllm_serves_completions_metrics_prefix_hits_and_kv_events(
+    server: VllmServer, kv_events: KvEventsRecorder
+) -> None:
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async with session.get(server.url("/v1/models")) as response:
@@ -118,6 +133,41 @@ async def test_real_vllm_serves_completions_metrics_and_prefix_hits(server: Vllm
     assert metric_total(after_second, "vllm:num_requests_running") == 0
     assert metric_total(after_second, "vllm:num_requests_waiting") == 0
     assert 0.0 <= metric_total(after_second, "vllm:kv_cache_usage_perc") <= 1.0
+
+    # The publisher sends from its own thread; give it a bounded moment.
+    stored_blocks = await _wait_for_stored_blocks(
+        kv_events, at_least=int(second_hits) // server.config.block_size
+    )
+    event_types = [event["type"] for batch in kv_events.batches() for event in _events(batch)]
+    assert event_types[0] == "AllBlocksCleared", "reset_prefix_cache announces itself"
+    assert stored_blocks >= second_hits // server.config.block_size
+
+
+def _events(batch: dict[str, object]) -> list[dict[str, object]]:
+    events = batch["events"]
+    assert isinstance(events, list)
+    return events
+
+
+def _stored_blocks(recorder: KvEventsRecorder) -> int:
+    stored = 0
+    for batch in recorder.batches():
+        for event in _events(batch):
+            if event["type"] == "BlockStored":
+                hashes, token_ids = event["block_hashes"], event["token_ids"]
+                assert isinstance(hashes, list) and isinstance(token_ids, list)
+                assert len(token_ids) == len(hashes) * 32, "only full blocks are stored"
+                stored += len(hashes)
+    return stored
+
+
+async def _wait_for_stored_blocks(recorder: KvEventsRecorder, *, at_least: int) -> int:
+    for _ in range(50):
+        stored = _stored_blocks(recorder)
+        if stored >= at_least:
+            return stored
+        await asyncio.sleep(0.1)
+    return _stored_blocks(recorder)
 
 
 def _has(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> bool:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -291,8 +292,8 @@ class VllmServer:
                 exit_code = self._process.returncode
                 if exit_code is not None:
                     raise VllmHarnessError(
-                        f"vLLM exited with {exit_code} during startup; log {self.config.log_path}:"
-                        f"\n{self.log_tail()}"
+                        f"vLLM exited with {exit_code} during startup; log {self.config.log_path}"
+                        f"\nfirst errors:\n{self.first_errors()}\nlog tail:\n{self.log_tail()}"
                     )
                 with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                     async with session.get(self.url("/health")) as response:
@@ -301,7 +302,8 @@ class VllmServer:
                 if time.monotonic() > deadline:
                     raise VllmHarnessError(
                         f"vLLM not healthy after {self.config.startup_timeout_s:.0f} s; "
-                        f"log {self.config.log_path}:\n{self.log_tail()}"
+                        f"log {self.config.log_path}\nfirst errors:\n{self.first_errors()}"
+                        f"\nlog tail:\n{self.log_tail()}"
                     )
                 await asyncio.sleep(0.5)
 
@@ -314,6 +316,18 @@ class VllmServer:
 
     def log_tail(self, *, chars: int = 4000) -> str:
         return _tail(self.config.log_path, chars=chars)
+
+    def first_errors(self, *, limit: int = 5) -> str:
+        """The first distinct exception lines: vLLM's root cause sits far above the log's end,
+        under pages of re-raised tracebacks from its other processes."""
+        found: list[str] = []
+        for line in _tail(self.config.log_path, chars=1_000_000).splitlines():
+            match = _EXCEPTION_LINE.search(line)
+            if match and match.group(0) not in found:
+                found.append(match.group(0))
+                if len(found) == limit:
+                    break
+        return "\n".join(found) or "(none found)"
 
     async def __aenter__(self) -> VllmServer:
         await self.start()
@@ -339,6 +353,9 @@ async def _stop_group(process: asyncio.subprocess.Process, *, grace_s: float) ->
         await asyncio.wait_for(process.wait(), grace_s)
     _signal_group(process.pid, signal.SIGKILL)
     await process.wait()
+
+
+_EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception): .*$")
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
