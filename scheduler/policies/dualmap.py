@@ -1,0 +1,182 @@
+"""dualmap: two hash-ring candidates per prefix; cache affinity until the SLO is at risk.
+
+Steps (DualMap, arXiv 2602.06502; see `shared/REFERENCE.md`):
+1. Key depth d from the prefix hotness tree (`scheduler/hotness.py`): start at
+   `min_key_depth` blocks, lengthen past prefixes whose share of the last `hotness_window`
+   requests exceeds 2/n, shorten below 1/n. A system prompt that every request carries is hot,
+   so its requests are keyed deeper and spread over many pairs instead of pinning one.
+2. Candidates: the dual hash ring maps the key (block hash d - 1, which stands for the whole
+   d-block prefix) to (ring-1, ring-2), two distinct endpoints. The rings follow the view's
+   endpoint set lazily (re-synced when the set changes). Excluded endpoints are skipped as if
+   absent: the excluded candidate falls to the next distinct endpoint on its ring's clockwise
+   walk, so other keys keep their pairs.
+3. Expected reuse on each candidate = blocks of the whole prompt the prefix index believes it
+   holds; predicted TTFT = queueing of its pending prefill + prefill of the uncached part.
+4. Default = affinity: the candidate with more expected reuse (CACHE_AFFINITY); equal reuse
+   (e.g. a new prefix) -> the lower predicted TTFT, then fewer pending prefill tokens, then
+   ring-1 (TIE_LESS_LOADED).
+5. SLO check: if the default's predicted TTFT exceeds the request's TTFT SLO and the other
+   candidate's is lower, take the other (SLO_SWITCH). If both exceed it the lower predicted
+   TTFT wins (SLO_SWITCH when that is the other one, else the default stays), and the detail
+   says both were over. Keeping affinity until the SLO is at risk, rather than taking the
+   per-request minimum TTFT, avoids oscillating between the cached and the idle instance.
+
+Prompts shorter than one block have no key (vLLM caches only full blocks, so there is nothing
+to reuse; `PromptKeys` carries no partial content): they are keyed on a hash of the session id
+when there is one (the conversation's next, longer turn will share this prompt's prefix, so
+keeping a session on one pair helps it), else of the request id (a spread over pairs, i.e. the
+power of two choices); both candidates then have equal (zero) reuse and the less loaded wins.
+
+Not done here: DualMap's hotspot rebalancing of queued requests needs the scheduler to hold or
+withdraw queued requests, which the core does not yet do.
+
+Cost: hotness O(max_key_depth) dictionary updates, two ring bisects, two prefix-index binary
+searches (O(log blocks)), two TTFT estimates: independent of the pool size.
+"""
+
+from __future__ import annotations
+
+from twinroute.scheduler.hotness import HotnessTree
+from twinroute.scheduler.policies.base import (
+    Policy,
+    PolicyConfig,
+    eligible_endpoints,
+    score_endpoint,
+    slo_of,
+)
+from twinroute.scheduler.policies.ring_keys import describe_key, prefix_key
+from twinroute.scheduler.ring import DEFAULT_SEEDS, DualHashRing
+from twinroute.scheduler.types import (
+    CandidateScore,
+    ClusterView,
+    Decision,
+    DecisionReason,
+    Endpoint,
+    RoutingRequest,
+)
+
+
+class DualMapPolicy(Policy):
+    name = "dualmap"
+
+    def __init__(self, *, config: PolicyConfig) -> None:
+        super().__init__(config=config)
+        self._rings = DualHashRing(
+            virtual_nodes=config.virtual_nodes,
+            seeds=(
+                DEFAULT_SEEDS[0] ^ config.seed,
+                DEFAULT_SEEDS[1] ^ config.seed,
+            ),
+        )
+        self._hotness = HotnessTree(
+            window=config.hotness_window,
+            min_depth=config.min_key_depth,
+            max_depth=config.max_key_depth,
+        )
+        self._synced_endpoints: tuple[Endpoint, ...] | None = None
+
+    @property
+    def hotness(self) -> HotnessTree:
+        return self._hotness
+
+    @property
+    def rings(self) -> DualHashRing:
+        return self._rings
+
+    def _sync(self, view: ClusterView) -> None:
+        # The core hands out the same endpoint tuple until membership changes: an identity
+        # check keeps the common case O(1).
+        if view.endpoints is not self._synced_endpoints:
+            self._rings.sync(e.id for e in view.endpoints)
+            self._synced_endpoints = view.endpoints
+
+    def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
+        eligible = eligible_endpoints(request, view)
+        self._sync(view)
+        depth = self._hotness.observe(request.keys, endpoints=len(view.endpoints))
+        key, depth = prefix_key(request, blocks=depth)
+        key_text = describe_key(request, depth)
+        first_id, second_id = self._rings.candidates(key, exclude=request.exclude)
+        cost_model = self.config.cost_model
+        first = score_endpoint(request, view, first_id, cost_model=cost_model, role="ring-1")
+        if len(eligible) == 1 or second_id == first_id:
+            return Decision(
+                endpoint_id=first.endpoint_id,
+                reason=DecisionReason.ONLY_CANDIDATE,
+                policy=self.name,
+                predicted_ttft_s=first.predicted_ttft_s,
+                expected_cached_blocks=first.expected_cached_blocks,
+                key_depth=depth,
+                candidates=(first,),
+                detail=f"key {key_text}; one eligible endpoint",
+            )
+        second = score_endpoint(request, view, second_id, cost_model=cost_model, role="ring-2")
+        return self._choose(request, first, second, depth=depth, key_text=key_text)
+
+    def _choose(
+        self,
+        request: RoutingRequest,
+        first: CandidateScore,
+        second: CandidateScore,
+        *,
+        depth: int,
+        key_text: str,
+    ) -> Decision:
+        if first.expected_cached_blocks != second.expected_cached_blocks:
+            if first.expected_cached_blocks > second.expected_cached_blocks:
+                default, other = first, second
+            else:
+                default, other = second, first
+            reason = DecisionReason.CACHE_AFFINITY
+            why = (
+                f"{default.endpoint_id} ({default.role}) holds {default.expected_cached_blocks}"
+                f" cached blocks vs {other.expected_cached_blocks}"
+            )
+        else:
+            if _load_order(first) <= _load_order(second):
+                default, other = first, second
+            else:
+                default, other = second, first
+            reason = DecisionReason.TIE_LESS_LOADED
+            why = (
+                f"equal reuse ({default.expected_cached_blocks} blocks): {default.endpoint_id} "
+                f"({default.role}) is less loaded"
+            )
+        slo = slo_of(request, self.config)
+        chosen = default
+        if default.predicted_ttft_s > slo:
+            if other.predicted_ttft_s < default.predicted_ttft_s:
+                chosen = other
+                reason = DecisionReason.SLO_SWITCH
+                if other.predicted_ttft_s > slo:
+                    why = (
+                        f"both candidates over the {slo:g}s SLO ({default.endpoint_id} "
+                        f"{default.predicted_ttft_s:.3f}s, {other.endpoint_id} "
+                        f"{other.predicted_ttft_s:.3f}s): took the lower, {other.endpoint_id}"
+                    )
+                else:
+                    why = (
+                        f"{default.endpoint_id} would break the {slo:g}s SLO "
+                        f"({default.predicted_ttft_s:.3f}s): switched to {other.endpoint_id} "
+                        f"({other.role}, {other.predicted_ttft_s:.3f}s)"
+                    )
+            else:
+                why += (
+                    f"; both candidates over the {slo:g}s SLO ({default.endpoint_id} "
+                    f"{default.predicted_ttft_s:.3f}s, {other.endpoint_id} "
+                    f"{other.predicted_ttft_s:.3f}s): kept the lower, {default.endpoint_id}"
+                )
+        return Decision(
+            endpoint_id=chosen.endpoint_id,
+            reason=reason,
+            policy=self.name,
+            predicted_ttft_s=chosen.predicted_ttft_s,
+            expected_cached_blocks=chosen.expected_cached_blocks,
+            key_depth=depth,
+            candidates=(first, second),
+            detail=f"key {key_text}; {why}",
+        )
+
+
+def _load_order(score: CandidateScore) -> tuple[float, int]:
+    return (score.predicted_ttft_s, score.pending_prefill_tokens)
