@@ -3,7 +3,8 @@
     .venv/bin/python e2e/record_vllm_samples.py [--fixtures tests/fixtures]
 
 Installs vLLM and builds the tiny model if needed, starts one server with KV events on, then
-writes: `vllm_metrics_real.txt` (the `/metrics` text after a cold and a warm long prompt),
+writes: `vllm_metrics_real.txt` (the `/metrics` text after a cold and a warm long prompt, idle),
+`vllm_metrics_real_busy.txt` (scraped under load: requests running and waiting, KV in use),
 `vllm_tokenize_real.json` (a `/tokenize` request and answer), `vllm_completion_stream_real.txt`
 (the raw SSE body of a streaming completion) and `vllm_kv_events_real.jsonl` (decoded KV event
 batches). Parsers for these formats are tested against these files, so re-record them when the
@@ -123,6 +124,7 @@ async def _exercise(*, server: VllmServer, fixtures: pathlib.Path) -> None:
 
         async with session.get(server.url("/metrics")) as response:
             metrics_text = await response.text()
+        await _record_busy_metrics(session=session, server=server, fixtures=fixtures)
         for variant in range(3):
             body = {
                 "model": model,
@@ -141,6 +143,52 @@ async def _exercise(*, server: VllmServer, fixtures: pathlib.Path) -> None:
         f"prefix cache: queries {metric_total(samples, 'vllm:prefix_cache_queries_total'):.0f}"
         f" hits {metric_total(samples, 'vllm:prefix_cache_hits_total'):.0f}"
     )
+
+
+async def _record_busy_metrics(
+    *, session: aiohttp.ClientSession, server: VllmServer, fixtures: pathlib.Path
+) -> None:
+    """Scrape while 20 long generations compete for 16 sequence slots and 4096 cached tokens,
+    so running, waiting and KV usage are all non-zero in the sample."""
+
+    async def generate(n: int) -> None:
+        body = {
+            "model": server.config.served_model_name,
+            "prompt": f"request {n} " * 40,
+            "max_tokens": 300,
+            "ignore_eos": True,
+        }
+        async with session.post(server.url("/v1/completions"), json=body) as response:
+            assert response.status == 200, await response.text()
+            await response.read()
+
+    tasks = [asyncio.create_task(generate(n)) for n in range(20)]
+    best = ""
+    best_load = -1.0
+    for _ in range(20):
+        await asyncio.sleep(0.1)
+        async with session.get(server.url("/metrics")) as response:
+            text = await response.text()
+        samples = parse_vllm_metrics(text)
+        load = metric_total(samples, "vllm:num_requests_running") + metric_total(
+            samples, "vllm:num_requests_waiting"
+        )
+        if load > best_load:
+            best, best_load = text, load
+    started = time.monotonic()
+    await asyncio.gather(*tasks)
+    print(f"20 concurrent x 300 tokens finished {time.monotonic() - started:.1f} s after scraping")
+    (fixtures / "vllm_metrics_real_busy.txt").write_text(best)
+    samples = parse_vllm_metrics(best)
+    running, waiting, usage = (
+        metric_total(samples, name)
+        for name in (
+            "vllm:num_requests_running",
+            "vllm:num_requests_waiting",
+            "vllm:kv_cache_usage_perc",
+        )
+    )
+    print(f"busy sample: running {running:.0f} waiting {waiting:.0f} kv usage {usage:.3f}")
 
 
 def main(argv: list[str]) -> int:
