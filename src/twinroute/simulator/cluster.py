@@ -106,6 +106,10 @@ class SimulationResult:
     ideal_cache_hit_rate: float
     unbounded_cache_hit_rate: float
     load_cv: float
+    # Median of observed minus predicted TTFT, over requests whose policy predicted one.
+    ttft_prediction_error_p50_s: float
+    # Share of those requests predicted within the SLO that then missed it.
+    slo_misses_predicted_ok: float
     slo_switches: int
     rebalance_moves: int
     preemptions: int
@@ -132,6 +136,8 @@ class SimulationResult:
             "ideal_cache_hit_rate": self.ideal_cache_hit_rate,
             "unbounded_cache_hit_rate": self.unbounded_cache_hit_rate,
             "load_cv": self.load_cv,
+            "ttft_prediction_error_p50_s": self.ttft_prediction_error_p50_s,
+            "slo_misses_predicted_ok": self.slo_misses_predicted_ok,
             "slo_switches": self.slo_switches,
             "rebalance_moves": self.rebalance_moves,
             "preemptions": self.preemptions,
@@ -248,6 +254,7 @@ def simulate(
     ideal_of: list[int] = []
     unbounded_of: list[int] = []
     ttft_of: list[float] = []
+    predicted_of: list[float] = []
     e2e_of: list[float] = []
     leases: dict[str, str] = {}
     reasons: dict[str, int] = {}
@@ -398,6 +405,7 @@ def simulate(
             prompt_of.append(prompt)
             hit_of.append(0)
             ttft_of.append(math.nan)
+            predicted_of.append(decision.predicted_ttft_s)
             e2e_of.append(math.nan)
             # Ideal and unbounded caches see every request in arrival order.
             matched = ideal.match(ids, block_size=block_size)
@@ -432,6 +440,10 @@ def simulate(
     total = len(arrival_of)
     warmup = int(total * config.warmup_fraction)
     ttft = np.asarray(ttft_of[warmup:], dtype=np.float64)
+    predicted = np.asarray(predicted_of[warmup:], dtype=np.float64)
+    # How well the policy's TTFT prediction matched (policies that predict nothing say 0).
+    predicting = predicted > 0
+    missed = predicting & (predicted <= config.ttft_slo_s) & (ttft > config.ttft_slo_s)
     e2e = np.asarray(e2e_of[warmup:], dtype=np.float64)
     prompts = np.asarray(prompt_of[warmup:], dtype=np.float64)
     hits = np.asarray(hit_of[warmup:], dtype=np.float64)
@@ -458,6 +470,12 @@ def simulate(
         ideal_cache_hit_rate=float(sum(ideal_of[warmup:])) / prompt_total,
         unbounded_cache_hit_rate=float(sum(unbounded_of[warmup:])) / prompt_total,
         load_cv=load_cv,
+        ttft_prediction_error_p50_s=(
+            float(np.median(ttft[predicting] - predicted[predicting]))
+            if predicting.any()
+            else math.nan
+        ),
+        slo_misses_predicted_ok=float(missed.sum() / max(1, predicting.sum())),
         slo_switches=counters.get("slo_switches", reasons.get(DecisionReason.SLO_SWITCH.value, 0)),
         rebalance_moves=rebalance_moves,
         preemptions=sum(s.instance.metrics().preemptions for s in slots),
