@@ -80,8 +80,14 @@ def core_router_factory(
     ttft_slo_s: float,
     scrape_interval_s: float,
     seed: int,
+    prefix_capacity_blocks: int,
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
-    """Builds a fresh core and policy per simulation, as a scheduler process would."""
+    """Builds a fresh core and policy per simulation, as a scheduler process would.
+
+    The prefix index holds, per endpoint, as many blocks as the engine's KV cache does, as a
+    deployment configures it from the engines' KV size (vLLM logs and exports it): an index
+    that remembered more than the engine can hold would promise reuse that was evicted.
+    """
     from twinroute.scheduler.policies import PolicyConfig, make_policy
 
     def build(endpoints: tuple[Endpoint, ...]) -> Router:
@@ -91,6 +97,7 @@ def core_router_factory(
         core = SchedulerCore(
             policy=chosen,
             cost_model=cost,
+            prefix_capacity_blocks=prefix_capacity_blocks,
             # A scrape older than a few intervals means the engine stopped answering.
             scrape_staleness_s=max(5.0, 4 * scrape_interval_s),
         )

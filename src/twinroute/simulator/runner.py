@@ -135,6 +135,7 @@ def run_spec(
             ttft_slo_s=spec.ttft_slo_s,
             scrape_interval_s=spec.scrape_interval_s,
             seed=spec.seed,
+            prefix_capacity_blocks=max(1, profile.kv_capacity_tokens // spec.trace.block_size),
         ),
         keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),
         cost=cost,
