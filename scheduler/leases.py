@@ -11,6 +11,14 @@ it completes; a first-token report also settles every lease queued before it on 
 (FIFO), which corrects the fluid estimate with what really happened. Leases past prefill count
 as decoding until they complete.
 
+Once an endpoint has reported a first token, the fluid model no longer drains past a lease
+whose first token has not come: that lease's tokens may fall to zero, but the leases behind it
+stay pending until a report settles them. The engine can be slower than the model (requests
+waiting for KV memory, decode-heavy steps), and without this hold the estimate would say an
+endpoint is idle while its queue grows, which is exactly when a policy most needs to know.
+Endpoints that never report first tokens (a router that reports only completions) keep the
+plain fluid estimate.
+
 Cost: O(1) to open or close a lease; draining touches only leases that finish prefill.
 """
 
@@ -46,6 +54,8 @@ class _EndpointQueue:
     decoding: int = 0
     in_flight: int = 0
     last_drained_at: float = 0.0
+    # Set by the first first-token report: from then on the drain waits for reports.
+    reports_first_tokens: bool = False
 
 
 class LeaseTable:
@@ -105,6 +115,7 @@ class LeaseTable:
             return False
         lease.first_token_at = now
         queue = self._queue(lease.endpoint_id, now)
+        queue.reports_first_tokens = True
         if not lease.prefilled:
             # FIFO: everything queued before this lease has been prefilled too.
             while queue.prefill:
@@ -179,6 +190,11 @@ class LeaseTable:
             if head.remaining_prefill > budget:
                 head.remaining_prefill -= budget
                 queue.pending_tokens -= budget
+                return
+            if queue.reports_first_tokens:
+                # Done by the model, not yet by the engine: wait for its report.
+                queue.pending_tokens -= head.remaining_prefill
+                head.remaining_prefill = 0.0
                 return
             budget -= head.remaining_prefill
             queue.prefill.popleft()

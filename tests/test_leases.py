@@ -84,3 +84,26 @@ def test_loads_are_per_endpoint() -> None:
 def test_ttl_must_be_positive() -> None:
     with pytest.raises(ValueError, match="TTL"):
         LeaseTable(cost_model=COST, ttl_s=0)
+
+
+def test_once_first_tokens_are_reported_the_drain_waits_for_them() -> None:
+    # The engine is slower than the model (e.g. requests wait for KV memory): without a
+    # report, the leases behind an unreported one stay pending instead of looking prefilled.
+    table = LeaseTable(cost_model=COST)
+    first = open_lease(table, uncached=1000)
+    assert table.first_token(first.lease_id, now=0.5)
+    second = open_lease(table, now=0.5, uncached=1000)
+    open_lease(table, now=0.5, uncached=1000)
+    load = table.load("a", now=10.0)
+    assert (load.pending_prefill_tokens, load.decoding) == (1000, 1)
+    assert table.first_token(second.lease_id, now=10.0)
+    load = table.load("a", now=10.5)
+    assert (load.pending_prefill_tokens, load.decoding) == (500, 2)
+
+
+def test_without_first_token_reports_the_fluid_estimate_drains_everything() -> None:
+    table = LeaseTable(cost_model=COST)
+    for _ in range(3):
+        open_lease(table, uncached=1000)
+    load = table.load("a", now=10.0)
+    assert (load.pending_prefill_tokens, load.decoding) == (0, 3)
