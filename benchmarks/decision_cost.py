@@ -178,7 +178,7 @@ def _time_keys(
     return _percentiles_us(samples)
 
 
-def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int) -> None:
+def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int, keys_p50_us: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,6 +192,7 @@ def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int) -> None:
         x = np.arange(len(policies))
         axis.bar(x - 0.2, [by_policy[p].pick_p50_us for p in policies], 0.4, label="pick p50")
         axis.bar(x + 0.2, [by_policy[p].core_p50_us for p in policies], 0.4, label="core p50")
+        axis.axhline(keys_p50_us, color="black", linestyle=":", label="keys alone p50")
         axis.set_xticks(x, policies, rotation=35, ha="right")
         axis.set_ylabel("microseconds per decision")
         axis.set_title(f"{pool} endpoints, {prompt_tokens}-token prompts")
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(json.dumps(asdict(row)))
     if args.plot:
-        _plot(rows, args.plot, prompt_tokens=args.prompt_tokens)
+        _plot(rows, args.plot, prompt_tokens=args.prompt_tokens, keys_p50_us=keys_np[0])
         print(f"wrote {args.plot}")
     return 0
 
