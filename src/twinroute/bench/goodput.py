@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: 0.5,0.75,1,1.25,1.5 x the best baseline's goodput)",
     )
     parser.add_argument(
+        "--rate-factors",
+        default="0.5,0.75,1,1.25,1.5",
+        help="without --rates: fixed rates as these multiples of the best baseline's goodput",
+    )
+    parser.add_argument(
         "--reference-rate",
         type=float,
         default=None,
@@ -272,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
         if args.rates:
             rates = [float(r) for r in args.rates.split(",") if r.strip()]
         else:
-            rates = [_round_rate(anchor_rate * f) for f in (0.5, 0.75, 1.0, 1.25, 1.5)]
+            factors = [float(f) for f in args.rate_factors.split(",") if f.strip()]
+            rates = [_round_rate(anchor_rate * f) for f in factors]
         rates = sorted({r for r in rates if r > 0})
         reference = args.reference_rate or _round_rate(anchor_rate)
         fixed = [
