@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "twinroute.router.command",
         "OpenAI-compatible router in front of vLLM engines (asks the scheduler)",
     ),
+    "scheduler": (
+        "twinroute.scheduler.command",
+        "gRPC scheduler service: picks engines for the router (DualMap and baselines)",
+    ),
     "engine-sim": (
         "twinroute.enginesim.command",
         "a simulated vLLM engine (OpenAI API, vLLM metrics) running the instance model",

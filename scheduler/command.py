@@ -1,0 +1,214 @@
+"""`twinroute scheduler`: the gRPC scheduler service.
+
+Builds every object here and passes it in (no singletons): the policy and cost model, the
+core, one Prometheus registry, the service, discovery (static list, YAML file or Kubernetes),
+the scraper and the servers. Prints `scheduler listening on HOST:PORT` once the gRPC port is
+bound. SIGTERM or SIGINT stops gracefully: health NOT_SERVING, in-flight RPCs finish within
+`--grace`, then the background tasks stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
+from twinroute.scheduler.discovery import (
+    EndpointSource,
+    KubernetesSource,
+    StaticSource,
+    load_endpoints_file,
+    parse_endpoint_list,
+    run_discovery,
+)
+from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
+from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
+from twinroute.scheduler.service import GrpcServer, KeySettings, SchedulerService, TlsFiles
+from twinroute.scheduler.telemetry import SchedulerTelemetry, build_metrics_app
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC HOST:PORT (port 0 = any)")
+    parser.add_argument(
+        "--metrics-listen", default="127.0.0.1:9464",
+        help="HOST:PORT for /metrics and /debug/decisions ('' = off)",
+    )  # fmt: skip
+    parser.add_argument("--policy", default="dualmap", choices=POLICY_NAMES)
+    parser.add_argument("--ttft-slo", type=float, default=5.0, help="default TTFT SLO, seconds")
+    parser.add_argument("--block-size", type=int, default=16, help="prefix-key block, tokens")
+    parser.add_argument(
+        "--block-chars", type=int, default=0,
+        help="prefix-key block for text prompts, characters (0 = 4 x --block-size)",
+    )  # fmt: skip
+    parser.add_argument("--tokens-per-char", type=float, default=0.25)
+    parser.add_argument(
+        "--model", action="append", default=[],
+        help="served model name (repeatable); endpoints without a model serve these",
+    )  # fmt: skip
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--static-endpoints", help="comma-separated [ID=]HOST:PORT")
+    source.add_argument("--endpoints-file", help="YAML file with an 'endpoints' list")
+    source.add_argument("--kube-selector", help="label selector of the pool's engine pods")
+    parser.add_argument("--namespace", default="default", help="namespace of the pods")
+    parser.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, then ~)")
+    parser.add_argument("--engine-port", type=int, default=8000, help="pods' default port")
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds; 0 = off")
+    parser.add_argument("--scrape-timeout", type=float, default=0.8)
+    parser.add_argument("--lease-ttl", type=float, default=600.0, help="seconds")
+    parser.add_argument("--admin-token", help="bearer token Drain requires (default: none)")
+    parser.add_argument("--tls-cert", help="PEM certificate for gRPC TLS")
+    parser.add_argument("--tls-key", help="PEM private key for gRPC TLS")
+    parser.add_argument(
+        "--profile", default=DEFAULT_COST_PROFILE, choices=sorted(COST_PROFILES),
+        help="cost model for TTFT predictions",
+    )  # fmt: skip
+    parser.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{listen!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def build_source(args: argparse.Namespace) -> EndpointSource:
+    model = args.model[0] if len(args.model) == 1 else ""
+    if args.static_endpoints:
+        return StaticSource(endpoints=parse_endpoint_list(args.static_endpoints, model=model))
+    if args.endpoints_file:
+        return StaticSource(endpoints=load_endpoints_file(args.endpoints_file, model=model))
+    # Imported here: the client reads KUBECONFIG when loaded, only wanted on this path.
+    from kubernetes import client as k8s
+    from kubernetes import config as k8s_config_module
+
+    k8s_config: Any = k8s_config_module
+
+    configuration = k8s.Configuration()
+    if args.kubeconfig:
+        k8s_config.load_kube_config(config_file=args.kubeconfig, client_configuration=configuration)
+    else:
+        try:
+            k8s_config.load_incluster_config(client_configuration=configuration)
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config(client_configuration=configuration)
+    return KubernetesSource(
+        api_client=k8s.ApiClient(configuration),
+        namespace=args.namespace,
+        label_selector=args.kube_selector,
+        default_port=args.engine_port,
+    )
+
+
+def build_service(
+    args: argparse.Namespace, *, clock: Callable[[], float] = time.monotonic
+) -> SchedulerService:
+    cost_model = COST_PROFILES[args.profile]
+    config = PolicyConfig(cost_model=cost_model, ttft_slo_s=args.ttft_slo)
+    core = SchedulerCore(
+        policy=make_policy(args.policy, config=config),
+        cost_model=cost_model,
+        lease_ttl_s=args.lease_ttl,
+        scrape_staleness_s=max(2.0, 3 * args.scrape_interval),
+    )
+    telemetry = SchedulerTelemetry(
+        registry=CollectorRegistry(), core=core, clock=clock, virtual_nodes=config.virtual_nodes
+    )
+    keys = KeySettings(
+        block_tokens=args.block_size,
+        block_chars=args.block_chars or 4 * args.block_size,
+        tokens_per_char=args.tokens_per_char,
+    )
+    return SchedulerService(
+        core=core, keys=keys, telemetry=telemetry, clock=clock, served_models=args.model
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    service = build_service(args)
+    source = build_source(args)
+    tls = TlsFiles(cert_path=args.tls_cert, key_path=args.tls_key) if args.tls_cert else None
+    server = GrpcServer(service=service, listen=args.listen, admin_token=args.admin_token, tls=tls)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    runner: web.AppRunner | None = None
+    metrics_url = "off"
+    if args.metrics_listen and service.telemetry is not None:
+        host, port = _split_listen(args.metrics_listen)
+        app = build_metrics_app(
+            telemetry=service.telemetry,
+            decisions=lambda limit, request_id: service.explain(
+                limit=limit, request_id=request_id or ""
+            ),
+        )
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0]
+        metrics_url = f"http://{host}:{bound[1]}"
+
+    session = aiohttp.ClientSession()
+    tasks = [
+        asyncio.create_task(run_discovery(source, apply=service.set_endpoints), name="discovery"),
+        asyncio.create_task(service.run_expiry(), name="lease-expiry"),
+    ]
+    if args.scrape_interval > 0:
+        scraper = Scraper(
+            core=service.core,
+            session=session,
+            clock=time.monotonic,
+            settings=ScrapeSettings(interval_s=args.scrape_interval, timeout_s=args.scrape_timeout),
+            listener=service.telemetry if service.telemetry is not None else ScrapeListener(),
+        )
+        tasks.append(asyncio.create_task(scraper.run(), name="scraper"))
+    try:
+        await server.start()
+        print(
+            f"scheduler listening on {server.address} "
+            f"(policy {args.policy}, metrics {metrics_url})",
+            flush=True,
+        )
+        await stop.wait()
+        logger.info("stopping: health NOT_SERVING, %.1fs grace for in-flight RPCs", args.grace)
+        await server.stop(grace_s=args.grace)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await session.close()
+        if runner is not None:
+            await runner.cleanup()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(serve(args))
+    except (ValueError, OSError) as error:
+        print(f"twinroute scheduler: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,403 @@
+"""The scheduler's Prometheus metrics and its debug pages, served on their own port.
+
+One `CollectorRegistry` per process, built in the entry point and passed in (no globals).
+Figures the core already counts (decisions by reason, SLO switches, leases, per-endpoint load,
+prefix index size) are read from it when Prometheus scrapes, so a Pick pays only for the latency
+histogram. Names live in the `twinroute_scheduler_` namespace and follow the field where a name
+exists: llm-d's `inference_extension_scheduler_e2e_duration_seconds` becomes
+`twinroute_scheduler_pick_duration_seconds`, `inference_pool_average_kv_cache_utilization`
+and `inference_pool_average_queue_size` become per-endpoint `..._endpoint_kv_cache_utilization`
+and `..._endpoint_queue_size`, vLLM's `time_to_first_token_seconds` becomes
+`..._observed_ttft_seconds` (with `..._predicted_ttft_seconds` beside it).
+
+`GET /debug/decisions` answers "why did this request go there": the newest decisions with
+reason, predicted TTFT and every candidate's score (`?format=json`, `?limit=N`,
+`?request_id=ID`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twinroute.scheduler.core import DecisionRecord, SchedulerCore
+from twinroute.scheduler.leases import Lease
+from twinroute.scheduler.ring import DualHashRing
+from twinroute.scheduler.scrape import EngineStats, ScrapeListener
+from twinroute.scheduler.types import Endpoint
+
+NAMESPACE = "twinroute_scheduler"
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_PICK_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01,
+    0.025, 0.05, 0.1,
+)  # fmt: skip
+_TTFT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 60.0,
+)  # fmt: skip
+
+
+class _CoreCollector(Collector):
+    """Reads the core's own counters and per-endpoint load at scrape time."""
+
+    def __init__(self, core: SchedulerCore, clock: Callable[[], float]) -> None:
+        self._core = core
+        self._clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        core = self._core
+        now = self._clock()
+        decisions = CounterMetricFamily(
+            f"{NAMESPACE}_decisions",
+            "Routing decisions by policy and reason.",
+            labels=["policy", "reason"],
+        )
+        policy = core.policy.name
+        for reason, count in sorted(core.decisions.items()):
+            decisions.add_metric([policy, reason.value], count)
+        yield decisions
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_slo_switches",
+            "Decisions that left the cache-affinity candidate because it would break the SLO.",
+            value=core.slo_switches,
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_leases_expired",
+            "Leases closed by their time-to-live because no Complete came.",
+            value=core.leases.expired_total,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_leases_open", "Leases opened by Pick and not yet closed.",
+            value=len(core.leases),
+        )  # fmt: skip
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_ring_membership_changes",
+            "Endpoint set changes applied to the rings (joins and leaves, batched).",
+            value=core.membership_changes,
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_prefix_index_blocks",
+            "Prompt blocks the prefix index believes cached, over all endpoints.",
+            value=core.prefix_index.size(),
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_ready_endpoints", "Endpoints currently routable.",
+            value=len(core.routable()),
+        )  # fmt: skip
+        families = {
+            "in_flight": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_in_flight",
+                "Leases open on the endpoint.", labels=["endpoint"],
+            ),
+            "pending": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_pending_prefill_tokens",
+                "Prompt tokens the scheduler estimates are not yet prefilled there.",
+                labels=["endpoint"],
+            ),
+            "queued": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_queue_size",
+                "vllm:num_requests_waiting at the last fresh scrape.", labels=["endpoint"],
+            ),
+            "running": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_running",
+                "vllm:num_requests_running at the last fresh scrape.", labels=["endpoint"],
+            ),
+            "kv": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_kv_cache_utilization",
+                "vllm:kv_cache_usage_perc at the last fresh scrape (0..1).", labels=["endpoint"],
+            ),
+            "routable": GaugeMetricFamily(
+                f"{NAMESPACE}_endpoint_routable",
+                "1 when the endpoint is in the rings (not draining, not failing).",
+                labels=["endpoint"],
+            ),
+        }  # fmt: skip
+        routable = {endpoint.id for endpoint in core.routable()}
+        for endpoint_id in sorted(core.endpoints):
+            load = core.load(endpoint_id, now=now)
+            families["in_flight"].add_metric([endpoint_id], load.in_flight)
+            families["pending"].add_metric([endpoint_id], load.pending_prefill_tokens)
+            families["routable"].add_metric([endpoint_id], float(endpoint_id in routable))
+            # Unknown figures are left out, never reported as zero.
+            if load.queued is not None:
+                families["queued"].add_metric([endpoint_id], load.queued)
+            if load.running is not None:
+                families["running"].add_metric([endpoint_id], load.running)
+            if load.kv_usage is not None:
+                families["kv"].add_metric([endpoint_id], load.kv_usage)
+        yield from families.values()
+
+
+class RingRemapProbe:
+    """Measures how much of the key space a membership change moves.
+
+    It keeps its own `DualHashRing` with the policy's ring settings and a fixed sample of probe
+    keys; after a change, the share of probes whose first candidate moved is what a hash-ring
+    policy loses in cache affinity (ideal: about 2/(N+1) on a join).
+    """
+
+    def __init__(self, *, virtual_nodes: int, probes: int = 4096, seed: int = 0) -> None:
+        self._ring = DualHashRing(virtual_nodes=virtual_nodes)
+        generator = np.random.default_rng(seed)
+        self._keys = generator.integers(0, 2**63, size=probes, dtype=np.uint64)
+
+    def _owners(self) -> list[str]:
+        if len(self._ring) == 0:
+            return []
+        first, _ = self._ring.candidates_many(self._keys)
+        members = self._ring.sorted_members
+        return [members[i] for i in first.tolist()]
+
+    def sync(self, endpoint_ids: Iterable[str]) -> float:
+        """Apply the new membership; the share of probe keys whose first candidate moved."""
+        before = self._owners()
+        if not self._ring.sync(endpoint_ids):
+            return 0.0
+        after = self._owners()
+        if not before or not after:
+            return 1.0 if before or after else 0.0
+        moved = sum(1 for old, new in zip(before, after, strict=True) if old != new)
+        return moved / len(after)
+
+
+class SchedulerTelemetry(ScrapeListener):
+    """Everything the scheduler reports; one per process, on the registry it is given."""
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry,
+        core: SchedulerCore,
+        clock: Callable[[], float],
+        virtual_nodes: int = 256,
+    ) -> None:
+        self.registry = registry
+        self._policy = core.policy.name
+        registry.register(_CoreCollector(core, clock))
+        self.pick_duration = Histogram(
+            f"{NAMESPACE}_pick_duration_seconds",
+            "Time to decide one Pick (keys, policy, lease), as served.",
+            buckets=_PICK_BUCKETS,
+            registry=registry,
+        )
+        self.pick_errors = Counter(
+            f"{NAMESPACE}_pick_errors",
+            "Picks refused, by kind (invalid, unknown_model, no_endpoint).",
+            ["kind"],
+            registry=registry,
+        )
+        self.predicted_ttft = Histogram(
+            f"{NAMESPACE}_predicted_ttft_seconds",
+            "The scheduler's TTFT prediction for completed requests.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.observed_ttft = Histogram(
+            f"{NAMESPACE}_observed_ttft_seconds",
+            "TTFT the router observed for completed requests.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_error = Histogram(
+            f"{NAMESPACE}_ttft_prediction_error_seconds",
+            "Absolute difference between observed and predicted TTFT.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_underestimated = Counter(
+            f"{NAMESPACE}_ttft_underestimated",
+            "Completions whose observed TTFT exceeded the prediction.",
+            ["policy"],
+            registry=registry,
+        )
+        self.completions = Counter(
+            f"{NAMESPACE}_completions",
+            "Complete calls by outcome (unknown = lease already closed or expired).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.scrape_errors = Counter(
+            f"{NAMESPACE}_scrape_errors",
+            "Failed scrapes of engine /metrics or /health, by kind.",
+            ["endpoint", "kind"],
+            registry=registry,
+        )
+        self.engine_prefix_hit_rate = Gauge(
+            f"{NAMESPACE}_endpoint_prefix_cache_hit_rate",
+            "vllm:prefix_cache_hits / vllm:prefix_cache_queries since the engine started.",
+            ["endpoint"],
+            registry=registry,
+        )
+        self.health_changes = Counter(
+            f"{NAMESPACE}_endpoint_health_changes",
+            "Endpoints leaving (unhealthy) or rejoining (healthy) the rings.",
+            ["state"],
+            registry=registry,
+        )
+        self.keys_remapped = Gauge(
+            f"{NAMESPACE}_ring_keys_remapped_ratio",
+            "Share of the key space whose first candidate moved at the last membership change.",
+            registry=registry,
+        )
+        self.keys_remapped_sum = Counter(
+            f"{NAMESPACE}_ring_keys_remapped",
+            "Sum over membership changes of the key-space share remapped.",
+            registry=registry,
+        )
+        self._probe = RingRemapProbe(virtual_nodes=virtual_nodes)
+        self._observed = self.observed_ttft.labels(self._policy)
+        self._predicted = self.predicted_ttft.labels(self._policy)
+        self._error = self.ttft_error.labels(self._policy)
+        self._under = self.ttft_underestimated.labels(self._policy)
+
+    def observe_pick(self, seconds: float) -> None:
+        self.pick_duration.observe(seconds)
+
+    def pick_refused(self, kind: str) -> None:
+        self.pick_errors.labels(kind).inc()
+
+    def observe_complete(
+        self, lease: Lease | None, *, outcome: str, observed_ttft_s: float | None
+    ) -> None:
+        self.completions.labels(outcome if lease is not None else "unknown").inc()
+        if lease is None or observed_ttft_s is None or outcome != "success":
+            return
+        self._observed.observe(observed_ttft_s)
+        self._predicted.observe(lease.predicted_ttft_s)
+        self._error.observe(abs(observed_ttft_s - lease.predicted_ttft_s))
+        if observed_ttft_s > lease.predicted_ttft_s:
+            self._under.inc()
+
+    def membership_changed(self, endpoints: Sequence[Endpoint]) -> None:
+        ratio = self._probe.sync(endpoint.id for endpoint in endpoints)
+        self.keys_remapped.set(ratio)
+        self.keys_remapped_sum.inc(ratio)
+
+    # ScrapeListener
+    def scraped(self, endpoint_id: str, stats: EngineStats) -> None:
+        rate = stats.prefix_cache_hit_rate
+        if rate is not None:
+            self.engine_prefix_hit_rate.labels(endpoint_id).set(rate)
+
+    def scrape_failed(self, endpoint_id: str, kind: str) -> None:
+        self.scrape_errors.labels(endpoint_id, kind).inc()
+
+    def health_changed(self, endpoint_id: str, *, healthy: bool) -> None:
+        self.health_changes.labels("healthy" if healthy else "unhealthy").inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# -- debug pages ---------------------------------------------------------------------------
+
+
+def decision_to_json(record: DecisionRecord) -> dict[str, Any]:
+    decision = record.decision
+    return {
+        "request_id": record.request_id,
+        "lease_id": record.lease_id,
+        "decided_at": record.decided_at,
+        "policy": decision.policy,
+        "endpoint_id": decision.endpoint_id,
+        "prefill_endpoint_id": decision.prefill_endpoint_id,
+        "reason": decision.reason.value,
+        "predicted_ttft_s": decision.predicted_ttft_s,
+        "expected_cached_blocks": decision.expected_cached_blocks,
+        "prompt_blocks": record.prompt_blocks,
+        "prompt_tokens": record.prompt_tokens,
+        "key_depth": decision.key_depth,
+        "detail": decision.detail,
+        "candidates": [
+            {
+                "endpoint_id": c.endpoint_id,
+                "score": c.score,
+                "predicted_ttft_s": c.predicted_ttft_s,
+                "expected_cached_blocks": c.expected_cached_blocks,
+                "pending_prefill_tokens": c.pending_prefill_tokens,
+                "role": c.role,
+            }
+            for c in decision.candidates
+        ],
+    }
+
+
+def render_decisions_html(records: Sequence[DecisionRecord]) -> str:
+    rows = []
+    for record in records:
+        d = record.decision
+        candidates = "<br>".join(
+            html.escape(
+                f"{c.endpoint_id} [{c.role}] ttft={c.predicted_ttft_s:.3f}s "
+                f"cached={c.expected_cached_blocks} pending={c.pending_prefill_tokens}"
+            )
+            for c in d.candidates
+        )
+        cells = (
+            f"{record.decided_at:.3f}", record.request_id, record.lease_id, d.policy,
+            d.endpoint_id, d.reason.value, f"{d.predicted_ttft_s:.3f}",
+            f"{d.expected_cached_blocks}/{record.prompt_blocks}", d.detail,
+        )  # fmt: skip
+        rows.append(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+            + f"<td>{candidates}</td></tr>"
+        )  # fmt: skip
+    header = (
+        "decided at (unix s)", "request", "lease", "policy", "endpoint", "reason",
+        "predicted TTFT (s)", "cached/prompt blocks", "detail", "candidates (best first)",
+    )  # fmt: skip
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>twinroute decisions</title>"
+        "<style>td,th{border:1px solid #ccc;padding:2px 6px;font:12px monospace;"
+        "vertical-align:top}</style></head><body><h1>Recent decisions (newest first)</h1>"
+        "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + "</tr>"
+        + "".join(rows) + "</table></body></html>"
+    )  # fmt: skip
+
+
+DecisionSource = Callable[[int, str | None], list[DecisionRecord]]
+
+
+def build_metrics_app(
+    *, telemetry: SchedulerTelemetry, decisions: DecisionSource
+) -> web.Application:
+    """`/metrics` (Prometheus text), `/debug/decisions` and `/healthz`."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        response = web.Response(body=telemetry.exposition())
+        response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+        return response
+
+    async def debug_decisions(request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="limit must be an integer") from None
+        if limit <= 0:
+            raise web.HTTPBadRequest(text="limit must be positive")
+        request_id = request.query.get("request_id") or None
+        records = decisions(limit, request_id)
+        if request.query.get("format") == "json":
+            body = {"decisions": [decision_to_json(record) for record in records]}
+            return web.Response(text=json.dumps(body), content_type="application/json")
+        return web.Response(text=render_decisions_html(records), content_type="text/html")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/debug/decisions", debug_decisions)
+    app.router.add_get("/healthz", healthz)
+    return app
