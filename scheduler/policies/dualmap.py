@@ -91,7 +91,12 @@ class DualMapPolicy(Policy):
             self._synced_endpoints = view.endpoints
 
     def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
-        eligible = eligible_endpoints(request, view)
+        # Without exclusions every endpoint is eligible: skip the O(N) filter on the hot path.
+        eligible_count = (
+            len(eligible_endpoints(request, view))
+            if request.exclude or not view.endpoints
+            else len(view.endpoints)
+        )
         self._sync(view)
         depth = self._hotness.observe(request.keys, endpoints=len(view.endpoints))
         key, depth = prefix_key(request, blocks=depth)
@@ -99,7 +104,7 @@ class DualMapPolicy(Policy):
         first_id, second_id = self._rings.candidates(key, exclude=request.exclude)
         cost_model = self.config.cost_model
         first = score_endpoint(request, view, first_id, cost_model=cost_model, role="ring-1")
-        if len(eligible) == 1 or second_id == first_id:
+        if eligible_count == 1 or second_id == first_id:
             return Decision(
                 endpoint_id=first.endpoint_id,
                 reason=DecisionReason.ONLY_CANDIDATE,
