@@ -30,7 +30,7 @@ class MinTtftPolicy(Policy):
     def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
         eligible = eligible_endpoints(request, view)
         cost = self.config.cost_model
-        holders = view.prefix_index.holders(request.keys) if len(eligible) > 1 else {}
+        holders = view.prefix_index.holders(request.keys)
         prefill_by_matched: dict[int, float] = {}
         ranked: list[tuple[float, int, int, str, int]] = []
         for order, endpoint in enumerate(eligible):
