@@ -13,6 +13,7 @@ never sleep.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -49,6 +50,17 @@ class DecisionRecord:
     prompt_blocks: int
     prompt_tokens: int
     decision: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class RebalanceMove:
+    """A queued request moved off a hotspot to its other candidate (same lease id)."""
+
+    lease_id: str
+    request_id: str
+    source: str
+    target: str
+    benefit_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +134,9 @@ class SchedulerCore:
         self.decisions: collections.Counter[DecisionReason] = collections.Counter()
         self.membership_changes = 0
         self.picks_failed = 0
+        self.rebalance_moves = 0
+        # The request and decision behind each open lease (what rebalancing needs to move it).
+        self._open: dict[str, tuple[RoutingRequest, Decision]] = {}
 
     # -- membership -------------------------------------------------------------------------
 
@@ -141,7 +156,8 @@ class SchedulerCore:
 
     def _forget(self, endpoint_id: str, *, now: float) -> None:
         self.prefix_index.remove_endpoint(endpoint_id)
-        self.leases.forget_endpoint(endpoint_id, now=now)
+        for lease in self.leases.forget_endpoint(endpoint_id, now=now):
+            self._open.pop(lease.lease_id, None)
         self._scrapes.pop(endpoint_id, None)
         self.draining.discard(endpoint_id)
         self.unhealthy.discard(endpoint_id)
@@ -250,6 +266,7 @@ class SchedulerCore:
             predicted_ttft_s=decision.predicted_ttft_s,
         )
         self.prefix_index.record(endpoint.id, request.keys)
+        self._open[lease.lease_id] = (request, decision)
         self.decisions[decision.reason] += 1
         self._history.append(
             DecisionRecord(
@@ -283,10 +300,169 @@ class SchedulerCore:
         output_tokens: int = 0,
     ) -> Lease | None:
         """Close a lease; returns it (for telemetry) or None when it was unknown or expired."""
+        self._open.pop(lease_id, None)
         return self.leases.close(lease_id, now=now)
 
     def expire(self, now: float) -> list[Lease]:
-        return self.leases.expire(now=now)
+        expired = self.leases.expire(now=now)
+        for lease in expired:
+            self._open.pop(lease.lease_id, None)
+        return expired
+
+    # -- hotspot rebalancing ------------------------------------------------------------------
+
+    def plan_rebalance(self, *, now: float) -> list[RebalanceMove]:
+        """DualMap's hotspot rebalancing, planned without changing anything.
+
+        Only for policies that ask for it (`Policy.rebalances_hotspots`). An endpoint is a
+        hotspot when the time to clear its pending prefill exceeds the SLO. For each request
+        still queued there (no first token, not believed prefilled) whose decision named
+        another candidate j: benefit B = TTFT(r, here) - TTFT(r, j), with TTFT(r, here) as if
+        it waited for the whole queue. Moves go in descending B, only when B > 0 and
+        TTFT(r, j) (with the moves already planned onto j) is within the request's SLO, until
+        the hotspot's queue fits the SLO. One batch, not recursive: a request moves at most
+        once per round and a target is never made a hotspot.
+
+        Cost: O(queued leases on hotspots x log) per round; nothing when no endpoint is hot.
+        """
+        if not self.policy.rebalances_hotspots or len(self._routable) < 2:
+            return []
+        cost = self.cost_model
+        default_slo = self.policy.config.ttft_slo_s
+        added: collections.Counter[str] = collections.Counter()
+        moves: list[RebalanceMove] = []
+        for endpoint in self._routable:
+            source = endpoint.id
+            load = self.load(source, now=now)
+            queue_s = cost.queue_time_s(load)
+            if queue_s <= default_slo:
+                continue
+            options: list[tuple[float, Lease, str, int]] = []
+            ahead = 0.0
+            for lease in self.leases.queued_on(source, now=now):
+                ahead += lease.remaining_prefill
+                entry = self._open.get(lease.lease_id)
+                if entry is None:
+                    continue
+                request, decision = entry
+                target = next(
+                    (
+                        c.endpoint_id
+                        for c in decision.candidates
+                        if c.endpoint_id != source
+                        and c.endpoint_id in self._routable_ids
+                        and c.endpoint_id not in request.exclude
+                    ),
+                    None,
+                )
+                if target is None:
+                    continue
+                # Its own wait: the prefill queued up to and including it (FIFO).
+                here_s = cost.queue_time_s(
+                    dataclasses.replace(load, pending_prefill_tokens=round(ahead))
+                )
+                there_s, uncached_there = self._ttft_on(
+                    request, target, added=added[target], now=now
+                )
+                benefit = here_s - there_s
+                slo = default_slo if request.ttft_slo_s is None else request.ttft_slo_s
+                if benefit > 0 and there_s <= slo:
+                    options.append((benefit, lease, target, uncached_there))
+            options.sort(key=lambda option: -option[0])
+            pending = load.pending_prefill_tokens
+            for benefit, lease, target, uncached_there in options:
+                if queue_s <= default_slo:
+                    break
+                request, _decision = self._open[lease.lease_id]
+                slo = default_slo if request.ttft_slo_s is None else request.ttft_slo_s
+                there_s, _ = self._ttft_on(request, target, added=added[target], now=now)
+                if there_s > slo:
+                    continue
+                pending -= round(lease.remaining_prefill)
+                added[target] += uncached_there
+                queue_s = cost.queue_time_s(
+                    dataclasses.replace(load, pending_prefill_tokens=pending)
+                )
+                moves.append(
+                    RebalanceMove(
+                        lease_id=lease.lease_id,
+                        request_id=lease.request_id,
+                        source=source,
+                        target=target,
+                        benefit_s=benefit,
+                    )
+                )
+        return moves
+
+    def _ttft_on(
+        self, request: RoutingRequest, endpoint_id: str, *, added: int, now: float
+    ) -> tuple[float, int]:
+        """(predicted TTFT, uncached tokens) of `request` on an endpoint carrying `added` more."""
+        matched = self.prefix_index.matched_blocks(endpoint_id, request.keys)
+        cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
+        load = self.load(endpoint_id, now=now)
+        if added:
+            load = dataclasses.replace(
+                load, pending_prefill_tokens=load.pending_prefill_tokens + added
+            )
+        uncached = request.prompt_tokens - cached
+        ttft = self.cost_model.estimate_ttft_s(
+            uncached_tokens=uncached, cached_tokens=cached, load=load
+        )
+        return ttft, uncached
+
+    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+        """Move a queued lease to `target` (its request was withdrawn and resubmitted there).
+
+        The lease keeps its id, so the caller's first-token and completion reports still
+        find it. False when the lease is unknown, already prefilled, or the target is not
+        routable.
+        """
+        lease = self.leases.get(lease_id)
+        entry = self._open.get(lease_id)
+        if lease is None or entry is None or lease.prefilled or target not in self._routable_ids:
+            return False
+        request, decision = entry
+        source = lease.endpoint_id
+        self.leases.close(lease_id, now=now)
+        ttft, uncached = self._ttft_on(request, target, added=0, now=now)
+        self.leases.open(
+            endpoint_id=target,
+            request_id=request.request_id,
+            now=now,
+            prompt_tokens=request.prompt_tokens,
+            uncached_tokens=uncached,
+            predicted_ttft_s=ttft,
+            lease_id=lease_id,
+        )
+        self.prefix_index.record(target, request.keys)
+        moved = dataclasses.replace(
+            decision,
+            endpoint_id=target,
+            reason=DecisionReason.REBALANCED,
+            predicted_ttft_s=ttft,
+            detail=f"moved from hotspot {source} to its other candidate {target}",
+        )
+        self._open[lease_id] = (request, moved)
+        self.decisions[DecisionReason.REBALANCED] += 1
+        self.rebalance_moves += 1
+        self._history.append(
+            DecisionRecord(
+                request_id=request.request_id,
+                lease_id=lease_id,
+                decided_at=now,
+                prompt_blocks=request.keys.num_blocks,
+                prompt_tokens=request.prompt_tokens,
+                decision=moved,
+            )
+        )
+        return True
+
+    def rebalance(self, *, now: float) -> list[RebalanceMove]:
+        """Plan and apply a round at once, for callers that can always withdraw a queued
+        request; callers that may fail to withdraw use `plan_rebalance` and `move`."""
+        moves = self.plan_rebalance(now=now)
+        return [m for m in moves if self.move(m.lease_id, target=m.target, now=now)]
 
     def recent_decisions(
         self, limit: int = 50, *, request_id: str | None = None

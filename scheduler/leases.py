@@ -87,10 +87,14 @@ class LeaseTable:
         prompt_tokens: int,
         uncached_tokens: int,
         predicted_ttft_s: float,
+        lease_id: str | None = None,
     ) -> Lease:
+        """Open a lease; `lease_id` reuses an id (a lease moved to another endpoint)."""
+        if lease_id is not None and lease_id in self._leases:
+            raise ValueError(f"lease {lease_id!r} is already open")
         queue = self._queue(endpoint_id, now)
         lease = Lease(
-            lease_id=f"{self._id_prefix}{next(self._ids)}",
+            lease_id=lease_id or f"{self._id_prefix}{next(self._ids)}",
             endpoint_id=endpoint_id,
             request_id=request_id,
             opened_at=now,
@@ -147,6 +151,14 @@ class LeaseTable:
             self.close(lease.lease_id, now=now)
         self.expired_total += len(stale)
         return stale
+
+    def queued_on(self, endpoint_id: str, *, now: float) -> list[Lease]:
+        """Leases believed still waiting for prefill there, oldest first."""
+        queue = self._queues.get(endpoint_id)
+        if queue is None:
+            return []
+        self._drain(queue, now)
+        return list(queue.prefill)
 
     def leases_on(self, endpoint_id: str) -> list[Lease]:
         return [lease for lease in self._leases.values() if lease.endpoint_id == endpoint_id]

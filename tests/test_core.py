@@ -6,7 +6,15 @@ from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
 from twinroute.scheduler.policies import make_policy
-from twinroute.scheduler.types import Endpoint, NoEndpointError, RoutingRequest
+from twinroute.scheduler.policies.base import Policy, PolicyConfig, score_endpoint
+from twinroute.scheduler.types import (
+    ClusterView,
+    Decision,
+    DecisionReason,
+    Endpoint,
+    NoEndpointError,
+    RoutingRequest,
+)
 
 SEED = namespace_seed(model="m")
 
@@ -114,3 +122,82 @@ def test_leases_expire_through_the_core() -> None:
     core.pick(request("r"), now=0.0)
     assert len(core.expire(now=11.0)) == 1
     assert core.in_flight("e0") == 0
+
+
+class _PinnedPair(Policy):
+    """Always e0, naming e1 as the other candidate: builds a hotspot on purpose."""
+
+    name = "pinned-pair"
+    rebalances_hotspots = True
+
+    def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
+        scores = tuple(
+            score_endpoint(request, view, endpoint_id, cost_model=self.config.cost_model)
+            for endpoint_id in ("e0", "e1")
+        )
+        return Decision(
+            endpoint_id="e0",
+            reason=DecisionReason.CACHE_AFFINITY,
+            policy=self.name,
+            candidates=scores,
+        )
+
+
+def hotspot_core(policy: Policy, *, requests: int = 10) -> tuple[SchedulerCore, list[str]]:
+    core = SchedulerCore(policy=policy, cost_model=LLAMA3_8B_H100)
+    core.set_endpoints(endpoints(3), now=0.0)
+    # 10 distinct 16k-token prompts at once: ~8 s of prefill queued on e0 against a 5 s SLO.
+    leases = [
+        core.pick(request(f"r{i}", start=i * 100_000, tokens=16_000), now=0.0).lease_id
+        for i in range(requests)
+    ]
+    return core, leases
+
+
+def test_rebalancing_moves_the_queue_tail_of_a_hotspot_to_the_other_candidate() -> None:
+    core, leases = hotspot_core(_PinnedPair(config=PolicyConfig()))
+    queue_before = LLAMA3_8B_H100.queue_time_s(core.load("e0", now=0.0))
+    assert queue_before > 5.0
+    moves = core.plan_rebalance(now=0.0)
+    assert moves and {(m.source, m.target) for m in moves} == {("e0", "e1")}
+    # The newest requests wait longest, so they gain most and go first.
+    assert [m.lease_id for m in moves] == leases[::-1][: len(moves)]
+    assert all(m.benefit_s > 0 for m in moves)
+    assert core.load("e0", now=0.0).in_flight == 10  # planning changes nothing
+    applied = core.rebalance(now=0.0)
+    assert [m.lease_id for m in applied] == [m.lease_id for m in moves]
+    assert LLAMA3_8B_H100.queue_time_s(core.load("e0", now=0.0)) <= 5.0
+    assert LLAMA3_8B_H100.queue_time_s(core.load("e1", now=0.0)) <= 5.0
+    assert core.rebalance_moves == len(moves)
+    assert core.decisions[DecisionReason.REBALANCED] == len(moves)
+    assert core.recent_decisions(1)[0].decision.reason is DecisionReason.REBALANCED
+    # A moved lease keeps its id: reports about it land on its new endpoint.
+    moved = moves[0].lease_id
+    assert core.first_token(moved, now=1.0)
+    assert core.complete(moved, now=2.0) is not None
+    assert core.load("e1", now=2.0).in_flight == len(moves) - 1
+    assert core.plan_rebalance(now=0.0) == []
+
+
+def test_policies_that_do_not_ask_for_rebalancing_never_move_anything() -> None:
+    class Unmoved(_PinnedPair):
+        rebalances_hotspots = False
+
+    core, _ = hotspot_core(Unmoved(config=PolicyConfig()))
+    assert core.plan_rebalance(now=0.0) == []
+
+
+def test_a_request_that_would_break_the_slo_on_the_other_candidate_stays() -> None:
+    core, _ = hotspot_core(_PinnedPair(config=PolicyConfig(ttft_slo_s=0.5)))
+    # 0.5 s SLO: a 16k-token prompt alone takes ~0.9 s anywhere, so no move can help.
+    assert core.plan_rebalance(now=0.0) == []
+
+
+def test_move_refuses_unknown_prefilled_and_unroutable() -> None:
+    core, leases = hotspot_core(_PinnedPair(config=PolicyConfig()))
+    assert not core.move("nope", target="e1", now=0.0)
+    assert not core.move(leases[-1], target="gone", now=0.0)
+    assert core.first_token(leases[0], now=0.5)
+    assert not core.move(leases[0], target="e1", now=0.5)
+    assert core.move(leases[-1], target="e2", now=0.5)
+    assert core.load("e2", now=0.5).in_flight == 1

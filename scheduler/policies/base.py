@@ -49,6 +49,9 @@ class Policy(ABC):
     """Chooses an endpoint for one request."""
 
     name: ClassVar[str]
+    # True: the core may move queued requests off hotspots to their other candidate
+    # (`SchedulerCore.plan_rebalance`); the decision's candidates name where they may go.
+    rebalances_hotspots: ClassVar[bool] = False
 
     def __init__(self, *, config: PolicyConfig) -> None:
         self.config = config
