@@ -1,6 +1,6 @@
 """Start and stop the server processes a live benchmark (or an end-to-end test) needs.
 
-Our own servers print `... listening on http://HOST:PORT` once bound, so they start on port 0
+Our own servers print `... listening on [http://]HOST:PORT` once bound, so they start on port 0
 and tell us their port; peer routers get a free port chosen here and are polled until a
 readiness URL answers 200. Every process is stopped by its own id (SIGTERM, then SIGKILL).
 """
@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import aiohttp
 
-_LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
+_LISTENING = re.compile(rb"listening on (?:http://)?([\d.]+):(\d+)")
 
 
 @dataclass(slots=True)
