@@ -25,7 +25,7 @@ def endpoints(count: int) -> list[Endpoint]:
 
 def request(
     name: str, *, start: int = 0, tokens: int = 4096, exclude: frozenset[str] = frozenset()
-):
+) -> RoutingRequest:
     keys = keys_from_tokens(np.arange(start, start + tokens), block_size=16, seed=SEED)
     return RoutingRequest(request_id=name, keys=keys, prompt_tokens=tokens, exclude=exclude)
 
