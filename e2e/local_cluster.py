@@ -1,0 +1,292 @@
+"""The one-machine cluster: every part of twinroute as its own process on 127.0.0.1.
+
+- the local Kubernetes API server (`python -m twinroute.testing.kube`), with the CRD applied
+  by the real kubectl;
+- the operator (`twinroute operator`), with the flags the Helm chart's Deployment passes;
+- the local kubelet (`python -m twinroute.testing.kubelet`), which turns the engine Deployments
+  the operator renders into engine-sim processes and Pod objects;
+- the scheduler (`twinroute scheduler`) with Kubernetes discovery, configured from the
+  ConfigMap the operator renders for the pool (selector, namespace, policy, SLO, block size);
+- the router (`twinroute router --scheduler ...`).
+
+The scheduler/router pod the operator renders is not run by the kubelet: its container flags
+(`--config`, `--grpc-port`, ...) are the operator's contract with the scheduler image; here the
+two processes are started with the same settings taken from the rendered ConfigMap.
+Everything writes logs under one folder; `dump()` prints objects, events and log tails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import yaml
+
+from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"
+NAMESPACE = "serving"
+# Generous: the machine is shared, and a cold `python -m twinroute ...` imports grpc, numpy
+# and the Kubernetes client.
+STARTUP_TIMEOUT_S = 90.0
+ENGINE_ROLES_SELECTOR = "twinroute.io/role in (unified,prefill,decode)"
+
+
+def ensure_kubectl() -> pathlib.Path:
+    if not KUBECTL.exists():
+        subprocess.run(["bash", str(REPO_ROOT / "tools" / "fetch_k8s_tools.sh")], check=True)
+    return KUBECTL
+
+
+@dataclass(slots=True)
+class Background:
+    """A process we started and stop by its own id."""
+
+    name: str
+    process: asyncio.subprocess.Process
+
+    async def stop(self, *, grace_s: float = 10.0) -> None:
+        if self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout=grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+@dataclass(slots=True)
+class LocalCluster:
+    work_dir: pathlib.Path
+    api_url: str = ""
+    kubeconfig: pathlib.Path = field(default_factory=pathlib.Path)
+    background: list[Background] = field(default_factory=list)
+    scheduler: ServerProcess | None = None
+    router: ServerProcess | None = None
+    scheduler_metrics: str = ""
+
+    # -- processes ------------------------------------------------------------------------
+
+    async def _spawn(self, name: str, argv: list[str]) -> Background:
+        log = (self.work_dir / f"{name}.log").open("ab")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "KUBECONFIG": str(self.kubeconfig)},
+            )
+        finally:
+            log.close()
+        started = Background(name=name, process=process)
+        self.background.append(started)
+        return started
+
+    async def start(self) -> None:
+        ensure_kubectl()
+        self.kubeconfig = self.work_dir / "kubeconfig"
+        ready = self.work_dir / "api-url"
+        await self._spawn(
+            "api-server",
+            [
+                sys.executable,
+                "-m",
+                "twinroute.testing.kube",
+                "--ready-file",
+                str(ready),
+                "--kubeconfig",
+                str(self.kubeconfig),
+            ],
+        )
+        await wait_until(
+            lambda: ready.exists() and bool(ready.read_text().strip()),
+            "API server",
+            timeout_s=STARTUP_TIMEOUT_S,
+        )
+        self.api_url = ready.read_text().strip()
+        # Namespaces need not exist in the local API server (see twinroute.testing.kube).
+        await self.kubectl("apply", "-f", str(REPO_ROOT / "manifests" / "10-crd-modelpools.yaml"))
+        liveness = free_port()
+        # The chart's operator flags (charts/twinroute/templates/deployment.yaml), with a
+        # short drain timeout: no scheduler Service resolves on this machine.
+        await self._spawn(
+            "operator",
+            twinroute_argv(
+                "operator",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                f"--namespace={NAMESPACE}",
+                "--scheduler-image=ghcr.io/twinroute/twinroute:0.1.0",
+                "--image-pull-policy=IfNotPresent",
+                "--resync-seconds=60",
+                "--drain-timeout-seconds=2",
+                "--liveness-host=127.0.0.1",
+                f"--liveness-port={liveness}",
+            ),
+        )
+        await wait_http_ok(
+            f"http://127.0.0.1:{liveness}/healthz",
+            what="operator liveness",
+            timeout_s=STARTUP_TIMEOUT_S,
+        )
+        await self._spawn(
+            "kubelet",
+            [
+                sys.executable,
+                "-m",
+                "twinroute.testing.kubelet",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--namespace",
+                NAMESPACE,
+                "--selector",
+                ENGINE_ROLES_SELECTOR,
+                "--work-dir",
+                str(self.work_dir / "pods"),
+            ],
+        )
+
+    async def start_scheduler_and_router(self, *, pool: str) -> None:
+        """Start both from the pool's rendered ConfigMap, as its scheduler pod would run."""
+        config_map = await self.get_json("configmap", f"{pool}-scheduler")
+        config = yaml.safe_load(config_map["data"]["scheduler.yaml"])
+        discovery = config["discovery"]
+        self.scheduler_metrics = f"127.0.0.1:{free_port()}"
+        self.scheduler = await start_announced(
+            "scheduler",
+            twinroute_argv(
+                "scheduler",
+                "--listen=127.0.0.1:0",
+                f"--metrics-listen={self.scheduler_metrics}",
+                f"--policy={config['policy']}",
+                f"--ttft-slo={config['ttftSloSeconds']}",
+                f"--block-size={config['prefixBlockSize']}",
+                f"--model={config['model']}",
+                f"--kube-selector={discovery['labelSelector']}",
+                f"--namespace={discovery['namespace']}",
+                f"--kubeconfig={self.kubeconfig}",
+                f"--engine-port={discovery['defaultPort']}",
+                f"--scrape-interval={config['scrapeIntervalSeconds']}",
+            ),
+            log_path=str(self.work_dir / "scheduler.log"),
+            timeout_s=STARTUP_TIMEOUT_S,
+        )
+        self.router = await start_announced(
+            "router",
+            twinroute_argv(
+                "router",
+                "--port=0",
+                f"--model={config['model']}",
+                f"--scheduler={self.scheduler.address}",
+                f"--ttft-slo-s={config['ttftSloSeconds']}",
+            ),
+            log_path=str(self.work_dir / "router.log"),
+            timeout_s=STARTUP_TIMEOUT_S,
+        )
+
+    async def stop(self) -> None:
+        for server in (self.router, self.scheduler):
+            if server is not None:
+                await server.stop()
+        # The kubelet first (it stops its engines), the API server last.
+        order = {"kubelet": 0, "operator": 1, "api-server": 2}
+        for item in sorted(self.background, key=lambda b: order.get(b.name, 0)):
+            await item.stop()
+
+    # -- kubectl and the API ----------------------------------------------------------------
+
+    async def kubectl(self, *args: str, check: bool = True) -> str:
+        process = await asyncio.create_subprocess_exec(
+            str(KUBECTL),
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "-n",
+            NAMESPACE,
+            "--validate=false" if args and args[0] in ("apply", "create") else "--v=0",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        if check and process.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {err.decode().strip()}")
+        return out.decode()
+
+    async def get_json(self, kind: str, name: str = "", *, selector: str = "") -> Any:
+        args = ["get", kind, *([name] if name else []), "-o", "json"]
+        if selector:
+            args += ["-l", selector]
+        return json.loads(await self.kubectl(*args))
+
+    async def pods(self, *, pool: str) -> list[dict[str, Any]]:
+        listing = await self.get_json("pods", selector=f"twinroute.io/pool={pool}")
+        items: list[dict[str, Any]] = listing["items"]
+        return items
+
+    async def scheduler_metric(self, name: str) -> dict[str, float]:
+        """Samples of one metric family: {labels as text: value}."""
+        url = f"http://{self.scheduler_metrics}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            text = await response.text()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+    async def dump(self) -> str:
+        """Objects, events and process logs, for a failed test's report."""
+        parts: list[str] = []
+        for kind in ("modelpools", "deployments", "pods", "configmaps", "events"):
+            with contextlib.suppress(Exception):
+                parts.append(
+                    f"==== kubectl get {kind}\n" + await self.kubectl("get", kind, "-o", "yaml")
+                )
+        for log in sorted(self.work_dir.rglob("*.log")):
+            text = log.read_text(errors="replace")
+            parts.append(f"==== {log.relative_to(self.work_dir)} (tail)\n{text[-3000:]}")
+        return "\n".join(parts)
+
+
+async def wait_until(check: Any, what: str, *, timeout_s: float = 30.0) -> Any:
+    async with asyncio.timeout(timeout_s):
+        while True:
+            value = check()
+            if asyncio.iscoroutine(value):
+                value = await value
+            if value:
+                return value
+            await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")  # pragma: no cover
+
+
+async def wait_http_ok(url: str, *, what: str, timeout_s: float = 30.0) -> None:
+    async def ok() -> bool:
+        try:
+            timeout = aiohttp.ClientTimeout(total=2)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(url) as response,
+            ):
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+
+    try:
+        await wait_until(ok, what, timeout_s=timeout_s)
+    except TimeoutError as error:
+        raise AssertionError(f"timed out waiting for {what} at {url}") from error

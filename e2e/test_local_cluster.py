@@ -1,0 +1,204 @@
+"""The whole product on one machine, every part a process (see `local_cluster.py`):
+kubectl apply a ModelPool -> the operator renders engine Deployments -> the local kubelet runs
+engine-sim processes and writes Pods -> the scheduler discovers them through the Kubernetes
+watch -> traffic through the router sticks to one engine per shared prefix; scale out and in
+under traffic loses nothing; deleting the pool removes every child and stops every engine.
+
+On failure the test prints the objects, events and the tail of every process's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import pathlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from local_cluster import REPO_ROOT, LocalCluster, wait_until
+
+POOL = "sim"
+MODEL = "twinroute-sim"
+SAMPLE = REPO_ROOT / "manifests" / "samples" / "modelpool-simulator.yaml"
+ENDPOINT_HEADER = "x-twinroute-endpoint"
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass(slots=True)
+class TrafficLog:
+    served_by: dict[int, list[str]] = field(default_factory=lambda: collections.defaultdict(list))
+    failures: list[str] = field(default_factory=list)
+    sent: int = 0
+
+
+def group_prefix(group: int) -> str:
+    """A long system prompt per group: several prefix-key blocks (2,048 characters each)."""
+    words = random.Random(group).choices(["alpha", "beta", "gamma", "delta", "omega"], k=1800)
+    return f"You are assistant number {group}. " + " ".join(words)
+
+
+async def send(
+    session: aiohttp.ClientSession, *, router: str, group: int, turn: int, log: TrafficLog
+) -> None:
+    body = {
+        "model": MODEL,
+        "prompt": f"{group_prefix(group)}\nUser turn {turn}: say something.",
+        "max_tokens": 4,
+        "stream": turn % 2 == 0,
+    }
+    log.sent += 1
+    try:
+        async with session.post(f"{router}/v1/completions", json=body) as response:
+            text = await response.text()
+            if response.status != 200:
+                log.failures.append(f"group {group} turn {turn}: {response.status} {text[:200]}")
+                return
+            if body["stream"] and "[DONE]" not in text:
+                log.failures.append(f"group {group} turn {turn}: stream ended without [DONE]")
+                return
+            log.served_by[group].append(response.headers.get(ENDPOINT_HEADER, "?"))
+    except (aiohttp.ClientError, TimeoutError) as error:
+        log.failures.append(f"group {group} turn {turn}: {type(error).__name__} {error}")
+
+
+async def steady_traffic(
+    *, router: str, log: TrafficLog, stop: asyncio.Event, groups: int = 6, interval_s: float = 0.05
+) -> None:
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        pending: set[asyncio.Task[None]] = set()
+        turn = 0
+        while not stop.is_set():
+            task = asyncio.create_task(
+                send(session, router=router, group=turn % groups, turn=turn, log=log)
+            )
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            turn += 1
+            await asyncio.sleep(interval_s)
+        await asyncio.gather(*pending)
+
+
+@pytest.fixture
+async def cluster(tmp_path: pathlib.Path) -> AsyncIterator[LocalCluster]:
+    local = LocalCluster(work_dir=tmp_path)
+    try:
+        await local.start()
+        yield local
+    finally:
+        await local.stop()
+
+
+async def ready_endpoints(cluster: LocalCluster) -> float:
+    samples = await cluster.scheduler_metric("twinroute_scheduler_ready_endpoints")
+    return max(samples.values(), default=0.0)
+
+
+async def ready_engine_pods(cluster: LocalCluster) -> list[str]:
+    return [
+        pod["metadata"]["name"]
+        for pod in await cluster.pods(pool=POOL)
+        if any(
+            c["type"] == "Ready" and c["status"] == "True"
+            for c in pod.get("status", {}).get("conditions", [])
+        )
+        and not pod["metadata"].get("deletionTimestamp")
+    ]
+
+
+async def test_pool_lifecycle_through_the_real_processes(cluster: LocalCluster) -> None:
+    try:
+        await scenario(cluster)
+    except BaseException:
+        print(await cluster.dump())
+        raise
+
+
+async def scenario(cluster: LocalCluster) -> None:
+    await cluster.kubectl("apply", "-f", str(SAMPLE))
+    await wait_until(lambda: _count_is(cluster, 2), "two Ready engine pods", timeout_s=90)
+    await cluster.start_scheduler_and_router(pool=POOL)
+    assert cluster.router is not None
+    router = cluster.router.url
+
+    async def two_endpoints() -> bool:
+        return await ready_endpoints(cluster) == 2
+
+    await wait_until(two_endpoints, "the scheduler to discover both engines", timeout_s=30)
+
+    # Affinity: each group's requests go to one engine while the pool is lightly loaded.
+    log = TrafficLog()
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for turn in range(5):
+            await asyncio.gather(
+                *(send(session, router=router, group=g, turn=turn, log=log) for g in range(6))
+            )
+    assert log.failures == []
+    for group, endpoints in log.served_by.items():
+        top = collections.Counter(endpoints).most_common(1)[0][1]
+        assert top >= 4, f"group {group} scattered over {endpoints}"
+    assert len({e for es in log.served_by.values() for e in es}) == 2, "one engine got nothing"
+    decisions = await cluster.scheduler_metric("twinroute_scheduler_decisions_total")
+    assert sum(decisions.values()) >= 30, decisions
+    pool = await cluster.get_json("modelpool", POOL)
+    assert pool["status"]["phase"] in ("Ready", "Progressing"), pool["status"]
+
+    # Scale out and in under steady traffic: nothing fails.
+    stop = asyncio.Event()
+    steady = TrafficLog()
+    traffic = asyncio.create_task(steady_traffic(router=router, log=steady, stop=stop))
+    try:
+        await _scale(cluster, 3)
+
+        async def three_endpoints() -> bool:
+            return await ready_endpoints(cluster) == 3
+
+        await wait_until(three_endpoints, "the third engine in the rings", timeout_s=60)
+        remapped = await cluster.scheduler_metric("twinroute_scheduler_ring_keys_remapped_ratio")
+        # Adding one endpoint to two moves the first candidate of ~1/3 of the keys.
+        assert 0.15 <= max(remapped.values()) <= 0.5, remapped
+        await asyncio.sleep(1.0)
+        await _scale(cluster, 2)
+        await wait_until(two_endpoints, "the scheduler back at two engines", timeout_s=60)
+        await wait_until(lambda: _count_is(cluster, 2), "two engine pods left", timeout_s=30)
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await traffic
+    assert steady.sent >= 40
+    assert steady.failures == [], steady.failures[:5]
+
+    # Delete the pool: every child goes, every engine process stops.
+    pods = await cluster.pods(pool=POOL)
+    ports = [int(p["metadata"]["annotations"]["twinroute.io/engine-port"]) for p in pods]
+    await cluster.kubectl("delete", "modelpool", POOL, "--wait=false")
+
+    async def all_gone() -> bool:
+        deployments = await cluster.get_json("deployments", selector=f"twinroute.io/pool={POOL}")
+        return not deployments["items"] and not await cluster.pods(pool=POOL)
+
+    await wait_until(all_gone, "the pool's Deployments and Pods to be gone", timeout_s=60)
+    for port in ports:
+        with pytest.raises((aiohttp.ClientError, OSError)):
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                await session.get(f"http://127.0.0.1:{port}/health")
+
+
+async def _count_is(cluster: LocalCluster, count: int) -> bool:
+    return len(await ready_engine_pods(cluster)) == count
+
+
+async def _scale(cluster: LocalCluster, replicas: int) -> None:
+    await cluster.kubectl(
+        "patch",
+        "modelpool",
+        POOL,
+        "--type=merge",
+        "-p",
+        f'{{"spec":{{"roles":{{"unified":{{"replicas":{replicas}}}}}}}}}',
+    )
