@@ -325,19 +325,22 @@ async def start_router(
         if scheduler_mode == "embedded":
             argv = twinroute_argv("router", *common, "--embedded", f"--policy={policy}")
             return [await start_announced(name, argv, log_path=log)]
-        grpc_port = free_port()
         scheduler = await start_announced(
             f"{name}-scheduler",
             twinroute_argv(
                 "scheduler",
-                f"--port={grpc_port}",
+                "--listen=127.0.0.1:0",
+                "--metrics-listen=",
                 f"--policy={policy}",
-                f"--endpoints={endpoints}",
-                f"--ttft-slo-s={slo_s}",
+                f"--model={MODEL}",
+                f"--static-endpoints={endpoints}",
+                f"--ttft-slo={slo_s}",
+                f"--block-chars={shape.key_block_chars}",
+                f"--tokens-per-char={shape.tokens_per_char:.4f}",
             ),
             log_path=str(logs / f"{name}-scheduler.log"),
         )
-        argv = twinroute_argv("router", *common, f"--scheduler=127.0.0.1:{grpc_port}")
+        argv = twinroute_argv("router", *common, f"--scheduler={scheduler.address}")
         return [scheduler, await start_announced(name, argv, log_path=log)]
     port, metrics_port = free_port(), free_port()
     peer, _, policy = name.partition("_")

@@ -67,7 +67,7 @@ async def start_announced(
     timeout_s: float = 30.0,
     log_path: str | None = None,
 ) -> ServerProcess:
-    """Start a server that prints `listening on http://HOST:PORT`; stderr goes to `log_path`."""
+    """Start a server that prints `listening on [http://]HOST:PORT`; stderr goes to `log_path`."""
     stderr = _log_target(log_path)
     try:
         process = await asyncio.create_subprocess_exec(
