@@ -62,6 +62,9 @@ class RecordingRouter:
     def tick(self, *, now: float) -> list[tuple[str, str, str]]:
         return []
 
+    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+        return False
+
     def counters(self) -> dict[str, int]:
         return {}
 
@@ -122,8 +125,10 @@ def test_router_learns_engine_state_only_at_scrapes() -> None:
     rows = [(0.05 * k, 2000, 50, [1000 * k + j for j in range(4)]) for k in range(20)]
     _, (router,) = _simulate([_chunk(rows)], scrape_interval_s=0.25, scrape_phase=0.1)
     times = sorted({t for _, t, _, _ in router.scrapes})
-    # Scrapes run on their own clock and stop after the last arrival.
-    assert times == pytest.approx([0.1, 0.35, 0.6, 0.85])
+    # Scrapes run on their own clock, and after the last arrival only while work is left.
+    assert times[:4] == pytest.approx([0.1, 0.35, 0.6, 0.85])
+    assert times == pytest.approx([0.1 + 0.25 * k for k in range(len(times))])
+    assert len(times) > 4
     assert {e for e, _, _, _ in router.scrapes} == {"sim-000", "sim-001"}
     busy = [(r, q) for _, t, r, q in router.scrapes if t == pytest.approx(0.85)]
     assert sum(r + q for r, q in busy) > 0
@@ -166,3 +171,43 @@ def test_warmup_leaves_early_requests_out() -> None:
     result = _simulate(list(generate_shared_prefix(workload)), warmup_fraction=0.25)[0]
     assert result.requests == 200
     assert result.measured_requests == 150
+
+
+class MovingRouter(RecordingRouter):
+    """Sends everything to the first endpoint, then asks to move every lease to the second."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...]) -> None:
+        super().__init__(endpoints)
+        self.open: list[str] = []
+        self.moved: list[str] = []
+
+    def pick(self, request: RoutingRequest, *, now: float) -> tuple[str, Decision]:
+        lease = f"lease-{request.request_id}"
+        self.open.append(lease)
+        return lease, Decision(
+            endpoint_id=self.endpoints[0].id, reason=DecisionReason.HASH, policy="test"
+        )
+
+    def tick(self, *, now: float) -> list[tuple[str, str, str]]:
+        return [(lease, "sim-000", "sim-001") for lease in self.open if lease not in self.moved]
+
+    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+        if target == "sim-001":
+            self.moved.append(lease_id)
+        return True
+
+
+def test_rebalancing_moves_only_requests_still_queued() -> None:
+    # Ten long prompts arrive at once on one instance; at the first scrape only the first is
+    # admitted, so the other nine can move to the idle instance.
+    rows = [(0.0, 8192, 2, [100 * k + j for j in range(16)]) for k in range(10)]
+    result = simulate(
+        [_chunk(rows)],
+        config=ClusterConfig(instances=2, profile=PROFILE, scrape_phase=0.01),
+        router_factory=MovingRouter,
+        keys_for=_keys,
+        cost=COST,
+        progress=None,
+    )
+    assert result.rebalance_moves == 9
+    assert result.requests == 10 and not np.isnan(result.e2e_p90_s)

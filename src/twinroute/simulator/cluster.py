@@ -72,7 +72,11 @@ class Router(Protocol):
     ) -> None: ...
 
     def tick(self, *, now: float) -> list[tuple[str, str, str]]:
-        """Periodic work (lease expiry, rebalancing); returns moves (lease, from, to)."""
+        """Periodic work (lease expiry); returns planned rebalancing moves (lease, from, to)."""
+        ...
+
+    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+        """Move a queued request's lease to `target`; False if it cannot move."""
         ...
 
     def counters(self) -> dict[str, int]: ...
@@ -300,6 +304,8 @@ def simulate(
         for done in result.finished:
             index = int(done.request_id)
             e2e_of[index] = now - arrival_of[index]
+            requests_by_id.pop(done.request_id, None)
+            lease_request.pop(leases[done.request_id], None)
             router.complete(
                 leases.pop(done.request_id),
                 now=now,
@@ -328,25 +334,26 @@ def simulate(
             )
         nonlocal rebalance_moves
         for lease_id, source, target in router.tick(now=now):
-            request_id = _request_of_lease(lease_id)
+            request_id = lease_request.get(lease_id)
+            if request_id is None or not router.move(lease_id, target=target, now=now):
+                continue
             if slots[slot_of[source]].instance.withdraw(request_id):
                 rebalance_moves += 1
-                _resubmit(request_id, target, now)
-        load_times.append(now)
-        load_rows.append(
-            np.fromiter((s.instance.load for s in slots), dtype=np.int32, count=len(slots))
-        )
+                target_index = slot_of[target]
+                slots[target_index].instance.submit(requests_by_id[request_id])
+                wake(target_index, now)
+            else:
+                # The engine admitted it meanwhile: the lease goes back where the request is.
+                router.move(lease_id, target=source, now=now)
+        if not draining:
+            load_times.append(now)
+            load_rows.append(
+                np.fromiter((s.instance.load for s in slots), dtype=np.int32, count=len(slots))
+            )
 
+    # Requests in flight, for rebalancing moves (dropped on completion: memory stays flat).
     lease_request: dict[str, str] = {}
     requests_by_id: dict[str, SimRequest] = {}
-
-    def _request_of_lease(lease_id: str) -> str:
-        return lease_request.get(lease_id, "")
-
-    def _resubmit(request_id: str, target: str, now: float) -> None:
-        target_index = slot_of[target]
-        slots[target_index].instance.submit(requests_by_id[request_id])
-        wake(target_index, now)
 
     def wake(slot_index: int, now: float) -> None:
         slot = slots[slot_index]
@@ -357,6 +364,7 @@ def simulate(
 
     block_size = config.block_size
     next_scrape = config.scrape_phase
+    draining = False
     last_arrival = 0.0
     routed = 0
 
@@ -364,7 +372,12 @@ def simulate(
         nonlocal next_scrape
         while True:
             head = heap[0][0] if heap else math.inf
-            if next_scrape <= limit and next_scrape <= head and next_scrape <= last_arrival:
+            # After the last arrival, scrapes (and rebalancing) go on while work is left.
+            if (
+                next_scrape <= limit
+                and next_scrape <= head
+                and (next_scrape <= last_arrival or (draining and heap))
+            ):
                 scrape(next_scrape)
                 next_scrape += config.scrape_interval_s
                 continue
@@ -432,6 +445,7 @@ def simulate(
             wake(slot_of[decision.endpoint_id], now)
             routed += 1
             progress_line.update(done=routed, sim_time_s=now)
+    draining = True
     drain_until(math.inf)
     # Free what finished requests no longer need.
     requests_by_id.clear()

@@ -65,9 +65,13 @@ class CoreRouter:
         )
 
     def tick(self, *, now: float) -> list[tuple[str, str, str]]:
-        # The core exposes no hotspot-rebalancing hook yet: nothing is ever moved.
         self._core.expire(now)
-        return []
+        # DualMap's hotspot rebalancing, for policies that ask for it; the simulator moves
+        # only requests it can withdraw (still queued, not admitted by the engine).
+        return [(m.lease_id, m.source, m.target) for m in self._core.plan_rebalance(now=now)]
+
+    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+        return self._core.move(lease_id, target=target, now=now)
 
     def counters(self) -> dict[str, int]:
         return {"slo_switches": self._core.slo_switches}
