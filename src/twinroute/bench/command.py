@@ -20,6 +20,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "twinroute.bench.live",
         "twinroute vs sglang-router vs vllm-router in front of the same engine-sim processes",
     ),
+    "soak": (
+        "twinroute.bench.soak",
+        "sustained traffic through engine-sims, scheduler and router; --chaos injects faults",
+    ),
 }
 
 
