@@ -8,7 +8,10 @@ each has its own 4096-token history and every request a fresh tail, so cache-awa
 find real prefixes. Each Pick is followed by its Complete on the same connection (as a router
 does), so the server's one core pays for both; the figures count Picks only.
 
-Two measurements, per policy:
+Three measurements, per policy and key block size:
+- in_process: the same requests through `SchedulerService.pick_now` + `complete` in this
+  process (protobuf -> value types, keys, policy, lease, no transport): what the decision
+  itself costs, to set against the gRPC figures;
 - saturation: `--concurrency` callers in a closed loop for `--seconds`: Picks/s the one core
   sustains, with the latency seen at that load;
 - fixed rate: Picks sent open-loop at `--rate` per second (the target: 2,000) for `--seconds`:
@@ -109,6 +112,44 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_in_process(
+    *, policy: str, endpoints: int, block_size: int, requests: list[bytes], seconds: float,
+    warmup: int,
+) -> tuple[list[float], int, float, float]:  # fmt: skip
+    from twinroute.scheduler.command import add_arguments, build_service
+    from twinroute.scheduler.discovery import parse_endpoint_list
+    from twinroute.scheduler.service import query_from_pb
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--static-endpoints", "-", "--model", MODEL, "--policy", policy,
+         "--block-size", str(block_size)]
+    )  # fmt: skip
+    service = build_service(args)
+    static = ",".join(f"e{i}=127.0.0.1:{20000 + i}" for i in range(endpoints))
+    service.set_endpoints(parse_endpoint_list(static, model=MODEL))
+    messages = [pb.PickRequest.FromString(raw) for raw in requests]
+
+    def one(i: int, latencies: list[float]) -> None:
+        started = time.perf_counter()
+        answer = service.pick_now(query_from_pb(messages[i % len(messages)]))
+        latencies.append(time.perf_counter() - started)
+        service.core.complete(answer.lease_id, now=time.monotonic(), observed_ttft_s=0.1)
+
+    for i in range(warmup):
+        one(i, [])
+    latencies: list[float] = []
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    i = 0
+    while time.perf_counter() - started < seconds:
+        one(i, latencies)
+        i += 1
+    elapsed = time.perf_counter() - started
+    return latencies, 0, elapsed, time.process_time() - cpu_before
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
@@ -227,19 +268,25 @@ def main(argv: list[str] | None = None) -> int:
             policy=policy, endpoints=args.endpoints, core=args.server_core, block_size=block_size
         )
         try:
-            for mode in ("saturation", "fixed_rate"):
-                latencies, errors, elapsed, server_cpu = asyncio.run(
-                    measure(
-                        address=address,
-                        requests=requests,
-                        mode=mode,
-                        seconds=args.seconds,
-                        concurrency=args.concurrency,
-                        rate=args.rate,
-                        warmup=args.warmup,
-                        server_pid=process.pid,
+            for mode in ("in_process", "saturation", "fixed_rate"):
+                if mode == "in_process":
+                    latencies, errors, elapsed, server_cpu = measure_in_process(
+                        policy=policy, endpoints=args.endpoints, block_size=block_size,
+                        requests=requests, seconds=min(args.seconds, 4.0), warmup=args.warmup,
+                    )  # fmt: skip
+                else:
+                    latencies, errors, elapsed, server_cpu = asyncio.run(
+                        measure(
+                            address=address,
+                            requests=requests,
+                            mode=mode,
+                            seconds=args.seconds,
+                            concurrency=args.concurrency,
+                            rate=args.rate,
+                            warmup=args.warmup,
+                            server_pid=process.pid,
+                        )
                     )
-                )
                 p50, p99, worst = _percentiles(latencies)
                 row = Row(
                     policy=policy, block_size=block_size, mode=mode,
@@ -269,22 +316,25 @@ def main(argv: list[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        saturation = [r for r in rows if r.mode == "saturation"]
-        fixed = [r for r in rows if r.mode == "fixed_rate"]
-        left.bar(
-            [f"{r.policy}/b{r.block_size}" for r in saturation], [r.picks_per_s for r in saturation]
-        )
-        left.axhline(2000, color="red", linestyle="--", label="target 2,000/s")
-        left.set_title(f"Picks/s on one core ({args.endpoints} endpoints, 8k tokens)")
+        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+        saturation = [r for r in rows if r.mode in ("saturation", "in_process")]
+        labels = [f"{r.policy} b{r.block_size} {r.mode}" for r in saturation]
+        left.barh(labels, [r.picks_per_cpu_s for r in saturation])
+        left.axvline(2000, color="red", linestyle="--", label="target 2,000/s")
+        left.set_xlabel("Picks per CPU second (server core; in_process: this process)")
+        left.set_title(f"{args.endpoints} endpoints, {args.prompt_tokens}-token prompts")
+        left.invert_yaxis()
         left.legend()
+        fixed = [r for r in rows if r.mode == "fixed_rate"]
         positions = np.arange(len(fixed))
-        right.bar(positions - 0.2, [r.p50_ms for r in fixed], width=0.4, label="p50")
-        right.bar(positions + 0.2, [r.p99_ms for r in fixed], width=0.4, label="p99")
-        right.axhline(2.0, color="red", linestyle="--", label="p99 target 2 ms")
-        right.set_xticks(positions, [f"{r.policy}/b{r.block_size}" for r in fixed])
-        right.set_title(f"Pick latency at {args.rate:.0f}/s (client-observed)")
-        right.set_ylabel("ms")
+        right.barh(positions - 0.2, [r.p50_ms for r in fixed], height=0.4, label="p50")
+        right.barh(positions + 0.2, [r.p99_ms for r in fixed], height=0.4, label="p99")
+        right.axvline(2.0, color="red", linestyle="--", label="p99 target 2 ms")
+        right.set_yticks(positions, [f"{r.policy} b{r.block_size}" for r in fixed])
+        right.set_xscale("log")
+        right.set_xlabel("ms (log)")
+        right.set_title(f"Pick latency at {args.rate:.0f}/s offered (client-observed)")
+        right.invert_yaxis()
         right.legend()
         figure.tight_layout()
         figure.savefig(args.plot, dpi=100)
