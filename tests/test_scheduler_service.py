@@ -4,8 +4,11 @@ input as status codes, leases (TTL on an injected clock), drain, auth, graceful 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,11 +23,11 @@ from twinroute.scheduler.api import (
     UnknownEndpointError,
     UnknownModelError,
 )
-from twinroute.scheduler.client import SchedulerClient
+from twinroute.scheduler.client import SchedulerClient, SchedulerUnreachableError
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.policies import PolicyConfig, make_policy
-from twinroute.scheduler.service import GrpcServer, SchedulerService
+from twinroute.scheduler.service import GrpcServer, SchedulerService, TlsFiles
 from twinroute.scheduler.telemetry import SchedulerTelemetry
 from twinroute.scheduler.types import DecisionReason, Endpoint, NoEndpointError
 from twinroute.v1 import scheduler_pb2 as pb
@@ -335,8 +338,6 @@ async def test_in_flight_rpc_finishes_during_graceful_stop() -> None:
 
 
 async def test_unreachable_scheduler_is_not_confused_with_an_empty_pool() -> None:
-    from twinroute.scheduler.client import SchedulerUnreachableError
-
     client = SchedulerClient(target="127.0.0.1:1", timeout_s=0.5)
     with pytest.raises(SchedulerUnreachableError):
         await client.pick(PickQuery(request_id="r", model=MODEL, text="hi"))
@@ -384,3 +385,44 @@ async def test_metrics_names_are_exposed(harness: Harness) -> None:
         if line.startswith("twinroute_scheduler_ring_keys_remapped_ratio ")
     )  # fmt: skip
     assert 0.05 < float(ratio_line.split()[1]) < 0.45
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_serves_trusted_clients_and_refuses_plaintext(
+    tls_files: tuple[Path, Path],
+) -> None:
+    cert, key = tls_files
+    service, _, _ = make_service()
+    server = GrpcServer(
+        service=service,
+        listen="127.0.0.1:0",
+        tls=TlsFiles(cert_path=str(cert), key_path=str(key)),
+    )
+    await server.start()
+    try:
+        client = SchedulerClient(
+            target=server.address, timeout_s=5.0, root_certificates=cert.read_bytes()
+        )
+        answer = await client.pick(PickQuery(request_id="r", model=MODEL, text="hello " * 20))
+        assert await client.complete(lease_id=answer.lease_id)
+        await client.close()
+        plaintext = SchedulerClient(target=server.address, timeout_s=1.0)
+        with pytest.raises(SchedulerUnreachableError):
+            await plaintext.pick(PickQuery(request_id="r", model=MODEL, text="hello"))
+        await plaintext.close()
+    finally:
+        await server.stop(grace_s=0.1)
