@@ -228,3 +228,40 @@ async def test_debug_decisions_page() -> None:
             'twinroute_scheduler_decisions_total{policy="least_loaded",reason="least_loaded"} 4.0'
             in text
         )
+
+
+class RoundCost:
+    def prefill_time_s(self, *, uncached_tokens: int, cached_tokens: int) -> float:
+        return 1e-5 * uncached_tokens
+
+    def decode_step_time_s(self, *, batch_size: int, kv_tokens: int) -> float:
+        return 1e-3
+
+
+async def test_scraper_reads_the_engine_simulator() -> None:
+    """The engine simulator stands in for vLLM in the live benchmark: its /metrics must parse."""
+    from twinroute.enginesim.core import EngineCore, EngineSettings
+    from twinroute.enginesim.server import EngineIdentity, build_app
+    from twinroute.simulator.instance import Instance, InstanceConfig
+
+    instance = Instance(
+        config=InstanceConfig(kv_capacity_tokens=10_000, block_size=16), cost=RoundCost()
+    )
+    core_engine = EngineCore(instance=instance, settings=EngineSettings(block_size=16))
+    identity = EngineIdentity(model="sim", instance_id="sim-0", max_model_len=10_000)
+    server = TestServer(build_app(core=core_engine, identity=identity), host="127.0.0.1", port=0)
+    await server.start_server()
+    clock = Clock()
+    core = make_core()
+    core.set_endpoints([Endpoint(id="sim-0", address=f"127.0.0.1:{server.port}")])
+    try:
+        async with aiohttp.ClientSession() as session:
+            scraper = Scraper(core=core, session=session, clock=clock)
+            await scraper.scrape_once()
+    finally:
+        await server.close()
+    stats = scraper.health["sim-0"].last_stats
+    assert stats is not None, scraper.health["sim-0"].last_error
+    assert (stats.running, stats.waiting, stats.kv_usage) == (0, 0, 0.0)
+    assert stats.prefix_cache_queries is not None
+    assert core.load("sim-0", now=clock.now).queued == 0
