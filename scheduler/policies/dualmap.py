@@ -27,8 +27,10 @@ when there is one (the conversation's next, longer turn will share this prompt's
 keeping a session on one pair helps it), else of the request id (a spread over pairs, i.e. the
 power of two choices); both candidates then have equal (zero) reuse and the less loaded wins.
 
-Not done here: DualMap's hotspot rebalancing of queued requests needs the scheduler to hold or
-withdraw queued requests, which the core does not yet do.
+Hotspot rebalancing (moving requests still queued on an overloaded instance to their other
+candidate, in descending TTFT benefit) is DualMap's too; it runs in `SchedulerCore.
+plan_rebalance`, which uses the candidates recorded on each decision. This policy opts in
+(`rebalances_hotspots`).
 
 Cost: hotness O(max_key_depth) dictionary updates, two ring bisects, two prefix-index binary
 searches (O(log blocks)), two TTFT estimates: independent of the pool size.
@@ -58,6 +60,7 @@ from twinroute.scheduler.types import (
 
 class DualMapPolicy(Policy):
     name = "dualmap"
+    rebalances_hotspots = True
 
     def __init__(self, *, config: PolicyConfig) -> None:
         super().__init__(config=config)
