@@ -11,6 +11,7 @@ status carried by `RequestError`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -106,9 +107,26 @@ def decode_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RequestError(f"request body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    except ValueError as error:  # e.g. an integer over Python's 4,300-digit limit
+        raise RequestError(f"request body is not usable JSON: {error}") from None
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
+    # JSON may escape a lone UTF-16 surrogate (`\ud800`), which no engine can encode; the
+    # full check runs only when the raw body holds such an escape (rare), so it costs nothing
+    # on ordinary requests.
+    if _SURROGATE_ESCAPE.search(raw):
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(
+                "request body holds a lone UTF-16 surrogate escape (not valid Unicode text)"
+            ) from None
     return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
 def parse_request(
@@ -200,7 +218,7 @@ def _parse_messages(messages: object) -> list[Mapping[str, Any]]:
         if not isinstance(message, dict):
             raise RequestError(f"{param} must be an object", param=param)
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise RequestError(
                 f"{param}.role must be one of {sorted(CHAT_ROLES)}, got {role!r}",
                 param=f"{param}.role",
