@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from twinroute.scheduler.core import SchedulerCore
@@ -33,6 +34,7 @@ from twinroute.scheduler.discovery import (
     run_discovery,
 )
 from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
+from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
 from twinroute.scheduler.service import GrpcServer, KeySettings, SchedulerService, TlsFiles
 from twinroute.scheduler.telemetry import SchedulerTelemetry, build_metrics_app
@@ -58,7 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", action="append", default=[],
         help="served model name (repeatable); endpoints without a model serve these",
     )  # fmt: skip
-    source = parser.add_mutually_exclusive_group(required=True)
+    parser.add_argument(
+        "--config", help="the pool's scheduler.yaml (as the operator renders it); its values "
+        "take precedence over the flags they correspond to",
+    )  # fmt: skip
+    parser.add_argument("--host", help="with --grpc-port/--metrics-port: listen on this host")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port on --host")
+    parser.add_argument("--metrics-port", type=int, help="metrics port on --host")
+    parser.add_argument("--virtual-nodes", type=int, default=256, help="ring points per endpoint")
+    parser.add_argument(
+        "--prefix-capacity-tokens", type=int, default=0,
+        help="tokens each engine's prefix cache holds, to size the scheduler's record of it "
+        "(0 = the core's default)",
+    )  # fmt: skip
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--static-endpoints", help="comma-separated [ID=]HOST:PORT")
     source.add_argument("--endpoints-file", help="YAML file with an 'endpoints' list")
     source.add_argument("--kube-selector", help="label selector of the pool's engine pods")
@@ -77,6 +92,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
     parser.add_argument("--log-level", default="INFO")
+
+
+def apply_config(args: argparse.Namespace, text: str) -> None:
+    """Fold the operator-rendered scheduler.yaml into `args` (see operator/render.py)."""
+    config = yaml.safe_load(text) or {}
+    if not isinstance(config, dict):
+        raise ValueError("the scheduler config must be a YAML mapping")
+    if config.get("model"):
+        args.model = [str(config["model"])]
+    args.policy = str(config.get("policy", args.policy))
+    if args.policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {args.policy!r} in the config")
+    args.ttft_slo = float(config.get("ttftSloSeconds", args.ttft_slo))
+    args.block_size = int(config.get("prefixBlockSize", args.block_size))
+    args.virtual_nodes = int(config.get("virtualNodes", args.virtual_nodes))
+    args.scrape_interval = float(config.get("scrapeIntervalSeconds", args.scrape_interval))
+    discovery = config.get("discovery") or {}
+    if discovery.get("kind", "kubernetes") != "kubernetes":
+        raise ValueError(f"unsupported discovery kind {discovery.get('kind')!r}")
+    if discovery:
+        args.static_endpoints = args.endpoints_file = None
+        args.kube_selector = str(discovery["labelSelector"])
+        args.namespace = str(discovery.get("namespace", args.namespace))
+        args.engine_port = int(discovery.get("defaultPort", args.engine_port))
+    ports = config.get("ports") or {}
+    if args.grpc_port is None and "grpc" in ports:
+        args.grpc_port = int(ports["grpc"])
+    if args.metrics_port is None and "metrics" in ports:
+        args.metrics_port = int(ports["metrics"])
+
+
+def resolve_arguments(args: argparse.Namespace) -> None:
+    """Apply --config and --host/--*-port, then check that exactly one source is named."""
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            apply_config(args, handle.read())
+    host = args.host or "127.0.0.1"
+    if args.grpc_port is not None:
+        args.listen = f"{host}:{args.grpc_port}"
+    if args.metrics_port is not None:
+        args.metrics_listen = f"{host}:{args.metrics_port}"
+    sources = [args.static_endpoints, args.endpoints_file, args.kube_selector]
+    if sum(1 for source in sources if source) != 1:
+        raise ValueError(
+            "name exactly one endpoint source: --static-endpoints, --endpoints-file, "
+            "--kube-selector, or a --config with a discovery block"
+        )
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -118,10 +180,18 @@ def build_service(
     args: argparse.Namespace, *, clock: Callable[[], float] = time.monotonic
 ) -> SchedulerService:
     cost_model = COST_PROFILES[args.profile]
-    config = PolicyConfig(cost_model=cost_model, ttft_slo_s=args.ttft_slo)
+    config = PolicyConfig(
+        cost_model=cost_model, ttft_slo_s=args.ttft_slo, virtual_nodes=args.virtual_nodes
+    )
+    capacity_blocks = (
+        max(1, args.prefix_capacity_tokens // args.block_size)
+        if args.prefix_capacity_tokens > 0
+        else DEFAULT_CAPACITY_BLOCKS
+    )
     core = SchedulerCore(
         policy=make_policy(args.policy, config=config),
         cost_model=cost_model,
+        prefix_capacity_blocks=capacity_blocks,
         lease_ttl_s=args.lease_ttl,
         scrape_staleness_s=max(2.0, 3 * args.scrape_interval),
     )
@@ -208,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
+        resolve_arguments(args)
         return asyncio.run(serve(args))
     except (ValueError, OSError) as error:
         print(f"twinroute scheduler: {error}", file=sys.stderr)
