@@ -30,7 +30,11 @@ def rendered_config(tmp_path: Path, routing: dict[str, object]) -> Path:
         },
     )
     path = tmp_path / "scheduler.yaml"
-    path.write_text(yaml.safe_dump(scheduler_config(pool, settings=RenderSettings())))
+    path.write_text(
+        yaml.safe_dump(
+            scheduler_config(pool, settings=RenderSettings(scheduler_image="twinroute:test"))
+        )
+    )
     return path
 
 
