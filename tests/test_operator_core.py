@@ -101,8 +101,9 @@ def test_defaults_fill_a_minimal_spec() -> None:
     assert (parsed.routing.policy, parsed.routing.ttft_slo_s, parsed.routing.virtual_nodes) == (
         "dualmap",
         5.0,
-        160,
+        256,
     )
+    assert parsed.routing.prefix_block_size == 64
     assert not parsed.disaggregated and pool(PD).disaggregated
 
 
