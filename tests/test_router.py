@@ -445,3 +445,35 @@ async def test_embedded_router_process_places_with_the_scheduler_core(
     finally:
         await router.stop()
     assert sorted(served) == ["e0", "e0", "e1", "e1"]
+
+
+async def test_router_process_over_the_grpc_scheduler_process(start_engine: StartEngine) -> None:
+    engines = [await start_engine(f"e{i}") for i in range(2)]
+    endpoints = ",".join(f"e{i}={e.address}" for i, e in enumerate(engines))
+    scheduler = await start_announced(
+        "scheduler",
+        twinroute_argv(
+            "scheduler", "--listen=127.0.0.1:0", "--metrics-listen=", "--policy=round_robin",
+            f"--model={MODEL}", f"--static-endpoints={endpoints}",
+        ),
+    )  # fmt: skip
+    router = await start_announced(
+        "router",
+        twinroute_argv(
+            "router", "--port=0", f"--model={MODEL}", f"--scheduler={scheduler.address}"
+        ),
+    )
+    try:
+        served = []
+        async with aiohttp.ClientSession() as session:
+            for stream in (False, True, False, True):
+                body = completion(stream=stream)
+                async with session.post(f"{router.url}/v1/completions", json=body) as r:
+                    assert r.status == 200
+                    assert r.headers["x-twinroute-reason"] == "round_robin"
+                    served.append(r.headers[ENDPOINT_HEADER])
+                    await r.read()
+    finally:
+        await router.stop()
+        await scheduler.stop()
+    assert sorted(served) == ["e0", "e0", "e1", "e1"]
