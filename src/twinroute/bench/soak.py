@@ -11,8 +11,8 @@ Every request ends as `ok` or as a failure with its kind (HTTP status, stream wi
 `[DONE]`, connection error, timeout); a request never goes uncounted. Memory: VmRSS from
 /proc/PID/status of each process after warm-up and at the end.
 
-With `--chaos`, faults at fixed fractions of the run, each with a window in which requests
-are attributed to it (start of the fault to `FAULT_SETTLE_S` after it ends):
+With `--chaos`, faults at fixed fractions of the run, each with a window (start of the fault to
+`FAULT_SETTLE_S` after it ends):
 - `engine_killed`: SIGKILL engine 0 while requests stream from it; restarted on the same
   port after 2 s. Streams cut mid-way end with an error event (expected, counted);
   requests not yet streaming are retried on the other candidate.
@@ -20,12 +20,12 @@ are attributed to it (start of the fault to `FAULT_SETTLE_S` after it ends):
   recovered).
 - `scheduler_restarted`: SIGTERM the scheduler and start it again on the same port; the
   router fails open to round robin meanwhile.
-Each fault reports the requests started in its window, how many failed and why, and the
-window's latency p50/p99 beside the run's.
+Each fault reports the requests whose lifetime overlaps its window, how many failed and why,
+and the window's latency p50/p99 beside the run's.
 
 The JSON (`--json`) has `requests`, `ok`, `failed_requests`, `failure_kinds`, `achieved_rps`,
-latency percentiles, `rss_start_mb` / `rss_end_mb` per process (also under `processes`), and
-`faults` with `--chaos`.
+latency percentiles, `rss_start_mb` / `rss_end_mb` per process (also under `processes`),
+`faults` with `--chaos`, and the first 50 `failures` (start time, kind, what was said).
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ class Outcome:
     started_s: float
     latency_s: float
     failure: str  # "" when the request succeeded
+    detail: str = ""  # what the router or the connection said, for failures
+    ended_s: float = 0.0  # on the run's clock, set when the answer is complete
 
 
 @dataclass(slots=True)
@@ -204,19 +206,36 @@ async def send_one(
         "stream": stream,
     }
     begin = clock()
-    failure = ""
+    failure = detail = ""
     try:
         async with session.post(f"{router_url}/v1/completions", json=body) as response:
             text = await response.text()
             if response.status != 200:
-                failure = f"http_{response.status}"
-            elif stream and ("[DONE]" not in text or '"error"' in text):
-                failure = "stream_error_event" if '"error"' in text else "stream_truncated"
+                failure, detail = f"http_{response.status}", text[:300]
+            elif stream:
+                failure, detail = stream_failure(text)
     except TimeoutError:
         failure = "timeout"
     except aiohttp.ClientError as error:
-        failure = f"connection:{type(error).__name__}"
-    return Outcome(started_s=started_s, latency_s=clock() - begin, failure=failure)
+        failure, detail = f"connection:{type(error).__name__}", str(error)[:300]
+    return Outcome(started_s=started_s, latency_s=clock() - begin, failure=failure, detail=detail)
+
+
+def stream_failure(text: str) -> tuple[str, str]:
+    """("", "") for a whole SSE stream; else the failure kind and the error event's message."""
+    for line in text.splitlines():
+        payload = line.removeprefix("data:").strip()
+        if not line.startswith("data:") or payload == "[DONE]":
+            continue
+        try:
+            event = json.loads(payload)
+        except json.JSONDecodeError:
+            return "stream_garbled", payload[:300]
+        if isinstance(event, dict) and "error" in event:
+            return "stream_error_event", json.dumps(event["error"])[:300]
+    if "data: [DONE]" not in text:
+        return "stream_truncated", text[-300:]
+    return "", ""
 
 
 async def traffic(
@@ -242,17 +261,17 @@ async def traffic(
             async def one(i: int, at: float) -> None:
                 in_flight[0] += 1
                 try:
-                    outcomes.append(
-                        await send_one(
-                            session,
-                            router_url=router_url,
-                            index=i,
-                            groups=args.groups,
-                            max_tokens=args.max_tokens,
-                            started_s=at,
-                            clock=time.monotonic,
-                        )
+                    outcome = await send_one(
+                        session,
+                        router_url=router_url,
+                        index=i,
+                        groups=args.groups,
+                        max_tokens=args.max_tokens,
+                        started_s=at,
+                        clock=time.monotonic,
                     )
+                    outcome.ended_s = time.monotonic() - t0
+                    outcomes.append(outcome)
                 finally:
                     in_flight[0] -= 1
 
@@ -317,13 +336,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def summarize_window(window: FaultWindow, outcomes: Sequence[Outcome]) -> dict[str, Any]:
-    inside = [o for o in outcomes if window.start_s <= o.started_s <= window.end_s + FAULT_SETTLE_S]
+    # A request belongs to a fault when its lifetime overlaps the fault's window.
+    inside = [
+        o
+        for o in outcomes
+        if o.started_s <= window.end_s + FAULT_SETTLE_S and o.ended_s >= window.start_s
+    ]
     failures = collections.Counter(o.failure for o in inside if o.failure)
     latencies = [o.latency_s for o in inside if not o.failure]
     return {
         "name": window.name,
         "detail": window.detail,
-        "at_s": round(window.start_s, 2),
+        "at_s": round(window.start_s, 3),
         "fault_duration_s": round(window.end_s - window.start_s, 2),
         "window_s": round(window.end_s - window.start_s + FAULT_SETTLE_S, 2),
         "requests_in_window": len(inside),
@@ -414,6 +438,17 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             for name in rss_end
         },
         "faults": [summarize_window(w, outcomes) for w in windows],
+        "failures": [
+            {
+                "started_s": round(o.started_s, 3),
+                "latency_s": round(o.latency_s, 3),
+                "ended_s": round(o.ended_s, 3),
+                "kind": o.failure,
+                "detail": o.detail,
+            }
+            for o in outcomes
+            if o.failure
+        ][:50],
     }
 
 
