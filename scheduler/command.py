@@ -50,7 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--policy", default="dualmap", choices=POLICY_NAMES)
     parser.add_argument("--ttft-slo", type=float, default=5.0, help="default TTFT SLO, seconds")
-    parser.add_argument("--block-size", type=int, default=16, help="prefix-key block, tokens")
+    parser.add_argument(
+        "--block-size", type=int, default=64,
+        help="prefix-key block, tokens (a multiple of the engine block size; 64 keeps the "
+        "prefix record cheap at long prompts, see benchmarks/scheduler_pick.md)",
+    )  # fmt: skip
     parser.add_argument(
         "--block-chars", type=int, default=0,
         help="prefix-key block for text prompts, characters (0 = 4 x --block-size)",

@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model tokens per prompt character, to estimate text prompts' length",
     )  # fmt: skip
     parser.add_argument(
-        "--key-block-tokens", type=int, default=16, help="embedded: prefix-key block (tokens)"
+        "--key-block-tokens", type=int, default=64, help="embedded: prefix-key block (tokens)"
     )
     parser.add_argument(
-        "--key-block-chars", type=int, default=64, help="embedded: prefix-key block (characters)"
+        "--key-block-chars", type=int, default=256, help="embedded: prefix-key block (characters)"
     )
     parser.add_argument("--log-level", default="WARNING")
 
