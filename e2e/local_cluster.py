@@ -248,6 +248,14 @@ class LocalCluster:
                 samples[key] = float(value)
         return samples
 
+    async def debug_decisions(self, *, limit: int) -> list[dict[str, Any]]:
+        """The scheduler's newest decisions with reasons and candidate scores (its Explain)."""
+        url = f"http://{self.scheduler_metrics}/debug/decisions?format=json&limit={limit}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            body = await response.json()
+        decisions: list[dict[str, Any]] = body["decisions"]
+        return decisions
+
     async def dump(self) -> str:
         """Objects, events and process logs, for a failed test's report."""
         parts: list[str] = []

@@ -145,6 +145,10 @@ async def scenario(cluster: LocalCluster) -> None:
     assert len({e for es in log.served_by.values() for e in es}) == 2, "one engine got nothing"
     decisions = await cluster.scheduler_metric("twinroute_scheduler_decisions_total")
     assert sum(decisions.values()) >= 30, decisions
+    affinity = sum(v for k, v in decisions.items() if 'reason="cache_affinity"' in k)
+    assert affinity >= 24, decisions  # every turn after a group's first found its prefix
+    explained = await cluster.debug_decisions(limit=5)
+    assert all(d["reason"] and d["candidates"] for d in explained), explained
     pool = await cluster.get_json("modelpool", POOL)
     assert pool["status"]["phase"] in ("Ready", "Progressing"), pool["status"]
 
