@@ -119,6 +119,25 @@ class LocalCluster:
         self.api_url = ready.read_text().strip()
         # Namespaces need not exist in the local API server (see twinroute.testing.kube).
         await self.kubectl("apply", "-f", str(REPO_ROOT / "manifests" / "10-crd-modelpools.yaml"))
+        await self.start_operator()
+        await self._spawn(
+            "kubelet",
+            [
+                sys.executable,
+                "-m",
+                "twinroute.testing.kubelet",
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--namespace",
+                NAMESPACE,
+                "--selector",
+                ENGINE_ROLES_SELECTOR,
+                "--work-dir",
+                str(self.work_dir / "pods"),
+            ],
+        )
+
+    async def start_operator(self) -> None:
         liveness = free_port()
         # The chart's operator flags (charts/twinroute/templates/deployment.yaml), with a
         # short drain timeout: no scheduler Service resolves on this machine.
@@ -142,22 +161,13 @@ class LocalCluster:
             what="operator liveness",
             timeout_s=STARTUP_TIMEOUT_S,
         )
-        await self._spawn(
-            "kubelet",
-            [
-                sys.executable,
-                "-m",
-                "twinroute.testing.kubelet",
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "--namespace",
-                NAMESPACE,
-                "--selector",
-                ENGINE_ROLES_SELECTOR,
-                "--work-dir",
-                str(self.work_dir / "pods"),
-            ],
-        )
+
+    async def restart_operator(self) -> None:
+        """SIGTERM the operator and start a new one, as a rollout or a crash loop would."""
+        for item in [b for b in self.background if b.name == "operator"]:
+            await item.stop()
+            self.background.remove(item)
+        await self.start_operator()
 
     async def start_scheduler_and_router(self, *, pool: str) -> None:
         """Start both from the pool's rendered ConfigMap, as its scheduler pod would run."""

@@ -2,7 +2,8 @@
 kubectl apply a ModelPool -> the operator renders engine Deployments -> the local kubelet runs
 engine-sim processes and writes Pods -> the scheduler discovers them through the Kubernetes
 watch -> traffic through the router sticks to one engine per shared prefix; scale out and in
-under traffic loses nothing; deleting the pool removes every child and stops every engine.
+under traffic loses nothing; the operator restarted duplicates nothing; deleting the pool
+removes every child and stops every engine.
 
 On failure the test prints the objects, events and the tail of every process's log.
 """
@@ -177,6 +178,13 @@ async def scenario(cluster: LocalCluster) -> None:
     assert steady.sent >= 40
     assert steady.failures == [], steady.failures[:5]
 
+    # The operator restarted: it resumes, and no child is duplicated or recreated.
+    before = await _children(cluster)
+    await cluster.restart_operator()
+    await asyncio.sleep(2.0)  # time for a resumed handler to (wrongly) create anything
+    assert await _children(cluster) == before
+    assert len(await ready_engine_pods(cluster)) == 2
+
     # Delete the pool: every child goes, every engine process stops.
     pods = await cluster.pods(pool=POOL)
     ports = [int(p["metadata"]["annotations"]["twinroute.io/engine-port"]) for p in pods]
@@ -195,6 +203,16 @@ async def scenario(cluster: LocalCluster) -> None:
 
 async def _count_is(cluster: LocalCluster, count: int) -> bool:
     return len(await ready_engine_pods(cluster)) == count
+
+
+async def _children(cluster: LocalCluster) -> dict[str, str]:
+    """{kind/name: uid} of everything the operator made for the pool."""
+    found: dict[str, str] = {}
+    for kind in ("deployments", "services", "configmaps", "serviceaccounts", "rolebindings"):
+        listing = await cluster.get_json(kind, selector=f"twinroute.io/pool={POOL}")
+        for item in listing["items"]:
+            found[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["uid"]
+    return found
 
 
 async def _scale(cluster: LocalCluster, replicas: int) -> None:
