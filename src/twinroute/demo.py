@@ -16,7 +16,7 @@ import time
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import bundled_mooncake_trace, read_mooncake, summarize
 
-DEFAULT_RATES = (4.0, 6.0)
+DEFAULT_RATES = (6.0, 8.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
