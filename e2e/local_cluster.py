@@ -5,13 +5,10 @@
 - the operator (`twinroute operator`), with the flags the Helm chart's Deployment passes;
 - the local kubelet (`python -m twinroute.testing.kubelet`), which turns the engine Deployments
   the operator renders into engine-sim processes and Pod objects;
-- the scheduler (`twinroute scheduler`) with Kubernetes discovery, configured from the
-  ConfigMap the operator renders for the pool (selector, namespace, policy, SLO, block size);
-- the router (`twinroute router --scheduler ...`).
+- the pool's scheduler pod as the operator renders it, run by the same kubelet: the
+  `twinroute scheduler` container (`--config` from the rendered ConfigMap, Kubernetes
+  discovery of the engine pods) and the `twinroute router` container beside it.
 
-The scheduler/router pod the operator renders is not run by the kubelet: its container flags
-(`--config`, `--grpc-port`, ...) are the operator's contract with the scheduler image; here the
-two processes are started with the same settings taken from the rendered ConfigMap.
 Everything writes logs under one folder; `dump()` prints objects, events and log tails.
 """
 
@@ -29,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import yaml
 
-from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.bench.processes import free_port, twinroute_argv
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"
@@ -39,7 +35,6 @@ NAMESPACE = "serving"
 # Generous: the machine is shared, and a cold `python -m twinroute ...` imports grpc, numpy
 # and the Kubernetes client.
 STARTUP_TIMEOUT_S = 90.0
-ENGINE_ROLES_SELECTOR = "twinroute.io/role in (unified,prefill,decode)"
 
 
 def ensure_kubectl() -> pathlib.Path:
@@ -74,8 +69,7 @@ class LocalCluster:
     api_url: str = ""
     kubeconfig: pathlib.Path = field(default_factory=pathlib.Path)
     background: list[Background] = field(default_factory=list)
-    scheduler: ServerProcess | None = None
-    router: ServerProcess | None = None
+    router_url: str = ""
     scheduler_metrics: str = ""
 
     # -- processes ------------------------------------------------------------------------
@@ -130,8 +124,6 @@ class LocalCluster:
                 str(self.kubeconfig),
                 "--namespace",
                 NAMESPACE,
-                "--selector",
-                ENGINE_ROLES_SELECTOR,
                 "--work-dir",
                 str(self.work_dir / "pods"),
             ],
@@ -169,49 +161,33 @@ class LocalCluster:
             self.background.remove(item)
         await self.start_operator()
 
-    async def start_scheduler_and_router(self, *, pool: str) -> None:
-        """Start both from the pool's rendered ConfigMap, as its scheduler pod would run."""
-        config_map = await self.get_json("configmap", f"{pool}-scheduler")
-        config = yaml.safe_load(config_map["data"]["scheduler.yaml"])
-        discovery = config["discovery"]
-        self.scheduler_metrics = f"127.0.0.1:{free_port()}"
-        self.scheduler = await start_announced(
-            "scheduler",
-            twinroute_argv(
-                "scheduler",
-                "--listen=127.0.0.1:0",
-                f"--metrics-listen={self.scheduler_metrics}",
-                f"--policy={config['policy']}",
-                f"--ttft-slo={config['ttftSloSeconds']}",
-                f"--block-size={config['prefixBlockSize']}",
-                f"--model={config['model']}",
-                f"--kube-selector={discovery['labelSelector']}",
-                f"--namespace={discovery['namespace']}",
-                f"--kubeconfig={self.kubeconfig}",
-                f"--engine-port={discovery['defaultPort']}",
-                f"--scrape-interval={config['scrapeIntervalSeconds']}",
-            ),
-            log_path=str(self.work_dir / "scheduler.log"),
-            timeout_s=STARTUP_TIMEOUT_S,
-        )
-        self.router = await start_announced(
-            "router",
-            twinroute_argv(
-                "router",
-                "--port=0",
-                f"--model={config['model']}",
-                f"--scheduler={self.scheduler.address}",
-                f"--ttft-slo-s={config['ttftSloSeconds']}",
-            ),
-            log_path=str(self.work_dir / "router.log"),
-            timeout_s=STARTUP_TIMEOUT_S,
-        )
+    async def wait_for_frontend(self, *, pool: str) -> None:
+        """Wait for the pool's scheduler pod (scheduler + router containers) to be Ready and
+        note where its router and scheduler metrics listen."""
+
+        async def ready_pod() -> dict[str, Any] | None:
+            listing = await self.get_json(
+                "pods", selector=f"twinroute.io/pool={pool},twinroute.io/role=scheduler"
+            )
+            for pod in listing["items"]:
+                conditions = (pod.get("status") or {}).get("conditions") or []
+                if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+                    found: dict[str, Any] = pod
+                    return found
+            return None
+
+        pod = await wait_until(ready_pod, "the scheduler pod", timeout_s=STARTUP_TIMEOUT_S)
+        ports = {
+            (container["name"], port["name"]): int(port["containerPort"])
+            for container in pod["spec"]["containers"]
+            for port in container.get("ports") or []
+        }
+        self.router_url = f"http://127.0.0.1:{ports[('router', 'http')]}"
+        self.scheduler_metrics = f"127.0.0.1:{ports[('scheduler', 'metrics')]}"
+        await wait_http_ok(f"{self.router_url}/health", what="the router", timeout_s=60)
 
     async def stop(self) -> None:
-        for server in (self.router, self.scheduler):
-            if server is not None:
-                await server.stop()
-        # The kubelet first (it stops its engines), the API server last.
+        # The kubelet first (it stops its pods' processes), the API server last.
         order = {"kubelet": 0, "operator": 1, "api-server": 2}
         for item in sorted(self.background, key=lambda b: order.get(b.name, 0)):
             await item.stop()
@@ -241,8 +217,11 @@ class LocalCluster:
             args += ["-l", selector]
         return json.loads(await self.kubectl(*args))
 
-    async def pods(self, *, pool: str) -> list[dict[str, Any]]:
-        listing = await self.get_json("pods", selector=f"twinroute.io/pool={pool}")
+    async def pods(self, *, pool: str, engines_only: bool = False) -> list[dict[str, Any]]:
+        selector = f"twinroute.io/pool={pool}"
+        if engines_only:
+            selector += ",twinroute.io/role in (unified,prefill,decode)"
+        listing = await self.get_json("pods", selector=selector)
         items: list[dict[str, Any]] = listing["items"]
         return items
 

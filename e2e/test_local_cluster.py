@@ -1,8 +1,9 @@
 """The whole product on one machine, every part a process (see `local_cluster.py`):
-kubectl apply a ModelPool -> the operator renders engine Deployments -> the local kubelet runs
-engine-sim processes and writes Pods -> the scheduler discovers them through the Kubernetes
-watch -> traffic through the router sticks to one engine per shared prefix; scale out and in
-under traffic loses nothing; the operator restarted duplicates nothing; deleting the pool
+kubectl apply a ModelPool -> the operator renders the engine and scheduler Deployments -> the
+local kubelet runs their containers (engine-sim, `twinroute scheduler --config`, `twinroute
+router`) as processes and writes Pods -> the scheduler discovers the engines through the
+Kubernetes watch -> traffic through the router sticks to one engine per shared prefix; scale
+out and in under traffic loses nothing; the operator restarted duplicates nothing; deleting the pool
 removes every child and stops every engine.
 
 On failure the test prints the objects, events and the tail of every process's log.
@@ -102,7 +103,7 @@ async def ready_endpoints(cluster: LocalCluster) -> float:
 async def ready_engine_pods(cluster: LocalCluster) -> list[str]:
     return [
         pod["metadata"]["name"]
-        for pod in await cluster.pods(pool=POOL)
+        for pod in await cluster.pods(pool=POOL, engines_only=True)
         if any(
             c["type"] == "Ready" and c["status"] == "True"
             for c in pod.get("status", {}).get("conditions", [])
@@ -122,9 +123,8 @@ async def test_pool_lifecycle_through_the_real_processes(cluster: LocalCluster) 
 async def scenario(cluster: LocalCluster) -> None:
     await cluster.kubectl("apply", "-f", str(SAMPLE))
     await wait_until(lambda: _count_is(cluster, 2), "two Ready engine pods", timeout_s=90)
-    await cluster.start_scheduler_and_router(pool=POOL)
-    assert cluster.router is not None
-    router = cluster.router.url
+    await cluster.wait_for_frontend(pool=POOL)
+    router = cluster.router_url
 
     async def two_endpoints() -> bool:
         return await ready_endpoints(cluster) == 2
@@ -187,7 +187,13 @@ async def scenario(cluster: LocalCluster) -> None:
 
     # Delete the pool: every child goes, every engine process stops.
     pods = await cluster.pods(pool=POOL)
-    ports = [int(p["metadata"]["annotations"]["twinroute.io/engine-port"]) for p in pods]
+    ports = [
+        int(port["containerPort"])
+        for pod in pods
+        for container in pod["spec"]["containers"]
+        for port in container.get("ports") or []
+    ]
+    assert len(ports) == 2 + 3, ports  # two engines; the scheduler pod's grpc, metrics, http
     await cluster.kubectl("delete", "modelpool", POOL, "--wait=false")
 
     async def all_gone() -> bool:
