@@ -185,6 +185,10 @@ class LocalCluster:
         self.router_url = f"http://127.0.0.1:{ports[('router', 'http')]}"
         self.scheduler_metrics = f"127.0.0.1:{ports[('scheduler', 'metrics')]}"
         await wait_http_ok(f"{self.router_url}/health", what="the router", timeout_s=60)
+        # The scheduler container has only a gRPC probe; wait for its metrics port too.
+        await wait_http_ok(
+            f"http://{self.scheduler_metrics}/metrics", what="the scheduler", timeout_s=60
+        )
 
     async def stop(self) -> None:
         # The kubelet first (it stops its pods' processes), the API server last.

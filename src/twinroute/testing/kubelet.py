@@ -19,6 +19,9 @@ What differs from a cluster, and why:
   with reason `UnsupportedCommand`.
 - ConfigMap volumes are written to a folder per pod and mount paths in argv point there.
 - Readiness is the container's `readinessProbe` (HTTP GET), polled every 0.5 s.
+- Scale-in picks pods as the ReplicaSet controller does: not ready first, then the lowest
+  `controller.kubernetes.io/pod-deletion-cost` (the operator lowers it on the pods it drains),
+  then the newest.
 
 Run: `python -m twinroute.testing.kubelet --kubeconfig F --namespace NS --log-dir D`.
 """
@@ -48,6 +51,7 @@ import yaml
 logger = logging.getLogger(__name__)
 
 TEMPLATE_HASH_LABEL = "pod-template-hash"
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 POLL_INTERVAL_S = 0.3
 PROBE_INTERVAL_S = 0.5
 RESTART_BACKOFF_S = 1.0
@@ -115,6 +119,7 @@ class LocalPod:
     ports: dict[int, int] = field(default_factory=dict)
     # volume name -> (ConfigMap name, local folder), filled before the containers start
     config_volumes: dict[str, tuple[str, pathlib.Path]] = field(default_factory=dict)
+    created_seq: int = 0  # creation order, for "newest first" on scale-in
 
     @property
     def ready(self) -> bool:
@@ -169,6 +174,7 @@ class LocalKubelet:
         self._selector = selector
         self._work_dir = work_dir
         self._pods: dict[str, LocalPod] = {}
+        self._created = 0
 
     # -- the control loop ---------------------------------------------------------------
 
@@ -210,14 +216,33 @@ class LocalKubelet:
         stale = [p for p in live if p.template_hash != current_hash]
         for _ in range(wanted - len(current)):
             await self._start_pod(deployment=deployment, template=template, digest=current_hash)
-        # Scale in the newest first (as the ReplicaSet controller prefers not-ready/young pods).
-        for pod in sorted(current, key=lambda p: p.name)[wanted:]:
-            await self._begin_stop(pod)
+        if len(current) > wanted:
+            costs = await self._deletion_costs()
+            # The ReplicaSet controller's order: not ready first, then the lowest
+            # pod-deletion-cost (the operator marks the pods it drained), then the newest.
+            ranked = sorted(current, key=lambda p: (p.ready, costs.get(p.name, 0), -p.created_seq))
+            for pod in ranked[: len(current) - wanted]:
+                await self._begin_stop(pod)
         current = [p for p in self._pods.values() if p.deployment == name and not p.stopping]
         if stale and sum(p.ready for p in current if p.template_hash == current_hash) >= wanted:
             for pod in stale:
                 await self._begin_stop(pod)
         await self._report_deployment(deployment=deployment, digest=current_hash)
+
+    async def _deletion_costs(self) -> dict[str, int]:
+        status, listing = await self._api.request(
+            "GET", f"/api/v1/namespaces/{self._namespace}/pods"
+        )
+        costs: dict[str, int] = {}
+        if status != 200:
+            return costs
+        for pod in listing.get("items") or []:
+            value = ((pod.get("metadata") or {}).get("annotations") or {}).get(
+                DELETION_COST_ANNOTATION, "0"
+            )
+            with contextlib.suppress(ValueError):
+                costs[pod["metadata"]["name"]] = int(value)
+        return costs
 
     # -- pods ---------------------------------------------------------------------------
 
@@ -261,7 +286,9 @@ class LocalKubelet:
         for container in pod_spec.get("containers") or []:
             for port in container.get("ports") or []:
                 port["containerPort"] = ports[int(port["containerPort"])]
+        self._created += 1
         pod = LocalPod(
+            created_seq=self._created,
             name=pod_name,
             deployment=deployment_name,
             template_hash=digest,
