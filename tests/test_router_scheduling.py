@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from twinroute.scheduler.api import ERROR_KIND_METADATA
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc
 
@@ -33,6 +34,8 @@ class RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
     async def Pick(self, request: Any, context: Any) -> Any:
         self.picks.append(request)
         if len(request.exclude_endpoints) >= 2:
+            # As the real service does: the error kind rides in the trailing metadata.
+            context.set_trailing_metadata(((ERROR_KIND_METADATA, "no_endpoint"),))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no endpoint left for the request")
         return pb.PickResponse(
             endpoint=pb.Endpoint(id="pod-1", address="127.0.0.1:9001"),

@@ -13,7 +13,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -148,74 +148,55 @@ class WithFallback:
         await self._fallback.close()
 
 
-_OUTCOMES = {
-    "success": "OUTCOME_SUCCESS",
-    "engine_error": "OUTCOME_ENGINE_ERROR",
-    "stream_error": "OUTCOME_STREAM_ERROR",
-    "cancelled": "OUTCOME_CANCELLED",
-    "timeout": "OUTCOME_TIMEOUT",
-}
-
-
 class GrpcScheduler:
-    """The `twinroute.v1.Scheduler` service over one grpc.aio channel."""
+    """The `twinroute scheduler` service over gRPC, through the scheduler's own client.
+
+    Maps the client's typed errors onto what the request path acts on: no endpoint for the
+    request (answer the caller), a request the scheduler refuses (4xx), or a scheduler that
+    cannot be reached (fall back).
+    """
 
     def __init__(self, *, target: str, timeout_s: float = 1.0) -> None:
-        import grpc
+        from twinroute.scheduler.client import SchedulerClient
 
-        from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
-
-        self._grpc = grpc
-        self._pb = scheduler_pb2
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
-        self._timeout_s = timeout_s
+        self._client = SchedulerClient(target=target, timeout_s=timeout_s)
 
     async def pick(self, query: PickQuery) -> Placement:
-        pb = self._pb
-        if query.token_ids is not None:
-            prompt = pb.Prompt(token_ids=pb.TokenIds(ids=list(query.token_ids)))
-        else:
-            prompt = pb.Prompt(text=query.prompt_text or "")
-        request = pb.PickRequest(
-            request_id=query.request_id,
-            model=query.model,
-            prompt=prompt,
-            session_id=query.session_id,
-            lora_adapter=query.lora_adapter,
-            cache_salt=query.cache_salt,
-            expected_output_tokens=query.expected_output_tokens,
-            ttft_slo_s=query.ttft_slo_s,
-            exclude_endpoints=sorted(query.exclude_endpoints),
-            prompt_tokens=query.prompt_tokens,
-        )
+        from twinroute.scheduler.api import InvalidPickError, UnknownModelError
+        from twinroute.scheduler.api import PickQuery as SchedulerQuery
+        from twinroute.scheduler.client import SchedulerUnreachableError
+        from twinroute.scheduler.types import NoEndpointError
+
         try:
-            response: Any = await self._stub.Pick(request, timeout=self._timeout_s)
-        except self._grpc.aio.AioRpcError as error:
-            code = error.code()
-            if (
-                code
-                in (
-                    self._grpc.StatusCode.NOT_FOUND,
-                    self._grpc.StatusCode.UNAVAILABLE,
-                    self._grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    self._grpc.StatusCode.FAILED_PRECONDITION,
+            answer = await self._client.pick(
+                SchedulerQuery(
+                    request_id=query.request_id,
+                    model=query.model,
+                    token_ids=query.token_ids,
+                    text=query.prompt_text if query.token_ids is None else None,
+                    session_id=query.session_id,
+                    lora_adapter=query.lora_adapter,
+                    cache_salt=query.cache_salt,
+                    expected_output_tokens=query.expected_output_tokens,
+                    ttft_slo_s=query.ttft_slo_s,
+                    prompt_tokens=query.prompt_tokens,
+                    exclude_endpoints=query.exclude_endpoints,
                 )
-                and "endpoint" in (error.details() or "").lower()
-            ):
-                raise NoEndpointAvailable(error.details() or "no endpoint") from None
-            if code == self._grpc.StatusCode.INVALID_ARGUMENT:
-                raise ValueError(error.details() or "scheduler refused the request") from None
-            raise SchedulerUnavailable(f"{code.name}: {error.details()}") from None
-        prefill = response.prefill_endpoint.address if response.HasField("prefill_endpoint") else ""
-        reason_name = pb.DecisionReason.Name(response.reason)
+            )
+        except (NoEndpointError, UnknownModelError) as error:
+            raise NoEndpointAvailable(str(error)) from None
+        except InvalidPickError as error:
+            raise ValueError(str(error)) from None
+        except SchedulerUnreachableError as error:
+            raise SchedulerUnavailable(str(error)) from None
+        prefill = answer.prefill_endpoint
         return Placement(
-            address=response.endpoint.address,
-            endpoint_id=response.endpoint.id,
-            lease_id=response.lease_id,
-            reason=reason_name.removeprefix("DECISION_REASON_").lower(),
-            predicted_ttft_s=response.predicted_ttft_s,
-            prefill_address=prefill or None,
+            address=answer.endpoint.address,
+            endpoint_id=answer.endpoint.id,
+            lease_id=answer.lease_id,
+            reason=answer.reason.value,
+            predicted_ttft_s=answer.predicted_ttft_s,
+            prefill_address=prefill.address if prefill is not None else None,
         )
 
     async def complete(
@@ -227,18 +208,18 @@ class GrpcScheduler:
         prompt_tokens: int,
         output_tokens: int,
     ) -> None:
-        pb = self._pb
-        request = pb.CompleteRequest(
-            lease_id=lease_id,
-            outcome=pb.Outcome.Value(_OUTCOMES[outcome]),
-            observed_ttft_s=observed_ttft_s,
-            prompt_tokens=prompt_tokens,
-            output_tokens=output_tokens,
-        )
+        from twinroute.scheduler.client import SchedulerUnreachableError
+
         try:
-            await self._stub.Complete(request, timeout=self._timeout_s)
-        except self._grpc.aio.AioRpcError as error:
-            raise SchedulerUnavailable(f"{error.code().name}: {error.details()}") from None
+            await self._client.complete(
+                lease_id=lease_id,
+                outcome=outcome,
+                observed_ttft_s=observed_ttft_s,
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+            )
+        except SchedulerUnreachableError as error:
+            raise SchedulerUnavailable(str(error)) from None
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._client.close()
