@@ -7,8 +7,11 @@ venv:
 demo: venv
 	.venv/bin/twinroute demo
 
+# tests/ needs nothing but this machine; e2e/ adds whole-process scenarios (a local cluster
+# stand-in always; real vLLM engines when CI=true or TWINROUTE_E2E_VLLM=1, installing vLLM's
+# CPU build into .tools/ on first use; a real cluster when TWINROUTE_E2E_CONTEXT is set).
 test: venv
-	.venv/bin/pytest -q tests
+	.venv/bin/pytest -q tests e2e
 
 lint: venv
 	.venv/bin/ruff check .
@@ -19,6 +22,8 @@ lint: venv
 
 typecheck: venv
 	.venv/bin/mypy -p twinroute
+	MYPYPATH=e2e .venv/bin/mypy --strict e2e/local_cluster.py e2e/test_local_cluster.py \
+		e2e/test_vllm_routing.py e2e/test_vllm_real.py e2e/vllm_real.py e2e/test_real_cluster.py
 
 proto: venv
 	.venv/bin/python tools/gen_proto.py
