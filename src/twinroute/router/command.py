@@ -86,7 +86,7 @@ def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
         return CoreScheduler(
             endpoints=endpoints,
             policy=args.policy,
-            model=args.model[0],
+            models=args.model,
             ttft_slo_s=args.ttft_slo_s,
             keys=KeySettings(
                 key_block_tokens=args.key_block_tokens,

@@ -13,7 +13,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,66 @@ class WithFallback:
         await self._fallback.close()
 
 
-class GrpcScheduler:
-    """The `twinroute scheduler` service over gRPC, through the scheduler's own client.
+class SchedulerBackend(Protocol):
+    """What `SchedulerClient` (gRPC) and `SchedulerService` (in-process) both offer."""
 
-    Maps the client's typed errors onto what the request path acts on: no endpoint for the
-    request (answer the caller), a request the scheduler refuses (4xx), or a scheduler that
-    cannot be reached (fall back).
-    """
+    async def pick(self, query: Any) -> Any: ...
+
+    async def complete(
+        self,
+        *,
+        lease_id: str,
+        outcome: Outcome,
+        observed_ttft_s: float,
+        prompt_tokens: int,
+        output_tokens: int,
+    ) -> bool: ...
+
+
+async def place(backend: SchedulerBackend, query: PickQuery) -> Placement:
+    """Ask the scheduler for a placement and map its typed errors onto what the request path
+    acts on: no endpoint for the request (answer the caller), a request the scheduler refuses
+    (4xx), or a scheduler that cannot be reached (fall back)."""
+    from twinroute.scheduler.api import InvalidPickError, UnknownModelError
+    from twinroute.scheduler.api import PickQuery as SchedulerQuery
+    from twinroute.scheduler.client import SchedulerUnreachableError
+    from twinroute.scheduler.types import NoEndpointError
+
+    try:
+        answer = await backend.pick(
+            SchedulerQuery(
+                request_id=query.request_id,
+                model=query.model,
+                token_ids=query.token_ids,
+                text=query.prompt_text if query.token_ids is None else None,
+                session_id=query.session_id,
+                lora_adapter=query.lora_adapter,
+                cache_salt=query.cache_salt,
+                expected_output_tokens=query.expected_output_tokens,
+                ttft_slo_s=query.ttft_slo_s,
+                prompt_tokens=query.prompt_tokens,
+                exclude_endpoints=query.exclude_endpoints,
+            )
+        )
+    except (NoEndpointError, UnknownModelError) as error:
+        raise NoEndpointAvailable(str(error)) from None
+    except InvalidPickError as error:
+        raise ValueError(str(error)) from None
+    except SchedulerUnreachableError as error:
+        raise SchedulerUnavailable(str(error)) from None
+    prefill = answer.prefill_endpoint
+    return Placement(
+        address=answer.endpoint.address,
+        endpoint_id=answer.endpoint.id,
+        lease_id=answer.lease_id,
+        reason=answer.reason.value,
+        predicted_ttft_s=answer.predicted_ttft_s,
+        prefill_address=prefill.address if prefill is not None else None,
+    )
+
+
+class GrpcScheduler:
+    """The `twinroute scheduler` service over gRPC, through the scheduler's own client."""
 
     def __init__(self, *, target: str, timeout_s: float = 1.0) -> None:
         from twinroute.scheduler.client import SchedulerClient
@@ -162,42 +215,7 @@ class GrpcScheduler:
         self._client = SchedulerClient(target=target, timeout_s=timeout_s)
 
     async def pick(self, query: PickQuery) -> Placement:
-        from twinroute.scheduler.api import InvalidPickError, UnknownModelError
-        from twinroute.scheduler.api import PickQuery as SchedulerQuery
-        from twinroute.scheduler.client import SchedulerUnreachableError
-        from twinroute.scheduler.types import NoEndpointError
-
-        try:
-            answer = await self._client.pick(
-                SchedulerQuery(
-                    request_id=query.request_id,
-                    model=query.model,
-                    token_ids=query.token_ids,
-                    text=query.prompt_text if query.token_ids is None else None,
-                    session_id=query.session_id,
-                    lora_adapter=query.lora_adapter,
-                    cache_salt=query.cache_salt,
-                    expected_output_tokens=query.expected_output_tokens,
-                    ttft_slo_s=query.ttft_slo_s,
-                    prompt_tokens=query.prompt_tokens,
-                    exclude_endpoints=query.exclude_endpoints,
-                )
-            )
-        except (NoEndpointError, UnknownModelError) as error:
-            raise NoEndpointAvailable(str(error)) from None
-        except InvalidPickError as error:
-            raise ValueError(str(error)) from None
-        except SchedulerUnreachableError as error:
-            raise SchedulerUnavailable(str(error)) from None
-        prefill = answer.prefill_endpoint
-        return Placement(
-            address=answer.endpoint.address,
-            endpoint_id=answer.endpoint.id,
-            lease_id=answer.lease_id,
-            reason=answer.reason.value,
-            predicted_ttft_s=answer.predicted_ttft_s,
-            prefill_address=prefill.address if prefill is not None else None,
-        )
+        return await place(self._client, query)
 
     async def complete(
         self,
