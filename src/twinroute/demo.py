@@ -3,8 +3,10 @@
 Simulates a pool of 8 vLLM instances (the `llama3-8b-h100` profile) behind the live routing
 core, once per policy and request rate, and prints how each policy fares: the share of
 requests within the TTFT SLO, TTFT percentiles, the engine prefix-cache hit rate against what
-one cache of the whole pool's size could reach, and how evenly the load spreads. No GPU, no
-Kubernetes; about a minute on a laptop. `twinroute bench goodput` does the full search.
+one cache of the whole pool's size could reach, and how evenly the load spreads. Then the live
+part: the start of the same trace through real processes on 127.0.0.1 (engine simulators, the
+gRPC scheduler, the router), with dualmap and with round_robin, as `twinroute bench live` does.
+No GPU, no Kubernetes; about two minutes. `twinroute bench goodput` does the full search.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--policies", default=None, help="comma-separated (default: all)")
     parser.add_argument("--ttft-slo", type=float, default=5.0)
+    parser.add_argument(
+        "--live-seconds",
+        type=float,
+        default=40.0,
+        help="then replay the trace for this long through real processes on 127.0.0.1 (4 "
+        "engine simulators, `twinroute scheduler`, `twinroute router`), once with dualmap and "
+        "once with round_robin; 0 = skip",
+    )
+    parser.add_argument(
+        "--out", default="results/demo", help="folder for the live part's table, JSON and PNGs"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,4 +97,29 @@ def run(args: argparse.Namespace) -> int:
         f"({time.perf_counter() - started:.0f} s; `twinroute bench goodput` finds each "
         "policy's highest rate within the SLO)"
     )
-    return 0
+    if args.live_seconds <= 0:
+        return 0
+    return _live(seconds=args.live_seconds, slo_s=args.ttft_slo, out=args.out)
+
+
+def _live(*, seconds: float, slo_s: float, out: str) -> int:
+    """The same trace through the real processes, via `twinroute bench live`."""
+    from twinroute.bench import live
+
+    print()
+    print(
+        f"Live: the trace's first {seconds:g} s replayed through 4 `twinroute engine-sim` "
+        "processes behind `twinroute scheduler` (gRPC) and `twinroute router`, on 127.0.0.1"
+    )
+    parser = argparse.ArgumentParser(prog="twinroute demo (live)")
+    live.add_arguments(parser)
+    live_args = parser.parse_args(
+        [
+            "--routers=twinroute_dualmap,twinroute_round_robin",
+            f"--duration={seconds}",
+            f"--slo={slo_s}",
+            "--twinroute-scheduler=grpc",
+            f"--out={out}",
+        ]
+    )
+    return live.run(live_args)
