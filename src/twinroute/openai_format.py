@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from aiohttp import web
 
 Kind = Literal["completions", "chat"]
 
@@ -253,3 +255,31 @@ def _parse_max_tokens(body: Mapping[str, Any], *, kind: Kind, limit: int) -> int
             raise RequestError(f"{name} must be at most {limit}, got {value}", param=name)
         return value
     return DEFAULT_MAX_TOKENS
+
+
+async def answer_errors(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    *,
+    max_body_bytes: int,
+) -> web.StreamResponse:
+    """Run `handler`; refusals (bad input, an oversized body, any other HTTP error) become
+    4xx answers in OpenAI's error format, so no client ever has to parse an HTML error page."""
+    try:
+        return await handler(request)
+    except RequestError as error:
+        return web.json_response(error.body(), status=error.status)
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response(
+            error_body(
+                message=f"request body exceeds {max_body_bytes} bytes",
+                error_type="invalid_request_error",
+                code="request_too_large",
+            ),
+            status=413,
+        )
+    except web.HTTPException as error:
+        return web.json_response(
+            error_body(message=error.reason, error_type="invalid_request_error"),
+            status=error.status,
+        )

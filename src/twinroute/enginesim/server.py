@@ -32,8 +32,8 @@ from twinroute.openai_format import (
     Kind,
     ParsedRequest,
     RequestError,
+    answer_errors,
     decode_json,
-    error_body,
     parse_request,
 )
 
@@ -141,18 +141,7 @@ class EngineServer:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except RequestError as error:
-            response = web.json_response(error.body(), status=error.status)
-        except web.HTTPRequestEntityTooLarge:
-            response = web.json_response(
-                error_body(
-                    message=f"request body exceeds {MAX_BODY_BYTES} bytes",
-                    error_type="invalid_request_error",
-                ),
-                status=413,
-            )
+        response = await answer_errors(request, handler, max_body_bytes=MAX_BODY_BYTES)
         if not response.prepared:
             response.headers[INSTANCE_HEADER] = self._identity.instance_id
         return response

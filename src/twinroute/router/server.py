@@ -36,6 +36,7 @@ from twinroute.openai_format import (
     Kind,
     ParsedRequest,
     RequestError,
+    answer_errors,
     decode_json,
     error_body,
     parse_request,
@@ -194,24 +195,9 @@ class RouterServer:
     async def middleware(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        try:
-            response = await handler(request)
-        except RequestError as error:
-            response = web.json_response(error.body(), status=error.status)
-        except web.HTTPRequestEntityTooLarge:
-            response = web.json_response(
-                error_body(
-                    message=f"request body exceeds {self._settings.max_body_bytes} bytes",
-                    error_type="invalid_request_error",
-                    code="request_too_large",
-                ),
-                status=413,
-            )
-        except web.HTTPException as error:
-            response = web.json_response(
-                error_body(message=error.reason, error_type="invalid_request_error"),
-                status=error.status,
-            )
+        response = await answer_errors(
+            request, handler, max_body_bytes=self._settings.max_body_bytes
+        )
         key = (request.path, response.status)
         counter = self._request_counters.get(key)
         if counter is None:
