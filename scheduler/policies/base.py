@@ -17,6 +17,7 @@ from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
     Decision,
+    DecisionReason,
     Endpoint,
     NoEndpointError,
     RoutingRequest,
@@ -59,6 +60,35 @@ class Policy(ABC):
     @abstractmethod
     def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
         """Choose among `view.endpoints` less `request.exclude`; raise NoEndpointError if none."""
+
+    def _decide(
+        self,
+        request: RoutingRequest,
+        view: ClusterView,
+        endpoint_id: str,
+        reason: DecisionReason,
+        detail: str,
+        *,
+        matched_blocks: int | None = None,
+    ) -> Decision:
+        """A decision for `endpoint_id`, with its predicted TTFT as the one candidate score."""
+        score = score_endpoint(
+            request,
+            view,
+            endpoint_id,
+            cost_model=self.config.cost_model,
+            role="chosen",
+            matched_blocks=matched_blocks,
+        )
+        return Decision(
+            endpoint_id=endpoint_id,
+            reason=reason,
+            policy=self.name,
+            predicted_ttft_s=score.predicted_ttft_s,
+            expected_cached_blocks=score.expected_cached_blocks,
+            candidates=(score,),
+            detail=detail,
+        )
 
 
 def eligible_endpoints(request: RoutingRequest, view: ClusterView) -> tuple[Endpoint, ...]:

@@ -23,7 +23,7 @@ prompt's first block).
 
 from __future__ import annotations
 
-from twinroute.scheduler.policies.base import Policy, eligible_endpoints, score_endpoint
+from twinroute.scheduler.policies.base import Policy, eligible_endpoints
 from twinroute.scheduler.types import ClusterView, Decision, DecisionReason, RoutingRequest
 
 
@@ -76,32 +76,4 @@ class CacheAwarePolicy(Policy):
             f"best match {best_blocks}/{blocks} blocks ({ratio:.2f} <= "
             f"{config.cache_threshold:g}): least loaded ({lowest} in flight)",
             matched_blocks=holders.get(least_id, 0) if holders else 0,
-        )
-
-    def _decide(
-        self,
-        request: RoutingRequest,
-        view: ClusterView,
-        endpoint_id: str,
-        reason: DecisionReason,
-        detail: str,
-        *,
-        matched_blocks: int | None = None,
-    ) -> Decision:
-        score = score_endpoint(
-            request,
-            view,
-            endpoint_id,
-            cost_model=self.config.cost_model,
-            role="chosen",
-            matched_blocks=matched_blocks,
-        )
-        return Decision(
-            endpoint_id=endpoint_id,
-            reason=reason,
-            policy=self.name,
-            predicted_ttft_s=score.predicted_ttft_s,
-            expected_cached_blocks=score.expected_cached_blocks,
-            candidates=(score,),
-            detail=detail,
         )

@@ -28,12 +28,9 @@ matched depth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from twinroute.scheduler.policies.base import (
     Policy,
     eligible_endpoints,
-    score_endpoint,
     slo_of,
 )
 from twinroute.scheduler.types import (
@@ -69,7 +66,12 @@ class PreblePolicy(Policy):
         new = request.prompt_tokens - cached
         if len(eligible) == 1:
             return self._decide(
-                request, view, eligible[0].id, DecisionReason.ONLY_CANDIDATE, "", holders
+                request,
+                view,
+                eligible[0].id,
+                DecisionReason.ONLY_CANDIDATE,
+                "",
+                matched_blocks=holders.get(eligible[0].id, 0),
             )
         if longest > 0 and cached > new:
             best = min(
@@ -84,7 +86,7 @@ class PreblePolicy(Policy):
                 DecisionReason.EXPLOIT,
                 f"cached prefix {cached} tokens > new {new}: least loaded holder "
                 f"(load cost {best[0]:.3f}s)",
-                holders,
+                matched_blocks=longest,
             )
         budget = max(1, cost.slo_prefill_budget_tokens(slo_of(request, self.config)))
         recompute_by_matched: dict[int, float] = {}
@@ -114,33 +116,5 @@ class PreblePolicy(Policy):
             DecisionReason.EXPLORE,
             f"cached prefix {cached} tokens <= new {new}: lowest cost {total:.3f}s = load "
             f"{load_cost:.3f} + eviction {eviction:.3f} + recompute {recompute:.3f}",
-            holders,
-        )
-
-    def _decide(
-        self,
-        request: RoutingRequest,
-        view: ClusterView,
-        endpoint_id: str,
-        reason: DecisionReason,
-        detail: str,
-        holders: Mapping[str, int],
-    ) -> Decision:
-        matched = holders.get(endpoint_id, 0)
-        score = score_endpoint(
-            request,
-            view,
-            endpoint_id,
-            cost_model=self.config.cost_model,
-            role="chosen",
-            matched_blocks=matched,
-        )
-        return Decision(
-            endpoint_id=endpoint_id,
-            reason=reason,
-            policy=self.name,
-            predicted_ttft_s=score.predicted_ttft_s,
-            expected_cached_blocks=score.expected_cached_blocks,
-            candidates=(score,),
-            detail=detail,
+            matched_blocks=holders.get(chosen, 0),
         )
