@@ -13,7 +13,12 @@ adds exactly those API-server behaviours:
 - list/watch: `labelSelector` (equality, `!=`, `in`, `notin`, existence);
 - discovery of the resource kinds twinroute, kopf and kubectl touch.
 
-- the cluster-scoped `namespaces` resource (kmock's path parser cannot address it).
+- the cluster-scoped `namespaces` resource (kmock's path parser cannot address it);
+- a watch resumed from a `resourceVersion` replays the deletions after it too (kmock's bus
+  keeps no history, so they are logged here);
+- fault injection: `drop_watches()` ends every open watch stream (a cut connection or a clean
+  server-side end) and `answer_gone()` answers the next watches that resume from a version
+  with `410 Gone`, as after an etcd compaction, so clients must relist.
 
 Namespaces are stored objects only: nothing requires one to exist before objects are put in it.
 There is no garbage collector and no controllers: Deployments never get pods by themselves.
@@ -78,6 +83,15 @@ class KubeApiServer(kmock.KubernetesEmulator):
 
     _versions: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     _names: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    # (resourceVersion of the deletion, resource, the object as last stored)
+    _deletions: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)
+    # Fault injection; touched from test threads, so guarded by a thread lock.
+    _fault_lock: threading.Lock = attrs.field(factory=threading.Lock, init=False)
+    _open_watches: dict[int, _OpenWatch] = attrs.field(factory=dict, init=False)
+    _watch_ids: Iterator[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _gone_pending: int = attrs.field(default=0, init=False)
+    gone_sent: int = attrs.field(default=0, init=False)
+    watches_dropped: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -124,6 +138,27 @@ class KubeApiServer(kmock.KubernetesEmulator):
     def next_version(self) -> str:
         return str(next(self._versions))
 
+    def open_watch_count(self) -> int:
+        with self._fault_lock:
+            return len(self._open_watches)
+
+    def drop_watches(self, *, reset: bool = True) -> int:
+        """End every open watch stream now; returns how many. `reset` cuts the connection
+        mid-stream (a dying API server or load balancer), otherwise the stream ends cleanly as
+        on a server-side timeout. Thread-safe."""
+        with self._fault_lock:
+            watches = list(self._open_watches.values())
+            self.watches_dropped += len(watches)
+        for watch in watches:
+            watch.loop.call_soon_threadsafe(watch.end, reset)
+        return len(watches)
+
+    def answer_gone(self, *, count: int = 1) -> None:
+        """The next `count` watches that resume from a resourceVersion get `410 Gone` (the
+        version was compacted away), as a real API server answers after a long gap."""
+        with self._fault_lock:
+            self._gone_pending += count
+
     def stored(self, resource: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """A copy of one stored object, or None (for assertions in tests)."""
         for (res, ns, nm), obj in list(self.objects.items()):
@@ -158,6 +193,26 @@ class KubeApiServer(kmock.KubernetesEmulator):
 
     @override
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        key = (
+            (request.resource, request.namespace, str(request.name))
+            if request.resource is not None and request.name is not None
+            else None
+        )
+        was_live = key is not None and self._is_live(key)
+        try:
+            return await self._handle_change(request)
+        finally:
+            if key is not None and was_live and not self._is_live(key):
+                stored = self._objects[key]
+                version = next(self._versions)
+                last = copy.deepcopy(stored.last.raw)
+                last.setdefault("metadata", {})["resourceVersion"] = str(version)
+                self._deletions.append((version, key[0], last))
+
+    def _is_live(self, key: tuple[Any, str | None, str]) -> bool:
+        return key in self._objects and not self._objects[key].deleted
+
+    async def _handle_change(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None and request.action == kmock.action.CREATE:
             if isinstance(request.data, dict):
                 metadata = request.data.setdefault("metadata", {})
@@ -331,7 +386,22 @@ class KubeApiServer(kmock.KubernetesEmulator):
             in_scope = request.namespace is None or namespace == request.namespace
             return in_scope and selector.matches(obj) and _fields_match(obj, fields)
 
+        since = request.params.get("resourceVersion", "")
+        resuming = since.isdigit() and int(since) > 0
+        with self._fault_lock:
+            gone = resuming and self._gone_pending > 0
+            if gone:
+                self._gone_pending -= 1
+                self.gone_sent += 1
         yield b""  # headers out: the stream is open even when nothing happens
+        if gone:
+            yield {
+                "type": "ERROR",
+                "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "code": 410, "reason": "Expired",
+                           "message": f"too old resource version: {since}"},
+            }  # fmt: skip
+            return
         bus = self._buses[request.resource]
         async with self._lock:
             mark = await bus.mark()
@@ -340,23 +410,82 @@ class KubeApiServer(kmock.KubernetesEmulator):
                 for (res, _, _), obj in list(self.objects.items())
                 if res == request.resource and not obj.deleted
             ]
-        since = request.params.get("resourceVersion", "")
-        if since.isdigit() and int(since) > 0:
-            # Watching from a list's version: only what changed after it (as the API does).
-            existing = [
-                obj
-                for obj in existing
-                if int((obj.get("metadata") or {}).get("resourceVersion") or 0) > int(since)
+            deletions = [
+                copy.deepcopy(obj)
+                for version, res, obj in self._deletions
+                if res == request.resource and resuming and version > int(since)
             ]
+        replay: list[dict[str, Any]] = [{"type": "ADDED", "object": obj} for obj in existing]
+        if resuming:
+            # Watching from a list's version: only what changed after it (as the API does),
+            # deletions included, in version order.
+            replay = [
+                event
+                for event in replay
+                if int(event["object"].get("metadata", {}).get("resourceVersion") or 0) > int(since)
+            ]
+            replay += [{"type": "DELETED", "object": obj} for obj in deletions]
+            replay.sort(key=lambda event: int(event["object"]["metadata"]["resourceVersion"]))
+        watch = _OpenWatch(
+            loop=asyncio.get_running_loop(), ended=asyncio.Event(), raw_request=request._raw_request
+        )
+        with self._fault_lock:
+            watch_id = next(self._watch_ids)
+            self._open_watches[watch_id] = watch
+        stream = aiter(bus.stream(since=mark))
         try:
-            for obj in existing:
-                if wanted(obj):
-                    yield {"type": "ADDED", "object": obj}
-            async for event in bus.stream(since=mark):
-                if wanted(event.get("object") or {}):
+            for event in replay:
+                if wanted(event["object"]):
+                    yield event
+            while not watch.ended.is_set():
+                event = await _next_unless(stream, watch.ended)
+                if event is not None and wanted(event.get("object") or {}):
                     yield event
         finally:
+            with self._fault_lock:
+                self._open_watches.pop(watch_id, None)
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
             await bus.unmark(mark)
+        if watch.reset and request._raw_request is not None:
+            transport = request._raw_request.transport
+            if transport is not None:
+                transport.abort()
+
+
+@dataclass(slots=True, kw_only=True)
+class _OpenWatch:
+    loop: asyncio.AbstractEventLoop
+    ended: asyncio.Event
+    raw_request: Any
+    reset: bool = False
+
+    def end(self, reset: bool) -> None:
+        self.reset = reset
+        self.ended.set()
+
+
+async def _next_unless(stream: AsyncIterator[Any], ended: asyncio.Event) -> Any:
+    """The stream's next item, or None once `ended` is set first."""
+    step = asyncio.ensure_future(anext(stream))
+    waiter = asyncio.ensure_future(ended.wait())
+    try:
+        done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if ended.is_set():
+        # The drop wins over an event that arrived at the same moment: the client sees it
+        # again when it resumes from its last version, as from a real API server.
+        step.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            await step
+        return None
+    if step in done:
+        return step.result()
+    step.cancel()
+    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+        await step
+    return None
 
 
 def _wants_table(request: rendering.Request) -> bool:
