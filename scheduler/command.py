@@ -34,6 +34,7 @@ from twinroute.scheduler.discovery import (
     run_discovery,
 )
 from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
+from twinroute.scheduler.policies.pd import PdSettings
 from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
 from twinroute.scheduler.service import GrpcServer, KeySettings, SchedulerService, TlsFiles
@@ -50,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--policy", default="dualmap", choices=POLICY_NAMES)
     parser.add_argument("--ttft-slo", type=float, default=5.0, help="default TTFT SLO, seconds")
+    parser.add_argument(
+        "--pd-min-prefill-tokens",
+        type=int,
+        default=100,
+        help="prefill/decode pools: a decode endpoint prefills prompts itself when at most "
+        "this many of their tokens are not cached there (skips the prefill hop)",
+    )
     parser.add_argument(
         "--block-size", type=int, default=64,
         help="prefix-key block, tokens (a multiple of the engine block size; 64 keeps the "
@@ -109,6 +117,9 @@ def apply_config(args: argparse.Namespace, text: str) -> None:
     if args.policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {args.policy!r} in the config")
     args.ttft_slo = float(config.get("ttftSloSeconds", args.ttft_slo))
+    args.pd_min_prefill_tokens = int(
+        config.get("pdMinPrefillTokens", args.pd_min_prefill_tokens)
+    )
     args.block_size = int(config.get("prefixBlockSize", args.block_size))
     args.virtual_nodes = int(config.get("virtualNodes", args.virtual_nodes))
     args.scrape_interval = float(config.get("scrapeIntervalSeconds", args.scrape_interval))
@@ -132,6 +143,8 @@ def resolve_arguments(args: argparse.Namespace) -> None:
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
             apply_config(args, handle.read())
+    if args.pd_min_prefill_tokens < 0:
+        raise ValueError("--pd-min-prefill-tokens must be >= 0")
     host = args.host or "127.0.0.1"
     if args.grpc_port is not None:
         args.listen = f"{host}:{args.grpc_port}"
@@ -198,6 +211,7 @@ def build_service(
         prefix_capacity_blocks=capacity_blocks,
         lease_ttl_s=args.lease_ttl,
         scrape_staleness_s=max(2.0, 3 * args.scrape_interval),
+        pd=PdSettings(min_prefill_tokens=args.pd_min_prefill_tokens),
     )
     telemetry = SchedulerTelemetry(
         registry=CollectorRegistry(), core=core, clock=clock, virtual_nodes=config.virtual_nodes
