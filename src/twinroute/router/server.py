@@ -9,6 +9,13 @@ Per request:
    that dies before its first chunk, a non-streamed body that breaks) -> complete the lease
    as an engine error, exclude that endpoint, pick again; at most `retries` more attempts.
    After the first chunk went out, a dying engine ends the stream with an error event.
+   Content-caused errors are not engine failures: a 4xx from the engine is relayed to the
+   client as is and closes the lease as a success (the engine worked as designed). A 5xx
+   whose body is an error answer in OpenAI's format (the engine answered and attributes the
+   failure to this request) is tried on another engine within the same `retries` bound; only
+   if another engine then serves it do the earlier ones count as engine errors. If every
+   engine tried answers so, the client gets the last engine's answer as is and no engine is
+   counted as failing: the request is the common factor.
 5. Complete the lease (outcome, TTFT, tokens) off the response path.
 
 Streaming is passed through chunk by chunk as it arrives (aiohttp sets TCP_NODELAY on both the
@@ -97,6 +104,16 @@ class _Lease:
 
 class _EngineFailed(Exception):
     """The engine failed before anything reached the client; the request can go elsewhere."""
+
+
+class _EngineRejected(Exception):
+    """The engine answered a 5xx in OpenAI's error format: it may be this request's fault."""
+
+    def __init__(self, *, status: int, body: bytes, headers: dict[str, str]) -> None:
+        super().__init__(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+        self.status = status
+        self.body = body
+        self.headers = headers
 
 
 class RouterMetrics:
@@ -279,7 +296,36 @@ class RouterServer:
     ) -> web.StreamResponse:
         excluded: list[str] = []
         failures: list[str] = []
+        # Leases of engines that answered a 5xx error of their own; settled at the end.
+        rejected: list[tuple[_Lease, _EngineRejected]] = []
+        engine_failed = False
         prompt_tokens = query.prompt_tokens
+
+        def settle_rejections(*, request_caused: bool, outcome: Outcome = "engine_error") -> None:
+            for lease, _ in rejected:
+                if request_caused:
+                    # The engine worked as designed: it refused this request.
+                    self._complete_later(lease, "success", 0.0, prompt_tokens, 0)
+                else:
+                    if outcome == "engine_error":
+                        self._metrics.retries.labels(lease.placement.endpoint_id).inc()
+                    self._complete_later(lease, outcome, 0.0, prompt_tokens, 0)
+            rejected.clear()
+
+        def rejected_answer() -> web.Response | None:
+            """Every engine tried answered a 5xx error of its own: relay the last answer."""
+            if not rejected or engine_failed:
+                return None
+            last = rejected[-1][1]
+            logger.info(
+                "request %s: every engine tried (%s) answered HTTP %d; returned to the client",
+                query.request_id,
+                ", ".join(lease.placement.endpoint_id for lease, _ in rejected),
+                last.status,
+            )
+            settle_rejections(request_caused=True)
+            return web.Response(status=last.status, body=last.body, headers=last.headers)
+
         for _attempt in range(self._settings.retries + 1):
             if excluded:
                 query = dataclasses.replace(query, exclude_endpoints=frozenset(excluded))
@@ -288,21 +334,40 @@ class RouterServer:
                 placement = await self._scheduler.pick(query)
                 self._metrics.pick_seconds.observe(self._clock() - started)
             except NoEndpointAvailable as error:
+                answer = rejected_answer()
+                if answer is not None:
+                    return answer
+                settle_rejections(request_caused=False)
                 return self._unavailable(f"no endpoint can serve the request: {error}", failures)
             except SchedulerUnavailable as error:
+                settle_rejections(request_caused=False)
                 return self._unavailable(f"the scheduler is unavailable: {error}", failures)
             except ValueError as error:
                 raise RequestError(str(error)) from None
             self._metrics.decisions.labels(placement.reason).inc()
             lease = _Lease(placement)
             try:
-                return await self._forward(request, raw, parsed, lease, prompt_tokens)
+                response = await self._forward(request, raw, parsed, lease, prompt_tokens)
             except asyncio.CancelledError:
                 # The client went away; the lease must still be closed exactly once.
                 if not lease.reported:
                     self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
+                settle_rejections(request_caused=False, outcome="cancelled")
                 raise
+            except _EngineRejected as rejection:
+                # Not yet the engine's fault: known only once another engine has tried.
+                failures.append(f"{placement.endpoint_id}: {rejection}")
+                excluded.append(placement.endpoint_id)
+                rejected.append((lease, rejection))
+                logger.info(
+                    "request %s: endpoint %s answered HTTP %d; trying another engine",
+                    query.request_id,
+                    placement.endpoint_id,
+                    rejection.status,
+                )
+                continue
             except _EngineFailed as error:
+                engine_failed = True
                 failures.append(f"{placement.endpoint_id}: {error}")
                 excluded.append(placement.endpoint_id)
                 self._metrics.retries.labels(placement.endpoint_id).inc()
@@ -313,6 +378,15 @@ class RouterServer:
                     placement.endpoint_id,
                     error,
                 )
+                continue
+            # Another engine served it (or refused it with a 4xx): the earlier 5xx answers
+            # were those engines' failures.
+            settle_rejections(request_caused=False)
+            return response
+        answer = rejected_answer()
+        if answer is not None:
+            return answer
+        settle_rejections(request_caused=False)
         return web.json_response(
             error_body(
                 message="every attempt failed: " + "; ".join(failures),
@@ -354,7 +428,17 @@ class RouterServer:
             raise _EngineFailed(f"{type(error).__name__}: {error}") from None
         try:
             if upstream.status >= 500:
-                detail = (await upstream.read())[:200].decode(errors="replace")
+                try:
+                    body = await upstream.read()
+                except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                    raise _EngineFailed(f"HTTP {upstream.status}, then {error}") from None
+                if _is_error_answer(body):
+                    raise _EngineRejected(
+                        status=upstream.status,
+                        body=body,
+                        headers=self._headers(upstream, placement),
+                    )
+                detail = body[:200].decode(errors="replace")
                 raise _EngineFailed(f"HTTP {upstream.status}: {detail}")
             if parsed.stream and upstream.status == 200:
                 return await self._relay_stream(request, upstream, lease, sent, prompt_tokens)
@@ -474,6 +558,21 @@ class RouterServer:
         task = asyncio.get_running_loop().create_task(complete())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _is_error_answer(body: bytes) -> bool:
+    """An error in OpenAI's format (`{"error": {"message": ...}}`, or vLLM's older
+    `{"object": "error", "message": ...}`): the engine itself answered, deliberately."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(answer, dict):
+        return False
+    error = answer.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return True
+    return answer.get("object") == "error" and isinstance(answer.get("message"), str)
 
 
 def _usage(body: bytes) -> dict[str, int]:
