@@ -16,11 +16,11 @@ import collections
 import dataclasses
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from twinroute.scheduler.costmodel import CostModel
 from twinroute.scheduler.leases import Lease, LeaseTable
 from twinroute.scheduler.policies.base import Policy
-from twinroute.scheduler.policies.pd import PdMode, PdPlacer, PdSettings
 from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from twinroute.scheduler.types import (
     ClusterView,
@@ -29,9 +29,10 @@ from twinroute.scheduler.types import (
     Endpoint,
     LoadSnapshot,
     NoEndpointError,
-    Role,
     RoutingRequest,
 )
+
+MoveCause = Literal["rebalance", "drain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,22 @@ class RebalanceMove:
     source: str
     target: str
     benefit_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DrainMove:
+    """A request still queued on a draining endpoint and where it goes instead (same lease).
+
+    `other_candidate` is True when the target is the other candidate its decision named (the
+    prefix's cache stays with its pair); False when that one is gone too and a fresh pick over
+    the endpoints still routable chose the target.
+    """
+
+    lease_id: str
+    request_id: str
+    source: str
+    target: str
+    other_candidate: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,20 +134,8 @@ class SchedulerCore:
         scrape_staleness_s: float = 5.0,
         history_size: int = 1024,
         lease_id_prefix: str = "",
-        pd: PdSettings | None = None,
     ) -> None:
         self.policy = policy
-        # Prefill/decode placement, used when the endpoint set has prefill or decode roles.
-        self.pd = PdPlacer(prefill_policy=policy, settings=pd)
-        self.pd_picks: collections.Counter[PdMode] = collections.Counter()
-        # Disaggregated picks: the decode lease's id -> its prefill lease (closed when the
-        # prefill is reported done, at the first token, or with the decode lease).
-        self._pd_prefill_leases: dict[str, str] = {}
-        self._pd_roles_of: dict[str, Endpoint] | None = None
-        self._pd_pool_cached = False
-        self._pd_split_of: tuple[Endpoint, ...] | None = None
-        self._pd_prefill: tuple[Endpoint, ...] = ()
-        self._pd_decode: tuple[Endpoint, ...] = ()
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
         self.leases = LeaseTable(
@@ -149,6 +154,7 @@ class SchedulerCore:
         self.membership_changes = 0
         self.picks_failed = 0
         self.rebalance_moves = 0
+        self.drain_moves = 0
         # The request and decision behind each open lease (what rebalancing needs to move it).
         self._open: dict[str, tuple[RoutingRequest, Decision]] = {}
 
@@ -172,7 +178,6 @@ class SchedulerCore:
         self.prefix_index.remove_endpoint(endpoint_id)
         for lease in self.leases.forget_endpoint(endpoint_id, now=now):
             self._open.pop(lease.lease_id, None)
-            self._close_prefill_lease(lease.lease_id, now=now)
         self._scrapes.pop(endpoint_id, None)
         self.draining.discard(endpoint_id)
         self.unhealthy.discard(endpoint_id)
@@ -255,8 +260,6 @@ class SchedulerCore:
 
     def pick(self, request: RoutingRequest, *, now: float) -> PickResult:
         """Choose an endpoint, open a lease on it and record the prompt there."""
-        if self.is_pd_pool():
-            return self._pick_pd(request, now=now)
         try:
             decision = self.policy.pick(request, self.view(now=now))
         except NoEndpointError:
@@ -305,8 +308,6 @@ class SchedulerCore:
         )
 
     def first_token(self, lease_id: str, *, now: float) -> bool:
-        # The decode instance's first token comes after the prefill instance finished.
-        self.prefill_done(lease_id, now=now)
         return self.leases.first_token(lease_id, now=now)
 
     def complete(
@@ -320,117 +321,13 @@ class SchedulerCore:
     ) -> Lease | None:
         """Close a lease; returns it (for telemetry) or None when it was unknown or expired."""
         self._open.pop(lease_id, None)
-        self._close_prefill_lease(lease_id, now=now)
         return self.leases.close(lease_id, now=now)
 
     def expire(self, now: float) -> list[Lease]:
         expired = self.leases.expire(now=now)
         for lease in expired:
             self._open.pop(lease.lease_id, None)
-            self._close_prefill_lease(lease.lease_id, now=now)
         return expired
-
-    # -- prefill/decode disaggregation -------------------------------------------------------
-
-    def is_pd_pool(self) -> bool:
-        """True when any endpoint has the prefill or decode role: picks then place both
-        (`scheduler/policies/pd.py`); unified pools never take this path."""
-        if self._pd_roles_of is not self.endpoints:
-            self._pd_roles_of = self.endpoints
-            self._pd_pool_cached = any(
-                endpoint.role in (Role.PREFILL, Role.DECODE) for endpoint in self.endpoints.values()
-            )
-        return self._pd_pool_cached
-
-    def _pd_views(self, *, now: float) -> tuple[ClusterView, ClusterView]:
-        """(prefill view, decode view) of the routable endpoints; the same tuples until the
-        routable set changes, so the prefill policy's rings re-sync only then."""
-        routable = self._routable
-        if self._pd_split_of is not routable:
-            self._pd_split_of = routable
-            self._pd_prefill = tuple(e for e in routable if e.role == Role.PREFILL)
-            self._pd_decode = tuple(e for e in routable if e.role != Role.PREFILL)
-        views = []
-        for endpoints in (self._pd_prefill, self._pd_decode):
-            ids = tuple(e.id for e in endpoints)
-            views.append(
-                ClusterView(
-                    endpoints=endpoints,
-                    loads=_Loads(self, ids, now),
-                    prefix_index=self.prefix_index,
-                    now=now,
-                )
-            )
-        return views[0], views[1]
-
-    def _pick_pd(self, request: RoutingRequest, *, now: float) -> PickResult:
-        """A disaggregated pick: one lease on the decode endpoint (its decode load; its
-        prefill too when the prefill hop is skipped) and, when there is a prefill endpoint, a
-        second lease there carrying the prompt's uncached tokens until the prefill is done.
-        Neither is in `_open`: hotspot rebalancing and drain moves, which move a request to
-        its other ring candidate, do not apply to a pair of instances."""
-        prefill_view, decode_view = self._pd_views(now=now)
-        try:
-            placement = self.pd.place(request, prefill_view=prefill_view, decode_view=decode_view)
-        except NoEndpointError:
-            self.picks_failed += 1
-            raise
-        decision = placement.decision
-        decode = self.endpoints[decision.endpoint_id]
-        prefill = (
-            self.endpoints[decision.prefill_endpoint_id]
-            if decision.prefill_endpoint_id is not None
-            else None
-        )
-        lease = self.leases.open(
-            endpoint_id=decode.id,
-            request_id=request.request_id,
-            now=now,
-            prompt_tokens=request.prompt_tokens,
-            uncached_tokens=placement.decode_uncached_tokens,
-            predicted_ttft_s=decision.predicted_ttft_s,
-        )
-        # The decode instance holds the prompt's KV either way (transferred or computed).
-        self.prefix_index.record(decode.id, request.keys)
-        if prefill is not None:
-            prefill_lease = self.leases.open(
-                endpoint_id=prefill.id,
-                request_id=request.request_id,
-                now=now,
-                prompt_tokens=request.prompt_tokens,
-                uncached_tokens=placement.prefill_uncached_tokens,
-                predicted_ttft_s=decision.predicted_ttft_s,
-            )
-            self._pd_prefill_leases[lease.lease_id] = prefill_lease.lease_id
-            self.prefix_index.record(prefill.id, request.keys)
-        self.decisions[decision.reason] += 1
-        self.pd_picks[placement.mode] += 1
-        self._history.append(
-            DecisionRecord(
-                request_id=request.request_id,
-                lease_id=lease.lease_id,
-                decided_at=now,
-                prompt_blocks=request.keys.num_blocks,
-                prompt_tokens=request.prompt_tokens,
-                decision=decision,
-            )
-        )
-        return PickResult(
-            lease_id=lease.lease_id, decision=decision, endpoint=decode, prefill_endpoint=prefill
-        )
-
-    def prefill_done(self, lease_id: str, *, now: float) -> bool:
-        """The prefill instance of a disaggregated pick finished (its KV is on the way): its
-        prefill lease closes, settling the prefill queued before it there (FIFO). False when
-        the pick had no prefill hop or it was already closed."""
-        return self._close_prefill_lease(lease_id, now=now)
-
-    def _close_prefill_lease(self, lease_id: str, *, now: float) -> bool:
-        prefill_lease_id = self._pd_prefill_leases.pop(lease_id, None)
-        if prefill_lease_id is None:
-            return False
-        self.leases.first_token(prefill_lease_id, now=now)
-        return self.leases.close(prefill_lease_id, now=now) is not None
 
     # -- hotspot rebalancing ------------------------------------------------------------------
 
@@ -534,12 +431,14 @@ class SchedulerCore:
         )
         return ttft, uncached
 
-    def move(self, lease_id: str, *, target: str, now: float) -> bool:
+    def move(
+        self, lease_id: str, *, target: str, now: float, cause: MoveCause = "rebalance"
+    ) -> bool:
         """Move a queued lease to `target` (its request was withdrawn and resubmitted there).
 
         The lease keeps its id, so the caller's first-token and completion reports still
         find it. False when the lease is unknown, already prefilled, or the target is not
-        routable.
+        routable. `cause` says whether a hotspot or a drain moved it (detail and counter).
         """
         lease = self.leases.get(lease_id)
         entry = self._open.get(lease_id)
@@ -564,11 +463,18 @@ class SchedulerCore:
             endpoint_id=target,
             reason=DecisionReason.REBALANCED,
             predicted_ttft_s=ttft,
-            detail=f"moved from hotspot {source} to its other candidate {target}",
+            detail=(
+                f"moved off draining {source} to {target}"
+                if cause == "drain"
+                else f"moved from hotspot {source} to its other candidate {target}"
+            ),
         )
         self._open[lease_id] = (request, moved)
         self.decisions[DecisionReason.REBALANCED] += 1
-        self.rebalance_moves += 1
+        if cause == "drain":
+            self.drain_moves += 1
+        else:
+            self.rebalance_moves += 1
         self._history.append(
             DecisionRecord(
                 request_id=request.request_id,
@@ -586,6 +492,66 @@ class SchedulerCore:
         request; callers that may fail to withdraw use `plan_rebalance` and `move`."""
         moves = self.plan_rebalance(now=now)
         return [m for m in moves if self.move(m.lease_id, target=m.target, now=now)]
+
+    # -- drain (scale-in) ----------------------------------------------------------------------
+
+    def plan_drain_moves(self, endpoint_id: str, *, now: float) -> list[DrainMove]:
+        """Where each request still queued on a draining endpoint goes, planned without
+        changing anything (the caller withdraws each request, then calls `move` with
+        `cause="drain"`; a request the engine admitted meanwhile stays and finishes there).
+
+        Scale-in: a draining endpoint takes no new picks (`drain`); its queued requests
+        (leases not yet prefilled, oldest first) go to the other candidate their decision
+        named, which keeps the prefix on its pair of the dual ring (removing an endpoint
+        leaves the other member of each of its pairs in the new pair). When that candidate is
+        not routable either (several endpoints leave at once), a fresh pick of the policy
+        over the endpoints still routable chooses. Running requests are not moved here: they
+        finish within the drain deadline, or a migration hook moves them
+        (`running_leases`). Nothing when the endpoint is not draining.
+
+        Cost: O(queued leases on the endpoint), plus one policy pick per orphaned request.
+        """
+        if endpoint_id not in self.draining or not self._routable:
+            return []
+        moves: list[DrainMove] = []
+        for lease in self.leases.queued_on(endpoint_id, now=now):
+            entry = self._open.get(lease.lease_id)
+            if entry is None:
+                continue
+            request, decision = entry
+            target = next(
+                (
+                    c.endpoint_id
+                    for c in decision.candidates
+                    if c.endpoint_id != endpoint_id
+                    and c.endpoint_id in self._routable_ids
+                    and c.endpoint_id not in request.exclude
+                ),
+                None,
+            )
+            other = target is not None
+            if target is None:
+                try:
+                    target = self.policy.pick(request, self.view(now=now)).endpoint_id
+                except NoEndpointError:
+                    continue
+                if target not in self._routable_ids or target in request.exclude:
+                    continue
+            moves.append(
+                DrainMove(
+                    lease_id=lease.lease_id,
+                    request_id=lease.request_id,
+                    source=endpoint_id,
+                    target=target,
+                    other_candidate=other,
+                )
+            )
+        return moves
+
+    def running_leases(self, endpoint_id: str) -> list[Lease]:
+        """Leases past prefill on an endpoint: on a draining one, what must finish before the
+        drain deadline, or what a live-migration hook may move (`scheduler/migration.py`)."""
+        return [lease for lease in self.leases.leases_on(endpoint_id) if lease.prefilled]
 
     def recent_decisions(
         self, limit: int = 50, *, request_id: str | None = None

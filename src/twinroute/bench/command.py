@@ -12,6 +12,10 @@ from typing import Protocol
 
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
+    "elastic": (
+        "twinroute.bench.elastic",
+        "scale a pool out and back in under load: SLO over time, keys remapped, failed requests",
+    ),
     "goodput": (
         "twinroute.bench.goodput",
         "highest request rate each policy serves within the TTFT SLO (simulated pool)",

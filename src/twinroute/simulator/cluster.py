@@ -28,9 +28,9 @@ import heapq
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -82,6 +82,57 @@ class Router(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
+@runtime_checkable
+class ElasticRouter(Router, Protocol):
+    """A router whose endpoint set can change during a run (`simulate(membership=...)`)."""
+
+    def set_endpoints(self, endpoints: tuple[Endpoint, ...], *, now: float) -> None: ...
+
+    def drain(self, endpoint_id: str, *, now: float) -> None:
+        """Stop routing to the endpoint (it is leaving)."""
+        ...
+
+    def plan_drain_moves(self, endpoint_id: str, *, now: float) -> list[tuple[str, str, str]]:
+        """Where the requests still queued on a draining endpoint go (lease, from, to)."""
+        ...
+
+    def move_drained(self, lease_id: str, *, target: str, now: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipEvent:
+    """At `at_s`, `add` new instances join and then `remove` instances leave (the newest
+    routable ones first, as a ReplicaSet scales in): each leaving one is drained (no new
+    requests; its queued requests withdrawn and rerouted), runs what it has admitted to the
+    end, and is removed when empty, or at `drain_deadline_s` after the drain, when what is
+    still on it fails (as a pod killed at the end of its grace period)."""
+
+    at_s: float
+    add: int = 0
+    remove: int = 0
+    drain_deadline_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.add < 0 or self.remove < 0 or self.drain_deadline_s < 0 or self.at_s < 0:
+            raise ValueError(f"membership event must have non-negative fields: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRecord:
+    """What one membership event did (`kind` "change"), or one drained instance's removal
+    (`kind` "removed")."""
+
+    kind: str
+    at_s: float
+    members_before: tuple[str, ...]
+    members_after: tuple[str, ...]
+    added: tuple[str, ...] = ()
+    drained: tuple[str, ...] = ()
+    queued_moved: int = 0
+    queued_left: int = 0
+    failed_requests: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     instances: int
@@ -124,6 +175,16 @@ class SimulationResult:
     ttfts_s: FloatArray | None = None
     load_times_s: FloatArray | None = None
     load_samples: npt.NDArray[np.int32] | None = None
+    # With a membership schedule: what changed when, requests lost at forced removals, and
+    # (with keep_samples) per-request arrival, prompt and cached tokens for windowed reports.
+    membership_log: tuple[MembershipRecord, ...] = ()
+    failed_requests: int = 0
+    # Requests that never completed (lost at a forced removal; 0 in a healthy run).
+    unfinished_requests: int = 0
+    arrivals_s: FloatArray | None = None
+    prompt_tokens: npt.NDArray[np.int64] | None = None
+    cached_tokens: npt.NDArray[np.int64] | None = None
+    instances_at_load_times: npt.NDArray[np.int32] | None = None
 
     def summary(self) -> dict[str, object]:
         """The JSON-able headline metrics (no sample arrays)."""
@@ -154,6 +215,8 @@ class SimulationResult:
 
 _STEP_END = 0
 _SCRAPE = 1
+_MEMBERSHIP = 2
+_DRAIN_DEADLINE = 3
 
 
 class _Slot:
@@ -205,6 +268,12 @@ class _Progress:
         self._stream.flush()
 
 
+def _members_load_cv(rows: Sequence[npt.NDArray[np.int32]]) -> float:
+    """Mean over ticks with any load of std/mean of the members' loads at that tick."""
+    ratios = [float(row.std() / row.mean()) for row in rows if row.size and row.mean() > 0]
+    return float(np.mean(ratios)) if ratios else 0.0
+
+
 def _percentile(values: FloatArray, q: float) -> float:
     if values.size == 0:
         return math.nan
@@ -221,10 +290,12 @@ def simulate(
     total_requests: int | None = None,
     progress: TextIO | None = sys.stderr,
     label: str = "simulate",
+    membership: Sequence[MembershipEvent] = (),
 ) -> SimulationResult:
     """Run one simulation; deterministic for a given trace, router and cost model.
 
     `keys_for(block_ids, prompt_tokens)` returns the `PromptKeys` the router sees.
+    `membership` schedules instances joining and leaving (needs an `ElasticRouter`).
     """
     started = time.perf_counter()
     if config.instances < 1:
@@ -313,6 +384,8 @@ def simulate(
                 output_tokens=done.output_tokens,
             )
         start_step(slot_index, now)
+        if slot_index in leaving_since:
+            remove_if_empty(slot_index, now)
 
     def cut_run(slot_index: int, now: float) -> None:
         """An arrival at `now` cuts a decode run at the first step boundary after it."""
@@ -350,6 +423,10 @@ def simulate(
             load_rows.append(
                 np.fromiter((s.instance.load for s in slots), dtype=np.int32, count=len(slots))
             )
+            if schedule:
+                member_loads.append(
+                    np.fromiter((slots[i].instance.load for i in members), dtype=np.int32)
+                )
 
     # Requests in flight, for rebalancing moves (dropped on completion: memory stays flat).
     lease_request: dict[str, str] = {}
@@ -361,6 +438,117 @@ def simulate(
             start_step(slot_index, now)
         elif slot.run is not None:
             cut_run(slot_index, now)
+
+    # -- membership changes (elastic scaling); none of this runs without a schedule --------
+    schedule = tuple(sorted(membership, key=lambda event: event.at_s))
+    elastic: ElasticRouter | None = None
+    if schedule:
+        if not isinstance(router, ElasticRouter):
+            raise TypeError("a membership schedule needs a router with set_endpoints/drain")
+        elastic = router
+    # Slot indexes of the router's members (draining ones included) in join order.
+    members: list[int] = list(range(len(slots)))
+    leaving_since: dict[int, float] = {}
+    membership_log: list[MembershipRecord] = []
+    # Per scrape tick, the members' loads (the load CV of an elastic run is over members).
+    member_loads: list[npt.NDArray[np.int32]] = []
+    failed_requests = 0
+    for event_index, event in enumerate(schedule):
+        push(event.at_s, _MEMBERSHIP, event_index, 0)
+
+    def member_ids() -> tuple[str, ...]:
+        return tuple(slots[index].endpoint_id for index in members)
+
+    def sync_router(now: float) -> None:
+        assert elastic is not None
+        elastic.set_endpoints(tuple(endpoints_by_id[e] for e in member_ids()), now=now)
+
+    endpoints_by_id = {e.id: e for e in endpoints}
+
+    def change_membership(event: MembershipEvent, now: float) -> None:
+        assert elastic is not None
+        before = member_ids()
+        added: list[str] = []
+        for _ in range(event.add):
+            index = len(slots)
+            endpoint = Endpoint(id=f"sim-{index:03d}", address=f"sim://{index}")
+            endpoints_by_id[endpoint.id] = endpoint
+            slots.append(
+                _Slot(endpoint_id=endpoint.id, instance=Instance(config=instance_config, cost=cost))
+            )
+            slot_of[endpoint.id] = index
+            members.append(index)
+            added.append(endpoint.id)
+        if added:
+            sync_router(now)
+        routable = [index for index in members if index not in leaving_since]
+        # Never the last routable one; all leave routing before any request is replanned.
+        leaving = routable[len(routable) - min(event.remove, len(routable) - 1) :]
+        moved = left = 0
+        for index in leaving:
+            leaving_since[index] = now
+            push(now + event.drain_deadline_s, _DRAIN_DEADLINE, index, 0)
+            elastic.drain(slots[index].endpoint_id, now=now)
+        for index in leaving:
+            source = slots[index]
+            for lease_id, _from, target in elastic.plan_drain_moves(source.endpoint_id, now=now):
+                request_id = lease_request.get(lease_id)
+                if request_id is None or not source.instance.withdraw(request_id):
+                    left += 1  # admitted meanwhile: it finishes where it is
+                    continue
+                if not elastic.move_drained(lease_id, target=target, now=now):
+                    source.instance.submit(requests_by_id[request_id])
+                    left += 1
+                    continue
+                moved += 1
+                target_index = slot_of[target]
+                slots[target_index].instance.submit(requests_by_id[request_id])
+                wake(target_index, now)
+        membership_log.append(
+            MembershipRecord(
+                kind="change",
+                at_s=now,
+                members_before=before,
+                members_after=tuple(
+                    slots[index].endpoint_id for index in members if index not in leaving_since
+                ),
+                added=tuple(added),
+                drained=tuple(slots[index].endpoint_id for index in leaving),
+                queued_moved=moved,
+                queued_left=left,
+            )
+        )
+        for index in leaving:
+            remove_if_empty(index, now)
+
+    def remove_if_empty(index: int, now: float) -> None:
+        slot = slots[index]
+        if not slot.busy and not slot.instance.busy:
+            remove_leaving(index, now)
+
+    def remove_leaving(index: int, now: float) -> None:
+        """Take a drained instance out; what it still holds (deadline passed) fails."""
+        nonlocal failed_requests
+        before = member_ids()
+        slot = slots[index]
+        lost = slot.instance.load
+        failed_requests += lost
+        del leaving_since[index]
+        members.remove(index)
+        slot.version += 1  # its pending step, if any, never ends
+        slot.busy = False
+        slot.run = slot.pending = None
+        sync_router(now)
+        membership_log.append(
+            MembershipRecord(
+                kind="removed",
+                at_s=now,
+                members_before=before,
+                members_after=member_ids(),
+                drained=(slot.endpoint_id,),
+                failed_requests=lost,
+            )
+        )
 
     block_size = config.block_size
     next_scrape = config.scrape_phase
@@ -386,6 +574,10 @@ def simulate(
             at, kind, _seq, slot_index, version = heapq.heappop(heap)
             if kind == _STEP_END and version == slots[slot_index].version:
                 end_step(slot_index, at)
+            elif kind == _MEMBERSHIP:
+                change_membership(schedule[slot_index], at)
+            elif kind == _DRAIN_DEADLINE and slot_index in leaving_since:
+                remove_leaving(slot_index, at)
 
     for chunk in chunks:
         offsets = chunk.block_offsets
@@ -462,12 +654,20 @@ def simulate(
     prompts = np.asarray(prompt_of[warmup:], dtype=np.float64)
     hits = np.asarray(hit_of[warmup:], dtype=np.float64)
     measured = int(ttft.size)
-    loads = np.vstack(load_rows) if load_rows else np.zeros((0, config.instances), np.int32)
+    if schedule:
+        width = len(slots)
+        loads = np.zeros((len(load_rows), width), np.int32)
+        for row, values in enumerate(load_rows):
+            loads[row, : values.shape[0]] = values
+    else:
+        loads = np.vstack(load_rows) if load_rows else np.zeros((0, config.instances), np.int32)
     means = loads.mean(axis=1) if loads.size else np.zeros(0)
     busy_rows = means > 0
     load_cv = (
         float(np.mean(loads[busy_rows].std(axis=1) / means[busy_rows])) if busy_rows.any() else 0.0
     )
+    if schedule:
+        load_cv = _members_load_cv(member_loads)
     counters = router.counters()
     prompt_total = float(prompts.sum()) or 1.0
     sim_end = max(arrival_of[-1] if arrival_of else 0.0, 0.0)
@@ -500,4 +700,15 @@ def simulate(
         ttfts_s=ttft if config.keep_samples else None,
         load_times_s=np.asarray(load_times) if config.keep_samples else None,
         load_samples=loads if config.keep_samples else None,
+        membership_log=tuple(membership_log),
+        failed_requests=failed_requests,
+        unfinished_requests=int(np.isnan(np.asarray(e2e_of, dtype=np.float64)).sum()),
+        arrivals_s=np.asarray(arrival_of[warmup:]) if config.keep_samples else None,
+        prompt_tokens=np.asarray(prompt_of[warmup:], np.int64) if config.keep_samples else None,
+        cached_tokens=np.asarray(hit_of[warmup:], np.int64) if config.keep_samples else None,
+        instances_at_load_times=(
+            np.asarray([row.size for row in member_loads], np.int32)
+            if config.keep_samples and schedule
+            else None
+        ),
     )

@@ -76,6 +76,24 @@ class CoreRouter:
     def counters(self) -> dict[str, int]:
         return {"slo_switches": self._core.slo_switches}
 
+    # Elastic scaling (`simulate(membership=...)`): what discovery and the operator's Drain do.
+
+    def set_endpoints(self, endpoints: tuple[Endpoint, ...], *, now: float) -> None:
+        self._core.set_endpoints(endpoints, now=now)
+
+    def drain(self, endpoint_id: str, *, now: float) -> None:
+        self._core.drain(endpoint_id)
+
+    def plan_drain_moves(self, endpoint_id: str, *, now: float) -> list[tuple[str, str, str]]:
+        return [
+            (m.lease_id, m.source, m.target)
+            for m in self._core.plan_drain_moves(endpoint_id, now=now)
+        ]
+
+    def move_drained(self, lease_id: str, *, target: str, now: float) -> bool:
+        return self._core.move(lease_id, target=target, now=now, cause="drain")
+
+
 
 def core_router_factory(
     *,
