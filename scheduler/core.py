@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.costmodel import CostModel, OutputLengthEstimator
 from twinroute.scheduler.leases import Lease, LeaseTable
 from twinroute.scheduler.policies.base import Policy
+from twinroute.scheduler.policies.pd import PdMode, PdPlacer, PdSettings
 from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS, PrefixIndex
 from twinroute.scheduler.types import (
     ClusterView,
@@ -29,6 +30,7 @@ from twinroute.scheduler.types import (
     Endpoint,
     LoadSnapshot,
     NoEndpointError,
+    Role,
     RoutingRequest,
 )
 
@@ -134,8 +136,26 @@ class SchedulerCore:
         scrape_staleness_s: float = 5.0,
         history_size: int = 1024,
         lease_id_prefix: str = "",
+        rebalance: bool = True,
+        pd: PdSettings | None = None,
     ) -> None:
         self.policy = policy
+        # Prefill/decode placement, used when the endpoint set has prefill or decode roles.
+        self.pd = PdPlacer(prefill_policy=policy, settings=pd)
+        self.pd_picks: collections.Counter[PdMode] = collections.Counter()
+        # Disaggregated picks: the decode lease's id -> its prefill lease (closed when the
+        # prefill is reported done, at the first token, or with the decode lease).
+        self._pd_prefill_leases: dict[str, str] = {}
+        self._pd_roles_of: dict[str, Endpoint] | None = None
+        self._pd_pool_cached = False
+        self._pd_split_of: tuple[Endpoint, ...] | None = None
+        self._pd_prefill: tuple[Endpoint, ...] = ()
+        self._pd_decode: tuple[Endpoint, ...] = ()
+        # Hotspot rebalancing for policies that opt in (`Policy.rebalances_hotspots`); False
+        # runs them without it (`twinroute simulate --rebalance off`).
+        self.rebalance_enabled = rebalance
+        # Expected output of requests that bring none, per prefix group (phase-aware placement).
+        self.output_lengths = OutputLengthEstimator()
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
         self.leases = LeaseTable(
@@ -178,6 +198,7 @@ class SchedulerCore:
         self.prefix_index.remove_endpoint(endpoint_id)
         for lease in self.leases.forget_endpoint(endpoint_id, now=now):
             self._open.pop(lease.lease_id, None)
+            self._close_prefill_lease(lease.lease_id, now=now)
         self._scrapes.pop(endpoint_id, None)
         self.draining.discard(endpoint_id)
         self.unhealthy.discard(endpoint_id)
@@ -240,6 +261,7 @@ class SchedulerCore:
             in_flight=own.in_flight,
             pending_prefill_tokens=own.pending_prefill_tokens,
             decoding=own.decoding,
+            decoding_tokens=own.decoding_tokens,
             running=scrape.running,
             queued=scrape.queued,
             kv_usage=scrape.kv_usage,
@@ -260,6 +282,13 @@ class SchedulerCore:
 
     def pick(self, request: RoutingRequest, *, now: float) -> PickResult:
         """Choose an endpoint, open a lease on it and record the prompt there."""
+        if request.expected_output_tokens <= 0 and self.policy.config.phase_aware:
+            request = dataclasses.replace(
+                request,
+                expected_output_tokens=self.output_lengths.estimate(_output_group(request)),
+            )
+        if self.is_pd_pool():
+            return self._pick_pd(request, now=now)
         try:
             decision = self.policy.pick(request, self.view(now=now))
         except NoEndpointError:
@@ -308,6 +337,8 @@ class SchedulerCore:
         )
 
     def first_token(self, lease_id: str, *, now: float) -> bool:
+        # The decode instance's first token comes after the prefill instance finished.
+        self.prefill_done(lease_id, now=now)
         return self.leases.first_token(lease_id, now=now)
 
     def complete(
@@ -320,18 +351,126 @@ class SchedulerCore:
         output_tokens: int = 0,
     ) -> Lease | None:
         """Close a lease; returns it (for telemetry) or None when it was unknown or expired."""
-        self._open.pop(lease_id, None)
+        entry = self._open.pop(lease_id, None)
+        if entry is not None and success and output_tokens > 0:
+            self.output_lengths.observe(_output_group(entry[0]), output_tokens)
+        self._close_prefill_lease(lease_id, now=now)
         return self.leases.close(lease_id, now=now)
 
     def expire(self, now: float) -> list[Lease]:
         expired = self.leases.expire(now=now)
         for lease in expired:
             self._open.pop(lease.lease_id, None)
+            self._close_prefill_lease(lease.lease_id, now=now)
         return expired
+
+    # -- prefill/decode disaggregation -------------------------------------------------------
+
+    def is_pd_pool(self) -> bool:
+        """True when any endpoint has the prefill or decode role: picks then place both
+        (`scheduler/policies/pd.py`); unified pools never take this path."""
+        if self._pd_roles_of is not self.endpoints:
+            self._pd_roles_of = self.endpoints
+            self._pd_pool_cached = any(
+                endpoint.role in (Role.PREFILL, Role.DECODE) for endpoint in self.endpoints.values()
+            )
+        return self._pd_pool_cached
+
+    def _pd_views(self, *, now: float) -> tuple[ClusterView, ClusterView]:
+        """(prefill view, decode view) of the routable endpoints; the same tuples until the
+        routable set changes, so the prefill policy's rings re-sync only then."""
+        routable = self._routable
+        if self._pd_split_of is not routable:
+            self._pd_split_of = routable
+            self._pd_prefill = tuple(e for e in routable if e.role == Role.PREFILL)
+            self._pd_decode = tuple(e for e in routable if e.role != Role.PREFILL)
+        views = []
+        for endpoints in (self._pd_prefill, self._pd_decode):
+            ids = tuple(e.id for e in endpoints)
+            views.append(
+                ClusterView(
+                    endpoints=endpoints,
+                    loads=_Loads(self, ids, now),
+                    prefix_index=self.prefix_index,
+                    now=now,
+                )
+            )
+        return views[0], views[1]
+
+    def _pick_pd(self, request: RoutingRequest, *, now: float) -> PickResult:
+        """A disaggregated pick: one lease on the decode endpoint (its decode load; its
+        prefill too when the prefill hop is skipped) and, when there is a prefill endpoint, a
+        second lease there carrying the prompt's uncached tokens until the prefill is done.
+        Neither is in `_open`: hotspot rebalancing and drain moves, which move a request to
+        its other ring candidate, do not apply to a pair of instances."""
+        prefill_view, decode_view = self._pd_views(now=now)
+        try:
+            placement = self.pd.place(request, prefill_view=prefill_view, decode_view=decode_view)
+        except NoEndpointError:
+            self.picks_failed += 1
+            raise
+        decision = placement.decision
+        decode = self.endpoints[decision.endpoint_id]
+        prefill = (
+            self.endpoints[decision.prefill_endpoint_id]
+            if decision.prefill_endpoint_id is not None
+            else None
+        )
+        lease = self.leases.open(
+            endpoint_id=decode.id,
+            request_id=request.request_id,
+            now=now,
+            prompt_tokens=request.prompt_tokens,
+            uncached_tokens=placement.decode_uncached_tokens,
+            predicted_ttft_s=decision.predicted_ttft_s,
+        )
+        # The decode instance holds the prompt's KV either way (transferred or computed).
+        self.prefix_index.record(decode.id, request.keys)
+        if prefill is not None:
+            prefill_lease = self.leases.open(
+                endpoint_id=prefill.id,
+                request_id=request.request_id,
+                now=now,
+                prompt_tokens=request.prompt_tokens,
+                uncached_tokens=placement.prefill_uncached_tokens,
+                predicted_ttft_s=decision.predicted_ttft_s,
+            )
+            self._pd_prefill_leases[lease.lease_id] = prefill_lease.lease_id
+            self.prefix_index.record(prefill.id, request.keys)
+        self.decisions[decision.reason] += 1
+        self.pd_picks[placement.mode] += 1
+        self._history.append(
+            DecisionRecord(
+                request_id=request.request_id,
+                lease_id=lease.lease_id,
+                decided_at=now,
+                prompt_blocks=request.keys.num_blocks,
+                prompt_tokens=request.prompt_tokens,
+                decision=decision,
+            )
+        )
+        return PickResult(
+            lease_id=lease.lease_id, decision=decision, endpoint=decode, prefill_endpoint=prefill
+        )
+
+    def prefill_done(self, lease_id: str, *, now: float) -> bool:
+        """The prefill instance of a disaggregated pick finished (its KV is on the way): its
+        prefill lease closes, settling the prefill queued before it there (FIFO). False when
+        the pick had no prefill hop or it was already closed."""
+        return self._close_prefill_lease(lease_id, now=now)
+
+    def _close_prefill_lease(self, lease_id: str, *, now: float) -> bool:
+        prefill_lease_id = self._pd_prefill_leases.pop(lease_id, None)
+        if prefill_lease_id is None:
+            return False
+        self.leases.first_token(prefill_lease_id, now=now)
+        return self.leases.close(prefill_lease_id, now=now) is not None
 
     # -- hotspot rebalancing ------------------------------------------------------------------
 
-    def plan_rebalance(self, *, now: float) -> list[RebalanceMove]:
+    def plan_rebalance(
+        self, *, now: float, movable: Callable[[str], bool] | None = None
+    ) -> list[RebalanceMove]:
         """DualMap's hotspot rebalancing, planned without changing anything.
 
         Only for policies that ask for it (`Policy.rebalances_hotspots`). An endpoint is a
@@ -343,9 +482,16 @@ class SchedulerCore:
         the hotspot's queue fits the SLO. One batch, not recursive: a request moves at most
         once per round and a target is never made a hotspot.
 
+        `movable(lease_id)` False keeps a lease out of the moves (the live scheduler can move
+        only requests whose answer it still holds); it still counts in the queue ahead.
+
         Cost: O(queued leases on hotspots x log) per round; nothing when no endpoint is hot.
         """
-        if not self.policy.rebalances_hotspots or len(self._routable) < 2:
+        if (
+            not self.rebalance_enabled
+            or not self.policy.rebalances_hotspots
+            or len(self._routable) < 2
+        ):
             return []
         cost = self.cost_model
         default_slo = self.policy.config.ttft_slo_s
@@ -362,7 +508,7 @@ class SchedulerCore:
             for lease in self.leases.queued_on(source, now=now):
                 ahead += lease.remaining_prefill
                 entry = self._open.get(lease.lease_id)
-                if entry is None:
+                if entry is None or (movable is not None and not movable(lease.lease_id)):
                     continue
                 request, decision = entry
                 target = next(
@@ -569,3 +715,9 @@ class SchedulerCore:
     @property
     def slo_switches(self) -> int:
         return self.decisions[DecisionReason.SLO_SWITCH]
+
+
+def _output_group(request: RoutingRequest) -> int | None:
+    """The prefix group whose output lengths predict this request's: its first key block."""
+    keys = request.keys
+    return int(keys.block_hashes[0]) if keys.num_blocks else None

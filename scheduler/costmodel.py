@@ -16,13 +16,33 @@ A decode step over `batch_size` sequences holding `kv_tokens` tokens of KV in to
 (reading the weights once per step, a little compute per sequence, and reading every
 sequence's KV cache, which dominates at long contexts).
 
-Predicted TTFT on an instance = time to clear the prefill already queued there (pending
-prefill tokens at the dense rate, slowed by the decode tokens that share each step's token
-budget) + the prefill of the request's uncached part.
+Predicted TTFT on an instance, phase-blind (the default before `phase_aware`): time to clear
+the prefill already queued there (pending prefill tokens at the dense rate, slowed by the decode
+tokens that share each step's token budget) + the prefill of the request's uncached part.
+
+Phase-aware (`estimate_ttft_s(phase_aware=True)`), as vLLM's chunked prefill runs it: every
+step carries one token per decoding sequence and fills the rest of the `step_token_budget`
+with prefill, so clearing the queued prefill P and the request's own uncached part u takes
+`ceil((P + u) / (budget - d))` steps, each of which also pays one decode step over the d
+decoding sequences and their KV:
+
+    TTFT = P / linear_tokens_per_s + prefill(u, c)
+           + ceil((P + u) / (budget - d)) * decode_step_time_s(d, kv_tokens)
+
+`interference_s` is the other side of the mix, the time the request costs the sequences already
+decoding there: each of the d waits for the request's prefill chunks, and then for its own
+decode work (one more sequence in every step, reading its growing KV) for as many steps as it
+is expected to produce output. Placement adds it, weighted, to the score it ranks candidates
+by; the TTFT it compares with the SLO stays the request's own.
+
+`OutputLengthEstimator` supplies the expected output when a request does not bring one (no
+max_tokens): a running mean of the output lengths completed per prefix group.
 """
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twinroute.scheduler.types import LoadSnapshot
@@ -83,16 +103,116 @@ class CostModel:
         cached_tokens: int,
         load: LoadSnapshot,
         expected_queue_s: float | None = None,
+        phase_aware: bool = False,
     ) -> float:
-        """Predicted TTFT of a request on an instance carrying `load`."""
-        queue = self.queue_time_s(load) if expected_queue_s is None else expected_queue_s
-        return queue + self.prefill_time_s(
-            uncached_tokens=uncached_tokens, cached_tokens=cached_tokens
+        """Predicted TTFT of a request on an instance carrying `load`.
+
+        `phase_aware`: count the decode steps interleaved with the prefill (module docstring)
+        instead of shrinking the prefill rate by the decode tokens' share of the budget.
+        """
+        prefill = self.prefill_time_s(uncached_tokens=uncached_tokens, cached_tokens=cached_tokens)
+        if not phase_aware:
+            queue = self.queue_time_s(load) if expected_queue_s is None else expected_queue_s
+            return queue + prefill
+        decoding, kv_tokens = decode_load(load)
+        pending = load.pending_prefill_tokens
+        queue = pending / self.linear_tokens_per_s if expected_queue_s is None else expected_queue_s
+        if decoding == 0:
+            return queue + prefill
+        steps = math.ceil(
+            (pending + max(0, uncached_tokens)) / self._prefill_tokens_per_step(decoding)
         )
+        per_step = self.decode_step_time_s(batch_size=decoding, kv_tokens=kv_tokens)
+        return queue + prefill + max(1, steps) * per_step
+
+    def _prefill_tokens_per_step(self, decoding: int) -> float:
+        budget = float(self.step_token_budget)
+        return max(0.05 * budget, budget - decoding)
+
+    def interference_s(
+        self,
+        *,
+        uncached_tokens: int,
+        cached_tokens: int,
+        prompt_tokens: int,
+        expected_output_tokens: int,
+        load: LoadSnapshot,
+    ) -> float:
+        """Delay the request inflicts on the sequences decoding on an instance carrying `load`,
+        summed over them (sequence-seconds): its prefill chunks ride in their steps, then its
+        own decode adds a sequence and its KV to each of `expected_output_tokens` steps."""
+        decoding, _kv_tokens = decode_load(load)
+        if decoding == 0:
+            return 0.0
+        prefill = self.prefill_time_s(
+            uncached_tokens=uncached_tokens, cached_tokens=cached_tokens
+        ) - self.prefill_time_s(uncached_tokens=0, cached_tokens=0)
+        output = max(0, expected_output_tokens)
+        per_step = self.per_sequence_s + self.kv_read_s_per_token * (prompt_tokens + output / 2.0)
+        return decoding * (max(0.0, prefill) + output * per_step)
 
     def slo_prefill_budget_tokens(self, slo_s: float) -> int:
         """Pending prefill tokens an idle-decoding instance clears within `slo_s`."""
         return int(max(0.0, slo_s) * self.linear_tokens_per_s)
+
+
+def decode_load(load: LoadSnapshot) -> tuple[int, int]:
+    """(sequences decoding, their KV tokens) on an instance: the scheduler's own leases, raised
+    to a fresh scrape's running count when the engine runs more than the leases know of (the
+    unknown sequences are assumed to hold as much KV as the known ones on average)."""
+    decoding = load.decoding
+    kv_tokens = load.decoding_tokens
+    if load.running is not None and load.running > decoding:
+        if decoding > 0:
+            kv_tokens = round(kv_tokens * load.running / decoding)
+        decoding = load.running
+    return decoding, kv_tokens
+
+
+class OutputLengthEstimator:
+    """Expected output tokens of a request that did not say (no max_tokens), per prefix group.
+
+    A group is the prompt's first key block (the system prompt or task template that shapes
+    how long answers run). Each group keeps an exponentially weighted mean of the output
+    lengths completed in it; unseen groups get the mean over all groups, or `prior_tokens`
+    before any completion. Memory is bounded: at most `max_groups` groups, least recently used
+    dropped first. O(1) per observation and estimate.
+    """
+
+    def __init__(
+        self, *, max_groups: int = 4096, weight: float = 0.2, prior_tokens: int = 256
+    ) -> None:
+        if max_groups < 1 or not 0.0 < weight <= 1.0 or prior_tokens < 0:
+            raise ValueError(
+                f"need max_groups >= 1, 0 < weight <= 1, prior >= 0; got {max_groups}, "
+                f"{weight}, {prior_tokens}"
+            )
+        self._max_groups = max_groups
+        self._weight = weight
+        self._groups: OrderedDict[int, float] = OrderedDict()
+        self._overall = float(prior_tokens)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def estimate(self, group: int | None) -> int:
+        if group is None or group not in self._groups:
+            return round(self._overall)
+        self._groups.move_to_end(group)
+        return round(self._groups[group])
+
+    def observe(self, group: int | None, output_tokens: int) -> None:
+        if output_tokens <= 0:
+            return
+        self._overall += self._weight * (output_tokens - self._overall)
+        if group is None:
+            return
+        mean = self._groups.pop(group, None)
+        self._groups[group] = (
+            float(output_tokens) if mean is None else mean + self._weight * (output_tokens - mean)
+        )
+        while len(self._groups) > self._max_groups:
+            self._groups.popitem(last=False)
 
 
 # Llama-3-8B (bf16) on one H100 SXM, as vLLM runs it.

@@ -52,6 +52,8 @@ class _EndpointQueue:
     prefill: deque[Lease] = field(default_factory=deque)
     pending_tokens: float = 0.0
     decoding: int = 0
+    # Prompt tokens of the decoding leases (the KV their decode steps read).
+    decoding_tokens: int = 0
     in_flight: int = 0
     last_drained_at: float = 0.0
     # Set by the first first-token report: from then on the drain waits for reports.
@@ -111,6 +113,7 @@ class LeaseTable:
         else:
             lease.prefilled = True
             queue.decoding += 1
+            queue.decoding_tokens += lease.prompt_tokens
         return lease
 
     def first_token(self, lease_id: str, *, now: float) -> bool:
@@ -137,6 +140,7 @@ class LeaseTable:
         queue.in_flight -= 1
         if lease.prefilled:
             queue.decoding -= 1
+            queue.decoding_tokens -= lease.prompt_tokens
         else:
             queue.pending_tokens -= lease.remaining_prefill
             queue.prefill.remove(lease)
@@ -180,6 +184,7 @@ class LeaseTable:
             in_flight=queue.in_flight,
             pending_prefill_tokens=round(max(0.0, queue.pending_tokens)),
             decoding=queue.decoding,
+            decoding_tokens=queue.decoding_tokens,
         )
 
     def _queue(self, endpoint_id: str, now: float) -> _EndpointQueue:
@@ -218,5 +223,6 @@ class LeaseTable:
         lease.remaining_prefill = 0.0
         lease.prefilled = True
         queue.decoding += 1
+        queue.decoding_tokens += lease.prompt_tokens
         if not queue.prefill:
             queue.pending_tokens = 0.0

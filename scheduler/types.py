@@ -74,6 +74,8 @@ class LoadSnapshot:
     queued: int | None = None
     kv_usage: float | None = None
     scrape_age_s: float | None = None
+    # KV tokens (prompts) of the sequences counted in `decoding`: what their decode steps read.
+    decoding_tokens: int = 0
 
 
 EMPTY_LOAD = LoadSnapshot()

@@ -44,6 +44,12 @@ class PolicyConfig:
     chwbl_load_factor: float = 1.25
     # Characters (text mode) or tokens of the prompt that CHWBL / consistent_hash key on.
     hash_prefix_blocks: int = 4
+    # Phase-aware placement (`score_endpoint`): predicted TTFT counts the decode steps that
+    # interleave with the prefill, and the score adds the delay the request inflicts on the
+    # sequences decoding there, weighted: `phase_interference_weight` seconds of score per
+    # sequence-second inflicted (0.01: 100 sequence-seconds weigh like 1 s of its own TTFT).
+    phase_aware: bool = True
+    phase_interference_weight: float = 0.01
 
 
 class Policy(ABC):
@@ -79,6 +85,8 @@ class Policy(ABC):
             cost_model=self.config.cost_model,
             role="chosen",
             matched_blocks=matched_blocks,
+            phase_aware=self.config.phase_aware,
+            interference_weight=self.config.phase_interference_weight,
         )
         return Decision(
             endpoint_id=endpoint_id,
@@ -116,8 +124,17 @@ def score_endpoint(
     cost_model: CostModel,
     role: str = "",
     matched_blocks: int | None = None,
+    phase_aware: bool = False,
+    interference_weight: float = 0.0,
 ) -> CandidateScore:
-    """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record."""
+    """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record.
+
+    Phase-blind, the score is the predicted TTFT. `phase_aware`: the TTFT counts the decode
+    steps interleaved with the prefill there, and the score adds `interference_weight` times
+    the delay the request inflicts on the sequences decoding there (its prefill, then its
+    expected output; `CostModel.interference_s`), so that among otherwise equal candidates the
+    one with less decode work to disturb ranks first.
+    """
     matched = (
         view.prefix_index.matched_blocks(endpoint_id, request.keys)
         if matched_blocks is None
@@ -125,12 +142,22 @@ def score_endpoint(
     )
     cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
     load = view.load(endpoint_id)
+    uncached = request.prompt_tokens - cached
     ttft = cost_model.estimate_ttft_s(
-        uncached_tokens=request.prompt_tokens - cached, cached_tokens=cached, load=load
+        uncached_tokens=uncached, cached_tokens=cached, load=load, phase_aware=phase_aware
     )
+    score = ttft
+    if phase_aware and interference_weight > 0:
+        score += interference_weight * cost_model.interference_s(
+            uncached_tokens=uncached,
+            cached_tokens=cached,
+            prompt_tokens=request.prompt_tokens,
+            expected_output_tokens=request.expected_output_tokens,
+            load=load,
+        )
     return CandidateScore(
         endpoint_id=endpoint_id,
-        score=ttft,
+        score=score,
         predicted_ttft_s=ttft,
         expected_cached_blocks=matched,
         pending_prefill_tokens=load.pending_prefill_tokens,

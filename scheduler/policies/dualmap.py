@@ -13,8 +13,10 @@ Steps (DualMap, arXiv 2602.06502; see `shared/REFERENCE.md`):
 3. Expected reuse on each candidate = blocks of the whole prompt the prefix index believes it
    holds; predicted TTFT = queueing of its pending prefill + prefill of the uncached part.
 4. Default = affinity: the candidate with more expected reuse (CACHE_AFFINITY); equal reuse
-   (e.g. a new prefix) -> the lower predicted TTFT, then fewer pending prefill tokens, then
-   ring-1 (TIE_LESS_LOADED).
+   (e.g. a new prefix) -> the lower score, then fewer pending prefill tokens, then ring-1
+   (TIE_LESS_LOADED). The score is the predicted TTFT; with `phase_aware` the TTFT counts the
+   decode steps interleaved with the prefill and the score adds the weighted delay the request
+   would inflict on the sequences decoding there (`scheduler/costmodel.py`).
 5. SLO check: if the default's predicted TTFT exceeds the request's TTFT SLO and the other
    candidate's is lower, take the other (SLO_SWITCH). If both exceed it the lower predicted
    TTFT wins (SLO_SWITCH when that is the other one, else the default stays), and the detail
@@ -105,8 +107,16 @@ class DualMapPolicy(Policy):
         key, depth = prefix_key(request, blocks=depth)
         key_text = describe_key(request, depth)
         first_id, second_id = self._rings.candidates(key, exclude=request.exclude)
-        cost_model = self.config.cost_model
-        first = score_endpoint(request, view, first_id, cost_model=cost_model, role="ring-1")
+        config = self.config
+        first = score_endpoint(
+            request,
+            view,
+            first_id,
+            cost_model=config.cost_model,
+            role="ring-1",
+            phase_aware=config.phase_aware,
+            interference_weight=config.phase_interference_weight,
+        )
         if eligible_count == 1 or second_id == first_id:
             return Decision(
                 endpoint_id=first.endpoint_id,
@@ -118,7 +128,15 @@ class DualMapPolicy(Policy):
                 candidates=(first,),
                 detail=f"key {key_text}; one eligible endpoint",
             )
-        second = score_endpoint(request, view, second_id, cost_model=cost_model, role="ring-2")
+        second = score_endpoint(
+            request,
+            view,
+            second_id,
+            cost_model=config.cost_model,
+            role="ring-2",
+            phase_aware=config.phase_aware,
+            interference_weight=config.phase_interference_weight,
+        )
         return self._choose(request, first, second, depth=depth, key_text=key_text)
 
     def _choose(
@@ -187,4 +205,5 @@ class DualMapPolicy(Policy):
 
 
 def _load_order(score: CandidateScore) -> tuple[float, int]:
-    return (score.predicted_ttft_s, score.pending_prefill_tokens)
+    # Phase-blind the score is the predicted TTFT; phase-aware it adds the decode interference.
+    return (score.score, score.pending_prefill_tokens)

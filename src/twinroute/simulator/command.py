@@ -121,6 +121,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     load.add_argument("--rate", type=float, default=None, help="target request rate (req/s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--rebalance",
+        choices=("on", "off"),
+        default="on",
+        help="hotspot rebalancing of queued requests, for policies that use it (dualmap)",
+    )
+    parser.add_argument(
+        "--phase-aware",
+        choices=("on", "off"),
+        default="on",
+        help="placement counts decode load and expected output (TTFT estimate and score; "
+        "docs/bench/phase_aware.md)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the metrics here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -149,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
             scrape_interval_s=args.scrape_interval,
             warmup_fraction=args.warmup,
             seed=args.seed,
+            rebalance=args.rebalance == "on",
+            phase_aware=args.phase_aware == "on",
         )
         result = run_spec(
             spec, progress=None if args.quiet else sys.stderr, total_requests=summary.requests
@@ -163,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         time_scale=time_scale,
         seed=args.seed,
         ttft_slo_s=args.ttft_slo,
+        rebalance=args.rebalance,
+        phase_aware=args.phase_aware,
     )
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

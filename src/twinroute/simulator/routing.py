@@ -94,7 +94,6 @@ class CoreRouter:
         return self._core.move(lease_id, target=target, now=now, cause="drain")
 
 
-
 def core_router_factory(
     *,
     policy: str,
@@ -103,6 +102,8 @@ def core_router_factory(
     scrape_interval_s: float,
     seed: int,
     prefix_capacity_blocks: int,
+    rebalance: bool = True,
+    phase_aware: bool = True,
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
     """Builds a fresh core and policy per simulation, as a scheduler process would.
 
@@ -114,7 +115,10 @@ def core_router_factory(
 
     def build(endpoints: tuple[Endpoint, ...]) -> Router:
         chosen = make_policy(
-            policy, config=PolicyConfig(ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed)
+            policy,
+            config=PolicyConfig(
+                ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed, phase_aware=phase_aware
+            ),
         )
         core = SchedulerCore(
             policy=chosen,
@@ -122,6 +126,7 @@ def core_router_factory(
             prefix_capacity_blocks=prefix_capacity_blocks,
             # A scrape older than a few intervals means the engine stopped answering.
             scrape_staleness_s=max(5.0, 4 * scrape_interval_s),
+            rebalance=rebalance,
         )
         core.set_endpoints(endpoints, now=0.0)
         return CoreRouter(core)

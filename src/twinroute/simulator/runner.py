@@ -105,6 +105,9 @@ class RunSpec:
     seed: int = 0
     model: str = "sim-model"
     keep_samples: bool = False
+    # Hotspot rebalancing (for policies that use it) and phase-aware placement.
+    rebalance: bool = True
+    phase_aware: bool = True
 
 
 def run_spec(
@@ -136,6 +139,8 @@ def run_spec(
             scrape_interval_s=spec.scrape_interval_s,
             seed=spec.seed,
             prefix_capacity_blocks=max(1, profile.kv_capacity_tokens // spec.trace.block_size),
+            rebalance=spec.rebalance,
+            phase_aware=spec.phase_aware,
         ),
         keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),
         cost=cost,
