@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.costmodel import CostModel, OutputLengthEstimator
 from twinroute.scheduler.leases import Lease, LeaseTable
 from twinroute.scheduler.policies.base import Policy
 from twinroute.scheduler.policies.pd import PdMode, PdPlacer, PdSettings
@@ -136,6 +136,7 @@ class SchedulerCore:
         scrape_staleness_s: float = 5.0,
         history_size: int = 1024,
         lease_id_prefix: str = "",
+        rebalance: bool = True,
         pd: PdSettings | None = None,
     ) -> None:
         self.policy = policy
@@ -150,6 +151,11 @@ class SchedulerCore:
         self._pd_split_of: tuple[Endpoint, ...] | None = None
         self._pd_prefill: tuple[Endpoint, ...] = ()
         self._pd_decode: tuple[Endpoint, ...] = ()
+        # Hotspot rebalancing for policies that opt in (`Policy.rebalances_hotspots`); False
+        # runs them without it (`twinroute simulate --rebalance off`).
+        self.rebalance_enabled = rebalance
+        # Expected output of requests that bring none, per prefix group (phase-aware placement).
+        self.output_lengths = OutputLengthEstimator()
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
         self.leases = LeaseTable(
@@ -255,6 +261,7 @@ class SchedulerCore:
             in_flight=own.in_flight,
             pending_prefill_tokens=own.pending_prefill_tokens,
             decoding=own.decoding,
+            decoding_tokens=own.decoding_tokens,
             running=scrape.running,
             queued=scrape.queued,
             kv_usage=scrape.kv_usage,
@@ -275,6 +282,11 @@ class SchedulerCore:
 
     def pick(self, request: RoutingRequest, *, now: float) -> PickResult:
         """Choose an endpoint, open a lease on it and record the prompt there."""
+        if request.expected_output_tokens <= 0 and self.policy.config.phase_aware:
+            request = dataclasses.replace(
+                request,
+                expected_output_tokens=self.output_lengths.estimate(_output_group(request)),
+            )
         if self.is_pd_pool():
             return self._pick_pd(request, now=now)
         try:
@@ -339,7 +351,9 @@ class SchedulerCore:
         output_tokens: int = 0,
     ) -> Lease | None:
         """Close a lease; returns it (for telemetry) or None when it was unknown or expired."""
-        self._open.pop(lease_id, None)
+        entry = self._open.pop(lease_id, None)
+        if entry is not None and success and output_tokens > 0:
+            self.output_lengths.observe(_output_group(entry[0]), output_tokens)
         self._close_prefill_lease(lease_id, now=now)
         return self.leases.close(lease_id, now=now)
 
@@ -454,7 +468,9 @@ class SchedulerCore:
 
     # -- hotspot rebalancing ------------------------------------------------------------------
 
-    def plan_rebalance(self, *, now: float) -> list[RebalanceMove]:
+    def plan_rebalance(
+        self, *, now: float, movable: Callable[[str], bool] | None = None
+    ) -> list[RebalanceMove]:
         """DualMap's hotspot rebalancing, planned without changing anything.
 
         Only for policies that ask for it (`Policy.rebalances_hotspots`). An endpoint is a
@@ -466,9 +482,16 @@ class SchedulerCore:
         the hotspot's queue fits the SLO. One batch, not recursive: a request moves at most
         once per round and a target is never made a hotspot.
 
+        `movable(lease_id)` False keeps a lease out of the moves (the live scheduler can move
+        only requests whose answer it still holds); it still counts in the queue ahead.
+
         Cost: O(queued leases on hotspots x log) per round; nothing when no endpoint is hot.
         """
-        if not self.policy.rebalances_hotspots or len(self._routable) < 2:
+        if (
+            not self.rebalance_enabled
+            or not self.policy.rebalances_hotspots
+            or len(self._routable) < 2
+        ):
             return []
         cost = self.cost_model
         default_slo = self.policy.config.ttft_slo_s
@@ -485,7 +508,7 @@ class SchedulerCore:
             for lease in self.leases.queued_on(source, now=now):
                 ahead += lease.remaining_prefill
                 entry = self._open.get(lease.lease_id)
-                if entry is None:
+                if entry is None or (movable is not None and not movable(lease.lease_id)):
                     continue
                 request, decision = entry
                 target = next(
@@ -692,3 +715,9 @@ class SchedulerCore:
     @property
     def slo_switches(self) -> int:
         return self.decisions[DecisionReason.SLO_SWITCH]
+
+
+def _output_group(request: RoutingRequest) -> int | None:
+    """The prefix group whose output lengths predict this request's: its first key block."""
+    keys = request.keys
+    return int(keys.block_hashes[0]) if keys.num_blocks else None
