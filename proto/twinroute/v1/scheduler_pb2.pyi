@@ -160,6 +160,28 @@ OUTCOME_TIMEOUT: Outcome.ValueType  # 5
 """The engine did not answer in time."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
+class _MigrationTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MigrationTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MigrationTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIGRATION_TRIGGER_UNSPECIFIED: _MigrationTrigger.ValueType  # 0
+    MIGRATION_TRIGGER_DRAIN: _MigrationTrigger.ValueType  # 1
+    """Its endpoint is draining (scale-in, rollout)."""
+    MIGRATION_TRIGGER_IMBALANCE: _MigrationTrigger.ValueType  # 2
+    """Its endpoint has been much more loaded than another for several rounds."""
+
+class MigrationTrigger(_MigrationTrigger, metaclass=_MigrationTriggerEnumTypeWrapper):
+    """Why the scheduler moves a running request."""
+
+MIGRATION_TRIGGER_UNSPECIFIED: MigrationTrigger.ValueType  # 0
+MIGRATION_TRIGGER_DRAIN: MigrationTrigger.ValueType  # 1
+"""Its endpoint is draining (scale-in, rollout)."""
+MIGRATION_TRIGGER_IMBALANCE: MigrationTrigger.ValueType  # 2
+"""Its endpoint has been much more loaded than another for several rounds."""
+Global___MigrationTrigger: _TypeAlias = MigrationTrigger  # noqa: Y015
+
 @_typing.final
 class Prompt(_message.Message):
     """The prompt, in the richest form the caller has. Token ids give exact prefix-cache keys; text
@@ -711,6 +733,127 @@ class DrainResponse(_message.Message):
 Global___DrainResponse: _TypeAlias = DrainResponse  # noqa: Y015
 
 @_typing.final
+class WatchMigrationsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WATCHER_FIELD_NUMBER: _builtins.int
+    watcher: _builtins.str
+    """Name of the watching router, for logs."""
+    def __init__(
+        self,
+        *,
+        watcher: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["watcher", b"watcher"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchMigrationsRequest: _TypeAlias = WatchMigrationsRequest  # noqa: Y015
+
+@_typing.final
+class MigrationOrder(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    DEADLINE_S_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    lease_id: _builtins.str
+    """The lease the router holds for the stream (from PickResponse.lease_id)."""
+    request_id: _builtins.str
+    trigger: Global___MigrationTrigger.ValueType
+    deadline_s: _builtins.float
+    """Seconds the router has to carry it out; after that the scheduler counts it as aborted."""
+    @_builtins.property
+    def source(self) -> Global___Endpoint:
+        """Where the stream runs now and where it should continue."""
+
+    @_builtins.property
+    def target(self) -> Global___Endpoint: ...
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        source: Global___Endpoint | None = ...,
+        target: Global___Endpoint | None = ...,
+        trigger: Global___MigrationTrigger.ValueType = ...,
+        deadline_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "target", b"target"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_s", b"deadline_s", "lease_id", b"lease_id", "migration_id", b"migration_id", "request_id", b"request_id", "source", b"source", "target", b"target", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationOrder: _TypeAlias = MigrationOrder  # noqa: Y015
+
+@_typing.final
+class MigrationReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PRODUCED_TOKENS_FIELD_NUMBER: _builtins.int
+    PAUSE_S_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    lease_id: _builtins.str
+    committed: _builtins.bool
+    """True when the stream now continues on the target."""
+    reason: _builtins.str
+    """Why not, when not committed (e.g. "stream finished", "target refused: HTTP 503")."""
+    produced_tokens: _builtins.int
+    """Output tokens the source had produced at the splice."""
+    pause_s: _builtins.float
+    """Seconds the client's stream paused at the splice (last source token to first target token)."""
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+        lease_id: _builtins.str = ...,
+        committed: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        produced_tokens: _builtins.int = ...,
+        pause_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "lease_id", b"lease_id", "migration_id", b"migration_id", "pause_s", b"pause_s", "produced_tokens", b"produced_tokens", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationReport: _TypeAlias = MigrationReport  # noqa: Y015
+
+@_typing.final
+class MigrationReportResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KNOWN_FIELD_NUMBER: _builtins.int
+    known: _builtins.bool
+    """False when the migration id was unknown (already reported or past its deadline)."""
+    def __init__(
+        self,
+        *,
+        known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known", b"known"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationReportResponse: _TypeAlias = MigrationReportResponse  # noqa: Y015
+
+@_typing.final
 class ListRequestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -764,8 +907,11 @@ class ListRequestsResponse(_message.Message):
 
     REQUESTS_FIELD_NUMBER: _builtins.int
     FREE_KV_BLOCKS_FIELD_NUMBER: _builtins.int
+    TOTAL_KV_BLOCKS_FIELD_NUMBER: _builtins.int
     free_kv_blocks: _builtins.int
     """Free KV blocks on the instance."""
+    total_kv_blocks: _builtins.int
+    """All KV blocks of the instance."""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___EngineRequestState]: ...
     def __init__(
@@ -773,10 +919,11 @@ class ListRequestsResponse(_message.Message):
         *,
         requests: _abc.Iterable[Global___EngineRequestState] | None = ...,
         free_kv_blocks: _builtins.int = ...,
+        total_kv_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_kv_blocks", b"free_kv_blocks", "requests", b"requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_kv_blocks", b"free_kv_blocks", "requests", b"requests", "total_kv_blocks", b"total_kv_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -876,21 +1023,36 @@ class TransferResponse(_message.Message):
     BLOCKS_SENT_FIELD_NUMBER: _builtins.int
     BLOCKS_REMAINING_FIELD_NUMBER: _builtins.int
     TRANSFER_S_FIELD_NUMBER: _builtins.int
+    REFUSED_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
     blocks_sent: _builtins.int
     """Blocks sent in this stage."""
     blocks_remaining: _builtins.int
     """Blocks the request gained while the stage ran (to send in the next stage)."""
     transfer_s: _builtins.float
+    refused_reason: _builtins.str
+    """Empty when the stage ran; otherwise why not (e.g. "request finished"), and nothing moved."""
+    prompt_tokens: _builtins.int
+    """After the last stage: the request's state, for Commit on the destination."""
+    output_tokens: _builtins.int
+    max_tokens: _builtins.int
+    """Output tokens the request may produce in all (its max_tokens)."""
     def __init__(
         self,
         *,
         blocks_sent: _builtins.int = ...,
         blocks_remaining: _builtins.int = ...,
         transfer_s: _builtins.float = ...,
+        refused_reason: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_remaining", b"blocks_remaining", "blocks_sent", b"blocks_sent", "transfer_s", b"transfer_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks_remaining", b"blocks_remaining", "blocks_sent", b"blocks_sent", "max_tokens", b"max_tokens", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "refused_reason", b"refused_reason", "transfer_s", b"transfer_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -902,17 +1064,27 @@ class CommitRequest(_message.Message):
 
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     request_id: _builtins.str
+    prompt_tokens: _builtins.int
+    """The state the source's last Transfer stage returned."""
+    output_tokens: _builtins.int
+    max_tokens: _builtins.int
     def __init__(
         self,
         *,
         migration_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "migration_id", b"migration_id", "output_tokens", b"output_tokens", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -989,3 +1161,57 @@ class AbortResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbortResponse: _TypeAlias = AbortResponse  # noqa: Y015
+
+@_typing.final
+class FollowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    migration_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        migration_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FollowRequest: _TypeAlias = FollowRequest  # noqa: Y015
+
+@_typing.final
+class FollowEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    committed: _builtins.bool
+    """First event: true when the destination committed and now runs the request; false
+    (with `reason`) when it aborted or never knew the migration.
+    """
+    tokens: _builtins.int
+    """Tokens produced since the last event."""
+    finished: _builtins.bool
+    """The request finished on the destination; the last event."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        committed: _builtins.bool = ...,
+        tokens: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "event", b"event", "finished", b"finished", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "event", b"event", "finished", b"finished", "reason", b"reason", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["committed", "tokens", "finished"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___FollowEvent: _TypeAlias = FollowEvent  # noqa: Y015

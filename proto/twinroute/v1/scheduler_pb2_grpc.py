@@ -63,6 +63,16 @@ class SchedulerStub:
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.DrainRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.WatchMigrations = channel.unary_stream(
+                '/twinroute.v1.Scheduler/WatchMigrations',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.WatchMigrationsRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationOrder.FromString,
+                _registered_method=True)
+        self.ReportMigration = channel.unary_unary(
+                '/twinroute.v1.Scheduler/ReportMigration',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationReport.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationReportResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -110,6 +120,26 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchMigrations(self, request, context):
+        """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
+        move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
+        the router stops the stream on the source, continues it on the target and answers with
+        ReportMigration. Admin RPC (bearer token, like Drain). The stream stays open until the
+        caller cancels it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportMigration(self, request, context):
+        """What became of one order. A committed migration moves the lease to the target (same lease
+        id, so the router's Complete still finds it); an aborted one leaves it where it was.
+        Admin RPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +167,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.DrainRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.DrainResponse.SerializeToString,
+            ),
+            'WatchMigrations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchMigrations,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.WatchMigrationsRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationOrder.SerializeToString,
+            ),
+            'ReportMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMigration,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationReport.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.MigrationReportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +328,60 @@ class Scheduler:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def WatchMigrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/WatchMigrations',
+            twinroute_dot_v1_dot_scheduler__pb2.WatchMigrationsRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.MigrationOrder.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/ReportMigration',
+            twinroute_dot_v1_dot_scheduler__pb2.MigrationReport.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.MigrationReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class MigrationHookStub:
     """---------------------------------------------------------------------------------------------
@@ -333,6 +427,11 @@ class MigrationHookStub:
                 '/twinroute.v1.MigrationHook/Abort',
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.AbortResponse.FromString,
+                _registered_method=True)
+        self.Follow = channel.unary_stream(
+                '/twinroute.v1.MigrationHook/Follow',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.FollowRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.FollowEvent.FromString,
                 _registered_method=True)
 
 
@@ -380,6 +479,15 @@ class MigrationHookServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Follow(self, request, context):
+        """Engine to engine: after the last Transfer stage the source follows the request on the
+        destination, so the client's stream (still held by the source's HTTP server) continues.
+        The first event says whether the destination committed; then token counts until finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationHookServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -407,6 +515,11 @@ def add_MigrationHookServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.AbortRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.AbortResponse.SerializeToString,
+            ),
+            'Follow': grpc.unary_stream_rpc_method_handler(
+                    servicer.Follow,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.FollowRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.FollowEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -555,6 +668,33 @@ class MigrationHook:
             '/twinroute.v1.MigrationHook/Abort',
             twinroute_dot_v1_dot_scheduler__pb2.AbortRequest.SerializeToString,
             twinroute_dot_v1_dot_scheduler__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Follow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/twinroute.v1.MigrationHook/Follow',
+            twinroute_dot_v1_dot_scheduler__pb2.FollowRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.FollowEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,6 +61,18 @@ class SchedulerStub:
     """Take an endpoint out of the rings before it is deleted (scale-in, rollout). Admin RPC: may
     require a bearer token in the `authorization` metadata.
     """
+    WatchMigrations: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchMigrationsRequest, _scheduler_pb2.MigrationOrder]
+    """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
+    move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
+    the router stops the stream on the source, continues it on the target and answers with
+    ReportMigration. Admin RPC (bearer token, like Drain). The stream stays open until the
+    caller cancels it.
+    """
+    ReportMigration: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.MigrationReport, _scheduler_pb2.MigrationReportResponse]
+    """What became of one order. A committed migration moves the lease to the target (same lease
+    id, so the router's Complete still finds it); an aborted one leaves it where it was.
+    Admin RPC.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -84,6 +96,18 @@ class SchedulerAsyncStub(SchedulerStub):
     Drain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainRequest, _scheduler_pb2.DrainResponse]  # type: ignore[assignment]
     """Take an endpoint out of the rings before it is deleted (scale-in, rollout). Admin RPC: may
     require a bearer token in the `authorization` metadata.
+    """
+    WatchMigrations: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchMigrationsRequest, _scheduler_pb2.MigrationOrder]  # type: ignore[assignment]
+    """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
+    move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
+    the router stops the stream on the source, continues it on the target and answers with
+    ReportMigration. Admin RPC (bearer token, like Drain). The stream stays open until the
+    caller cancels it.
+    """
+    ReportMigration: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.MigrationReport, _scheduler_pb2.MigrationReportResponse]  # type: ignore[assignment]
+    """What became of one order. A committed migration moves the lease to the target (same lease
+    id, so the router's Complete still finds it); an aborted one leaves it where it was.
+    Admin RPC.
     """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +161,30 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         require a bearer token in the `authorization` metadata.
         """
 
+    @_abc_1.abstractmethod
+    def WatchMigrations(
+        self,
+        request: _scheduler_pb2.WatchMigrationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.MigrationOrder], _abc.AsyncIterator[_scheduler_pb2.MigrationOrder]]:
+        """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
+        move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
+        the router stops the stream on the source, continues it on the target and answers with
+        ReportMigration. Admin RPC (bearer token, like Drain). The stream stays open until the
+        caller cancels it.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportMigration(
+        self,
+        request: _scheduler_pb2.MigrationReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.MigrationReportResponse, _abc.Awaitable[_scheduler_pb2.MigrationReportResponse]]:
+        """What became of one order. A committed migration moves the lease to the target (same lease
+        id, so the router's Complete still finds it); an aborted one leaves it where it was.
+        Admin RPC.
+        """
+
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class MigrationHookStub:
@@ -161,6 +209,11 @@ class MigrationHookStub:
     Transfer: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.TransferRequest, _scheduler_pb2.TransferResponse]
     Commit: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CommitRequest, _scheduler_pb2.CommitResponse]
     Abort: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.AbortRequest, _scheduler_pb2.AbortResponse]
+    Follow: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.FollowRequest, _scheduler_pb2.FollowEvent]
+    """Engine to engine: after the last Transfer stage the source follows the request on the
+    destination, so the client's stream (still held by the source's HTTP server) continues.
+    The first event says whether the destination committed; then token counts until finished.
+    """
 
 @_typing.type_check_only
 class MigrationHookAsyncStub(MigrationHookStub):
@@ -182,6 +235,11 @@ class MigrationHookAsyncStub(MigrationHookStub):
     Transfer: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.TransferRequest, _scheduler_pb2.TransferResponse]  # type: ignore[assignment]
     Commit: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CommitRequest, _scheduler_pb2.CommitResponse]  # type: ignore[assignment]
     Abort: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.AbortRequest, _scheduler_pb2.AbortResponse]  # type: ignore[assignment]
+    Follow: _aio.UnaryStreamMultiCallable[_scheduler_pb2.FollowRequest, _scheduler_pb2.FollowEvent]  # type: ignore[assignment]
+    """Engine to engine: after the last Transfer stage the source follows the request on the
+    destination, so the client's stream (still held by the source's HTTP server) continues.
+    The first event says whether the destination committed; then token counts until finished.
+    """
 
 class MigrationHookServicer(metaclass=_abc_1.ABCMeta):
     """---------------------------------------------------------------------------------------------
@@ -230,5 +288,16 @@ class MigrationHookServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.AbortRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.AbortResponse, _abc.Awaitable[_scheduler_pb2.AbortResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Follow(
+        self,
+        request: _scheduler_pb2.FollowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_pb2.FollowEvent], _abc.AsyncIterator[_scheduler_pb2.FollowEvent]]:
+        """Engine to engine: after the last Transfer stage the source follows the request on the
+        destination, so the client's stream (still held by the source's HTTP server) continues.
+        The first event says whether the destination committed; then token counts until finished.
+        """
 
 def add_MigrationHookServicer_to_server(servicer: MigrationHookServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

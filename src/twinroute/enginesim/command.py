@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -48,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-scale", type=int, default=1,
         help="model tokens each engine token stands for (short prompts, realistic costs)",
     )  # fmt: skip
+    parser.add_argument(
+        "--migration-port", type=int, default=None,
+        help="serve the MigrationHook (gRPC, live KV migration) on this port of --host "
+        "(0 = any free port; default: off)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -73,7 +79,23 @@ def build(args: argparse.Namespace) -> web.Application:
         max_model_len=profile.kv_capacity_tokens // args.token_scale,
         cost_model=profile.cost_profile,
     )
-    return build_app(core=core, identity=identity)
+    app = build_app(core=core, identity=identity)
+    if args.migration_port is not None:
+        app.cleanup_ctx.append(_migration_hook(core, listen=f"{args.host}:{args.migration_port}"))
+    return app
+
+
+def _migration_hook(core: EngineCore, *, listen: str) -> Any:
+    from twinroute.enginesim.migration import EngineMigrationHook, MigrationHookServer
+
+    async def lifecycle(app: web.Application) -> Any:
+        server = MigrationHookServer(hook=EngineMigrationHook(core=core), listen=listen)
+        await server.start()
+        print(f"engine-sim migration hook on {server.address}", flush=True)
+        yield
+        await server.stop()
+
+    return lifecycle
 
 
 async def serve(app: web.Application, *, host: str, port: int) -> None:

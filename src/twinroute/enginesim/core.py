@@ -153,6 +153,76 @@ class EngineCore:
     def metrics(self) -> InstanceMetrics:
         return self._instance.metrics()
 
+    # -- live migration (driven by twinroute.enginesim.migration) ---------------------------
+
+    @property
+    def instance(self) -> Instance:
+        return self._instance
+
+    def adopt(
+        self,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        generated: int,
+        max_tokens: int,
+        reserved_tokens: int,
+    ) -> Generation | None:
+        """Continue a request whose KV was copied here (`prompt_tokens` in engine tokens);
+        None when its KV does not fit."""
+        if request_id in self._generations:
+            raise ValueError(f"request id {request_id!r} is already running")
+        scale = self._settings.token_scale
+        adopted = self._instance.adopt(
+            SimRequest(
+                request_id=request_id, prompt_tokens=prompt_tokens * scale, output_tokens=max_tokens
+            ),
+            generated=generated,
+            reserved_tokens=reserved_tokens,
+        )
+        if not adopted:
+            return None
+        generation = Generation(request_id=request_id, prompt_tokens=prompt_tokens)
+        self._generations[request_id] = generation
+        self._work.set()
+        return generation
+
+    def resume(self, request_id: str) -> bool:
+        """Put a request suspended for migration back into the batch."""
+        resumed = self._instance.resume(request_id)
+        if resumed:
+            self._work.set()
+        return resumed
+
+    def recompute(
+        self, *, request_id: str, prompt_tokens: int, generated: int, max_tokens: int
+    ) -> bool:
+        """Continue a request whose stream this engine holds by recomputing it here (its
+        migration target failed after commit): prompt plus what was generated, then the rest."""
+        if request_id not in self._generations or generated >= max_tokens:
+            return False
+        self._instance.submit(
+            SimRequest(
+                request_id=request_id,
+                prompt_tokens=prompt_tokens * self._settings.token_scale + generated,
+                output_tokens=max_tokens - generated,
+            )
+        )
+        self._work.set()
+        return True
+
+    def forward(self, request_id: str, tokens: int | None) -> None:
+        """Feed a request's stream with tokens produced on another instance (it migrated
+        there); None ends the stream."""
+        generation = self._generations.get(request_id)
+        if generation is None:
+            return
+        if tokens is None:
+            del self._generations[request_id]
+            generation.queue.put_nowait(None)
+        elif tokens > 0:
+            generation.queue.put_nowait(tokens)
+
     def _now(self, loop: asyncio.AbstractEventLoop) -> float:
         return self._clock() if self._clock is not None else loop.time()
 

@@ -172,6 +172,8 @@ class Instance:
         self._hits = 0
         self._preemptions = 0
         self._steps = 0
+        # Requests taken out of the batch for a live migration, still holding their KV.
+        self._suspended: dict[str, _Sequence] = {}
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -374,6 +376,73 @@ class Instance:
             seq.target = seq.prompt_tokens + seq.generated
         self._preemptions += 1
         self._waiting.appendleft(seq)
+
+    # -- live migration (twinroute.enginesim.migration) ---------------------------------------
+
+    def listing(self) -> list[tuple[str, bool, int, int, int]]:
+        """(request id, waiting, prompt tokens, generated, KV tokens held or needed) of every
+        request, running first; what a migration policy chooses from."""
+        rows = [
+            (s.request_id, False, s.prompt_tokens, s.generated, s.prompt_tokens + s.generated)
+            for s in self._running
+        ]
+        rows.extend(
+            (s.request_id, True, s.prompt_tokens, s.generated, s.target) for s in self._waiting
+        )
+        return rows
+
+    def decoding_state(self, request_id: str) -> tuple[int, int, int] | None:
+        """(KV tokens, tokens generated, output tokens in all) of a running request that is
+        past its prefill; None otherwise (queued, prefilling, finished, unknown)."""
+        for seq in self._running:
+            if seq.request_id == request_id:
+                if seq.computed < seq.target or not seq.first_done:
+                    return None
+                return seq.prompt_tokens + seq.generated, seq.generated, seq.output_tokens
+        return None
+
+    def suspend(self, request_id: str) -> bool:
+        """Take a decoding request out of the batch, keeping its KV (the last migration stage)."""
+        for index, seq in enumerate(self._running):
+            if seq.request_id == request_id and seq.computed >= seq.target and seq.first_done:
+                del self._running[index]
+                self._suspended[request_id] = seq
+                return True
+        return False
+
+    def resume(self, request_id: str) -> bool:
+        """Put a suspended request back into the batch (the migration was aborted)."""
+        seq = self._suspended.pop(request_id, None)
+        if seq is None:
+            return False
+        self._running.append(seq)
+        return True
+
+    def release_suspended(self, request_id: str) -> bool:
+        """Free a suspended request's KV (the destination committed)."""
+        seq = self._suspended.pop(request_id, None)
+        if seq is None:
+            return False
+        self._finish(seq)
+        return True
+
+    def adopt(self, request: SimRequest, *, generated: int, reserved_tokens: int) -> bool:
+        """Start decoding a request whose KV was copied here into `reserved_tokens` tokens
+        reserved beforehand; False (reservation untouched) when more KV is needed and none is
+        free. The copied KV is private to the request (not registered as prefix cache)."""
+        needed = request.prompt_tokens + generated
+        if needed > reserved_tokens and not self._cache.reserve(needed - reserved_tokens):
+            return False
+        if reserved_tokens > needed:
+            self._cache.free(reserved_tokens - needed)
+        seq = _Sequence(request)
+        seq.computed = seq.target
+        seq.generated = generated
+        seq.first_done = True
+        seq.admitted = True
+        seq.private = needed
+        self._running.append(seq)
+        return True
 
     # -- runs of decode steps ----------------------------------------------------------------
 
