@@ -31,9 +31,30 @@ class DrainResult:
 class Drainer:
     """Calls `Drain` on every scheduler for every leaving endpoint, sharing one deadline."""
 
-    def __init__(self, *, token: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        token: str = "",
+        tls_ca: bytes | None = None,
+        tls_server_name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`tls_ca` (PEM) reaches the schedulers over TLS trusting that CA; they are addressed
+        by pod IP, so their certificate must carry `tls_server_name` (checked instead of the
+        IP) when given."""
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates=tls_ca) if tls_ca is not None else None
+        )
+        self._options = (
+            (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
+        )
         self._clock = clock
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._credentials is None:
+            return grpc.insecure_channel(address)
+        return grpc.secure_channel(address, self._credentials, options=self._options)
 
     def drain(
         self, *, endpoint_ids: Sequence[str], scheduler_addresses: Sequence[str], timeout_s: float
@@ -41,7 +62,7 @@ class Drainer:
         deadline = self._clock() + timeout_s
         results: list[DrainResult] = []
         for address in scheduler_addresses:
-            with grpc.insecure_channel(address) as channel:
+            with self._channel(address) as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
                 for endpoint_id in endpoint_ids:
                     results.append(

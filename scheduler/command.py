@@ -29,7 +29,7 @@ from twinroute.scheduler.discovery import (
     EndpointSource,
     KubernetesSource,
     StaticSource,
-    load_endpoints_file,
+    WatchedFileSource,
     parse_endpoint_list,
     run_discovery,
 )
@@ -87,7 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--static-endpoints", help="comma-separated [ID=]HOST:PORT")
-    source.add_argument("--endpoints-file", help="YAML file with an 'endpoints' list")
+    source.add_argument(
+        "--endpoints-file", help="YAML file with an 'endpoints' list (re-read when it changes)"
+    )
     source.add_argument("--kube-selector", help="label selector of the pool's engine pods")
     parser.add_argument("--namespace", default="default", help="namespace of the pods")
     parser.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, then ~)")
@@ -96,6 +98,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scrape-timeout", type=float, default=0.8)
     parser.add_argument("--lease-ttl", type=float, default=600.0, help="seconds")
     parser.add_argument("--admin-token", help="bearer token Drain requires (default: none)")
+    parser.add_argument(
+        "--admin-token-file",
+        help="file holding the admin token (a mounted Secret; keeps it off the command line)",
+    )
     parser.add_argument("--tls-cert", help="PEM certificate for gRPC TLS")
     parser.add_argument("--tls-key", help="PEM private key for gRPC TLS")
     parser.add_argument(
@@ -117,9 +123,7 @@ def apply_config(args: argparse.Namespace, text: str) -> None:
     if args.policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {args.policy!r} in the config")
     args.ttft_slo = float(config.get("ttftSloSeconds", args.ttft_slo))
-    args.pd_min_prefill_tokens = int(
-        config.get("pdMinPrefillTokens", args.pd_min_prefill_tokens)
-    )
+    args.pd_min_prefill_tokens = int(config.get("pdMinPrefillTokens", args.pd_min_prefill_tokens))
     args.block_size = int(config.get("prefixBlockSize", args.block_size))
     args.virtual_nodes = int(config.get("virtualNodes", args.virtual_nodes))
     args.scrape_interval = float(config.get("scrapeIntervalSeconds", args.scrape_interval))
@@ -170,7 +174,7 @@ def build_source(args: argparse.Namespace) -> EndpointSource:
     if args.static_endpoints:
         return StaticSource(endpoints=parse_endpoint_list(args.static_endpoints, model=model))
     if args.endpoints_file:
-        return StaticSource(endpoints=load_endpoints_file(args.endpoints_file, model=model))
+        return WatchedFileSource(path=args.endpoints_file, model=model)
     # Imported here: the client reads KUBECONFIG when loaded, only wanted on this path.
     from kubernetes import client as k8s
     from kubernetes import config as k8s_config_module
@@ -226,9 +230,20 @@ def build_service(
     )
 
 
+def read_secret_file(path: str, *, flag: str) -> str:
+    """A token from a file (surrounding whitespace dropped); empty is refused, not "no token"."""
+    with open(path, encoding="utf-8") as handle:
+        token = handle.read().strip()
+    if not token:
+        raise ValueError(f"{flag} {path} is empty")
+    return token
+
+
 async def serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if args.admin_token_file:
+        args.admin_token = read_secret_file(args.admin_token_file, flag="--admin-token-file")
     service = build_service(args)
     source = build_source(args)
     tls = TlsFiles(cert_path=args.tls_cert, key_path=args.tls_key) if args.tls_cert else None

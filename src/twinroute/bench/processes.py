@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import aiohttp
 
-_LISTENING = re.compile(rb"listening on (?:http://)?([\d.]+):(\d+)")
+_LISTENING = re.compile(rb"listening on (?:https?://)?([\d.]+):(\d+)")
 
 
 @dataclass(slots=True)

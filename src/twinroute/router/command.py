@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from typing import Any
 
@@ -60,6 +61,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--key-block-chars", type=int, default=256, help="embedded: prefix-key block (characters)"
     )
+    security = parser.add_argument_group("TLS and tokens")
+    security.add_argument("--tls-cert", help="PEM certificate: serve HTTPS instead of HTTP")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--scheduler-ca", help="PEM CA bundle: reach --scheduler over TLS, trusting this CA"
+    )
+    security.add_argument(
+        "--scheduler-server-name",
+        help="name the scheduler's certificate carries, when not --scheduler's host",
+    )
+    security.add_argument(
+        "--scheduler-token-file", help="file with the scheduler's admin token (a mounted Secret)"
+    )
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -94,13 +108,49 @@ def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
                 tokens_per_char=args.tokens_per_char,
             ),
         )
-    primary: SchedulerPort = GrpcScheduler(target=args.scheduler)
+    primary: SchedulerPort = GrpcScheduler(
+        target=args.scheduler,
+        admin_token=_read_token(args.scheduler_token_file),
+        tls_ca=_read_bytes(args.scheduler_ca),
+        tls_server_name=args.scheduler_server_name,
+    )
     if endpoints:
         return WithFallback(primary=primary, fallback=FallbackScheduler(endpoints=endpoints))
     return primary
 
 
-async def serve(app: web.Application, *, host: str, port: int) -> None:
+def _read_bytes(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _read_token(path: str | None) -> str | None:
+    data = _read_bytes(path)
+    if data is None:
+        return None
+    token = data.decode().strip()
+    if not token:
+        raise ValueError(f"--scheduler-token-file {path} is empty")
+    return token
+
+
+def server_tls(*, cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The HTTPS context for `--tls-cert/--tls-key` (TLS 1.2 at least), or None for HTTP."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=cert, keyfile=key)
+    return context
+
+
+async def serve(
+    app: web.Application, *, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> None:
     # Cancel a handler when its client disconnects: the router then closes the lease at
     # once, and the engine withdraws a request that is still queued.
     runner = web.AppRunner(
@@ -111,9 +161,10 @@ async def serve(app: web.Application, *, host: str, port: int) -> None:
         shutdown_timeout=10.0,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host=host, port=port, backlog=1024)
+    site = web.TCPSite(runner, host=host, port=port, backlog=1024, ssl_context=tls)
     await site.start()
-    print(f"router listening on http://{host}:{runner.addresses[0][1]}", flush=True)
+    scheme = "https" if tls is not None else "http"
+    print(f"router listening on {scheme}://{host}:{runner.addresses[0][1]}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -138,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
 
     async def main() -> None:
+        tls = server_tls(cert=args.tls_cert, key=args.tls_key)
         scheduler = build_scheduler(args)
         tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
         settings = RouterSettings(
@@ -148,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             tokens_per_char=args.tokens_per_char,
         )
         app = build_app(scheduler=scheduler, settings=settings, tokenizer=tokenizer)
-        await serve(app, host=args.host, port=args.port)
+        await serve(app, host=args.host, port=args.port, tls=tls)
 
     try:
         event_loop_runner()(main())

@@ -209,10 +209,33 @@ async def place(backend: SchedulerBackend, query: PickQuery) -> Placement:
 class GrpcScheduler:
     """The `twinroute scheduler` service over gRPC, through the scheduler's own client."""
 
-    def __init__(self, *, target: str, timeout_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        target: str,
+        timeout_s: float = 1.0,
+        admin_token: str | None = None,
+        tls_ca: bytes | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        """`tls_ca` (PEM) switches the channel to TLS, trusting that CA; `tls_server_name` is
+        the name the certificate must carry when it differs from `target`'s host (the scheduler
+        reached by IP or 127.0.0.1). `admin_token` goes with the admin RPCs."""
+        import grpc
+
         from twinroute.scheduler.client import SchedulerClient
 
-        self._client = SchedulerClient(target=target, timeout_s=timeout_s)
+        channel = None
+        if tls_ca is not None:
+            options = (
+                (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
+            )
+            channel = grpc.aio.secure_channel(
+                target, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options
+            )
+        self._client = SchedulerClient(
+            target=target, timeout_s=timeout_s, admin_token=admin_token, channel=channel
+        )
 
     async def pick(self, query: PickQuery) -> Placement:
         return await place(self._client, query)
