@@ -641,7 +641,9 @@ class SchedulerCore:
 
     # -- drain (scale-in) ----------------------------------------------------------------------
 
-    def plan_drain_moves(self, endpoint_id: str, *, now: float) -> list[DrainMove]:
+    def plan_drain_moves(
+        self, endpoint_id: str, *, now: float, movable: Callable[[str], bool] | None = None
+    ) -> list[DrainMove]:
         """Where each request still queued on a draining endpoint goes, planned without
         changing anything (the caller withdraws each request, then calls `move` with
         `cause="drain"`; a request the engine admitted meanwhile stays and finishes there).
@@ -653,7 +655,8 @@ class SchedulerCore:
         not routable either (several endpoints leave at once), a fresh pick of the policy
         over the endpoints still routable chooses. Running requests are not moved here: they
         finish within the drain deadline, or a migration hook moves them
-        (`running_leases`). Nothing when the endpoint is not draining.
+        (`running_leases`). Nothing when the endpoint is not draining. `movable(lease_id)`
+        False leaves a lease out (the live scheduler can move only what it still holds).
 
         Cost: O(queued leases on the endpoint), plus one policy pick per orphaned request.
         """
@@ -662,7 +665,7 @@ class SchedulerCore:
         moves: list[DrainMove] = []
         for lease in self.leases.queued_on(endpoint_id, now=now):
             entry = self._open.get(lease.lease_id)
-            if entry is None:
+            if entry is None or (movable is not None and not movable(lease.lease_id)):
                 continue
             request, decision = entry
             target = next(

@@ -98,6 +98,11 @@ class SchedulerService:
         self._known_models: frozenset[str] = frozenset()
         self._with_model: frozenset[str] = frozenset()
         self._drain_waiters: dict[str, list[asyncio.Event]] = {}
+        # Drain's way to take back a request still queued on a leaving endpoint:
+        # (lease_id, target) -> True when the request had not been sent to the engine yet and
+        # will now go to `target` (an admission hold answers its Pick there). None: every
+        # request is sent at Pick, so queued ones finish where they are.
+        self.withdraw_queued: Callable[[str, str], bool] | None = None
 
     # -- membership (discovery feeds this) ------------------------------------------------
 
@@ -292,7 +297,11 @@ class SchedulerService:
         """Take the endpoint out of routing; wait up to `timeout_s` for its leases to close."""
         if not self.core.drain(endpoint_id):
             raise UnknownEndpointError(f"endpoint {endpoint_id!r} is not known to the scheduler")
-        logger.info("draining %s (wait up to %.1fs)", endpoint_id, timeout_s)
+        moved = self.move_queued_off(endpoint_id)
+        logger.info(
+            "draining %s (wait up to %.1fs); %d queued request(s) moved to their other candidate",
+            endpoint_id, timeout_s, moved,
+        )  # fmt: skip
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
         while (remaining := self.core.in_flight(endpoint_id)) > 0:
@@ -311,6 +320,24 @@ class SchedulerService:
                     waiters.remove(event)
         remaining = self.core.in_flight(endpoint_id)
         return DrainResult(drained=remaining == 0, remaining_in_flight=remaining)
+
+    def move_queued_off(self, endpoint_id: str) -> int:
+        """Move the requests still queued on a draining endpoint that this scheduler can still
+        withdraw (`withdraw_queued`) to their other candidate; returns how many moved.
+        Running requests finish there within the drain's wait (or a migration moves them)."""
+        withdraw = self.withdraw_queued
+        if withdraw is None:
+            return 0
+        now = self._clock()
+        moved = 0
+        for move in self.core.plan_drain_moves(endpoint_id, now=now):
+            if withdraw(move.lease_id, move.target) and self.core.move(
+                move.lease_id, target=move.target, now=now, cause="drain"
+            ):
+                moved += 1
+        if moved:
+            self._wake_drainers(endpoint_id)
+        return moved
 
     def _wake_drainers(self, endpoint_id: str) -> None:
         for event in self._drain_waiters.get(endpoint_id, ()):

@@ -320,3 +320,47 @@ def test_bench_elastic_json_has_the_required_fields(tmp_path: Path) -> None:
 
 def test_bench_elastic_refuses_a_scale_in_that_leaves_nobody(tmp_path: Path) -> None:
     assert elastic.run(_args(tmp_path, "--removed=8")) == 2
+
+
+# -- the live Drain ---------------------------------------------------------------------------
+
+
+async def test_live_drain_moves_only_the_requests_the_scheduler_still_holds() -> None:
+    from twinroute.scheduler.service import SchedulerService
+
+    core = _core("dualmap", 4)
+    service = SchedulerService(core=core, clock=lambda: 0.0)
+    picks = [core.pick(_request(f"r{k}", start=100_000 * k), now=0.0) for k in range(40)]
+    source = max(core.endpoints, key=core.in_flight)
+    on_source = [p.lease_id for p in picks if p.endpoint.id == source]
+    held = set(on_source[::2])  # the others were already sent to the engine
+    withdrawn: list[tuple[str, str]] = []
+
+    def withdraw(lease_id: str, target: str) -> bool:
+        if lease_id not in held:
+            return False
+        withdrawn.append((lease_id, target))
+        return True
+
+    service.withdraw_queued = withdraw
+    result = await service.drain(endpoint_id=source, timeout_s=0.0)
+
+    assert {lease for lease, _ in withdrawn} == held
+    assert all(target != source for _, target in withdrawn)
+    left = {lease.lease_id for lease in core.leases.leases_on(source)}
+    assert left == set(on_source) - held
+    assert result.remaining_in_flight == len(left) and not result.drained
+    assert len(core.leases) == len(picks)
+
+
+async def test_live_drain_without_a_hold_moves_nothing() -> None:
+    from twinroute.scheduler.service import SchedulerService
+
+    core = _core("dualmap", 3)
+    service = SchedulerService(core=core, clock=lambda: 0.0)
+    pick = core.pick(_request("r", start=0), now=0.0)
+    result = await service.drain(endpoint_id=pick.endpoint.id, timeout_s=0.0)
+    assert result.remaining_in_flight == 1
+    assert [lease.endpoint_id for lease in core.leases.leases_on(pick.endpoint.id)] == [
+        pick.endpoint.id
+    ]

@@ -1,4 +1,5 @@
-"""A fixed endpoint list: from a flag (`[ID=]HOST:PORT,...`) or a YAML file.
+"""A fixed endpoint list from a flag (`[ID=]HOST:PORT,...`), or a YAML file re-read when it
+changes (`WatchedFileSource`: edit the file to scale the pool without Kubernetes).
 
 YAML file format (unknown keys are refused, so a typo cannot silently drop an endpoint):
 
@@ -12,7 +13,9 @@ YAML file format (unknown keys are refused, so a typo cannot silently drop an en
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ import yaml
 from twinroute.scheduler.types import Endpoint, Role
 
 _FIELDS = frozenset({"id", "address", "role", "model", "labels"})
+
+logger = logging.getLogger(__name__)
 
 
 def _check_address(address: str, *, what: str) -> str:
@@ -103,3 +108,63 @@ class StaticSource:
 
     async def snapshots(self) -> AsyncIterator[tuple[Endpoint, ...]]:
         yield self._endpoints
+
+
+class WatchedFileSource:
+    """The endpoints of a YAML file: one snapshot at once, then one each time its content
+    changes (polled every `interval_s`; write the file by rename for an atomic swap).
+
+    The file is validated when the source is built, so a bad file stops the scheduler at
+    start. Later, a file that cannot be read or is not valid keeps the last good snapshot in
+    force and is reported once per distinct content: an editing mistake never empties the
+    pool.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | Path,
+        model: str = "",
+        interval_s: float = 1.0,
+        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self._path = Path(path)
+        self._model = model
+        self._interval_s = interval_s
+        self._sleep = sleep
+        self._text = self._path.read_text(encoding="utf-8")
+        self._endpoints = self._parse(self._text)
+
+    def _parse(self, text: str) -> tuple[Endpoint, ...]:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"{self._path}: not valid YAML: {error}") from None
+        return endpoints_from_yaml(document, model=self._model, origin=str(self._path))
+
+    async def snapshots(self) -> AsyncIterator[tuple[Endpoint, ...]]:
+        yield self._endpoints
+        seen: str | None = self._text
+        while True:
+            await self._sleep(self._interval_s)
+            try:
+                text = self._path.read_text(encoding="utf-8")
+            except OSError as error:
+                if seen is not None:
+                    logger.error("endpoints file unreadable, keeping the last list: %s", error)
+                seen = None
+                continue
+            if text == seen:
+                continue
+            seen = text
+            try:
+                endpoints = self._parse(text)
+            except ValueError as error:
+                logger.error("endpoints file rejected, keeping the last list: %s", error)
+                continue
+            if endpoints != self._endpoints:
+                self._endpoints = endpoints
+                logger.info("endpoints file changed: %d endpoint(s)", len(endpoints))
+                yield endpoints
