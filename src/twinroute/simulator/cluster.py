@@ -42,6 +42,7 @@ from twinroute.scheduler.types import (
     PromptKeys,
     RoutingRequest,
 )
+from twinroute.simulator.disaggregation import PdFlow, PdSplit, pool_endpoints
 from twinroute.simulator.instance import (
     DecodeRun,
     Instance,
@@ -80,6 +81,13 @@ class Router(Protocol):
         ...
 
     def counters(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class PdRouter(Router, Protocol):
+    """A router for disaggregated pools: told when a prefill instance finished its part."""
+
+    def prefill_done(self, lease_id: str, *, now: float) -> None: ...
 
 
 @runtime_checkable
@@ -145,6 +153,9 @@ class ClusterConfig:
     block_size: int = 512
     # Keep per-request TTFTs and per-instance load samples for plots.
     keep_samples: bool = False
+    # A disaggregated pool: the first `pd.prefill` instances prefill, the others decode
+    # (`simulator/disaggregation.py`); None is a unified pool.
+    pd: PdSplit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +196,11 @@ class SimulationResult:
     prompt_tokens: npt.NDArray[np.int64] | None = None
     cached_tokens: npt.NDArray[np.int64] | None = None
     instances_at_load_times: npt.NDArray[np.int32] | None = None
+    # Time per output token after the first: (e2e - TTFT) / (output tokens - 1).
+    tpot_p50_s: float = math.nan
+    tpot_p90_s: float = math.nan
+    # Disaggregated pools only: per-role figures (`PdFlow.metrics`).
+    pd: dict[str, object] = field(default_factory=dict)
 
     def summary(self) -> dict[str, object]:
         """The JSON-able headline metrics (no sample arrays)."""
@@ -196,6 +212,8 @@ class SimulationResult:
             "ttft_p99_s": self.ttft_p99_s,
             "e2e_p50_s": self.e2e_p50_s,
             "e2e_p90_s": self.e2e_p90_s,
+            "tpot_p50_s": self.tpot_p50_s,
+            "tpot_p90_s": self.tpot_p90_s,
             "slo_attainment": self.slo_attainment,
             "cache_hit_rate": self.cache_hit_rate,
             "ideal_cache_hit_rate": self.ideal_cache_hit_rate,
@@ -210,6 +228,7 @@ class SimulationResult:
             "sim_duration_s": self.sim_duration_s,
             "wall_s": self.wall_s,
             "decisions": dict(self.decisions),
+            **({"pd": dict(self.pd)} if self.pd else {}),
         }
 
 
@@ -217,6 +236,7 @@ _STEP_END = 0
 _SCRAPE = 1
 _MEMBERSHIP = 2
 _DRAIN_DEADLINE = 3
+_KV_ARRIVES = 4
 
 
 class _Slot:
@@ -300,9 +320,16 @@ def simulate(
     started = time.perf_counter()
     if config.instances < 1:
         raise ValueError("need at least one instance")
-    endpoints = tuple(
-        Endpoint(id=f"sim-{index:03d}", address=f"sim://{index}")
-        for index in range(config.instances)
+    if config.pd is not None:
+        if config.pd.instances != config.instances:
+            raise ValueError(
+                f"the prefill:decode split {config.pd.prefill}:{config.pd.decode} does not "
+                f"make {config.instances} instances"
+            )
+        if membership:
+            raise ValueError("a disaggregated pool cannot change membership in a simulation")
+    endpoints = pool_endpoints(
+        instances=config.instances, prefill=config.pd.prefill if config.pd else 0
     )
     router = router_factory(endpoints)
     instance_config = config.profile.instance_config(block_size=config.block_size)
@@ -367,6 +394,8 @@ def simulate(
             assert slot.pending is not None
             result = slot.pending
             slot.pending = None
+        if pd is not None:
+            result = pd_step_ended(slot_index, result, now)
         for first in result.first_tokens:
             index = int(first.request_id)
             ttft_of[index] = now - arrival_of[index]
@@ -438,6 +467,37 @@ def simulate(
             start_step(slot_index, now)
         elif slot.run is not None:
             cut_run(slot_index, now)
+
+    # -- disaggregated prefill/decode; none of this runs in a unified pool ------------------
+    output_of: list[int] = []
+    pd: PdFlow | None = None
+    pd_router: PdRouter | None = None
+    if config.pd is not None:
+        if not isinstance(router, PdRouter):
+            raise TypeError("a disaggregated pool needs a router with prefill_done")
+        pd = PdFlow(profile=config.profile, block_size=config.block_size, split=config.pd)
+        pd_router = router
+
+    def pd_step_ended(slot_index: int, result: StepResult, now: float) -> StepResult:
+        """Prefills finished on a prefill instance: record their hit, tell the router, and
+        send their KV to the decode instance."""
+        assert pd is not None and pd_router is not None
+        result, done = pd.step_ended(slot_index, result, now=now)
+        for prefill in done:
+            hit_of[int(prefill.request_id)] = prefill.cached_tokens
+            pd_router.prefill_done(leases[prefill.request_id], now=now)
+            decode_cache = slots[pd.decode_index(prefill.request_id)].instance.cache
+            decode_index, arrives_at, transfer_id = pd.start_transfer(
+                prefill, decode_cache=decode_cache, now=now
+            )
+            push(arrives_at, _KV_ARRIVES, decode_index, transfer_id)
+        return result
+
+    def kv_arrives(transfer_id: int, now: float) -> None:
+        assert pd is not None
+        decode_index, request = pd.arrived(transfer_id)
+        slots[decode_index].instance.submit(request)
+        wake(decode_index, now)
 
     # -- membership changes (elastic scaling); none of this runs without a schedule --------
     schedule = tuple(sorted(membership, key=lambda event: event.at_s))
@@ -578,6 +638,8 @@ def simulate(
                 change_membership(schedule[slot_index], at)
             elif kind == _DRAIN_DEADLINE and slot_index in leaving_since:
                 remove_leaving(slot_index, at)
+            elif kind == _KV_ARRIVES:
+                kv_arrives(version, at)
 
     for chunk in chunks:
         offsets = chunk.block_offsets
@@ -633,8 +695,18 @@ def simulate(
                 reuse = min(prompt - 1, (position + 1) * block_size)
             unbounded_of.append(reuse)
             seen_blocks.update(ids)
-            slots[slot_of[decision.endpoint_id]].instance.submit(request)
-            wake(slot_of[decision.endpoint_id], now)
+            output_of.append(output)
+            if pd is not None and decision.prefill_endpoint_id is not None:
+                prefill_index = slot_of[decision.prefill_endpoint_id]
+                slots[prefill_index].instance.submit(
+                    pd.prefill_request(request, decode_index=slot_of[decision.endpoint_id])
+                )
+                wake(prefill_index, now)
+            else:
+                if pd is not None:
+                    pd.local += 1
+                slots[slot_of[decision.endpoint_id]].instance.submit(request)
+                wake(slot_of[decision.endpoint_id], now)
             routed += 1
             progress_line.update(done=routed, sim_time_s=now)
     draining = True
@@ -651,6 +723,9 @@ def simulate(
     predicting = predicted > 0
     missed = predicting & (predicted <= config.ttft_slo_s) & (ttft > config.ttft_slo_s)
     e2e = np.asarray(e2e_of[warmup:], dtype=np.float64)
+    outputs = np.asarray(output_of[warmup:], dtype=np.float64)
+    decoding = outputs > 1
+    tpot = (e2e[decoding] - ttft[decoding]) / (outputs[decoding] - 1)
     prompts = np.asarray(prompt_of[warmup:], dtype=np.float64)
     hits = np.asarray(hit_of[warmup:], dtype=np.float64)
     measured = int(ttft.size)
@@ -679,6 +754,9 @@ def simulate(
         ttft_p99_s=_percentile(ttft, 99),
         e2e_p50_s=_percentile(e2e, 50),
         e2e_p90_s=_percentile(e2e, 90),
+        tpot_p50_s=_percentile(tpot, 50),
+        tpot_p90_s=_percentile(tpot, 90),
+        pd=pd.metrics() if pd is not None else {},
         slo_attainment=float(np.mean(ttft <= config.ttft_slo_s)) if measured else math.nan,
         cache_hit_rate=float(hits.sum()) / prompt_total,
         ideal_cache_hit_rate=float(sum(ideal_of[warmup:])) / prompt_total,

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from twinroute.simulator.disaggregation import parse_pd
 from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import (
@@ -134,6 +135,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="placement counts decode load and expected output (TTFT estimate and score; "
         "docs/bench/phase_aware.md)",
     )
+    parser.add_argument(
+        "--pd",
+        default=None,
+        metavar="P:D",
+        help="disaggregated pool: P prefill and D decode instances (P + D = --instances, "
+        "or P + D instances when --instances is not given); default: a unified pool",
+    )
+    parser.add_argument(
+        "--pd-min-prefill-tokens",
+        type=int,
+        default=100,
+        help="with --pd: a decode instance prefills prompts itself when at most this many of "
+        "their tokens are not cached there",
+    )
+    # Unset unless given, so that --pd alone sizes the pool.
+    parser.set_defaults(instances=None)
     parser.add_argument("--json", type=Path, default=None, help="write the metrics here")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -151,10 +168,16 @@ def run(args: argparse.Namespace) -> int:
             time_scale = summary.rate_rps / args.rate
         if time_scale <= 0:
             raise ValueError("--time-scale must be > 0")
+        pd = parse_pd(args.pd, instances=args.instances) if args.pd is not None else None
+        instances = pd.instances if pd is not None else args.instances or 8
+        if args.pd_min_prefill_tokens < 0:
+            raise ValueError("--pd-min-prefill-tokens must be >= 0")
         spec = RunSpec(
             trace=trace,
             policy=args.policy,
-            instances=args.instances,
+            instances=instances,
+            pd=pd,
+            pd_min_prefill_tokens=args.pd_min_prefill_tokens,
             profile=args.profile,
             kv_capacity_tokens=args.kv_capacity_tokens,
             time_scale=time_scale,
@@ -174,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = result.summary()
     metrics.update(
         policy=args.policy,
-        instances=args.instances,
+        instances=instances,
+        pd_split=args.pd or "unified",
         time_scale=time_scale,
         seed=args.seed,
         ttft_slo_s=args.ttft_slo,

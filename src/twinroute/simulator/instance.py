@@ -65,6 +65,10 @@ class SimRequest:
     output_tokens: int
     # Trace block ids of the prompt (one per `block_size` tokens, the last may be partial).
     block_ids: list[int] = field(default_factory=list)
+    # Disaggregated serving: the prompt's KV arrives from a prefill instance, so admission
+    # needs KV memory but no prefill compute; the first token reports the prefill's hit.
+    kv_transferred: bool = False
+    prefill_hit_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +137,7 @@ class _Sequence:
         "prompt_tokens",
         "request_id",
         "target",
+        "transferred",
     )
 
     def __init__(self, request: SimRequest) -> None:
@@ -151,6 +156,9 @@ class _Sequence:
         self.generated = 0
         self.first_done = False
         self.admitted = False
+        self.transferred = request.kv_transferred
+        if request.kv_transferred:
+            self.hit = request.prefill_hit_tokens
 
 
 class Instance:
@@ -276,20 +284,29 @@ class Instance:
             held = seq.block_ids[:matched]
             cache.acquire(held)
             hit = sum(cache.block_tokens(b) for b in held)
-            computed = min(hit, seq.target - 1)
-            tokens = min(seq.target - computed, budget)
-            if not cache.reserve(tokens):
+            if seq.transferred:
+                # The KV of all but the last prompt token arrived (what is not cached here
+                # takes memory); the last token is computed, as vLLM's decode side does.
+                computed = seq.target - 1
+                tokens = 1
+                allocate = tokens + computed - min(hit, computed)
+            else:
+                computed = min(hit, seq.target - 1)
+                tokens = min(seq.target - computed, budget)
+                allocate = tokens
+            if not cache.reserve(allocate):
                 cache.release(held)
                 break
             waiting.popleft()
             if not seq.admitted:
                 seq.admitted = True
-                self._queries += seq.prompt_tokens
-                seq.hit = computed
-                self._hits += seq.hit
+                if not seq.transferred:
+                    self._queries += seq.prompt_tokens
+                    seq.hit = computed
+                    self._hits += seq.hit
             seq.held = matched
             seq.computed = computed
-            seq.private += tokens
+            seq.private += allocate
             running.append(seq)
             chunks.append((seq, tokens))
             budget -= tokens
@@ -370,6 +387,8 @@ class Instance:
         seq.held = 0
         seq.private = 0
         seq.computed = 0
+        # Transferred KV is gone with the preemption: the recompute is a real prefill.
+        seq.transferred = False
         if seq.first_done:
             # Recompute the prompt and what was generated, then continue decoding.
             seq.base_generated = seq.generated

@@ -15,6 +15,7 @@ import numpy.typing as npt
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import CostModel
 from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
+from twinroute.scheduler.policies.pd import PdSettings
 from twinroute.scheduler.types import Decision, Endpoint, PromptKeys, RoutingRequest
 from twinroute.simulator.cluster import Router
 
@@ -45,6 +46,9 @@ class CoreRouter:
 
     def first_token(self, lease_id: str, *, now: float) -> None:
         self._core.first_token(lease_id, now=now)
+
+    def prefill_done(self, lease_id: str, *, now: float) -> None:
+        self._core.prefill_done(lease_id, now=now)
 
     def complete(
         self, lease_id: str, *, now: float, observed_ttft_s: float, output_tokens: int
@@ -104,6 +108,7 @@ def core_router_factory(
     prefix_capacity_blocks: int,
     rebalance: bool = True,
     phase_aware: bool = True,
+    pd: PdSettings | None = None,
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
     """Builds a fresh core and policy per simulation, as a scheduler process would.
 
@@ -127,6 +132,7 @@ def core_router_factory(
             # A scrape older than a few intervals means the engine stopped answering.
             scrape_staleness_s=max(5.0, 4 * scrape_interval_s),
             rebalance=rebalance,
+            pd=pd,
         )
         core.set_endpoints(endpoints, now=0.0)
         return CoreRouter(core)

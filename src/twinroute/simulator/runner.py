@@ -14,7 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+from twinroute.scheduler.policies.pd import PdSettings
 from twinroute.simulator.cluster import ClusterConfig, SimulationResult, simulate
+from twinroute.simulator.disaggregation import PdSplit
 from twinroute.simulator.profiles import DEFAULT_PROFILE, get_profile
 from twinroute.simulator.routing import core_router_factory, trace_keys
 from twinroute.simulator.sim_cost import cost_model_for
@@ -108,6 +110,10 @@ class RunSpec:
     # Hotspot rebalancing (for policies that use it) and phase-aware placement.
     rebalance: bool = True
     phase_aware: bool = True
+    # A disaggregated pool (prefill:decode instance counts, summing to `instances`) and the
+    # decider's threshold (`twinroute.scheduler.policies.pd`).
+    pd: PdSplit | None = None
+    pd_min_prefill_tokens: int = 100
 
 
 def run_spec(
@@ -127,6 +133,7 @@ def run_spec(
         warmup_fraction=spec.warmup_fraction,
         block_size=spec.trace.block_size,
         keep_samples=spec.keep_samples,
+        pd=spec.pd,
         scrape_phase=((spec.seed * 0.618033988749895) % 1.0) * spec.scrape_interval_s,
     )
     return simulate(
@@ -141,6 +148,10 @@ def run_spec(
             prefix_capacity_blocks=max(1, profile.kv_capacity_tokens // spec.trace.block_size),
             rebalance=spec.rebalance,
             phase_aware=spec.phase_aware,
+            pd=PdSettings(
+                min_prefill_tokens=spec.pd_min_prefill_tokens,
+                transfer_s_per_token=profile.kv_bytes_per_token / profile.kv_transfer_bytes_per_s,
+            ),
         ),
         keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),
         cost=cost,
