@@ -23,6 +23,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
 from twinroute.scheduler.discovery import (
@@ -107,6 +108,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile", default=DEFAULT_COST_PROFILE, choices=sorted(COST_PROFILES),
         help="cost model for TTFT predictions",
+    )  # fmt: skip
+    parser.add_argument(
+        "--admission-hold", choices=("on", "off"), default="off",
+        help="hold the answers of requests routed to a hotspot so that hotspot rebalancing can "
+        "still move them (policies that rebalance; docs/bench/rebalance.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--admission-max-hold", type=float, default=3.0,
+        help="seconds a Pick answer may be held at most (never past the caller's deadline)",
     )  # fmt: skip
     parser.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
     parser.add_argument("--log-level", default="INFO")
@@ -225,8 +235,21 @@ def build_service(
         block_chars=args.block_chars or 4 * args.block_size,
         tokens_per_char=args.tokens_per_char,
     )
+    admission = None
+    if getattr(args, "admission_hold", "off") == "on":
+        admission = AdmissionQueue(
+            core=core,
+            settings=AdmissionSettings(max_hold_s=args.admission_max_hold),
+            clock=clock,
+            metrics=AdmissionMetrics(registry=telemetry.registry),
+        )
     return SchedulerService(
-        core=core, keys=keys, telemetry=telemetry, clock=clock, served_models=args.model
+        core=core,
+        keys=keys,
+        telemetry=telemetry,
+        clock=clock,
+        served_models=args.model,
+        admission=admission,
     )
 
 

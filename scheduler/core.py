@@ -336,6 +336,11 @@ class SchedulerCore:
             lease_id=lease.lease_id, decision=decision, endpoint=endpoint, prefill_endpoint=prefill
         )
 
+    def open_decision(self, lease_id: str) -> Decision | None:
+        """The decision behind an open lease (after a move, the moved one)."""
+        entry = self._open.get(lease_id)
+        return entry[1] if entry is not None else None
+
     def first_token(self, lease_id: str, *, now: float) -> bool:
         # The decode instance's first token comes after the prefill instance finished.
         self.prefill_done(lease_id, now=now)

@@ -26,6 +26,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from twinroute.scheduler.admission import AdmissionQueue
 from twinroute.scheduler.api import (
     ERROR_KIND_METADATA,
     OUTCOMES,
@@ -80,6 +81,7 @@ class SchedulerService:
         wall_clock: Callable[[], float] = time.time,
         served_models: Iterable[str] = (),
         expiry_interval_s: float = 1.0,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         if keys.block_tokens <= 0 or keys.block_chars <= 0 or keys.tokens_per_char <= 0:
             raise ValueError(f"key settings must be positive, got {keys}")
@@ -98,6 +100,8 @@ class SchedulerService:
         self._known_models: frozenset[str] = frozenset()
         self._with_model: frozenset[str] = frozenset()
         self._drain_waiters: dict[str, list[asyncio.Event]] = {}
+        # Hotspot requests' answers held so they can still be moved (`scheduler/admission.py`).
+        self.admission = admission
         # Drain's way to take back a request still queued on a leaving endpoint:
         # (lease_id, target) -> True when the request had not been sent to the engine yet and
         # will now go to `target` (an admission hold answers its Pick there). None: every
@@ -215,9 +219,17 @@ class SchedulerService:
             self.telemetry.observe_pick(time.perf_counter() - started)
         return answer
 
-    async def pick(self, query: PickQuery) -> PickAnswer:
-        """Choose an endpoint and open a lease; raises the errors of `twinroute.scheduler.api`."""
-        return self.pick_now(query)
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> PickAnswer:
+        """Choose an endpoint and open a lease; raises the errors of `twinroute.scheduler.api`.
+
+        With an admission queue, the answer of a request routed to a hotspot may be held
+        (and moved) before it is returned, never past `timeout_s` (the caller's deadline)."""
+        answer = self.pick_now(query)
+        if self.admission is None:
+            return answer
+        slo = query.ttft_slo_s if query.ttft_slo_s > 0 else self.core.policy.config.ttft_slo_s
+        deadline = None if timeout_s is None else self._clock() + timeout_s
+        return await self.admission.admit(answer, slo_s=slo, deadline=deadline)
 
     def _refused(self, kind: str) -> None:
         if self.telemetry is not None:
@@ -447,7 +459,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self, request: pb.PickRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PickResponse:
         try:
-            answer = self._service.pick_now(query_from_pb(request))
+            answer = await self._service.pick(
+                query_from_pb(request), timeout_s=context.time_remaining()
+            )
         except InvalidPickError as error:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
             raise
@@ -575,6 +589,7 @@ class GrpcServer:
         tls: TlsFiles | None = None,
     ) -> None:
         self.server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+        self._service = service
         pb_grpc.add_SchedulerServicer_to_server(
             SchedulerServicer(service=service, admin_token=admin_token), self.server
         )
@@ -608,4 +623,7 @@ class GrpcServer:
         """NOT_SERVING first, then stop accepting; in-flight RPCs get `grace_s` to finish."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._service.admission is not None:
+            # Held answers go out now, as picked: in-flight Picks finish within the grace.
+            self._service.admission.release_all()
         await self.server.stop(grace_s)
