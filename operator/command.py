@@ -74,6 +74,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file with the bearer token the scheduler's Drain RPC requires",
     )
+    security = parser.add_argument_group("scheduler TLS and admin token")
+    security.add_argument(
+        "--scheduler-admin-token-secret",
+        default="",
+        help="Secret (key `token`, in each pool's namespace) the scheduler pods mount as their "
+        "admin token; use the same token in --drain-token-file",
+    )
+    security.add_argument(
+        "--scheduler-tls-secret",
+        default="",
+        help="kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt; in each pool's namespace): "
+        "the scheduler serves gRPC over TLS with it",
+    )
+    security.add_argument(
+        "--scheduler-tls-server-name",
+        default="twinroute-scheduler",
+        help="name that certificate carries (checked instead of the pod IP)",
+    )
+    security.add_argument(
+        "--router-tls",
+        action="store_true",
+        help="with --scheduler-tls-secret: routers serve HTTPS with the same certificate",
+    )
+    security.add_argument(
+        "--scheduler-ca-file",
+        default=None,
+        help="CA bundle (PEM) the operator trusts when it calls Drain over TLS",
+    )
     parser.add_argument(
         "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
     )
@@ -119,11 +147,16 @@ def build_operator(
     resync_interval_s: float,
     drain_timeout_s: float,
     drain_token: str = "",
+    drain_tls_ca: bytes | None = None,
 ) -> tuple[kopf.OperatorRegistry, Reconciler]:
     """Everything the operator needs, built here and passed in (also used by tests)."""
     api = KubeApi(
         api_client=client.ApiClient(configuration),
-        drainer=Drainer(token=drain_token),
+        drainer=Drainer(
+            token=drain_token,
+            tls_ca=drain_tls_ca,
+            tls_server_name=render.tls_server_name if drain_tls_ca is not None else None,
+        ),
         drain_budget=DrainBudget(timeout_s=drain_timeout_s),
     )
     operator_config = OperatorConfig(render=render, resync_interval_s=resync_interval_s)
@@ -131,6 +164,19 @@ def build_operator(
     login: Callable[[], kopf.ConnectionInfo] = lambda: connection_info(configuration)  # noqa: E731
     registry = build_registry(reconciler=reconciler, config=operator_config, login=login)
     return registry, reconciler
+
+
+def render_settings(args: argparse.Namespace) -> RenderSettings:
+    """What the operator's flags say about the children it renders."""
+    return RenderSettings(
+        scheduler_image=args.scheduler_image,
+        scheduler_cluster_role=args.scheduler_cluster_role,
+        image_pull_policy=args.image_pull_policy,
+        admin_token_secret=args.scheduler_admin_token_secret,
+        tls_secret=args.scheduler_tls_secret,
+        tls_server_name=args.scheduler_tls_server_name,
+        router_tls=args.router_tls and bool(args.scheduler_tls_secret),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -148,16 +194,23 @@ def run(args: argparse.Namespace) -> int:
     if args.drain_token_file:
         with open(args.drain_token_file, encoding="utf-8") as handle:
             token = handle.read().strip()
+    if bool(args.scheduler_tls_secret) != bool(args.scheduler_ca_file):
+        log.error("--scheduler-tls-secret and --scheduler-ca-file go together")
+        return 2
+    if bool(args.scheduler_admin_token_secret) != bool(token):
+        log.error("--scheduler-admin-token-secret and --drain-token-file go together")
+        return 2
+    tls_ca = None
+    if args.scheduler_ca_file:
+        with open(args.scheduler_ca_file, "rb") as handle:
+            tls_ca = handle.read()
     registry, _ = build_operator(
         configuration=configuration,
-        render=RenderSettings(
-            scheduler_image=args.scheduler_image,
-            scheduler_cluster_role=args.scheduler_cluster_role,
-            image_pull_policy=args.image_pull_policy,
-        ),
+        render=render_settings(args),
         resync_interval_s=args.resync_seconds,
         drain_timeout_s=args.drain_timeout_seconds,
         drain_token=token,
+        drain_tls_ca=tls_ca,
     )
     liveness = (
         f"http://{args.liveness_host}:{args.liveness_port}/healthz" if args.liveness_port else None

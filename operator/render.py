@@ -29,6 +29,13 @@ RENDER_HASH_ANNOTATION: Final = "twinroute.io/render-hash"
 CONFIG_HASH_ANNOTATION: Final = "twinroute.io/config-hash"
 CONFIG_FILE: Final = "scheduler.yaml"
 CONFIG_DIR: Final = "/etc/twinroute"
+ADMIN_TOKEN_DIR: Final = "/etc/twinroute-admin"
+TLS_DIR: Final = "/etc/twinroute-tls"
+# Writable places under a read-only root: vLLM, Hugging Face, Triton and torch write caches
+# under $HOME and /tmp.
+ENGINE_HOME: Final = "/home/engine"
+# The unprivileged user every pod runs as (the image's files are world-readable).
+POD_USER: Final = 10001
 
 Obj = dict[str, Any]
 
@@ -44,6 +51,16 @@ class RenderSettings:
     metrics_port: int = 9090
     router_port: int = 8080
     image_pull_policy: str = "IfNotPresent"
+    # Secret in each pool's namespace holding the scheduler's admin token under `token`
+    # (Drain and the other admin RPCs require it); empty: no token.
+    admin_token_secret: str = ""
+    # kubernetes.io/tls Secret in each pool's namespace (`tls.crt`, `tls.key`, `ca.crt`): the
+    # scheduler serves gRPC over TLS with it; empty: plaintext.
+    tls_secret: str = ""
+    # The name in that certificate; clients reach the scheduler by IP and check this instead.
+    tls_server_name: str = "twinroute-scheduler"
+    # With `tls_secret`, the router serves its OpenAI API over HTTPS with the same certificate.
+    router_tls: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +207,15 @@ def _restricted_security_context(*, read_only_root: bool) -> Obj:
     }
 
 
+def _restricted_pod_security_context() -> Obj:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": POD_USER,
+        "runAsGroup": POD_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
 def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
     engine = pool.engine
     object_labels = pool_labels(pool, role=role.value)
@@ -203,10 +229,11 @@ def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
         ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "HOME", "value": ENGINE_HOME},
             *(dict(item) for item in engine.env),
         ],
         "resources": dict(engine.resources),
-        "securityContext": _restricted_security_context(read_only_root=False),
+        "securityContext": _restricted_security_context(read_only_root=True),
         # Loading weights can take many minutes; the startup probe covers it so the liveness
         # probe can stay strict afterwards.
         "startupProbe": {
@@ -224,11 +251,21 @@ def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
             "periodSeconds": 10,
             "failureThreshold": 6,
         },
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": ENGINE_HOME},
+        ],
     }
     pod_spec: Obj = {
+        "securityContext": _restricted_pod_security_context(),
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": [
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "tmp", "emptyDir": {}},
+            # Model downloads and compile caches: sized by the node's ephemeral storage.
+            {"name": "home", "emptyDir": {}},
+        ],
         "nodeSelector": dict(engine.node_selector),
         "tolerations": [dict(item) for item in engine.tolerations],
         "enableServiceLinks": False,
@@ -399,7 +436,63 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
         },
         **common,
     }
+    _secure_scheduler_containers(scheduler=scheduler, router=router, settings=settings)
     return [scheduler, router]
+
+
+def _secure_scheduler_containers(*, scheduler: Obj, router: Obj, settings: RenderSettings) -> None:
+    """Mount the admin token and TLS Secrets and point both containers' flags at them."""
+    if settings.admin_token_secret:
+        mount = {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True}
+        token_file = f"{ADMIN_TOKEN_DIR}/token"
+        scheduler["args"] += ["--admin-token-file", token_file]
+        router["args"] += ["--scheduler-token-file", token_file]
+        for container in (scheduler, router):
+            container.setdefault("volumeMounts", []).append(dict(mount))
+    if settings.tls_secret:
+        mount = {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+        scheduler["args"] += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
+        router["args"] += [
+            "--scheduler-ca", f"{TLS_DIR}/ca.crt",
+            "--scheduler-server-name", settings.tls_server_name,
+        ]  # fmt: skip
+        # The kubelet's gRPC probe cannot speak TLS: an open port is what it can check.
+        for probe in ("readinessProbe", "livenessProbe"):
+            scheduler[probe] = {
+                **{k: v for k, v in scheduler[probe].items() if k != "grpc"},
+                "tcpSocket": {"port": settings.grpc_port},
+            }
+        if settings.router_tls:
+            router["args"] += [
+                "--tls-cert",
+                f"{TLS_DIR}/tls.crt",
+                "--tls-key",
+                f"{TLS_DIR}/tls.key",
+            ]
+            for probe in ("readinessProbe", "livenessProbe"):
+                router[probe]["httpGet"]["scheme"] = "HTTPS"
+        for container in (scheduler, router):
+            container.setdefault("volumeMounts", []).append(dict(mount))
+
+
+def _scheduler_volumes(pool: PoolSpec, *, settings: RenderSettings) -> list[Obj]:
+    volumes: list[Obj] = [{"name": "config", "configMap": {"name": scheduler_name(pool=pool.name)}}]
+    if settings.admin_token_secret:
+        volumes.append(
+            {
+                "name": "admin-token",
+                "secret": {
+                    "secretName": settings.admin_token_secret,
+                    "items": [{"key": "token", "path": "token"}],
+                    "defaultMode": 0o440,
+                },
+            }
+        )
+    if settings.tls_secret:
+        volumes.append(
+            {"name": "tls", "secret": {"secretName": settings.tls_secret, "defaultMode": 0o440}}
+        )
+    return volumes
 
 
 def _scheduler_deployment(pool: PoolSpec, *, settings: RenderSettings, config_hash: str) -> Obj:
@@ -422,13 +515,12 @@ def _scheduler_deployment(pool: PoolSpec, *, settings: RenderSettings, config_ha
                     "serviceAccountName": name,
                     "enableServiceLinks": False,
                     "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "runAsGroup": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
+                        **_restricted_pod_security_context(),
+                        # Lets the non-root user read the mounted Secrets (mode 0440).
+                        "fsGroup": POD_USER,
                     },
                     "containers": list(_scheduler_containers(pool, settings=settings)),
-                    "volumes": [{"name": "config", "configMap": {"name": name}}],
+                    "volumes": _scheduler_volumes(pool, settings=settings),
                 },
             },
         },

@@ -69,3 +69,21 @@ app.kubernetes.io/component: operator
   resources: [pods]
   verbs: [list, patch]
 {{- end -}}
+
+{{/* The Secret with the schedulers' admin token (key `token`). */}}
+{{- define "twinroute.adminTokenSecret" -}}
+{{- default (printf "%s-scheduler-admin" (include "twinroute.fullname" .)) .Values.security.adminToken.existingSecret -}}
+{{- end -}}
+
+{{/* The schedulers' kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt). */}}
+{{- define "twinroute.tlsSecret" -}}
+{{- default (printf "%s-scheduler-tls" (include "twinroute.fullname" .)) .Values.security.tls.existingSecret -}}
+{{- end -}}
+
+{{/* Where generated Secrets go: the release namespace and every watched one. */}}
+{{- define "twinroute.secretNamespaces" -}}
+{{- if not .Values.watchNamespaces -}}
+{{- fail "security: a generated Secret needs watchNamespaces (it is created in each of them); when every namespace is watched, create the Secret in each pool namespace and name it in existingSecret" -}}
+{{- end -}}
+{{- prepend .Values.watchNamespaces .Release.Namespace | uniq | join "," -}}
+{{- end -}}

@@ -1,0 +1,324 @@
+"""What the Helm chart and the operator's renderings promise about security.
+
+- Every pod (the chart's operator, and the engine and scheduler pods the operator renders for
+  each sample ModelPool) runs as non-root with a read-only root filesystem, no privilege
+  escalation and every capability dropped; the paths engines write (/tmp, $HOME caches) are
+  emptyDir volumes.
+- `security.adminToken` / `security.tls` wire a Secret (generated, or an existing one) into
+  the operator and, through the operator's flags, into every pool's scheduler and router;
+  the rendered flags parse with the real command-line parsers.
+- The chart's generated certificate is one a real TLS handshake accepts: the scheduler serves
+  it and the operator's Drainer, given the chart's CA and token, drains through it.
+
+Rendered with the real Helm binary (fetched by tools/fetch_k8s_tools.sh, as tests/test_chart.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import pathlib
+import shutil
+import subprocess
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from twinroute.operator.command import add_arguments as operator_arguments
+from twinroute.operator.command import render_settings
+from twinroute.operator.drain import Drainer
+from twinroute.operator.render import ENGINE_HOME, Owner, RenderSettings, render_children
+from twinroute.operator.spec import parse_pool
+from twinroute.scheduler.command import add_arguments as scheduler_arguments
+
+from twinroute.bench.processes import free_port, start_announced, twinroute_argv
+from twinroute.router.command import add_arguments as router_arguments
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "twinroute"
+SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
+KUBE_VERSION = "1.33.0"
+RELEASE_NAMESPACE = "twinroute-system"
+WATCHED = ["serving", "batch"]
+GENERATED = [
+    "--set", "watchNamespaces={serving,batch}",
+    "--set", "security.adminToken.enabled=true",
+    "--set", "security.tls.enabled=true",
+    "--set", "security.tls.router=true",
+]  # fmt: skip
+EXISTING = [
+    "--set", "security.adminToken.enabled=true",
+    "--set", "security.adminToken.existingSecret=pool-admin",
+    "--set", "security.tls.enabled=true",
+    "--set", "security.tls.existingSecret=pool-tls",
+    "--set", "security.tls.serverName=scheduler.example.internal",
+]  # fmt: skip
+
+Obj = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True, timeout=300)
+    return str(ROOT / ".tools" / "bin" / "helm")
+
+
+def helm_template(helm: str, *options: str) -> list[Obj]:
+    out = subprocess.run(
+        [helm, "template", "twinroute", str(CHART), "--namespace", RELEASE_NAMESPACE, *options],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def of_kind(documents: list[Obj], kind: str) -> list[Obj]:
+    return [doc for doc in documents if doc["kind"] == kind]
+
+
+def operator_deployment(documents: list[Obj]) -> Obj:
+    (deployment,) = of_kind(documents, "Deployment")
+    return deployment
+
+
+def operator_args(documents: list[Obj]) -> argparse.Namespace:
+    """The rendered operator container's flags, through the real `twinroute operator` parser."""
+    (container,) = operator_deployment(documents)["spec"]["template"]["spec"]["containers"]
+    parser = argparse.ArgumentParser()
+    operator_arguments(parser)
+    assert container["command"] == ["twinroute"] and container["args"][0] == "operator"
+    return parser.parse_args(container["args"][1:])
+
+
+def sample_children(settings: RenderSettings) -> list[Obj]:
+    children: list[Obj] = []
+    for sample in SAMPLES:
+        body = yaml.safe_load(sample.read_text())
+        pool = parse_pool(name=body["metadata"]["name"], namespace="serving", spec=body["spec"])
+        children += render_children(
+            pool,
+            owner=Owner(name=pool.name, uid="0f4c9a1e-1111-2222-3333-444455556666"),
+            settings=settings,
+        )
+    return children
+
+
+def pod_specs(objects: list[Obj]) -> list[tuple[str, Obj]]:
+    return [
+        (obj["metadata"]["name"], obj["spec"]["template"]["spec"])
+        for obj in objects
+        if obj["kind"] == "Deployment"
+    ]
+
+
+def assert_restricted(name: str, pod: Obj) -> None:
+    context = pod.get("securityContext") or {}
+    assert context.get("runAsNonRoot") is True, name
+    assert int(context.get("runAsUser", 0)) > 0, name
+    assert context.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+    volumes = {volume["name"]: volume for volume in pod.get("volumes") or ()}
+    for container in pod["containers"]:
+        where = f"{name}/{container['name']}"
+        security = container.get("securityContext") or {}
+        assert security.get("readOnlyRootFilesystem") is True, where
+        assert security.get("allowPrivilegeEscalation") is False, where
+        assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+        assert not security.get("capabilities", {}).get("add"), where
+        assert not security.get("privileged"), where
+        for mount in container.get("volumeMounts") or ():
+            assert mount["name"] in volumes, f"{where} mounts an undeclared {mount['name']}"
+
+
+@pytest.mark.parametrize(
+    "options", [[], GENERATED, EXISTING], ids=["default", "generated-secrets", "existing-secrets"]
+)
+def test_every_pod_runs_restricted(helm: str, options: list[str]) -> None:
+    documents = helm_template(helm, *options)
+    settings = render_settings(operator_args(documents))
+    pods = pod_specs(documents) + pod_specs(sample_children(settings))
+    assert len(pods) >= 1 + 2 * len(SAMPLES)
+    for name, pod in pods:
+        assert_restricted(name, pod)
+
+
+def test_engines_write_only_to_empty_dirs() -> None:
+    engines = [
+        (name, pod)
+        for name, pod in pod_specs(sample_children(RenderSettings(scheduler_image="t:1")))
+        if pod["containers"][0]["name"] == "engine"
+    ]
+    assert engines
+    for name, pod in engines:
+        (container,) = pod["containers"]
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["HOME"] == ENGINE_HOME, name
+        mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        for path in ("/tmp", ENGINE_HOME, "/dev/shm"):
+            assert "emptyDir" in volumes[mounts[path]], f"{name}: {path}"
+
+
+def test_default_chart_has_no_secrets_and_no_security_flags(helm: str) -> None:
+    documents = helm_template(helm)
+    assert not of_kind(documents, "Secret")
+    args = operator_args(documents)
+    assert args.scheduler_admin_token_secret == "" and args.scheduler_tls_secret == ""
+    assert args.drain_token_file is None and args.scheduler_ca_file is None
+    for child in sample_children(render_settings(args)):
+        text = yaml.safe_dump(child)
+        assert "--admin-token-file" not in text and "--tls-cert" not in text
+
+
+def test_generated_secrets_reach_every_watched_namespace(helm: str) -> None:
+    documents = helm_template(helm, *GENERATED)
+    secrets = of_kind(documents, "Secret")
+    by_name: dict[str, list[Obj]] = {}
+    for secret in secrets:
+        by_name.setdefault(secret["metadata"]["name"], []).append(secret)
+        kubernetes_validate.validate(secret, KUBE_VERSION, strict=True)
+    admin, tls = by_name["twinroute-scheduler-admin"], by_name["twinroute-scheduler-tls"]
+    for copies in (admin, tls):
+        assert sorted(s["metadata"]["namespace"] for s in copies) == sorted(
+            [RELEASE_NAMESPACE, *WATCHED]
+        )
+        # One token, one certificate: the operator's copy matches the pools'.
+        assert len({yaml.safe_dump(s["data"]) for s in copies}) == 1
+    token = base64.b64decode(admin[0]["data"]["token"]).decode()
+    assert len(token) == 48 and token.isalnum()
+    assert tls[0]["type"] == "kubernetes.io/tls"
+    assert set(tls[0]["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+
+
+def test_generated_secrets_need_watch_namespaces(helm: str) -> None:
+    result = subprocess.run(
+        [helm, "template", "twinroute", str(CHART), "--set", "security.adminToken.enabled=true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "needs watchNamespaces" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "admin_secret", "tls_secret", "server_name"),
+    [
+        (GENERATED, "twinroute-scheduler-admin", "twinroute-scheduler-tls", "twinroute-scheduler"),
+        (EXISTING, "pool-admin", "pool-tls", "scheduler.example.internal"),
+    ],
+    ids=["generated", "existing"],
+)
+def test_secrets_are_wired_from_chart_to_operator_to_pool_pods(
+    helm: str, options: list[str], admin_secret: str, tls_secret: str, server_name: str
+) -> None:
+    documents = helm_template(helm, *options)
+    if options is EXISTING:
+        assert not of_kind(documents, "Secret")  # named, not generated
+    operator = operator_deployment(documents)["spec"]["template"]["spec"]
+    kubernetes_validate.validate(operator_deployment(documents), KUBE_VERSION, strict=True)
+    volumes = {volume["name"]: volume for volume in operator["volumes"]}
+    assert volumes["admin-token"]["secret"]["secretName"] == admin_secret
+    # The operator gets the CA only, never the schedulers' private key.
+    assert volumes["scheduler-ca"]["secret"]["secretName"] == tls_secret
+    assert [item["key"] for item in volumes["scheduler-ca"]["secret"]["items"]] == ["ca.crt"]
+    mounts = {m["name"]: m["mountPath"] for m in operator["containers"][0]["volumeMounts"]}
+    args = operator_args(documents)
+    assert args.drain_token_file == f"{mounts['admin-token']}/token"
+    assert args.scheduler_ca_file == f"{mounts['scheduler-ca']}/ca.crt"
+    settings = render_settings(args)
+    assert settings.admin_token_secret == admin_secret
+    assert settings.tls_secret == tls_secret
+    assert settings.tls_server_name == server_name
+    assert settings.router_tls == (options is GENERATED)
+
+    schedulers = [
+        (name, pod)
+        for name, pod in pod_specs(sample_children(settings))
+        if name.endswith("-scheduler")
+    ]
+    assert len(schedulers) == len(SAMPLES)
+    scheduler_parser, router_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    scheduler_arguments(scheduler_parser)
+    router_arguments(router_parser)
+    for name, pod in schedulers:
+        secrets = {
+            volume["name"]: volume["secret"]["secretName"]
+            for volume in pod["volumes"]
+            if "secret" in volume
+        }
+        assert secrets == {"admin-token": admin_secret, "tls": tls_secret}, name
+        containers = {container["name"]: container for container in pod["containers"]}
+        scheduler = scheduler_parser.parse_args(containers["scheduler"]["args"])
+        router = router_parser.parse_args(containers["router"]["args"])
+        assert scheduler.admin_token_file == router.scheduler_token_file
+        assert scheduler.tls_cert and scheduler.tls_key
+        assert router.scheduler_ca and router.scheduler_server_name == server_name
+        assert bool(router.tls_cert) == settings.router_tls
+        # A gRPC probe cannot speak TLS; the rendered probe must still be able to pass.
+        assert "grpc" not in containers["scheduler"]["readinessProbe"]
+        if settings.router_tls:
+            assert containers["router"]["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        for container in containers.values():
+            mounted = {m["name"] for m in container["volumeMounts"]}
+            assert {"admin-token", "tls"} <= mounted, f"{name}/{container['name']}"
+
+
+@pytest.mark.slow
+async def test_the_charts_generated_certificate_passes_a_real_handshake(
+    helm: str, tmp_path: pathlib.Path
+) -> None:
+    documents = helm_template(helm, *GENERATED)
+    secrets = {
+        doc["metadata"]["name"]: doc["data"]
+        for doc in of_kind(documents, "Secret")
+        if doc["metadata"]["namespace"] == "serving"
+    }
+    files = {}
+    for key, value in {
+        **secrets["twinroute-scheduler-tls"],
+        "token": secrets["twinroute-scheduler-admin"]["token"],
+    }.items():
+        files[key] = tmp_path / key
+        files[key].write_bytes(base64.b64decode(value))
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        verified = await asyncio.to_thread(
+            subprocess.run,
+            [openssl, "verify", "-CAfile", str(files["ca.crt"]),
+             "-verify_hostname", "twinroute-scheduler", str(files["tls.crt"])],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert verified.returncode == 0, verified.stdout + verified.stderr
+    scheduler = await start_announced(
+        "scheduler",
+        twinroute_argv(
+            "scheduler", f"--listen=127.0.0.1:{free_port()}", "--metrics-listen=",
+            "--model=m", f"--static-endpoints=e0=127.0.0.1:{free_port()}",
+            "--scrape-interval=0", f"--tls-cert={files['tls.crt']}",
+            f"--tls-key={files['tls.key']}", f"--admin-token-file={files['token']}",
+        ),
+        timeout_s=60,
+    )  # fmt: skip
+    try:
+        token = files["token"].read_text()
+        results = {}
+        for label, drain_token in (("right", token), ("wrong", token[::-1])):
+            drainer = Drainer(
+                token=drain_token,
+                tls_ca=files["ca.crt"].read_bytes(),
+                tls_server_name="twinroute-scheduler",
+            )
+            (results[label],) = await asyncio.to_thread(
+                drainer.drain,
+                endpoint_ids=["e0"],
+                scheduler_addresses=[scheduler.address],
+                timeout_s=2.0,
+            )
+    finally:
+        await scheduler.stop()
+    assert results["right"].drained and not results["right"].error
+    assert "PERMISSION_DENIED" in results["wrong"].error
