@@ -69,6 +69,16 @@ class _CoreCollector(Collector):
             "Decisions that left the cache-affinity candidate because it would break the SLO.",
             value=core.slo_switches,
         )
+        placements = CounterMetricFamily(
+            f"{NAMESPACE}_pd_placements",
+            "Picks in a prefill/decode pool by how they were placed (disaggregated, "
+            "skipped_short: the decode endpoint prefills a short uncached part itself, "
+            "no_prefill: no routable prefill endpoint).",
+            labels=["mode"],
+        )
+        for mode, count in sorted(core.pd_picks.items()):
+            placements.add_metric([mode.value], count)
+        yield placements
         yield CounterMetricFamily(
             f"{NAMESPACE}_leases_expired",
             "Leases closed by their time-to-live because no Complete came.",

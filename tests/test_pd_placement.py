@@ -328,3 +328,17 @@ async def test_grpc_pick_names_the_prefill_and_decode_endpoints() -> None:
         assert records[0].decision.prefill_endpoint_id == answer.prefill_endpoint.id
     finally:
         await server.stop(grace_s=0.5)
+
+
+def test_metrics_count_placements_by_mode() -> None:
+    from prometheus_client import CollectorRegistry
+    from twinroute.scheduler.telemetry import SchedulerTelemetry
+
+    core = make_core(pool(1, 1))
+    telemetry = SchedulerTelemetry(registry=CollectorRegistry(), core=core, clock=lambda: 0.0)
+    core.pick(request("long", tokens=4096), now=0.0)
+    core.pick(request("short", start=10**6, tokens=64), now=0.0)
+    text = telemetry.exposition().decode()
+    assert 'twinroute_scheduler_pd_placements_total{mode="disaggregated"} 1.0' in text
+    assert 'twinroute_scheduler_pd_placements_total{mode="skipped_short"} 1.0' in text
+    assert 'twinroute_scheduler_decisions_total{policy="dualmap",reason="least_loaded"} 1.0' in text
