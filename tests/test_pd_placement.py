@@ -342,3 +342,27 @@ def test_metrics_count_placements_by_mode() -> None:
     assert 'twinroute_scheduler_pd_placements_total{mode="disaggregated"} 1.0' in text
     assert 'twinroute_scheduler_pd_placements_total{mode="skipped_short"} 1.0' in text
     assert 'twinroute_scheduler_decisions_total{policy="dualmap",reason="least_loaded"} 1.0' in text
+
+
+def test_scheduler_cli_and_config_set_the_decider_threshold() -> None:
+    import argparse
+
+    from twinroute.scheduler.command import (
+        add_arguments,
+        apply_config,
+        build_service,
+        resolve_arguments,
+    )
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--static-endpoints", "127.0.0.1:9000", "--pd-min-prefill-tokens", "7"]
+    )
+    resolve_arguments(args)
+    assert build_service(args).core.pd.settings.min_prefill_tokens == 7
+    apply_config(args, "pdMinPrefillTokens: 300\n")
+    assert build_service(args).core.pd.settings.min_prefill_tokens == 300
+    args.pd_min_prefill_tokens = -1
+    with pytest.raises(ValueError, match="--pd-min-prefill-tokens must be >= 0"):
+        resolve_arguments(args)
