@@ -130,6 +130,9 @@ class AdmissionQueue:
         self._wake = asyncio.Event()
         self.moved_total = 0
         self.held_total = 0
+        # How held requests left, and their total hold time (logged at shutdown).
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.held_seconds_total = 0.0
 
     def __len__(self) -> int:
         return len(self._by_lease)
@@ -264,6 +267,11 @@ class AdmissionQueue:
         for entry in held:
             self._release(entry, reason, now=now)
         self._set_gauge()
+        if reason == "shutdown":
+            logger.info(
+                "admission hold: %d requests held, %.1f s held in all, left by %s",
+                self.held_total, self.held_seconds_total, dict(self.outcomes),
+            )  # fmt: skip
         return len(held)
 
     def next_release_at(self) -> float:
@@ -289,8 +297,11 @@ class AdmissionQueue:
         self._set_gauge()
 
     def _observe(self, held: _Held, outcome: str, *, now: float) -> None:
+        seconds = max(0.0, now - held.since)
+        self.outcomes[outcome] += 1
+        self.held_seconds_total += seconds
         if self._metrics is not None:
-            self._metrics.hold_seconds.labels(outcome).observe(max(0.0, now - held.since))
+            self._metrics.hold_seconds.labels(outcome).observe(seconds)
 
     def _set_gauge(self) -> None:
         if self._metrics is not None:

@@ -47,6 +47,8 @@ PEERS = {"sglang": "sglang-router==0.3.2", "vllm": "vllm-router==0.1.17"}
 PEERS_VENV = Path(".tools/peers-venv")
 MODEL = "twinroute-sim"
 TRACE_BLOCK_TOKENS = 512
+# `--admission-hold on`: the longest a scheduler holds a Pick answer.
+ADMISSION_MAX_HOLD_S = 3.0
 
 
 def _default_trace() -> Path:
@@ -79,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--out", type=Path, default=Path("results/live"))
+    parser.add_argument(
+        "--admission-hold", choices=("on", "off"), default="off",
+        help="twinroute with --twinroute-scheduler grpc: the scheduler holds hotspot requests "
+        "so rebalancing can move them (`twinroute scheduler --admission-hold`)",
+    )  # fmt: skip
     parser.add_argument(
         "--twinroute-scheduler", choices=("grpc", "embedded"), default="embedded",
         help="twinroute: a `twinroute scheduler` process + router, or the router's --embedded",
@@ -298,6 +305,7 @@ async def start_router(
     scheduler_mode: str,
     slo_s: float,
     shape: TextShape = TextShape(),
+    admission_hold: bool = False,
 ) -> list[Any]:
     """Start `name` (`twinroute|sglang|vllm` + `_` + policy) in front of the engines; returns
     its processes, the router last."""
@@ -337,10 +345,16 @@ async def start_router(
                 f"--ttft-slo={slo_s}",
                 f"--block-chars={shape.key_block_chars}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
+                f"--admission-hold={'on' if admission_hold else 'off'}",
+                f"--admission-max-hold={ADMISSION_MAX_HOLD_S}",
             ),
             log_path=str(logs / f"{name}-scheduler.log"),
         )
-        argv = twinroute_argv("router", *common, f"--scheduler={scheduler.address}")
+        # A held Pick must not outlive the router's deadline for it.
+        timeout = ADMISSION_MAX_HOLD_S + 1.0 if admission_hold else 1.0
+        argv = twinroute_argv(
+            "router", *common, f"--scheduler={scheduler.address}", f"--scheduler-timeout={timeout}"
+        )
         return [scheduler, await start_announced(name, argv, log_path=log)]
     port, metrics_port = free_port(), free_port()
     peer, _, policy = name.partition("_")
@@ -402,6 +416,7 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
             scheduler_mode=args.twinroute_scheduler,
             slo_s=args.slo,
             shape=text_shape(workload, token_scale=scale),
+            admission_hold=args.admission_hold == "on",
         )
         processes.extend(router)
         before = await scrape(urls)

@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
     parser.add_argument(
+        "--scheduler-timeout", type=float, default=1.0,
+        help="seconds a Pick or Complete to --scheduler may take (a scheduler that holds "
+        "hotspot requests, `--admission-hold on`, needs its max hold plus a margin)",
+    )  # fmt: skip
+    parser.add_argument(
         "--tokens-per-char", type=float, default=0.25,
         help="model tokens per prompt character, to estimate text prompts' length",
     )  # fmt: skip
@@ -110,6 +115,7 @@ def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
         )
     primary: SchedulerPort = GrpcScheduler(
         target=args.scheduler,
+        timeout_s=args.scheduler_timeout,
         admin_token=_read_token(args.scheduler_token_file),
         tls_ca=_read_bytes(args.scheduler_ca),
         tls_server_name=args.scheduler_server_name,
