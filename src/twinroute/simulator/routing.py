@@ -7,6 +7,7 @@ simulation exactly as it would in production.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -109,6 +110,7 @@ def core_router_factory(
     rebalance: bool = True,
     phase_aware: bool = True,
     pd: PdSettings | None = None,
+    phase_interference_weight: float | None = None,
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
     """Builds a fresh core and policy per simulation, as a scheduler process would.
 
@@ -119,12 +121,14 @@ def core_router_factory(
     from twinroute.scheduler.policies import PolicyConfig, make_policy
 
     def build(endpoints: tuple[Endpoint, ...]) -> Router:
-        chosen = make_policy(
-            policy,
-            config=PolicyConfig(
-                ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed, phase_aware=phase_aware
-            ),
+        config = PolicyConfig(
+            ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed, phase_aware=phase_aware
         )
+        if phase_interference_weight is not None:
+            config = dataclasses.replace(
+                config, phase_interference_weight=phase_interference_weight
+            )
+        chosen = make_policy(policy, config=config)
         core = SchedulerCore(
             policy=chosen,
             cost_model=cost,

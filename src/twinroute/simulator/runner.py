@@ -110,6 +110,8 @@ class RunSpec:
     # Hotspot rebalancing (for policies that use it) and phase-aware placement.
     rebalance: bool = True
     phase_aware: bool = True
+    # None: PolicyConfig's default weight of the decode interference in phase-aware scores.
+    phase_interference_weight: float | None = None
     # A disaggregated pool (prefill:decode instance counts, summing to `instances`) and the
     # decider's threshold (`twinroute.scheduler.policies.pd`).
     pd: PdSplit | None = None
@@ -148,6 +150,7 @@ def run_spec(
             prefix_capacity_blocks=max(1, profile.kv_capacity_tokens // spec.trace.block_size),
             rebalance=spec.rebalance,
             phase_aware=spec.phase_aware,
+            phase_interference_weight=spec.phase_interference_weight,
             pd=PdSettings(
                 min_prefill_tokens=spec.pd_min_prefill_tokens,
                 transfer_s_per_token=profile.kv_bytes_per_token / profile.kv_transfer_bytes_per_s,

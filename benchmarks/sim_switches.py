@@ -1,0 +1,180 @@
+"""Each mechanism switched alone, in the simulator: hotspot rebalancing and phase-aware placement.
+
+For every rate and seed, dualmap runs the bundled Mooncake trace on `--instances` simulated
+instances three times: with the defaults (rebalancing on, phase-aware on), with rebalancing
+off, and phase-blind, i.e. exactly `twinroute simulate --policy dualmap --rate R --seed S
+--warmup W [--rebalance off | --phase-aware off]`. Prints a markdown table per rate (median
+over seeds, with each seed's value) of TTFT P90, SLO attainment and end-to-end P90, and writes
+the rows as JSON and a PNG of SLO attainment and TTFT P90 against the rate.
+
+`--weights W...` adds phase-aware runs with other weights of the interference term (an ablation
+that `twinroute simulate` has no flag for; the weight is `PolicyConfig.phase_interference_weight`).
+
+Run:  .venv/bin/python benchmarks/sim_switches.py --rates 7 7.5 8 8.5 9 --seeds 0 1 2 3 4 \\
+          --weights 0 0.05 --json docs/bench/sim_switches.json --plot docs/bench/sim_switches.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
+from twinroute.simulator.traces import bundled_mooncake_trace
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    rebalance: bool
+    phase_aware: bool
+    flags: str
+    # None: PolicyConfig's default interference weight (no CLI flag; set through RunSpec).
+    interference_weight: float | None = None
+
+
+VARIANTS = (
+    Variant("defaults (rebalance on, phase-aware on)", True, True, ""),
+    Variant("rebalance off", False, True, " --rebalance off"),
+    Variant("phase-blind", True, False, " --phase-aware off"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[7.0, 8.0, 9.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=0.125)
+    parser.add_argument("--policy", default="dualmap")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument(
+        "--weights",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also run phase-aware with these interference weights (ablation of the score term)",
+    )
+    args = parser.parse_args(argv)
+    variants = VARIANTS + tuple(
+        Variant(f"phase-aware, interference weight {w:g}", True, True, "", w) for w in args.weights
+    )
+
+    trace = TraceSpec(path=str(bundled_mooncake_trace()))
+    recorded_rate = trace.summary().rate_rps
+    rows: list[dict[str, object]] = []
+    total = len(args.rates) * len(args.seeds) * len(variants)
+    for rate in args.rates:
+        for seed in args.seeds:
+            for variant in variants:
+                spec = RunSpec(
+                    trace=trace,
+                    policy=args.policy,
+                    instances=args.instances,
+                    time_scale=recorded_rate / rate,
+                    warmup_fraction=args.warmup,
+                    seed=seed,
+                    rebalance=variant.rebalance,
+                    phase_aware=variant.phase_aware,
+                    phase_interference_weight=variant.interference_weight,
+                )
+                result = run_spec(spec, progress=None)
+                rows.append(
+                    {
+                        "variant": variant.name,
+                        "rate_rps": rate,
+                        "seed": seed,
+                        "ttft_p90_s": result.ttft_p90_s,
+                        "slo_attainment": result.slo_attainment,
+                        "e2e_p90_s": result.e2e_p90_s,
+                        "rebalance_moves": result.rebalance_moves,
+                        "interference_weight": variant.interference_weight,
+                        "command": (
+                            f"twinroute simulate --policy {args.policy} --instances "
+                            f"{args.instances} --rate {rate:g} --seed {seed} --warmup "
+                            f"{args.warmup:g}{variant.flags}"
+                        ),
+                    }
+                )
+                print(f"{len(rows)}/{total} runs", file=sys.stderr, flush=True)
+    print(table(rows, rates=args.rates, variants=variants))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if args.plot is not None:
+        plot(rows, rates=args.rates, variants=VARIANTS, path=args.plot)
+    return 0
+
+
+def _cell(values: list[float], *, fmt: str) -> str:
+    each = " / ".join(format(v, fmt) for v in values)
+    return f"{format(statistics.median(values), fmt)} ({each})"
+
+
+def table(
+    rows: list[dict[str, object]], *, rates: list[float], variants: tuple[Variant, ...]
+) -> str:
+    lines = [
+        "| rate (req/s) | variant | TTFT P90 (s), median (per seed) | SLO attainment | "
+        "E2E P90 (s) | rebalancing moves |",
+        "|---:|---|---|---|---|---|",
+    ]
+    for rate in rates:
+        for variant in variants:
+            mine = [r for r in rows if r["rate_rps"] == rate and r["variant"] == variant.name]
+
+            def values(key: str, subset: list[dict[str, object]] = mine) -> list[float]:
+                return [float(r[key]) for r in subset]  # type: ignore[arg-type]
+
+            lines.append(
+                f"| {rate:g} | {variant.name} | {_cell(values('ttft_p90_s'), fmt='.2f')} | "
+                f"{_cell([100 * v for v in values('slo_attainment')], fmt='.1f')} | "
+                f"{_cell(values('e2e_p90_s'), fmt='.1f')} | "
+                f"{_cell(values('rebalance_moves'), fmt='.0f')} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(
+    rows: list[dict[str, object]],
+    *,
+    rates: list[float],
+    variants: tuple[Variant, ...],
+    path: Path,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in variants:
+        slo = []
+        p90 = []
+        for rate in rates:
+            mine = [r for r in rows if r["rate_rps"] == rate and r["variant"] == variant.name]
+            slo.append(statistics.median(100 * float(r["slo_attainment"]) for r in mine))  # type: ignore[arg-type]
+            p90.append(statistics.median(float(r["ttft_p90_s"]) for r in mine))  # type: ignore[arg-type]
+        left.plot(rates, slo, marker="o", label=variant.name)
+        right.plot(rates, p90, marker="o", label=variant.name)
+    left.set_xlabel("request rate (req/s)")
+    left.set_ylabel("requests with TTFT <= 5 s (%)")
+    left.axhline(90, color="grey", linewidth=0.8, linestyle="--")
+    right.set_xlabel("request rate (req/s)")
+    right.set_ylabel("TTFT P90 (s)")
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    figure.suptitle("dualmap, Mooncake trace, 8 simulated H100s: median over seeds", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
