@@ -118,6 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--admission-max-hold", type=float, default=3.0,
         help="seconds a Pick answer may be held at most (never past the caller's deadline)",
     )  # fmt: skip
+    parser.add_argument(
+        "--phase-aware", choices=("on", "off"), default="on",
+        help="placement counts the endpoints' decode load and the request's expected output "
+        "(policies that use the TTFT estimator; docs/bench/phase_aware.md)",
+    )  # fmt: skip
     parser.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
     parser.add_argument("--log-level", default="INFO")
 
@@ -212,7 +217,10 @@ def build_service(
 ) -> SchedulerService:
     cost_model = COST_PROFILES[args.profile]
     config = PolicyConfig(
-        cost_model=cost_model, ttft_slo_s=args.ttft_slo, virtual_nodes=args.virtual_nodes
+        cost_model=cost_model,
+        ttft_slo_s=args.ttft_slo,
+        virtual_nodes=args.virtual_nodes,
+        phase_aware=getattr(args, "phase_aware", "on") == "on",
     )
     capacity_blocks = (
         max(1, args.prefix_capacity_tokens // args.block_size)

@@ -295,3 +295,16 @@ def test_simulate_takes_the_switches_and_reports_them(
     metrics = json.loads(out.read_text())
     assert (metrics["rebalance"], metrics["phase_aware"]) == (rebalance, phase_aware)
     assert metrics["requests"] == 200
+
+
+@pytest.mark.parametrize(("flags", "aware"), [([], True), (["--phase-aware", "off"], False)],
+                         ids=["default-on", "off"])  # fmt: skip
+def test_scheduler_command_phase_aware_switch(flags: list[str], aware: bool) -> None:
+    import argparse
+
+    from twinroute.scheduler.command import add_arguments, build_service
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--static-endpoints", "127.0.0.1:9000", *flags])
+    assert build_service(args).core.policy.config.phase_aware is aware
