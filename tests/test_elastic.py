@@ -364,3 +364,30 @@ async def test_live_drain_without_a_hold_moves_nothing() -> None:
     assert [lease.endpoint_id for lease in core.leases.leases_on(pick.endpoint.id)] == [
         pick.endpoint.id
     ]
+
+
+@pytest.mark.slow
+def test_bench_elastic_live_scales_real_processes_and_loses_nothing(tmp_path: Path) -> None:
+    args = _args(
+        tmp_path,
+        "--live",
+        "--policies=dualmap",
+        "--initial=1",
+        "--added=1",
+        "--removed=1",
+        "--scale-out-at=2",
+        "--scale-in-at=5",
+        "--duration=8",
+        "--window=2",
+        "--rate=1.5",
+        "--no-plot",
+    )
+    assert elastic.run(args) == 0
+    report = json.loads((tmp_path / "elastic.json").read_text())
+    assert report["mode"] == "live" and report["failed_requests"] == 0
+    assert set(report["remapped_key_fraction"]) == {"1->2", "2->1"}
+    scale_out, scale_in = report["policies"]["dualmap"]["changes"]
+    assert scale_out["routable_after"] == ["engine-0", "engine-1"]
+    assert scale_in["routable_after"] == ["engine-0"]
+    assert [d["endpoint"] for d in scale_in["drain"]] == ["engine-1"]
+    assert all(d["error"] == "" for d in scale_in["drain"])

@@ -58,14 +58,18 @@ RECORDED_RATE_RPS = 3.907  # the bundled Mooncake synthetic trace: 3,993 request
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true", help="real processes, not the simulator")
     parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
-    parser.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    parser.add_argument(
+        "--policies",
+        default=None,
+        help=f"default: {','.join(DEFAULT_POLICIES)} (live: dualmap,round_robin)",
+    )
     parser.add_argument("--initial", type=int, default=4, help="instances at the start")
     parser.add_argument("--added", type=int, default=4, help="instances added at scale-out")
     parser.add_argument("--removed", type=int, default=4, help="instances removed at scale-in")
     parser.add_argument("--scale-out-at", type=float, default=None, help="seconds (arrival time)")
     parser.add_argument("--scale-in-at", type=float, default=None, help="seconds (arrival time)")
     parser.add_argument(
-        "--rate", type=float, default=None, help="req/s before scale-in (sim: 6, live: 8)"
+        "--rate", type=float, default=None, help="req/s before scale-in (default 6)"
     )
     parser.add_argument(
         "--scale-in-load", type=float, default=0.5, help="share of the rate after scale-in"
@@ -74,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--duration", type=float, default=None, help="seconds of arrivals (default: whole trace)"
     )
     parser.add_argument("--max-requests", type=int, default=None)
-    parser.add_argument("--slo", type=float, default=None, help="TTFT SLO, s (sim 5, live 2)")
+    parser.add_argument("--slo", type=float, default=None, help="TTFT SLO, s (default 5)")
     parser.add_argument("--window", type=float, default=None, help="report window, seconds")
     parser.add_argument("--drain-deadline", type=float, default=120.0, help="seconds")
     parser.add_argument("--seed", type=int, default=0)
@@ -87,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live = parser.add_argument_group("live")
     live.add_argument("--block-words", type=int, default=16)
     live.add_argument("--max-output-tokens", type=int, default=16)
-    live.add_argument("--time-scale", type=float, default=0.05, help="engine-sim --time-scale")
+    live.add_argument("--time-scale", type=float, default=1.0, help="engine-sim --time-scale")
     live.add_argument("--kv-capacity-tokens", type=int, default=None)
     live.add_argument("--request-timeout", type=float, default=120.0)
 
@@ -384,9 +388,10 @@ def around(
 
 
 def _plan(args: argparse.Namespace, *, live: bool) -> ElasticPlan:
-    rate = args.rate if args.rate is not None else (8.0 if live else 6.0)
-    scale_out = args.scale_out_at if args.scale_out_at is not None else (20.0 if live else 90.0)
-    scale_in = args.scale_in_at if args.scale_in_at is not None else (60.0 if live else 360.0)
+    # Live: the same modelled engines and rate, phases short enough for ~2 minutes in all.
+    rate = args.rate if args.rate is not None else 6.0
+    scale_out = args.scale_out_at if args.scale_out_at is not None else (10.0 if live else 90.0)
+    scale_in = args.scale_in_at if args.scale_in_at is not None else (30.0 if live else 360.0)
     window = args.window if args.window is not None else (5.0 if live else 30.0)
     return ElasticPlan(
         initial=args.initial,
@@ -396,7 +401,7 @@ def _plan(args: argparse.Namespace, *, live: bool) -> ElasticPlan:
         scale_in_at_s=scale_in,
         rate_rps=rate,
         scale_in_load=args.scale_in_load,
-        ttft_slo_s=args.slo if args.slo is not None else (2.0 if live else 5.0),
+        ttft_slo_s=args.slo if args.slo is not None else 5.0,
         window_s=window,
         drain_deadline_s=args.drain_deadline,
     )
@@ -686,7 +691,7 @@ def plot(report: dict[str, Any], *, out: Path) -> Path:
     first = next(iter(policies.values()))
     instances = first["instances_over_time"]
     ax_load.step(instances["t_s"], instances["instances"], where="post", color="black",
-                 label="instances (routable + draining)")  # fmt: skip
+                 label="instances")  # fmt: skip
     ax_rate = ax_load.twinx()
     ax_rate.plot([w["start_s"] + report["plan"]["window_s"] / 2 for w in first["windows"]],
                  [w["rate_rps"] for w in first["windows"]], color="tab:red", linewidth=1,
@@ -757,7 +762,8 @@ def _clean(value: Any) -> Any:
 
 def run_sim(args: argparse.Namespace) -> int:
     plan = _plan(args, live=False)
-    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    names = [p.strip() for p in (args.policies or ",".join(DEFAULT_POLICIES)).split(",")]
+    names = [name for name in names if name]
     from twinroute.scheduler.policies import POLICY_NAMES
 
     unknown = sorted(set(names) - set(POLICY_NAMES))
@@ -797,8 +803,9 @@ def run_sim(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.live:
-            print("twinroute bench elastic --live: not built yet", file=sys.stderr)
-            return 2
+            from twinroute.bench.elastic_live import run_live
+
+            return run_live(args)
         return run_sim(args)
     except ValueError as error:
         print(f"twinroute bench elastic: {error}", file=sys.stderr)
