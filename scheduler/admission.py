@@ -84,7 +84,7 @@ class AdmissionMetrics:
         self.moves = Counter(
             f"{namespace}_admission_moves",
             "Held requests answered with another endpoint, by reason (rebalance: the hotspot "
-            "round moved it to its other candidate).",
+            "round moved it to its other candidate; drain: its endpoint is leaving).",
             ["reason"],
             registry=registry,
         )
@@ -259,6 +259,35 @@ class AdmissionQueue:
                     break
                 self._release(head, "backlog", now=now)
         self._set_gauge()
+
+    def holds(self, lease_id: str) -> bool:
+        """Whether the answer of this lease is held here (not yet sent to the router)."""
+        return lease_id in self._by_lease
+
+    def answer_moved(self, lease_id: str, *, now: float, reason: str = "drain") -> bool:
+        """Answer a held request with the endpoint the core has just moved its lease to (a
+        drain moved it off a leaving endpoint); False when it is not held or not open."""
+        held = self._by_lease.get(lease_id)
+        lease = self.core.leases.get(lease_id)
+        if held is None or lease is None or lease.endpoint_id not in self.core.endpoints:
+            return False
+        decision = self.core.open_decision(lease_id)
+        scores = decision.candidates if decision is not None else ()
+        answer = dataclasses.replace(
+            held.answer,
+            endpoint=self.core.endpoints[lease.endpoint_id],
+            reason=DecisionReason.REBALANCED,
+            predicted_ttft_s=lease.predicted_ttft_s,
+            expected_cached_blocks=next(
+                (c.expected_cached_blocks for c in scores if c.endpoint_id == lease.endpoint_id),
+                0,
+            ),
+        )
+        self.moved_total += 1
+        if self._metrics is not None:
+            self._metrics.moves.labels(reason).inc()
+        self._release(held, "moved", now=now, answer=answer)
+        return True
 
     def release_all(self, *, reason: str = "shutdown") -> int:
         """Answer every held request with its endpoint as picked (graceful stop)."""

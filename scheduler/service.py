@@ -335,16 +335,24 @@ class SchedulerService:
 
     def move_queued_off(self, endpoint_id: str) -> int:
         """Move the requests still queued on a draining endpoint that this scheduler can still
-        withdraw (`withdraw_queued`) to their other candidate; returns how many moved.
-        Running requests finish there within the drain's wait (or a migration moves them)."""
-        withdraw = self.withdraw_queued
-        if withdraw is None:
+        withdraw (held by the admission hold, or taken back by `withdraw_queued`) to their
+        other candidate; returns how many moved. Those already sent run there: running ones
+        finish within the drain's wait (or a migration moves them)."""
+        admission, withdraw = self.admission, self.withdraw_queued
+        if admission is None and withdraw is None:
             return 0
         now = self._clock()
         moved = 0
         for move in self.core.plan_drain_moves(endpoint_id, now=now):
-            if withdraw(move.lease_id, move.target) and self.core.move(
-                move.lease_id, target=move.target, now=now, cause="drain"
+            if admission is not None and admission.holds(move.lease_id):
+                if self.core.move(
+                    move.lease_id, target=move.target, now=now, cause="drain"
+                ) and admission.answer_moved(move.lease_id, now=now):
+                    moved += 1
+            elif (
+                withdraw is not None
+                and withdraw(move.lease_id, move.target)
+                and self.core.move(move.lease_id, target=move.target, now=now, cause="drain")
             ):
                 moved += 1
         if moved:

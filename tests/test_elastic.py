@@ -391,3 +391,44 @@ def test_bench_elastic_live_scales_real_processes_and_loses_nothing(tmp_path: Pa
     assert scale_in["routable_after"] == ["engine-0"]
     assert [d["endpoint"] for d in scale_in["drain"]] == ["engine-1"]
     assert all(d["error"] == "" for d in scale_in["drain"])
+
+
+async def test_live_drain_answers_held_requests_with_their_other_candidate() -> None:
+    import asyncio
+
+    from twinroute.scheduler.admission import AdmissionQueue
+    from twinroute.scheduler.api import PickAnswer, PickQuery
+    from twinroute.scheduler.policies import PolicyConfig
+    from twinroute.scheduler.service import SchedulerService
+    from twinroute.scheduler.types import DecisionReason
+
+    now = [100.0]
+    config = PolicyConfig(cost_model=LLAMA3_8B_H100, ttft_slo_s=2.0)
+    core = SchedulerCore(policy=make_policy("dualmap", config=config), cost_model=LLAMA3_8B_H100)
+    queue = AdmissionQueue(core=core, clock=lambda: now[0], run_rounds=False)
+    service = SchedulerService(core=core, clock=lambda: now[0], admission=queue)
+    service.set_endpoints(_endpoints(3))
+    pending: list[asyncio.Task[PickAnswer]] = []
+    for k in range(40):
+        ids = np.arange(1_000_000 * k, 1_000_000 * k + 16_000, dtype=np.uint32)
+        query = PickQuery(request_id=f"r{k}", model="m", token_ids=ids)
+        pending.append(asyncio.create_task(service.pick(query)))
+        await asyncio.sleep(0)
+    source = max(core.endpoints, key=lambda e: len(queue.held_on(e)))
+    held = set(queue.held_on(source))
+    assert len(held) >= 2, "the test needs requests held on one endpoint"
+
+    await service.drain(endpoint_id=source, timeout_s=0.0)
+    for _ in range(3):  # let the answered Picks return
+        await asyncio.sleep(0)
+
+    assert queue.held_on(source) == []
+    answers = [task.result() for task in pending if task.done()]
+    moved = [a for a in answers if a.lease_id in held]
+    assert len(moved) == len(held)
+    assert all(a.endpoint.id != source and a.reason is DecisionReason.REBALANCED for a in moved)
+    assert all(core.leases.get(a.lease_id).endpoint_id == a.endpoint.id for a in moved)  # type: ignore[union-attr]
+    assert core.drain_moves == len(held)
+    queue.release_all()
+    await asyncio.gather(*pending)
+    assert len(core.leases) == len(pending)
