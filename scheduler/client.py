@@ -9,7 +9,7 @@ fall back without confusing "the scheduler is down" with "the pool is empty".
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -25,6 +25,7 @@ from twinroute.scheduler.api import (
     UnknownModelError,
 )
 from twinroute.scheduler.core import DecisionRecord
+from twinroute.scheduler.migration import MigrationOrder, MigrationReport, Trigger
 from twinroute.scheduler.types import (
     CandidateScore,
     Decision,
@@ -220,8 +221,62 @@ class SchedulerClient:
             drained=response.drained, remaining_in_flight=response.remaining_in_flight
         )
 
+    async def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
+        """Migration orders as the scheduler issues them (admin RPC), until cancelled. Raises
+        `SchedulerUnreachableError` when the stream cannot be opened or breaks."""
+        call = self._stub.WatchMigrations(
+            pb.WatchMigrationsRequest(watcher=watcher), metadata=self._admin_metadata
+        )
+        try:
+            async for message in call:
+                yield order_from_pb(message)
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+            raise
+        finally:
+            call.cancel()
+
+    async def report_migration(self, report: MigrationReport) -> bool:
+        """What became of an order (admin RPC); False when the scheduler did not know it."""
+        try:
+            response = await self._stub.ReportMigration(
+                pb.MigrationReport(
+                    migration_id=report.migration_id,
+                    lease_id=report.lease_id,
+                    committed=report.committed,
+                    reason=report.reason,
+                    produced_tokens=report.produced_tokens,
+                    pause_s=report.pause_s,
+                ),
+                timeout=self._timeout_s,
+                metadata=self._admin_metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+            raise
+        return bool(response.known)
+
     async def close(self) -> None:
         await self._channel.close()
+
+
+_TRIGGER_FROM_PB = {
+    pb.MIGRATION_TRIGGER_DRAIN: Trigger.DRAIN,
+    pb.MIGRATION_TRIGGER_IMBALANCE: Trigger.IMBALANCE,
+}
+
+
+def order_from_pb(message: pb.MigrationOrder) -> MigrationOrder:
+    return MigrationOrder(
+        migration_id=message.migration_id,
+        lease_id=message.lease_id,
+        request_id=message.request_id,
+        source=endpoint_from_pb(message.source),
+        target=endpoint_from_pb(message.target),
+        # An unknown (newer) trigger is still an order to carry out.
+        trigger=_TRIGGER_FROM_PB.get(message.trigger, Trigger.IMBALANCE),
+        deadline_s=message.deadline_s,
+    )
 
 
 def _record_from_pb(record: Any) -> DecisionRecord:

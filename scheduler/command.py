@@ -34,6 +34,7 @@ from twinroute.scheduler.discovery import (
     parse_endpoint_list,
     run_discovery,
 )
+from twinroute.scheduler.migration import MigrationMetrics, Migrator, MigratorSettings, parse_hooks
 from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
 from twinroute.scheduler.policies.pd import PdSettings
 from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
@@ -124,6 +125,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(policies that use the TTFT estimator; docs/bench/phase_aware.md)",
     )  # fmt: skip
     parser.add_argument("--grace", type=float, default=5.0, help="shutdown grace, seconds")
+    migration = parser.add_argument_group("live migration of running requests")
+    migration.add_argument(
+        "--migration", default="off", choices=("off", "drain", "on"),
+        help="drain: Drain migrates what runs on the endpoint (engine hooks, or routers "
+        "watching for orders); on: also Llumnix-style rebalancing of persistent imbalance",
+    )  # fmt: skip
+    migration.add_argument(
+        "--migration-interval", type=float, default=1.0, help="seconds between rebalancing rounds"
+    )
+    migration.add_argument(
+        "--migration-hooks", default="",
+        help="engines' MigrationHook addresses, ENDPOINT_ID=HOST:PORT,... (KV migration "
+        "between two listed engines; routers migrate the rest by recompute)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -270,12 +285,34 @@ def read_secret_file(path: str, *, flag: str) -> str:
     return token
 
 
+def build_migrator(args: argparse.Namespace, service: SchedulerService) -> Migrator | None:
+    """`--migration`: a Migrator attached to the service, its metrics on the service's registry."""
+    if args.migration == "off":
+        return None
+    capacity = args.prefix_capacity_tokens or MigratorSettings().capacity_tokens
+    migrator = Migrator(
+        core=service.core,
+        settings=MigratorSettings(
+            rebalance=args.migration == "on",
+            interval_s=args.migration_interval,
+            capacity_tokens=capacity,
+        ),
+        hooks=parse_hooks(args.migration_hooks),
+        metrics=(
+            MigrationMetrics(service.telemetry.registry) if service.telemetry is not None else None
+        ),
+    )
+    service.attach_migrator(migrator)
+    return migrator
+
+
 async def serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.admin_token_file:
         args.admin_token = read_secret_file(args.admin_token_file, flag="--admin-token-file")
     service = build_service(args)
+    migrator = build_migrator(args, service)
     source = build_source(args)
     tls = TlsFiles(cert_path=args.tls_cert, key_path=args.tls_key) if args.tls_cert else None
     server = GrpcServer(service=service, listen=args.listen, admin_token=args.admin_token, tls=tls)
@@ -315,6 +352,8 @@ async def serve(args: argparse.Namespace) -> int:
             listener=service.telemetry if service.telemetry is not None else ScrapeListener(),
         )
         tasks.append(asyncio.create_task(scraper.run(), name="scraper"))
+    if migrator is not None and migrator.settings.rebalance:
+        tasks.append(asyncio.create_task(migrator.run(), name="migration"))
     try:
         await server.start()
         print(

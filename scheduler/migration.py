@@ -237,6 +237,7 @@ class MigrationOrders:
     def __init__(self) -> None:
         self._queues: list[asyncio.Queue[MigrationOrder]] = []
         self._pending: dict[str, _Pending] = {}
+        self._watchers_changed = asyncio.Condition()
 
     @property
     def watchers(self) -> int:
@@ -246,11 +247,18 @@ class MigrationOrders:
         """Orders from now on, until the caller stops iterating."""
         queue: asyncio.Queue[MigrationOrder] = asyncio.Queue()
         self._queues.append(queue)
+        async with self._watchers_changed:
+            self._watchers_changed.notify_all()
         try:
             while True:
                 yield await queue.get()
         finally:
             self._queues.remove(queue)
+
+    async def wait_for_watchers(self, count: int) -> None:
+        """Return once at least `count` watchers subscribed (a router connects, a test)."""
+        async with self._watchers_changed:
+            await self._watchers_changed.wait_for(lambda: len(self._queues) >= count)
 
     def issue(self, order: MigrationOrder) -> asyncio.Future[MigrationReport]:
         future: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()

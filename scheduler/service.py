@@ -18,7 +18,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -41,6 +41,7 @@ from twinroute.scheduler.api import (
 )
 from twinroute.scheduler.core import DecisionRecord, MembershipChange, SchedulerCore
 from twinroute.scheduler.keys import keys_from_text, keys_from_tokens, namespace_seed
+from twinroute.scheduler.migration import MigrationOrder, MigrationReport, Migrator, Trigger
 from twinroute.scheduler.telemetry import SchedulerTelemetry
 from twinroute.scheduler.types import (
     DecisionReason,
@@ -107,6 +108,8 @@ class SchedulerService:
         # will now go to `target` (an admission hold answers its Pick there). None: every
         # request is sent at Pick, so queued ones finish where they are.
         self.withdraw_queued: Callable[[str, str], bool] | None = None
+        # Live migration of running requests (`scheduler/migration.py`); None = off.
+        self.migrator: Migrator | None = None
 
     # -- membership (discovery feeds this) ------------------------------------------------
 
@@ -310,6 +313,8 @@ class SchedulerService:
         if not self.core.drain(endpoint_id):
             raise UnknownEndpointError(f"endpoint {endpoint_id!r} is not known to the scheduler")
         moved = self.move_queued_off(endpoint_id)
+        if self.migrator is not None:
+            self.migrator.start_drain(endpoint_id, timeout_s=timeout_s)
         logger.info(
             "draining %s (wait up to %.1fs); %d queued request(s) moved to their other candidate",
             endpoint_id, timeout_s, moved,
@@ -358,6 +363,20 @@ class SchedulerService:
         if moved:
             self._wake_drainers(endpoint_id)
         return moved
+
+    # -- live migration ----------------------------------------------------------------------
+
+    def attach_migrator(self, migrator: Migrator) -> None:
+        """Turn on migration: Drain then migrates what runs on the endpoint within its wait,
+        and routers can watch for orders (`WatchMigrations`)."""
+        self.migrator = migrator
+        migrator.on_lease_moved = self._wake_drainers
+
+    def report_migration(self, report: MigrationReport) -> bool:
+        """A router's answer to an order; False when the order is unknown (or migration off)."""
+        if self.migrator is None:
+            return False
+        return self.migrator.orders.report(report)
 
     def _wake_drainers(self, endpoint_id: str) -> None:
         for event in self._drain_waiters.get(endpoint_id, ()):
@@ -423,6 +442,24 @@ def record_to_pb(record: DecisionRecord) -> pb.DecisionRecord:
             )
             for c in decision.candidates
         ],
+    )
+
+
+_TRIGGER_TO_PB = {
+    Trigger.DRAIN: pb.MIGRATION_TRIGGER_DRAIN,
+    Trigger.IMBALANCE: pb.MIGRATION_TRIGGER_IMBALANCE,
+}
+
+
+def order_to_pb(order: MigrationOrder) -> pb.MigrationOrder:
+    return pb.MigrationOrder(
+        migration_id=order.migration_id,
+        lease_id=order.lease_id,
+        request_id=order.request_id,
+        source=endpoint_to_pb(order.source),
+        target=endpoint_to_pb(order.target),
+        trigger=_TRIGGER_TO_PB[order.trigger],
+        deadline_s=order.deadline_s,
     )
 
 
@@ -563,6 +600,35 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             drained=result.drained, remaining_in_flight=result.remaining_in_flight
         )
 
+    async def WatchMigrations(
+        self, request: pb.WatchMigrationsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.MigrationOrder]:
+        await self._authorize(context)
+        migrator = self._service.migrator
+        if migrator is None:
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "migration_off",
+                         "migration is off in this scheduler (--migration)")  # fmt: skip
+            return
+        logger.info("migration watcher %r subscribed", request.watcher or "?")
+        async for order in migrator.orders.watch():
+            yield order_to_pb(order)
+
+    async def ReportMigration(
+        self, request: pb.MigrationReport, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MigrationReportResponse:
+        await self._authorize(context)
+        known = self._service.report_migration(
+            MigrationReport(
+                migration_id=request.migration_id,
+                lease_id=request.lease_id,
+                committed=request.committed,
+                reason=request.reason,
+                produced_tokens=request.produced_tokens,
+                pause_s=request.pause_s,
+            )
+        )
+        return pb.MigrationReportResponse(known=known)
+
     async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not self._admin_token:
             return
@@ -570,7 +636,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         header = str(metadata.get("authorization", ""))
         if not header:
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
-                         "Drain needs 'authorization: Bearer <token>' metadata")  # fmt: skip
+                         "admin RPCs need 'authorization: Bearer <token>' metadata")  # fmt: skip
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self._admin_token.encode()

@@ -84,14 +84,28 @@ class ParsedRequest:
         return user if isinstance(user, str) else ""
 
 
-def render_chat(messages: Sequence[Mapping[str, Any]]) -> str:
+def render_chat(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
     """Render a validated conversation to prompt text, deterministically.
 
     The format is our own (a real engine applies its model's chat template); what matters is
     that a conversation that extends another renders to text that extends the other's.
+    `continue_final_message` (vLLM's flag of that name, with `add_generation_prompt` false)
+    leaves the last message open, so the model continues it: how a stream migrated by
+    recompute continues an assistant answer on another engine.
     """
+    if continue_final_message and messages:
+        parts = [f"<|{m['role']}|>\n{_message_text(m)}\n" for m in messages[:-1]]
+        last = messages[-1]
+        parts.append(f"<|{last['role']}|>\n{_message_text(last)}")
+        return "".join(parts)
     parts = [f"<|{m['role']}|>\n{_message_text(m)}\n" for m in messages]
-    parts.append("<|assistant|>\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
     return "".join(parts)
 
 
@@ -157,7 +171,11 @@ def parse_request(
     if kind == "completions":
         prompt_text, token_ids = _parse_prompt(body.get("prompt"))
     else:
-        prompt_text = render_chat(_parse_messages(body.get("messages")))
+        prompt_text = render_chat(
+            _parse_messages(body.get("messages")),
+            add_generation_prompt=body.get("add_generation_prompt") is not False,
+            continue_final_message=body.get("continue_final_message") is True,
+        )
     max_tokens = _parse_max_tokens(body, kind=kind, limit=max_tokens_limit)
     stream = body.get("stream", False)
     if stream is None:

@@ -8,7 +8,8 @@ response names the instance in `x-twinroute-instance`. There is deliberately no
 `/get_server_info`: sglang-router would try to download the tokenizer a model path names.
 
 Outputs are filler words, exactly `max_tokens` of them (the filler never ends early), so a
-request's cost is what its caller asked for.
+request's cost is what its caller asked for. A prompt that ends with a filler word is continued
+from the next one (`filler_start`), so a stream migrated by recompute reads like one response.
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ class EngineServer:
                 self._ttft.observe(time.monotonic() - arrived)
             produced += count
         self._e2e.observe(time.monotonic() - arrived)
-        text = "".join(FILLER[i % len(FILLER)] for i in range(produced))
+        start = filler_start(parsed.prompt_text)
+        text = "".join(FILLER[(start + i) % len(FILLER)] for i in range(produced))
         finish = "length"
         if parsed.kind == "chat":
             choice: dict[str, Any] = {
@@ -318,8 +320,9 @@ class EngineServer:
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
         produced = 0
+        start = filler_start(parsed.prompt_text)
         while (count := await generation.queue.get()) is not None:
-            pieces = [FILLER[(produced + i) % len(FILLER)] for i in range(count)]
+            pieces = [FILLER[(start + produced + i) % len(FILLER)] for i in range(count)]
             if produced == 0:
                 self._ttft.observe(time.monotonic() - arrived)
                 if chat:
@@ -347,6 +350,17 @@ class EngineServer:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+
+def filler_start(prompt_text: str | None) -> int:
+    """Where the filler continues: after the filler word a prompt ends with (a continuation of
+    an earlier answer, as a migrated stream sends), else at the first word. So text generated
+    in two parts reads exactly like text generated in one."""
+    if prompt_text:
+        for index, word in enumerate(FILLER):
+            if prompt_text.endswith(word):
+                return (index + 1) % len(FILLER)
+    return 0
 
 
 def _usage(generation: Generation, produced: int) -> dict[str, Any]:

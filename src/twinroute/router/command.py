@@ -17,10 +17,12 @@ import logging
 import signal
 import ssl
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 
+from twinroute.router.migration import build_feed
 from twinroute.router.scheduling import (
     FallbackScheduler,
     GrpcScheduler,
@@ -49,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="dualmap", help="embedded scheduler's policy")
     parser.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json on disk")
     parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
+    parser.add_argument(
+        "--migration", default="off", choices=("off", "drain", "on"),
+        help="migrate running streams by recompute on the scheduler's orders (--scheduler: "
+        "it decides; --embedded: drain = on drain only, on = also on persistent imbalance)",
+    )  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
     parser.add_argument(
@@ -182,6 +189,19 @@ async def serve(
         await runner.cleanup()
 
 
+def run_in_background(work: Callable[[], Coroutine[Any, Any, None]]) -> Any:
+    """An aiohttp cleanup context that runs `work` while the app runs."""
+
+    async def lifecycle(app: web.Application) -> Any:
+        task = asyncio.get_running_loop().create_task(work())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return lifecycle
+
+
 def event_loop_runner() -> Any:
     """uvloop when installed (less per-request CPU on the proxy path), else asyncio."""
     try:
@@ -205,7 +225,12 @@ def run(args: argparse.Namespace) -> int:
             ttft_slo_s=args.ttft_slo_s,
             tokens_per_char=args.tokens_per_char,
         )
-        app = build_app(scheduler=scheduler, settings=settings, tokenizer=tokenizer)
+        feed, migrator = build_feed(scheduler, mode=args.migration)
+        app = build_app(
+            scheduler=scheduler, settings=settings, tokenizer=tokenizer, migration_feed=feed
+        )
+        if migrator is not None and migrator.settings.rebalance:
+            app.cleanup_ctx.append(run_in_background(migrator.run))
         await serve(app, host=args.host, port=args.port, tls=tls)
 
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from twinroute.router.scheduling import Outcome, PickQuery, Placement, place
 
@@ -66,6 +67,11 @@ class CoreScheduler:
             # Every static engine serves every model the router serves.
             [Endpoint(id=eid, address=address) for eid, address in endpoints]
         )
+
+    @property
+    def service(self) -> Any:
+        """The in-process `SchedulerService` (drain and migration reach it here)."""
+        return self._service
 
     async def pick(self, query: PickQuery) -> Placement:
         return await place(self._service, query)

@@ -113,6 +113,10 @@ class WithFallback:
         self._primary = primary
         self._fallback = fallback
 
+    @property
+    def primary(self) -> SchedulerPort:
+        return self._primary
+
     async def pick(self, query: PickQuery) -> Placement:
         try:
             return await self._primary.pick(query)
@@ -236,6 +240,11 @@ class GrpcScheduler:
         self._client = SchedulerClient(
             target=target, timeout_s=timeout_s, admin_token=admin_token, channel=channel
         )
+
+    @property
+    def client(self) -> Any:
+        """The `SchedulerClient` (migration orders ride on the same channel and token)."""
+        return self._client
 
     async def pick(self, query: PickQuery) -> Placement:
         return await place(self._client, query)

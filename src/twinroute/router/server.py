@@ -48,6 +48,7 @@ from twinroute.openai_format import (
     error_body,
     parse_request,
 )
+from twinroute.router.migration import MigrationCoordinator, MigrationFeed, SplicedStream
 from twinroute.router.scheduling import (
     NoEndpointAvailable,
     Outcome,
@@ -167,6 +168,7 @@ class RouterServer:
         settings: RouterSettings,
         tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        migration_feed: MigrationFeed | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._settings = settings
@@ -180,6 +182,12 @@ class RouterServer:
         self._prefix = f"twr-{int(time.time() * 1000) % 10**9}"
         self._request_counters: dict[tuple[str, int], Any] = {}
         self._urls: dict[tuple[str, str], URL] = {}
+        # Recompute migration of running streams on the scheduler's orders (router/migration.py).
+        self.migration = (
+            MigrationCoordinator(feed=migration_feed, registry=self._registry, clock=clock)
+            if migration_feed is not None
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -191,8 +199,12 @@ class RouterServer:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         )
+        if self.migration is not None:
+            await self.migration.start()
 
     async def stop(self) -> None:
+        if self.migration is not None:
+            await self.migration.stop()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None:
@@ -441,7 +453,9 @@ class RouterServer:
                 detail = body[:200].decode(errors="replace")
                 raise _EngineFailed(f"HTTP {upstream.status}: {detail}")
             if parsed.stream and upstream.status == 200:
-                return await self._relay_stream(request, upstream, lease, sent, prompt_tokens)
+                return await self._relay_stream(
+                    request, upstream, lease, sent, prompt_tokens, parsed=parsed
+                )
             return await self._relay_whole(upstream, lease, sent, prompt_tokens)
         finally:
             upstream.release()
@@ -485,9 +499,20 @@ class RouterServer:
         lease: _Lease,
         sent: float,
         prompt_tokens: int,
+        *,
+        parsed: ParsedRequest | None = None,
     ) -> web.StreamResponse:
         placement = lease.placement
-        content = upstream.content
+        content: Any = upstream.content
+        spliced: SplicedStream | None = None
+        if self.migration is not None and parsed is not None and self._session is not None:
+            content = spliced = self.migration.splice(
+                session=self._session,
+                upstream=upstream,
+                path=request.path,
+                parsed=parsed,
+                lease_id=placement.lease_id,
+            )
         try:
             first = await content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
@@ -526,6 +551,8 @@ class RouterServer:
             # The client went away mid-stream (aiohttp's ClientConnectionResetError is one).
             outcome = "cancelled"
         finally:
+            if spliced is not None:
+                spliced.close()
             self._complete_later(lease, outcome, ttft, prompt_tokens, events)
         return response
 
@@ -597,8 +624,11 @@ def build_app(
     scheduler: SchedulerPort,
     settings: RouterSettings,
     tokenizer: Tokenizer | None = None,
+    migration_feed: MigrationFeed | None = None,
 ) -> web.Application:
-    server = RouterServer(scheduler=scheduler, settings=settings, tokenizer=tokenizer)
+    server = RouterServer(
+        scheduler=scheduler, settings=settings, tokenizer=tokenizer, migration_feed=migration_feed
+    )
     app = web.Application(middlewares=[server.middleware], client_max_size=settings.max_body_bytes)
     app.add_routes(server.routes())
 

@@ -1,0 +1,528 @@
+"""Recompute migration of running streams (stock vLLM cannot move KV between instances).
+
+The scheduler decides what moves (`twinroute.scheduler.migration.Migrator`: every stream of a
+draining endpoint, or a short one off an endpoint persistently more loaded than another) and
+sends an order; the router holding the stream's lease carries it out:
+
+1. The stream is relayed through a `SplicedStream`, which hands the relay complete SSE events
+   only, counting the output chunks (one token each, vLLM's default) and keeping their text.
+2. On an order, at an event boundary, the rest is requested from the target: completions with
+   prompt + text generated so far; chat with the conversation plus the partial assistant
+   message and `continue_final_message: true, add_generation_prompt: false` (vLLM's flags for
+   continuing the final message); `max_tokens` = what is left of the budget. The source is not
+   read meanwhile (its tokens wait in the socket).
+3. Target answers 200: the source connection is closed (vLLM aborts a request whose client
+   left, freeing its KV), and the target's events follow, rewritten to the first response's
+   `id`, `created` and `model`; chat's opening role-only chunk is dropped; a usage chunk counts
+   the tokens of both legs (completion tokens summed, prompt tokens the client's). `[DONE]`
+   comes once, from the last leg. The target refuses or cannot be reached: the stream simply
+   goes on from the source, nothing lost.
+4. At the first target token the router reports to the scheduler (committed, tokens produced
+   at the splice, the pause the client saw: last source token to first target token); the
+   scheduler then moves the lease to the target under the same id, so the router's Complete
+   closes it there and Drain sees the source empty. Orders for leases this router does not hold
+   are answered "not held" (several routers may watch one scheduler).
+
+Not migrated (the order is answered with the reason): token-id prompts (no text to extend),
+`n` > 1, streams already finishing. Non-streamed requests are never migrated.
+
+Orders come from `WatchMigrations` (gRPC, admin token) or, with `--embedded`, straight from the
+in-process scheduler; both through `MigrationFeed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from twinroute.openai_format import ParsedRequest
+
+if TYPE_CHECKING:
+    from twinroute.scheduler.client import SchedulerClient
+    from twinroute.scheduler.migration import MigrationOrder, MigrationReport, Migrator
+    from twinroute.scheduler.service import SchedulerService
+
+logger = logging.getLogger(__name__)
+
+
+class MigrationFeed(Protocol):
+    def watch(self) -> AsyncIterator[MigrationOrder]: ...
+
+    async def report(self, report: MigrationReport) -> None: ...
+
+
+class ServiceFeed:
+    """Orders from an in-process `SchedulerService` (the embedded router)."""
+
+    def __init__(self, service: SchedulerService) -> None:
+        if service.migrator is None:
+            raise ValueError("the embedded scheduler has no migrator")
+        self._service = service
+        self._orders = service.migrator.orders
+
+    def watch(self) -> AsyncIterator[MigrationOrder]:
+        return self._orders.watch()
+
+    async def report(self, report: MigrationReport) -> None:
+        self._service.report_migration(report)
+
+
+class ClientFeed:
+    """Orders over gRPC (`WatchMigrations` / `ReportMigration`, with the admin token)."""
+
+    def __init__(self, client: SchedulerClient, *, watcher: str = "router") -> None:
+        self._client = client
+        self._watcher = watcher
+
+    def watch(self) -> AsyncIterator[MigrationOrder]:
+        return self._client.watch_migrations(watcher=self._watcher)
+
+    async def report(self, report: MigrationReport) -> None:
+        await self._client.report_migration(report)
+
+
+class RouterMigrationMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.migrations = Counter(
+            "twinroute_router_migrations",
+            "Migration orders answered, by trigger and result (committed, refused, not_held).",
+            ["trigger", "result"],
+            registry=registry,
+        )
+        self.pause_seconds = Histogram(
+            "twinroute_router_migration_pause_seconds",
+            "Pause the client saw at a splice: last source token to first target token.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=registry,
+        )
+
+
+def continuation_body(
+    parsed: ParsedRequest, *, generated: str, remaining: int
+) -> dict[str, Any] | None:
+    """The request that continues `parsed` after `generated`, or None when it cannot be."""
+    body = dict(parsed.body)
+    if body.get("n", 1) not in (1, None):
+        return None
+    body["max_tokens"] = remaining
+    body.pop("max_completion_tokens", None)
+    if not generated:
+        return body
+    if parsed.kind == "completions":
+        if parsed.prompt_text is None:
+            return None
+        body["prompt"] = parsed.prompt_text + generated
+        return body
+    messages = [dict(m) for m in body["messages"]]
+    if body.get("continue_final_message") is True and messages:
+        last = messages[-1]
+        content = last.get("content")
+        if not isinstance(content, str):
+            return None
+        last["content"] = content + generated
+    else:
+        messages.append({"role": "assistant", "content": generated})
+    body["messages"] = messages
+    body["continue_final_message"] = True
+    body["add_generation_prompt"] = False
+    return body
+
+
+class _Slot:
+    __slots__ = ("orders",)
+
+    def __init__(self) -> None:
+        self.orders: asyncio.Queue[MigrationOrder] = asyncio.Queue()
+
+
+class MigrationCoordinator:
+    """Subscribes to migration orders and hands each to the stream holding its lease."""
+
+    def __init__(
+        self,
+        *,
+        feed: MigrationFeed,
+        registry: CollectorRegistry,
+        clock: Callable[[], float] = time.monotonic,
+        retry_s: float = 1.0,
+    ) -> None:
+        self._feed = feed
+        self.metrics = RouterMigrationMetrics(registry)
+        self._clock = clock
+        self._retry_s = retry_s
+        self._streams: dict[str, _Slot] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.subscribed = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="migration-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                orders = self._feed.watch()
+                self.subscribed.set()
+                async for order in orders:
+                    self._dispatch(order)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the scheduler restarts, the connection drops
+                logger.warning("migration orders: %s; resubscribing in %.1fs", error,
+                               self._retry_s)  # fmt: skip
+            self.subscribed.clear()
+            await asyncio.sleep(self._retry_s)
+
+    def _dispatch(self, order: MigrationOrder) -> None:
+        slot = self._streams.get(order.lease_id)
+        if slot is None:
+            from twinroute.scheduler.migration import NOT_HELD_REASON
+
+            self.answer(order, committed=False, reason=NOT_HELD_REASON)
+            return
+        slot.orders.put_nowait(order)
+
+    def answer(
+        self,
+        order: MigrationOrder,
+        *,
+        committed: bool,
+        reason: str = "",
+        produced_tokens: int = 0,
+        pause_s: float = 0.0,
+    ) -> None:
+        """Report an order's outcome in the background (the stream does not wait for it)."""
+        from twinroute.scheduler.migration import NOT_HELD_REASON, MigrationReport
+
+        result = "committed" if committed else (
+            "not_held" if reason == NOT_HELD_REASON else "refused"
+        )  # fmt: skip
+        self.metrics.migrations.labels(order.trigger.value, result).inc()
+        if committed:
+            self.metrics.pause_seconds.observe(pause_s)
+            logger.info("migrated lease %s from %s to %s (%d tokens, paused %.3fs)",
+                        order.lease_id, order.source.id, order.target.id, produced_tokens,
+                        pause_s)  # fmt: skip
+        elif result == "refused":
+            logger.warning("migration of lease %s not done: %s", order.lease_id, reason)
+        report = MigrationReport(
+            migration_id=order.migration_id,
+            lease_id=order.lease_id,
+            committed=committed,
+            reason=reason,
+            produced_tokens=produced_tokens,
+            pause_s=pause_s,
+        )
+
+        async def send() -> None:
+            try:
+                await self._feed.report(report)
+            except Exception as error:
+                logger.warning("could not report migration %s: %s", order.migration_id, error)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def splice(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        upstream: aiohttp.ClientResponse,
+        path: str,
+        parsed: ParsedRequest,
+        lease_id: str,
+    ) -> SplicedStream:
+        """The relay's content source for one streamed response (`readany()` like aiohttp's)."""
+        slot = _Slot()
+        if lease_id:
+            self._streams[lease_id] = slot
+        return SplicedStream(
+            coordinator=self,
+            slot=slot,
+            session=session,
+            upstream=upstream,
+            path=path,
+            parsed=parsed,
+            lease_id=lease_id,
+        )
+
+    def release(self, lease_id: str, slot: _Slot) -> None:
+        if self._streams.get(lease_id) is slot:
+            del self._streams[lease_id]
+        while not slot.orders.empty():
+            self.answer(slot.orders.get_nowait(), committed=False, reason="stream finished")
+
+    def now(self) -> float:
+        return self._clock()
+
+
+class SplicedStream:
+    """One streamed response, possibly continued on other engines; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        coordinator: MigrationCoordinator,
+        slot: _Slot,
+        session: aiohttp.ClientSession,
+        upstream: aiohttp.ClientResponse,
+        path: str,
+        parsed: ParsedRequest,
+        lease_id: str,
+    ) -> None:
+        self._coordinator = coordinator
+        self._slot = slot
+        self._session = session
+        self._upstream = upstream
+        self._path = path
+        self._parsed = parsed
+        self._lease_id = lease_id
+        self._chat = parsed.kind == "chat"
+        self._buffer = b""
+        self._out: collections.deque[bytes] = collections.deque()
+        self._read: asyncio.Task[bytes] | None = None
+        self._order: asyncio.Task[MigrationOrder] | None = None
+        self._ended = False
+        self._closed = False
+        # What the client has been sent.
+        self._identity: tuple[Any, Any, Any] | None = None
+        self._produced = 0
+        self._generated: list[str] = []
+        self._finishing = False
+        self._last_token_at = coordinator.now()
+        # Current leg: 0 = the first engine (passed through byte for byte).
+        self._leg = 0
+        self._leg_offset = 0
+        self._awaiting_first: MigrationOrder | None = None
+        self._spliced_from = 0.0
+        self._legs: list[aiohttp.ClientResponse] = []
+
+    @property
+    def produced(self) -> int:
+        return self._produced
+
+    async def readany(self) -> bytes:
+        try:
+            while not self._out:
+                if self._ended:
+                    self.close()
+                    return b""
+                await self._step()
+            data = b"".join(self._out)
+            self._out.clear()
+            return data
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._read, self._order):
+            if task is not None:
+                task.cancel()
+        for leg in self._legs:
+            leg.close()
+        if self._awaiting_first is not None:
+            # The target ended without a token: the move happened all the same.
+            self._report_committed(self._awaiting_first)
+        self._coordinator.release(self._lease_id, self._slot)
+
+    async def _step(self) -> None:
+        if self._read is None:
+            self._read = asyncio.ensure_future(self._upstream.content.readany())
+        waits: set[asyncio.Future[Any]] = {self._read}
+        if not self._finishing:
+            if self._order is None:
+                self._order = asyncio.ensure_future(self._slot.orders.get())
+            waits.add(self._order)
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if self._read in done:
+            read, self._read = self._read, None
+            data = read.result()
+            if not data:
+                if self._buffer.strip():
+                    self._emit(self._buffer)
+                self._buffer = b""
+                self._ended = True
+                return
+            self._feed(data)
+        elif self._order is not None and self._order in done:
+            order_task, self._order = self._order, None
+            await self._migrate(order_task.result())
+
+    def _feed(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        start = 0
+        while (end := buffer.find(b"\n\n", start)) >= 0:
+            self._emit(buffer[start : end + 2])
+            start = end + 2
+        self._buffer = buffer[start:]
+
+    def _emit(self, raw: bytes) -> None:
+        event = self._event(raw)
+        if event:
+            self._out.append(event)
+
+    def _event(self, raw: bytes) -> bytes | None:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            return raw
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            self._finishing = True
+            return raw
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return raw
+        if not isinstance(payload, dict):
+            return raw
+        if "error" in payload:
+            self._finishing = True
+            return raw
+        if self._identity is None:
+            self._identity = (payload.get("id"), payload.get("created"), payload.get("model"))
+        choices = payload.get("choices") or []
+        text = ""
+        role_only = False
+        if choices and isinstance(choices[0], dict):
+            choice = choices[0]
+            if choice.get("finish_reason") is not None:
+                self._finishing = True
+            if self._chat:
+                delta = choice.get("delta") or {}
+                text = delta.get("content") or ""
+                role_only = "role" in delta and not text and choice.get("finish_reason") is None
+            else:
+                text = choice.get("text") or ""
+        if text:
+            self._produced += 1
+            self._generated.append(text)
+            now = self._coordinator.now()
+            if self._awaiting_first is not None:
+                order, self._awaiting_first = self._awaiting_first, None
+                self._report_committed(order, pause_s=now - self._spliced_from)
+            self._last_token_at = now
+        if self._leg == 0:
+            return raw
+        if role_only:
+            return None
+        identity = self._identity
+        payload["id"], payload["created"], payload["model"] = identity
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            if not self._parsed.include_usage:
+                if not choices:
+                    return None
+                payload.pop("usage")
+            else:
+                offset = self._leg_offset
+                prompt = max(0, int(usage.get("prompt_tokens", 0)) - offset)
+                completion = int(usage.get("completion_tokens", 0)) + offset
+                usage.update(
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    total_tokens=prompt + completion,
+                )
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    def _report_committed(self, order: MigrationOrder, *, pause_s: float = 0.0) -> None:
+        self._awaiting_first = None
+        self._coordinator.answer(
+            order, committed=True, produced_tokens=self._leg_offset, pause_s=pause_s
+        )
+
+    async def _migrate(self, order: MigrationOrder) -> None:
+        coordinator = self._coordinator
+        if self._finishing:
+            coordinator.answer(order, committed=False, reason="stream finishing")
+            return
+        remaining = self._parsed.max_tokens - self._produced
+        if remaining <= 0:
+            coordinator.answer(order, committed=False, reason="no tokens left to produce")
+            return
+        body = continuation_body(
+            self._parsed, generated="".join(self._generated), remaining=remaining
+        )
+        if body is None:
+            coordinator.answer(
+                order, committed=False, reason="cannot continue this request (token ids or n>1)"
+            )
+            return
+        url = f"http://{order.target.address}{self._path}"
+        try:
+            response = await self._session.post(
+                url, data=json.dumps(body), headers={"Content-Type": "application/json"}
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            coordinator.answer(
+                order, committed=False, reason=f"target unreachable: {type(error).__name__}"
+            )
+            return
+        if response.status != 200:
+            detail = (await response.read())[:200].decode(errors="replace")
+            response.release()
+            coordinator.answer(
+                order, committed=False, reason=f"target refused: HTTP {response.status}: {detail}"
+            )
+            return
+        # Committed: stop the source (its socket closes; the engine aborts the request).
+        if self._read is not None:
+            self._read.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                await self._read
+            self._read = None
+        self._upstream.close()
+        self._upstream = response
+        self._legs.append(response)
+        self._buffer = b""
+        self._leg += 1
+        self._leg_offset = self._produced
+        self._spliced_from = self._last_token_at
+        self._awaiting_first = order
+
+
+def build_feed(scheduler: object, *, mode: str) -> tuple[MigrationFeed | None, Migrator | None]:
+    """The order feed for `--migration MODE` over the router's scheduler backing: the gRPC
+    scheduler's `WatchMigrations` (it decides drain and imbalance itself), or, embedded, a
+    `Migrator` attached to the in-process scheduler (`on`: imbalance too; `drain`: drain only)
+    whose `run()` the caller starts."""
+    from twinroute.router.embedded import CoreScheduler
+    from twinroute.router.scheduling import GrpcScheduler, WithFallback
+
+    if mode == "off":
+        return None, None
+    if mode not in ("drain", "on"):
+        raise ValueError(f"--migration must be off, drain or on, got {mode!r}")
+    if isinstance(scheduler, WithFallback):
+        scheduler = scheduler.primary
+    if isinstance(scheduler, CoreScheduler):
+        from twinroute.scheduler.migration import Migrator, MigratorSettings
+
+        service = scheduler.service
+        migrator = Migrator(core=service.core, settings=MigratorSettings(rebalance=mode == "on"))
+        service.attach_migrator(migrator)
+        return ServiceFeed(service), migrator
+    if isinstance(scheduler, GrpcScheduler):
+        return ClientFeed(scheduler.client), None
+    raise ValueError(f"migration needs the gRPC or the embedded scheduler, not {scheduler!r}")
