@@ -104,6 +104,8 @@ def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
             "--model", pool.model_name,
             # Kubernetes expands $(POD_NAME) from the container's env.
             "--instance-id", "$(POD_NAME)",
+            # The simulator speaks vLLM's disaggregated protocol too (engine-sim --help).
+            *_kv_transfer_args(pool, role=role),
             *pool.engine.args,
         ]  # fmt: skip
     args = [
@@ -117,18 +119,23 @@ def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
         # The scheduler's affinity is worthless without the engine's prefix cache.
         "--enable-prefix-caching",
     ]
-    if role is not Role.UNIFIED:
-        connector = pool.engine.kv_transfer.connector
-        kv_role = (
-            "kv_both"
-            if connector == "NixlConnector"
-            else ("kv_producer" if role is Role.PREFILL else "kv_consumer")
-        )
-        config: dict[str, Any] = {"kv_connector": connector, "kv_role": kv_role}
-        if pool.engine.kv_transfer.extra_config:
-            config["kv_connector_extra_config"] = dict(pool.engine.kv_transfer.extra_config)
-        args += ["--kv-transfer-config", json.dumps(config, sort_keys=True)]
-    return args + list(pool.engine.args)
+    return args + _kv_transfer_args(pool, role=role) + list(pool.engine.args)
+
+
+def _kv_transfer_args(pool: PoolSpec, *, role: Role) -> list[str]:
+    """vLLM's `--kv-transfer-config` for prefill and decode engines; none for unified ones."""
+    if role is Role.UNIFIED:
+        return []
+    connector = pool.engine.kv_transfer.connector
+    kv_role = (
+        "kv_both"
+        if connector == "NixlConnector"
+        else ("kv_producer" if role is Role.PREFILL else "kv_consumer")
+    )
+    config: dict[str, Any] = {"kv_connector": connector, "kv_role": kv_role}
+    if pool.engine.kv_transfer.extra_config:
+        config["kv_connector_extra_config"] = dict(pool.engine.kv_transfer.extra_config)
+    return ["--kv-transfer-config", json.dumps(config, sort_keys=True)]
 
 
 def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, Any]:

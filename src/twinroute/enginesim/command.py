@@ -12,14 +12,28 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from twinroute.enginesim.core import EngineCore, EngineSettings
+from twinroute.enginesim.kv_transfer import (
+    DEFAULT_PIN_TIMEOUT_S,
+    ROLE_SHORTHAND,
+    KvTransferAgent,
+    KvTransferConfig,
+    parse_kv_transfer_config,
+)
 from twinroute.enginesim.server import EngineIdentity, build_app
 from twinroute.simulator.instance import Instance
-from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES, get_profile
+from twinroute.simulator.profiles import (
+    DEFAULT_PROFILE,
+    INSTANCE_PROFILES,
+    InstanceProfile,
+    get_profile,
+)
 from twinroute.simulator.sim_cost import cost_model_for
 
 logger = logging.getLogger(__name__)
@@ -54,6 +68,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve the MigrationHook (gRPC, live KV migration) on this port of --host "
         "(0 = any free port; default: off)",
     )  # fmt: skip
+    kv = parser.add_mutually_exclusive_group()
+    kv.add_argument(
+        "--kv-transfer-config", default=None,
+        help="vLLM's KV transfer config (JSON with kv_role kv_producer|kv_consumer|kv_both): "
+        "serve disaggregated prefill/decode (kv_transfer_params); default: off",
+    )  # fmt: skip
+    kv.add_argument(
+        "--kv-role", choices=sorted(ROLE_SHORTHAND), default=None,
+        help="shorthand for --kv-transfer-config: prefill (kv_producer), decode (kv_consumer), "
+        "both (kv_both)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-side-channel-host", default="",
+        help="host decode instances pull KV from (remote_host); default: the address the "
+        "prefill request came in on",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-pin-timeout", type=float, default=DEFAULT_PIN_TIMEOUT_S,
+        help="seconds prefilled KV stays pinned for a decode instance to pull it",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="WARNING")
 
 
@@ -79,10 +113,43 @@ def build(args: argparse.Namespace) -> web.Application:
         max_model_len=profile.kv_capacity_tokens // args.token_scale,
         cost_model=profile.cost_profile,
     )
-    app = build_app(core=core, identity=identity)
+    app = build_app(
+        core=core,
+        identity=identity,
+        kv=_kv_agent(args, core=core, engine_id=identity.instance_id, profile=profile),
+    )
     if args.migration_port is not None:
         app.cleanup_ctx.append(_migration_hook(core, listen=f"{args.host}:{args.migration_port}"))
     return app
+
+
+def _kv_agent(
+    args: argparse.Namespace, *, core: EngineCore, engine_id: str, profile: InstanceProfile
+) -> Callable[[CollectorRegistry], KvTransferAgent] | None:
+    """The KV transfer agent's factory when a role was given (the profile prices the link)."""
+    config: KvTransferConfig | None = None
+    if args.kv_transfer_config is not None:
+        config = parse_kv_transfer_config(args.kv_transfer_config)
+    elif args.kv_role is not None:
+        config = KvTransferConfig(role=ROLE_SHORTHAND[args.kv_role])
+    if config is None:
+        return None
+    if args.kv_pin_timeout <= 0:
+        raise ValueError("--kv-pin-timeout must be > 0")
+    kv_config = config
+
+    def agent(registry: CollectorRegistry) -> KvTransferAgent:
+        return KvTransferAgent(
+            core=core,
+            config=kv_config,
+            engine_id=engine_id,
+            transfer_s=profile.kv_transfer_s,
+            registry=registry,
+            side_channel_host=args.kv_side_channel_host,
+            pin_timeout_s=args.kv_pin_timeout,
+        )
+
+    return agent
 
 
 def _migration_hook(core: EngineCore, *, listen: str) -> Any:

@@ -122,8 +122,18 @@ class EngineCore:
         self._generations.clear()
 
     def submit(
-        self, *, request_id: str, token_ids: Sequence[int], max_tokens: int, namespace: str
+        self,
+        *,
+        request_id: str,
+        token_ids: Sequence[int],
+        max_tokens: int,
+        namespace: str,
+        kv_transferred: bool = False,
+        prefill_hit_tokens: int = 0,
     ) -> Generation:
+        """Queue a request; `kv_transferred`: its prompt's KV was pulled from a prefill
+        instance (which had `prefill_hit_tokens` model tokens of it cached), so it needs no
+        prefill compute here."""
         if request_id in self._generations:
             raise ValueError(f"request id {request_id!r} is already running")
         scale = self._settings.token_scale
@@ -138,6 +148,8 @@ class EngineCore:
                 block_ids=block_hashes(
                     token_ids, block_size=self._settings.block_size, namespace=namespace
                 ),
+                kv_transferred=kv_transferred,
+                prefill_hit_tokens=prefill_hit_tokens,
             )
         )
         self._generations[request_id] = generation
@@ -145,9 +157,10 @@ class EngineCore:
         return generation
 
     def abandon(self, request_id: str) -> None:
-        """The client went away: withdraw the request if it is still queued, else let it run
-        to completion unobserved (the instance model has no abort for running requests)."""
-        if self._instance.withdraw(request_id):
+        """The client went away: withdraw the request if it is still queued, else abort it
+        and free its KV (vLLM aborts a request whose client disconnected; a stream migrated
+        elsewhere by recompute relies on that)."""
+        if self._instance.withdraw(request_id) or self._instance.abort(request_id):
             self._generations.pop(request_id, None)
 
     def metrics(self) -> InstanceMetrics:

@@ -28,6 +28,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from twinroute.enginesim.core import EngineCore, Generation
+from twinroute.enginesim.kv_transfer import (
+    PARAM as KV_PARAM,
+)
+from twinroute.enginesim.kv_transfer import (
+    Arrival,
+    KvTransferAgent,
+    RemoteDecode,
+    RemotePrefill,
+    parse_kv_transfer_params,
+)
 from twinroute.enginesim.tokenizer import WordTokenizer
 from twinroute.openai_format import (
     Kind,
@@ -100,7 +110,13 @@ class _EngineCollector(Collector):
 class EngineServer:
     """Request handlers over one `EngineCore`; build with `build_app`."""
 
-    def __init__(self, *, core: EngineCore, identity: EngineIdentity) -> None:
+    def __init__(
+        self,
+        *,
+        core: EngineCore,
+        identity: EngineIdentity,
+        kv: Callable[[CollectorRegistry], KvTransferAgent] | None = None,
+    ) -> None:
         self._core = core
         self._identity = identity
         self._tokenizer = WordTokenizer()
@@ -122,11 +138,15 @@ class EngineServer:
             registry=self._registry,
         ).labels(identity.model)
         self._request_numbers = itertools.count()
+        # Disaggregated prefill/decode (vLLM's kv_transfer_params); None: not configured.
+        self.kv = kv(self._registry) if kv is not None else None
 
     # -- plumbing --------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
+        kv_routes = self.kv.routes() if self.kv is not None else []
         return [
+            *kv_routes,
             web.post("/v1/completions", self._completions),
             web.post("/v1/chat/completions", self._chat),
             web.post("/v1/completions/render", self._render_completions),
@@ -241,21 +261,68 @@ class EngineServer:
             )
         prefix = "chatcmpl" if parsed.kind == "chat" else "cmpl"
         request_id = f"{prefix}-{self._identity.instance_id}-{next(self._request_numbers)}"
+        namespace = f"{parsed.model}\x00{parsed.cache_salt}"
+        kv_params = await self._kv_params(request, parsed)
+        arrival = Arrival(transferred=False)
+        if isinstance(kv_params, RemotePrefill):
+            assert self.kv is not None
+            arrival = await self.kv.receive(kv_params, token_ids=token_ids, namespace=namespace)
         generation = self._core.submit(
             request_id=request_id,
             token_ids=token_ids,
             max_tokens=parsed.max_tokens,
-            namespace=f"{parsed.model}\x00{parsed.cache_salt}",
+            namespace=namespace,
+            kv_transferred=arrival.transferred,
+            prefill_hit_tokens=arrival.prefill_hit_tokens,
         )
+        hand_over: Callable[[], dict[str, Any]] | None = None
+        if isinstance(kv_params, RemoteDecode):
+            assert self.kv is not None
+            kv = self.kv
+            local = request.transport.get_extra_info("sockname") if request.transport else None
+
+            def hand_over() -> dict[str, Any]:
+                return kv.hand_over(
+                    request_id=request_id,
+                    token_ids=token_ids,
+                    namespace=namespace,
+                    cached_tokens=generation.cached_tokens,
+                    local_address=(str(local[0]), int(local[1])) if local else ("127.0.0.1", 0),
+                )
+
         try:
             if parsed.stream:
                 return await self._stream(request, parsed, generation, request_id, arrived)
-            return await self._whole(parsed, generation, request_id, arrived)
+            return await self._whole(parsed, generation, request_id, arrived, hand_over)
         finally:
             self._core.abandon(request_id)
 
+    async def _kv_params(
+        self, request: web.Request, parsed: ParsedRequest
+    ) -> RemoteDecode | RemotePrefill | None:
+        """The request's `kv_transfer_params`, checked against this engine's KV role."""
+        raw = await request.read()  # aiohttp keeps the body: no second read from the socket
+        if KV_PARAM.encode() not in raw:
+            return None
+        params = parse_kv_transfer_params(decode_json(raw).get(KV_PARAM))
+        if params is None:
+            return None
+        if self.kv is None:
+            raise RequestError(
+                f"{KV_PARAM} asks for a KV transfer, but this engine was started without a KV "
+                "transfer config (--kv-transfer-config or --kv-role)",
+                param=KV_PARAM,
+            )
+        self.kv.check_allowed(params, stream=parsed.stream)
+        return params
+
     async def _whole(
-        self, parsed: ParsedRequest, generation: Generation, request_id: str, arrived: float
+        self,
+        parsed: ParsedRequest,
+        generation: Generation,
+        request_id: str,
+        arrived: float,
+        hand_over: Callable[[], dict[str, Any]] | None = None,
     ) -> web.Response:
         produced = 0
         while (count := await generation.queue.get()) is not None:
@@ -276,16 +343,17 @@ class EngineServer:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        return web.json_response(
-            {
-                "id": request_id,
-                "object": obj,
-                "created": int(time.time()),
-                "model": parsed.model,
-                "choices": [choice],
-                "usage": _usage(generation, produced),
-            }
-        )
+        answer = {
+            "id": request_id,
+            "object": obj,
+            "created": int(time.time()),
+            "model": parsed.model,
+            "choices": [choice],
+            "usage": _usage(generation, produced),
+        }
+        if hand_over is not None:
+            answer[KV_PARAM] = hand_over()
+        return web.json_response(answer)
 
     async def _stream(
         self,
@@ -372,14 +440,23 @@ def _usage(generation: Generation, produced: int) -> dict[str, Any]:
     }
 
 
-def build_app(*, core: EngineCore, identity: EngineIdentity) -> web.Application:
-    server = EngineServer(core=core, identity=identity)
+def build_app(
+    *,
+    core: EngineCore,
+    identity: EngineIdentity,
+    kv: Callable[[CollectorRegistry], KvTransferAgent] | None = None,
+) -> web.Application:
+    """`kv` builds the engine's KV transfer agent on the engine's metrics registry
+    (disaggregated prefill/decode); None: an engine without a KV connector."""
+    server = EngineServer(core=core, identity=identity, kv=kv)
     app = web.Application(middlewares=[server.middleware], client_max_size=MAX_BODY_BYTES)
     app.add_routes(server.routes())
 
     async def lifecycle(app: web.Application) -> Any:
         core.start()
         yield
+        if server.kv is not None:
+            await server.kv.close()
         await core.stop()
 
     app.cleanup_ctx.append(lifecycle)

@@ -28,6 +28,7 @@ class Placement:
     reason: str
     predicted_ttft_s: float = 0.0
     prefill_address: str | None = None
+    prefill_endpoint_id: str | None = None
 
 
 class NoEndpointAvailable(LookupError):
@@ -207,6 +208,7 @@ async def place(backend: SchedulerBackend, query: PickQuery) -> Placement:
         reason=answer.reason.value,
         predicted_ttft_s=answer.predicted_ttft_s,
         prefill_address=prefill.address if prefill is not None else None,
+        prefill_endpoint_id=prefill.id if prefill is not None else None,
     )
 
 

@@ -48,6 +48,7 @@ from twinroute.openai_format import (
     error_body,
     parse_request,
 )
+from twinroute.router.disaggregated import PREFILL_HEADER, Disaggregation, PrefillFailed
 from twinroute.router.migration import MigrationCoordinator, MigrationFeed, SplicedStream
 from twinroute.router.scheduling import (
     NoEndpointAvailable,
@@ -96,11 +97,13 @@ class RouterSettings:
 class _Lease:
     """One placement and whether its outcome went back to the scheduler (exactly once)."""
 
-    __slots__ = ("placement", "reported")
+    __slots__ = ("placement", "reported", "started")
 
     def __init__(self, placement: Placement) -> None:
         self.placement = placement
         self.reported = False
+        # When a prefill hop began (disaggregated requests): the client's wait starts there.
+        self.started: float | None = None
 
 
 class _EngineFailed(Exception):
@@ -182,6 +185,8 @@ class RouterServer:
         self._prefix = f"twr-{int(time.time() * 1000) % 10**9}"
         self._request_counters: dict[tuple[str, int], Any] = {}
         self._urls: dict[tuple[str, str], URL] = {}
+        # vLLM's disaggregated prefill/decode protocol (router/disaggregated.py).
+        self._disaggregation = Disaggregation(registry=self._registry, clock=clock)
         # Recompute migration of running streams on the scheduler's orders (router/migration.py).
         self.migration = (
             MigrationCoordinator(feed=migration_feed, registry=self._registry, clock=clock)
@@ -359,13 +364,25 @@ class RouterServer:
             self._metrics.decisions.labels(placement.reason).inc()
             lease = _Lease(placement)
             try:
-                response = await self._forward(request, raw, parsed, lease, prompt_tokens)
+                body = raw
+                if placement.prefill_address is not None:
+                    body = await self._prefill_hop(
+                        request, raw, lease, query, may_retry=_attempt < self._settings.retries
+                    )
+                response = await self._forward(request, body, parsed, lease, prompt_tokens)
             except asyncio.CancelledError:
                 # The client went away; the lease must still be closed exactly once.
                 if not lease.reported:
                     self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
                 settle_rejections(request_caused=False, outcome="cancelled")
                 raise
+            except PrefillFailed as failure:
+                # The decode endpoint did nothing: its lease closes without blame.
+                prefill_id = placement.prefill_endpoint_id or str(placement.prefill_address)
+                failures.append(f"{prefill_id} (prefill): {failure}")
+                excluded.append(prefill_id)
+                self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
+                continue
             except _EngineRejected as rejection:
                 # Not yet the engine's fault: known only once another engine has tried.
                 failures.append(f"{placement.endpoint_id}: {rejection}")
@@ -431,7 +448,7 @@ class RouterServer:
             url = URL(f"http://{placement.address}{request.path}")
             if len(self._urls) < 4096:
                 self._urls[(placement.address, request.path)] = url
-        sent = self._clock()
+        sent = lease.started if lease.started is not None else self._clock()
         try:
             upstream = await self._session.post(
                 url, data=raw, headers={"Content-Type": "application/json"}
@@ -460,12 +477,43 @@ class RouterServer:
         finally:
             upstream.release()
 
+    async def _prefill_hop(
+        self,
+        request: web.Request,
+        raw: bytes,
+        lease: _Lease,
+        query: PickQuery,
+        *,
+        may_retry: bool,
+    ) -> bytes:
+        """Prefill on the placement's prefill endpoint; the body for the decode endpoint.
+        Raises `PrefillFailed` when the request should be placed again."""
+        placement = lease.placement
+        assert self._session is not None and placement.prefill_address is not None
+        lease.started = self._clock()
+        decode = await self._disaggregation.prepare(
+            session=self._session,
+            prefill_address=placement.prefill_address,
+            prefill_endpoint_id=placement.prefill_endpoint_id or placement.prefill_address,
+            path=request.path,
+            raw=raw,
+            request_id=query.request_id,
+            may_retry=may_retry,
+        )
+        if not decode.prefilled:
+            lease.placement = dataclasses.replace(
+                placement, prefill_address=None, prefill_endpoint_id=None
+            )
+        return decode.body
+
     def _headers(self, upstream: aiohttp.ClientResponse, placement: Placement) -> dict[str, str]:
         headers = {
             name: upstream.headers[name] for name in _PASSED_HEADERS if name in upstream.headers
         }
         headers[ENDPOINT_HEADER] = placement.endpoint_id
         headers[REASON_HEADER] = placement.reason
+        if placement.prefill_endpoint_id:
+            headers[PREFILL_HEADER] = placement.prefill_endpoint_id
         return headers
 
     async def _relay_whole(
