@@ -118,9 +118,6 @@ class PdPlacer:
         self.settings = settings or PdSettings()
         self._sessions: collections.OrderedDict[str, str] = collections.OrderedDict()
 
-    def session_endpoint(self, session_id: str) -> str | None:
-        return self._sessions.get(session_id)
-
     def place(
         self, request: RoutingRequest, *, prefill_view: ClusterView, decode_view: ClusterView
     ) -> PdPlacement:

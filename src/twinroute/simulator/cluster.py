@@ -20,6 +20,9 @@ pool's KV capacity seeing every request in arrival order; an upper bound no plac
 by much), the unbounded-cache hit rate, and the load coefficient of variation (std/mean of
 per-instance requests, running + waiting, at each scrape tick up to the last arrival, averaged
 over ticks with any load).
+
+Disaggregated pools (`ClusterConfig.pd`): prefill instances, a modelled KV transfer, decode
+instances; the flow and its per-role figures are in `simulator/disaggregation.py`.
 """
 
 from __future__ import annotations
