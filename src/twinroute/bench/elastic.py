@@ -52,6 +52,9 @@ import numpy.typing as npt
 from twinroute.simulator.traces import TraceChunk
 
 DEFAULT_POLICIES = ("dualmap", "consistent_hash", "round_robin")
+COMPARE_WINDOWS = 4
+"""Before/after a change is also compared over this many windows: one window is noisy (the
+trace's own reuse swings from window to window)."""
 RECORDED_RATE_RPS = 3.907  # the bundled Mooncake synthetic trace: 3,993 requests in 1,022 s
 
 
@@ -94,6 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     live.add_argument("--time-scale", type=float, default=1.0, help="engine-sim --time-scale")
     live.add_argument("--kv-capacity-tokens", type=int, default=None)
     live.add_argument("--request-timeout", type=float, default=120.0)
+    live.add_argument(
+        "--admission-hold", choices=("on", "off"), default="off",
+        help="scheduler --admission-hold: held requests are the queued ones Drain can move",
+    )  # fmt: skip
 
 
 # -- the scenario -----------------------------------------------------------------------------
@@ -497,10 +504,28 @@ def simulate_policy(
                 queued_moved=record.queued_moved,
                 queued_left=record.queued_left,
                 **around(samples, at_s=record.at_s, window_s=plan.window_s, slo_s=plan.ttft_slo_s),
+                **{
+                    f"{key}_{COMPARE_WINDOWS}w": value
+                    for key, value in around(
+                        samples,
+                        at_s=record.at_s,
+                        window_s=COMPARE_WINDOWS * plan.window_s,
+                        slo_s=plan.ttft_slo_s,
+                    ).items()
+                },
             )
         else:
-            entry.update(failed_requests=record.failed_requests)
+            entry.update(drained=list(record.drained), failed_requests=record.failed_requests)
         changes.append(entry)
+    for entry in changes:
+        if entry["kind"] == "change" and entry["drained"]:
+            # Drain to removal: when the last leaving instance was empty (or its deadline).
+            removed = [
+                c["at_s"]
+                for c in changes
+                if c["kind"] == "removed" and set(c["drained"]) <= set(entry["drained"])
+            ]
+            entry["all_removed_after_s"] = max(removed) - entry["at_s"] if removed else None
     load_times = result.load_times_s if result.load_times_s is not None else np.zeros(0)
     instances = (
         result.instances_at_load_times
@@ -656,8 +681,12 @@ def table(report: dict[str, Any]) -> str:
             f" | {_fmt(r['pair'])} ({_fmt(r['ideal_pair'])}) |"
         )
     lines.append("")
-    lines.append("| policy | change | hit rate before | hit rate after | queued moved | left |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(
+        "| policy | change | hit rate before / after (1 window) | "
+        f"before / after ({COMPARE_WINDOWS} windows) | queued moved | left | "
+        "drained after (s) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for name, row in policies.items():
         for change in row["changes"]:
             if change["kind"] != "change":
@@ -665,9 +694,12 @@ def table(report: dict[str, Any]) -> str:
             label = f"{len(change['members_before'])}->{len(change['members_after'])}"
             lines.append(
                 f"| {name} | {label} at {change['at_s']:.0f} s | "
-                f"{_fmt(change.get('cache_hit_rate_before'), '.1%')} | "
+                f"{_fmt(change.get('cache_hit_rate_before'), '.1%')} / "
                 f"{_fmt(change.get('cache_hit_rate_after'), '.1%')} | "
-                f"{change.get('queued_moved', '-')} | {change.get('queued_left', '-')} |"
+                f"{_fmt(change.get(f'cache_hit_rate_before_{COMPARE_WINDOWS}w'), '.1%')} / "
+                f"{_fmt(change.get(f'cache_hit_rate_after_{COMPARE_WINDOWS}w'), '.1%')} | "
+                f"{change.get('queued_moved', '-')} | {change.get('queued_left', '-')} | "
+                f"{_fmt(change.get('all_removed_after_s', change.get('drain_s')), '.1f')} |"
             )
     return "\n".join(lines)
 
@@ -728,7 +760,7 @@ def _write(report: dict[str, Any], args: argparse.Namespace, *, stem: str) -> No
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, allow_nan=False, default=_json_default)
     targets = [args.out / f"{stem}.json"]
-    if args.json is not None:
+    if args.json is not None and Path(args.json).resolve() != targets[0].resolve():
         targets.append(Path(args.json))
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from twinroute.bench.elastic import (
+    COMPARE_WINDOWS,
     ElasticPlan,
     KeyLog,
     Samples,
@@ -175,6 +176,7 @@ async def run_live_policy(
                 f"--block-chars={shape.key_block_chars}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
                 f"--virtual-nodes={args.virtual_nodes}",
+                f"--admission-hold={args.admission_hold}",
             ),
             log_path=str(logs / f"{policy}-scheduler.log"),
         )
@@ -377,6 +379,13 @@ def _summarize(
         change["members_after"] = change["routable_after"]
         change["cache_hit_rate_before"] = _hit_rate_between(samples, at - plan.window_s, at)
         change["cache_hit_rate_after"] = _hit_rate_between(samples, at, at + plan.window_s)
+        wide = COMPARE_WINDOWS * plan.window_s
+        change[f"cache_hit_rate_before_{COMPARE_WINDOWS}w"] = _hit_rate_between(
+            samples, at - wide, at
+        )
+        change[f"cache_hit_rate_after_{COMPARE_WINDOWS}w"] = _hit_rate_between(
+            samples, at, at + wide
+        )
     return {
         "policy": policy,
         "requests": len(workload),
