@@ -398,6 +398,21 @@ class Instance:
 
     # -- live migration (twinroute.enginesim.migration) ---------------------------------------
 
+    def abort(self, request_id: str) -> bool:
+        """Drop a request that was admitted (running, or preempted back into the queue) and
+        free its KV, as vLLM does when the client goes away. False when not found here."""
+        for index, seq in enumerate(self._running):
+            if seq.request_id == request_id:
+                del self._running[index]
+                self._finish(seq)
+                return True
+        for index, seq in enumerate(self._waiting):
+            if seq.request_id == request_id:
+                del self._waiting[index]
+                self._finish(seq)
+                return True
+        return False
+
     def listing(self) -> list[tuple[str, bool, int, int, int]]:
         """(request id, waiting, prompt tokens, generated, KV tokens held or needed) of every
         request, running first; what a migration policy chooses from."""
