@@ -16,6 +16,8 @@ adds exactly those API-server behaviours:
 - the cluster-scoped `namespaces` resource (kmock's path parser cannot address it);
 - a watch resumed from a `resourceVersion` replays the deletions after it too (kmock's bus
   keeps no history, so they are logged here);
+- `api_calls()`: every request so far as RBAC sees it (who, verb, group, resource), so tests
+  can compare what each component really calls with the roles the chart grants it;
 - fault injection: `drop_watches()` ends every open watch stream (a cut connection or a clean
   server-side end) and `answer_gone()` answers the next watches that resume from a version
   with `410 Gone`, as after an etcd compaction, so clients must relist.
@@ -137,6 +139,28 @@ class KubeApiServer(kmock.KubernetesEmulator):
 
     def next_version(self) -> str:
         return str(next(self._versions))
+
+    def api_calls(self) -> list[ApiCall]:
+        """Every resource request so far, as RBAC authorizes it; discovery is left out (any
+        authenticated user may read it)."""
+        calls = []
+        for request in list(self._requests):
+            if request.resource is None or not request.resource.plural:
+                continue  # discovery (/api, /apis/GROUP/VERSION): not a resource request
+            authorization = str(request.headers.get("Authorization", ""))
+            scheme, _, token = authorization.partition(" ")
+            calls.append(
+                ApiCall(
+                    user=token.strip() if scheme.lower() == "bearer" else "",
+                    verb=_rbac_verb(request),
+                    group=str(request.resource.group or ""),
+                    resource=str(request.resource.plural)
+                    + (f"/{request.subresource}" if request.subresource else ""),
+                    namespace=request.namespace,
+                    name=request.name,
+                )
+            )
+        return calls
 
     def open_watch_count(self) -> int:
         with self._fault_lock:
@@ -453,6 +477,34 @@ class KubeApiServer(kmock.KubernetesEmulator):
                 transport.abort()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiCall:
+    """One API request as RBAC sees it. `user` is the bearer token the client sent (tests give
+    each component its own token, as each has its own ServiceAccount in a cluster)."""
+
+    user: str
+    verb: str
+    group: str
+    resource: str  # plural, with "/subresource" when there is one
+    namespace: str | None
+    name: str | None
+
+
+def _rbac_verb(request: rendering.Request) -> str:
+    method = str(getattr(request.method, "value", request.method)).upper()
+    if method == "GET":
+        if request.name:
+            return "get"
+        watching = str(request.params.get("watch", "")).lower() in ("true", "1")
+        return "watch" if watching else "list"
+    collection = {"DELETE": "deletecollection"}
+    if not request.name and method in collection:
+        return collection[method]
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+        method, method.lower()
+    )
+
+
 @dataclass(slots=True, kw_only=True)
 class _OpenWatch:
     loop: asyncio.AbstractEventLoop
@@ -471,6 +523,13 @@ async def _next_unless(stream: AsyncIterator[Any], ended: asyncio.Event) -> Any:
     waiter = asyncio.ensure_future(ended.wait())
     try:
         done, _ = await asyncio.wait({step, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        # The watch itself is going away (client gone): take the pending read with it, before
+        # the caller releases the bus position that read uses.
+        step.cancel()
+        with contextlib.suppress(BaseException):
+            await step
+        raise
     finally:
         waiter.cancel()
     if ended.is_set():
