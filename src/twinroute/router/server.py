@@ -107,7 +107,16 @@ class _Lease:
 
 
 class _EngineFailed(Exception):
-    """The engine failed before anything reached the client; the request can go elsewhere."""
+    """The engine failed before anything reached the client; the request can go elsewhere.
+
+    `engine_text` is what the engine said (its error body), which may quote the prompt: it
+    goes back to the client in the error answer and to DEBUG logs, never to INFO and above.
+    """
+
+    def __init__(self, summary: str, *, engine_text: str = "") -> None:
+        super().__init__(f"{summary}: {engine_text}" if engine_text else summary)
+        self.summary = summary
+        self.engine_text = engine_text
 
 
 class _EngineRejected(Exception):
@@ -405,8 +414,15 @@ class RouterServer:
                     "request %s: endpoint %s failed (%s); retrying elsewhere",
                     query.request_id,
                     placement.endpoint_id,
-                    error,
+                    error.summary,
                 )
+                if error.engine_text:
+                    logger.debug(
+                        "request %s: endpoint %s said: %s",
+                        query.request_id,
+                        placement.endpoint_id,
+                        error.engine_text,
+                    )
                 continue
             # Another engine served it (or refused it with a 4xx): the earlier 5xx answers
             # were those engines' failures.
@@ -467,8 +483,10 @@ class RouterServer:
                         body=body,
                         headers=self._headers(upstream, placement),
                     )
-                detail = body[:200].decode(errors="replace")
-                raise _EngineFailed(f"HTTP {upstream.status}: {detail}")
+                raise _EngineFailed(
+                    f"HTTP {upstream.status} ({len(body)} bytes)",
+                    engine_text=body[:200].decode(errors="replace"),
+                )
             if parsed.stream and upstream.status == 200:
                 return await self._relay_stream(
                     request, upstream, lease, sent, prompt_tokens, parsed=parsed
