@@ -4,10 +4,13 @@ Setup (real processes on 127.0.0.1): `--engines` engine simulators (Llama-3-8B o
 real time), `twinroute scheduler` (round robin, admin token) and `twinroute router` in front.
 An open-loop client sends `--rate` streamed completions per second for `--duration` seconds
 (`--max-tokens` each). At `--drain-at` seconds the operator's `Drain` RPC takes one engine out
-(deadline `--drain-timeout`), as scale-in does. The same run is made twice, side by side:
+(deadline `--drain-timeout`), as scale-in does. The same run is made three times:
 - `migration off`: Drain waits for the streams on the engine to finish there;
 - `migration drain`: the scheduler orders the router to migrate every stream on the engine by
   recompute (stock vLLM's path) and Drain returns once they moved.
+- `migration hooks`: the engines serve the MigrationHook and the scheduler moves the streams'
+  KV (live migration, the engine simulator's path): the GPU work moves at once, but the
+  source keeps forwarding the streams it holds, so Drain still waits for them to end.
 
 Reported per run: requests sent / failed (an HTTP error, an error event, a missing [DONE], or
 fewer tokens than max_tokens); how long Drain took and whether it drained; for the streams
@@ -34,9 +37,9 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-
-from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 from twinroute.scheduler.client import SchedulerClient
+
+from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
 
 MODEL = "twinroute-sim"
 TOKEN = "bench-admin-token"
@@ -120,36 +123,39 @@ async def run_once(args: argparse.Namespace, *, migration: str, logs: Path) -> d
     token_file.write_text(TOKEN)
     try:
         engines = []
+        hooks = {f"e{index}": f"127.0.0.1:{free_port()}" for index in range(args.engines)}
         for index in range(args.engines):
+            argv = twinroute_argv(
+                "engine-sim", "--port", "0", "--model", MODEL,
+                "--instance-id", f"e{index}", "--time-scale", str(args.time_scale),
+            )  # fmt: skip
+            if migration == "hooks":
+                argv += ["--migration-port", hooks[f"e{index}"].rpartition(":")[2]]
             engine = await start_announced(
-                f"engine-{index}",
-                twinroute_argv(
-                    "engine-sim", "--port", "0", "--model", MODEL,
-                    "--instance-id", f"e{index}", "--time-scale", str(args.time_scale),
-                ),  # fmt: skip
-                log_path=str(logs / f"engine-{index}-{migration}.log"),
+                f"engine-{index}", argv, log_path=str(logs / f"engine-{index}-{migration}.log")
             )
             processes.append(engine)
             engines.append(engine)
         static = ",".join(f"e{i}={e.address}" for i, e in enumerate(engines))
+        argv = twinroute_argv(
+            "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "",
+            "--policy", "round_robin", "--static-endpoints", static, "--model", MODEL,
+            "--admin-token", TOKEN, "--migration", "off" if migration == "off" else "drain",
+            "--scrape-interval", "0",
+        )  # fmt: skip
+        if migration == "hooks":
+            argv += ["--migration-hooks", ",".join(f"{k}={v}" for k, v in hooks.items())]
         scheduler = await start_announced(
-            "scheduler",
-            twinroute_argv(
-                "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "",
-                "--policy", "round_robin", "--static-endpoints", static, "--model", MODEL,
-                "--admin-token", TOKEN, "--migration", migration, "--scrape-interval", "0",
-            ),  # fmt: skip
-            log_path=str(logs / f"scheduler-{migration}.log"),
+            "scheduler", argv, log_path=str(logs / f"scheduler-{migration}.log")
         )
         processes.append(scheduler)
+        argv = twinroute_argv(
+            "router", "--port", "0", "--model", MODEL, "--scheduler", scheduler.address,
+            "--scheduler-token-file", str(token_file),
+            "--migration", "on" if migration == "drain" else "off",
+        )  # fmt: skip
         router = await start_announced(
-            "router",
-            twinroute_argv(
-                "router", "--port", "0", "--model", MODEL, "--scheduler", scheduler.address,
-                "--scheduler-token-file", str(token_file),
-                "--migration", "on" if migration != "off" else "off",
-            ),  # fmt: skip
-            log_path=str(logs / f"router-{migration}.log"),
+            "router", argv, log_path=str(logs / f"router-{migration}.log")
         )
         processes.append(router)
         await asyncio.sleep(1.0)  # the router subscribes to migration orders
@@ -254,14 +260,19 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     plt.close(figure)
 
 
-async def main(args: argparse.Namespace) -> int:
+async def run_all(args: argparse.Namespace, *, logs: Path) -> list[dict[str, Any]]:
+    results = []
+    for migration in ("off", "drain", "hooks"):
+        print(f"run: migration {migration} ...", flush=True)
+        results.append(await run_once(args, migration=migration, logs=logs))
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="twinroute-migration-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
-        results = []
-        for migration in ("off", "drain"):
-            print(f"run: migration {migration} ...", flush=True)
-            results.append(await run_once(args, migration=migration, logs=logs))
+        results = asyncio.run(run_all(args, logs=logs))
     header = (
         f"{'migration':<10} {'requests':>8} {'failed':>6} {'drain s':>8} {'drained':>7} "
         f"{'on e0':>5} {'gap e0 p50/max ms':>18} {'gap others p50/max ms':>22}"
@@ -270,12 +281,14 @@ async def main(args: argparse.Namespace) -> int:
     for r in results:
         print(
             f"{r['migration']:<10} {r['requests']:>8} {r['failed']:>6} {r['drain_s']:>8.2f} "
-            f"{str(r['drained']):>7} {r['streams_on_drained_engine']:>5} "
+            f"{r['drained']!s:>7} {r['streams_on_drained_engine']:>5} "
             f"{summary(r['max_gap_on_drained_s']):>18} {summary(r['max_gap_elsewhere_s']):>22}"
         )
     for r in results:
         for name, value in sorted(r["router_counters"].items()):
-            if name.startswith("twinroute_router_migrations_total"):
+            if name.startswith("twinroute_router_migrations_total") or name.startswith(
+                "twinroute_scheduler_migrations_"
+            ):
                 print(f"  [{r['migration']}] {name} {value:.0f}")
         for failure in r["failures"]:
             print(f"  [{r['migration']}] failed: {failure}")
@@ -305,4 +318,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(parse_args())))
+    sys.exit(main(parse_args()))
