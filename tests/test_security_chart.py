@@ -235,11 +235,10 @@ def test_secrets_are_wired_from_chart_to_operator_to_pool_pods(
     assert settings.tls_server_name == server_name
     assert settings.router_tls == (options is GENERATED)
 
-    schedulers = [
-        (name, pod)
-        for name, pod in pod_specs(sample_children(settings))
-        if name.endswith("-scheduler")
-    ]
+    children = sample_children(settings)
+    for child in children:
+        kubernetes_validate.validate(child, KUBE_VERSION, strict=True)
+    schedulers = [(name, pod) for name, pod in pod_specs(children) if name.endswith("-scheduler")]
     assert len(schedulers) == len(SAMPLES)
     scheduler_parser, router_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
     scheduler_arguments(scheduler_parser)
