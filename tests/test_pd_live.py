@@ -625,3 +625,37 @@ def test_simulator_pools_render_kv_transfer_config_that_engine_sim_accepts(
     else:
         assert parse_kv_transfer_config(parsed.kv_transfer_config).role is kv_role
     engine_command.build(parsed)
+
+
+# -- bench live --pd ----------------------------------------------------------------------------
+
+
+def test_bench_pd_endpoints_file_gives_the_scheduler_each_engine_role(tmp_path: Path) -> None:
+    from twinroute.scheduler.discovery import load_endpoints_file
+    from twinroute.scheduler.types import Role
+
+    from twinroute.bench.pd_live import engine_roles, parse_pd, pd_table, write_endpoints
+
+    roles = engine_roles(parse_pd("1:2", instances=3))
+    assert roles == ["prefill", "decode", "decode"]
+    urls = [f"http://127.0.0.1:{8000 + i}" for i in range(3)]
+    path = write_endpoints(tmp_path / "endpoints.yaml", urls=urls, roles=roles, model=MODEL)
+    endpoints = load_endpoints_file(path)
+    assert [(e.id, e.address, e.role) for e in endpoints] == [
+        ("engine-0", "127.0.0.1:8000", Role.PREFILL),
+        ("engine-1", "127.0.0.1:8001", Role.DECODE),
+        ("engine-2", "127.0.0.1:8002", Role.DECODE),
+    ]
+    with pytest.raises(ValueError, match="--instances"):
+        parse_pd("1:2", instances=4)
+    row = {
+        "ttft_p50_s": 1.0,
+        "ttft_p90_s": 2.0,
+        "tpot_p50_s": 0.005,
+        "tpot_p90_s": None,
+        "throughput_rps": 3.0,
+        "kv_transfers": 4.0,
+        "kv_transfer_s": 0.2,
+        "errors": 0,
+    }
+    assert "| x+pd | 1.000 | 2.000 | 5.0 | - | 3.00 | 4 | 0 | 50.0 | 0 |" in pd_table({"x+pd": row})

@@ -42,6 +42,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.bench.pd_live import (
+    PD_SUFFIX,
+    engine_roles,
+    parse_pd,
+    pd_table,
+    role_flags,
+    write_endpoints,
+)
+
 ROUTERS = ("twinroute_dualmap", "twinroute_round_robin", "sglang_cache_aware", "vllm_cache_aware")
 PEERS = {"sglang": "sglang-router==0.3.2", "vllm": "vllm-router==0.1.17"}
 PEERS_VENV = Path(".tools/peers-venv")
@@ -81,6 +90,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--out", type=Path, default=Path("results/live"))
+    parser.add_argument(
+        "--pd", default=None, metavar="P:D",
+        help="also run each twinroute router as NAME+pd over P prefill and D decode engines "
+        "(P + D = --engines; twinroute.bench.pd_live)",
+    )  # fmt: skip
     parser.add_argument(
         "--admission-hold", choices=("on", "off"), default="off",
         help="twinroute with --twinroute-scheduler grpc: the scheduler holds hotspot requests "
@@ -169,6 +183,8 @@ class Replay:
     errors: int
     wall_s: float
     error_samples: list[str] = field(default_factory=list)
+    # Seconds per output token after the first (NaN: failed, or one token only).
+    tpot_s: npt.NDArray[np.float64] | None = None
 
 
 async def replay(
@@ -177,6 +193,7 @@ async def replay(
     import aiohttp
 
     ttft = np.full(len(workload), np.nan)
+    tpot = np.full(len(workload), np.nan)
     errors = 0
     samples: list[str] = []
     connector = aiohttp.TCPConnector(limit=0)
@@ -193,6 +210,7 @@ async def replay(
         started = time.monotonic()
         first: float | None = None
         tail = b""
+        tokens = 0
         try:
             async with session.post(f"{url}/v1/completions", json=body) as response:
                 if response.status != 200:
@@ -201,9 +219,12 @@ async def replay(
                     if first is None:
                         first = time.monotonic() - started
                     tail = (tail + chunk)[-256:]
+                    tokens += chunk.count(b'"finish_reason":null')
             if b"[DONE]" not in tail or b'"error"' in tail:
                 raise RuntimeError(f"stream ended without [DONE]: {tail[-120:]!r}")
             ttft[index] = first if first is not None else math.nan
+            if first is not None and tokens > 1:
+                tpot[index] = (time.monotonic() - started - first) / (tokens - 1)
         except Exception as error:  # every failure is counted, none is lost
             errors += 1
             if len(samples) < 5:
@@ -229,7 +250,11 @@ async def replay(
                 next_report += progress_every_s
         await asyncio.gather(*tasks)
     return Replay(
-        ttft_s=ttft, errors=errors, wall_s=time.monotonic() - start, error_samples=samples
+        ttft_s=ttft,
+        errors=errors,
+        wall_s=time.monotonic() - start,
+        error_samples=samples,
+        tpot_s=tpot,
     )
 
 
@@ -244,6 +269,10 @@ async def scrape(urls: Sequence[str]) -> list[dict[str, float]]:
         "vllm:prefix_cache_hits_total": "hits",
         "vllm:time_to_first_token_seconds_sum": "ttft_sum",
         "vllm:time_to_first_token_seconds_count": "ttft_count",
+        # Disaggregated runs (0 on engines without a KV role).
+        "twinroute_engine_kv_transfers_total": "kv_transfers",
+        "twinroute_engine_kv_transfer_seconds_sum": "kv_transfer_s",
+        "twinroute_engine_remote_prefills_total": "remote_prefills",
     }
     results: list[dict[str, float]] = []
     async with aiohttp.ClientSession() as session:
@@ -252,7 +281,7 @@ async def scrape(urls: Sequence[str]) -> list[dict[str, float]]:
                 text = await response.text()
             values = {name: 0.0 for name in wanted.values()}
             for line in text.splitlines():
-                name = line.split("{", 1)[0]
+                name = line.split("{", 1)[0].split(" ", 1)[0]
                 if name in wanted:
                     values[wanted[name]] = float(line.rsplit(" ", 1)[1])
             results.append(values)
@@ -306,6 +335,7 @@ async def start_router(
     slo_s: float,
     shape: TextShape = TextShape(),
     admission_hold: bool = False,
+    endpoints_file: Path | None = None,
 ) -> list[Any]:
     """Start `name` (`twinroute|sglang|vllm` + `_` + policy) in front of the engines; returns
     its processes, the router last."""
@@ -318,7 +348,7 @@ async def start_router(
 
     log = str(logs / f"{name}.log")
     if name.startswith("twinroute_"):
-        policy = name.removeprefix("twinroute_")
+        policy = name.removeprefix("twinroute_").removesuffix(PD_SUFFIX)
         endpoints = ",".join(
             f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
         )
@@ -341,7 +371,10 @@ async def start_router(
                 "--metrics-listen=",
                 f"--policy={policy}",
                 f"--model={MODEL}",
-                f"--static-endpoints={endpoints}",
+                # An endpoints file names each engine's role (`--pd`).
+                f"--endpoints-file={endpoints_file}"
+                if endpoints_file is not None
+                else f"--static-endpoints={endpoints}",
                 f"--ttft-slo={slo_s}",
                 f"--block-chars={shape.key_block_chars}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
@@ -396,11 +429,15 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
     ]
     if args.kv_capacity_tokens:
         engine_args.append(f"--kv-capacity-tokens={args.kv_capacity_tokens}")
+    disaggregated = name.endswith(PD_SUFFIX)
+    roles = engine_roles(parse_pd(args.pd)) if disaggregated else ["unified"] * args.engines
     engines = await asyncio.gather(
         *(
             start_announced(
                 f"engine-{i}",
-                twinroute_argv("engine-sim", *engine_args, f"--instance-id=engine-{i}"),
+                twinroute_argv(
+                    "engine-sim", *engine_args, f"--instance-id=engine-{i}", *role_flags(roles[i])
+                ),
                 log_path=str(logs / f"{name}-engine-{i}.log"),
             )
             for i in range(args.engines)
@@ -409,11 +446,18 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
     processes: list[Any] = list(engines)
     try:
         urls = [e.url for e in engines]
+        endpoints_file = (
+            write_endpoints(logs / f"{name}-endpoints.yaml", urls=urls, roles=roles, model=MODEL)
+            if disaggregated
+            else None
+        )
         router = await start_router(
             name,
             engine_urls=urls,
             logs=logs,
-            scheduler_mode=args.twinroute_scheduler,
+            # Roles reach the scheduler through its endpoints file (a scheduler process).
+            scheduler_mode="grpc" if disaggregated else args.twinroute_scheduler,
+            endpoints_file=endpoints_file,
             slo_s=args.slo,
             shape=text_shape(workload, token_scale=scale),
             admission_hold=args.admission_hold == "on",
@@ -462,7 +506,23 @@ def summarize(
         "requests_per_engine": per_engine,
         "max_over_mean_load": max(per_engine) / mean_load if mean_load else 0.0,
         "ttft_s": [round(float(x), 4) for x in ttft],
+        **_tpot_and_transfers(result, delta),
     }
+
+
+def _tpot_and_transfers(result: Replay, delta: Any) -> dict[str, Any]:
+    """TPOT percentiles from the client's streams; KV transfer counters (`--pd`)."""
+    figures: dict[str, Any] = {
+        "kv_transfers": sum(delta("kv_transfers")),
+        "kv_transfer_s": sum(delta("kv_transfer_s")),
+        "remote_prefills": sum(delta("remote_prefills")),
+    }
+    tpot = result.tpot_s
+    ok = tpot[~np.isnan(tpot)] if tpot is not None else np.empty(0)
+    for q in (50, 90):
+        figures[f"tpot_p{q}_s"] = float(np.percentile(ok, q)) if len(ok) else None
+    figures["tpot_mean_s"] = float(ok.mean()) if len(ok) else None
+    return figures
 
 
 # -- report -----------------------------------------------------------------------------------
@@ -553,6 +613,14 @@ def run(args: argparse.Namespace) -> int:
     if TRACE_BLOCK_TOKENS % args.block_words:
         print(f"bench live: --block-words must divide {TRACE_BLOCK_TOKENS}")
         return 2
+    if args.pd is not None:
+        try:
+            parse_pd(args.pd, instances=args.engines)
+        except ValueError as error:
+            print(f"bench live: {error} (--engines)")
+            return 2
+        names = [n for name in names for n in (name, name + PD_SUFFIX)
+                 if name.startswith("twinroute_") or n == name]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_peers(names)
     trace = args.trace or _default_trace()
@@ -582,6 +650,8 @@ def run(args: argparse.Namespace) -> int:
         )
     command = "twinroute bench live " + " ".join(shlex.quote(a) for a in sys.argv[3:])
     text = table(results, slo_s=args.slo)
+    if args.pd is not None:
+        text += f"\n\nPrefill/decode ({args.pd} for the +pd runs):\n\n" + pd_table(results)
     print(text)
     document = {
         "command": command,
