@@ -326,3 +326,63 @@ async def test_destination_lost_after_commit_is_recomputed_on_the_source(
         await stream.read_until(None)
     assert stream.done
     assert "".join(stream.texts) == "".join(expected_text(400))
+
+
+async def test_engine_sim_serves_the_hook_on_migration_port(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from twinroute.scheduler.migration import insecure_hook_stub
+
+    from twinroute.enginesim import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--port", "0", "--migration-port", "0", "--kv-capacity-tokens",
+                              "16000"])  # fmt: skip
+    runner = web.AppRunner(command.build(args))
+    await runner.setup()
+    try:
+        line = capsys.readouterr().out
+        assert line.startswith("engine-sim migration hook on 127.0.0.1:")
+        address = line.split()[-1]
+        listing = await insecure_hook_stub(address).ListRequests(pb.ListRequestsRequest())
+        assert (listing.total_kv_blocks, listing.free_kv_blocks) == (1000, 1000)
+        assert list(listing.requests) == []
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("flags", "rebalance", "hooks"),
+    [
+        ([], None, None),
+        (["--migration", "drain"], False, {}),
+        (["--migration", "on", "--migration-hooks", "e0=127.0.0.1:7001"], True,
+         {"e0": "127.0.0.1:7001"}),
+    ],
+    ids=["off", "drain", "on-with-hooks"],
+)  # fmt: skip
+def test_scheduler_migration_flags(
+    flags: list[str], rebalance: bool | None, hooks: dict[str, str] | None
+) -> None:
+    import argparse
+
+    from twinroute.scheduler import command
+
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--static-endpoints", "e0=127.0.0.1:1", *flags])
+    command.resolve_arguments(args)
+    service = command.build_service(args)
+    migrator = command.build_migrator(args, service)
+    if rebalance is None:
+        assert migrator is None and service.migrator is None
+        return
+    assert migrator is not None and service.migrator is migrator
+    assert migrator.settings.rebalance is rebalance
+    assert migrator.hooks == hooks
+    assert service.telemetry is not None
+    exposition = service.telemetry.exposition().decode()
+    assert "twinroute_scheduler_migrations_proposed" in exposition

@@ -7,7 +7,8 @@ The router (data plane) asks the scheduler where each request should go (Pick), 
 how the request went (Complete). Operators and tools list what the scheduler sees
 (ListEndpoints), ask why it decided what it did (Explain), and take endpoints out of service
 before deleting them (Drain). An engine-side agent implements MigrationHook so the scheduler
-can move running requests between instances (Llumnix-style staged KV copy).
+can move running requests between instances (Llumnix-style staged KV copy); routers watch
+for migration orders (WatchMigrations) to move streams by recompute where engines cannot.
 
 Compatibility: fields are only ever added within v1; numbers are never reused. Unknown enum
 values must be treated as the *_UNSPECIFIED value.

@@ -176,19 +176,22 @@ class MigrationCoordinator:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _run(self) -> None:
+        delay = self._retry_s
         while True:
             try:
                 orders = self._feed.watch()
                 self.subscribed.set()
                 async for order in orders:
+                    delay = self._retry_s
                     self._dispatch(order)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # the scheduler restarts, the connection drops
-                logger.warning("migration orders: %s; resubscribing in %.1fs", error,
-                               self._retry_s)  # fmt: skip
+                logger.warning("migration orders: %s; resubscribing in %.1fs", error, delay)
             self.subscribed.clear()
-            await asyncio.sleep(self._retry_s)
+            await asyncio.sleep(delay)
+            # A scheduler with migration off refuses every time: back off, do not spin.
+            delay = min(30.0, delay * 2)
 
     def _dispatch(self, order: MigrationOrder) -> None:
         slot = self._streams.get(order.lease_id)
