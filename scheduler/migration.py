@@ -535,28 +535,36 @@ class Migrator:
         )
 
     async def drain_now(self, endpoint_id: str, *, timeout_s: float) -> list[MigrationResult]:
-        """One pass of drain migrations, awaited (tests and the bench use this directly)."""
+        """One pass of drain migrations, awaited (what `start_drain` repeats in the background)."""
         state = self._drains.setdefault(
             endpoint_id, _DrainState(deadline=self._clock() + timeout_s)
         )
-        return await self._drain_pass(endpoint_id, state)
+        results, _left = await self._drain_pass(endpoint_id, state)
+        return results
 
     async def _drain(self, endpoint_id: str, state: _DrainState) -> None:
         try:
             while self._clock() < state.deadline and endpoint_id in self.core.draining:
-                results = await self._drain_pass(endpoint_id, state)
+                results, left = await self._drain_pass(endpoint_id, state)
+                if left == 0:
+                    return
                 if not results:
-                    # Nothing (new) to move: wait for queued requests to start, or the end.
-                    if not self.core.leases.leases_on(endpoint_id) and (
-                        endpoint_id not in self.hooks
-                    ):
-                        return
+                    # Nothing (new) to move: wait for queued requests to start running.
                     await self._sleep(min(0.1, max(0.0, state.deadline - self._clock())))
         except Exception:
             logger.exception("drain migrations of %s failed", endpoint_id)
 
-    async def _drain_pass(self, endpoint_id: str, state: _DrainState) -> list[MigrationResult]:
+    async def _drain_pass(
+        self, endpoint_id: str, state: _DrainState
+    ) -> tuple[list[MigrationResult], int]:
+        """One round of drain migrations; also how many requests were still on the endpoint
+        (running or queued there, as its hook or the leases tell) before it."""
         loads = await self.snapshot()
+        left = sum(
+            len(load.running) + (1 if load.waiting_blocks else 0)
+            for load in loads
+            if load.endpoint_id == endpoint_id
+        )
         proposals = [
             p
             for p in plan_migrations(loads, settings=self.settings.policy)
@@ -577,7 +585,7 @@ class Migrator:
             ):
                 # Another target may take it on the next pass.
                 state.tried.discard(_key(result.proposal.request))
-        return list(results)
+        return list(results), left
 
     # -- one migration ------------------------------------------------------------------------
 
@@ -716,17 +724,15 @@ class Migrator:
         request_id: str,
         reason: str,
     ) -> None:
-        for stub, from_source in ((target, True), (source, True)):
+        """Each side cleans its own part (the target its reservation, the source resumes the
+        request); a side that cannot be reached is skipped (the target's reservation times
+        out with its commit wait, a dead source has nothing left to clean)."""
+        abort = pb.AbortRequest(
+            migration_id=migration_id, request_id=request_id, from_source=True, reason=reason
+        )
+        for stub in (target, source):
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await stub.Abort(
-                    pb.AbortRequest(
-                        migration_id=migration_id,
-                        request_id=request_id,
-                        from_source=from_source,
-                        reason=reason,
-                    ),
-                    timeout=self.settings.rpc_timeout_s,
-                )
+                await stub.Abort(abort, timeout=self.settings.rpc_timeout_s)
 
     async def _via_router(self, proposal: MigrationProposal, *, deadline: float) -> MigrationResult:
         core = self.core
