@@ -47,6 +47,7 @@ from twinroute.bench.pd_live import (
     engine_roles,
     parse_pd,
     pd_table,
+    plot_pd,
     role_flags,
     write_endpoints,
 )
@@ -522,6 +523,7 @@ def _tpot_and_transfers(result: Replay, delta: Any) -> dict[str, Any]:
     for q in (50, 90):
         figures[f"tpot_p{q}_s"] = float(np.percentile(ok, q)) if len(ok) else None
     figures["tpot_mean_s"] = float(ok.mean()) if len(ok) else None
+    figures["tpot_s"] = [round(float(x), 5) for x in ok]
     return figures
 
 
@@ -664,6 +666,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
     plots = plot(results, out=args.out, slo_s=args.slo)
+    if args.pd is not None:
+        plots.append(plot_pd(results, out=args.out, split=args.pd))
     (args.out / "live.md").write_text(
         f"Command: `{command}`\n\n{text}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     )

@@ -24,7 +24,15 @@ from twinroute.simulator.disaggregation import PdSplit, parse_pd
 
 PD_SUFFIX = "+pd"
 
-__all__ = ["PD_SUFFIX", "PdSplit", "engine_roles", "parse_pd", "pd_table", "write_endpoints"]
+__all__ = [
+    "PD_SUFFIX",
+    "PdSplit",
+    "engine_roles",
+    "parse_pd",
+    "pd_table",
+    "plot_pd",
+    "write_endpoints",
+]
 
 
 def engine_roles(split: PdSplit | None) -> list[str]:
@@ -71,3 +79,35 @@ def pd_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {fmt(mean_transfer, '.1f')} | {r['errors']} |"
         )
     return "\n".join(lines)
+
+
+def plot_pd(results: dict[str, dict[str, Any]], *, out: Path, split: str) -> Path:
+    """`live_pd.png`: TTFT and TPOT CDFs of every run, unified and `+pd`, side by side."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        style = "-" if name.endswith(PD_SUFFIX) else "--"
+        for axis, values in ((axes[0], r["ttft_s"]), (axes[1], r.get("tpot_s", []))):
+            data = np.sort(np.asarray([x for x in values if not math.isnan(x)]))
+            if len(data):
+                axis.plot(data, np.arange(1, len(data) + 1) / len(data), style, label=name)
+    axes[0].set_xlabel("TTFT (s), client side")
+    axes[1].set_xlabel("TPOT (s per token after the first), client side")
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.set_ylabel("share of requests")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Live: unified vs disaggregated ({split} prefill:decode), same engines")
+    figure.tight_layout()
+    path = out / "live_pd.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
