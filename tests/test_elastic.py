@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100, CostModel
 from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
@@ -94,6 +96,34 @@ def test_drain_of_both_candidates_falls_back_to_a_fresh_pick() -> None:
     assert orphans, "the test needs a request whose two candidates both leave"
     by_lease = {m.lease_id: m for m in moves}
     assert all(not by_lease[p.lease_id].other_candidate for p in orphans)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    pool=st.integers(min_value=2, max_value=8),
+    requests=st.integers(min_value=1, max_value=40),
+    leaving=st.sets(st.integers(min_value=0, max_value=7), min_size=1, max_size=7),
+    policy=st.sampled_from(["dualmap", "consistent_hash", "least_loaded"]),
+)
+def test_drain_never_loses_a_request_nor_targets_a_leaving_endpoint(
+    pool: int, requests: int, leaving: set[int], policy: str
+) -> None:
+    core = _core(policy, pool)
+    picks = [core.pick(_request(f"r{k}", start=70_000 * k), now=0.0) for k in range(requests)]
+    gone = {f"e{i}" for i in leaving if i < pool}
+    if not gone or len(gone) == pool:
+        return
+    for endpoint_id in gone:
+        assert core.drain(endpoint_id)
+    for endpoint_id in sorted(gone):
+        for move in core.plan_drain_moves(endpoint_id, now=0.0):
+            assert move.target not in gone
+            assert core.move(move.lease_id, target=move.target, now=0.0, cause="drain")
+    assert {lease.lease_id for e in core.endpoints for lease in core.leases.leases_on(e)} == {
+        p.lease_id for p in picks
+    }
+    # Nothing queued is left on a leaving endpoint (none of these reported a first token).
+    assert all(core.leases.leases_on(e) == [] for e in gone)
 
 
 def test_plan_drain_moves_is_empty_for_an_endpoint_not_draining() -> None:
@@ -254,6 +284,28 @@ def test_sim_drain_deadline_fails_what_is_still_running() -> None:
     lost = sum(r.failed_requests for r in removals)
     assert lost > 0
     assert result.failed_requests == lost == result.unfinished_requests
+
+
+def test_a_schedule_refuses_a_prefill_decode_pool() -> None:
+    from twinroute.simulator.disaggregation import PdSplit
+
+    with pytest.raises(ValueError, match="disaggregated pool cannot change membership"):
+        simulate(
+            [_trace(2, gap_s=1.0)],
+            config=ClusterConfig(instances=2, profile=PROFILE, pd=PdSplit(prefill=1, decode=1)),
+            router_factory=core_router_factory(
+                policy="dualmap",
+                cost=COST,
+                ttft_slo_s=5.0,
+                scrape_interval_s=0.5,
+                seed=0,
+                prefix_capacity_blocks=800,
+            ),
+            keys_for=_keys,
+            cost=COST,
+            progress=None,
+            membership=[MembershipEvent(at_s=1.0, add=1)],
+        )
 
 
 def test_membership_event_refuses_negative_counts() -> None:
