@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -404,6 +405,8 @@ class Migrator:
         self._clock = clock
         self._sleep = sleep
         self._ids = itertools.count(1)
+        # Engines key their state by migration id: a restarted scheduler must not reuse one.
+        self._id_prefix = f"mig-{uuid.uuid4().hex[:8]}"
         self._imbalance_rounds: dict[str, int] = {}
         self._migrated: set[str] = set()
         self._drains: dict[str, _DrainState] = {}
@@ -636,7 +639,7 @@ class Migrator:
         return result
 
     def _migration_id(self) -> str:
-        return f"mig-{next(self._ids)}"
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     async def _via_hooks(self, proposal: MigrationProposal) -> MigrationResult:
         migration_id = self._migration_id()
