@@ -23,6 +23,13 @@ over ticks with any load).
 
 Disaggregated pools (`ClusterConfig.pd`): prefill instances, a modelled KV transfer, decode
 instances; the flow and its per-role figures are in `simulator/disaggregation.py`.
+
+Membership changes (`simulate(membership=[MembershipEvent, ...])`, unified pools, an
+`ElasticRouter`): heap events (after step ends at equal times) add instances or drain the
+newest routable ones; a drain withdraws the requests the core still believes queued there and
+resubmits them where `plan_drain_moves` says, and the instance leaves the router when empty or
+at its drain deadline (what is still on it then fails and is counted). Without a schedule none
+of this runs. The load CV of such a run is over the members at each tick.
 """
 
 from __future__ import annotations
