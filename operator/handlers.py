@@ -166,6 +166,9 @@ def build_registry(
         # Watches end and restart often, so a dropped connection is noticed quickly.
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
+        # A pool deleted while its resync timer runs keeps its finalizer until kopf sees the
+        # timer has exited, which it checks this often (kopf's default is 60 s).
+        settings.background.cancellation_polling = 1.0
 
     if login is not None:
         connect = login

@@ -147,9 +147,9 @@ def recorded_calls() -> Iterator[list[ApiCall]]:
         registry, _ = build_operator(
             configuration=configuration(server.url, OPERATOR),
             render=RenderSettings(scheduler_image="twinroute:test"),
-            # Events drive every step; a periodic resync running while the pool is deleted can
-            # leave kopf holding the finalizer (seen with 0.5 s), which is not under test here.
-            resync_interval_s=60.0,
+            # A resync often running while the pool is deleted: kopf must still let the pool
+            # go promptly (it waits for the timer to exit; see operator/handlers.py).
+            resync_interval_s=0.5,
             drain_timeout_s=2.0,
         )
         stop, ready = threading.Event(), threading.Event()
