@@ -23,6 +23,7 @@ from twinroute.scheduler.migration import (
     MigrationProposal,
     Migrator,
     MigratorSettings,
+    PolicySettings,
     RunningRequest,
     Trigger,
 )
@@ -144,10 +145,12 @@ class Stream:
                 self.texts.append(choice["text"])
 
 
-async def open_stream(session: aiohttp.ClientSession, url: str, *, max_tokens: int) -> Stream:
+async def open_stream(
+    session: aiohttp.ClientSession, url: str, *, max_tokens: int, tag: str = "me"
+) -> Stream:
     response = await session.post(
         f"{url}/v1/completions",
-        json={"model": MODEL, "prompt": "migrate me " * 40, "max_tokens": max_tokens,
+        json={"model": MODEL, "prompt": f"migrate {tag} " * 40, "max_tokens": max_tokens,
               "stream": True},
     )  # fmt: skip
     assert response.status == 200
@@ -386,3 +389,36 @@ def test_scheduler_migration_flags(
     assert service.telemetry is not None
     exposition = service.telemetry.exposition().decode()
     assert "twinroute_scheduler_migrations_proposed" in exposition
+
+
+async def test_imbalance_round_moves_a_stream_through_the_hooks(start_engine: StartEngine) -> None:
+    # 1,000 tokens of KV (62 blocks): two streams of about 6 blocks make "a" 19% fuller than
+    # "b"; moving one evens them out.
+    source = await start_engine("a", kv_capacity_tokens=1000)
+    target = await start_engine("b", kv_capacity_tokens=1000)
+    migrator = migrator_for(source, target)
+    migrator = Migrator(
+        core=migrator.core,
+        settings=MigratorSettings(
+            policy=PolicySettings(min_gap=0.05), persistent_rounds=1, last_stage_blocks=1
+        ),
+        hooks=migrator.hooks,
+    )
+    async with aiohttp.ClientSession() as session:
+        # Different prompts: no shared prefix blocks, each stream holds its own KV.
+        streams = [
+            await open_stream(session, source.url, max_tokens=300, tag=tag) for tag in ("x", "y")
+        ]
+        for stream in streams:
+            await stream.read_until(5)
+        (result,) = await migrator.run_round()
+        assert result.committed, result
+        assert (result.proposal.source, result.proposal.target) == ("a", "b")
+        assert target.core.metrics().running == 1
+        for stream in streams:
+            await stream.read_until(None)
+    for stream in streams:
+        assert "".join(stream.texts) == "".join(expected_text(300))
+    await settle(source, target)
+    source.assert_clean()
+    target.assert_clean()
