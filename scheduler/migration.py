@@ -222,6 +222,8 @@ class MigrationReport:
 # A router that does not hold the lease answers with this reason; only when every watcher
 # said so is the order settled as not held (several routers may watch one scheduler).
 NOT_HELD_REASON = "not held by this router"
+# The stream ended (or is ending) before the router could move it.
+STREAM_FINISHING_REASON = "stream finish"
 
 
 @dataclass(slots=True)
@@ -772,11 +774,12 @@ class Migrator:
                 detail=f"no report within {left:.1f}s",
             )
         if not report.committed:
-            reason = (
-                AbortReason.NOT_HELD
-                if report.reason == NOT_HELD_REASON
-                else AbortReason.ROUTER_REFUSED
-            )
+            if report.reason == NOT_HELD_REASON:
+                reason = AbortReason.NOT_HELD
+            elif report.reason.startswith(STREAM_FINISHING_REASON):
+                reason = AbortReason.SOURCE_FINISHED
+            else:
+                reason = AbortReason.ROUTER_REFUSED
             return MigrationResult(
                 proposal=proposal,
                 path=Path.ROUTER,

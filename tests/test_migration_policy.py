@@ -189,20 +189,29 @@ def open_lease(core: SchedulerCore, endpoint_id: str, prompt_tokens: int, *, now
 class Router:
     """A watcher that answers every order like a router holding (or not holding) the lease."""
 
-    def __init__(self, migrator: Migrator, *, holds: bool = True, commit: bool = True) -> None:
+    def __init__(
+        self,
+        migrator: Migrator,
+        *,
+        holds: bool = True,
+        commit: bool = True,
+        refusal: str = "target refused: HTTP 503",
+    ) -> None:
         self.orders: list[MigrationOrder] = []
         self._migrator = migrator
         self._holds = holds
         self._commit = commit
+        self._refusal = refusal
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         async for order in self._migrator.orders.watch():
             self.orders.append(order)
+            reason = ""
             if not self._holds:
                 reason = NOT_HELD_REASON
-            else:
-                reason = "" if self._commit else "target refused: HTTP 503"
+            elif not self._commit:
+                reason = self._refusal
             self._migrator.orders.report(
                 MigrationReport(
                     migration_id=order.migration_id,
@@ -264,7 +273,18 @@ async def test_imbalance_must_persist_before_a_lease_moves_and_the_lease_keeps_i
                   trigger="imbalance", path="router") == 1  # fmt: skip
 
 
-async def test_a_refused_order_leaves_the_lease_and_counts_the_reason() -> None:
+@pytest.mark.parametrize(
+    ("refusal", "expected"),
+    [
+        ("target refused: HTTP 503", AbortReason.ROUTER_REFUSED),
+        ("stream finished", AbortReason.SOURCE_FINISHED),
+        ("stream finishing", AbortReason.SOURCE_FINISHED),
+    ],
+    ids=["target-refused", "finished", "finishing"],
+)
+async def test_a_refused_order_leaves_the_lease_and_counts_the_reason(
+    refusal: str, expected: AbortReason
+) -> None:
     core = scheduler_core("a", "b")
     clock = Clock()
     lease_id = open_lease(core, "a", 8000, now=clock.now)
@@ -276,15 +296,15 @@ async def test_a_refused_order_leaves_the_lease_and_counts_the_reason() -> None:
         clock=clock,
     )
     core.drain("a")
-    router = Router(migrator, commit=False)
+    router = Router(migrator, commit=False, refusal=refusal)
     await router.started()
     (result,) = await migrator.drain_now("a", timeout_s=5)
     await router.close()
-    assert not result.committed and result.reason is AbortReason.ROUTER_REFUSED
+    assert not result.committed and result.reason is expected
     lease = core.leases.get(lease_id)
     assert lease is not None and lease.endpoint_id == "a"
     assert sample(registry, "twinroute_scheduler_migrations_aborted_total",
-                  trigger="drain", path="router", reason="router_refused") == 1  # fmt: skip
+                  trigger="drain", path="router", reason=expected.value) == 1  # fmt: skip
 
 
 async def test_an_order_no_router_holds_is_settled_when_every_watcher_said_so() -> None:

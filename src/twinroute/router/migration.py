@@ -271,7 +271,10 @@ class MigrationCoordinator:
         if self._streams.get(lease_id) is slot:
             del self._streams[lease_id]
         while not slot.orders.empty():
-            self.answer(slot.orders.get_nowait(), committed=False, reason="stream finished")
+            from twinroute.scheduler.migration import STREAM_FINISHING_REASON
+
+            order = slot.orders.get_nowait()
+            self.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ed")
 
     def now(self) -> float:
         return self._clock()
@@ -458,7 +461,9 @@ class SplicedStream:
     async def _migrate(self, order: MigrationOrder) -> None:
         coordinator = self._coordinator
         if self._finishing:
-            coordinator.answer(order, committed=False, reason="stream finishing")
+            from twinroute.scheduler.migration import STREAM_FINISHING_REASON
+
+            coordinator.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ing")
             return
         remaining = self._parsed.max_tokens - self._produced
         if remaining <= 0:
