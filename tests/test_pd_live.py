@@ -468,6 +468,32 @@ async def test_router_runs_the_prefill_hop_then_decodes(
     assert [outcome for _, outcome in scheduler.completed] == ["success"] * 3
 
 
+async def test_chat_requests_take_the_prefill_hop_too(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    prefill_engine = await start_engine("p0", role=KvRole.BOTH)
+    decode_engine = await start_engine("d0", role=KvRole.BOTH)
+    router = await start_router(FixedPlacement(prefill=prefill_engine, decode=decode_engine))
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": PROMPT}, {"role": "user", "content": "hi"}],
+        "max_completion_tokens": 3,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{router}/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            events = [e for e in (await response.read()).decode().split("\n\n") if e]
+        received = await metrics(session, decode_engine.url)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert len(text.split()) == 3
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    assert received["twinroute_engine_kv_transfers_total"] == 1
+
+
 async def test_a_dead_prefill_endpoint_is_replaced_then_the_decode_prefills(
     start_engine: StartEngine, start_router: StartRouter
 ) -> None:
