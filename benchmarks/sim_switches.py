@@ -4,14 +4,15 @@ For every rate and seed, dualmap runs the bundled Mooncake trace on `--instances
 instances three times: with the defaults (rebalancing on, phase-aware on), with rebalancing
 off, and phase-blind, i.e. exactly `twinroute simulate --policy dualmap --rate R --seed S
 --warmup W [--rebalance off | --phase-aware off]`. Prints a markdown table per rate (median
-over seeds, with each seed's value) of TTFT P90, SLO attainment and end-to-end P90, and writes
+/ mean [min-max] over seeds) of TTFT P90, SLO attainment and end-to-end P90, and writes
 the rows as JSON and a PNG of SLO attainment and TTFT P90 against the rate.
 
 `--weights W...` adds phase-aware runs with other weights of the interference term (an ablation
 that `twinroute simulate` has no flag for; the weight is `PolicyConfig.phase_interference_weight`).
 
-Run:  .venv/bin/python benchmarks/sim_switches.py --rates 7 7.5 8 8.5 9 --seeds 0 1 2 3 4 \\
-          --weights 0 0.05 --json docs/bench/sim_switches.json --plot docs/bench/sim_switches.png
+Run:  .venv/bin/python benchmarks/sim_switches.py --rates 7 7.5 8 8.5 9 \\
+          --seeds 0 1 2 3 4 5 6 7 8 9 --weights 0 0.05 \\
+          --json docs/bench/sim_switches.json --plot docs/bench/sim_switches.png
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import bundled_mooncake_trace
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="also run phase-aware with these interference weights (ablation of the score term)",
     )
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="re-tabulate and re-plot saved rows"
+    )
     args = parser.parse_args(argv)
     variants = VARIANTS + tuple(
         Variant(f"phase-aware, interference weight {w:g}", True, True, "", w) for w in args.weights
@@ -69,7 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     recorded_rate = trace.summary().rate_rps
     rows: list[dict[str, object]] = []
     total = len(args.rates) * len(args.seeds) * len(variants)
-    for rate in args.rates:
+    if args.from_json is not None:
+        rows = json.loads(args.from_json.read_text())
+        saved: list[dict[str, Any]] = rows
+        args.rates = sorted({float(r["rate_rps"]) for r in saved})
+        weights = sorted(
+            {
+                float(r["interference_weight"])
+                for r in saved
+                if r.get("interference_weight") is not None
+            }
+        )
+        variants = VARIANTS + tuple(
+            Variant(f"phase-aware, interference weight {w:g}", True, True, "", w) for w in weights
+        )
+        total = 0
+    for rate in args.rates if total else ():
         for seed in args.seeds:
             for variant in variants:
                 spec = RunSpec(
@@ -112,16 +132,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cell(values: list[float], *, fmt: str) -> str:
-    each = " / ".join(format(v, fmt) for v in values)
-    return f"{format(statistics.median(values), fmt)} ({each})"
+    median, mean = statistics.median(values), statistics.fmean(values)
+    return (
+        f"{format(median, fmt)} / {format(mean, fmt)} "
+        f"[{format(min(values), fmt)}-{format(max(values), fmt)}]"
+    )
 
 
 def table(
     rows: list[dict[str, object]], *, rates: list[float], variants: tuple[Variant, ...]
 ) -> str:
     lines = [
-        "| rate (req/s) | variant | TTFT P90 (s), median (per seed) | SLO attainment | "
-        "E2E P90 (s) | rebalancing moves |",
+        "| rate (req/s) | variant | TTFT P90 (s) | SLO attainment (%) | E2E P90 (s) | "
+        "rebalancing moves |",
         "|---:|---|---|---|---|---|",
     ]
     for rate in rates:
@@ -152,24 +175,30 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
     for variant in variants:
         slo = []
         p90 = []
+        e2e = []
         for rate in rates:
             mine = [r for r in rows if r["rate_rps"] == rate and r["variant"] == variant.name]
-            slo.append(statistics.median(100 * float(r["slo_attainment"]) for r in mine))  # type: ignore[arg-type]
+            slo.append(statistics.fmean(100 * float(r["slo_attainment"]) for r in mine))  # type: ignore[arg-type]
             p90.append(statistics.median(float(r["ttft_p90_s"]) for r in mine))  # type: ignore[arg-type]
+            e2e.append(statistics.median(float(r["e2e_p90_s"]) for r in mine))  # type: ignore[arg-type]
         left.plot(rates, slo, marker="o", label=variant.name)
-        right.plot(rates, p90, marker="o", label=variant.name)
+        middle.plot(rates, p90, marker="o", label=variant.name)
+        right.plot(rates, e2e, marker="o", label=variant.name)
     left.set_xlabel("request rate (req/s)")
-    left.set_ylabel("requests with TTFT <= 5 s (%)")
+    left.set_ylabel("requests with TTFT <= 5 s (%, mean over seeds)")
     left.axhline(90, color="grey", linewidth=0.8, linestyle="--")
+    middle.set_xlabel("request rate (req/s)")
+    middle.set_ylabel("TTFT P90 (s, median over seeds)")
+    middle.set_yscale("log")
     right.set_xlabel("request rate (req/s)")
-    right.set_ylabel("TTFT P90 (s)")
+    right.set_ylabel("end-to-end latency P90 (s, median over seeds)")
     right.set_yscale("log")
     left.legend(fontsize=8)
-    figure.suptitle("dualmap, Mooncake trace, 8 simulated H100s: median over seeds", fontsize=10)
+    figure.suptitle("dualmap, Mooncake trace, 8 simulated H100s", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
