@@ -24,6 +24,9 @@ from twinroute.scheduler.types import DecisionReason, Endpoint
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
+from twinroute.router.scheduling import PickQuery as RouterQuery
+from twinroute.router.scheduling import Placement
+
 MODEL = "m"
 SLO_S = 2.0
 # 16k-token prompts: ~0.9 s of prefill each on the H100 model, so three fill a 2 s SLO.
@@ -271,3 +274,42 @@ def test_scheduler_command_switch(flag: str, held: bool) -> None:
     if held:
         assert service.admission is not None
         assert service.admission.settings.max_hold_s == 3.0
+
+
+async def test_the_embedded_router_scheduler_holds_and_releases_too() -> None:
+    from twinroute.router.embedded import CoreScheduler
+
+    clock = FakeClock()
+    scheduler = CoreScheduler(
+        endpoints=[("e0", "127.0.0.1:9100"), ("e1", "127.0.0.1:9101")],
+        policy="dualmap",
+        models=[MODEL],
+        ttft_slo_s=SLO_S,
+        clock=clock,
+        admission_hold=True,
+    )
+    queue = scheduler.service.admission
+    assert isinstance(queue, AdmissionQueue)
+    try:
+        task = None
+        for index in range(20):
+            ids = list(range(index * 1_000_000, index * 1_000_000 + PROMPT))
+            query = RouterQuery(
+                request_id=f"r{index}", model=MODEL, prompt_text=None, token_ids=ids
+            )
+            task = asyncio.create_task(scheduler.pick(query))
+            await until(_done_or_held(task, queue), what=f"r{index}")
+            if not task.done():
+                break
+        assert task is not None and not task.done()
+        # Its own background rounds release it once the (injected) time has drained the queue.
+        clock.now += 60.0
+        placement = await asyncio.wait_for(task, timeout=10.0)
+        assert placement.endpoint_id in {"e0", "e1"} and placement.lease_id
+    finally:
+        await scheduler.close()
+    assert len(queue) == 0
+
+
+def _done_or_held(task: asyncio.Task[Placement], queue: AdmissionQueue) -> Callable[[], bool]:
+    return lambda: task.done() or len(queue) == 1

@@ -98,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--admission-hold", choices=("on", "off"), default="off",
-        help="twinroute with --twinroute-scheduler grpc: the scheduler holds hotspot requests "
-        "so rebalancing can move them (`twinroute scheduler --admission-hold`)",
+        help="twinroute: the scheduler (gRPC or embedded) holds hotspot requests so that "
+        "rebalancing can move them (`twinroute scheduler|router --admission-hold`)",
     )  # fmt: skip
     parser.add_argument(
         "--twinroute-scheduler", choices=("grpc", "embedded"), default="embedded",
@@ -362,7 +362,10 @@ async def start_router(
             f"--key-block-chars={shape.key_block_chars}",
         ]
         if scheduler_mode == "embedded":
-            argv = twinroute_argv("router", *common, "--embedded", f"--policy={policy}")
+            argv = twinroute_argv(
+                "router", *common, "--embedded", f"--policy={policy}",
+                f"--admission-hold={'on' if admission_hold else 'off'}",
+            )  # fmt: skip
             return [await start_announced(name, argv, log_path=log)]
         scheduler = await start_announced(
             f"{name}-scheduler",

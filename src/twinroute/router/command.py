@@ -59,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
     parser.add_argument(
+        "--admission-hold", choices=("on", "off"), default="off",
+        help="embedded: hold hotspot requests so hotspot rebalancing can move them (with "
+        "--scheduler, the scheduler's own --admission-hold decides)",
+    )  # fmt: skip
+    parser.add_argument(
         "--scheduler-timeout", type=float, default=1.0,
         help="seconds a Pick or Complete to --scheduler may take (a scheduler that holds "
         "hotspot requests, `--admission-hold on`, needs its max hold plus a margin)",
@@ -119,6 +124,7 @@ def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
                 key_block_chars=args.key_block_chars,
                 tokens_per_char=args.tokens_per_char,
             ),
+            admission_hold=args.admission_hold == "on",
         )
     primary: SchedulerPort = GrpcScheduler(
         target=args.scheduler,

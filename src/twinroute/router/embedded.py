@@ -40,7 +40,12 @@ class CoreScheduler:
         ttft_slo_s: float = 0.0,
         keys: KeySettings = KeySettings(),
         clock: Callable[[], float] = time.monotonic,
+        admission_hold: bool = False,
     ) -> None:
+        """`admission_hold`: hold the answers of requests routed to a hotspot so that hotspot
+        rebalancing can still move them (`twinroute.scheduler.admission`; at most its default
+        max hold, as there is no RPC deadline in-process)."""
+        from twinroute.scheduler.admission import AdmissionQueue
         from twinroute.scheduler.core import SchedulerCore
         from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
         from twinroute.scheduler.policies import PolicyConfig, make_policy
@@ -53,6 +58,7 @@ class CoreScheduler:
         if ttft_slo_s > 0:
             config = PolicyConfig(cost_model=cost, ttft_slo_s=ttft_slo_s)
         core = SchedulerCore(policy=make_policy(policy, config=config), cost_model=cost)
+        admission = AdmissionQueue(core=core, clock=clock) if admission_hold else None
         self._service = SchedulerService(
             core=core,
             keys=ServiceKeys(
@@ -62,6 +68,7 @@ class CoreScheduler:
             ),
             clock=clock,
             served_models=models,
+            admission=admission,
         )
         self._service.set_endpoints(
             # Every static engine serves every model the router serves.
@@ -94,4 +101,5 @@ class CoreScheduler:
         )
 
     async def close(self) -> None:
-        return None
+        if self._service.admission is not None:
+            await self._service.admission.close()
