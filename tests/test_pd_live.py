@@ -538,6 +538,42 @@ async def test_a_prefill_engine_without_kv_connector_falls_back_to_the_decode(
     assert routed['twinroute_router_prefill_fallbacks_total{reason="refused"}'] == 1
 
 
+@pytest.mark.parametrize("status", [400, 500], ids=["refused", "engine_error"])
+async def test_what_a_failing_prefill_engine_says_stays_out_of_warnings(
+    start_engine: StartEngine,
+    start_router: StartRouter,
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    # An engine's error text can quote the prompt; below DEBUG the logs must not carry it.
+    async def quoting_error(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"error": {"message": f"bad: {body['prompt']}"}}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", quoting_error)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    quoting = Engine(name="p-quoting", url=f"http://127.0.0.1:{runner.addresses[0][1]}")
+    decode_engine = await start_engine("d0", role=KvRole.CONSUMER)
+    router = await start_router(FixedPlacement(prefill=quoting, decode=decode_engine), retries=0)
+    marker = "w0 w1 w2"
+    try:
+        with caplog.at_level("DEBUG", logger="twinroute.router.disaggregated"):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{router}/v1/completions", json=completion()) as answer,
+            ):
+                assert answer.status == 200
+    finally:
+        await runner.cleanup()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    debug = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert warnings and not any(marker in line for line in warnings)
+    assert any(marker in line for line in debug)
+
+
 async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
     start_engine: StartEngine, start_router: StartRouter
 ) -> None:

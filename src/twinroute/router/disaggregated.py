@@ -178,7 +178,14 @@ class Disaggregation:
             raise PrefillFailed(
                 reason="engine_error", detail=f"{type(error).__name__}: {error}", retriable=True
             ) from None
-        detail = answer[:200].decode(errors="replace")
+        # What the engine said can quote the prompt: the detail (logged at WARNING and sent
+        # to the client on failure) names only the status and size; the text is for DEBUG.
+        detail = f"{len(answer)} bytes"
+        if status != 200:
+            logger.debug(
+                "request %s: prefill answered HTTP %s: %s",
+                request_id, status, answer[:200].decode(errors="replace"),
+            )  # fmt: skip
         if status >= 500:
             raise PrefillFailed(reason="engine_error", detail=f"HTTP {status}: {detail}",
                                 retriable=True)  # fmt: skip
