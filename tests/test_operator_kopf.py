@@ -233,11 +233,18 @@ def test_replica_change_patches_in_place_without_recreating(cluster: Cluster) ->
 
 
 class _RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Answers a Drain that does not wait (`timeout_s` 0) with a stream still running there,
+    and a waiting Drain with the endpoint empty; records each call's endpoint and wait."""
+
     def __init__(self) -> None:
-        self.drained: list[str] = []
+        self.calls: list[tuple[str, float]] = []
+        self._lock = threading.Lock()
 
     def Drain(self, request: Any, context: Any) -> Any:
-        self.drained.append(request.endpoint_id)
+        with self._lock:
+            self.calls.append((request.endpoint_id, request.timeout_s))
+        if request.timeout_s == 0:
+            return scheduler_pb2.DrainResponse(drained=False, remaining_in_flight=1)
         return scheduler_pb2.DrainResponse(drained=True, remaining_in_flight=0)
 
 
@@ -284,8 +291,13 @@ def test_scale_in_drains_the_leaving_pods_at_the_scheduler_first(cluster: Cluste
             lambda: (d := deployment(cluster, "chat-unified")) and d["spec"]["replicas"] == 1,
             what="scale-in",
         )
-        # The two newest pods leave, and are the ones marked for deletion.
-        assert sorted(servicer.drained) == ["chat-unified-1", "chat-unified-2"]
+        # The two newest pods leave, and are the ones marked for deletion. Both are taken out
+        # of routing (Drain without a wait) before either is waited on, within the budget.
+        leaving = ["chat-unified-1", "chat-unified-2"]
+        marks, waits = servicer.calls[:2], servicer.calls[2:]
+        assert sorted(marks) == [(name, 0.0) for name in leaving]
+        assert sorted(name for name, _ in waits) == leaving
+        assert all(0.0 < wait <= 2.0 for _, wait in waits), waits
         for name, cost in (
             ("chat-unified-1", "-1000"),
             ("chat-unified-2", "-1000"),
