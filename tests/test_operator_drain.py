@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 import pytest
 from twinroute.operator.drain import Drainer
-from twinroute.scheduler.client import PickQuery, SchedulerClient
+from twinroute.scheduler.api import PickQuery
+from twinroute.scheduler.client import SchedulerClient
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.policies import PolicyConfig, make_policy
