@@ -36,6 +36,11 @@ TLS_DIR: Final = "/etc/twinroute-tls"
 ENGINE_HOME: Final = "/home/engine"
 # The unprivileged user every pod runs as (the image's files are world-readable).
 POD_USER: Final = 10001
+# With the admission hold, the scheduler may keep a Pick answer this long; the router's Pick
+# deadline must outlast it (plus a margin for the answer), or held requests fall back.
+ADMISSION_MAX_HOLD_S: Final = 3.0
+ROUTER_PICK_TIMEOUT_S: Final = 1.0
+HELD_PICK_MARGIN_S: Final = 1.0
 
 Obj = dict[str, Any]
 
@@ -150,6 +155,7 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
         "virtualNodes": routing.virtual_nodes,
         "rebalancing": routing.rebalancing,
         "scrapeIntervalSeconds": routing.scrape_interval_s,
+        "pdMinPrefillTokens": routing.pd_min_prefill_tokens,
         "disaggregated": pool.disaggregated,
         "discovery": {
             "kind": "kubernetes",
@@ -165,6 +171,36 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
             "router": settings.router_port,
         },
     }
+
+
+def admission_hold_on(pool: PoolSpec) -> bool:
+    """The live scheduler rebalances hotspots over the requests it holds, so the hold is what
+    `rebalancing` switches in a running pool: without rebalancing a hold only delays."""
+    return pool.routing.admission_hold and pool.routing.rebalancing
+
+
+def scheduler_routing_args(pool: PoolSpec) -> list[str]:
+    """The scheduler's flags for the routing settings its config file does not carry."""
+    routing = pool.routing
+    args = [
+        "--migration", routing.migration,
+        "--phase-aware", "on" if routing.phase_aware else "off",
+        "--admission-hold", "on" if admission_hold_on(pool) else "off",
+    ]  # fmt: skip
+    if admission_hold_on(pool):
+        args += ["--admission-max-hold", str(ADMISSION_MAX_HOLD_S)]
+    return args
+
+
+def router_routing_args(pool: PoolSpec) -> list[str]:
+    """The router's flags: it carries out the scheduler's migration orders (recompute), and
+    waits for a held Pick as long as the scheduler may hold it."""
+    pick_timeout = (
+        ADMISSION_MAX_HOLD_S + HELD_PICK_MARGIN_S
+        if admission_hold_on(pool)
+        else ROUTER_PICK_TIMEOUT_S
+    )
+    return ["--migration", pool.routing.migration, "--scheduler-timeout", str(pick_timeout)]
 
 
 def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -> list[Obj]:
@@ -388,6 +424,7 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             str(settings.grpc_port),
             "--metrics-port",
             str(settings.metrics_port),
+            *scheduler_routing_args(pool),
         ],
         "ports": [
             {
@@ -424,6 +461,7 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             f"127.0.0.1:{settings.grpc_port}",
             "--ttft-slo-s",
             str(pool.routing.ttft_slo_s),
+            *router_routing_args(pool),
         ],
         "ports": [
             {

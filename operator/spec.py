@@ -41,6 +41,17 @@ DEFAULT_VIRTUAL_NODES: Final = 256
 DEFAULT_SCRAPE_INTERVAL_S: Final = 1.0
 DEFAULT_SCHEDULER_REPLICAS: Final = 1
 DEFAULT_KV_CONNECTOR: Final = "NixlConnector"
+# Prefill/decode pools: a decode engine prefills a prompt itself when at most this many of its
+# tokens are uncached there (llm-d's decider; `twinroute scheduler --pd-min-prefill-tokens`).
+DEFAULT_PD_MIN_PREFILL_TOKENS: Final = 100
+MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
+# `twinroute scheduler/router --migration`: off, drain (Drain moves the running streams of a
+# leaving engine), on (drain, and Llumnix-style moves on persistent imbalance).
+MIGRATION_MODES: Final = ("off", "drain", "on")
+# Drain: the operator's scale-in then costs no streaming request (docs/operator.md).
+DEFAULT_MIGRATION: Final = "drain"
+DEFAULT_ADMISSION_HOLD: Final = False
+DEFAULT_PHASE_AWARE: Final = True
 
 # Engine flags that would blind the scheduler: it needs prefix caching and the metrics.
 FORBIDDEN_ENGINE_ARGS: Final = (
@@ -101,6 +112,10 @@ class RoutingSpec:
     virtual_nodes: int = DEFAULT_VIRTUAL_NODES
     rebalancing: bool = True
     scrape_interval_s: float = DEFAULT_SCRAPE_INTERVAL_S
+    pd_min_prefill_tokens: int = DEFAULT_PD_MIN_PREFILL_TOKENS
+    migration: str = DEFAULT_MIGRATION
+    admission_hold: bool = DEFAULT_ADMISSION_HOLD
+    phase_aware: bool = DEFAULT_PHASE_AWARE
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,9 +241,12 @@ def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
         raise SpecError(
             field="routing.policy", message=f"{policy!r} is not one of {list(POLICIES)}"
         )
-    rebalancing = routing.get("rebalancing", True)
-    if not isinstance(rebalancing, bool):
-        raise SpecError(field="routing.rebalancing", message="must be true or false")
+    migration = _string(routing, "migration", path="routing.migration", default=DEFAULT_MIGRATION)
+    if migration not in MIGRATION_MODES:
+        raise SpecError(
+            field="routing.migration",
+            message=f"{migration!r} is not one of {list(MIGRATION_MODES)}",
+        )
     return RoutingSpec(
         policy=policy,
         ttft_slo_s=_number(
@@ -255,7 +273,7 @@ def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
             low=1,
             high=4096,
         ),
-        rebalancing=rebalancing,
+        rebalancing=_boolean(routing, "rebalancing", path="routing.rebalancing", default=True),
         scrape_interval_s=_number(
             routing,
             "scrapeIntervalSeconds",
@@ -263,6 +281,21 @@ def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
             default=DEFAULT_SCRAPE_INTERVAL_S,
             low=0.1,
             high=300.0,
+        ),
+        pd_min_prefill_tokens=_integer(
+            routing,
+            "pdMinPrefillTokens",
+            path="routing.pdMinPrefillTokens",
+            default=DEFAULT_PD_MIN_PREFILL_TOKENS,
+            low=0,
+            high=MAX_PD_MIN_PREFILL_TOKENS,
+        ),
+        migration=migration,
+        admission_hold=_boolean(
+            routing, "admissionHold", path="routing.admissionHold", default=DEFAULT_ADMISSION_HOLD
+        ),
+        phase_aware=_boolean(
+            routing, "phaseAware", path="routing.phaseAware", default=DEFAULT_PHASE_AWARE
         ),
     )
 
@@ -322,6 +355,13 @@ def _integer(
         raise SpecError(field=path, message=f"must be an integer, not {value!r}")
     if not low <= value <= high:
         raise SpecError(field=path, message=f"{value} is outside [{low}, {high}]")
+    return value
+
+
+def _boolean(parent: Mapping[str, Any], key: str, *, path: str, default: bool) -> bool:
+    value = parent.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(field=path, message=f"must be true or false, not {value!r}")
     return value
 
 
