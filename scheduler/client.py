@@ -21,6 +21,7 @@ from twinroute.scheduler.api import (
     Outcome,
     PickAnswer,
     PickQuery,
+    ProgressEvent,
     UnknownEndpointError,
     UnknownModelError,
 )
@@ -53,6 +54,10 @@ _OUTCOME_TO_PB = {
     "stream_error": pb.OUTCOME_STREAM_ERROR,
     "cancelled": pb.OUTCOME_CANCELLED,
     "timeout": pb.OUTCOME_TIMEOUT,
+}
+_PROGRESS_TO_PB = {
+    "prefill_done": pb.PROGRESS_EVENT_PREFILL_DONE,
+    "first_token": pb.PROGRESS_EVENT_FIRST_TOKEN,
 }
 _ERRORS: dict[str, type[Exception]] = {
     "invalid": InvalidPickError,
@@ -182,6 +187,18 @@ class SchedulerClient:
         )
         try:
             response = await self._stub.Complete(request, timeout=timeout_s or self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+            raise
+        return bool(response.known)
+
+    async def progress(
+        self, *, lease_id: str, event: ProgressEvent, timeout_s: float | None = None
+    ) -> bool:
+        """Report a milestone of a placed request; False when the scheduler did not apply it."""
+        request = pb.ProgressRequest(lease_id=lease_id, event=_PROGRESS_TO_PB[event])
+        try:
+            response = await self._stub.Progress(request, timeout=timeout_s or self._timeout_s)
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
             raise

@@ -30,12 +30,14 @@ from twinroute.scheduler.admission import AdmissionQueue
 from twinroute.scheduler.api import (
     ERROR_KIND_METADATA,
     OUTCOMES,
+    PROGRESS_EVENTS,
     DrainResult,
     EndpointStatus,
     InvalidPickError,
     Outcome,
     PickAnswer,
     PickQuery,
+    ProgressEvent,
     UnknownEndpointError,
     UnknownModelError,
 )
@@ -268,6 +270,26 @@ class SchedulerService:
             self._wake_drainers(lease.endpoint_id)
         return lease is not None
 
+    def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+        """A placed request reached a milestone; False when the lease or event did not apply.
+
+        `prefill_done` closes a disaggregated pick's prefill lease (the prefill instance's
+        queue no longer holds it); `first_token` marks the request prefilled where it runs, so
+        the queue ahead of later requests there, and the hotspot rebalancing that reads it,
+        follow the engine instead of the lease model until Complete."""
+        if not lease_id:
+            raise InvalidPickError("lease_id is required")
+        if event not in PROGRESS_EVENTS:
+            raise InvalidPickError(f"unknown event {event!r}; choose from {PROGRESS_EVENTS}")
+        now = self._clock()
+        if event == "prefill_done":
+            known = self.core.prefill_done(lease_id, now=now)
+        else:
+            known = self.core.first_token(lease_id, now=now)
+        if self.telemetry is not None:
+            self.telemetry.observe_progress(event, known=known)
+        return known
+
     def expire(self, *, now: float | None = None) -> int:
         """Close leases past their TTL; returns how many."""
         expired = self.core.expire(self._clock() if now is None else now)
@@ -399,6 +421,10 @@ _OUTCOME_FROM_PB: dict[int, Outcome] = {
     pb.OUTCOME_STREAM_ERROR: "stream_error",
     pb.OUTCOME_CANCELLED: "cancelled",
     pb.OUTCOME_TIMEOUT: "timeout",
+}
+_PROGRESS_FROM_PB: dict[int, ProgressEvent] = {
+    pb.PROGRESS_EVENT_PREFILL_DONE: "prefill_done",
+    pb.PROGRESS_EVENT_FIRST_TOKEN: "first_token",
 }
 
 
@@ -548,6 +574,21 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
             raise
         return pb.CompleteResponse(known=known)
+
+    async def Progress(
+        self, request: pb.ProgressRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ProgressResponse:
+        event = _PROGRESS_FROM_PB.get(request.event)
+        if event is None:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                         f"unknown progress event {request.event}")  # fmt: skip
+            raise AssertionError("unreachable")
+        try:
+            known = self._service.progress(lease_id=request.lease_id, event=event)
+        except InvalidPickError as error:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
+            raise
+        return pb.ProgressResponse(known=known)
 
     async def ListEndpoints(
         self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -237,6 +237,12 @@ class SchedulerTelemetry(ScrapeListener):
             ["outcome"],
             registry=registry,
         )
+        self.progress_reports = Counter(
+            f"{NAMESPACE}_progress_reports",
+            "Progress calls by event (prefill_done, first_token) and whether the lease knew it.",
+            ["event", "known"],
+            registry=registry,
+        )
         self.scrape_errors = Counter(
             f"{NAMESPACE}_scrape_errors",
             "Failed scrapes of engine /metrics or /health, by kind.",
@@ -288,6 +294,9 @@ class SchedulerTelemetry(ScrapeListener):
         self._error.observe(abs(observed_ttft_s - lease.predicted_ttft_s))
         if observed_ttft_s > lease.predicted_ttft_s:
             self._under.inc()
+
+    def observe_progress(self, event: str, *, known: bool) -> None:
+        self.progress_reports.labels(event, "true" if known else "false").inc()
 
     def membership_changed(self, endpoints: Sequence[Endpoint]) -> None:
         ratio = self._probe.sync(endpoint.id for endpoint in endpoints)

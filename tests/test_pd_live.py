@@ -362,6 +362,7 @@ class FixedPlacement:
         self.prefill = prefill
         self.decode = decode
         self.completed: list[tuple[str, Outcome]] = []
+        self.progress_reports: list[tuple[str, str]] = []
         self.picks = 0
 
     async def pick(self, query: PickQuery) -> Placement:
@@ -388,6 +389,9 @@ class FixedPlacement:
         output_tokens: int,
     ) -> None:
         self.completed.append((lease_id, outcome))
+
+    async def progress(self, *, lease_id: str, event: str) -> None:
+        self.progress_reports.append((lease_id, event))
 
     async def close(self) -> None:
         return None
@@ -466,6 +470,9 @@ async def test_router_runs_the_prefill_hop_then_decodes(
     assert routed['twinroute_router_prefill_hops_total{outcome="ok"}'] == 3
     assert routed["twinroute_router_prefill_seconds_count"] == 3
     assert [outcome for _, outcome in scheduler.completed] == ["success"] * 3
+    reported = [event for _, event in scheduler.progress_reports]
+    assert reported.count("prefill_done") == 3
+    assert reported.count("first_token") == (3 if stream else 0)
 
 
 async def test_chat_requests_take_the_prefill_hop_too(
@@ -603,6 +610,9 @@ async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
 
         async def complete(self, **report: Any) -> None:
             await service.complete(**report)
+
+        async def progress(self, *, lease_id: str, event: Any) -> None:
+            service.progress(lease_id=lease_id, event=event)
 
         async def close(self) -> None:
             return None

@@ -337,6 +337,7 @@ class RecordingPort:
         self.queries: list[Any] = []
         self.completions: list[dict[str, Any]] = []
         self.completed = asyncio.Event()
+        self.progress_reports: list[dict[str, Any]] = []
 
     async def pick(self, query: Any) -> Any:
         self.queries.append(query)
@@ -346,6 +347,9 @@ class RecordingPort:
     async def complete(self, **fields: Any) -> None:
         self.completions.append(fields)
         self.completed.set()
+
+    async def progress(self, **fields: Any) -> None:
+        self.progress_reports.append(fields)
 
     async def close(self) -> None:
         return None

@@ -161,6 +161,32 @@ OUTCOME_TIMEOUT: Outcome.ValueType  # 5
 """The engine did not answer in time."""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
+class _ProgressEvent:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProgressEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProgressEvent.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROGRESS_EVENT_UNSPECIFIED: _ProgressEvent.ValueType  # 0
+    PROGRESS_EVENT_PREFILL_DONE: _ProgressEvent.ValueType  # 1
+    """A disaggregated request's prefill instance answered: its prefill is done and the KV is on
+    the way to the decode instance (the prefill instance's queue no longer holds it).
+    """
+    PROGRESS_EVENT_FIRST_TOKEN: _ProgressEvent.ValueType  # 2
+    """The engine the request was placed on produced its first token (its prefill is done there)."""
+
+class ProgressEvent(_ProgressEvent, metaclass=_ProgressEventEnumTypeWrapper):
+    """A milestone of a placed request, as the router observed it."""
+
+PROGRESS_EVENT_UNSPECIFIED: ProgressEvent.ValueType  # 0
+PROGRESS_EVENT_PREFILL_DONE: ProgressEvent.ValueType  # 1
+"""A disaggregated request's prefill instance answered: its prefill is done and the KV is on
+the way to the decode instance (the prefill instance's queue no longer holds it).
+"""
+PROGRESS_EVENT_FIRST_TOKEN: ProgressEvent.ValueType  # 2
+"""The engine the request was placed on produced its first token (its prefill is done there)."""
+Global___ProgressEvent: _TypeAlias = ProgressEvent  # noqa: Y015
+
 class _MigrationTrigger:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -504,6 +530,51 @@ class CompleteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
+
+@_typing.final
+class ProgressRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    lease_id: _builtins.str
+    """The lease Pick returned."""
+    event: Global___ProgressEvent.ValueType
+    def __init__(
+        self,
+        *,
+        lease_id: _builtins.str = ...,
+        event: Global___ProgressEvent.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "lease_id", b"lease_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressRequest: _TypeAlias = ProgressRequest  # noqa: Y015
+
+@_typing.final
+class ProgressResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KNOWN_FIELD_NUMBER: _builtins.int
+    known: _builtins.bool
+    """False when the lease was unknown (completed or expired) or the event did not apply to it
+    (PREFILL_DONE on a request without a prefill hop, a milestone reported twice).
+    """
+    def __init__(
+        self,
+        *,
+        known: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known", b"known"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProgressResponse: _TypeAlias = ProgressResponse  # noqa: Y015
 
 @_typing.final
 class ListEndpointsRequest(_message.Message):

@@ -48,6 +48,11 @@ class SchedulerStub:
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.CompleteRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CompleteResponse.FromString,
                 _registered_method=True)
+        self.Progress = channel.unary_unary(
+                '/twinroute.v1.Scheduler/Progress',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.FromString,
+                _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/twinroute.v1.Scheduler/ListEndpoints',
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.ListEndpointsRequest.SerializeToString,
@@ -93,6 +98,16 @@ class SchedulerServicer:
 
     def Complete(self, request, context):
         """Close a lease and report what was observed, so load and the TTFT estimator stay honest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Progress(self, request, context):
+        """What happened to a placed request before it completed (its prefill hop finished, its first
+        token arrived), so the scheduler's picture of each engine's queue follows the engines
+        between Pick and Complete instead of being modelled until the lease closes. Optional: a
+        router that never calls it still gets correct (if coarser) placement.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,6 +167,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Complete,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CompleteRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.CompleteResponse.SerializeToString,
+            ),
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.SerializeToString,
             ),
             'ListEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEndpoints,
@@ -237,6 +257,33 @@ class Scheduler:
             '/twinroute.v1.Scheduler/Complete',
             twinroute_dot_v1_dot_scheduler__pb2.CompleteRequest.SerializeToString,
             twinroute_dot_v1_dot_scheduler__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/Progress',
+            twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,12 @@ class SchedulerStub:
     """
     Complete: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CompleteRequest, _scheduler_pb2.CompleteResponse]
     """Close a lease and report what was observed, so load and the TTFT estimator stay honest."""
+    Progress: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ProgressRequest, _scheduler_pb2.ProgressResponse]
+    """What happened to a placed request before it completed (its prefill hop finished, its first
+    token arrived), so the scheduler's picture of each engine's queue follows the engines
+    between Pick and Complete instead of being modelled until the lease closes. Optional: a
+    router that never calls it still gets correct (if coarser) placement.
+    """
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
     Explain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]
@@ -90,6 +96,12 @@ class SchedulerAsyncStub(SchedulerStub):
     """
     Complete: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CompleteRequest, _scheduler_pb2.CompleteResponse]  # type: ignore[assignment]
     """Close a lease and report what was observed, so load and the TTFT estimator stay honest."""
+    Progress: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ProgressRequest, _scheduler_pb2.ProgressResponse]  # type: ignore[assignment]
+    """What happened to a placed request before it completed (its prefill hop finished, its first
+    token arrived), so the scheduler's picture of each engine's queue follows the engines
+    between Pick and Complete instead of being modelled until the lease closes. Optional: a
+    router that never calls it still gets correct (if coarser) placement.
+    """
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
     Explain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]  # type: ignore[assignment]
@@ -135,6 +147,18 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.CompleteResponse, _abc.Awaitable[_scheduler_pb2.CompleteResponse]]:
         """Close a lease and report what was observed, so load and the TTFT estimator stay honest."""
+
+    @_abc_1.abstractmethod
+    def Progress(
+        self,
+        request: _scheduler_pb2.ProgressRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ProgressResponse, _abc.Awaitable[_scheduler_pb2.ProgressResponse]]:
+        """What happened to a placed request before it completed (its prefill hop finished, its first
+        token arrived), so the scheduler's picture of each engine's queue follows the engines
+        between Pick and Complete instead of being modelled until the lease closes. Optional: a
+        router that never calls it still gets correct (if coarser) placement.
+        """
 
     @_abc_1.abstractmethod
     def ListEndpoints(

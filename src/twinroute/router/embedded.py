@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twinroute.router.scheduling import Outcome, PickQuery, Placement, place
+from twinroute.router.scheduling import Outcome, PickQuery, Placement, ProgressEvent, place
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,9 @@ class CoreScheduler:
             prompt_tokens=prompt_tokens,
             output_tokens=output_tokens,
         )
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> None:
+        self._service.progress(lease_id=lease_id, event=event)
 
     async def close(self) -> None:
         if self._service.admission is not None:

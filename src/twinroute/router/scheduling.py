@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["success", "engine_error", "stream_error", "cancelled", "timeout"]
+ProgressEvent = Literal["prefill_done", "first_token"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,10 @@ class SchedulerPort(Protocol):
         output_tokens: int,
     ) -> None: ...
 
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> None:
+        """A milestone of a placed request (prefill hop done, first token); best effort."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -101,6 +106,9 @@ class FallbackScheduler:
         prompt_tokens: int,
         output_tokens: int,
     ) -> None:
+        return None
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> None:
         return None
 
     async def close(self) -> None:
@@ -147,6 +155,10 @@ class WithFallback:
         except SchedulerUnavailable as error:
             # The lease expires by its TTL on the scheduler side; nothing leaks.
             logger.warning("could not complete lease %s: %s", lease_id, error)
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> None:
+        if lease_id:  # empty: placed by the fallback, which tracks nothing
+            await self._primary.progress(lease_id=lease_id, event=event)
 
     async def close(self) -> None:
         await self._primary.close()
@@ -270,6 +282,14 @@ class GrpcScheduler:
                 prompt_tokens=prompt_tokens,
                 output_tokens=output_tokens,
             )
+        except SchedulerUnreachableError as error:
+            raise SchedulerUnavailable(str(error)) from None
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> None:
+        from twinroute.scheduler.client import SchedulerUnreachableError
+
+        try:
+            await self._client.progress(lease_id=lease_id, event=event)
         except SchedulerUnreachableError as error:
             raise SchedulerUnavailable(str(error)) from None
 

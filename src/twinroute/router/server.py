@@ -55,6 +55,7 @@ from twinroute.router.scheduling import (
     Outcome,
     PickQuery,
     Placement,
+    ProgressEvent,
     SchedulerPort,
     SchedulerUnavailable,
 )
@@ -518,7 +519,9 @@ class RouterServer:
             request_id=query.request_id,
             may_retry=may_retry,
         )
-        if not decode.prefilled:
+        if decode.prefilled:
+            self._progress_later(lease, "prefill_done")
+        else:
             lease.placement = dataclasses.replace(
                 placement, prefill_address=None, prefill_endpoint_id=None
             )
@@ -587,6 +590,7 @@ class RouterServer:
             raise _EngineFailed("stream ended before its first chunk")
         ttft = self._clock() - sent
         self._metrics.ttft_seconds.observe(ttft)
+        self._progress_later(lease, "first_token")
         response = web.StreamResponse(status=200, headers=self._headers(upstream, placement))
         outcome: Outcome = "cancelled"
         events = 0
@@ -621,6 +625,23 @@ class RouterServer:
                 spliced.close()
             self._complete_later(lease, outcome, ttft, prompt_tokens, events)
         return response
+
+    def _progress_later(self, lease: _Lease, event: ProgressEvent) -> None:
+        """Tell the scheduler of a milestone without holding up the response; best effort
+        (the lease's Complete settles everything anyway)."""
+        lease_id = lease.placement.lease_id
+        if not lease_id or lease.reported:
+            return
+
+        async def report() -> None:
+            try:
+                await self._scheduler.progress(lease_id=lease_id, event=event)
+            except SchedulerUnavailable as error:
+                logger.debug("lease %s: %s not reported: %s", lease_id, event, error)
+
+        task = asyncio.get_running_loop().create_task(report())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _complete_later(
         self,
