@@ -20,14 +20,20 @@ import pytest
 import yaml
 from twinroute.operator.render import Owner, RenderSettings, render_children
 from twinroute.operator.spec import (
+    DEFAULT_ADMISSION_HOLD,
     DEFAULT_ENGINE_IMAGE,
     DEFAULT_ENGINE_PORT,
+    DEFAULT_MIGRATION,
+    DEFAULT_PD_MIN_PREFILL_TOKENS,
+    DEFAULT_PHASE_AWARE,
     DEFAULT_POLICY,
     DEFAULT_PREFIX_BLOCK_SIZE,
     DEFAULT_SCRAPE_INTERVAL_S,
     DEFAULT_TTFT_SLO_S,
     DEFAULT_VIRTUAL_NODES,
     KV_CONNECTORS,
+    MAX_PD_MIN_PREFILL_TOKENS,
+    MIGRATION_MODES,
     POLICIES,
     SpecError,
     parse_pool,
@@ -247,6 +253,14 @@ INVALID_SPECS = {
     "unknown service type": _with("scheduler.serviceType", "Ingress"),
     "no model name": _with("model", {"source": "x"}),
     "unknown engine kind": _with("engine.kind", "tgi"),
+    "negative pd threshold": _with("routing.pdMinPrefillTokens", -1),
+    "pd threshold too large": _with("routing.pdMinPrefillTokens", MAX_PD_MIN_PREFILL_TOKENS + 1),
+    "pd threshold as string": _with("routing.pdMinPrefillTokens", "100"),
+    "unknown migration mode": _with("routing.migration", "always"),
+    "migration as boolean": _with("routing.migration", False),
+    "admission hold as string": _with("routing.admissionHold", "on"),
+    "phase aware as number": _with("routing.phaseAware", 1),
+    "rebalancing as string": _with("routing.rebalancing", "yes"),
 }
 
 
@@ -273,6 +287,13 @@ def test_crd_defaults_equal_the_parser_defaults() -> None:
     assert routing["prefixBlockSize"]["default"] == DEFAULT_PREFIX_BLOCK_SIZE
     assert routing["virtualNodes"]["default"] == DEFAULT_VIRTUAL_NODES
     assert routing["scrapeIntervalSeconds"]["default"] == DEFAULT_SCRAPE_INTERVAL_S
+    assert routing["pdMinPrefillTokens"]["default"] == DEFAULT_PD_MIN_PREFILL_TOKENS
+    assert routing["pdMinPrefillTokens"]["maximum"] == MAX_PD_MIN_PREFILL_TOKENS
+    assert routing["migration"]["enum"] == list(MIGRATION_MODES)
+    assert routing["migration"]["default"] == DEFAULT_MIGRATION
+    assert routing["admissionHold"]["default"] is DEFAULT_ADMISSION_HOLD
+    assert routing["phaseAware"]["default"] is DEFAULT_PHASE_AWARE
+    assert routing["rebalancing"]["default"] is True
     assert engine["image"]["default"] == DEFAULT_ENGINE_IMAGE
     assert engine["port"]["default"] == DEFAULT_ENGINE_PORT
     assert engine["kvTransfer"]["properties"]["connector"]["enum"] == list(KV_CONNECTORS)
