@@ -146,6 +146,8 @@ class SchedulerCore:
         # Disaggregated picks: the decode lease's id -> its prefill lease (closed when the
         # prefill is reported done, at the first token, or with the decode lease).
         self._pd_prefill_leases: dict[str, str] = {}
+        # ... and the tokens the decode instance prefills itself if the prefill hop falls back.
+        self._pd_fallback_tokens: dict[str, int] = {}
         self._pd_roles_of: dict[str, Endpoint] | None = None
         self._pd_pool_cached = False
         self._pd_split_of: tuple[Endpoint, ...] | None = None
@@ -441,6 +443,7 @@ class SchedulerCore:
                 predicted_ttft_s=decision.predicted_ttft_s,
             )
             self._pd_prefill_leases[lease.lease_id] = prefill_lease.lease_id
+            self._pd_fallback_tokens[lease.lease_id] = placement.fallback_uncached_tokens
             self.prefix_index.record(prefill.id, request.keys)
         self.decisions[decision.reason] += 1
         self.pd_picks[placement.mode] += 1
@@ -464,8 +467,41 @@ class SchedulerCore:
         the pick had no prefill hop or it was already closed."""
         return self._close_prefill_lease(lease_id, now=now)
 
+    def prefill_endpoint_of(self, lease_id: str) -> str | None:
+        """The endpoint of a disaggregated pick's prefill lease while it is open."""
+        prefill_lease_id = self._pd_prefill_leases.get(lease_id)
+        prefill = self.leases.get(prefill_lease_id) if prefill_lease_id is not None else None
+        return prefill.endpoint_id if prefill is not None else None
+
+    def prefill_fell_back(self, lease_id: str, *, now: float) -> bool:
+        """The prefill hop of a disaggregated pick failed and the decode instance got the
+        request whole, so it prefills the prompt itself: the prefill lease closes without
+        settling anything queued before it there (that instance did no work for it), and the
+        decode lease (same id) carries the tokens the decode instance lacks, queued behind
+        what it already has. False when the pick had no open prefill hop."""
+        prefill_lease_id = self._pd_prefill_leases.pop(lease_id, None)
+        fallback_tokens = self._pd_fallback_tokens.pop(lease_id, 0)
+        if prefill_lease_id is None:
+            return False
+        self.leases.close(prefill_lease_id, now=now)
+        decode = self.leases.get(lease_id)
+        if decode is None or decode.first_token_at is not None or fallback_tokens <= 0:
+            return True
+        self.leases.close(lease_id, now=now)
+        self.leases.open(
+            endpoint_id=decode.endpoint_id,
+            request_id=decode.request_id,
+            now=decode.opened_at,
+            prompt_tokens=decode.prompt_tokens,
+            uncached_tokens=fallback_tokens,
+            predicted_ttft_s=decode.predicted_ttft_s,
+            lease_id=lease_id,
+        )
+        return True
+
     def _close_prefill_lease(self, lease_id: str, *, now: float) -> bool:
         prefill_lease_id = self._pd_prefill_leases.pop(lease_id, None)
+        self._pd_fallback_tokens.pop(lease_id, None)
         if prefill_lease_id is None:
             return False
         self.leases.first_token(prefill_lease_id, now=now)

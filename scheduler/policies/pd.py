@@ -100,6 +100,9 @@ class PdPlacement:
     prefill_uncached_tokens: int
     # Tokens the decode instance prefills itself (0 when disaggregated).
     decode_uncached_tokens: int
+    # Disaggregated: tokens the decode instance prefills itself if the prefill hop fails and
+    # the router falls back to it (the decode lease then carries them); 0 otherwise.
+    fallback_uncached_tokens: int = 0
 
 
 def decode_batch(load: LoadSnapshot) -> int:
@@ -207,6 +210,7 @@ class PdPlacer:
             mode=PdMode.DISAGGREGATED,
             prefill_uncached_tokens=request.prompt_tokens - prefill_cached,
             decode_uncached_tokens=0,
+            fallback_uncached_tokens=decode_uncached,
         )
 
     def _choose_decode(
