@@ -26,8 +26,8 @@ Outcome = Literal["success", "engine_error", "stream_error", "cancelled", "timeo
 OUTCOMES: tuple[Outcome, ...] = ("success", "engine_error", "stream_error", "cancelled", "timeout")
 
 # Milestones of a placed request the router reports between Pick and Complete (`Progress`).
-ProgressEvent = Literal["prefill_done", "first_token"]
-PROGRESS_EVENTS: tuple[ProgressEvent, ...] = ("prefill_done", "first_token")
+ProgressEvent = Literal["prefill_done", "first_token", "prefill_fell_back"]
+PROGRESS_EVENTS: tuple[ProgressEvent, ...] = ("prefill_done", "first_token", "prefill_fell_back")
 
 # Trailing metadata key naming which error a non-OK status stands for, so the client never has
 # to guess from the message (UNAVAILABLE also means "cannot connect").

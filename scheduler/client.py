@@ -58,6 +58,7 @@ _OUTCOME_TO_PB = {
 _PROGRESS_TO_PB = {
     "prefill_done": pb.PROGRESS_EVENT_PREFILL_DONE,
     "first_token": pb.PROGRESS_EVENT_FIRST_TOKEN,
+    "prefill_fell_back": pb.PROGRESS_EVENT_PREFILL_FELL_BACK,
 }
 _ERRORS: dict[str, type[Exception]] = {
     "invalid": InvalidPickError,

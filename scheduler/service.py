@@ -276,16 +276,24 @@ class SchedulerService:
         `prefill_done` closes a disaggregated pick's prefill lease (the prefill instance's
         queue no longer holds it); `first_token` marks the request prefilled where it runs, so
         the queue ahead of later requests there, and the hotspot rebalancing that reads it,
-        follow the engine instead of the lease model until Complete."""
+        follow the engine instead of the lease model until Complete; `prefill_fell_back`
+        (the prefill hop failed, the decode endpoint prefills itself) closes the prefill lease
+        without crediting that instance and moves the prompt's prefill onto the decode lease.
+        A Drain waiting on the prefill instance wakes when its share closes."""
         if not lease_id:
             raise InvalidPickError("lease_id is required")
         if event not in PROGRESS_EVENTS:
             raise InvalidPickError(f"unknown event {event!r}; choose from {PROGRESS_EVENTS}")
         now = self._clock()
+        prefill_endpoint = self.core.prefill_endpoint_of(lease_id)
         if event == "prefill_done":
             known = self.core.prefill_done(lease_id, now=now)
+        elif event == "prefill_fell_back":
+            known = self.core.prefill_fell_back(lease_id, now=now)
         else:
             known = self.core.first_token(lease_id, now=now)
+        if known and prefill_endpoint is not None:
+            self._wake_drainers(prefill_endpoint)
         if self.telemetry is not None:
             self.telemetry.observe_progress(event, known=known)
         return known
@@ -425,6 +433,7 @@ _OUTCOME_FROM_PB: dict[int, Outcome] = {
 _PROGRESS_FROM_PB: dict[int, ProgressEvent] = {
     pb.PROGRESS_EVENT_PREFILL_DONE: "prefill_done",
     pb.PROGRESS_EVENT_FIRST_TOKEN: "first_token",
+    pb.PROGRESS_EVENT_PREFILL_FELL_BACK: "prefill_fell_back",
 }
 
 

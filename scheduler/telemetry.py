@@ -239,7 +239,8 @@ class SchedulerTelemetry(ScrapeListener):
         )
         self.progress_reports = Counter(
             f"{NAMESPACE}_progress_reports",
-            "Progress calls by event (prefill_done, first_token) and whether the lease knew it.",
+            "Progress calls by event (prefill_done, first_token, prefill_fell_back) and whether "
+            "the lease knew it.",
             ["event", "known"],
             registry=registry,
         )

@@ -530,6 +530,11 @@ async def test_a_dead_prefill_endpoint_is_replaced_then_the_decode_prefills(
     assert routed_without['twinroute_router_prefill_fallbacks_total{reason="engine_error"}'] == 2
     assert [o for _, o in no_retries.completed] == ["success", "success"]
     assert received["twinroute_engine_kv_transfers_total"] == 0
+    # The scheduler hears that each decode lease now carries its prefill, never that the dead
+    # endpoint prefilled it.
+    fell_back = [e for _, e in no_retries.progress_reports if e.startswith("prefill")]
+    assert fell_back == ["prefill_fell_back", "prefill_fell_back"]
+    assert not [e for _, e in retrying.progress_reports if e == "prefill_done"]
 
 
 async def test_a_prefill_engine_without_kv_connector_falls_back_to_the_decode(
@@ -537,12 +542,14 @@ async def test_a_prefill_engine_without_kv_connector_falls_back_to_the_decode(
 ) -> None:
     unconfigured = await start_engine("p0", role=None)
     decode_engine = await start_engine("d0", role=KvRole.CONSUMER)
-    router = await start_router(FixedPlacement(prefill=unconfigured, decode=decode_engine))
+    scheduler = FixedPlacement(prefill=unconfigured, decode=decode_engine)
+    router = await start_router(scheduler)
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{router}/v1/completions", json=completion()) as response:
             assert response.status == 200
         routed = await metrics(session, router)
     assert routed['twinroute_router_prefill_fallbacks_total{reason="refused"}'] == 1
+    assert scheduler.progress_reports == [("lease-1", "prefill_fell_back")]
 
 
 @pytest.mark.parametrize("status", [400, 500], ids=["refused", "engine_error"])

@@ -366,3 +366,125 @@ def test_scheduler_cli_and_config_set_the_decider_threshold() -> None:
     args.pd_min_prefill_tokens = -1
     with pytest.raises(ValueError, match="--pd-min-prefill-tokens must be >= 0"):
         resolve_arguments(args)
+
+
+def test_a_fallen_back_prefill_hop_moves_the_prefill_onto_the_decode_lease() -> None:
+    core = make_core(pool(1, 1))
+    ahead = core.pick(request("ahead", start=10**6), now=0.0)
+    result = core.pick(request("r"), now=0.0)
+    assert result.prefill_endpoint is not None and result.prefill_endpoint.id == "p0"
+    # Disaggregated: the decode instance only decodes, the prefill instance queues 2 prompts.
+    assert core.load("d0", now=0.0).pending_prefill_tokens == 0
+    assert core.load("p0", now=0.0).pending_prefill_tokens == 2 * 4096
+    assert core.prefill_fell_back(result.lease_id, now=0.0)
+    # The prefill instance did no work for it: only its own prompt leaves, the one ahead stays.
+    assert core.load("p0", now=0.0).pending_prefill_tokens == 4096
+    assert core.in_flight("p0") == 1
+    assert core.load("d0", now=0.0).pending_prefill_tokens == 4096
+    assert core.in_flight("d0") == 2
+    # Reported once; the lease (same id) still closes with Complete and leaves nothing behind.
+    assert not core.prefill_fell_back(result.lease_id, now=0.0)
+    assert not core.prefill_done(result.lease_id, now=0.0)
+    assert core.complete(result.lease_id, now=0.0) is not None
+    assert core.load("d0", now=0.0).pending_prefill_tokens == 0
+    core.complete(ahead.lease_id, now=0.0)
+    assert core.in_flight("p0") == 0 and core.in_flight("d0") == 0
+
+
+def test_fallback_without_a_prefill_hop_changes_nothing() -> None:
+    core = make_core(pool(1, 1))
+    short = core.pick(request("short", tokens=64), now=0.0)
+    assert short.prefill_endpoint is None
+    before = core.load("d0", now=0.0)
+    assert not core.prefill_fell_back(short.lease_id, now=0.0)
+    assert core.load("d0", now=0.0) == before
+
+
+def test_a_draining_prefill_instance_gets_no_new_prefills() -> None:
+    core = make_core(pool(2, 1))
+    first = core.pick(request("a"), now=0.0)
+    assert first.prefill_endpoint is not None
+    leaving = first.prefill_endpoint.id
+    core.drain(leaving)
+    later = [core.pick(request(f"r{i}", start=i * 10**6), now=0.0) for i in range(1, 6)]
+    assert all(p.prefill_endpoint is not None for p in later)
+    assert leaving not in {p.prefill_endpoint.id for p in later if p.prefill_endpoint}
+    # What it already has leaves at its prefill_done, not at the decode's Complete.
+    assert core.in_flight(leaving) == 1
+    assert core.prefill_done(first.lease_id, now=0.1)
+    assert core.in_flight(leaving) == 0
+
+
+@pytest.mark.parametrize("leaves", ["drain", "unhealthy", "excluded", "removed"])
+def test_a_session_leaves_a_decode_instance_that_cannot_take_it(leaves: str) -> None:
+    endpoints = pool(1, 2)
+    core = make_core(endpoints)
+    home = core.pick(request("t1", session="chat"), now=0.0).endpoint.id
+    exclude: frozenset[str] = frozenset()
+    if leaves == "drain":
+        core.drain(home)
+    elif leaves == "unhealthy":
+        core.set_health(home, healthy=False)
+    elif leaves == "excluded":
+        exclude = frozenset({home})
+    else:
+        core.set_endpoints([e for e in endpoints if e.id != home], now=0.0)
+    turn = core.pick(request("t2", start=5 * 10**7, session="chat", exclude=exclude), now=0.0)
+    assert turn.endpoint.id != home
+    assert turn.decision.reason != DecisionReason.SESSION_AFFINITY
+    assert "left its unroutable decode endpoint" in turn.decision.detail
+
+
+def long_query(name: str, *, start: int) -> PickQuery:
+    return PickQuery(request_id=name, model="m", token_ids=np.arange(start, start + 4096))
+
+
+async def test_grpc_prefill_fallback_and_a_draining_prefill_instance() -> None:
+    """Over the real gRPC service: a fallen-back prefill hop moves the prompt's prefill onto
+    the decode endpoint; a Drain of a prefill instance answers drained once the prefills it
+    had are reported done, while their decode leases stay open."""
+    import asyncio
+
+    core = make_core(
+        [Endpoint(id=e.id, address=e.address, role=e.role, model="m") for e in pool(2, 1)]
+    )
+    service = SchedulerService(core=core, clock=lambda: 100.0)
+    server = GrpcServer(service=service, listen="127.0.0.1:0")
+    await server.start()
+    client = SchedulerClient(target=server.address, timeout_s=5.0)
+    try:
+        answers = [await client.pick(long_query(f"r{i}", start=i * 10**5)) for i in range(4)]
+        assert all(a.prefill_endpoint is not None and a.endpoint.id == "d0" for a in answers)
+        fallen = answers[0]
+        assert fallen.prefill_endpoint is not None
+        on_prefill = core.load(fallen.prefill_endpoint.id, now=100.0).pending_prefill_tokens
+        assert core.load("d0", now=100.0).pending_prefill_tokens == 0
+        assert await client.progress(lease_id=fallen.lease_id, event="prefill_fell_back")
+        assert core.load("d0", now=100.0).pending_prefill_tokens == 4096
+        assert (
+            core.load(fallen.prefill_endpoint.id, now=100.0).pending_prefill_tokens
+            == on_prefill - 4096
+        )
+        assert not await client.progress(lease_id=fallen.lease_id, event="prefill_fell_back")
+        # Drain the prefill instance that still holds prefills: no new prefill goes there.
+        rest = answers[1:]
+        leaving = next(a.prefill_endpoint.id for a in rest if a.prefill_endpoint is not None)
+        held = [a for a in rest if a.prefill_endpoint and a.prefill_endpoint.id == leaving]
+        marked = await client.drain(endpoint_id=leaving, timeout_s=0.0)
+        assert not marked.drained and marked.remaining_in_flight == len(held)
+        later = await client.pick(long_query("later", start=9 * 10**5))
+        assert later.prefill_endpoint is not None and later.prefill_endpoint.id != leaving
+        drain = asyncio.create_task(client.drain(endpoint_id=leaving, timeout_s=30.0))
+        # Its prefills keep it busy (not the decodes behind them) ...
+        await asyncio.wait({drain}, timeout=0.2)
+        assert not drain.done()
+        # ... until the router reports them done, which wakes the waiting Drain.
+        for answer in held:
+            assert await client.progress(lease_id=answer.lease_id, event="prefill_done")
+        result = await asyncio.wait_for(drain, timeout=10.0)
+        assert result.drained and result.remaining_in_flight == 0
+        # Their decode leases are still open until Complete.
+        assert core.in_flight("d0") == 5
+    finally:
+        await client.close()
+        await server.stop(grace_s=0.5)

@@ -174,6 +174,12 @@ class _ProgressEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Progres
     """
     PROGRESS_EVENT_FIRST_TOKEN: _ProgressEvent.ValueType  # 2
     """The engine the request was placed on produced its first token (its prefill is done there)."""
+    PROGRESS_EVENT_PREFILL_FELL_BACK: _ProgressEvent.ValueType  # 3
+    """A disaggregated request's prefill hop failed (refused, no usable kv_transfer_params,
+    unreachable with no retry left) and the decode endpoint got the original request, so it
+    prefills the prompt itself: the prefill instance's share closes without counting as work
+    done there, and the prompt's prefill moves onto the decode endpoint's queue.
+    """
 
 class ProgressEvent(_ProgressEvent, metaclass=_ProgressEventEnumTypeWrapper):
     """A milestone of a placed request, as the router observed it."""
@@ -185,6 +191,12 @@ the way to the decode instance (the prefill instance's queue no longer holds it)
 """
 PROGRESS_EVENT_FIRST_TOKEN: ProgressEvent.ValueType  # 2
 """The engine the request was placed on produced its first token (its prefill is done there)."""
+PROGRESS_EVENT_PREFILL_FELL_BACK: ProgressEvent.ValueType  # 3
+"""A disaggregated request's prefill hop failed (refused, no usable kv_transfer_params,
+unreachable with no retry left) and the decode endpoint got the original request, so it
+prefills the prompt itself: the prefill instance's share closes without counting as work
+done there, and the prompt's prefill moves onto the decode endpoint's queue.
+"""
 Global___ProgressEvent: _TypeAlias = ProgressEvent  # noqa: Y015
 
 class _MigrationTrigger:
@@ -561,7 +573,8 @@ class ProgressResponse(_message.Message):
     KNOWN_FIELD_NUMBER: _builtins.int
     known: _builtins.bool
     """False when the lease was unknown (completed or expired) or the event did not apply to it
-    (PREFILL_DONE on a request without a prefill hop, a milestone reported twice).
+    (PREFILL_DONE or PREFILL_FELL_BACK on a request without a prefill hop, or after one of
+    them, a milestone reported twice).
     """
     def __init__(
         self,

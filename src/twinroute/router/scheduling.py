@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 logger = logging.getLogger(__name__)
 
 Outcome = Literal["success", "engine_error", "stream_error", "cancelled", "timeout"]
-ProgressEvent = Literal["prefill_done", "first_token"]
+ProgressEvent = Literal["prefill_done", "first_token", "prefill_fell_back"]
 
 
 @dataclass(frozen=True, slots=True)

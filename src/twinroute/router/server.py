@@ -525,6 +525,10 @@ class RouterServer:
             lease.placement = dataclasses.replace(
                 placement, prefill_address=None, prefill_endpoint_id=None
             )
+            # Awaited, not in the background: the scheduler must move the prefill onto the
+            # decode lease before the decode's first token can be reported for it.
+            if placement.lease_id:
+                await self._report_progress(placement.lease_id, "prefill_fell_back")
         return decode.body
 
     def _headers(self, upstream: aiohttp.ClientResponse, placement: Placement) -> dict[str, str]:
@@ -632,16 +636,22 @@ class RouterServer:
         lease_id = lease.placement.lease_id
         if not lease_id or lease.reported:
             return
-
-        async def report() -> None:
-            try:
-                await self._scheduler.progress(lease_id=lease_id, event=event)
-            except SchedulerUnavailable as error:
-                logger.debug("lease %s: %s not reported: %s", lease_id, event, error)
-
-        task = asyncio.get_running_loop().create_task(report())
+        task = asyncio.get_running_loop().create_task(self._report_progress(lease_id, event))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _report_progress(self, lease_id: str, event: ProgressEvent) -> None:
+        """Best effort: a report the scheduler cannot take (unreachable, or too old to know
+        the event) never fails the request; the lease's Complete settles it anyway."""
+        try:
+            await self._scheduler.progress(lease_id=lease_id, event=event)
+        except SchedulerUnavailable as error:
+            logger.debug("lease %s: %s not reported: %s", lease_id, event, error)
+        except Exception as error:  # the scheduler refused it; the request goes on
+            logger.warning(
+                "lease %s: the scheduler refused the %s report: %s",
+                lease_id, event, type(error).__name__,
+            )  # fmt: skip
 
     def _complete_later(
         self,
