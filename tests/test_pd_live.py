@@ -611,11 +611,15 @@ async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
         [Endpoint(id=n, address=e.address, role=r, model=MODEL) for n, (e, r) in engines.items()]
     )
 
+    # Prefill leases still open on p0/p1 when each decode lease completes.
+    prefills_open_at_complete: list[int] = []
+
     class Port:
         async def pick(self, query: PickQuery) -> Placement:
             return await place(service, query)
 
         async def complete(self, **report: Any) -> None:
+            prefills_open_at_complete.append(core.in_flight("p0") + core.in_flight("p1"))
             await service.complete(**report)
 
         async def progress(self, *, lease_id: str, event: Any) -> None:
@@ -644,6 +648,8 @@ async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
             break
         await asyncio.sleep(0)
     assert len(core.leases) == 0
+    # The prefill hop's report freed the prefill instance before its decode finished.
+    assert prefills_open_at_complete == [0, 0, 0, 0]
 
 
 # -- discovery ----------------------------------------------------------------------------------
