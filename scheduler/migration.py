@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.types import Endpoint
+from twinroute.scheduler.types import Endpoint, Role
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -478,8 +478,10 @@ class Migrator:
     async def snapshot(self) -> list[InstanceLoad]:
         now = self._clock()
         loads: list[InstanceLoad] = []
-        for endpoint_id in sorted(self.core.endpoints):
-            if endpoint_id in self.core.unhealthy:
+        for endpoint_id, endpoint in sorted(self.core.endpoints.items()):
+            # A prefill instance is never a source or target: its requests leave it when the
+            # prefill is done (the router's report), and a stream must stay on a decode one.
+            if endpoint_id in self.core.unhealthy or endpoint.role is Role.PREFILL:
                 continue
             draining = endpoint_id in self.core.draining
             if endpoint_id in self.hooks:

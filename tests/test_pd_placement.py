@@ -488,3 +488,26 @@ async def test_grpc_prefill_fallback_and_a_draining_prefill_instance() -> None:
     finally:
         await client.close()
         await server.stop(grace_s=0.5)
+
+
+async def test_migration_never_moves_a_request_to_or_from_a_prefill_instance() -> None:
+    from twinroute.scheduler.migration import Migrator
+
+    core = make_core(pool(1, 2))
+    picks = [core.pick(request(f"r{i}", start=i * 10**6), now=0.0) for i in range(4)]
+    assert all(p.prefill_endpoint is not None for p in picks)
+    for pick in picks:
+        core.prefill_done(pick.lease_id, now=0.0)
+    migrator = Migrator(core=core, clock=lambda: 0.0)
+    # The prefill instance, now idle, would be the least loaded target for the decode streams.
+    leaving = picks[0].endpoint.id
+    core.drain(leaving)
+    results = await migrator.drain_now(leaving, timeout_s=5.0)
+    assert results
+    assert {r.proposal.target for r in results} <= {"d0", "d1"} - {leaving}
+    # A draining prefill instance's prefills are left to finish (their hop reports them).
+    fresh = core.pick(request("fresh", start=9 * 10**6), now=0.0)
+    assert fresh.prefill_endpoint is not None
+    core.drain("p0")
+    assert "p0" not in {load.endpoint_id for load in await migrator.snapshot()}
+    assert await migrator.drain_now("p0", timeout_s=5.0) == []
