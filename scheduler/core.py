@@ -409,7 +409,11 @@ class SchedulerCore:
         prefill too when the prefill hop is skipped) and, when there is a prefill endpoint, a
         second lease there carrying the prompt's uncached tokens until the prefill is done.
         Neither is in `_open`: hotspot rebalancing and drain moves, which move a request to
-        its other ring candidate, do not apply to a pair of instances."""
+        its other ring candidate, do not apply to a pair of instances. Nothing to withdraw
+        either: the admission hold never holds a disaggregated answer, so its prefill is on
+        the wire from Pick; on a draining prefill instance it finishes there, and the router's
+        `prefill_done` (or `prefill_fell_back`) report closes its lease, which is what the
+        drain waits for."""
         prefill_view, decode_view = self._pd_views(now=now)
         try:
             placement = self.pd.place(request, prefill_view=prefill_view, decode_view=decode_view)

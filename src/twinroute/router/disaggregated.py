@@ -18,6 +18,9 @@ Per request:
    decode instance prefills). Otherwise, and when the prefill endpoint refuses the request
    (4xx) or answers without usable `kv_transfer_params` (an engine without a KV connector), the
    decode instance gets the original body and prefills itself: a fallback, counted by reason.
+4. **The scheduler hears of it** (`Progress`): `prefill_done` after a hop that worked, so the
+   prefill instance stops carrying the request while the decode runs; `prefill_fell_back`,
+   awaited before the decode is sent, so the decode endpoint's lease carries the prefill.
 
 Metrics: `twinroute_router_prefill_seconds` (prefill hop latency), `twinroute_router_prefill_hops
 {outcome}` and `twinroute_router_prefill_fallbacks{reason}`. TTFT reported to the scheduler
