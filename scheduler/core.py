@@ -361,7 +361,9 @@ class SchedulerCore:
         entry = self._open.pop(lease_id, None)
         if entry is not None and success and output_tokens > 0:
             self.output_lengths.observe(_output_group(entry[0]), output_tokens)
-        self._close_prefill_lease(lease_id, now=now)
+        # A failed request (e.g. its prefill endpoint failed and it is placed again) proves
+        # nothing about the prefills queued before it there.
+        self._close_prefill_lease(lease_id, now=now, done=success)
         return self.leases.close(lease_id, now=now)
 
     def expire(self, now: float) -> list[Lease]:
@@ -503,12 +505,15 @@ class SchedulerCore:
         )
         return True
 
-    def _close_prefill_lease(self, lease_id: str, *, now: float) -> bool:
+    def _close_prefill_lease(self, lease_id: str, *, now: float, done: bool = True) -> bool:
+        """Close a pick's prefill lease; `done` also settles what was queued before it there
+        (FIFO), as a finished prefill implies."""
         prefill_lease_id = self._pd_prefill_leases.pop(lease_id, None)
         self._pd_fallback_tokens.pop(lease_id, None)
         if prefill_lease_id is None:
             return False
-        self.leases.first_token(prefill_lease_id, now=now)
+        if done:
+            self.leases.first_token(prefill_lease_id, now=now)
         return self.leases.close(prefill_lease_id, now=now) is not None
 
     # -- hotspot rebalancing ------------------------------------------------------------------

@@ -511,3 +511,20 @@ async def test_migration_never_moves_a_request_to_or_from_a_prefill_instance() -
     core.drain("p0")
     assert "p0" not in {load.endpoint_id for load in await migrator.snapshot()}
     assert await migrator.drain_now("p0", timeout_s=5.0) == []
+
+
+@pytest.mark.parametrize("success", [True, False], ids=["finished", "failed"])
+def test_completing_a_pick_settles_the_prefills_ahead_only_when_it_succeeded(
+    success: bool,
+) -> None:
+    core = make_core(pool(1, 1))
+    ahead = core.pick(request("ahead", start=10**6), now=0.0)
+    behind = core.pick(request("behind"), now=0.0)
+    assert core.load("p0", now=0.0).pending_prefill_tokens == 2 * 4096
+    core.complete(behind.lease_id, now=0.0, success=success)
+    # A finished request was prefilled, so the one ahead of it was too; a failed one (its
+    # prefill endpoint failed, it is placed again) says nothing about it.
+    assert core.load("p0", now=0.0).pending_prefill_tokens == (0 if success else 4096)
+    assert core.in_flight("p0") == 1
+    core.complete(ahead.lease_id, now=0.0)
+    assert core.in_flight("p0") == 0
