@@ -48,10 +48,8 @@ MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
 # `twinroute scheduler/router --migration`: off, drain (Drain moves the running streams of a
 # leaving engine), on (drain, and Llumnix-style moves on persistent imbalance).
 MIGRATION_MODES: Final = ("off", "drain", "on")
-# "drain" is what scale-in wants (it then costs no streaming request), but a router that
-# watches for orders dials its scheduler before the scheduler in the same pod listens and
-# fails picks until its gRPC reconnect backoff ends; off until that is fixed (docs/operator.md).
-DEFAULT_MIGRATION: Final = "off"
+# Drain: the operator's scale-in then costs no streaming request (docs/operator.md).
+DEFAULT_MIGRATION: Final = "drain"
 DEFAULT_ADMISSION_HOLD: Final = False
 DEFAULT_PHASE_AWARE: Final = True
 

@@ -63,7 +63,7 @@ def test_invalid_routing_settings_name_the_field(routing: dict[str, Any], field:
 def test_defaults() -> None:
     routing = parse_pool(name="chat", namespace="ns", spec=PD).routing
     assert routing.pd_min_prefill_tokens == DEFAULT_PD_MIN_PREFILL_TOKENS == 100
-    assert routing.migration == DEFAULT_MIGRATION == "off"
+    assert routing.migration == DEFAULT_MIGRATION == "drain"
     assert routing.admission_hold is DEFAULT_ADMISSION_HOLD is False
     assert routing.phase_aware is DEFAULT_PHASE_AWARE is True
     assert routing.rebalancing is True
@@ -97,19 +97,19 @@ def rendered_processes(
 
 # routing -> (pd threshold, migration, phase-aware, admission hold, router's Pick timeout)
 RENDERED = {
-    "defaults": ({}, (100, "off", "on", "off", 1.0)),
-    "pd threshold 300": ({"pdMinPrefillTokens": 300}, (300, "off", "on", "off", 1.0)),
+    "defaults": ({}, (100, "drain", "on", "off", 1.0)),
+    "pd threshold 300": ({"pdMinPrefillTokens": 300}, (300, "drain", "on", "off", 1.0)),
     "pd threshold 0 (always prefill hop)": (
         {"pdMinPrefillTokens": 0},
-        (0, "off", "on", "off", 1.0),
+        (0, "drain", "on", "off", 1.0),
     ),
-    "migration drain": ({"migration": "drain"}, (100, "drain", "on", "off", 1.0)),
+    "migration off": ({"migration": "off"}, (100, "off", "on", "off", 1.0)),
     "migration on": ({"migration": "on"}, (100, "on", "on", "off", 1.0)),
-    "phase blind": ({"phaseAware": False}, (100, "off", "off", "off", 1.0)),
-    "admission hold": ({"admissionHold": True}, (100, "off", "on", "on", 4.0)),
+    "phase blind": ({"phaseAware": False}, (100, "drain", "off", "off", 1.0)),
+    "admission hold": ({"admissionHold": True}, (100, "drain", "on", "on", 4.0)),
     "admission hold without rebalancing holds nothing": (
         {"admissionHold": True, "rebalancing": False},
-        (100, "off", "on", "off", 1.0),
+        (100, "drain", "on", "off", 1.0),
     ),
 }
 
@@ -142,5 +142,5 @@ def test_a_routing_change_rolls_the_scheduler_pods(tmp_path: Path) -> None:
         return dict(deployment["spec"]["template"])
 
     base = template({})
-    for change in ({"pdMinPrefillTokens": 50}, {"migration": "drain"}, {"admissionHold": True}):
+    for change in ({"pdMinPrefillTokens": 50}, {"migration": "off"}, {"admissionHold": True}):
         assert template(change) != base, change
