@@ -104,8 +104,23 @@ def _raise_typed(error: grpc.aio.AioRpcError) -> None:
     raise SchedulerUnreachableError(f"{error.code().name}: {error.details()}") from None
 
 
+# A router usually starts beside its scheduler and may dial it first; gRPC's default reconnect
+# backoff (1 s growing to 120 s) would then refuse picks for many seconds after the scheduler
+# listens. Reconnect within a second instead: the channel is one connection to one peer.
+RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class SchedulerClient:
-    """Async client; build one per process and `await close()` at shutdown."""
+    """Async client; build one per process and `await close()` at shutdown.
+
+    Pick waits for the channel to be ready within its deadline (`wait_for_ready`) rather than
+    failing at once while a connection is being re-established, so a scheduler that starts a
+    moment after the router, or restarts, costs a short wait, not a failed pick; past the
+    deadline the caller sees `SchedulerUnreachableError` (the router then falls back)."""
 
     def __init__(
         self,
@@ -120,9 +135,9 @@ class SchedulerClient:
             self._channel = channel
         elif root_certificates is not None:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = grpc.aio.secure_channel(target, credentials)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=RECONNECT_OPTIONS)
         else:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS)
         self._stub: Any = pb_grpc.SchedulerStub(self._channel)
         self._timeout_s = timeout_s
         self._admin_metadata = (
@@ -148,7 +163,9 @@ class SchedulerClient:
             exclude_endpoints=sorted(query.exclude_endpoints),
         )
         try:
-            response = await self._stub.Pick(request, timeout=timeout_s or self._timeout_s)
+            response = await self._stub.Pick(
+                request, timeout=timeout_s or self._timeout_s, wait_for_ready=True
+            )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
             raise

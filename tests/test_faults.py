@@ -193,6 +193,9 @@ async def test_scheduler_restart_under_load_fails_open_and_loses_nothing(stack: 
         try:
             await stack.scheduler.stop()
             restarted_at = len(results)
+            # Away longer than the router's pick deadline (1 s): a pick waits for the
+            # scheduler's channel only that long, then the router fails open.
+            await asyncio.sleep(1.5)
             stack.scheduler = await start_scheduler(stack.scheduler_argv)
             back_at = len(results)
             # Until the router's channel reconnects, requests may still take the fallback.

@@ -241,11 +241,11 @@ class GrpcScheduler:
         reached by IP or 127.0.0.1). `admin_token` goes with the admin RPCs."""
         import grpc
 
-        from twinroute.scheduler.client import SchedulerClient
+        from twinroute.scheduler.client import RECONNECT_OPTIONS, SchedulerClient
 
         channel = None
         if tls_ca is not None:
-            options = (
+            options: tuple[tuple[str, str | int], ...] = RECONNECT_OPTIONS + (
                 (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
             )
             channel = grpc.aio.secure_channel(
