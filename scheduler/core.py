@@ -561,16 +561,7 @@ class SchedulerCore:
                 if entry is None or (movable is not None and not movable(lease.lease_id)):
                     continue
                 request, decision = entry
-                target = next(
-                    (
-                        c.endpoint_id
-                        for c in decision.candidates
-                        if c.endpoint_id != source
-                        and c.endpoint_id in self._routable_ids
-                        and c.endpoint_id not in request.exclude
-                    ),
-                    None,
-                )
+                target = self._other_candidate(request, decision, source)
                 if target is None:
                     continue
                 # Its own wait: the prefill queued up to and including it (FIFO).
@@ -609,6 +600,22 @@ class SchedulerCore:
                     )
                 )
         return moves
+
+    def _other_candidate(
+        self, request: RoutingRequest, decision: Decision, source: str
+    ) -> str | None:
+        """The first candidate the decision named, other than `source`, still routable and
+        not excluded for the request: where a queued request moves (hotspot or drain)."""
+        return next(
+            (
+                c.endpoint_id
+                for c in decision.candidates
+                if c.endpoint_id != source
+                and c.endpoint_id in self._routable_ids
+                and c.endpoint_id not in request.exclude
+            ),
+            None,
+        )
 
     def _ttft_on(
         self, request: RoutingRequest, endpoint_id: str, *, added: int, now: float
@@ -718,16 +725,7 @@ class SchedulerCore:
             if entry is None or (movable is not None and not movable(lease.lease_id)):
                 continue
             request, decision = entry
-            target = next(
-                (
-                    c.endpoint_id
-                    for c in decision.candidates
-                    if c.endpoint_id != endpoint_id
-                    and c.endpoint_id in self._routable_ids
-                    and c.endpoint_id not in request.exclude
-                ),
-                None,
-            )
+            target = self._other_candidate(request, decision, endpoint_id)
             other = target is not None
             if target is None:
                 try:
