@@ -119,7 +119,11 @@ def build(args: argparse.Namespace) -> web.Application:
         kv=_kv_agent(args, core=core, engine_id=identity.instance_id, profile=profile),
     )
     if args.migration_port is not None:
-        app.cleanup_ctx.append(_migration_hook(core, listen=f"{args.host}:{args.migration_port}"))
+        app.cleanup_ctx.append(
+            _migration_hook(
+                core, listen=f"{args.host}:{args.migration_port}", transfer_s=profile.kv_transfer_s
+            )
+        )
     return app
 
 
@@ -152,11 +156,12 @@ def _kv_agent(
     return agent
 
 
-def _migration_hook(core: EngineCore, *, listen: str) -> Any:
+def _migration_hook(core: EngineCore, *, listen: str, transfer_s: Callable[[int], float]) -> Any:
     from twinroute.enginesim.migration import EngineMigrationHook, MigrationHookServer
 
     async def lifecycle(app: web.Application) -> Any:
-        server = MigrationHookServer(hook=EngineMigrationHook(core=core), listen=listen)
+        hook = EngineMigrationHook(core=core, transfer_s=transfer_s)
+        server = MigrationHookServer(hook=hook, listen=listen)
         await server.start()
         print(f"engine-sim migration hook on {server.address}", flush=True)
         yield

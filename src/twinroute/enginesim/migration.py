@@ -5,10 +5,11 @@ Stages, as the scheduler (`twinroute.scheduler.migration.Migrator`) drives them:
 1. PreAllocate on the destination reserves KV for the request's blocks (refused, with the
    reason, when not enough is free).
 2. Transfer on the source, stage by stage: each stage sends the blocks the request holds and
-   the destination has not got yet, in the modelled time `blocks x block tokens x KV bytes per
-   token / bandwidth + overhead` (times the engine's time scale; the sleep is injected). The
-   request keeps decoding during the early stages; the last stage takes it out of the batch
-   (its KV stays held on the source), sends the rest, and returns its state.
+   the destination has not got yet, in the instance profile's modelled link time for the
+   stage's tokens (`InstanceProfile.kv_transfer_s`, as prefill/decode transfers use; times the
+   engine's time scale; the sleep is injected). The request keeps decoding during the early
+   stages; the last stage takes it out of the batch (its KV stays held on the source), sends
+   the rest, and returns its state.
 3. Commit on the destination adopts the request into its batch with the reserved KV and the
    tokens generated so far; it decodes the rest there.
 Abort on either side cleans that side: the destination frees its reservation, the source puts
@@ -39,23 +40,15 @@ from typing import Any
 import grpc
 
 from twinroute.enginesim.core import EngineCore, Generation
+from twinroute.simulator.profiles import DEFAULT_PROFILE, get_profile
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class TransferSettings:
-    # Llama-3-8B bf16: 2 x 32 layers x 8 KV heads x 128 dims x 2 bytes (see simulator/profiles).
-    kv_bytes_per_token: int = 131_072
-    # One 200 Gb/s RDMA NIC between the instances.
-    bandwidth_bytes_per_s: float = 25e9
-    stage_overhead_s: float = 0.002
-    commit_timeout_s: float = 30.0
-
-    def transfer_s(self, *, tokens: int) -> float:
-        return self.stage_overhead_s + tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
+# A destination that never sees Commit frees its reservation after this long.
+COMMIT_TIMEOUT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -91,12 +84,17 @@ class EngineMigrationHook(pb_grpc.MigrationHookServicer):
         self,
         *,
         core: EngineCore,
-        settings: TransferSettings = TransferSettings(),
+        transfer_s: Callable[[int], float] | None = None,
+        commit_timeout_s: float = COMMIT_TIMEOUT_S,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         channel_factory: Callable[[str], grpc.aio.Channel] = grpc.aio.insecure_channel,
     ) -> None:
+        """`transfer_s(tokens)`: modelled seconds to copy that many tokens of KV, per stage
+        (the instance profile's link, `InstanceProfile.kv_transfer_s`, as prefill/decode
+        transfers use; the default profile's when not given)."""
         self._core = core
-        self._settings = settings
+        self._transfer_s = transfer_s or get_profile(DEFAULT_PROFILE).kv_transfer_s
+        self._commit_timeout_s = commit_timeout_s
         self._sleep = sleep
         self._channel_factory = channel_factory
         self._incoming: dict[str, _Incoming] = {}
@@ -202,7 +200,7 @@ class EngineMigrationHook(pb_grpc.MigrationHookServicer):
             yield pb.FollowEvent(committed=False, reason="unknown migration")
             return
         try:
-            await asyncio.wait_for(incoming.decided.wait(), timeout=self._settings.commit_timeout_s)
+            await asyncio.wait_for(incoming.decided.wait(), timeout=self._commit_timeout_s)
         except TimeoutError:
             self._abort_incoming(request.migration_id, incoming)
             yield pb.FollowEvent(committed=False, reason="no commit in time")
@@ -256,7 +254,7 @@ class EngineMigrationHook(pb_grpc.MigrationHookServicer):
             outgoing.prompt_tokens = (kv_tokens - generated) // self._core.settings.token_scale
             outgoing.generated = generated
             outgoing.max_tokens = max_tokens
-        seconds = self._settings.transfer_s(tokens=send * self._block_tokens)
+        seconds = self._transfer_s(send * self._block_tokens)
         await self._sleep(self._wall(seconds))
         outgoing.sent_blocks += send
         if request.last_stage:
