@@ -4,7 +4,7 @@ hold, at several rates, on the same engines and trace.
 For each `--speedups` S and hold in (off, on) this runs
 
     twinroute bench live --routers twinroute_dualmap --twinroute-scheduler grpc \\
-        --admission-hold H --duration D --speedup S --slo 5 --out OUT/sS-H
+        --admission-hold H --duration D --speedup S --ttft-slo-s 5 --out OUT/sS-H
 
 (fresh engine-sim processes, scheduler and router each time), then reads each run's
 `live.json` and the scheduler's shutdown line on the hold (requests held, seconds held, how
@@ -41,7 +41,7 @@ def run_one(*, speedup: float, hold: str, duration: float, out: Path, reuse: boo
         sys.executable, "-m", "twinroute", "bench", "live",
         "--routers", "twinroute_dualmap", "--twinroute-scheduler", "grpc",
         "--admission-hold", hold, "--duration", f"{duration:g}", "--speedup", f"{speedup:g}",
-        "--slo", "5", "--out", str(target),
+        "--ttft-slo-s", "5", "--out", str(target),
     ]  # fmt: skip
     print(" ".join(command[2:]), file=sys.stderr, flush=True)
     subprocess.run(command, check=True)

@@ -3,7 +3,8 @@
 Children (all in the pool's namespace, labelled with pool/role/model and owned by the pool):
 - per engine role: a Deployment `<pool>-<role>` running vLLM (or anything that speaks its
   flags, such as `twinroute engine-sim`) and a headless Service of the same name;
-- the scheduler/router: a ConfigMap `<pool>-scheduler` with the routing settings, a
+- the scheduler/router: a ConfigMap `<pool>-scheduler` with every routing setting (the
+  scheduler's only source of them), a
   ServiceAccount and RoleBinding (read-only pod discovery, bound to the chart's ClusterRole),
   a Deployment `<pool>-scheduler` (containers `scheduler` and `router`) and a Service `<pool>`
   that is the pool's OpenAI endpoint.
@@ -144,10 +145,11 @@ def _kv_transfer_args(pool: PoolSpec, *, role: Role) -> list[str]:
 
 
 def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, Any]:
-    """The routing settings the scheduler and router read from `CONFIG_DIR/CONFIG_FILE`."""
+    """Every routing setting of the pool, as the scheduler reads it from
+    `CONFIG_DIR/CONFIG_FILE` (`twinroute.scheduler.settings.parse_config`, which refuses a key
+    it does not know): the scheduler gets the pool's routing from this file alone."""
     routing = pool.routing
-    return {
-        "pool": pool.name,
+    config: dict[str, Any] = {
         "model": pool.model_name,
         "policy": routing.policy,
         "ttftSloSeconds": routing.ttft_slo_s,
@@ -156,40 +158,27 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
         "rebalancing": routing.rebalancing,
         "scrapeIntervalSeconds": routing.scrape_interval_s,
         "pdMinPrefillTokens": routing.pd_min_prefill_tokens,
-        "disaggregated": pool.disaggregated,
+        "phaseAware": routing.phase_aware,
+        "admissionHold": admission_hold_on(pool),
+        "migration": routing.migration,
         "discovery": {
             "kind": "kubernetes",
             "namespace": pool.namespace,
             "labelSelector": f"{labels.POOL_LABEL}={pool.name},"
             f"{labels.ROLE_LABEL} in ({','.join(r.value for r in pool.roles)})",
-            "portAnnotation": labels.ENGINE_PORT_ANNOTATION,
             "defaultPort": pool.engine.port,
         },
-        "ports": {
-            "grpc": settings.grpc_port,
-            "metrics": settings.metrics_port,
-            "router": settings.router_port,
-        },
+        "ports": {"grpc": settings.grpc_port, "metrics": settings.metrics_port},
     }
+    if admission_hold_on(pool):
+        config["admissionMaxHoldSeconds"] = ADMISSION_MAX_HOLD_S
+    return config
 
 
 def admission_hold_on(pool: PoolSpec) -> bool:
     """The live scheduler rebalances hotspots over the requests it holds, so the hold is what
     `rebalancing` switches in a running pool: without rebalancing a hold only delays."""
     return pool.routing.admission_hold and pool.routing.rebalancing
-
-
-def scheduler_routing_args(pool: PoolSpec) -> list[str]:
-    """The scheduler's flags for the routing settings its config file does not carry."""
-    routing = pool.routing
-    args = [
-        "--migration", routing.migration,
-        "--phase-aware", "on" if routing.phase_aware else "off",
-        "--admission-hold", "on" if admission_hold_on(pool) else "off",
-    ]  # fmt: skip
-    if admission_hold_on(pool):
-        args += ["--admission-max-hold", str(ADMISSION_MAX_HOLD_S)]
-    return args
 
 
 def router_routing_args(pool: PoolSpec) -> list[str]:
@@ -200,7 +189,7 @@ def router_routing_args(pool: PoolSpec) -> list[str]:
         if admission_hold_on(pool)
         else ROUTER_PICK_TIMEOUT_S
     )
-    return ["--migration", pool.routing.migration, "--scheduler-timeout", str(pick_timeout)]
+    return ["--migration", pool.routing.migration, "--scheduler-timeout-s", str(pick_timeout)]
 
 
 def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -> list[Obj]:
@@ -424,7 +413,6 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             str(settings.grpc_port),
             "--metrics-port",
             str(settings.metrics_port),
-            *scheduler_routing_args(pool),
         ],
         "ports": [
             {
@@ -459,8 +447,6 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             pool.model_name,
             "--scheduler",
             f"127.0.0.1:{settings.grpc_port}",
-            "--ttft-slo-s",
-            str(pool.routing.ttft_slo_s),
             *router_routing_args(pool),
         ],
         "ports": [

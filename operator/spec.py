@@ -14,16 +14,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-POLICIES: Final = (
-    "dualmap",
-    "round_robin",
-    "least_loaded",
-    "consistent_hash",
-    "chwbl",
-    "cache_aware",
-    "min_ttft",
-    "preble",
+# Policy names, migration modes and the routing defaults are the shared vocabulary's (the CRD's
+# enums and defaults say the same; tests check them against these).
+from twinroute.vocabulary import (
+    DEFAULT_KEY_BLOCK_TOKENS,
+    DEFAULT_PD_MIN_PREFILL_TOKENS,
+    DEFAULT_POLICY,
+    DEFAULT_SCRAPE_INTERVAL_S,
+    DEFAULT_TTFT_SLO_S,
+    DEFAULT_VIRTUAL_NODES,
+    MIGRATION_MODES,
+    POLICY_NAMES,
 )
+
 SERVICE_TYPES: Final = ("ClusterIP", "NodePort", "LoadBalancer")
 KV_CONNECTORS: Final = ("NixlConnector", "P2pNcclConnector", "LMCacheConnectorV1")
 # "vllm": a vLLM server (`vllm serve` flags). "simulator": `twinroute engine-sim`, which serves
@@ -34,21 +37,13 @@ DEFAULT_SIMULATOR_COMMAND: Final = ("twinroute", "engine-sim")
 DEFAULT_ENGINE_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
 DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
 DEFAULT_ENGINE_PORT: Final = 8000
-DEFAULT_POLICY: Final = "dualmap"
-DEFAULT_TTFT_SLO_S: Final = 5.0
-DEFAULT_PREFIX_BLOCK_SIZE: Final = 64
-DEFAULT_VIRTUAL_NODES: Final = 256
-DEFAULT_SCRAPE_INTERVAL_S: Final = 1.0
+DEFAULT_PREFIX_BLOCK_SIZE: Final = DEFAULT_KEY_BLOCK_TOKENS
 DEFAULT_SCHEDULER_REPLICAS: Final = 1
 DEFAULT_KV_CONNECTOR: Final = "NixlConnector"
-# Prefill/decode pools: a decode engine prefills a prompt itself when at most this many of its
-# tokens are uncached there (llm-d's decider; `twinroute scheduler --pd-min-prefill-tokens`).
-DEFAULT_PD_MIN_PREFILL_TOKENS: Final = 100
 MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
-# `twinroute scheduler/router --migration`: off, drain (Drain moves the running streams of a
-# leaving engine), on (drain, and Llumnix-style moves on persistent imbalance).
-MIGRATION_MODES: Final = ("off", "drain", "on")
-# Drain: the operator's scale-in then costs no streaming request (docs/operator.md).
+# A managed pool migrates on drain by default, unlike a bare `twinroute scheduler` (off): the
+# operator renders the router that carries the orders out, so scale-in then costs no streaming
+# request (docs/operator.md).
 DEFAULT_MIGRATION: Final = "drain"
 DEFAULT_ADMISSION_HOLD: Final = False
 DEFAULT_PHASE_AWARE: Final = True
@@ -237,9 +232,9 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
 
 def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
     policy = _string(routing, "policy", path="routing.policy", default=DEFAULT_POLICY)
-    if policy not in POLICIES:
+    if policy not in POLICY_NAMES:
         raise SpecError(
-            field="routing.policy", message=f"{policy!r} is not one of {list(POLICIES)}"
+            field="routing.policy", message=f"{policy!r} is not one of {list(POLICY_NAMES)}"
         )
     migration = _string(routing, "migration", path="routing.migration", default=DEFAULT_MIGRATION)
     if migration not in MIGRATION_MODES:

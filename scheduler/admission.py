@@ -6,10 +6,10 @@ move it. The live scheduler therefore may hold the Pick answer of such a request
 per-instance admission queue (its lease is open on the instance, so every later pick sees the
 load) and, every `round_interval_s`:
 
-1. **Rebalance.** One round of `SchedulerCore.plan_rebalance` over the held requests only
-   (the others are already on the wire): a held request moves to its other candidate when that
-   one now meets the SLO, by descending benefit, non-recursively; the moved request is answered
-   with the other candidate (reason REBALANCED, same lease id).
+1. **Rebalance.** One round of `MovePlanner.rebalance` (`scheduler/moves.py`) over the held
+   requests only (the others are already on the wire): a held request moves to its other
+   candidate when that one now meets the SLO, by descending benefit, non-recursively; the moved
+   request is answered with the other candidate (reason REBALANCED, same lease id).
 2. **Release** (FIFO per instance). The oldest held request of an instance is answered with its
    instance once its backlog falls within the SLO; the backlog is the prefill of the leases
    queued ahead of it there (the scheduler's fluid estimate), raised to the engine's scraped
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twinroute.scheduler.api import PickAnswer
 from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.types import DecisionReason
+
+from twinroute.vocabulary import DecisionReason
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class AdmissionQueue:
             if core.leases.get(entry.answer.lease_id) is None:
                 # Expired or its endpoint left: answer as picked, the router retries elsewhere.
                 self._release(entry, "gone", now=now)
-        moves = core.plan_rebalance(now=now, movable=self._by_lease.__contains__)
+        moves = core.moves.rebalance(now=now, movable=self._by_lease.__contains__)
         for move in moves:
             held = self._by_lease.get(move.lease_id)
             if held is None or not core.move(move.lease_id, target=move.target, now=now):
@@ -276,7 +277,7 @@ class AdmissionQueue:
         answer = dataclasses.replace(
             held.answer,
             endpoint=self.core.endpoints[lease.endpoint_id],
-            reason=DecisionReason.REBALANCED,
+            reason=decision.reason if decision is not None else DecisionReason.DRAINED,
             predicted_ttft_s=lease.predicted_ttft_s,
             expected_cached_blocks=next(
                 (c.expected_cached_blocks for c in scores if c.endpoint_id == lease.endpoint_id),

@@ -1,37 +1,67 @@
-"""The scheduler's request and answer shapes, shared by the in-process `SchedulerService`, the
-gRPC servicer and `SchedulerClient`, so a router can switch between embedded and remote
-scheduling without changing a line of its request path.
+"""The scheduler's API: the one vocabulary every front end speaks.
 
-Errors are typed so that each maps to one gRPC status (and back again in the client):
+`Scheduler` is implemented by the in-process `SchedulerService` (the embedded router, tests,
+benchmarks) and by `SchedulerClient` (the `twinroute scheduler` service over gRPC) alike, so the
+router, live migration, the benchmarks and any other front end (an Envoy endpoint picker) are
+written once against it and run over either. Protobuf and HTTP are converted at the edges only
+(`scheduler/wire.py`, the router's OpenAI parser); everything in between uses these types.
 
-| error                 | gRPC status        | meaning                                         |
-|-----------------------|--------------------|-------------------------------------------------|
-| `InvalidPickError`    | INVALID_ARGUMENT   | the request itself is wrong (empty prompt, ...) |
-| `UnknownModelError`   | NOT_FOUND          | no endpoint of the pool serves that model       |
-| `NoEndpointError`     | UNAVAILABLE        | nothing routable left (empty pool, all excluded)|
-| `UnknownEndpointError`| NOT_FOUND          | Drain named an endpoint the scheduler lacks     |
+A pick hands back a `Placement`: the answer (endpoint, lease, reason, prediction) and the one
+report owed for it. `Placement.complete()` is exactly-once by construction, as KubeAI's load
+balancer hands a `done()` callback out with every address: the first call claims the report,
+later calls do nothing, so no path of a request can leak or double-close its lease.
+
+Errors are typed; each maps to one gRPC status (and back again in the client):
+
+| error                      | gRPC status         | meaning                                      |
+|----------------------------|---------------------|----------------------------------------------|
+| `InvalidPickError`         | INVALID_ARGUMENT    | the request itself is wrong (empty prompt...) |
+| `UnknownModelError`        | NOT_FOUND           | no endpoint of the pool serves that model    |
+| `NoEndpointError`          | UNAVAILABLE         | nothing routable left (empty pool, excluded) |
+| `UnknownEndpointError`     | NOT_FOUND           | Drain named an endpoint the scheduler lacks  |
+| `MigrationOffError`        | FAILED_PRECONDITION | migration orders asked of a scheduler without |
+| `SchedulerUnreachableError`| (anything else)     | the scheduler could not answer: fail open    |
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+import enum
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from twinroute.scheduler.types import DecisionReason, Endpoint, LoadSnapshot, NoEndpointError
+from twinroute.scheduler.types import (
+    DecisionRecord,
+    Endpoint,
+    LoadSnapshot,
+    NoEndpointError,
+)
 
+from twinroute.vocabulary import DecisionReason
+
+# How a placed request ended (the Complete report).
 Outcome = Literal["success", "engine_error", "stream_error", "cancelled", "timeout"]
-OUTCOMES: tuple[Outcome, ...] = ("success", "engine_error", "stream_error", "cancelled", "timeout")
+OUTCOMES: Final[tuple[Outcome, ...]] = (
+    "success",
+    "engine_error",
+    "stream_error",
+    "cancelled",
+    "timeout",
+)
 
-# Milestones of a placed request the router reports between Pick and Complete (`Progress`).
+# Milestones of a placed request reported between Pick and Complete (Progress): the prefill
+# hop of a disaggregated request finished, or failed and the decode endpoint prefills itself;
+# the first token reached the client.
 ProgressEvent = Literal["prefill_done", "first_token", "prefill_fell_back"]
-PROGRESS_EVENTS: tuple[ProgressEvent, ...] = ("prefill_done", "first_token", "prefill_fell_back")
+PROGRESS_EVENTS: Final[tuple[ProgressEvent, ...]] = (
+    "prefill_done",
+    "first_token",
+    "prefill_fell_back",
+)
 
-# Trailing metadata key naming which error a non-OK status stands for, so the client never has
-# to guess from the message (UNAVAILABLE also means "cannot connect").
-ERROR_KIND_METADATA = "twinroute-error"
+DEFAULT_EXPLAIN_LIMIT: Final = 20
 
 
 class InvalidPickError(ValueError):
@@ -46,11 +76,23 @@ class UnknownEndpointError(LookupError):
     """The endpoint id is not one the scheduler knows."""
 
 
+class MigrationOffError(RuntimeError):
+    """Migration orders were asked of a scheduler that runs without migration."""
+
+
+class SchedulerUnreachableError(ConnectionError):
+    """The scheduler could not answer (connection, deadline, server error): the caller may
+    fail open (the router's static fallback), never mistaking it for "the pool is empty"."""
+
+
+# -- a pick ---------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class PickQuery:
     """One request to place. Give `token_ids` when the caller has them (exact prefix keys),
-    otherwise `text` (keys over characters; `prompt_tokens` then carries the caller's token
-    count, 0 = estimate from the length)."""
+    otherwise `text` (keys over characters; `prompt_tokens` then carries the caller's count
+    of model tokens, 0 = estimate from the length)."""
 
     request_id: str
     model: str
@@ -59,16 +101,19 @@ class PickQuery:
     session_id: str = ""
     lora_adapter: str = ""
     cache_salt: str = ""
+    # max_tokens or an estimate; 0 = unknown.
     expected_output_tokens: int = 0
-    # 0 = the scheduler's default SLO.
-    ttft_slo_s: float = 0.0
+    # This request's own TTFT objective, only when its client asked for one; None: the
+    # scheduler's `SchedulerSettings.ttft_slo_s`.
+    ttft_slo_s: float | None = None
     prompt_tokens: int = 0
+    # Endpoints already tried for this request (retries); they are not picked again.
     exclude_endpoints: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
 class PickAnswer:
-    """Where the request goes and why. Exactly one `complete(lease_id=...)` must follow."""
+    """Where a request goes and why: the value a Pick returns, on any transport."""
 
     endpoint: Endpoint
     lease_id: str
@@ -76,7 +121,126 @@ class PickAnswer:
     policy: str
     predicted_ttft_s: float = 0.0
     expected_cached_blocks: int = 0
+    # Set in a disaggregated pool when the prompt is prefilled there first.
     prefill_endpoint: Endpoint | None = None
+
+
+class LeaseReports(Protocol):
+    """Reports about a placed request, by lease id (what a `Placement` calls)."""
+
+    async def complete(
+        self,
+        *,
+        lease_id: str,
+        outcome: Outcome = "success",
+        observed_ttft_s: float = 0.0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> bool:
+        """Close a lease; False when the scheduler no longer knew it (closed or expired)."""
+        ...
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+        """A milestone of a placed request; False when the lease or event did not apply."""
+        ...
+
+
+async def _nothing_to_report() -> bool:
+    return False
+
+
+class Placement:
+    """One placed request: its `answer`, and the reports owed for it.
+
+    `complete()` claims the request's one Complete when it is called, before anything is
+    awaited, and returns the report to await (or to run in the background); a second call, from
+    any path, returns a report that does nothing. Progress after completion is dropped. A
+    placement without a lease (the router's fail-open placements) reports nothing.
+    """
+
+    __slots__ = ("_answer", "_completed", "_reports")
+
+    def __init__(self, answer: PickAnswer, *, reports: LeaseReports | None) -> None:
+        self._answer = answer
+        self._reports = reports if answer.lease_id else None
+        self._completed = False
+
+    @property
+    def answer(self) -> PickAnswer:
+        """The placement as it stands (a prefill hop that fell back is no longer named)."""
+        return self._answer
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self._answer.endpoint
+
+    @property
+    def prefill_endpoint(self) -> Endpoint | None:
+        return self._answer.prefill_endpoint
+
+    @property
+    def lease_id(self) -> str:
+        return self._answer.lease_id
+
+    @property
+    def reason(self) -> DecisionReason:
+        return self._answer.reason
+
+    @property
+    def policy(self) -> str:
+        return self._answer.policy
+
+    @property
+    def predicted_ttft_s(self) -> float:
+        return self._answer.predicted_ttft_s
+
+    @property
+    def expected_cached_blocks(self) -> int:
+        return self._answer.expected_cached_blocks
+
+    @property
+    def done(self) -> bool:
+        """True once `complete` was called."""
+        return self._completed
+
+    def complete(
+        self,
+        outcome: Outcome,
+        *,
+        observed_ttft_s: float = 0.0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> Awaitable[bool]:
+        """The request's Complete report, claimed now; False from every later call."""
+        if self._completed or self._reports is None:
+            self._completed = True
+            return _nothing_to_report()
+        self._completed = True
+        return self._reports.complete(
+            lease_id=self._answer.lease_id,
+            outcome=outcome,
+            observed_ttft_s=observed_ttft_s,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
+
+    def progress(self, event: ProgressEvent) -> Awaitable[bool]:
+        """A milestone report; nothing once the request is complete."""
+        if event == "prefill_fell_back":
+            self._answer = replace(self._answer, prefill_endpoint=None)
+        if self._completed or self._reports is None:
+            return _nothing_to_report()
+        return self._reports.progress(lease_id=self._answer.lease_id, event=event)
+
+    def __repr__(self) -> str:
+        state = "done" if self._completed else "open"
+        return f"Placement({self._answer.endpoint.id}, lease={self._answer.lease_id!r}, {state})"
+
+
+# -- admin ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +258,104 @@ class DrainResult:
     remaining_in_flight: int
 
 
+# -- live migration: orders to the router that holds a stream -------------------------------
+
+
+class Trigger(enum.StrEnum):
+    """Why a running request migrates (a metric label)."""
+
+    DRAIN = "drain"
+    IMBALANCE = "imbalance"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOrder:
+    """Move the stream of `lease_id` from `source` to `target` within `deadline_s`."""
+
+    migration_id: str
+    lease_id: str
+    request_id: str
+    source: Endpoint
+    target: Endpoint
+    trigger: Trigger
+    deadline_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """What became of an order; `produced_tokens` and `pause_s` when it committed."""
+
+    migration_id: str
+    lease_id: str
+    committed: bool
+    reason: str = ""
+    produced_tokens: int = 0
+    pause_s: float = 0.0
+
+
+# A router that does not hold the lease answers with this reason; only when every watcher
+# said so is the order settled as not held (several routers may watch one scheduler).
+NOT_HELD_REASON: Final = "not held by this router"
+# The stream ended (or is ending) before the router could move it.
+STREAM_FINISHING_REASON: Final = "stream finish"
+
+
+class Scheduler(LeaseReports, Protocol):
+    """What a front end asks of the scheduler, in-process or over gRPC."""
+
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        """Choose an endpoint and open a lease; `timeout_s` bounds any hold of the answer.
+        Raises `InvalidPickError`, `UnknownModelError`, `NoEndpointError` or
+        `SchedulerUnreachableError`."""
+        ...
+
+    async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]: ...
+
+    async def explain(
+        self, *, limit: int = DEFAULT_EXPLAIN_LIMIT, request_id: str = ""
+    ) -> list[DecisionRecord]:
+        """Newest decisions first, `decided_at` in Unix seconds."""
+        ...
+
+    async def drain(self, *, endpoint_id: str, timeout_s: float = 0.0) -> DrainResult:
+        """Take the endpoint out of routing; wait up to `timeout_s` for its leases to close."""
+        ...
+
+    def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
+        """Migration orders as the scheduler issues them, until the caller stops iterating;
+        raises `MigrationOffError` when the scheduler runs without migration."""
+        ...
+
+    async def report_migration(self, report: MigrationReport) -> bool:
+        """A router's answer to an order; False when the order is unknown."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 __all__ = [
-    "ERROR_KIND_METADATA",
+    "DEFAULT_EXPLAIN_LIMIT",
+    "NOT_HELD_REASON",
     "OUTCOMES",
+    "PROGRESS_EVENTS",
+    "STREAM_FINISHING_REASON",
+    "DecisionRecord",
     "DrainResult",
     "EndpointStatus",
     "InvalidPickError",
+    "LeaseReports",
+    "MigrationOffError",
+    "MigrationOrder",
+    "MigrationReport",
     "NoEndpointError",
     "Outcome",
     "PickAnswer",
     "PickQuery",
+    "Placement",
+    "ProgressEvent",
+    "Scheduler",
+    "SchedulerUnreachableError",
+    "Trigger",
     "UnknownEndpointError",
     "UnknownModelError",
 ]

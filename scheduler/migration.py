@@ -1,28 +1,16 @@
-"""Live migration of running requests: a Llumnix-style policy, and the loop that carries it out.
+"""Live migration of running requests, carried out: the `Migrator`.
 
-Policy (`plan_migrations`, pure, deterministic):
-1. Load of an instance = (KV blocks used + KV demand of its first waiting request) / KV blocks
-   (Llumnix's "virtual usage", as a fraction of memory). A draining instance counts as
-   infinitely loaded, so everything on it leaves.
-2. Imbalance: sources sorted by load descending, targets ascending (ties by endpoint id); the
-   i-th source is paired with the i-th target while the source's load exceeds the target's by
-   more than `min_gap`. From each source, requests are tried by KV blocks ascending (short ones
-   are cheapest to move and to recompute); a move is proposed only when the pair's load gap
-   shrinks and the target stays under `migrate_out_threshold` (it must not become a source),
-   at most `max_per_pair` moves per pair and round.
-3. Drain: every request on a draining instance goes to the least loaded target that has room
-   for its blocks, loads updated after each placement.
-Cost: O(instances log instances + requests on the sources log requests) per round.
-
-Execution (`Migrator`): two paths, chosen per pair.
+The plan comes from `scheduler/migration_plan.py` (Llumnix-style, pure). Two paths, chosen per
+pair:
 - Engine hooks (`twinroute.v1.MigrationHook`, both instances have a hook address): PreAllocate
   on the target, up to `max_stages` Transfer stages on the source (the last one when at most
   `last_stage_blocks` remain), Commit on the target; on any failure Abort on both sides (each
   side cleans its own part: the target frees its reservation, the source resumes the request).
   The client's HTTP stream stays on the source, which forwards what the target produces.
-- Router recompute (stock vLLM): an order on the `WatchMigrations` stream; the router holding
-  the lease splices the stream onto the target and reports back; a committed report moves the
-  lease to the target (same id), so Drain sees the source empty.
+- Router recompute (stock vLLM): an order on the `WatchMigrations` stream
+  (`scheduler/migration_orders.py`); the router holding the lease splices the stream onto the
+  target and reports back; a committed report moves the lease to the target (same id,
+  `SchedulerCore.move_running`), so Drain sees the source empty.
 
 Imbalance must persist for `persistent_rounds` consecutive rounds before a source migrates; a
 request migrates at most once for imbalance. Drain migrates at once, within the drain deadline.
@@ -39,22 +27,31 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from twinroute.scheduler.api import (
+    NOT_HELD_REASON,
+    STREAM_FINISHING_REASON,
+    MigrationOrder,
+    Trigger,
+)
 from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.types import Endpoint, Role
+from twinroute.scheduler.migration_orders import MigrationOrders
+from twinroute.scheduler.migration_plan import (
+    InstanceLoad,
+    MigrationPolicySettings,
+    MigrationProposal,
+    RunningRequest,
+    plan_migrations,
+)
+from twinroute.scheduler.types import Role
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
-
-
-class Trigger(enum.StrEnum):
-    DRAIN = "drain"
-    IMBALANCE = "imbalance"
 
 
 class Path(enum.StrEnum):
@@ -77,247 +74,8 @@ class AbortReason(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class RunningRequest:
-    """A request an instance runs: the engine's id (hook path) and/or the lease (router path)."""
-
-    request_id: str
-    kv_blocks: int
-    lease_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class InstanceLoad:
-    endpoint_id: str
-    capacity_blocks: int
-    used_blocks: int
-    # KV demand of the first waiting request (Llumnix counts it against the instance).
-    waiting_blocks: int = 0
-    running: tuple[RunningRequest, ...] = ()
-    draining: bool = False
-
-    @property
-    def load(self) -> float:
-        if self.draining:
-            return math.inf
-        return (self.used_blocks + self.waiting_blocks) / max(1, self.capacity_blocks)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    # Load gap (fraction of KV memory) between a pair that counts as imbalance.
-    min_gap: float = 0.2
-    # A target must stay at or under this load after the move.
-    migrate_out_threshold: float = 0.8
-    max_per_pair: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationProposal:
-    source: str
-    target: str
-    request: RunningRequest
-    trigger: Trigger
-    # Loads of source and target before and after the move (source is inf when draining).
-    gap_before: float
-    gap_after: float
-
-
-def plan_migrations(
-    instances: Sequence[InstanceLoad], *, settings: PolicySettings = PolicySettings()
-) -> list[MigrationProposal]:
-    """Proposals for one round; see the module docstring for the steps."""
-    used = {i.endpoint_id: i.used_blocks + i.waiting_blocks for i in instances}
-    capacity = {i.endpoint_id: max(1, i.capacity_blocks) for i in instances}
-    targets = [i for i in instances if not i.draining]
-
-    def load(endpoint_id: str) -> float:
-        return used[endpoint_id] / capacity[endpoint_id]
-
-    proposals: list[MigrationProposal] = []
-    for source in sorted((i for i in instances if i.draining), key=lambda i: i.endpoint_id):
-        for request in sorted(source.running, key=lambda r: (r.kv_blocks, r.request_id)):
-            fitting = [
-                t
-                for t in targets
-                if used[t.endpoint_id] + request.kv_blocks <= capacity[t.endpoint_id]
-            ]
-            if not fitting:
-                logger.warning(
-                    "drain of %s: no instance has room for %s (%d blocks)",
-                    source.endpoint_id, request.request_id, request.kv_blocks,
-                )  # fmt: skip
-                continue
-            target = min(fitting, key=lambda t: (load(t.endpoint_id), t.endpoint_id))
-            used[target.endpoint_id] += request.kv_blocks
-            proposals.append(
-                MigrationProposal(
-                    source=source.endpoint_id,
-                    target=target.endpoint_id,
-                    request=request,
-                    trigger=Trigger.DRAIN,
-                    gap_before=math.inf,
-                    gap_after=math.inf,
-                )
-            )
-
-    by_load = sorted(targets, key=lambda i: (-load(i.endpoint_id), i.endpoint_id))
-    half = len(by_load) // 2
-    sources = by_load[:half]
-    receivers = sorted(by_load[half:], key=lambda i: (load(i.endpoint_id), i.endpoint_id))
-    for source, target in zip(sources, receivers, strict=False):
-        s_id, t_id = source.endpoint_id, target.endpoint_id
-        moved = 0
-        for request in sorted(source.running, key=lambda r: (r.kv_blocks, r.request_id)):
-            if moved >= settings.max_per_pair:
-                break
-            gap = load(s_id) - load(t_id)
-            if gap <= settings.min_gap:
-                break
-            blocks = request.kv_blocks
-            after_source = (used[s_id] - blocks) / capacity[s_id]
-            after_target = (used[t_id] + blocks) / capacity[t_id]
-            gap_after = after_source - after_target
-            if abs(gap_after) >= gap or after_target > settings.migrate_out_threshold:
-                continue
-            used[s_id] -= blocks
-            used[t_id] += blocks
-            moved += 1
-            proposals.append(
-                MigrationProposal(
-                    source=s_id,
-                    target=t_id,
-                    request=request,
-                    trigger=Trigger.IMBALANCE,
-                    gap_before=gap,
-                    gap_after=gap_after,
-                )
-            )
-    return proposals
-
-
-# -- orders to routers (recompute path) ---------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationOrder:
-    migration_id: str
-    lease_id: str
-    request_id: str
-    source: Endpoint
-    target: Endpoint
-    trigger: Trigger
-    deadline_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationReport:
-    migration_id: str
-    lease_id: str
-    committed: bool
-    reason: str = ""
-    produced_tokens: int = 0
-    pause_s: float = 0.0
-
-
-# A router that does not hold the lease answers with this reason; only when every watcher
-# said so is the order settled as not held (several routers may watch one scheduler).
-NOT_HELD_REASON = "not held by this router"
-# The stream ended (or is ending) before the router could move it.
-STREAM_FINISHING_REASON = "stream finish"
-
-
-@dataclass(slots=True)
-class _Pending:
-    order: MigrationOrder
-    future: asyncio.Future[MigrationReport]
-    watchers: int
-    not_held: int = 0
-
-
-class MigrationOrders:
-    """Fan-out of orders to every watching router, and the futures their reports resolve."""
-
-    def __init__(self) -> None:
-        self._queues: list[asyncio.Queue[MigrationOrder]] = []
-        self._pending: dict[str, _Pending] = {}
-        self._watchers_changed = asyncio.Condition()
-
-    @property
-    def watchers(self) -> int:
-        return len(self._queues)
-
-    async def watch(self) -> AsyncIterator[MigrationOrder]:
-        """Orders from now on, until the caller stops iterating."""
-        queue: asyncio.Queue[MigrationOrder] = asyncio.Queue()
-        self._queues.append(queue)
-        async with self._watchers_changed:
-            self._watchers_changed.notify_all()
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._queues.remove(queue)
-
-    async def wait_for_watchers(self, count: int) -> None:
-        """Return once at least `count` watchers subscribed (a router connects, a test)."""
-        async with self._watchers_changed:
-            await self._watchers_changed.wait_for(lambda: len(self._queues) >= count)
-
-    def issue(self, order: MigrationOrder) -> asyncio.Future[MigrationReport]:
-        future: asyncio.Future[MigrationReport] = asyncio.get_running_loop().create_future()
-        self._pending[order.migration_id] = _Pending(
-            order=order, future=future, watchers=len(self._queues)
-        )
-        for queue in self._queues:
-            queue.put_nowait(order)
-        return future
-
-    def withdraw(self, migration_id: str) -> None:
-        self._pending.pop(migration_id, None)
-
-    def report(self, report: MigrationReport) -> bool:
-        """Settle an order; False when its id is unknown (reported already, or expired)."""
-        pending = self._pending.get(report.migration_id)
-        if pending is None or pending.order.lease_id != report.lease_id:
-            return False
-        if not report.committed and report.reason == NOT_HELD_REASON:
-            pending.not_held += 1
-            if pending.not_held < pending.watchers:
-                return True
-        del self._pending[report.migration_id]
-        if not pending.future.done():
-            pending.future.set_result(report)
-        return True
-
-
-def move_running_lease(
-    core: SchedulerCore, lease_id: str, *, target: str, produced_tokens: int, now: float
-) -> str | None:
-    """Re-open a lease on `target` under the same id (the router's Complete still finds it);
-    the target recomputes the prompt and what was produced. Returns the source, or None."""
-    lease = core.leases.get(lease_id)
-    if lease is None or target not in core.endpoints:
-        return None
-    core.leases.close(lease_id, now=now)
-    tokens = lease.prompt_tokens + produced_tokens
-    core.leases.open(
-        endpoint_id=target,
-        request_id=lease.request_id,
-        now=now,
-        prompt_tokens=tokens,
-        uncached_tokens=tokens,
-        predicted_ttft_s=0.0,
-        lease_id=lease_id,
-    )
-    return lease.endpoint_id
-
-
-# -- execution ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
 class MigratorSettings:
-    policy: PolicySettings = PolicySettings()
+    policy: MigrationPolicySettings = field(default_factory=MigrationPolicySettings)
     interval_s: float = 1.0
     # Run the imbalance policy (else only drains migrate).
     rebalance: bool = True
@@ -791,8 +549,7 @@ class Migrator:
             )
         if self.metrics is not None:
             self.metrics.pause_seconds.observe(report.pause_s)
-        moved_from = move_running_lease(
-            core,
+        moved_from = core.move_running(
             order.lease_id,
             target=target.id,
             produced_tokens=report.produced_tokens,

@@ -27,11 +27,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twinroute.scheduler.core import DecisionRecord, SchedulerCore
+from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.leases import Lease
 from twinroute.scheduler.ring import DualHashRing
 from twinroute.scheduler.scrape import EngineStats, ScrapeListener
-from twinroute.scheduler.types import Endpoint
+from twinroute.scheduler.types import DecisionRecord, Endpoint
 
 NAMESPACE = "twinroute_scheduler"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -61,13 +61,13 @@ class _CoreCollector(Collector):
             labels=["policy", "reason"],
         )
         policy = core.policy.name
-        for reason, count in sorted(core.decisions.items()):
+        for reason, count in sorted(core.history.by_reason.items()):
             decisions.add_metric([policy, reason.value], count)
         yield decisions
         yield CounterMetricFamily(
             f"{NAMESPACE}_slo_switches",
             "Decisions that left the cache-affinity candidate because it would break the SLO.",
-            value=core.slo_switches,
+            value=core.history.slo_switches,
         )
         placements = CounterMetricFamily(
             f"{NAMESPACE}_pd_placements",

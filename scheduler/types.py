@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.vocabulary import DecisionReason
+
 BlockHashes = npt.NDArray[np.uint64]
 
 
@@ -22,28 +24,6 @@ class Role(enum.StrEnum):
     UNIFIED = "unified"
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-class DecisionReason(enum.StrEnum):
-    """Why a policy chose an endpoint; the value is the `reason` metric label.
-
-    Mirrors `twinroute.v1.DecisionReason` (DECISION_REASON_<NAME> <-> NAME.lower()).
-    """
-
-    CACHE_AFFINITY = "cache_affinity"
-    SLO_SWITCH = "slo_switch"
-    TIE_LESS_LOADED = "tie_less_loaded"
-    LEAST_LOADED = "least_loaded"
-    ROUND_ROBIN = "round_robin"
-    HASH = "hash"
-    HASH_BOUNDED = "hash_bounded"
-    MIN_TTFT = "min_ttft"
-    EXPLOIT = "exploit"
-    EXPLORE = "explore"
-    ONLY_CANDIDATE = "only_candidate"
-    SESSION_AFFINITY = "session_affinity"
-    REBALANCED = "rebalanced"
-    FALLBACK = "fallback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,3 +160,15 @@ class Decision:
 
 class NoEndpointError(LookupError):
     """No routable endpoint is left for the request (empty pool, or all excluded)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One past decision, as Explain reports it (`decided_at` on the recorder's clock)."""
+
+    request_id: str
+    lease_id: str
+    decided_at: float
+    prompt_blocks: int
+    prompt_tokens: int
+    decision: Decision

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
-from twinroute.scheduler.api import PickAnswer, PickQuery
+from twinroute.scheduler.api import PickQuery, Placement
+from twinroute.scheduler.build import build_core, build_service
 from twinroute.scheduler.client import SchedulerClient
-from twinroute.scheduler.command import add_arguments, build_service
+from twinroute.scheduler.command import add_arguments, resolve_arguments
 from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.costmodel import LLAMA3_8B_H100
-from twinroute.scheduler.policies import PolicyConfig, make_policy
-from twinroute.scheduler.service import GrpcServer, SchedulerService
-from twinroute.scheduler.types import DecisionReason, Endpoint
+from twinroute.scheduler.server import GrpcServer
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.types import Endpoint
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
-from twinroute.router.scheduling import PickQuery as RouterQuery
-from twinroute.router.scheduling import Placement
+from twinroute.vocabulary import DecisionReason
 
 MODEL = "m"
 SLO_S = 2.0
@@ -51,7 +51,7 @@ class Live:
     clock: FakeClock
     registry: CollectorRegistry
     # Picks still open (held), by request id.
-    pending: dict[str, asyncio.Task[PickAnswer]] = field(default_factory=dict)
+    pending: dict[str, asyncio.Task[Placement]] = field(default_factory=dict)
 
     @property
     def core(self) -> SchedulerCore:
@@ -62,8 +62,8 @@ def build(
     *, policy: str = "dualmap", settings: AdmissionSettings = DEFAULT_SETTINGS
 ) -> tuple[SchedulerService, AdmissionQueue, FakeClock, CollectorRegistry]:
     clock = FakeClock()
-    config = PolicyConfig(cost_model=LLAMA3_8B_H100, ttft_slo_s=SLO_S)
-    core = SchedulerCore(policy=make_policy(policy, config=config), cost_model=LLAMA3_8B_H100)
+    scheduler_settings = SchedulerSettings(policy=policy, ttft_slo_s=SLO_S)
+    core = build_core(scheduler_settings)
     registry = CollectorRegistry()
     queue = AdmissionQueue(
         core=core,
@@ -72,7 +72,7 @@ def build(
         metrics=AdmissionMetrics(registry=registry),
         run_rounds=False,
     )
-    service = SchedulerService(core=core, clock=clock, admission=queue)
+    service = SchedulerService(core=core, settings=scheduler_settings, clock=clock, admission=queue)
     service.set_endpoints(
         [Endpoint(id=f"e{i}", address=f"127.0.0.1:{9100 + i}", model=MODEL) for i in range(2)]
     )
@@ -107,10 +107,10 @@ async def until(condition: Callable[[], bool], *, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def pick_until_held(live: Live, *, limit: int = 20) -> tuple[list[PickAnswer], str]:
+async def pick_until_held(live: Live, *, limit: int = 20) -> tuple[list[Placement], str]:
     """Pick distinct long prompts until one is held; returns the answered ones and the held
     request's id (its Pick still open)."""
-    answered: list[PickAnswer] = []
+    answered: list[Placement] = []
     for index in range(limit):
         name = f"r{index}"
         task = asyncio.create_task(live.client.pick(query(name, start=index * 1_000_000)))
@@ -124,12 +124,12 @@ async def pick_until_held(live: Live, *, limit: int = 20) -> tuple[list[PickAnsw
 
 
 def _answered_or_held(
-    live: Live, task: asyncio.Task[PickAnswer], held_before: int
+    live: Live, task: asyncio.Task[Placement], held_before: int
 ) -> Callable[[], bool]:
     return lambda: task.done() or live.queue.held_total > held_before
 
 
-def pending(live: Live, name: str) -> asyncio.Task[PickAnswer]:
+def pending(live: Live, name: str) -> asyncio.Task[Placement]:
     return live.pending[name]
 
 
@@ -176,7 +176,7 @@ async def test_a_held_request_moves_to_its_other_candidate_once_that_one_cools(
     assert (moved.endpoint.id, moved.reason) == (other, DecisionReason.REBALANCED)
     assert live.core.leases.get(moved.lease_id).endpoint_id == other  # type: ignore[union-attr]
     assert live.queue.moved_total == 1
-    decisions = live.service.explain(limit=1, request_id=name)
+    decisions = await live.service.explain(limit=1, request_id=name)
     assert decisions[0].decision.reason is DecisionReason.REBALANCED
     text = generate_latest(live.registry).decode()
     assert 'twinroute_admission_moves_total{reason="rebalance"} 1.0' in text
@@ -269,7 +269,7 @@ def test_scheduler_command_switch(flag: str, held: bool) -> None:
     args = parser.parse_args(
         ["--static-endpoints", "127.0.0.1:9000", "--model", MODEL, "--admission-hold", flag]
     )
-    service = build_service(args)
+    service = build_service(resolve_arguments(args))
     assert (service.admission is not None) is held
     if held:
         assert service.admission is not None
@@ -277,26 +277,29 @@ def test_scheduler_command_switch(flag: str, held: bool) -> None:
 
 
 async def test_the_embedded_router_scheduler_holds_and_releases_too() -> None:
-    from twinroute.router.embedded import CoreScheduler
+    import argparse
 
+    from twinroute.router.command import add_arguments as router_arguments
+    from twinroute.router.command import embedded_settings
+
+    parser = argparse.ArgumentParser()
+    router_arguments(parser)
+    args = parser.parse_args(
+        ["--embedded", f"--model={MODEL}", "--endpoints=e0=127.0.0.1:9100,e1=127.0.0.1:9101",
+         f"--ttft-slo-s={SLO_S}", "--admission-hold=on"]
+    )  # fmt: skip
     clock = FakeClock()
-    scheduler = CoreScheduler(
-        endpoints=[("e0", "127.0.0.1:9100"), ("e1", "127.0.0.1:9101")],
-        policy="dualmap",
-        models=[MODEL],
-        ttft_slo_s=SLO_S,
-        clock=clock,
-        admission_hold=True,
+    scheduler = build_service(embedded_settings(args), clock=clock)
+    scheduler.set_endpoints(
+        [Endpoint(id="e0", address="127.0.0.1:9100"), Endpoint(id="e1", address="127.0.0.1:9101")]
     )
-    queue = scheduler.service.admission
+    queue = scheduler.admission
     assert isinstance(queue, AdmissionQueue)
     try:
         task = None
         for index in range(20):
             ids = list(range(index * 1_000_000, index * 1_000_000 + PROMPT))
-            query = RouterQuery(
-                request_id=f"r{index}", model=MODEL, prompt_text=None, token_ids=ids
-            )
+            query = PickQuery(request_id=f"r{index}", model=MODEL, token_ids=ids)
             task = asyncio.create_task(scheduler.pick(query))
             await until(_done_or_held(task, queue), what=f"r{index}")
             if not task.done():
@@ -305,7 +308,7 @@ async def test_the_embedded_router_scheduler_holds_and_releases_too() -> None:
         # Its own background rounds release it once the (injected) time has drained the queue.
         clock.now += 60.0
         placement = await asyncio.wait_for(task, timeout=10.0)
-        assert placement.endpoint_id in {"e0", "e1"} and placement.lease_id
+        assert placement.endpoint.id in {"e0", "e1"} and placement.lease_id
     finally:
         await scheduler.close()
     assert len(queue) == 0

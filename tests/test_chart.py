@@ -34,12 +34,12 @@ from twinroute.operator.spec import (
     KV_CONNECTORS,
     MAX_PD_MIN_PREFILL_TOKENS,
     MIGRATION_MODES,
-    POLICIES,
     SpecError,
     parse_pool,
 )
 
 from twinroute.testing.kube import api_server_in_thread, write_kubeconfig
+from twinroute.vocabulary import POLICY_NAMES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "twinroute"
@@ -281,7 +281,7 @@ def test_invalid_specs_fail_both_the_schema_and_the_parser(spec: dict[str, Any])
 def test_crd_defaults_equal_the_parser_defaults() -> None:
     spec = crd_schema()["properties"]["spec"]["properties"]
     routing, engine = spec["routing"]["properties"], spec["engine"]["properties"]
-    assert routing["policy"]["enum"] == list(POLICIES)
+    assert routing["policy"]["enum"] == list(POLICY_NAMES)
     assert routing["policy"]["default"] == DEFAULT_POLICY
     assert routing["ttftSloSeconds"]["default"] == DEFAULT_TTFT_SLO_S
     assert routing["prefixBlockSize"]["default"] == DEFAULT_PREFIX_BLOCK_SIZE

@@ -16,7 +16,6 @@ is a small aiohttp server in this process (engine-sim has no such fault).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -24,9 +23,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from twinroute.scheduler.api import Outcome, PickQuery, Placement
+from twinroute.scheduler.build import build_service
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.types import Endpoint
 
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
-from twinroute.router.scheduling import FallbackScheduler, Outcome, PickQuery, Placement
 from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, build_app
 
 MODEL = "sim-model"
@@ -55,27 +57,29 @@ BAD_BODIES = {
 }  # fmt: skip
 
 
-class RecordingScheduler(FallbackScheduler):
-    """Round robin that remembers each lease's outcome by endpoint (leases are synthetic)."""
+class RecordingScheduler:
+    """The in-process round-robin scheduler, remembering each lease's outcome by endpoint."""
 
     def __init__(self, *, endpoints: list[tuple[str, str]]) -> None:
-        super().__init__(endpoints=endpoints, reason="round_robin")
+        self.inner = build_service(SchedulerSettings(policy="round_robin", served_models=(MODEL,)))
+        self.inner.set_endpoints([Endpoint(id=e, address=address) for e, address in endpoints])
         self.outcomes: list[tuple[str, Outcome]] = []
+        self._endpoint_of: dict[str, str] = {}
 
-    async def pick(self, query: PickQuery) -> Placement:
-        placement = await super().pick(query)
-        return dataclasses.replace(placement, lease_id=placement.endpoint_id)
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        placement = await self.inner.pick(query, timeout_s=timeout_s)
+        self._endpoint_of[placement.lease_id] = placement.endpoint.id
+        return Placement(placement.answer, reports=self)
 
-    async def complete(
-        self,
-        *,
-        lease_id: str,
-        outcome: Outcome,
-        observed_ttft_s: float,
-        prompt_tokens: int,
-        output_tokens: int,
-    ) -> None:
-        self.outcomes.append((lease_id, outcome))
+    async def complete(self, *, lease_id: str, outcome: Outcome = "success", **fields: Any) -> bool:
+        self.outcomes.append((self._endpoint_of[lease_id], outcome))
+        return await self.inner.complete(lease_id=lease_id, outcome=outcome, **fields)
+
+    async def progress(self, **fields: Any) -> bool:
+        return await self.inner.progress(**fields)
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 @pytest.fixture

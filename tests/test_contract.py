@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twinroute.scheduler.types import DecisionReason, Role
+from twinroute.scheduler.types import Role
 from twinroute.v1 import scheduler_pb2
+
+from twinroute.vocabulary import DecisionReason
 
 ROOT = Path(__file__).resolve().parent.parent
 

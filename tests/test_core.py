@@ -10,11 +10,12 @@ from twinroute.scheduler.policies.base import Policy, PolicyConfig, score_endpoi
 from twinroute.scheduler.types import (
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     NoEndpointError,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 SEED = namespace_seed(model="m")
 
@@ -108,9 +109,9 @@ def test_recent_decisions_are_newest_first_and_filterable() -> None:
     core = core_with()
     for i in range(5):
         core.pick(request(f"r{i}", start=i * 10_000), now=float(i))
-    records = core.recent_decisions(3)
+    records = core.history.recent(3)
     assert [r.request_id for r in records] == ["r4", "r3", "r2"]
-    assert [r.request_id for r in core.recent_decisions(10, request_id="r1")] == ["r1"]
+    assert [r.request_id for r in core.history.recent(10, request_id="r1")] == ["r1"]
     assert records[0].prompt_blocks == 256
 
 
@@ -158,7 +159,7 @@ def test_rebalancing_moves_the_queue_tail_of_a_hotspot_to_the_other_candidate() 
     core, leases = hotspot_core(_PinnedPair(config=PolicyConfig()))
     queue_before = LLAMA3_8B_H100.queue_time_s(core.load("e0", now=0.0))
     assert queue_before > 5.0
-    moves = core.plan_rebalance(now=0.0)
+    moves = core.moves.rebalance(now=0.0)
     assert moves and {(m.source, m.target) for m in moves} == {("e0", "e1")}
     # The newest requests wait longest, so they gain most and go first.
     assert [m.lease_id for m in moves] == leases[::-1][: len(moves)]
@@ -169,14 +170,14 @@ def test_rebalancing_moves_the_queue_tail_of_a_hotspot_to_the_other_candidate() 
     assert LLAMA3_8B_H100.queue_time_s(core.load("e0", now=0.0)) <= 5.0
     assert LLAMA3_8B_H100.queue_time_s(core.load("e1", now=0.0)) <= 5.0
     assert core.rebalance_moves == len(moves)
-    assert core.decisions[DecisionReason.REBALANCED] == len(moves)
-    assert core.recent_decisions(1)[0].decision.reason is DecisionReason.REBALANCED
+    assert core.history.by_reason[DecisionReason.REBALANCED] == len(moves)
+    assert core.history.recent(1)[0].decision.reason is DecisionReason.REBALANCED
     # A moved lease keeps its id: reports about it land on its new endpoint.
     moved = moves[0].lease_id
     assert core.first_token(moved, now=1.0)
     assert core.complete(moved, now=2.0) is not None
     assert core.load("e1", now=2.0).in_flight == len(moves) - 1
-    assert core.plan_rebalance(now=0.0) == []
+    assert core.moves.rebalance(now=0.0) == []
 
 
 def test_policies_that_do_not_ask_for_rebalancing_never_move_anything() -> None:
@@ -184,13 +185,13 @@ def test_policies_that_do_not_ask_for_rebalancing_never_move_anything() -> None:
         rebalances_hotspots = False
 
     core, _ = hotspot_core(Unmoved(config=PolicyConfig()))
-    assert core.plan_rebalance(now=0.0) == []
+    assert core.moves.rebalance(now=0.0) == []
 
 
 def test_a_request_that_would_break_the_slo_on_the_other_candidate_stays() -> None:
     core, _ = hotspot_core(_PinnedPair(config=PolicyConfig(ttft_slo_s=0.5)))
     # 0.5 s SLO: a 16k-token prompt alone takes ~0.9 s anywhere, so no move can help.
-    assert core.plan_rebalance(now=0.0) == []
+    assert core.moves.rebalance(now=0.0) == []
 
 
 def test_move_refuses_unknown_prefilled_and_unroutable() -> None:

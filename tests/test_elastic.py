@@ -16,9 +16,10 @@ from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100, CostModel
 from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
 from twinroute.scheduler.policies import make_policy
+from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Endpoint, PromptKeys, RoutingRequest
 
-from twinroute.bench import elastic
+from twinroute.bench import elastic, elastic_report
 from twinroute.simulator.cluster import (
     ClusterConfig,
     MembershipEvent,
@@ -26,7 +27,7 @@ from twinroute.simulator.cluster import (
     simulate,
 )
 from twinroute.simulator.profiles import InstanceProfile
-from twinroute.simulator.routing import core_router_factory
+from twinroute.simulator.routing import core_adapter_factory
 from twinroute.simulator.traces import TraceChunk
 
 SEED = namespace_seed(model="m")
@@ -61,7 +62,7 @@ def test_drain_moves_every_queued_request_off_and_loses_none(policy: str) -> Non
     assert core.first_token(running, now=0.0)
     assert core.drain(source)
 
-    moves = core.plan_drain_moves(source, now=0.0)
+    moves = core.moves.drain(source, now=0.0)
 
     assert {m.lease_id for m in moves} == set(on_source) - {running}
     for move in moves:
@@ -73,7 +74,7 @@ def test_drain_moves_every_queued_request_off_and_loses_none(policy: str) -> Non
     assert core.drain_moves == len(moves) and core.rebalance_moves == 0
     if policy == "dualmap":
         assert all(m.other_candidate for m in moves)
-        record = core.recent_decisions(1)[0]
+        record = core.history.recent(1)[0]
         assert "draining" in record.decision.detail
 
 
@@ -83,7 +84,7 @@ def test_drain_of_both_candidates_falls_back_to_a_fresh_pick() -> None:
     leaving = {"e2", "e3"}
     for endpoint_id in leaving:
         core.drain(endpoint_id)
-    moves = [m for e in sorted(leaving) for m in core.plan_drain_moves(e, now=0.0)]
+    moves = [m for e in sorted(leaving) for m in core.moves.drain(e, now=0.0)]
     queued = {p.lease_id for p in picks if p.endpoint.id in leaving}
     assert {m.lease_id for m in moves} == queued
     assert {m.target for m in moves} <= {"e0", "e1"}
@@ -116,7 +117,7 @@ def test_drain_never_loses_a_request_nor_targets_a_leaving_endpoint(
     for endpoint_id in gone:
         assert core.drain(endpoint_id)
     for endpoint_id in sorted(gone):
-        for move in core.plan_drain_moves(endpoint_id, now=0.0):
+        for move in core.moves.drain(endpoint_id, now=0.0):
             assert move.target not in gone
             assert core.move(move.lease_id, target=move.target, now=0.0, cause="drain")
     assert {lease.lease_id for e in core.endpoints for lease in core.leases.leases_on(e)} == {
@@ -129,7 +130,7 @@ def test_drain_never_loses_a_request_nor_targets_a_leaving_endpoint(
 def test_plan_drain_moves_is_empty_for_an_endpoint_not_draining() -> None:
     core = _core("dualmap", 3)
     core.pick(_request("r", start=0), now=0.0)
-    assert all(core.plan_drain_moves(e, now=0.0) == [] for e in core.endpoints)
+    assert all(core.moves.drain(e, now=0.0) == [] for e in core.endpoints)
 
 
 # -- rings: keys remapped ---------------------------------------------------------------------
@@ -150,7 +151,7 @@ def test_ideal_remap_is_the_fair_share(
     before: int, after: int, per_candidate: float, pair: float
 ) -> None:
     names = [f"e{i}" for i in range(max(before, after))]
-    ideal = elastic.ideal_remap(before=names[:before], after=names[:after])
+    ideal = elastic_report.ideal_remap(before=names[:before], after=names[:after])
     assert ideal == pytest.approx((per_candidate, pair))
 
 
@@ -163,7 +164,7 @@ keys moved stays within 0.08 (absolute) of the ideal per candidate and for the p
 def test_remapped_fraction_is_close_to_ideal_at_256_virtual_nodes(before: int, after: int) -> None:
     keys = np.random.default_rng(7).integers(0, 2**63, size=20_000, dtype=np.uint64)
     names = [f"sim-{i:03d}" for i in range(max(before, after))]
-    remap = elastic.measure_remap(
+    remap = elastic_report.measure_remap(
         keys,
         label=f"{before}->{after}",
         at_s=0.0,
@@ -181,7 +182,7 @@ def test_remapped_fraction_is_close_to_ideal_at_256_virtual_nodes(before: int, a
 def test_no_change_remaps_nothing() -> None:
     keys = np.arange(1000, dtype=np.uint64)
     names = [f"e{i}" for i in range(5)]
-    remap = elastic.measure_remap(
+    remap = elastic_report.measure_remap(
         keys, label="5->5", at_s=0.0, before=names, after=names, virtual_nodes=64, seed=3
     )
     assert (remap.first, remap.second, remap.pair) == (0.0, 0.0, 0.0)
@@ -237,13 +238,16 @@ def _run(
     return simulate(
         [_trace(400, gap_s=gap_s)],
         config=ClusterConfig(instances=2, profile=PROFILE, keep_samples=True),
-        router_factory=core_router_factory(
-            policy=policy,
+        router_factory=core_adapter_factory(
+            SchedulerSettings(
+                policy=policy,
+                ttft_slo_s=5.0,
+                scrape_interval_s=0.5,
+                policy_seed=0,
+                key_block_tokens=512,
+                prefix_capacity_tokens=800 * 512,
+            ),
             cost=COST,
-            ttft_slo_s=5.0,
-            scrape_interval_s=0.5,
-            seed=0,
-            prefix_capacity_blocks=800,
         ),
         keys_for=_keys,
         cost=COST,
@@ -293,13 +297,16 @@ def test_a_schedule_refuses_a_prefill_decode_pool() -> None:
         simulate(
             [_trace(2, gap_s=1.0)],
             config=ClusterConfig(instances=2, profile=PROFILE, pd=PdSplit(prefill=1, decode=1)),
-            router_factory=core_router_factory(
-                policy="dualmap",
+            router_factory=core_adapter_factory(
+                SchedulerSettings(
+                    policy="dualmap",
+                    ttft_slo_s=5.0,
+                    scrape_interval_s=0.5,
+                    policy_seed=0,
+                    key_block_tokens=512,
+                    prefix_capacity_tokens=800 * 512,
+                ),
                 cost=COST,
-                ttft_slo_s=5.0,
-                scrape_interval_s=0.5,
-                seed=0,
-                prefix_capacity_blocks=800,
             ),
             keys_for=_keys,
             cost=COST,
@@ -449,10 +456,11 @@ async def test_live_drain_answers_held_requests_with_their_other_candidate() -> 
     import asyncio
 
     from twinroute.scheduler.admission import AdmissionQueue
-    from twinroute.scheduler.api import PickAnswer, PickQuery
+    from twinroute.scheduler.api import PickQuery, Placement
     from twinroute.scheduler.policies import PolicyConfig
     from twinroute.scheduler.service import SchedulerService
-    from twinroute.scheduler.types import DecisionReason
+
+    from twinroute.vocabulary import DecisionReason
 
     now = [100.0]
     config = PolicyConfig(cost_model=LLAMA3_8B_H100, ttft_slo_s=2.0)
@@ -460,7 +468,7 @@ async def test_live_drain_answers_held_requests_with_their_other_candidate() -> 
     queue = AdmissionQueue(core=core, clock=lambda: now[0], run_rounds=False)
     service = SchedulerService(core=core, clock=lambda: now[0], admission=queue)
     service.set_endpoints(_endpoints(3))
-    pending: list[asyncio.Task[PickAnswer]] = []
+    pending: list[asyncio.Task[Placement]] = []
     for k in range(40):
         ids = np.arange(1_000_000 * k, 1_000_000 * k + 16_000, dtype=np.uint32)
         query = PickQuery(request_id=f"r{k}", model="m", token_ids=ids)
@@ -478,7 +486,10 @@ async def test_live_drain_answers_held_requests_with_their_other_candidate() -> 
     answers = [task.result() for task in pending if task.done()]
     moved = [a for a in answers if a.lease_id in held]
     assert len(moved) == len(held)
-    assert all(a.endpoint.id != source and a.reason is DecisionReason.REBALANCED for a in moved)
+    # Moved off a leaving endpoint: DRAINED, not a hotspot's REBALANCED.
+    assert all(a.endpoint.id != source and a.reason is DecisionReason.DRAINED for a in moved)
+    assert core.history.by_reason[DecisionReason.DRAINED] == len(held)
+    assert core.history.by_reason[DecisionReason.REBALANCED] == 0
     assert all(core.leases.get(a.lease_id).endpoint_id == a.endpoint.id for a in moved)  # type: ignore[union-attr]
     assert core.drain_moves == len(held)
     queue.release_all()

@@ -16,16 +16,14 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
+from twinroute.scheduler.api import Trigger
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
-from twinroute.scheduler.migration import (
-    AbortReason,
+from twinroute.scheduler.migration import AbortReason, Migrator, MigratorSettings
+from twinroute.scheduler.migration_plan import (
+    MigrationPolicySettings,
     MigrationProposal,
-    Migrator,
-    MigratorSettings,
-    PolicySettings,
     RunningRequest,
-    Trigger,
 )
 from twinroute.scheduler.policies import PolicyConfig, make_policy
 from twinroute.scheduler.types import Endpoint
@@ -372,18 +370,19 @@ def test_scheduler_migration_flags(
 ) -> None:
     import argparse
 
+    from prometheus_client import CollectorRegistry
     from twinroute.scheduler import command
+    from twinroute.scheduler.build import build_service
 
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     args = parser.parse_args(["--static-endpoints", "e0=127.0.0.1:1", *flags])
-    command.resolve_arguments(args)
-    service = command.build_service(args)
-    migrator = command.build_migrator(args, service)
+    service = build_service(command.resolve_arguments(args), registry=CollectorRegistry())
+    migrator = service.migrator
     if rebalance is None:
-        assert migrator is None and service.migrator is None
+        assert migrator is None
         return
-    assert migrator is not None and service.migrator is migrator
+    assert migrator is not None
     assert migrator.settings.rebalance is rebalance
     assert migrator.hooks == hooks
     assert service.telemetry is not None
@@ -400,7 +399,7 @@ async def test_imbalance_round_moves_a_stream_through_the_hooks(start_engine: St
     migrator = Migrator(
         core=migrator.core,
         settings=MigratorSettings(
-            policy=PolicySettings(min_gap=0.05), persistent_rounds=1, last_stage_blocks=1
+            policy=MigrationPolicySettings(min_gap=0.05), persistent_rounds=1, last_stage_blocks=1
         ),
         hooks=migrator.hooks,
     )

@@ -9,21 +9,20 @@ import math
 
 import pytest
 from prometheus_client import CollectorRegistry
+from twinroute.scheduler.api import NOT_HELD_REASON, MigrationOrder, MigrationReport, Trigger
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
 from twinroute.scheduler.migration import (
-    NOT_HELD_REASON,
     AbortReason,
-    InstanceLoad,
     MigrationMetrics,
-    MigrationOrder,
-    MigrationReport,
     Migrator,
     MigratorSettings,
-    PolicySettings,
-    RunningRequest,
-    Trigger,
     parse_hooks,
+)
+from twinroute.scheduler.migration_plan import (
+    InstanceLoad,
+    MigrationPolicySettings,
+    RunningRequest,
     plan_migrations,
 )
 from twinroute.scheduler.policies import PolicyConfig, make_policy
@@ -135,7 +134,7 @@ def test_plan_is_deterministic_whatever_the_input_order() -> None:
 
 def test_max_per_pair_bounds_moves() -> None:
     loads = [instance("a", 95, running=(5, 5, 5, 5)), instance("b", 5)]
-    settings = PolicySettings(max_per_pair=3)
+    settings = MigrationPolicySettings(max_per_pair=3)
     assert len(plan_migrations(loads, settings=settings)) == 3
 
 

@@ -186,11 +186,7 @@ def test_scheduler_gets_routing_config_and_discovery_selector() -> None:
     config = scheduler_config(
         pool({**PD, "routing": {"policy": "chwbl", "virtualNodes": 256}}), settings=SETTINGS
     )
-    assert (config["policy"], config["virtualNodes"], config["disaggregated"]) == (
-        "chwbl",
-        256,
-        True,
-    )
+    assert (config["policy"], config["virtualNodes"]) == ("chwbl", 256)
     assert config["discovery"]["labelSelector"] == (
         "twinroute.io/pool=chat,twinroute.io/role in (prefill,decode)"
     )

@@ -15,7 +15,8 @@ from twinroute.scheduler.client import SchedulerClient
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.policies import PolicyConfig, make_policy
-from twinroute.scheduler.service import GrpcServer, SchedulerService
+from twinroute.scheduler.server import GrpcServer
+from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.types import Endpoint
 
 MODEL = "tiny-llama"

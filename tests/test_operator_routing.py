@@ -25,6 +25,7 @@ from twinroute.operator.spec import (
     parse_pool,
 )
 from twinroute.scheduler import command as scheduler_command
+from twinroute.scheduler.settings import SchedulerSettings
 
 from twinroute.router import command as router_command
 
@@ -71,9 +72,9 @@ def test_defaults() -> None:
 
 def rendered_processes(
     routing: dict[str, Any], tmp_path: Path
-) -> tuple[argparse.Namespace, argparse.Namespace]:
-    """The scheduler's and router's arguments as their own parsers read the rendered pod
-    (the scheduler's --config pointed at the rendered ConfigMap's text)."""
+) -> tuple[SchedulerSettings, argparse.Namespace]:
+    """The scheduler's settings and the router's arguments as their own parsers read the
+    rendered pod (the scheduler's --config pointed at the rendered ConfigMap's text)."""
     pool = parse_pool(name="chat", namespace="ns", spec=spec_with(routing))
     objects = render_children(pool, owner=Owner(name="chat", uid="u"), settings=SETTINGS)
     kinds = {(o["kind"], o["metadata"]["name"]): o for o in objects}
@@ -87,8 +88,7 @@ def rendered_processes(
     ]
     parser = argparse.ArgumentParser()
     scheduler_command.add_arguments(parser)
-    scheduler = parser.parse_args(scheduler_argv)
-    scheduler_command.resolve_arguments(scheduler)
+    scheduler = scheduler_command.resolve_arguments(parser.parse_args(scheduler_argv))
     parser = argparse.ArgumentParser()
     router_command.add_arguments(parser)
     router = parser.parse_args(containers["router"]["args"])
@@ -97,37 +97,40 @@ def rendered_processes(
 
 # routing -> (pd threshold, migration, phase-aware, admission hold, router's Pick timeout)
 RENDERED = {
-    "defaults": ({}, (100, "drain", "on", "off", 1.0)),
-    "pd threshold 300": ({"pdMinPrefillTokens": 300}, (300, "drain", "on", "off", 1.0)),
+    "defaults": ({}, (100, "drain", True, False, 1.0)),
+    "pd threshold 300": ({"pdMinPrefillTokens": 300}, (300, "drain", True, False, 1.0)),
     "pd threshold 0 (always prefill hop)": (
         {"pdMinPrefillTokens": 0},
-        (0, "drain", "on", "off", 1.0),
+        (0, "drain", True, False, 1.0),
     ),
-    "migration off": ({"migration": "off"}, (100, "off", "on", "off", 1.0)),
-    "migration on": ({"migration": "on"}, (100, "on", "on", "off", 1.0)),
-    "phase blind": ({"phaseAware": False}, (100, "drain", "off", "off", 1.0)),
-    "admission hold": ({"admissionHold": True}, (100, "drain", "on", "on", 4.0)),
+    "migration off": ({"migration": "off"}, (100, "off", True, False, 1.0)),
+    "migration on": ({"migration": "on"}, (100, "on", True, False, 1.0)),
+    "phase blind": ({"phaseAware": False}, (100, "drain", False, False, 1.0)),
+    "admission hold": ({"admissionHold": True}, (100, "drain", True, True, 4.0)),
     "admission hold without rebalancing holds nothing": (
         {"admissionHold": True, "rebalancing": False},
-        (100, "drain", "on", "off", 1.0),
+        (100, "drain", True, False, 1.0),
     ),
 }
 
 
 @pytest.mark.parametrize(("routing", "expected"), RENDERED.values(), ids=RENDERED.keys())
 def test_routing_settings_reach_the_scheduler_and_router(
-    routing: dict[str, Any], expected: tuple[int, str, str, str, float], tmp_path: Path
+    routing: dict[str, Any], expected: tuple[int, str, bool, bool, float], tmp_path: Path
 ) -> None:
     scheduler, router = rendered_processes(routing, tmp_path)
     pd_threshold, migration, phase_aware, hold, pick_timeout = expected
     assert scheduler.pd_min_prefill_tokens == pd_threshold
     assert (scheduler.migration, router.migration) == (migration, migration)
-    assert scheduler.phase_aware == phase_aware
-    assert scheduler.admission_hold == hold
+    assert scheduler.phase_aware is phase_aware
+    assert scheduler.admission_hold is hold
     # A held Pick must not outlast the router's deadline for it.
-    assert router.scheduler_timeout == pick_timeout
-    if hold == "on":
-        assert router.scheduler_timeout > scheduler.admission_max_hold
+    assert router.scheduler_timeout_s == pick_timeout
+    if hold:
+        assert router.scheduler_timeout_s > scheduler.admission_max_hold_s
+    # The pool's SLO is the scheduler's alone: the router neither takes nor stamps one.
+    assert router.ttft_slo_s is None
+    assert scheduler.ttft_slo_s == 5.0
 
 
 def test_a_routing_change_rolls_the_scheduler_pods(tmp_path: Path) -> None:

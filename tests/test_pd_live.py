@@ -22,6 +22,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from twinroute.scheduler.api import NoEndpointError, Outcome, PickAnswer, PickQuery, Placement
+from twinroute.scheduler.types import Endpoint
 
 from twinroute.bench.processes import free_port
 from twinroute.enginesim import command as engine_command
@@ -35,10 +37,10 @@ from twinroute.enginesim.kv_transfer import (
 )
 from twinroute.enginesim.server import EngineIdentity, build_app
 from twinroute.router.disaggregated import PREFILL_HEADER, prefill_body
-from twinroute.router.scheduling import NoEndpointAvailable, Outcome, PickQuery, Placement, place
 from twinroute.router.server import ENDPOINT_HEADER, RouterSettings
 from twinroute.router.server import build_app as build_router
 from twinroute.simulator.instance import Instance, InstanceConfig
+from twinroute.vocabulary import DecisionReason
 
 MODEL = "sim-model"
 PROMPT = " ".join(f"w{i}" for i in range(160))  # 10 full blocks of 16 tokens
@@ -365,33 +367,32 @@ class FixedPlacement:
         self.progress_reports: list[tuple[str, str]] = []
         self.picks = 0
 
-    async def pick(self, query: PickQuery) -> Placement:
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
         self.picks += 1
         if self.decode.name in query.exclude_endpoints:
-            raise NoEndpointAvailable("decode excluded")
-        use_prefill = self.prefill is not None and self.prefill.name not in query.exclude_endpoints
-        return Placement(
-            address=self.decode.address,
-            endpoint_id=self.decode.name,
+            raise NoEndpointError("decode excluded")
+        prefill = self.prefill
+        use_prefill = prefill is not None and prefill.name not in query.exclude_endpoints
+        answer = PickAnswer(
+            endpoint=Endpoint(id=self.decode.name, address=self.decode.address),
             lease_id=f"lease-{self.picks}",
-            reason="test",
-            prefill_address=self.prefill.address if use_prefill and self.prefill else None,
-            prefill_endpoint_id=self.prefill.name if use_prefill and self.prefill else None,
+            reason=DecisionReason.CACHE_AFFINITY,
+            policy="fixed",
+            prefill_endpoint=(
+                Endpoint(id=prefill.name, address=prefill.address)
+                if use_prefill and prefill is not None
+                else None
+            ),
         )
+        return Placement(answer, reports=self)
 
-    async def complete(
-        self,
-        *,
-        lease_id: str,
-        outcome: Outcome,
-        observed_ttft_s: float,
-        prompt_tokens: int,
-        output_tokens: int,
-    ) -> None:
+    async def complete(self, *, lease_id: str, outcome: Outcome = "success", **_: Any) -> bool:
         self.completed.append((lease_id, outcome))
+        return True
 
-    async def progress(self, *, lease_id: str, event: str) -> None:
+    async def progress(self, *, lease_id: str, event: str) -> bool:
         self.progress_reports.append((lease_id, event))
+        return True
 
     async def close(self) -> None:
         return None
@@ -591,22 +592,17 @@ async def test_what_a_failing_prefill_engine_says_stays_out_of_warnings(
 async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
     start_engine: StartEngine, start_router: StartRouter
 ) -> None:
-    from twinroute.scheduler.core import SchedulerCore
-    from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
-    from twinroute.scheduler.policies import PolicyConfig, make_policy
-    from twinroute.scheduler.service import SchedulerService
-    from twinroute.scheduler.types import Endpoint, Role
+    from twinroute.scheduler.build import build_service
+    from twinroute.scheduler.settings import SchedulerSettings
+    from twinroute.scheduler.types import Role
 
     engines = {
         "p0": (await start_engine("p0", role=KvRole.BOTH), Role.PREFILL),
         "p1": (await start_engine("p1", role=KvRole.BOTH), Role.PREFILL),
         "d0": (await start_engine("d0", role=KvRole.BOTH), Role.DECODE),
     }
-    cost = COST_PROFILES[DEFAULT_COST_PROFILE]
-    core = SchedulerCore(
-        policy=make_policy("dualmap", config=PolicyConfig(cost_model=cost)), cost_model=cost
-    )
-    service = SchedulerService(core=core, served_models=[MODEL])
+    service = build_service(SchedulerSettings(served_models=(MODEL,)))
+    core = service.core
     service.set_endpoints(
         [Endpoint(id=n, address=e.address, role=r, model=MODEL) for n, (e, r) in engines.items()]
     )
@@ -615,15 +611,18 @@ async def test_router_with_the_scheduler_places_prefill_and_decode_by_role(
     prefills_open_at_complete: list[int] = []
 
     class Port:
-        async def pick(self, query: PickQuery) -> Placement:
-            return await place(service, query)
+        """The in-process scheduler, noting the open prefill leases at each Complete."""
 
-        async def complete(self, **report: Any) -> None:
+        async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+            placement = await service.pick(query, timeout_s=timeout_s)
+            return Placement(placement.answer, reports=self)
+
+        async def complete(self, **report: Any) -> bool:
             prefills_open_at_complete.append(core.in_flight("p0") + core.in_flight("p1"))
-            await service.complete(**report)
+            return await service.complete(**report)
 
-        async def progress(self, *, lease_id: str, event: Any) -> None:
-            service.progress(lease_id=lease_id, event=event)
+        async def progress(self, *, lease_id: str, event: Any) -> bool:
+            return await service.progress(lease_id=lease_id, event=event)
 
         async def close(self) -> None:
             return None

@@ -4,6 +4,7 @@ the real gRPC service."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,9 +17,9 @@ from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
 from twinroute.scheduler.policies import PolicyConfig, make_policy
 from twinroute.scheduler.policies.dualmap import DualMapPolicy
 from twinroute.scheduler.policies.pd import PdMode, PdSettings
-from twinroute.scheduler.service import GrpcServer, SchedulerService
+from twinroute.scheduler.server import GrpcServer
+from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.types import (
-    DecisionReason,
     Endpoint,
     NoEndpointError,
     Role,
@@ -26,6 +27,8 @@ from twinroute.scheduler.types import (
 )
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
+
+from twinroute.vocabulary import DecisionReason
 
 SEED = namespace_seed(model="m")
 BLOCK = 16
@@ -247,8 +250,8 @@ def test_the_prefill_lease_closes_once(close: str) -> None:
     result = core.pick(request("r"), now=0.0)
     assert core.in_flight("p0") == 1 and core.in_flight("d0") == 1
     if close == "prefill_done":
-        assert core.prefill_done(result.lease_id, now=0.1)
-        assert not core.prefill_done(result.lease_id, now=0.2)
+        assert core.prefill_leases.done(result.lease_id, now=0.1)
+        assert not core.prefill_leases.done(result.lease_id, now=0.2)
         assert core.in_flight("d0") == 1
     elif close == "first_token":
         assert core.first_token(result.lease_id, now=0.3)
@@ -324,7 +327,7 @@ async def test_grpc_pick_names_the_prefill_and_decode_endpoints() -> None:
         finally:
             await client.close()
         assert core.in_flight(answer.prefill_endpoint.id) <= 1
-        records = core.recent_decisions(1)
+        records = core.history.recent(1)
         assert records[0].decision.prefill_endpoint_id == answer.prefill_endpoint.id
     finally:
         await server.stop(grace_s=0.5)
@@ -344,28 +347,24 @@ def test_metrics_count_placements_by_mode() -> None:
     assert 'twinroute_scheduler_decisions_total{policy="dualmap",reason="least_loaded"} 1.0' in text
 
 
-def test_scheduler_cli_and_config_set_the_decider_threshold() -> None:
+def test_scheduler_cli_and_config_set_the_decider_threshold(tmp_path: Path) -> None:
     import argparse
 
-    from twinroute.scheduler.command import (
-        add_arguments,
-        apply_config,
-        build_service,
-        resolve_arguments,
-    )
+    from twinroute.scheduler.build import build_core
+    from twinroute.scheduler.command import add_arguments, resolve_arguments
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(
-        ["--static-endpoints", "127.0.0.1:9000", "--pd-min-prefill-tokens", "7"]
-    )
-    resolve_arguments(args)
-    assert build_service(args).core.pd.settings.min_prefill_tokens == 7
-    apply_config(args, "pdMinPrefillTokens: 300\n")
-    assert build_service(args).core.pd.settings.min_prefill_tokens == 300
-    args.pd_min_prefill_tokens = -1
-    with pytest.raises(ValueError, match="--pd-min-prefill-tokens must be >= 0"):
-        resolve_arguments(args)
+    def threshold(*argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        args = parser.parse_args(["--static-endpoints", "127.0.0.1:9000", *argv])
+        return build_core(resolve_arguments(args)).pd.settings.min_prefill_tokens
+
+    assert threshold("--pd-min-prefill-tokens", "7") == 7
+    config = tmp_path / "scheduler.yaml"
+    config.write_text("pdMinPrefillTokens: 300\n")
+    assert threshold("--pd-min-prefill-tokens", "7", "--config", str(config)) == 300
+    with pytest.raises(ValueError, match="pd_min_prefill_tokens must be >= 0"):
+        threshold("--pd-min-prefill-tokens", "-1")
 
 
 def test_a_fallen_back_prefill_hop_moves_the_prefill_onto_the_decode_lease() -> None:
@@ -376,15 +375,15 @@ def test_a_fallen_back_prefill_hop_moves_the_prefill_onto_the_decode_lease() -> 
     # Disaggregated: the decode instance only decodes, the prefill instance queues 2 prompts.
     assert core.load("d0", now=0.0).pending_prefill_tokens == 0
     assert core.load("p0", now=0.0).pending_prefill_tokens == 2 * 4096
-    assert core.prefill_fell_back(result.lease_id, now=0.0)
+    assert core.prefill_leases.fell_back(result.lease_id, now=0.0)
     # The prefill instance did no work for it: only its own prompt leaves, the one ahead stays.
     assert core.load("p0", now=0.0).pending_prefill_tokens == 4096
     assert core.in_flight("p0") == 1
     assert core.load("d0", now=0.0).pending_prefill_tokens == 4096
     assert core.in_flight("d0") == 2
     # Reported once; the lease (same id) still closes with Complete and leaves nothing behind.
-    assert not core.prefill_fell_back(result.lease_id, now=0.0)
-    assert not core.prefill_done(result.lease_id, now=0.0)
+    assert not core.prefill_leases.fell_back(result.lease_id, now=0.0)
+    assert not core.prefill_leases.done(result.lease_id, now=0.0)
     assert core.complete(result.lease_id, now=0.0) is not None
     assert core.load("d0", now=0.0).pending_prefill_tokens == 0
     core.complete(ahead.lease_id, now=0.0)
@@ -396,7 +395,7 @@ def test_fallback_without_a_prefill_hop_changes_nothing() -> None:
     short = core.pick(request("short", tokens=64), now=0.0)
     assert short.prefill_endpoint is None
     before = core.load("d0", now=0.0)
-    assert not core.prefill_fell_back(short.lease_id, now=0.0)
+    assert not core.prefill_leases.fell_back(short.lease_id, now=0.0)
     assert core.load("d0", now=0.0) == before
 
 
@@ -411,7 +410,7 @@ def test_a_draining_prefill_instance_gets_no_new_prefills() -> None:
     assert leaving not in {p.prefill_endpoint.id for p in later if p.prefill_endpoint}
     # What it already has leaves at its prefill_done, not at the decode's Complete.
     assert core.in_flight(leaving) == 1
-    assert core.prefill_done(first.lease_id, now=0.1)
+    assert core.prefill_leases.done(first.lease_id, now=0.1)
     assert core.in_flight(leaving) == 0
 
 
@@ -497,7 +496,7 @@ async def test_migration_never_moves_a_request_to_or_from_a_prefill_instance() -
     picks = [core.pick(request(f"r{i}", start=i * 10**6), now=0.0) for i in range(4)]
     assert all(p.prefill_endpoint is not None for p in picks)
     for pick in picks:
-        core.prefill_done(pick.lease_id, now=0.0)
+        core.prefill_leases.done(pick.lease_id, now=0.0)
     migrator = Migrator(core=core, clock=lambda: 0.0)
     # The prefill instance, now idle, would be the least loaded target for the decode streams.
     leaving = picks[0].endpoint.id

@@ -8,14 +8,14 @@ import math
 import numpy as np
 import pytest
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
-from twinroute.scheduler.policies.pd import PdSettings
+from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Role
 
 from twinroute.cli import main
 from twinroute.simulator.cluster import ClusterConfig, SimulationResult, simulate
 from twinroute.simulator.disaggregation import PdSplit, parse_pd, pool_endpoints
 from twinroute.simulator.profiles import INSTANCE_PROFILES, InstanceProfile
-from twinroute.simulator.routing import core_router_factory, trace_keys
+from twinroute.simulator.routing import core_adapter_factory, trace_keys
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import SharedPrefixWorkload, TraceChunk
 
@@ -48,14 +48,17 @@ def run_pool(
     return simulate(
         [chunk(rows)],
         config=ClusterConfig(instances=instances, profile=profile, block_size=BLOCK, pd=split),
-        router_factory=core_router_factory(
-            policy="dualmap",
+        router_factory=core_adapter_factory(
+            SchedulerSettings(
+                policy="dualmap",
+                ttft_slo_s=5.0,
+                scrape_interval_s=0.5,
+                policy_seed=0,
+                key_block_tokens=BLOCK,
+                prefix_capacity_tokens=profile.kv_capacity_tokens,
+                pd_min_prefill_tokens=min_prefill_tokens,
+            ),
             cost=COST,
-            ttft_slo_s=5.0,
-            scrape_interval_s=0.5,
-            seed=0,
-            prefix_capacity_blocks=profile.kv_capacity_tokens // BLOCK,
-            pd=PdSettings(min_prefill_tokens=min_prefill_tokens),
         ),
         keys_for=trace_keys(block_size=BLOCK, model="m", seed=0),
         cost=COST,
@@ -204,13 +207,16 @@ def test_a_pd_pool_refuses_a_membership_schedule() -> None:
         simulate(
             [chunk([(0.0, 1024, 2, [1, 2])])],
             config=ClusterConfig(instances=2, profile=PROFILE, pd=PdSplit(1, 1)),
-            router_factory=core_router_factory(
-                policy="dualmap",
+            router_factory=core_adapter_factory(
+                SchedulerSettings(
+                    policy="dualmap",
+                    ttft_slo_s=5.0,
+                    scrape_interval_s=0.5,
+                    policy_seed=0,
+                    key_block_tokens=BLOCK,
+                    prefix_capacity_tokens=1000 * BLOCK,
+                ),
                 cost=COST,
-                ttft_slo_s=5.0,
-                scrape_interval_s=0.5,
-                seed=0,
-                prefix_capacity_blocks=1000,
             ),
             keys_for=trace_keys(block_size=BLOCK, model="m", seed=0),
             cost=COST,

@@ -22,7 +22,6 @@ from twinroute.scheduler.prefix_index import PrefixIndex
 from twinroute.scheduler.types import (
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     LoadSnapshot,
     RoutingRequest,
@@ -30,6 +29,7 @@ from twinroute.scheduler.types import (
 
 from twinroute.cli import main
 from twinroute.simulator.instance import Instance, InstanceConfig, SimRequest
+from twinroute.vocabulary import DecisionReason
 
 MODEL = LLAMA3_8B_H100
 SEED = namespace_seed(model="m")
@@ -258,7 +258,7 @@ def test_core_rebalance_switch(rebalance: bool) -> None:
     core.set_endpoints([Endpoint(id=f"e{i}", address="a") for i in range(2)], now=0.0)
     for index in range(10):  # ~8 s of prefill on e0 against a 5 s SLO
         core.pick(request(f"r{index}", start=index * 100_000, tokens=16_000), now=0.0)
-    assert bool(core.plan_rebalance(now=0.0)) is rebalance
+    assert bool(core.moves.rebalance(now=0.0)) is rebalance
 
 
 def test_rebalancing_skips_leases_the_caller_cannot_move_but_counts_them_ahead() -> None:
@@ -268,9 +268,9 @@ def test_rebalancing_skips_leases_the_caller_cannot_move_but_counts_them_ahead()
         core.pick(request(f"r{i}", start=i * 100_000, tokens=16_000), now=0.0).lease_id
         for i in range(10)
     ]
-    every = core.plan_rebalance(now=0.0)
+    every = core.moves.rebalance(now=0.0)
     movable = set(leases[:5])
-    some = core.plan_rebalance(now=0.0, movable=movable.__contains__)
+    some = core.moves.rebalance(now=0.0, movable=movable.__contains__)
     assert some and {m.lease_id for m in some} <= movable
     assert {m.lease_id for m in every} - movable
 
@@ -302,9 +302,10 @@ def test_simulate_takes_the_switches_and_reports_them(
 def test_scheduler_command_phase_aware_switch(flags: list[str], aware: bool) -> None:
     import argparse
 
-    from twinroute.scheduler.command import add_arguments, build_service
+    from twinroute.scheduler.build import build_service
+    from twinroute.scheduler.command import add_arguments, resolve_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--static-endpoints", "127.0.0.1:9000", *flags])
-    assert build_service(args).core.policy.config.phase_aware is aware
+    assert build_service(resolve_arguments(args)).core.policy.config.phase_aware is aware

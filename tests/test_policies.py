@@ -12,13 +12,14 @@ from twinroute.scheduler.prefix_index import PrefixIndex
 from twinroute.scheduler.types import (
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     LoadSnapshot,
     NoEndpointError,
     PromptKeys,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 SEED = namespace_seed(model="m")
 BLOCK = 512

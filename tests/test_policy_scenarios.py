@@ -15,12 +15,13 @@ from twinroute.scheduler.policies.dualmap import DualMapPolicy
 from twinroute.scheduler.prefix_index import PrefixIndex
 from twinroute.scheduler.types import (
     ClusterView,
-    DecisionReason,
     Endpoint,
     LoadSnapshot,
     PromptKeys,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 SEED = namespace_seed(model="m")
 BLOCK = 512

@@ -12,7 +12,8 @@ from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.policies import PolicyConfig, make_policy
 from twinroute.scheduler.policies.pd import PdSettings
-from twinroute.scheduler.service import GrpcServer, SchedulerService
+from twinroute.scheduler.server import GrpcServer
+from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.types import Endpoint, Role
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
@@ -73,12 +74,12 @@ async def test_first_token_settles_the_queue_ahead_of_later_requests() -> None:
     second = await service.pick(long_prompt(2))
     endpoint = first.endpoint.id
     before = core.load(endpoint, now=NOW).pending_prefill_tokens
-    assert service.progress(lease_id=first.lease_id, event="first_token")
+    assert await service.progress(lease_id=first.lease_id, event="first_token")
     after = core.load(endpoint, now=NOW).pending_prefill_tokens
     # The first request's prefill left the queue; the second one's is still there.
     assert 0 < after < before
     assert core.load(endpoint, now=NOW).in_flight == 2
-    assert service.progress(lease_id=second.lease_id, event="first_token")
+    assert await service.progress(lease_id=second.lease_id, event="first_token")
     assert core.load(endpoint, now=NOW).pending_prefill_tokens == 0
 
 

@@ -1,6 +1,6 @@
 """The router in front of engine-sim processes on 127.0.0.1: forwarding, retries, failures.
 
-The router runs in this process with a static round-robin placement (`FallbackScheduler`), so
+The router runs in this process over the in-process scheduler with the round_robin policy, so
 each test knows which engine a request goes to; the engines are real `twinroute engine-sim`
 processes (killed with SIGKILL where a test needs an engine to die).
 """
@@ -8,7 +8,6 @@ processes (killed with SIGKILL where a test needs an engine to die).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,15 +16,28 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from twinroute.scheduler.api import Placement
+from twinroute.scheduler.build import build_service
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.types import Endpoint
 
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
 from twinroute.openai_format import render_chat
-from twinroute.router.scheduling import FallbackScheduler
 from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, Tokenizer, build_app
 
 MODEL = "sim-model"
 
 StartEngine = Callable[..., Awaitable[ServerProcess]]
+
+
+def round_robin(endpoints: list[tuple[str, str]]) -> SchedulerService:
+    """The scheduler in-process, rotating over `endpoints` in id order."""
+    service = build_service(SchedulerSettings(policy="round_robin", served_models=(MODEL,)))
+    service.set_endpoints([Endpoint(id=eid, address=address) for eid, address in endpoints])
+    return service
+
+
 StartRouter = Callable[..., Awaitable[str]]
 
 
@@ -55,8 +67,7 @@ async def start_router() -> AsyncIterator[StartRouter]:
 
     async def start(endpoints: list[tuple[str, str]], **settings: Any) -> str:
         app = build_app(
-            scheduler=FallbackScheduler(endpoints=endpoints, reason="round_robin"),
-            settings=RouterSettings(models=(MODEL,), **settings),
+            scheduler=round_robin(endpoints), settings=RouterSettings(models=(MODEL,), **settings)
         )
         runner = web.AppRunner(app)
         await runner.setup()
@@ -330,29 +341,33 @@ async def test_models_health_and_metrics(start_router: StartRouter) -> None:
 
 
 class RecordingPort:
-    """Round robin that records every query, to see what the router asks the scheduler."""
+    """The in-process round-robin scheduler, recording every query and report of the router."""
 
     def __init__(self, endpoints: list[tuple[str, str]]) -> None:
-        self.inner = FallbackScheduler(endpoints=endpoints, reason="round_robin")
+        self.inner = round_robin(endpoints)
         self.queries: list[Any] = []
+        self.lease_ids: list[str] = []
         self.completions: list[dict[str, Any]] = []
         self.completed = asyncio.Event()
         self.progress_reports: list[dict[str, Any]] = []
 
-    async def pick(self, query: Any) -> Any:
+    async def pick(self, query: Any, *, timeout_s: float | None = None) -> Placement:
         self.queries.append(query)
-        placement = await self.inner.pick(query)
-        return dataclasses.replace(placement, lease_id=f"lease-{len(self.queries)}")
+        placement = await self.inner.pick(query, timeout_s=timeout_s)
+        self.lease_ids.append(placement.lease_id)
+        return Placement(placement.answer, reports=self)
 
-    async def complete(self, **fields: Any) -> None:
+    async def complete(self, **fields: Any) -> bool:
         self.completions.append(fields)
         self.completed.set()
+        return await self.inner.complete(**fields)
 
-    async def progress(self, **fields: Any) -> None:
+    async def progress(self, **fields: Any) -> bool:
         self.progress_reports.append(fields)
+        return await self.inner.progress(**fields)
 
     async def close(self) -> None:
-        return None
+        await self.inner.close()
 
 
 @pytest.fixture
@@ -393,13 +408,16 @@ async def test_prompt_keys_use_the_local_tokenizer_and_leases_are_completed(
     finally:
         await runner.cleanup()  # waits for the background completions
     assert port.queries[0].token_ids == [1, 2, 1]
-    assert port.queries[0].prompt_text is None
+    assert port.queries[0].text is None
+    # No per-request SLO unless the client asked for one.
+    assert port.queries[0].ttft_slo_s is None
     assert port.queries[0].expected_output_tokens == 2
     # The chat conversation is rendered, then tokenized.
     rendered = render_chat([{"role": "user", "content": "world"}])
     assert port.queries[1].token_ids == Tokenizer(word_tokenizer).encode(rendered)
     assert 2 in port.queries[1].token_ids
-    assert sorted(c["lease_id"] for c in port.completions) == ["lease-1", "lease-2"]
+    assert sorted(c["lease_id"] for c in port.completions) == sorted(port.lease_ids)
+    assert port.inner.core.leases.expired_total == 0 and len(port.inner.core.leases) == 0
     assert {c["outcome"] for c in port.completions} == {"success"}
     assert port.completions[0]["output_tokens"] in (2, 16)
 
@@ -423,7 +441,9 @@ async def test_a_client_that_leaves_before_its_first_token_still_closes_the_leas
         await asyncio.wait_for(port.completed.wait(), timeout=5)
     finally:
         await runner.cleanup()
-    assert [(c["lease_id"], c["outcome"]) for c in port.completions] == [("lease-1", "cancelled")]
+    assert [(c["lease_id"], c["outcome"]) for c in port.completions] == [
+        (port.lease_ids[0], "cancelled")
+    ]
 
 
 async def test_embedded_router_process_places_with_the_scheduler_core(
@@ -481,3 +501,32 @@ async def test_router_process_over_the_grpc_scheduler_process(start_engine: Star
         await router.stop()
         await scheduler.stop()
     assert sorted(served) == ["e0", "e0", "e1", "e1"]
+
+
+async def test_a_request_carries_an_slo_only_when_its_client_asks(
+    start_engine: StartEngine,
+) -> None:
+    engine = await start_engine("e0")
+    port = RecordingPort([("e0", engine.address)])
+    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for value, status in (("1.5", 200), ("fast", 400), ("-2", 400), ("nan", 400)):
+                headers = {"x-twinroute-ttft-slo-s": value}
+                async with session.post(
+                    f"{router}/v1/completions", json=completion(), headers=headers
+                ) as response:
+                    assert response.status == status, value
+                    if status == 400:
+                        error = (await response.json())["error"]
+                        assert "x-twinroute-ttft-slo-s" in error["message"]
+            async with session.post(f"{router}/v1/completions", json=completion()) as response:
+                assert response.status == 200
+    finally:
+        await runner.cleanup()
+    # Refused requests never reached the scheduler.
+    assert [q.ttft_slo_s for q in port.queries] == [1.5, None]

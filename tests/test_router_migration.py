@@ -20,23 +20,22 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from twinroute.scheduler.build import build_service
 from twinroute.scheduler.client import SchedulerClient
-from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
 from twinroute.scheduler.migration import MigrationMetrics, Migrator, MigratorSettings
-from twinroute.scheduler.policies import PolicyConfig, make_policy
-from twinroute.scheduler.service import GrpcServer, SchedulerService
+from twinroute.scheduler.server import GrpcServer
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Endpoint
 
 from twinroute.enginesim.core import EngineCore, EngineSettings
 from twinroute.enginesim.server import FILLER, EngineIdentity, build_app
 from twinroute.openai_format import parse_request
-from twinroute.router.embedded import CoreScheduler
-from twinroute.router.migration import ClientFeed, ServiceFeed, build_feed, continuation_body
-from twinroute.router.scheduling import GrpcScheduler
+from twinroute.router.migration import continuation_body
 from twinroute.router.server import ENDPOINT_HEADER, RouterSettings
 from twinroute.router.server import build_app as build_router
 from twinroute.simulator.instance import Instance, InstanceConfig
+from twinroute.vocabulary import MigrationMode
 
 MODEL = "sim-model"
 PROMPT = ("please migrate me " * 30).strip()
@@ -192,17 +191,26 @@ def assert_one_response(
     assert [f for f in finishes if f is not None] == ["length"]
 
 
-async def embedded_router(pool: Pool, *, mode: str = "drain") -> tuple[str, CoreScheduler]:
-    scheduler = CoreScheduler(
-        endpoints=sorted(pool.engines.items()), policy="round_robin", models=[MODEL]
+def round_robin(pool: Pool, *, migration: MigrationMode = "off") -> SchedulerService:
+    """The in-process scheduler over the pool's engines, as `twinroute router --embedded`
+    builds it."""
+    service = build_service(
+        SchedulerSettings(policy="round_robin", served_models=(MODEL,), migration=migration)
     )
-    feed, migrator = build_feed(scheduler, mode=mode)
-    assert migrator is not None
+    service.set_endpoints([Endpoint(id=i, address=a) for i, a in sorted(pool.engines.items())])
+    return service
+
+
+async def embedded_router(
+    pool: Pool, *, mode: MigrationMode = "drain"
+) -> tuple[str, SchedulerService]:
+    service = round_robin(pool, migration=mode)
+    assert service.migrator is not None
     app = build_router(
-        scheduler=scheduler, settings=RouterSettings(models=(MODEL,)), migration_feed=feed
+        scheduler=service, settings=RouterSettings(models=(MODEL,)), migrate_streams=True
     )
     router = await pool.serve(app)
-    return router, scheduler
+    return router, service
 
 
 async def wait_subscribed(service: SchedulerService, watchers: int = 1) -> None:
@@ -216,8 +224,7 @@ async def test_drain_migrates_a_running_stream_into_one_uninterrupted_response(
 ) -> None:
     await pool.start_engine("a")
     await pool.start_engine("b")
-    router, scheduler = await embedded_router(pool)
-    service = scheduler.service
+    router, service = await embedded_router(pool)
     await wait_subscribed(service)
     async with aiohttp.ClientSession() as session:
         stream = await open_stream(session, router, chat=chat)
@@ -241,8 +248,7 @@ async def test_a_target_that_cannot_be_reached_leaves_the_stream_on_the_source(
     await pool.start_engine("b")
     # "c" is in the pool but nothing listens there.
     pool.engines["c"] = "127.0.0.1:9"
-    router, scheduler = await embedded_router(pool)
-    service = scheduler.service
+    router, service = await embedded_router(pool)
     await wait_subscribed(service)
     async with aiohttp.ClientSession() as session:
         streams = [await open_stream(session, router, max_tokens=200) for _ in range(2)]
@@ -266,10 +272,7 @@ async def test_a_target_that_cannot_be_reached_leaves_the_stream_on_the_source(
 async def test_persistent_imbalance_moves_the_shortest_stream(pool: Pool) -> None:
     await pool.start_engine("a")
     await pool.start_engine("b")
-    scheduler = CoreScheduler(
-        endpoints=sorted(pool.engines.items()), policy="round_robin", models=[MODEL]
-    )
-    service = scheduler.service
+    service = round_robin(pool)
     registry = CollectorRegistry()
     migrator = Migrator(
         core=service.core,
@@ -280,9 +283,7 @@ async def test_persistent_imbalance_moves_the_shortest_stream(pool: Pool) -> Non
     service.attach_migrator(migrator)
     router = await pool.serve(
         build_router(
-            scheduler=scheduler,
-            settings=RouterSettings(models=(MODEL,)),
-            migration_feed=ServiceFeed(service),
+            scheduler=service, settings=RouterSettings(models=(MODEL,)), migrate_streams=True
         )
     )
     await wait_subscribed(service)
@@ -324,13 +325,7 @@ async def test_persistent_imbalance_moves_the_shortest_stream(pool: Pool) -> Non
 async def test_grpc_scheduler_orders_reach_the_router_with_the_admin_token(pool: Pool) -> None:
     await pool.start_engine("a")
     await pool.start_engine("b")
-    cost = COST_PROFILES[DEFAULT_COST_PROFILE]
-    core = SchedulerCore(
-        policy=make_policy("round_robin", config=PolicyConfig(cost_model=cost)), cost_model=cost
-    )
-    service = SchedulerService(core=core, served_models=[MODEL])
-    service.set_endpoints([Endpoint(id=i, address=a) for i, a in sorted(pool.engines.items())])
-    service.attach_migrator(Migrator(core=core, settings=MigratorSettings(rebalance=False)))
+    service = round_robin(pool, migration="drain")
     server = GrpcServer(service=service, listen="127.0.0.1:0", admin_token=TOKEN)
     await server.start()
     try:
@@ -340,12 +335,10 @@ async def test_grpc_scheduler_orders_reach_the_router_with_the_admin_token(pool:
             async for _ in anonymous.watch_migrations():
                 pass
         await anonymous.close()
-        scheduler = GrpcScheduler(target=server.address, admin_token=TOKEN)
-        feed, _ = build_feed(scheduler, mode="on")
-        assert isinstance(feed, ClientFeed)
+        scheduler = SchedulerClient(target=server.address, admin_token=TOKEN)
         router = await pool.serve(
             build_router(
-                scheduler=scheduler, settings=RouterSettings(models=(MODEL,)), migration_feed=feed
+                scheduler=scheduler, settings=RouterSettings(models=(MODEL,)), migrate_streams=True
             )
         )
         await wait_subscribed(service)

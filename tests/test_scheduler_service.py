@@ -20,18 +20,20 @@ from prometheus_client import CollectorRegistry
 from twinroute.scheduler.api import (
     InvalidPickError,
     PickQuery,
+    SchedulerUnreachableError,
     UnknownEndpointError,
     UnknownModelError,
 )
-from twinroute.scheduler.client import SchedulerClient, SchedulerUnreachableError
-from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.costmodel import LLAMA3_8B_H100
-from twinroute.scheduler.policies import PolicyConfig, make_policy
-from twinroute.scheduler.service import GrpcServer, SchedulerService, TlsFiles
-from twinroute.scheduler.telemetry import SchedulerTelemetry
-from twinroute.scheduler.types import DecisionReason, Endpoint, NoEndpointError
+from twinroute.scheduler.build import build_service
+from twinroute.scheduler.client import SchedulerClient
+from twinroute.scheduler.server import GrpcServer, TlsFiles
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.types import Endpoint, NoEndpointError
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
+
+from twinroute.vocabulary import DecisionReason
 
 MODEL = "tiny-llama"
 ADMIN_TOKEN = "s3cret"
@@ -62,16 +64,16 @@ def make_service(
     *, policy: str = "dualmap", endpoints: int = 4, lease_ttl_s: float = 60.0
 ) -> tuple[SchedulerService, FakeClock, CollectorRegistry]:
     clock = FakeClock()
-    config = PolicyConfig(cost_model=LLAMA3_8B_H100, ttft_slo_s=2.0)
-    core = SchedulerCore(
-        policy=make_policy(policy, config=config),
-        cost_model=LLAMA3_8B_H100,
-        lease_ttl_s=lease_ttl_s,
-    )
     registry = CollectorRegistry()
-    telemetry = SchedulerTelemetry(registry=registry, core=core, clock=clock)
-    service = SchedulerService(
-        core=core, telemetry=telemetry, clock=clock, wall_clock=lambda: 1.7e9 + clock.now
+    settings = SchedulerSettings(
+        policy=policy,
+        ttft_slo_s=2.0,
+        lease_ttl_s=lease_ttl_s,
+        key_block_tokens=16,
+        key_block_chars=64,
+    )
+    service = build_service(
+        settings, registry=registry, clock=clock, wall_clock=lambda: 1.7e9 + clock.now
     )
     service.set_endpoints(
         [
@@ -145,7 +147,7 @@ async def test_same_prefix_goes_to_the_same_endpoint_text_and_tokens(harness: Ha
           "exclude_endpoints": ["e0", "e1", "e2", "e3"]},
          grpc.StatusCode.UNAVAILABLE, "excluded"),
         ({"model": MODEL, "prompt": pb.Prompt(text="hello"), "ttft_slo_s": -1.0},
-         grpc.StatusCode.INVALID_ARGUMENT, "negative"),
+         grpc.StatusCode.INVALID_ARGUMENT, "must be positive"),
     ],
     ids=["no-prompt", "empty-text", "empty-token-ids", "no-model", "unknown-model",
          "all-excluded", "negative-slo"],
@@ -203,18 +205,21 @@ async def test_list_endpoints_reports_leases_and_unknown_scrapes(harness: Harnes
     harness.service.core.update_scrape(
         "e0", running=3, queued=2, kv_usage=0.5, now=harness.clock.now
     )
-    response = await harness.client.list_endpoints()
-    by_id = {endpoint.id: endpoint for endpoint in response.endpoints}
-    assert response.policy == "dualmap"
+    statuses = await harness.client.list_endpoints()
+    by_id = {status.endpoint.id: status for status in statuses}
     assert set(by_id) == {"e0", "e1", "e2", "e3"}
     assert by_id[answer.endpoint.id].load.in_flight == 1
     assert (by_id["e0"].load.running, by_id["e0"].load.queued) == (3, 2)
     assert by_id["e0"].load.scrape_age_s == 0.0
-    assert by_id["e1"].load.scrape_age_s < 0  # never scraped: unknown, not zero load
+    # Never scraped: unknown, not zero load, on the wire as in-process.
+    assert by_id["e1"].load.scrape_age_s is None and by_id["e1"].load.running is None
+    assert statuses == await harness.service.list_endpoints()
+    raw = await harness.stub.ListEndpoints(pb.ListEndpointsRequest())
+    assert raw.policy == "dualmap"
     harness.clock.now += 60  # the scrape is stale now
-    stale = {e.id: e for e in (await harness.client.list_endpoints()).endpoints}
-    assert stale["e0"].load.scrape_age_s < 0
-    assert not (await harness.client.list_endpoints(model="other")).endpoints
+    stale = {s.endpoint.id: s for s in await harness.client.list_endpoints()}
+    assert stale["e0"].load.scrape_age_s is None
+    assert not await harness.client.list_endpoints(model="other")
 
 
 async def test_explain_says_why(harness: Harness) -> None:
@@ -263,7 +268,7 @@ async def test_drain_waits_for_leases_and_stops_routing(harness: Harness) -> Non
             PickQuery(request_id=f"x{i}", model=MODEL, token_ids=tokens(64))
         )
         assert again.endpoint.id != target
-    listed = {e.id: e for e in (await harness.client.list_endpoints()).endpoints}
+    listed = {s.endpoint.id: s for s in await harness.client.list_endpoints()}
     assert not listed[target].routable
 
 

@@ -208,7 +208,7 @@ async def test_debug_decisions_page() -> None:
         await service.pick(PickQuery(request_id=f"req-{i}", model="m", text=f"<b>{i}</b> " * 30))
     app = build_metrics_app(
         telemetry=telemetry,
-        decisions=lambda limit, request_id: service.explain(
+        decisions=lambda limit, request_id: service.recent_decisions(
             limit=limit, request_id=request_id or ""
         ),
     )

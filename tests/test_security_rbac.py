@@ -364,7 +364,7 @@ def test_the_router_has_no_kubernetes_client() -> None:
 
     probe = (
         "import sys, twinroute.router.command, twinroute.router.server, "
-        "twinroute.router.scheduling, twinroute.router.embedded; "
+        "twinroute.router.failopen, twinroute.scheduler.build; "
         "print(sorted(m for m in sys.modules if m == 'kubernetes' or m.startswith('kopf')))"
     )
     out = subprocess.run(

@@ -9,11 +9,12 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pytest
-from twinroute.scheduler.types import Decision, DecisionReason, Endpoint, PromptKeys, RoutingRequest
+from twinroute.scheduler.types import Decision, Endpoint, PromptKeys, RoutingRequest
 
 from twinroute.simulator.cluster import ClusterConfig, SimulationResult, simulate
 from twinroute.simulator.profiles import InstanceProfile
 from twinroute.simulator.traces import SharedPrefixWorkload, TraceChunk, generate_shared_prefix
+from twinroute.vocabulary import DecisionReason
 
 
 class LinearCost:

@@ -10,6 +10,8 @@ import importlib
 
 from twinroute.scheduler.policies.base import Policy, PolicyConfig
 
+from twinroute.vocabulary import BASELINE_POLICY_NAMES, POLICY_NAMES
+
 # name -> "module:Class", imported on first use so a policy's dependencies load only if chosen.
 _REGISTRY: dict[str, str] = {
     "dualmap": "twinroute.scheduler.policies.dualmap:DualMapPolicy",
@@ -22,8 +24,9 @@ _REGISTRY: dict[str, str] = {
     "preble": "twinroute.scheduler.policies.preble:PreblePolicy",
 }
 
-POLICY_NAMES: tuple[str, ...] = tuple(_REGISTRY)
-BASELINE_NAMES: tuple[str, ...] = tuple(name for name in _REGISTRY if name != "dualmap")
+# The names are the shared vocabulary's (the operator validates against the same tuple).
+if tuple(_REGISTRY) != POLICY_NAMES:
+    raise ImportError("every name of twinroute.vocabulary.POLICY_NAMES needs exactly one class")
 
 
 def make_policy(name: str, *, config: PolicyConfig | None = None) -> Policy:
@@ -39,4 +42,4 @@ def make_policy(name: str, *, config: PolicyConfig | None = None) -> Policy:
     return policy_class(config=config or PolicyConfig())
 
 
-__all__ = ["BASELINE_NAMES", "POLICY_NAMES", "Policy", "PolicyConfig", "make_policy"]
+__all__ = ["BASELINE_POLICY_NAMES", "POLICY_NAMES", "Policy", "PolicyConfig", "make_policy"]

@@ -17,20 +17,25 @@ from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     NoEndpointError,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DEFAULT_TTFT_SLO_S, DEFAULT_VIRTUAL_NODES, DecisionReason
+
+# Phase-aware scores: seconds of score per sequence-second of delay inflicted on the sequences
+# decoding there (0.01: 100 sequence-seconds weigh like 1 s of the request's own TTFT).
+DEFAULT_PHASE_INTERFERENCE_WEIGHT = 0.01
 
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
     """Settings every policy reads what it needs from; defaults follow the published rules."""
 
-    ttft_slo_s: float = 5.0
+    ttft_slo_s: float = DEFAULT_TTFT_SLO_S
     cost_model: CostModel = field(default=LLAMA3_8B_H100)
-    virtual_nodes: int = 256
+    virtual_nodes: int = DEFAULT_VIRTUAL_NODES
     seed: int = 0
     # DualMap: sliding window of recent requests for prefix hotness, and key depth bounds.
     hotness_window: int = 1024
@@ -47,9 +52,9 @@ class PolicyConfig:
     # Phase-aware placement (`score_endpoint`): predicted TTFT counts the decode steps that
     # interleave with the prefill, and the score adds the delay the request inflicts on the
     # sequences decoding there, weighted: `phase_interference_weight` seconds of score per
-    # sequence-second inflicted (0.01: 100 sequence-seconds weigh like 1 s of its own TTFT).
+    # sequence-second inflicted (`DEFAULT_PHASE_INTERFERENCE_WEIGHT`).
     phase_aware: bool = True
-    phase_interference_weight: float = 0.01
+    phase_interference_weight: float = DEFAULT_PHASE_INTERFERENCE_WEIGHT
 
 
 class Policy(ABC):

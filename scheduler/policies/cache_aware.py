@@ -24,7 +24,9 @@ prompt's first block).
 from __future__ import annotations
 
 from twinroute.scheduler.policies.base import Policy, eligible_endpoints
-from twinroute.scheduler.types import ClusterView, Decision, DecisionReason, RoutingRequest
+from twinroute.scheduler.types import ClusterView, Decision, RoutingRequest
+
+from twinroute.vocabulary import DecisionReason
 
 
 class CacheAwarePolicy(Policy):

@@ -27,7 +27,9 @@ from twinroute.scheduler.policies.base import (
     score_endpoint,
 )
 from twinroute.scheduler.policies.ring_keys import SyncedRing, describe_key, prefix_key
-from twinroute.scheduler.types import ClusterView, Decision, DecisionReason, RoutingRequest
+from twinroute.scheduler.types import ClusterView, Decision, RoutingRequest
+
+from twinroute.vocabulary import DecisionReason
 
 
 class ChwblPolicy(Policy):

@@ -54,10 +54,11 @@ from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 
 class DualMapPolicy(Policy):

@@ -8,7 +8,9 @@ view's order. Ignores the prefix cache. O(N).
 from __future__ import annotations
 
 from twinroute.scheduler.policies.base import Policy, eligible_endpoints, score_endpoint
-from twinroute.scheduler.types import ClusterView, Decision, DecisionReason, RoutingRequest
+from twinroute.scheduler.types import ClusterView, Decision, RoutingRequest
+
+from twinroute.vocabulary import DecisionReason
 
 
 class LeastLoadedPolicy(Policy):

@@ -17,9 +17,10 @@ from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
     Decision,
-    DecisionReason,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 REPORTED_CANDIDATES = 3
 

@@ -48,12 +48,13 @@ from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
     Decision,
-    DecisionReason,
     Endpoint,
     LoadSnapshot,
     NoEndpointError,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DEFAULT_PD_MIN_PREFILL_TOKENS, DecisionReason
 
 # Llama-3-8B: 128 KiB of KV per token over a 25 GB/s RDMA link (200 Gb/s NIC).
 DEFAULT_TRANSFER_S_PER_TOKEN = 131_072 / 25e9
@@ -70,7 +71,7 @@ class PdMode(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class PdSettings:
     # The decode instance prefills prompts whose part it does not hold is at most this long.
-    min_prefill_tokens: int = 100
+    min_prefill_tokens: int = DEFAULT_PD_MIN_PREFILL_TOKENS
     # Decode instances at or above this KV usage are chosen only when all are.
     kv_high_watermark: float = 0.95
     # Seconds per prompt token of KV moved from the prefill to the decode instance.

@@ -36,10 +36,11 @@ from twinroute.scheduler.policies.base import (
 from twinroute.scheduler.types import (
     ClusterView,
     Decision,
-    DecisionReason,
     LoadSnapshot,
     RoutingRequest,
 )
+
+from twinroute.vocabulary import DecisionReason
 
 DECODE_WINDOW_STEPS = 16
 

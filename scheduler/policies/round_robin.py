@@ -9,7 +9,9 @@ from __future__ import annotations
 import itertools
 
 from twinroute.scheduler.policies.base import Policy, PolicyConfig, eligible_endpoints
-from twinroute.scheduler.types import ClusterView, Decision, DecisionReason, RoutingRequest
+from twinroute.scheduler.types import ClusterView, Decision, RoutingRequest
+
+from twinroute.vocabulary import DecisionReason
 
 
 class RoundRobinPolicy(Policy):

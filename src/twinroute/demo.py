@@ -17,6 +17,7 @@ import time
 
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import bundled_mooncake_trace, read_mooncake, summarize
+from twinroute.vocabulary import DEFAULT_TTFT_SLO_S
 
 DEFAULT_RATES = (6.0, 8.0)
 
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--policies", default=None, help="comma-separated (default: all)")
-    parser.add_argument("--ttft-slo", type=float, default=5.0)
+    parser.add_argument(
+        "--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO, seconds"
+    )
     parser.add_argument(
         "--live-seconds",
         type=float,
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"Mooncake synthetic trace: {summary.requests} requests, mean prompt "
         f"{summary.mean_prompt_tokens:,.0f} tokens, recorded at {summary.rate_rps:.2f} req/s; "
-        f"{args.instances} simulated instances (llama3-8b-h100), TTFT SLO {args.ttft_slo:g} s"
+        f"{args.instances} simulated instances (llama3-8b-h100), TTFT SLO {args.ttft_slo_s:g} s"
     )
     started = time.perf_counter()
     header = (
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                 policy=policy,
                 instances=args.instances,
                 time_scale=summary.rate_rps / rate,
-                ttft_slo_s=args.ttft_slo,
+                ttft_slo_s=args.ttft_slo_s,
             )
             result = run_spec(spec, progress=None)
             rows.append((policy, result))
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.live_seconds <= 0:
         return 0
-    return _live(seconds=args.live_seconds, slo_s=args.ttft_slo, out=args.out)
+    return _live(seconds=args.live_seconds, slo_s=args.ttft_slo_s, out=args.out)
 
 
 def _live(*, seconds: float, slo_s: float, out: str) -> int:
@@ -117,7 +120,7 @@ def _live(*, seconds: float, slo_s: float, out: str) -> int:
         [
             "--routers=twinroute_dualmap,twinroute_round_robin",
             f"--duration={seconds}",
-            f"--slo={slo_s}",
+            f"--ttft-slo-s={slo_s}",
             "--twinroute-scheduler=grpc",
             f"--out={out}",
         ]

@@ -91,6 +91,8 @@ class _DecisionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     """The request was moved off a hotspot by rebalancing."""
     DECISION_REASON_FALLBACK: _DecisionReason.ValueType  # 14
     """The scheduler was unreachable; the router used its fallback policy."""
+    DECISION_REASON_DRAINED: _DecisionReason.ValueType  # 15
+    """A queued request moved off an endpoint that is leaving the pool (scale-in drain)."""
 
 class DecisionReason(_DecisionReason, metaclass=_DecisionReasonEnumTypeWrapper):
     """Why a policy chose an endpoint. Shared by all policies so that metrics and dashboards can
@@ -126,6 +128,8 @@ DECISION_REASON_REBALANCED: DecisionReason.ValueType  # 13
 """The request was moved off a hotspot by rebalancing."""
 DECISION_REASON_FALLBACK: DecisionReason.ValueType  # 14
 """The scheduler was unreachable; the router used its fallback policy."""
+DECISION_REASON_DRAINED: DecisionReason.ValueType  # 15
+"""A queued request moved off an endpoint that is leaving the pool (scale-in drain)."""
 Global___DecisionReason: _TypeAlias = DecisionReason  # noqa: Y015
 
 class _Outcome:

@@ -31,20 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from twinroute.bench.elastic import (
+from twinroute.bench.elastic_report import (
     COMPARE_WINDOWS,
+    RECORDED_RATE_RPS,
     ElasticPlan,
     KeyLog,
     Samples,
-    _clean,
-    _fmt,
-    _plan,
-    _trace_path,
-    _write,
     build_report,
+    clean,
+    fmt,
     phase_report,
+    plan_from,
     remaps_of,
+    trace_path,
     windows,
+    write_report,
 )
 from twinroute.bench.live import (
     MODEL,
@@ -57,20 +58,20 @@ from twinroute.bench.live import (
     text_shape,
 )
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
+from twinroute.scheduler.client import SchedulerClient
+from twinroute.vocabulary import DecisionReason
 
 DEFAULT_LIVE_POLICIES = "dualmap,round_robin"
 
 
 def live_workload(args: argparse.Namespace, plan: ElasticPlan, *, duration_s: float) -> Workload:
     """The trace at `plan.rate_rps`, slowed to `scale_in_load` of it after the scale-in."""
-    from twinroute.bench.elastic import RECORDED_RATE_RPS
-
     speedup = plan.rate_rps / RECORDED_RATE_RPS
     before = min(duration_s, plan.scale_in_at_s)
     # Trace time (after the speedup) that the slowed tail needs to fill the rest.
     needed = before + max(0.0, duration_s - plan.scale_in_at_s) * plan.scale_in_load
     workload = load_workload(
-        trace=_trace_path(args),
+        trace=trace_path(args),
         duration_s=needed,
         speedup=speedup,
         block_words=args.block_words,
@@ -108,12 +109,12 @@ def _write_atomically(path: Path, text: str) -> None:
     scratch.replace(path)
 
 
-async def _routable(client: Any) -> list[str]:
-    response = await client.list_endpoints(model="")
-    return sorted(endpoint.id for endpoint in response.endpoints if endpoint.routable)
+async def _routable(client: SchedulerClient) -> list[str]:
+    statuses = await client.list_endpoints(model="")
+    return sorted(status.endpoint.id for status in statuses if status.routable)
 
 
-async def _wait_routable(client: Any, wanted: set[str], *, timeout_s: float) -> float:
+async def _wait_routable(client: SchedulerClient, wanted: set[str], *, timeout_s: float) -> float:
     """Seconds until the scheduler routes to exactly `wanted`."""
     started = time.monotonic()
     while set(await _routable(client)) != wanted:
@@ -123,46 +124,62 @@ async def _wait_routable(client: Any, wanted: set[str], *, timeout_s: float) -> 
     return time.monotonic() - started
 
 
-async def run_live_policy(
-    policy: str, *, args: argparse.Namespace, plan: ElasticPlan, workload: Workload
-) -> dict[str, Any]:
-    from twinroute.operator.drain import Drainer
-    from twinroute.scheduler.client import SchedulerClient
+class _LiveRun:
+    """One policy's live run: engines, scheduler and router as processes, the trace replayed
+    through the router while a control task scales out and in on the plan's schedule and a
+    sampler reads the engines' prefix-cache counters every window."""
 
-    logs = args.out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    scale = TRACE_BLOCK_TOKENS // args.block_words
-    engine_args = [
-        "--port=0",
-        f"--model={MODEL}",
-        "--profile=llama3-8b-h100",
-        f"--block-size={args.block_words}",
-        f"--token-scale={scale}",
-        f"--time-scale={args.time_scale}",
-    ]
-    if args.kv_capacity_tokens:
-        engine_args.append(f"--kv-capacity-tokens={args.kv_capacity_tokens}")
-    total = plan.initial + plan.added
-    ids = [f"engine-{i}" for i in range(total)]
-    engines = list(
-        await asyncio.gather(
-            *(
-                start_announced(
-                    endpoint_id,
-                    twinroute_argv("engine-sim", *engine_args, f"--instance-id={endpoint_id}"),
-                    log_path=str(logs / f"{policy}-{endpoint_id}.log"),
+    def __init__(
+        self, policy: str, *, args: argparse.Namespace, plan: ElasticPlan, workload: Workload
+    ) -> None:
+        self.policy = policy
+        self.args = args
+        self.plan = plan
+        self.workload = workload
+        self.logs = args.out / "logs"
+        self.scale = TRACE_BLOCK_TOKENS // args.block_words
+        self.total = plan.initial + plan.added
+        self.ids = [f"engine-{i}" for i in range(self.total)]
+        self.endpoints_file = args.out / f"{policy}-endpoints.yaml"
+        self.engines: list[ServerProcess] = []
+        self.processes: list[ServerProcess] = []
+        self.stopped: set[str] = set()
+        self.samples: list[dict[str, Any]] = []
+        self.changes: list[dict[str, Any]] = []
+        self.scheduler_address = ""
+        self.started = 0.0
+
+    async def start(self) -> tuple[ServerProcess, SchedulerClient]:
+        """The processes, the scheduler routing to the initial engines; (router, client)."""
+        args, policy = self.args, self.policy
+        self.logs.mkdir(parents=True, exist_ok=True)
+        engine_args = [
+            "--port=0",
+            f"--model={MODEL}",
+            "--profile=llama3-8b-h100",
+            f"--block-size={args.block_words}",
+            f"--token-scale={self.scale}",
+            f"--time-scale={args.time_scale}",
+        ]
+        if args.kv_capacity_tokens:
+            engine_args.append(f"--kv-capacity-tokens={args.kv_capacity_tokens}")
+        self.engines = list(
+            await asyncio.gather(
+                *(
+                    start_announced(
+                        endpoint_id,
+                        twinroute_argv("engine-sim", *engine_args, f"--instance-id={endpoint_id}"),
+                        log_path=str(self.logs / f"{policy}-{endpoint_id}.log"),
+                    )
+                    for endpoint_id in self.ids
                 )
-                for endpoint_id in ids
             )
         )
-    )
-    processes: list[ServerProcess] = list(engines)
-    stopped: set[str] = set()
-    endpoints_file = args.out / f"{policy}-endpoints.yaml"
-    _write_atomically(endpoints_file, _endpoints_yaml(engines, ids[: plan.initial]))
-    shape: TextShape = text_shape(workload, token_scale=scale)
-    client: Any = None
-    try:
+        self.processes = list(self.engines)
+        _write_atomically(
+            self.endpoints_file, _endpoints_yaml(self.engines, self.ids[: self.plan.initial])
+        )
+        shape: TextShape = text_shape(self.workload, token_scale=self.scale)
         scheduler = await start_announced(
             f"{policy}-scheduler",
             twinroute_argv(
@@ -171,16 +188,17 @@ async def run_live_policy(
                 "--metrics-listen=",
                 f"--policy={policy}",
                 f"--model={MODEL}",
-                f"--endpoints-file={endpoints_file}",
-                f"--ttft-slo={plan.ttft_slo_s}",
-                f"--block-chars={shape.key_block_chars}",
+                f"--endpoints-file={self.endpoints_file}",
+                f"--ttft-slo-s={self.plan.ttft_slo_s}",
+                f"--key-block-chars={shape.key_block_chars}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
                 f"--virtual-nodes={args.virtual_nodes}",
                 f"--admission-hold={args.admission_hold}",
             ),
-            log_path=str(logs / f"{policy}-scheduler.log"),
+            log_path=str(self.logs / f"{policy}-scheduler.log"),
         )
-        processes.append(scheduler)
+        self.processes.append(scheduler)
+        self.scheduler_address = scheduler.address
         router = await start_announced(
             f"{policy}-router",
             twinroute_argv(
@@ -188,142 +206,158 @@ async def run_live_policy(
                 "--port=0",
                 f"--model={MODEL}",
                 f"--scheduler={scheduler.address}",
-                f"--ttft-slo-s={plan.ttft_slo_s}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
-                f"--key-block-chars={shape.key_block_chars}",
             ),
-            log_path=str(logs / f"{policy}-router.log"),
+            log_path=str(self.logs / f"{policy}-router.log"),
         )
-        processes.append(router)
+        self.processes.append(router)
         client = SchedulerClient(target=scheduler.address, timeout_s=5.0)
-        await _wait_routable(client, set(ids[: plan.initial]), timeout_s=30.0)
+        await _wait_routable(client, set(self.ids[: self.plan.initial]), timeout_s=30.0)
+        return router, client
 
-        samples: list[dict[str, Any]] = []
-        changes: list[dict[str, Any]] = []
-
-        async def sample(started: float) -> None:
-            live = [e for e in engines if e.name not in stopped]
-            values = await scrape([e.url for e in live])
-            counters = dict(zip([e.name for e in live], values, strict=True))
-            samples.append(
-                {
-                    "t_s": time.monotonic() - started,
-                    "counters": counters,
-                    "routable": len(await _routable(client)),
-                }
-            )
-
-        async def sampler(started: float) -> None:
-            while True:
-                await sample(started)
-                await asyncio.sleep(plan.window_s)
-
-        async def control(started: float) -> None:
-            async def until(at_s: float) -> None:
-                await asyncio.sleep(max(0.0, started + at_s - time.monotonic()))
-
-            await until(plan.scale_out_at_s)
-            before = await _routable(client)
-            await sample(started)
-            at = time.monotonic() - started
-            _write_atomically(endpoints_file, _endpoints_yaml(engines, ids))
-            took = await _wait_routable(client, set(ids), timeout_s=30.0)
-            after = await _routable(client)
-            await sample(started)
-            changes.append(
-                {
-                    "kind": "change",
-                    "at_s": at,
-                    "routable_before": before,
-                    "routable_after": after,
-                    "applied_after_s": took,
-                }
-            )
-            _progress(
-                args, f"{policy}: scale-out at {at:.1f} s, {len(after)} routable after {took:.1f} s"
-            )
-
-            await until(plan.scale_in_at_s)
-            before = await _routable(client)
-            await sample(started)
-            at = time.monotonic() - started
-            leaving = ids[total - plan.removed :]
-            drainer = Drainer()
-            drained = await asyncio.to_thread(
-                drainer.drain,
-                endpoint_ids=leaving,
-                scheduler_addresses=[scheduler.address],
-                timeout_s=plan.drain_deadline_s,
-            )
-            drain_s = time.monotonic() - started - at
-            after = await _routable(client)
-            await sample(started)
-            # What Drain moved, as the scheduler's Explain records it.
-            moved = sum(
-                "moved off draining" in record.decision.detail
-                for record in await client.explain(limit=1024)
-            )
-            # The pods go: out of the file, then stopped (what is left on them would fail).
-            _write_atomically(endpoints_file, _endpoints_yaml(engines, ids[: total - plan.removed]))
-            await _wait_routable(client, set(ids[: total - plan.removed]), timeout_s=30.0)
-            await sample(started)
-            for engine in engines:
-                if engine.name in leaving:
-                    stopped.add(engine.name)
-                    await engine.stop()
-            changes.append(
-                {
-                    "kind": "change",
-                    "at_s": at,
-                    "routable_before": before,
-                    "routable_after": after,
-                    "drain_s": drain_s,
-                    "queued_moved": moved,
-                    "drain": [
-                        {
-                            "endpoint": r.endpoint_id,
-                            "drained": r.drained,
-                            "remaining_in_flight": r.remaining_in_flight,
-                            "error": r.error,
-                        }
-                        for r in drained
-                    ],
-                }
-            )
-            done = sum(r.drained for r in drained)
-            _progress(
-                args,
-                f"{policy}: scale-in at {at:.1f} s, drained {done}/{len(drained)} "
-                f"in {drain_s:.1f} s",
-            )
-
-        started = time.monotonic()
-        sampler_task = asyncio.create_task(sampler(started))
-        control_task = asyncio.create_task(control(started))
-        result = await replay(
-            url=router.url,
-            workload=workload,
-            timeout_s=args.request_timeout,
-            progress_every_s=10.0 if not args.quiet else 1e9,
+    async def sample(self, client: SchedulerClient) -> None:
+        live = [e for e in self.engines if e.name not in self.stopped]
+        values = await scrape([e.url for e in live])
+        self.samples.append(
+            {
+                "t_s": time.monotonic() - self.started,
+                "counters": dict(zip([e.name for e in live], values, strict=True)),
+                "routable": len(await _routable(client)),
+            }
         )
-        await control_task
-        sampler_task.cancel()
-        await asyncio.gather(sampler_task, return_exceptions=True)
-        await sample(started)
-    finally:
-        if client is not None:
-            await client.close()
-        await asyncio.gather(*(p.stop() for p in reversed(processes)))
 
-    return _summarize(
-        policy,
-        plan=plan,
-        workload=workload,
-        result=result,
-        samples=samples,
-        changes=changes,
-        errors=result.error_samples,
-    )
+    async def sampler(self, client: SchedulerClient) -> None:
+        while True:
+            await self.sample(client)
+            await asyncio.sleep(self.plan.window_s)
+
+    async def _until(self, at_s: float) -> None:
+        await asyncio.sleep(max(0.0, self.started + at_s - time.monotonic()))
+
+    async def scale_out(self, client: SchedulerClient) -> None:
+        """Every engine into the endpoints file; wait until the scheduler routes to them."""
+        await self._until(self.plan.scale_out_at_s)
+        before = await _routable(client)
+        await self.sample(client)
+        at = time.monotonic() - self.started
+        _write_atomically(self.endpoints_file, _endpoints_yaml(self.engines, self.ids))
+        took = await _wait_routable(client, set(self.ids), timeout_s=30.0)
+        after = await _routable(client)
+        await self.sample(client)
+        self.changes.append(
+            {
+                "kind": "change",
+                "at_s": at,
+                "routable_before": before,
+                "routable_after": after,
+                "applied_after_s": took,
+            }
+        )
+        _progress(
+            self.args,
+            f"{self.policy}: scale-out at {at:.1f} s, {len(after)} routable after {took:.1f} s",
+        )
+
+    async def scale_in(self, client: SchedulerClient) -> None:
+        """Drain the newest engines as the operator does, then take them out and stop them."""
+        from twinroute.operator.drain import Drainer
+
+        plan, ids, total = self.plan, self.ids, self.total
+        await self._until(plan.scale_in_at_s)
+        before = await _routable(client)
+        await self.sample(client)
+        at = time.monotonic() - self.started
+        leaving = ids[total - plan.removed :]
+        drained = await asyncio.to_thread(
+            Drainer().drain,
+            endpoint_ids=leaving,
+            scheduler_addresses=[self.scheduler_address],
+            timeout_s=plan.drain_deadline_s,
+        )
+        drain_s = time.monotonic() - self.started - at
+        after = await _routable(client)
+        await self.sample(client)
+        # What Drain moved, as the scheduler's Explain records it.
+        moved = sum(
+            record.decision.reason is DecisionReason.DRAINED
+            for record in await client.explain(limit=1024)
+        )
+        # The pods go: out of the file, then stopped (what is left on them would fail).
+        remaining = ids[: total - plan.removed]
+        _write_atomically(self.endpoints_file, _endpoints_yaml(self.engines, remaining))
+        await _wait_routable(client, set(remaining), timeout_s=30.0)
+        await self.sample(client)
+        for engine in self.engines:
+            if engine.name in leaving:
+                self.stopped.add(engine.name)
+                await engine.stop()
+        self.changes.append(
+            {
+                "kind": "change",
+                "at_s": at,
+                "routable_before": before,
+                "routable_after": after,
+                "drain_s": drain_s,
+                "queued_moved": moved,
+                "drain": [
+                    {
+                        "endpoint": r.endpoint_id,
+                        "drained": r.drained,
+                        "remaining_in_flight": r.remaining_in_flight,
+                        "error": r.error,
+                    }
+                    for r in drained
+                ],
+            }
+        )
+        done = sum(r.drained for r in drained)
+        _progress(
+            self.args,
+            f"{self.policy}: scale-in at {at:.1f} s, drained {done}/{len(drained)} "
+            f"in {drain_s:.1f} s",
+        )
+
+    async def run(self) -> dict[str, Any]:
+        client: SchedulerClient | None = None
+        try:
+            router, client = await self.start()
+            self.started = time.monotonic()
+            sampler_task = asyncio.create_task(self.sampler(client))
+
+            async def control(client: SchedulerClient) -> None:
+                await self.scale_out(client)
+                await self.scale_in(client)
+
+            control_task = asyncio.create_task(control(client))
+            result = await replay(
+                url=router.url,
+                workload=self.workload,
+                timeout_s=self.args.request_timeout,
+                progress_every_s=10.0 if not self.args.quiet else 1e9,
+            )
+            await control_task
+            sampler_task.cancel()
+            await asyncio.gather(sampler_task, return_exceptions=True)
+            await self.sample(client)
+        finally:
+            if client is not None:
+                await client.close()
+            await asyncio.gather(*(p.stop() for p in reversed(self.processes)))
+        return _summarize(
+            self.policy,
+            plan=self.plan,
+            workload=self.workload,
+            result=result,
+            samples=self.samples,
+            changes=self.changes,
+            errors=result.error_samples,
+        )
+
+
+async def run_live_policy(
+    policy: str, *, args: argparse.Namespace, plan: ElasticPlan, workload: Workload
+) -> dict[str, Any]:
+    return await _LiveRun(policy, args=args, plan=plan, workload=workload).run()
 
 
 def _hit_rate_between(samples: list[dict[str, Any]], start: float, end: float) -> float | None:
@@ -427,7 +461,7 @@ def live_remaps(
 
 
 async def _run_all(args: argparse.Namespace) -> int:
-    plan = _plan(args, live=True)
+    plan = plan_from(args, live=True)
     names = [p.strip() for p in (args.policies or DEFAULT_LIVE_POLICIES).split(",") if p.strip()]
     duration = args.duration if args.duration is not None else plan.scale_in_at_s + 20.0
     workload = live_workload(args, plan, duration_s=duration)
@@ -439,7 +473,7 @@ async def _run_all(args: argparse.Namespace) -> int:
     for index, name in enumerate(names, start=1):
         row = await run_live_policy(name, args=args, plan=plan, workload=workload)
         policies[name] = row
-        phases = ", ".join(_fmt(p["slo_attainment"], ".1%") for p in row["phases"])
+        phases = ", ".join(fmt(p["slo_attainment"], ".1%") for p in row["phases"])
         _progress(
             args,
             f"[{index}/{len(names)}] {name}: SLO met per phase {phases}, failed "
@@ -453,14 +487,14 @@ async def _run_all(args: argparse.Namespace) -> int:
         policies=policies,
         remaps=remaps,
         command="twinroute bench elastic " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else []),
-        trace=str(_trace_path(args)),
+        trace=str(trace_path(args)),
         extra={
             "wall_s": time.perf_counter() - started,
             "engine_time_scale": args.time_scale,
             "remap_keys_from": "the scheduler's text keys (keys_from_text) of the prompts sent",
         },
     )
-    _write(_clean(report), args, stem="elastic-live")
+    write_report(clean(report), args, stem="elastic-live")
     return 0 if report["failed_requests"] == 0 else 1
 
 

@@ -236,8 +236,8 @@ def run(args: argparse.Namespace) -> int:
             instances=args.instances,
             profile=args.profile,
             kv_capacity_tokens=args.kv_capacity_tokens,
-            ttft_slo_s=args.ttft_slo,
-            scrape_interval_s=args.scrape_interval,
+            ttft_slo_s=args.ttft_slo_s,
+            scrape_interval_s=args.scrape_interval_s,
             warmup_fraction=args.warmup,
         )
         for policy in policies
@@ -328,9 +328,9 @@ def run(args: argparse.Namespace) -> int:
         "instances": args.instances,
         "profile": args.profile,
         "kv_capacity_tokens": args.kv_capacity_tokens,
-        "ttft_slo_s": args.ttft_slo,
+        "ttft_slo_s": args.ttft_slo_s,
         "slo_target": args.target,
-        "scrape_interval_s": args.scrape_interval,
+        "scrape_interval_s": args.scrape_interval_s,
         "warmup": args.warmup,
         "seeds": seeds,
         "fixed_rate_seeds": fixed_seeds,

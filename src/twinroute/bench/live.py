@@ -17,7 +17,7 @@ Method:
    for everyone): twinroute with `dualmap` and with `round_robin`, sglang-router and
    vllm-router with `cache_aware`. Peers are pip-installed into `.tools/peers-venv` when
    missing (pinned: sglang-router 0.3.2, vllm-router 0.1.17).
-4. **Measures**: client TTFT p50/p90/p99, SLO attainment (TTFT <= `--slo`), throughput
+4. **Measures**: client TTFT p50/p90/p99, SLO attainment (TTFT <= `--ttft-slo-s`), throughput
    (completed requests / replay wall time), engine-side prefix-cache hit rate (deltas of the
    engines' `vllm:prefix_cache_*` counters), load split (requests per engine), and router
    overhead = mean client TTFT minus mean engine-side TTFT (the engines' own histograms).
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speedup", type=float, default=1.0, help="arrival-time compression of the trace"
     )
-    parser.add_argument("--slo", type=float, default=2.0, help="TTFT SLO in seconds")
+    parser.add_argument("--ttft-slo-s", type=float, default=2.0, help="TTFT SLO in seconds")
     parser.add_argument("--block-words", type=int, default=16)
     parser.add_argument("--max-output-tokens", type=int, default=32)
     parser.add_argument("--profile", default="llama3-8b-h100")
@@ -357,13 +357,12 @@ async def start_router(
             "--port=0",
             f"--model={MODEL}",
             f"--endpoints={endpoints}",
-            f"--ttft-slo-s={slo_s}",
             f"--tokens-per-char={shape.tokens_per_char:.4f}",
-            f"--key-block-chars={shape.key_block_chars}",
         ]
         if scheduler_mode == "embedded":
             argv = twinroute_argv(
                 "router", *common, "--embedded", f"--policy={policy}",
+                f"--ttft-slo-s={slo_s}", f"--key-block-chars={shape.key_block_chars}",
                 f"--admission-hold={'on' if admission_hold else 'off'}",
             )  # fmt: skip
             return [await start_announced(name, argv, log_path=log)]
@@ -379,18 +378,21 @@ async def start_router(
                 f"--endpoints-file={endpoints_file}"
                 if endpoints_file is not None
                 else f"--static-endpoints={endpoints}",
-                f"--ttft-slo={slo_s}",
-                f"--block-chars={shape.key_block_chars}",
+                f"--ttft-slo-s={slo_s}",
+                f"--key-block-chars={shape.key_block_chars}",
                 f"--tokens-per-char={shape.tokens_per_char:.4f}",
                 f"--admission-hold={'on' if admission_hold else 'off'}",
-                f"--admission-max-hold={ADMISSION_MAX_HOLD_S}",
+                f"--admission-max-hold-s={ADMISSION_MAX_HOLD_S}",
             ),
             log_path=str(logs / f"{name}-scheduler.log"),
         )
         # A held Pick must not outlive the router's deadline for it.
         timeout = ADMISSION_MAX_HOLD_S + 1.0 if admission_hold else 1.0
         argv = twinroute_argv(
-            "router", *common, f"--scheduler={scheduler.address}", f"--scheduler-timeout={timeout}"
+            "router",
+            *common,
+            f"--scheduler={scheduler.address}",
+            f"--scheduler-timeout-s={timeout}",
         )
         return [scheduler, await start_announced(name, argv, log_path=log)]
     port, metrics_port = free_port(), free_port()
@@ -462,7 +464,7 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
             # Roles reach the scheduler through its endpoints file (a scheduler process).
             scheduler_mode="grpc" if disaggregated else args.twinroute_scheduler,
             endpoints_file=endpoints_file,
-            slo_s=args.slo,
+            slo_s=args.ttft_slo_s,
             shape=text_shape(workload, token_scale=scale),
             admission_hold=args.admission_hold == "on",
         )
@@ -472,7 +474,7 @@ async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> di
         after = await scrape(urls)
     finally:
         await asyncio.gather(*(p.stop() for p in reversed(processes)))
-    return summarize(result, before=before, after=after, slo_s=args.slo)
+    return summarize(result, before=before, after=after, slo_s=args.ttft_slo_s)
 
 
 def summarize(
@@ -654,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     command = "twinroute bench live " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    text = table(results, slo_s=args.slo)
+    text = table(results, slo_s=args.ttft_slo_s)
     if args.pd is not None:
         text += f"\n\nPrefill/decode ({args.pd} for the +pd runs):\n\n" + pd_table(results)
     print(text)
@@ -662,13 +664,13 @@ def run(args: argparse.Namespace) -> int:
         "command": command,
         "requests": len(workload),
         "engines": args.engines,
-        "slo_s": args.slo,
+        "slo_s": args.ttft_slo_s,
         "routers": results,
     }
     (args.out / "live.json").write_text(json.dumps(document, indent=1))
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
-    plots = plot(results, out=args.out, slo_s=args.slo)
+    plots = plot(results, out=args.out, slo_s=args.ttft_slo_s)
     if args.pd is not None:
         plots.append(plot_pd(results, out=args.out, split=args.pd))
     (args.out / "live.md").write_text(

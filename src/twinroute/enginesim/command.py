@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"engine-sim: {error}", file=sys.stderr)
         return 2
-    from twinroute.router.command import event_loop_runner
+    from twinroute.runtime import event_loop_runner
 
     event_loop_runner()(serve(app, host=args.host, port=args.port))
     return 0

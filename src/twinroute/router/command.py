@@ -1,9 +1,11 @@
 """`twinroute router`: the OpenAI-compatible front end on 127.0.0.1.
 
-Either `--scheduler HOST:PORT` (the `twinroute scheduler` gRPC service) or `--embedded` (the
-same scheduler in this process, over `--endpoints`). With `--scheduler` and `--endpoints`
-together, the endpoints are also the fallback: when the scheduler cannot be reached, requests
-go round robin and are labelled `fallback`.
+Either `--scheduler HOST:PORT` (the `twinroute scheduler` gRPC service, through
+`SchedulerClient`) or `--embedded` (the same scheduler in this process, over `--endpoints`,
+built from the same `SchedulerSettings` by `twinroute.scheduler.build`); the request path
+speaks the scheduler's API either way. With `--scheduler` and `--endpoints` together, the
+endpoints are also the fail-open fallback: when the scheduler cannot be reached, requests go
+round robin and are labelled `fallback`.
 
 Prints `router listening on http://HOST:PORT` once bound.
 """
@@ -22,19 +24,20 @@ from typing import Any
 
 from aiohttp import web
 
-from twinroute.router.migration import build_feed
-from twinroute.router.scheduling import (
-    FallbackScheduler,
-    GrpcScheduler,
-    SchedulerPort,
-    WithFallback,
-)
+from twinroute.router.failopen import FailOpenScheduler
 from twinroute.router.server import RouterSettings, Tokenizer, build_app
+from twinroute.runtime import event_loop_runner
+from twinroute.scheduler.api import Scheduler
+from twinroute.scheduler.client import SchedulerClient
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.types import Endpoint
+from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    embedded = SchedulerSettings()
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 = any free port")
     parser.add_argument(
@@ -48,36 +51,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="static engines, comma-separated [ID=]HOST:PORT (embedded: the pool; "
         "with --scheduler: the fallback when it is unreachable)",
     )  # fmt: skip
-    parser.add_argument("--policy", default="dualmap", help="embedded scheduler's policy")
     parser.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json on disk")
     parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
     parser.add_argument(
-        "--migration", default="off", choices=("off", "drain", "on"),
+        "--migration", default="off", choices=MIGRATION_MODES,
         help="migrate running streams by recompute on the scheduler's orders (--scheduler: "
         "it decides; --embedded: drain = on drain only, on = also on persistent imbalance)",
     )  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
-    parser.add_argument("--ttft-slo-s", type=float, default=0.0, help="0 = scheduler default")
     parser.add_argument(
-        "--admission-hold", choices=("on", "off"), default="off",
-        help="embedded: hold hotspot requests so hotspot rebalancing can move them (with "
-        "--scheduler, the scheduler's own --admission-hold decides)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--scheduler-timeout", type=float, default=1.0,
+        "--scheduler-timeout-s", type=float, default=1.0,
         help="seconds a Pick or Complete to --scheduler may take (a scheduler that holds "
         "hotspot requests, `--admission-hold on`, needs its max hold plus a margin)",
     )  # fmt: skip
     parser.add_argument(
-        "--tokens-per-char", type=float, default=0.25,
+        "--tokens-per-char", type=float, default=embedded.tokens_per_char,
         help="model tokens per prompt character, to estimate text prompts' length",
     )  # fmt: skip
-    parser.add_argument(
-        "--key-block-tokens", type=int, default=64, help="embedded: prefix-key block (tokens)"
+    scheduler = parser.add_argument_group(
+        "embedded scheduler (--embedded only; with --scheduler, set these on the scheduler)"
     )
-    parser.add_argument(
-        "--key-block-chars", type=int, default=256, help="embedded: prefix-key block (characters)"
+    scheduler.add_argument(
+        "--policy", choices=POLICY_NAMES, help=f"routing policy (default {embedded.policy})"
     )
+    scheduler.add_argument(
+        "--ttft-slo-s", type=float,
+        help=f"TTFT objective of requests that bring none (default {embedded.ttft_slo_s:g}; "
+        "a client sets its own with the x-twinroute-ttft-slo-s header)",
+    )  # fmt: skip
+    scheduler.add_argument(
+        "--admission-hold", choices=("on", "off"),
+        help="hold hotspot requests so hotspot rebalancing can move them (default off)",
+    )  # fmt: skip
+    scheduler.add_argument(
+        "--key-block-tokens", type=int,
+        help=f"prefix-key block, tokens (default {embedded.key_block_tokens})",
+    )  # fmt: skip
+    scheduler.add_argument(
+        "--key-block-chars", type=int,
+        help=f"prefix-key block for text prompts, characters (default {embedded.key_block_chars})",
+    )  # fmt: skip
     security = parser.add_argument_group("TLS and tokens")
     security.add_argument("--tls-cert", help="PEM certificate: serve HTTPS instead of HTTP")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -107,35 +120,73 @@ def parse_endpoints(spec: str) -> list[tuple[str, str]]:
     return endpoints
 
 
-def build_scheduler(args: argparse.Namespace) -> SchedulerPort:
-    endpoints = parse_endpoints(args.endpoints)
+# Flags that set the embedded scheduler -> its settings field.
+EMBEDDED_FLAGS = {
+    "policy": "policy",
+    "ttft_slo_s": "ttft_slo_s",
+    "key_block_tokens": "key_block_tokens",
+    "key_block_chars": "key_block_chars",
+}
+
+
+def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
+    """The in-process scheduler's settings (`--embedded`): the defaults, and what was given."""
+    given = {
+        field: getattr(args, flag)
+        for flag, field in EMBEDDED_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    return SchedulerSettings(
+        tokens_per_char=args.tokens_per_char,
+        admission_hold=args.admission_hold == "on",
+        migration=args.migration,
+        served_models=tuple(args.model),
+        **given,
+    )
+
+
+BackgroundWork = Callable[[], Coroutine[Any, Any, None]]
+
+
+def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, list[BackgroundWork]]:
+    """The scheduler the request path asks (in-process, over gRPC, or over gRPC failing open
+    to `--endpoints`), and the work to run beside the app (embedded `--migration on`: the
+    imbalance rounds)."""
+    endpoints = [
+        Endpoint(id=eid, address=address) for eid, address in parse_endpoints(args.endpoints)
+    ]
     if args.embedded:
         if not endpoints:
             raise ValueError("--embedded needs --endpoints")
-        from twinroute.router.embedded import CoreScheduler, KeySettings
+        from twinroute.scheduler.build import build_service
 
-        return CoreScheduler(
-            endpoints=endpoints,
-            policy=args.policy,
-            models=args.model,
-            ttft_slo_s=args.ttft_slo_s,
-            keys=KeySettings(
-                key_block_tokens=args.key_block_tokens,
-                key_block_chars=args.key_block_chars,
-                tokens_per_char=args.tokens_per_char,
-            ),
-            admission_hold=args.admission_hold == "on",
+        service = build_service(embedded_settings(args))
+        # Every static engine serves every model the router serves.
+        service.set_endpoints(endpoints)
+        migrator = service.migrator
+        rounds = [migrator.run] if migrator is not None and migrator.settings.rebalance else []
+        return service, rounds
+    given = [
+        "--" + flag.replace("_", "-")
+        for flag in (*EMBEDDED_FLAGS, "admission_hold")
+        if getattr(args, flag) is not None
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)} set the embedded scheduler; with --scheduler, set them on "
+            "`twinroute scheduler` (a client sends its own SLO in the x-twinroute-ttft-slo-s "
+            "header)"
         )
-    primary: SchedulerPort = GrpcScheduler(
+    primary = SchedulerClient(
         target=args.scheduler,
-        timeout_s=args.scheduler_timeout,
+        timeout_s=args.scheduler_timeout_s,
         admin_token=_read_token(args.scheduler_token_file),
-        tls_ca=_read_bytes(args.scheduler_ca),
+        root_certificates=_read_bytes(args.scheduler_ca),
         tls_server_name=args.scheduler_server_name,
     )
     if endpoints:
-        return WithFallback(primary=primary, fallback=FallbackScheduler(endpoints=endpoints))
-    return primary
+        return FailOpenScheduler(primary=primary, endpoints=endpoints), []
+    return primary, []
 
 
 def _read_bytes(path: str | None) -> bytes | None:
@@ -208,35 +259,27 @@ def run_in_background(work: Callable[[], Coroutine[Any, Any, None]]) -> Any:
     return lifecycle
 
 
-def event_loop_runner() -> Any:
-    """uvloop when installed (less per-request CPU on the proxy path), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    return uvloop.run
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
 
     async def main() -> None:
         tls = server_tls(cert=args.tls_cert, key=args.tls_key)
-        scheduler = build_scheduler(args)
+        scheduler, background = build_scheduler(args)
         tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
         settings = RouterSettings(
             models=tuple(args.model),
             retries=args.retries,
             max_body_bytes=args.max_body_bytes,
-            ttft_slo_s=args.ttft_slo_s,
             tokens_per_char=args.tokens_per_char,
         )
-        feed, migrator = build_feed(scheduler, mode=args.migration)
         app = build_app(
-            scheduler=scheduler, settings=settings, tokenizer=tokenizer, migration_feed=feed
+            scheduler=scheduler,
+            settings=settings,
+            tokenizer=tokenizer,
+            migrate_streams=args.migration != "off",
         )
-        if migrator is not None and migrator.settings.rebalance:
-            app.cleanup_ctx.append(run_in_background(migrator.run))
+        for work in background:
+            app.cleanup_ctx.append(run_in_background(work))
         await serve(app, host=args.host, port=args.port, tls=tls)
 
     try:

@@ -26,8 +26,9 @@ sends an order; the router holding the stream's lease carries it out:
 Not migrated (the order is answered with the reason): token-id prompts (no text to extend),
 `n` > 1, streams already finishing. Non-streamed requests are never migrated.
 
-Orders come from `WatchMigrations` (gRPC, admin token) or, with `--embedded`, straight from the
-in-process scheduler; both through `MigrationFeed`.
+Orders come from the scheduler's API (`Scheduler.watch_migrations`, answered with
+`report_migration`): over gRPC (`WatchMigrations`, admin token) or, with `--embedded`, straight
+from the in-process scheduler.
 """
 
 from __future__ import annotations
@@ -38,56 +39,22 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from twinroute.openai_format import ParsedRequest
-
-if TYPE_CHECKING:
-    from twinroute.scheduler.client import SchedulerClient
-    from twinroute.scheduler.migration import MigrationOrder, MigrationReport, Migrator
-    from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.api import (
+    NOT_HELD_REASON,
+    STREAM_FINISHING_REASON,
+    MigrationOrder,
+    MigrationReport,
+    Scheduler,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class MigrationFeed(Protocol):
-    def watch(self) -> AsyncIterator[MigrationOrder]: ...
-
-    async def report(self, report: MigrationReport) -> None: ...
-
-
-class ServiceFeed:
-    """Orders from an in-process `SchedulerService` (the embedded router)."""
-
-    def __init__(self, service: SchedulerService) -> None:
-        if service.migrator is None:
-            raise ValueError("the embedded scheduler has no migrator")
-        self._service = service
-        self._orders = service.migrator.orders
-
-    def watch(self) -> AsyncIterator[MigrationOrder]:
-        return self._orders.watch()
-
-    async def report(self, report: MigrationReport) -> None:
-        self._service.report_migration(report)
-
-
-class ClientFeed:
-    """Orders over gRPC (`WatchMigrations` / `ReportMigration`, with the admin token)."""
-
-    def __init__(self, client: SchedulerClient, *, watcher: str = "router") -> None:
-        self._client = client
-        self._watcher = watcher
-
-    def watch(self) -> AsyncIterator[MigrationOrder]:
-        return self._client.watch_migrations(watcher=self._watcher)
-
-    async def report(self, report: MigrationReport) -> None:
-        await self._client.report_migration(report)
 
 
 class RouterMigrationMetrics:
@@ -150,12 +117,14 @@ class MigrationCoordinator:
     def __init__(
         self,
         *,
-        feed: MigrationFeed,
+        scheduler: Scheduler,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
         retry_s: float = 1.0,
+        watcher: str = "router",
     ) -> None:
-        self._feed = feed
+        self._scheduler = scheduler
+        self._watcher = watcher
         self.metrics = RouterMigrationMetrics(registry)
         self._clock = clock
         self._retry_s = retry_s
@@ -179,7 +148,7 @@ class MigrationCoordinator:
         delay = self._retry_s
         while True:
             try:
-                orders = self._feed.watch()
+                orders = self._scheduler.watch_migrations(watcher=self._watcher)
                 self.subscribed.set()
                 async for order in orders:
                     delay = self._retry_s
@@ -196,8 +165,6 @@ class MigrationCoordinator:
     def _dispatch(self, order: MigrationOrder) -> None:
         slot = self._streams.get(order.lease_id)
         if slot is None:
-            from twinroute.scheduler.migration import NOT_HELD_REASON
-
             self.answer(order, committed=False, reason=NOT_HELD_REASON)
             return
         slot.orders.put_nowait(order)
@@ -212,8 +179,6 @@ class MigrationCoordinator:
         pause_s: float = 0.0,
     ) -> None:
         """Report an order's outcome in the background (the stream does not wait for it)."""
-        from twinroute.scheduler.migration import NOT_HELD_REASON, MigrationReport
-
         result = "committed" if committed else (
             "not_held" if reason == NOT_HELD_REASON else "refused"
         )  # fmt: skip
@@ -236,7 +201,7 @@ class MigrationCoordinator:
 
         async def send() -> None:
             try:
-                await self._feed.report(report)
+                await self._scheduler.report_migration(report)
             except Exception as error:
                 logger.warning("could not report migration %s: %s", order.migration_id, error)
 
@@ -271,8 +236,6 @@ class MigrationCoordinator:
         if self._streams.get(lease_id) is slot:
             del self._streams[lease_id]
         while not slot.orders.empty():
-            from twinroute.scheduler.migration import STREAM_FINISHING_REASON
-
             order = slot.orders.get_nowait()
             self.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ed")
 
@@ -461,8 +424,6 @@ class SplicedStream:
     async def _migrate(self, order: MigrationOrder) -> None:
         coordinator = self._coordinator
         if self._finishing:
-            from twinroute.scheduler.migration import STREAM_FINISHING_REASON
-
             coordinator.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ing")
             return
         remaining = self._parsed.max_tokens - self._produced
@@ -508,29 +469,3 @@ class SplicedStream:
         self._leg_offset = self._produced
         self._spliced_from = self._last_token_at
         self._awaiting_first = order
-
-
-def build_feed(scheduler: object, *, mode: str) -> tuple[MigrationFeed | None, Migrator | None]:
-    """The order feed for `--migration MODE` over the router's scheduler backing: the gRPC
-    scheduler's `WatchMigrations` (it decides drain and imbalance itself), or, embedded, a
-    `Migrator` attached to the in-process scheduler (`on`: imbalance too; `drain`: drain only)
-    whose `run()` the caller starts."""
-    from twinroute.router.embedded import CoreScheduler
-    from twinroute.router.scheduling import GrpcScheduler, WithFallback
-
-    if mode == "off":
-        return None, None
-    if mode not in ("drain", "on"):
-        raise ValueError(f"--migration must be off, drain or on, got {mode!r}")
-    if isinstance(scheduler, WithFallback):
-        scheduler = scheduler.primary
-    if isinstance(scheduler, CoreScheduler):
-        from twinroute.scheduler.migration import Migrator, MigratorSettings
-
-        service = scheduler.service
-        migrator = Migrator(core=service.core, settings=MigratorSettings(rebalance=mode == "on"))
-        service.attach_migrator(migrator)
-        return ServiceFeed(service), migrator
-    if isinstance(scheduler, GrpcScheduler):
-        return ClientFeed(scheduler.client), None
-    raise ValueError(f"migration needs the gRPC or the embedded scheduler, not {scheduler!r}")

@@ -3,8 +3,11 @@
 Per request:
 1. Read and validate the body (4xx in OpenAI's error shape; nothing is forwarded).
 2. Compute the prompt for prefix keys: token ids from a local tokenizer when configured,
-   else the prompt text (chat: the rendered conversation).
-3. Pick (scheduler), forward the original body unchanged to the chosen engine.
+   else the prompt text (chat: the rendered conversation). The request's own TTFT objective
+   comes only from its client, in the `x-twinroute-ttft-slo-s` header (seconds); without it
+   the scheduler's setting applies.
+3. Pick (the scheduler's API, `twinroute.scheduler.api`, in-process or over gRPC), forward the
+   original body unchanged to the chosen engine.
 4. Failure before the first byte reaches the client (connection refused, a 5xx, a stream
    that dies before its first chunk, a non-streamed body that breaks) -> complete the lease
    as an engine error, exclude that endpoint, pick again; at most `retries` more attempts.
@@ -16,7 +19,8 @@ Per request:
    if another engine then serves it do the earlier ones count as engine errors. If every
    engine tried answers so, the client gets the last engine's answer as is and no engine is
    counted as failing: the request is the common factor.
-5. Complete the lease (outcome, TTFT, tokens) off the response path.
+5. Complete the lease (outcome, TTFT, tokens) off the response path: the `Placement` of each
+   attempt owes exactly one Complete, which it enforces itself.
 
 Streaming is passed through chunk by chunk as it arrives (aiohttp sets TCP_NODELAY on both the
 server and the client sockets). The response names the engine in `x-twinroute-endpoint`.
@@ -29,6 +33,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -49,21 +54,23 @@ from twinroute.openai_format import (
     parse_request,
 )
 from twinroute.router.disaggregated import PREFILL_HEADER, Disaggregation, PrefillFailed
-from twinroute.router.migration import MigrationCoordinator, MigrationFeed, SplicedStream
-from twinroute.router.scheduling import (
-    NoEndpointAvailable,
+from twinroute.router.migration import MigrationCoordinator, SplicedStream
+from twinroute.scheduler.api import (
+    NoEndpointError,
     Outcome,
     PickQuery,
     Placement,
-    ProgressEvent,
-    SchedulerPort,
-    SchedulerUnavailable,
+    Scheduler,
+    SchedulerUnreachableError,
+    UnknownModelError,
 )
 
 logger = logging.getLogger(__name__)
 
 ENDPOINT_HEADER = "x-twinroute-endpoint"
 REASON_HEADER = "x-twinroute-reason"
+# A client's own TTFT objective for one request, in seconds.
+TTFT_SLO_HEADER = "x-twinroute-ttft-slo-s"
 # Headers of the engine's response that are passed on to the client.
 _PASSED_HEADERS = ("Content-Type", "x-twinroute-instance", "Cache-Control")
 
@@ -90,21 +97,8 @@ class RouterSettings:
     connect_timeout_s: float = 2.0
     # Whole-response limit; long generations are legitimate, so it is generous.
     request_timeout_s: float = 600.0
-    ttft_slo_s: float = 0.0
     # Estimate of model tokens per character, for the scheduler's TTFT model in text mode.
     tokens_per_char: float = 0.25
-
-
-class _Lease:
-    """One placement and whether its outcome went back to the scheduler (exactly once)."""
-
-    __slots__ = ("placement", "reported", "started")
-
-    def __init__(self, placement: Placement) -> None:
-        self.placement = placement
-        self.reported = False
-        # When a prefill hop began (disaggregated requests): the client's wait starts there.
-        self.started: float | None = None
 
 
 class _EngineFailed(Exception):
@@ -177,12 +171,14 @@ class RouterServer:
     def __init__(
         self,
         *,
-        scheduler: SchedulerPort,
+        scheduler: Scheduler,
         settings: RouterSettings,
         tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
-        migration_feed: MigrationFeed | None = None,
+        migrate_streams: bool = False,
     ) -> None:
+        """`migrate_streams`: carry out the scheduler's migration orders for the streams this
+        router relays (the scheduler must run with migration on)."""
         self._scheduler = scheduler
         self._settings = settings
         self._tokenizer = tokenizer
@@ -199,8 +195,8 @@ class RouterServer:
         self._disaggregation = Disaggregation(registry=self._registry, clock=clock)
         # Recompute migration of running streams on the scheduler's orders (router/migration.py).
         self.migration = (
-            MigrationCoordinator(feed=migration_feed, registry=self._registry, clock=clock)
-            if migration_feed is not None
+            MigrationCoordinator(scheduler=scheduler, registry=self._registry, clock=clock)
+            if migrate_streams
             else None
         )
 
@@ -297,20 +293,18 @@ class RouterServer:
         text = parsed.prompt_text
         if token_ids is None and self._tokenizer is not None and text is not None:
             token_ids = self._tokenizer.encode(text)
-            text = None
         request_id = request.headers.get("x-request-id") or (
             f"{self._prefix}-{next(self._request_numbers)}"
         )
         return PickQuery(
             request_id=request_id,
             model=parsed.model,
-            prompt_text=text if token_ids is None else None,
             token_ids=token_ids,
+            text=text if token_ids is None else None,
             session_id=parsed.session_id,
             cache_salt=parsed.cache_salt,
-            lora_adapter="",
             expected_output_tokens=parsed.max_tokens,
-            ttft_slo_s=self._settings.ttft_slo_s,
+            ttft_slo_s=_requested_slo(request),
             prompt_tokens=(
                 len(token_ids)
                 if token_ids is not None
@@ -321,130 +315,71 @@ class RouterServer:
     async def _serve(
         self, request: web.Request, raw: bytes, parsed: ParsedRequest, query: PickQuery
     ) -> web.StreamResponse:
-        excluded: list[str] = []
-        failures: list[str] = []
-        # Leases of engines that answered a 5xx error of their own; settled at the end.
-        rejected: list[tuple[_Lease, _EngineRejected]] = []
-        engine_failed = False
-        prompt_tokens = query.prompt_tokens
-
-        def settle_rejections(*, request_caused: bool, outcome: Outcome = "engine_error") -> None:
-            for lease, _ in rejected:
-                if request_caused:
-                    # The engine worked as designed: it refused this request.
-                    self._complete_later(lease, "success", 0.0, prompt_tokens, 0)
-                else:
-                    if outcome == "engine_error":
-                        self._metrics.retries.labels(lease.placement.endpoint_id).inc()
-                    self._complete_later(lease, outcome, 0.0, prompt_tokens, 0)
-            rejected.clear()
-
-        def rejected_answer() -> web.Response | None:
-            """Every engine tried answered a 5xx error of its own: relay the last answer."""
-            if not rejected or engine_failed:
-                return None
-            last = rejected[-1][1]
-            logger.info(
-                "request %s: every engine tried (%s) answered HTTP %d; returned to the client",
-                query.request_id,
-                ", ".join(lease.placement.endpoint_id for lease, _ in rejected),
-                last.status,
-            )
-            settle_rejections(request_caused=True)
-            return web.Response(status=last.status, body=last.body, headers=last.headers)
-
-        for _attempt in range(self._settings.retries + 1):
-            if excluded:
-                query = dataclasses.replace(query, exclude_endpoints=frozenset(excluded))
+        attempts = _Attempts(
+            request_id=query.request_id,
+            prompt_tokens=query.prompt_tokens,
+            report=self._report_soon,
+            retries=self._metrics.retries,
+        )
+        for attempt in range(self._settings.retries + 1):
+            if attempts.excluded:
+                query = dataclasses.replace(query, exclude_endpoints=frozenset(attempts.excluded))
             try:
                 started = self._clock()
                 placement = await self._scheduler.pick(query)
                 self._metrics.pick_seconds.observe(self._clock() - started)
-            except NoEndpointAvailable as error:
-                answer = rejected_answer()
+            except (NoEndpointError, UnknownModelError) as error:
+                answer = attempts.rejected_answer()
                 if answer is not None:
                     return answer
-                settle_rejections(request_caused=False)
-                return self._unavailable(f"no endpoint can serve the request: {error}", failures)
-            except SchedulerUnavailable as error:
-                settle_rejections(request_caused=False)
-                return self._unavailable(f"the scheduler is unavailable: {error}", failures)
-            except ValueError as error:
+                return self._unavailable(f"no endpoint can serve the request: {error}", attempts)
+            except SchedulerUnreachableError as error:
+                return self._unavailable(f"the scheduler is unavailable: {error}", attempts)
+            except ValueError as error:  # InvalidPickError: the request itself is wrong
                 raise RequestError(str(error)) from None
-            self._metrics.decisions.labels(placement.reason).inc()
-            lease = _Lease(placement)
+            self._metrics.decisions.labels(placement.reason.value).inc()
             try:
+                sent = self._clock()
                 body = raw
-                if placement.prefill_address is not None:
+                if placement.prefill_endpoint is not None:
                     body = await self._prefill_hop(
-                        request, raw, lease, query, may_retry=_attempt < self._settings.retries
+                        request, raw, placement, query, may_retry=attempt < self._settings.retries
                     )
-                response = await self._forward(request, body, parsed, lease, prompt_tokens)
+                response = await self._forward(request, body, parsed, placement, query, sent=sent)
             except asyncio.CancelledError:
-                # The client went away; the lease must still be closed exactly once.
-                if not lease.reported:
-                    self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
-                settle_rejections(request_caused=False, outcome="cancelled")
+                # The client went away; the lease is still closed, once.
+                attempts.cancelled(placement)
                 raise
             except PrefillFailed as failure:
-                # The decode endpoint did nothing: its lease closes without blame.
-                prefill_id = placement.prefill_endpoint_id or str(placement.prefill_address)
-                failures.append(f"{prefill_id} (prefill): {failure}")
-                excluded.append(prefill_id)
-                self._complete_later(lease, "cancelled", 0.0, prompt_tokens, 0)
+                attempts.prefill_failed(placement, failure)
                 continue
             except _EngineRejected as rejection:
-                # Not yet the engine's fault: known only once another engine has tried.
-                failures.append(f"{placement.endpoint_id}: {rejection}")
-                excluded.append(placement.endpoint_id)
-                rejected.append((lease, rejection))
-                logger.info(
-                    "request %s: endpoint %s answered HTTP %d; trying another engine",
-                    query.request_id,
-                    placement.endpoint_id,
-                    rejection.status,
-                )
+                attempts.rejected(placement, rejection)
                 continue
             except _EngineFailed as error:
-                engine_failed = True
-                failures.append(f"{placement.endpoint_id}: {error}")
-                excluded.append(placement.endpoint_id)
-                self._metrics.retries.labels(placement.endpoint_id).inc()
-                self._complete_later(lease, "engine_error", 0.0, prompt_tokens, 0)
-                logger.warning(
-                    "request %s: endpoint %s failed (%s); retrying elsewhere",
-                    query.request_id,
-                    placement.endpoint_id,
-                    error.summary,
-                )
-                if error.engine_text:
-                    logger.debug(
-                        "request %s: endpoint %s said: %s",
-                        query.request_id,
-                        placement.endpoint_id,
-                        error.engine_text,
-                    )
+                attempts.failed(placement, error)
                 continue
             # Another engine served it (or refused it with a 4xx): the earlier 5xx answers
             # were those engines' failures.
-            settle_rejections(request_caused=False)
+            attempts.settle(request_caused=False)
             return response
-        answer = rejected_answer()
+        answer = attempts.rejected_answer()
         if answer is not None:
             return answer
-        settle_rejections(request_caused=False)
+        attempts.settle(request_caused=False)
         return web.json_response(
             error_body(
-                message="every attempt failed: " + "; ".join(failures),
+                message="every attempt failed: " + "; ".join(attempts.failures),
                 error_type="engine_error",
                 code="upstream_failed",
             ),
             status=502,
         )
 
-    def _unavailable(self, message: str, failures: list[str]) -> web.Response:
-        if failures:
-            message += " (after: " + "; ".join(failures) + ")"
+    def _unavailable(self, message: str, attempts: _Attempts) -> web.Response:
+        attempts.settle(request_caused=False)
+        if attempts.failures:
+            message += " (after: " + "; ".join(attempts.failures) + ")"
         return web.json_response(
             error_body(message=message, error_type="service_unavailable", code="no_endpoint"),
             status=503,
@@ -455,17 +390,20 @@ class RouterServer:
         request: web.Request,
         raw: bytes,
         parsed: ParsedRequest,
-        lease: _Lease,
-        prompt_tokens: int,
+        placement: Placement,
+        query: PickQuery,
+        *,
+        sent: float,
     ) -> web.StreamResponse:
-        placement = lease.placement
+        """Send the request to the placement's endpoint and relay its answer; `sent` is when
+        the client's wait for this attempt began (the prefill hop's start, if any)."""
         assert self._session is not None, "start() the router before serving"
-        url = self._urls.get((placement.address, request.path))
+        address = placement.endpoint.address
+        url = self._urls.get((address, request.path))
         if url is None:
-            url = URL(f"http://{placement.address}{request.path}")
+            url = URL(f"http://{address}{request.path}")
             if len(self._urls) < 4096:
-                self._urls[(placement.address, request.path)] = url
-        sent = lease.started if lease.started is not None else self._clock()
+                self._urls[(address, request.path)] = url
         try:
             upstream = await self._session.post(
                 url, data=raw, headers={"Content-Type": "application/json"}
@@ -490,9 +428,16 @@ class RouterServer:
                 )
             if parsed.stream and upstream.status == 200:
                 return await self._relay_stream(
-                    request, upstream, lease, sent, prompt_tokens, parsed=parsed
+                    request,
+                    upstream,
+                    placement,
+                    parsed,
+                    sent=sent,
+                    prompt_tokens=query.prompt_tokens,
                 )
-            return await self._relay_whole(upstream, lease, sent, prompt_tokens)
+            return await self._relay_whole(
+                upstream, placement, sent=sent, prompt_tokens=query.prompt_tokens
+            )
         finally:
             upstream.release()
 
@@ -500,55 +445,51 @@ class RouterServer:
         self,
         request: web.Request,
         raw: bytes,
-        lease: _Lease,
+        placement: Placement,
         query: PickQuery,
         *,
         may_retry: bool,
     ) -> bytes:
         """Prefill on the placement's prefill endpoint; the body for the decode endpoint.
         Raises `PrefillFailed` when the request should be placed again."""
-        placement = lease.placement
-        assert self._session is not None and placement.prefill_address is not None
-        lease.started = self._clock()
+        prefill = placement.prefill_endpoint
+        assert self._session is not None and prefill is not None
         decode = await self._disaggregation.prepare(
             session=self._session,
-            prefill_address=placement.prefill_address,
-            prefill_endpoint_id=placement.prefill_endpoint_id or placement.prefill_address,
+            prefill_address=prefill.address,
+            prefill_endpoint_id=prefill.id or prefill.address,
             path=request.path,
             raw=raw,
             request_id=query.request_id,
             may_retry=may_retry,
         )
         if decode.prefilled:
-            self._progress_later(lease, "prefill_done")
+            self._report_soon(placement.progress("prefill_done"), what="prefill_done")
         else:
-            lease.placement = dataclasses.replace(
-                placement, prefill_address=None, prefill_endpoint_id=None
-            )
             # Awaited, not in the background: the scheduler must move the prefill onto the
-            # decode lease before the decode's first token can be reported for it.
-            if placement.lease_id:
-                await self._report_progress(placement.lease_id, "prefill_fell_back")
+            # decode lease before the decode's first token can be reported for it. The
+            # placement no longer names the prefill endpoint from here on.
+            await self._report(placement.progress("prefill_fell_back"), what="prefill_fell_back")
         return decode.body
 
     def _headers(self, upstream: aiohttp.ClientResponse, placement: Placement) -> dict[str, str]:
         headers = {
             name: upstream.headers[name] for name in _PASSED_HEADERS if name in upstream.headers
         }
-        headers[ENDPOINT_HEADER] = placement.endpoint_id
-        headers[REASON_HEADER] = placement.reason
-        if placement.prefill_endpoint_id:
-            headers[PREFILL_HEADER] = placement.prefill_endpoint_id
+        headers[ENDPOINT_HEADER] = placement.endpoint.id
+        headers[REASON_HEADER] = placement.reason.value
+        if placement.prefill_endpoint is not None:
+            headers[PREFILL_HEADER] = placement.prefill_endpoint.id
         return headers
 
     async def _relay_whole(
         self,
         upstream: aiohttp.ClientResponse,
-        lease: _Lease,
+        placement: Placement,
+        *,
         sent: float,
         prompt_tokens: int,
     ) -> web.Response:
-        placement = lease.placement
         try:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
@@ -560,7 +501,15 @@ class RouterServer:
             prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
             output_tokens = usage.get("completion_tokens", 0)
         # A non-streamed response has no first token to time; its whole latency stands in.
-        self._complete_later(lease, "success", elapsed, prompt_tokens, output_tokens)
+        self._report_soon(
+            placement.complete(
+                "success",
+                observed_ttft_s=elapsed,
+                prompt_tokens=prompt_tokens,
+                output_tokens=output_tokens,
+            ),
+            what="complete",
+        )
         return web.Response(
             status=upstream.status, body=body, headers=self._headers(upstream, placement)
         )
@@ -569,16 +518,16 @@ class RouterServer:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        lease: _Lease,
+        placement: Placement,
+        parsed: ParsedRequest,
+        *,
         sent: float,
         prompt_tokens: int,
-        *,
-        parsed: ParsedRequest | None = None,
     ) -> web.StreamResponse:
-        placement = lease.placement
+        endpoint_id = placement.endpoint.id
         content: Any = upstream.content
         spliced: SplicedStream | None = None
-        if self.migration is not None and parsed is not None and self._session is not None:
+        if self.migration is not None and self._session is not None:
             content = spliced = self.migration.splice(
                 session=self._session,
                 upstream=upstream,
@@ -594,7 +543,7 @@ class RouterServer:
             raise _EngineFailed("stream ended before its first chunk")
         ttft = self._clock() - sent
         self._metrics.ttft_seconds.observe(ttft)
-        self._progress_later(lease, "first_token")
+        self._report_soon(placement.progress("first_token"), what="first_token")
         response = web.StreamResponse(status=200, headers=self._headers(upstream, placement))
         outcome: Outcome = "cancelled"
         events = 0
@@ -607,13 +556,11 @@ class RouterServer:
                     chunk = await content.readany()
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
                     outcome = "stream_error"
-                    self._metrics.stream_errors.labels(placement.endpoint_id).inc()
+                    self._metrics.stream_errors.labels(endpoint_id).inc()
                     logger.warning(
-                        "endpoint %s broke a stream after it started: %s",
-                        placement.endpoint_id,
-                        error,
+                        "endpoint %s broke a stream after it started: %s", endpoint_id, error
                     )
-                    await response.write(_stream_error(placement.endpoint_id, error))
+                    await response.write(_stream_error(endpoint_id, error))
                     break
                 if not chunk:
                     outcome = "success"
@@ -627,61 +574,149 @@ class RouterServer:
         finally:
             if spliced is not None:
                 spliced.close()
-            self._complete_later(lease, outcome, ttft, prompt_tokens, events)
+            self._report_soon(
+                placement.complete(
+                    outcome, observed_ttft_s=ttft, prompt_tokens=prompt_tokens, output_tokens=events
+                ),
+                what="complete",
+            )
         return response
 
-    def _progress_later(self, lease: _Lease, event: ProgressEvent) -> None:
-        """Tell the scheduler of a milestone without holding up the response; best effort
-        (the lease's Complete settles everything anyway)."""
-        lease_id = lease.placement.lease_id
-        if not lease_id or lease.reported:
-            return
-        task = asyncio.get_running_loop().create_task(self._report_progress(lease_id, event))
+    def _report_soon(self, report: Awaitable[bool], *, what: str) -> None:
+        """Send a report to the scheduler without holding up the response."""
+        task = asyncio.ensure_future(self._report(report, what=what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _report_progress(self, lease_id: str, event: ProgressEvent) -> None:
+    async def _report(self, report: Awaitable[bool], *, what: str) -> None:
         """Best effort: a report the scheduler cannot take (unreachable, or too old to know
-        the event) never fails the request; the lease's Complete settles it anyway."""
+        the event) never fails the request; the lease's time-to-live settles what is lost."""
         try:
-            await self._scheduler.progress(lease_id=lease_id, event=event)
-        except SchedulerUnavailable as error:
-            logger.debug("lease %s: %s not reported: %s", lease_id, event, error)
+            await report
+        except SchedulerUnreachableError as error:
+            # A lost Complete holds load until the lease's time-to-live; a lost milestone
+            # only makes the estimate coarser until then.
+            level = logging.WARNING if what == "complete" else logging.DEBUG
+            logger.log(level, "%s not reported: %s", what, error)
         except Exception as error:  # the scheduler refused it; the request goes on
-            logger.warning(
-                "lease %s: the scheduler refused the %s report: %s",
-                lease_id, event, type(error).__name__,
+            logger.warning("the scheduler refused the %s report: %s", what, type(error).__name__)
+
+
+class _Attempts:
+    """One request's tries across engines: what is excluded and why, and what is owed for
+    each try (its Placement's Complete, with the outcome the later tries reveal).
+
+    An engine that answers a 5xx error of its own may have refused this very request: whose
+    fault it was is known only once another engine has tried. Those placements wait here and
+    are settled as engine errors when another engine serves the request (or fails), and as
+    successes when every engine tried answered so (the request is the common factor, and the
+    client gets the last engine's answer as is)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: str,
+        prompt_tokens: int,
+        report: Callable[..., None],
+        retries: Counter,
+    ) -> None:
+        self._request_id = request_id
+        self._prompt_tokens = prompt_tokens
+        self._report = report
+        self._retries = retries
+        self.excluded: list[str] = []
+        self.failures: list[str] = []
+        self._rejected: list[tuple[Placement, _EngineRejected]] = []
+        self._engine_failed = False
+
+    def _close(self, placement: Placement, outcome: Outcome) -> None:
+        self._report(
+            placement.complete(outcome, prompt_tokens=self._prompt_tokens), what="complete"
+        )
+
+    def cancelled(self, placement: Placement) -> None:
+        """The client went away during this try."""
+        self._close(placement, "cancelled")
+        self.settle(request_caused=False, outcome="cancelled")
+
+    def prefill_failed(self, placement: Placement, failure: PrefillFailed) -> None:
+        """The prefill endpoint failed: the decode endpoint did nothing, so its lease closes
+        without blame and the prefill endpoint is excluded."""
+        prefill = placement.prefill_endpoint
+        prefill_id = prefill.id if prefill is not None else "?"
+        self.failures.append(f"{prefill_id} (prefill): {failure}")
+        self.excluded.append(prefill_id)
+        self._close(placement, "cancelled")
+
+    def rejected(self, placement: Placement, rejection: _EngineRejected) -> None:
+        """Not yet the engine's fault: known only once another engine has tried."""
+        endpoint_id = placement.endpoint.id
+        self.failures.append(f"{endpoint_id}: {rejection}")
+        self.excluded.append(endpoint_id)
+        self._rejected.append((placement, rejection))
+        logger.info(
+            "request %s: endpoint %s answered HTTP %d; trying another engine",
+            self._request_id, endpoint_id, rejection.status,
+        )  # fmt: skip
+
+    def failed(self, placement: Placement, error: _EngineFailed) -> None:
+        endpoint_id = placement.endpoint.id
+        self._engine_failed = True
+        self.failures.append(f"{endpoint_id}: {error}")
+        self.excluded.append(endpoint_id)
+        self._retries.labels(endpoint_id).inc()
+        self._close(placement, "engine_error")
+        logger.warning(
+            "request %s: endpoint %s failed (%s); retrying elsewhere",
+            self._request_id, endpoint_id, error.summary,
+        )  # fmt: skip
+        if error.engine_text:
+            logger.debug(
+                "request %s: endpoint %s said: %s",
+                self._request_id, endpoint_id, error.engine_text,
             )  # fmt: skip
 
-    def _complete_later(
-        self,
-        lease: _Lease,
-        outcome: Outcome,
-        observed_ttft_s: float,
-        prompt_tokens: int,
-        output_tokens: int,
-    ) -> None:
-        """Report to the scheduler without holding up the response."""
-        if lease.reported:
-            return
-        lease.reported = True
-        placement = lease.placement
+    def settle(self, *, request_caused: bool, outcome: Outcome = "engine_error") -> None:
+        """Close the leases of the engines that answered a 5xx error of their own."""
+        for placement, _ in self._rejected:
+            if request_caused:
+                # The engine worked as designed: it refused this request.
+                self._close(placement, "success")
+            else:
+                if outcome == "engine_error":
+                    self._retries.labels(placement.endpoint.id).inc()
+                self._close(placement, outcome)
+        self._rejected.clear()
 
-        async def complete() -> None:
-            try:
-                await self._scheduler.complete(
-                    lease_id=placement.lease_id,
-                    outcome=outcome,
-                    observed_ttft_s=observed_ttft_s,
-                    prompt_tokens=prompt_tokens,
-                    output_tokens=output_tokens,
-                )
-            except SchedulerUnavailable as error:
-                logger.warning("lease %s not completed: %s", placement.lease_id, error)
+    def rejected_answer(self) -> web.Response | None:
+        """Every engine tried answered a 5xx error of its own: relay the last answer."""
+        if not self._rejected or self._engine_failed:
+            return None
+        last = self._rejected[-1][1]
+        logger.info(
+            "request %s: every engine tried (%s) answered HTTP %d; returned to the client",
+            self._request_id,
+            ", ".join(placement.endpoint.id for placement, _ in self._rejected),
+            last.status,
+        )
+        self.settle(request_caused=True)
+        return web.Response(status=last.status, body=last.body, headers=last.headers)
 
-        task = asyncio.get_running_loop().create_task(complete())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+
+def _requested_slo(request: web.Request) -> float | None:
+    """The client's own TTFT objective (`x-twinroute-ttft-slo-s`), or None when it set none."""
+    value = request.headers.get(TTFT_SLO_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RequestError(
+            f"header {TTFT_SLO_HEADER} must be a positive number of seconds, got {value!r}"
+        )
+    return seconds
 
 
 def _is_error_answer(body: bytes) -> bool:
@@ -718,13 +753,16 @@ def _stream_error(endpoint_id: str, error: BaseException) -> bytes:
 
 def build_app(
     *,
-    scheduler: SchedulerPort,
+    scheduler: Scheduler,
     settings: RouterSettings,
     tokenizer: Tokenizer | None = None,
-    migration_feed: MigrationFeed | None = None,
+    migrate_streams: bool = False,
 ) -> web.Application:
     server = RouterServer(
-        scheduler=scheduler, settings=settings, tokenizer=tokenizer, migration_feed=migration_feed
+        scheduler=scheduler,
+        settings=settings,
+        tokenizer=tokenizer,
+        migrate_streams=migrate_streams,
     )
     app = web.Application(middlewares=[server.middleware], client_max_size=settings.max_body_bytes)
     app.add_routes(server.routes())

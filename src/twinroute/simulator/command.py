@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from twinroute.simulator.cluster import SIMULATED_SCRAPE_INTERVAL_S
 from twinroute.simulator.disaggregation import parse_pd
 from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
@@ -16,6 +17,12 @@ from twinroute.simulator.traces import (
     SharedPrefixWorkload,
     TraceFormatError,
     bundled_mooncake_trace,
+)
+from twinroute.vocabulary import (
+    DEFAULT_PD_MIN_PREFILL_TOKENS,
+    DEFAULT_POLICY,
+    DEFAULT_TTFT_SLO_S,
+    POLICY_NAMES,
 )
 
 
@@ -92,11 +99,13 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="KV cache per instance in tokens (default: the profile's)",
     )
-    group.add_argument("--ttft-slo", type=float, default=5.0, help="TTFT SLO in seconds")
     group.add_argument(
-        "--scrape-interval",
+        "--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO in seconds"
+    )
+    group.add_argument(
+        "--scrape-interval-s",
         type=float,
-        default=0.5,
+        default=SIMULATED_SCRAPE_INTERVAL_S,
         help="seconds between engine metric scrapes (staleness the router sees)",
     )
     group.add_argument(
@@ -108,11 +117,9 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from twinroute.scheduler.policies import POLICY_NAMES
-
     add_trace_arguments(parser)
     add_pool_arguments(parser)
-    parser.add_argument("--policy", choices=POLICY_NAMES, default="dualmap")
+    parser.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
         "--time-scale",
@@ -145,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pd-min-prefill-tokens",
         type=int,
-        default=100,
+        default=DEFAULT_PD_MIN_PREFILL_TOKENS,
         help="with --pd: a decode instance prefills prompts itself when at most this many of "
         "their tokens are not cached there",
     )
@@ -181,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
             profile=args.profile,
             kv_capacity_tokens=args.kv_capacity_tokens,
             time_scale=time_scale,
-            ttft_slo_s=args.ttft_slo,
-            scrape_interval_s=args.scrape_interval,
+            ttft_slo_s=args.ttft_slo_s,
+            scrape_interval_s=args.scrape_interval_s,
             warmup_fraction=args.warmup,
             seed=args.seed,
             rebalance=args.rebalance == "on",
@@ -201,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         pd_split=args.pd or "unified",
         time_scale=time_scale,
         seed=args.seed,
-        ttft_slo_s=args.ttft_slo,
+        ttft_slo_s=args.ttft_slo_s,
         rebalance=args.rebalance,
         phase_aware=args.phase_aware,
     )

@@ -1,22 +1,23 @@
-"""The simulator's router: the live `SchedulerCore` with a policy from `make_policy`.
+"""The simulator's router: the live `SchedulerCore`, built from `SchedulerSettings` by the same
+builder as the live scheduler (`twinroute.scheduler.build`).
 
-Nothing here decides anything: it only translates the simulator's callbacks into the calls the
-live scheduler makes (pick, first token, complete, scrape, expiry), so a policy behaves in the
-simulation exactly as it would in production.
+Nothing here decides anything: `CoreAdapter` only translates the simulator's callbacks into the
+calls the live scheduler makes (pick, first token, complete, scrape, expiry, moves), so a
+policy behaves in the simulation exactly as it would in production.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.scheduler.build import build_core
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import CostModel
 from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
-from twinroute.scheduler.policies.pd import PdSettings
+from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Decision, Endpoint, PromptKeys, RoutingRequest
 from twinroute.simulator.cluster import Router
 
@@ -35,8 +36,8 @@ def trace_keys(
     return keys_for
 
 
-class CoreRouter:
-    """Adapts `SchedulerCore` to the simulator's `Router` protocol."""
+class CoreAdapter:
+    """The simulator's `Router` protocol over a `SchedulerCore`."""
 
     def __init__(self, core: SchedulerCore) -> None:
         self._core = core
@@ -49,7 +50,7 @@ class CoreRouter:
         self._core.first_token(lease_id, now=now)
 
     def prefill_done(self, lease_id: str, *, now: float) -> None:
-        self._core.prefill_done(lease_id, now=now)
+        self._core.prefill_leases.done(lease_id, now=now)
 
     def complete(
         self, lease_id: str, *, now: float, observed_ttft_s: float, output_tokens: int
@@ -73,13 +74,13 @@ class CoreRouter:
         self._core.expire(now)
         # DualMap's hotspot rebalancing, for policies that ask for it; the simulator moves
         # only requests it can withdraw (still queued, not admitted by the engine).
-        return [(m.lease_id, m.source, m.target) for m in self._core.plan_rebalance(now=now)]
+        return [(m.lease_id, m.source, m.target) for m in self._core.moves.rebalance(now=now)]
 
     def move(self, lease_id: str, *, target: str, now: float) -> bool:
         return self._core.move(lease_id, target=target, now=now)
 
     def counters(self) -> dict[str, int]:
-        return {"slo_switches": self._core.slo_switches}
+        return {"slo_switches": self._core.history.slo_switches}
 
     # Elastic scaling (`simulate(membership=...)`): what discovery and the operator's Drain do.
 
@@ -91,54 +92,28 @@ class CoreRouter:
 
     def plan_drain_moves(self, endpoint_id: str, *, now: float) -> list[tuple[str, str, str]]:
         return [
-            (m.lease_id, m.source, m.target)
-            for m in self._core.plan_drain_moves(endpoint_id, now=now)
+            (m.lease_id, m.source, m.target) for m in self._core.moves.drain(endpoint_id, now=now)
         ]
 
     def move_drained(self, lease_id: str, *, target: str, now: float) -> bool:
         return self._core.move(lease_id, target=target, now=now, cause="drain")
 
 
-def core_router_factory(
-    *,
-    policy: str,
-    cost: CostModel,
-    ttft_slo_s: float,
-    scrape_interval_s: float,
-    seed: int,
-    prefix_capacity_blocks: int,
-    rebalance: bool = True,
-    phase_aware: bool = True,
-    pd: PdSettings | None = None,
-    phase_interference_weight: float | None = None,
+def core_adapter_factory(
+    settings: SchedulerSettings, *, cost: CostModel
 ) -> Callable[[tuple[Endpoint, ...]], Router]:
-    """Builds a fresh core and policy per simulation, as a scheduler process would.
+    """Builds a fresh core and policy per simulation, as a scheduler process would, predicting
+    with `cost` (the simulated instances' own model).
 
-    The prefix index holds, per endpoint, as many blocks as the engine's KV cache does, as a
-    deployment configures it from the engines' KV size (vLLM logs and exports it): an index
-    that remembered more than the engine can hold would promise reuse that was evicted.
+    The prefix index holds, per endpoint, as many blocks as the engine's KV cache does
+    (`settings.prefix_capacity_tokens`), as a deployment configures it from the engines' KV
+    size: an index that remembered more than the engine can hold would promise reuse that was
+    evicted.
     """
-    from twinroute.scheduler.policies import PolicyConfig, make_policy
 
     def build(endpoints: tuple[Endpoint, ...]) -> Router:
-        config = PolicyConfig(
-            ttft_slo_s=ttft_slo_s, cost_model=cost, seed=seed, phase_aware=phase_aware
-        )
-        if phase_interference_weight is not None:
-            config = dataclasses.replace(
-                config, phase_interference_weight=phase_interference_weight
-            )
-        chosen = make_policy(policy, config=config)
-        core = SchedulerCore(
-            policy=chosen,
-            cost_model=cost,
-            prefix_capacity_blocks=prefix_capacity_blocks,
-            # A scrape older than a few intervals means the engine stopped answering.
-            scrape_staleness_s=max(5.0, 4 * scrape_interval_s),
-            rebalance=rebalance,
-            pd=pd,
-        )
+        core = build_core(settings, cost_model=cost)
         core.set_endpoints(endpoints, now=0.0)
-        return CoreRouter(core)
+        return CoreAdapter(core)
 
     return build

@@ -14,11 +14,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from twinroute.scheduler.policies.pd import PdSettings
-from twinroute.simulator.cluster import ClusterConfig, SimulationResult, simulate
+from twinroute.scheduler.policies.base import DEFAULT_PHASE_INTERFERENCE_WEIGHT
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.simulator.cluster import (
+    SIMULATED_SCRAPE_INTERVAL_S,
+    ClusterConfig,
+    SimulationResult,
+    simulate,
+)
 from twinroute.simulator.disaggregation import PdSplit
-from twinroute.simulator.profiles import DEFAULT_PROFILE, get_profile
-from twinroute.simulator.routing import core_router_factory, trace_keys
+from twinroute.simulator.profiles import DEFAULT_PROFILE, InstanceProfile, get_profile
+from twinroute.simulator.routing import core_adapter_factory, trace_keys
 from twinroute.simulator.sim_cost import cost_model_for
 from twinroute.simulator.traces import (
     MOONCAKE_BLOCK_TOKENS,
@@ -32,6 +38,7 @@ from twinroute.simulator.traces import (
     summarize,
     take,
 )
+from twinroute.vocabulary import DEFAULT_PD_MIN_PREFILL_TOKENS, DEFAULT_TTFT_SLO_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +108,8 @@ class RunSpec:
     profile: str = DEFAULT_PROFILE
     kv_capacity_tokens: int | None = None
     time_scale: float = 1.0
-    ttft_slo_s: float = 5.0
-    scrape_interval_s: float = 0.5
+    ttft_slo_s: float = DEFAULT_TTFT_SLO_S
+    scrape_interval_s: float = SIMULATED_SCRAPE_INTERVAL_S
     warmup_fraction: float = 0.0
     seed: int = 0
     model: str = "sim-model"
@@ -110,12 +117,29 @@ class RunSpec:
     # Hotspot rebalancing (for policies that use it) and phase-aware placement.
     rebalance: bool = True
     phase_aware: bool = True
-    # None: PolicyConfig's default weight of the decode interference in phase-aware scores.
-    phase_interference_weight: float | None = None
+    # The weight of the decode interference in phase-aware scores.
+    phase_interference_weight: float = DEFAULT_PHASE_INTERFERENCE_WEIGHT
     # A disaggregated pool (prefill:decode instance counts, summing to `instances`) and the
     # decider's threshold (`twinroute.scheduler.policies.pd`).
     pd: PdSplit | None = None
-    pd_min_prefill_tokens: int = 100
+    pd_min_prefill_tokens: int = DEFAULT_PD_MIN_PREFILL_TOKENS
+
+    def scheduler_settings(self, profile: InstanceProfile) -> SchedulerSettings:
+        """The simulated scheduler's settings: prompt keys are the trace's blocks, and the
+        prefix index is sized like the instances' KV cache."""
+        return SchedulerSettings(
+            policy=self.policy,
+            ttft_slo_s=self.ttft_slo_s,
+            policy_seed=self.seed,
+            phase_aware=self.phase_aware,
+            phase_interference_weight=self.phase_interference_weight,
+            rebalance=self.rebalance,
+            key_block_tokens=self.trace.block_size,
+            prefix_capacity_tokens=profile.kv_capacity_tokens,
+            scrape_interval_s=self.scrape_interval_s,
+            pd_min_prefill_tokens=self.pd_min_prefill_tokens,
+            pd_transfer_s_per_token=profile.kv_bytes_per_token / profile.kv_transfer_bytes_per_s,
+        )
 
 
 def run_spec(
@@ -141,21 +165,7 @@ def run_spec(
     return simulate(
         spec.trace.with_seed(spec.seed).chunks(time_scale=spec.time_scale),
         config=config,
-        router_factory=core_router_factory(
-            policy=spec.policy,
-            cost=cost,
-            ttft_slo_s=spec.ttft_slo_s,
-            scrape_interval_s=spec.scrape_interval_s,
-            seed=spec.seed,
-            prefix_capacity_blocks=max(1, profile.kv_capacity_tokens // spec.trace.block_size),
-            rebalance=spec.rebalance,
-            phase_aware=spec.phase_aware,
-            phase_interference_weight=spec.phase_interference_weight,
-            pd=PdSettings(
-                min_prefill_tokens=spec.pd_min_prefill_tokens,
-                transfer_s_per_token=profile.kv_bytes_per_token / profile.kv_transfer_bytes_per_s,
-            ),
-        ),
+        router_factory=core_adapter_factory(spec.scheduler_settings(profile), cost=cost),
         keys_for=trace_keys(block_size=spec.trace.block_size, model=spec.model, seed=spec.seed),
         cost=cost,
         total_requests=total_requests,

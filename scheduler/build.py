@@ -1,0 +1,113 @@
+"""The one place a `SchedulerSettings` becomes a core and a service.
+
+`twinroute scheduler`, the embedded router (`twinroute router --embedded`), the cluster
+simulator and the benchmarks all build here, so one setting means the same thing in each of
+them: the policy and its configuration, the prefix index size, lease TTL, scrape staleness,
+prefill/decode decider, admission hold and migration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
+from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import COST_PROFILES, CostModel
+from twinroute.scheduler.migration import MigrationMetrics, Migrator, MigratorSettings
+from twinroute.scheduler.policies import PolicyConfig, make_policy
+from twinroute.scheduler.policies.pd import PdSettings
+from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.telemetry import SchedulerTelemetry
+
+
+def policy_config(settings: SchedulerSettings, *, cost_model: CostModel) -> PolicyConfig:
+    return PolicyConfig(
+        ttft_slo_s=settings.ttft_slo_s,
+        cost_model=cost_model,
+        virtual_nodes=settings.virtual_nodes,
+        seed=settings.policy_seed,
+        phase_aware=settings.phase_aware,
+        phase_interference_weight=settings.phase_interference_weight,
+    )
+
+
+def build_core(
+    settings: SchedulerSettings, *, cost_model: CostModel | None = None
+) -> SchedulerCore:
+    """A fresh core and policy. `cost_model` replaces the settings' cost profile (the
+    simulator predicts with the model of the instances it simulates)."""
+    cost = cost_model if cost_model is not None else COST_PROFILES[settings.cost_profile]
+    capacity_blocks = (
+        max(1, settings.prefix_capacity_tokens // settings.key_block_tokens)
+        if settings.prefix_capacity_tokens is not None
+        else DEFAULT_CAPACITY_BLOCKS
+    )
+    return SchedulerCore(
+        policy=make_policy(settings.policy, config=policy_config(settings, cost_model=cost)),
+        cost_model=cost,
+        prefix_capacity_blocks=capacity_blocks,
+        lease_ttl_s=settings.lease_ttl_s,
+        scrape_staleness_s=settings.scrape_staleness_s,
+        rebalance=settings.rebalance,
+        pd=PdSettings(
+            min_prefill_tokens=settings.pd_min_prefill_tokens,
+            transfer_s_per_token=settings.pd_transfer_s_per_token,
+        ),
+    )
+
+
+def build_service(
+    settings: SchedulerSettings,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+) -> SchedulerService:
+    """The in-process `Scheduler` over a fresh core: with Prometheus telemetry on `registry`
+    (None: none), the admission hold when `settings.admission_hold`, and a migrator attached
+    when `settings.migration` is not off (its imbalance rounds, for `on`, run in
+    `service.migrator.run()`, which the caller starts)."""
+    core = build_core(settings)
+    telemetry = (
+        SchedulerTelemetry(
+            registry=registry, core=core, clock=clock, virtual_nodes=settings.virtual_nodes
+        )
+        if registry is not None
+        else None
+    )
+    admission = None
+    if settings.admission_hold:
+        admission = AdmissionQueue(
+            core=core,
+            settings=AdmissionSettings(max_hold_s=settings.admission_max_hold_s),
+            clock=clock,
+            metrics=AdmissionMetrics(registry=registry) if registry is not None else None,
+        )
+    service = SchedulerService(
+        core=core,
+        settings=settings,
+        telemetry=telemetry,
+        clock=clock,
+        wall_clock=wall_clock,
+        admission=admission,
+    )
+    if settings.migration != "off":
+        service.attach_migrator(
+            Migrator(
+                core=core,
+                settings=MigratorSettings(
+                    rebalance=settings.migration == "on",
+                    interval_s=settings.migration_interval_s,
+                    capacity_tokens=(
+                        settings.prefix_capacity_tokens or MigratorSettings().capacity_tokens
+                    ),
+                ),
+                hooks=dict(settings.migration_hooks),
+                metrics=MigrationMetrics(registry) if registry is not None else None,
+            )
+        )
+    return service

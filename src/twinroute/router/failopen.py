@@ -1,0 +1,107 @@
+"""Fail-open: the router keeps routing when its scheduler cannot be reached.
+
+`FailOpenScheduler` is the scheduler's API (`twinroute.scheduler.api.Scheduler`) over another
+one: every call goes to the real scheduler, and a Pick it cannot answer
+(`SchedulerUnreachableError`: connection refused, deadline) is placed round robin over the
+endpoints the router was given instead, with reason `fallback` and no lease (so nothing is
+reported for it). "No endpoint" and "bad request" answers are the scheduler's and pass through:
+only an absent scheduler is failed open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+from twinroute.scheduler.api import (
+    DEFAULT_EXPLAIN_LIMIT,
+    DecisionRecord,
+    DrainResult,
+    EndpointStatus,
+    MigrationOrder,
+    MigrationReport,
+    NoEndpointError,
+    Outcome,
+    PickAnswer,
+    PickQuery,
+    Placement,
+    ProgressEvent,
+    Scheduler,
+    SchedulerUnreachableError,
+)
+from twinroute.scheduler.types import Endpoint
+from twinroute.vocabulary import DecisionReason
+
+logger = logging.getLogger(__name__)
+
+
+class FailOpenScheduler:
+    """`primary`, or round robin over `endpoints` while `primary` cannot be reached."""
+
+    def __init__(self, *, primary: Scheduler, endpoints: Sequence[Endpoint]) -> None:
+        if not endpoints:
+            raise ValueError("failing open needs at least one endpoint")
+        self._primary = primary
+        self._endpoints = tuple(endpoints)
+        self._turn = itertools.count()
+
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        try:
+            return await self._primary.pick(query, timeout_s=timeout_s)
+        except SchedulerUnreachableError as error:
+            logger.warning("scheduler unavailable (%s); placing round robin", error)
+            return Placement(self._round_robin(query), reports=None)
+
+    def _round_robin(self, query: PickQuery) -> PickAnswer:
+        count = len(self._endpoints)
+        start = next(self._turn)
+        for offset in range(count):
+            endpoint = self._endpoints[(start + offset) % count]
+            if endpoint.id not in query.exclude_endpoints:
+                return PickAnswer(
+                    endpoint=endpoint, lease_id="", reason=DecisionReason.FALLBACK, policy=""
+                )
+        raise NoEndpointError(f"all {count} endpoints were excluded")
+
+    async def complete(
+        self,
+        *,
+        lease_id: str,
+        outcome: Outcome = "success",
+        observed_ttft_s: float = 0.0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> bool:
+        return await self._primary.complete(
+            lease_id=lease_id,
+            outcome=outcome,
+            observed_ttft_s=observed_ttft_s,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+        return await self._primary.progress(lease_id=lease_id, event=event)
+
+    async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
+        return await self._primary.list_endpoints(model=model)
+
+    async def explain(
+        self, *, limit: int = DEFAULT_EXPLAIN_LIMIT, request_id: str = ""
+    ) -> list[DecisionRecord]:
+        return await self._primary.explain(limit=limit, request_id=request_id)
+
+    async def drain(self, *, endpoint_id: str, timeout_s: float = 0.0) -> DrainResult:
+        return await self._primary.drain(endpoint_id=endpoint_id, timeout_s=timeout_s)
+
+    def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
+        return self._primary.watch_migrations(watcher=watcher)
+
+    async def report_migration(self, report: MigrationReport) -> bool:
+        return await self._primary.report_migration(report)
+
+    async def close(self) -> None:
+        await self._primary.close()
