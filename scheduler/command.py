@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument(
         "--phase-aware", choices=("on", "off"), default=_on_off(defaults.phase_aware),
         help="placement counts the endpoints' decode load and the request's expected output "
-        "(policies that use the TTFT estimator; docs/bench/phase_aware.md)",
+        "(policies that use the TTFT estimator; benchmarks/phase_aware.md)",
     )  # fmt: skip
     routing.add_argument(
         "--pd-min-prefill-tokens", type=int, default=defaults.pd_min_prefill_tokens,
@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument(
         "--admission-hold", choices=("on", "off"), default=_on_off(defaults.admission_hold),
         help="hold the answers of requests routed to a hotspot so that hotspot rebalancing can "
-        "still move them (policies that rebalance; docs/bench/rebalance.md)",
+        "still move them (policies that rebalance; benchmarks/rebalance.md)",
     )  # fmt: skip
     load.add_argument(
         "--admission-max-hold-s", type=float, default=defaults.admission_max_hold_s,

@@ -20,7 +20,7 @@ Steps, all vectorised with numpy (no Python loop per token or per block):
    prefix hash computed without a sequential loop.
 
 Cost (2-core shared host, numpy 2.4, steady state): about 60 us for an 8k-token prompt and
-150-200 us for 32k tokens at block 16 (`benchmarks/decision_cost.py` prints it); about 20 us
+150-200 us for 32k tokens at block 16 (`twinroute bench decision-cost` prints it); about 20 us
 for a trace prompt of 24 block ids. Converting a Python list of token ids to an array costs
 more than hashing it (about 30 ns per id): pass numpy arrays where possible.
 

@@ -16,7 +16,7 @@ nor the new second, the old first and second are unchanged. Removing X changes e
 pairs that contained X. In expectation (random vnode positions, independent rings) X is in
 2/(N+1) of the pairs after it is added, and was in 2/N of them before it is removed, which is
 also the least any scheme can move while every endpoint holds its fair share (2/size) of the
-pair slots. `tests/test_ring.py` derives this in full and checks it; `benchmarks/ring_quality.py`
+pair slots. `tests/test_ring.py` derives this in full and checks it; `twinroute bench ring-quality`
 prints the measured figures.
 
 Ordering is total and independent of history: points are sorted by position, and points at

@@ -37,7 +37,7 @@ spread: over 30 ring seeds, 0 of 30 layouts exceed 1.25 at N = 8 or 32, about 1 
 N >= 128. So the first candidate alone meets max/mean <= 1.25 at realistic pool sizes
 (8..128) but not for every layout at N >= 256: with our default seeds and 512 endpoints named
 vllm-000..511, vllm-451 owns 1.285 x its fair share of ring 1, measured as 1.26-1.35 with a
-million keys (`benchmarks/ring_quality.py`). Both candidates together average two independent
+million keys (`twinroute bench ring-quality`). Both candidates together average two independent
 rings and stay within 1.25 up to N = 512; so does the first candidate with 512 virtual nodes.
 Those are the three balance tests below.
 """

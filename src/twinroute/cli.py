@@ -35,7 +35,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "twinroute.enginesim.command",
         "a simulated vLLM engine (OpenAI API, vLLM metrics) running the instance model",
     ),
-    "bench": ("twinroute.bench.command", "benchmarks: goodput, ..."),
+    "bench": (
+        "twinroute.bench.command",
+        "every benchmark (goodput, live, elastic, soak, decision cost, rings, ...)",
+    ),
     "operator": ("twinroute.operator.command", "run the ModelPool operator (kopf) for Kubernetes"),
 }
 

@@ -1,13 +1,17 @@
-"""`twinroute bench NAME`: a dispatcher over benchmark modules, like the top-level CLI.
+"""`twinroute bench NAME`: every benchmark of the project, one subcommand each.
 
-Each benchmark module provides `add_arguments(parser)` and `run(args) -> int`, and imports its
-heavy dependencies (matplotlib, the simulator) inside functions so listing benches stays fast.
+This package is the one home of benchmark code; what they measured (write-ups, JSON behind
+every figure, plots) lives in `benchmarks/`, and `BENCHMARKS.md` summarises it. Each
+benchmark module provides `add_arguments(parser)` and `run(args) -> int`, states its method
+in its docstring, prints the exact command it ran, and imports its heavy dependencies
+(matplotlib, the simulator, grpc) inside functions where it can, so listing benches stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 from typing import Protocol
 
 # name -> (module, one-line help)
@@ -27,6 +31,38 @@ BENCHES: dict[str, tuple[str, str]] = {
     "soak": (
         "twinroute.bench.soak",
         "sustained traffic through engine-sims, scheduler and router; --chaos injects faults",
+    ),
+    "decision-cost": (
+        "twinroute.bench.decision_cost",
+        "microseconds per routing decision, per policy, at 8 and 256 endpoints",
+    ),
+    "scheduler-pick": (
+        "twinroute.bench.scheduler_pick",
+        "Pick latency and CPU of the gRPC scheduler process under an open-loop load",
+    ),
+    "router-overhead": (
+        "twinroute.bench.router_overhead",
+        "latency and CPU the routers add in front of near-instant engines",
+    ),
+    "ring-quality": (
+        "twinroute.bench.ring_quality",
+        "keys remapped when one endpoint joins or leaves, and load balance of the dual ring",
+    ),
+    "pd-layouts": (
+        "twinroute.bench.pd_layouts",
+        "unified vs prefill:decode pools of the same size, simulated",
+    ),
+    "sim-switches": (
+        "twinroute.bench.sim_switches",
+        "dualmap with hotspot rebalancing off, and phase-blind, each switched alone (simulated)",
+    ),
+    "rebalance-live": (
+        "twinroute.bench.rebalance_live",
+        "the live scheduler's admission hold on vs off (runs `twinroute bench live`)",
+    ),
+    "migration-drain": (
+        "twinroute.bench.migration_drain",
+        "draining an engine with migration off, by router recompute, and by KV hooks",
     ),
 }
 
@@ -53,4 +89,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "bench", None) is None:
         print("twinroute bench: choose one of " + ", ".join(sorted(BENCHES)))
         return 2
-    return _load(args.bench).run(args)
+    try:
+        return _load(args.bench).run(args)
+    except ValueError as error:
+        print(f"twinroute bench {args.bench}: {error}", file=sys.stderr)
+        return 2

@@ -140,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("on", "off"),
         default="on",
         help="placement counts decode load and expected output (TTFT estimate and score; "
-        "docs/bench/phase_aware.md)",
+        "benchmarks/phase_aware.md)",
     )
     parser.add_argument(
         "--pd",

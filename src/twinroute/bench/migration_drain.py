@@ -18,8 +18,8 @@ running on the drained engine at the drain, the largest gap between two tokens a
 (the splice pause when migrated) as p50 / max, next to the same figure for streams elsewhere in
 the same window; the router's migration counters.
 
-Run:  .venv/bin/python benchmarks/migration_drain.py --json docs/bench/migration.json \
-          --plot docs/bench/migration.png
+Run:  twinroute bench migration-drain --json benchmarks/migration.json \
+          --plot benchmarks/migration.png
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,9 +35,10 @@ from typing import Any
 
 import aiohttp
 import numpy as np
-from twinroute.scheduler.client import SchedulerClient
 
+from twinroute.bench import command_line
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.scheduler.client import SchedulerClient
 
 MODEL = "twinroute-sim"
 TOKEN = "bench-admin-token"
@@ -141,7 +140,7 @@ async def run_once(args: argparse.Namespace, *, migration: str, logs: Path) -> d
             "scheduler", "--listen", "127.0.0.1:0", "--metrics-listen", "",
             "--policy", "round_robin", "--static-endpoints", static, "--model", MODEL,
             "--admin-token", TOKEN, "--migration", "off" if migration == "off" else "drain",
-            "--scrape-interval", "0",
+            "--scrape-interval-s", "0",
         )  # fmt: skip
         if migration == "hooks":
             argv += ["--migration-hooks", ",".join(f"{k}={v}" for k, v in hooks.items())]
@@ -268,7 +267,7 @@ async def run_all(args: argparse.Namespace, *, logs: Path) -> list[dict[str, Any
     return results
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="twinroute-migration-") as tmp:
         logs = Path(args.logs) if args.logs else Path(tmp)
         logs.mkdir(parents=True, exist_ok=True)
@@ -292,18 +291,24 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  [{r['migration']}] {name} {value:.0f}")
         for failure in r["failures"]:
             print(f"  [{r['migration']}] failed: {failure}")
-    command = " ".join(shlex.quote(a) for a in sys.argv)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"command": command, "args": vars(args), "runs": results}, indent=2)
+            json.dumps(
+                {"command": command_line(), "args": _jsonable(vars(args)), "runs": results},
+                indent=2,
+            )
         )
     if args.plot:
         plot(results, Path(args.plot))
     return 0 if all(r["failed"] == 0 for r in results) else 1
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    """The arguments as recorded (the subcommand dispatch's own entries left out)."""
+    return {k: v for k, v in values.items() if isinstance(v, str | int | float | bool | None)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", type=int, default=3)
     parser.add_argument("--rate", type=float, default=4.0, help="streams per second")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals")
@@ -314,8 +319,3 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a PNG here")
     parser.add_argument("--logs", help="keep the servers' logs in this folder")
-    return parser.parse_args()
-
-
-if __name__ == "__main__":
-    sys.exit(main(parse_args()))

@@ -16,20 +16,20 @@ unless `--virtual-nodes` says otherwise) and places `--keys-per-endpoint` x N di
 
 Prints a table (and `--json`), and writes a PNG with `--plot`.
 
-Run:  .venv/bin/python benchmarks/ring_quality.py --plot benchmarks/ring_quality.png
+Run:  twinroute bench ring-quality --plot benchmarks/ring_quality.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from twinroute.bench import command_line
 from twinroute.scheduler.ring import DEFAULT_VIRTUAL_NODES, DualHashRing
 
 DEFAULT_SIZES = (2, 3, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -134,8 +134,7 @@ def _plot(rows: list[QualityRow], path: str, *, virtual_nodes: int) -> None:
     figure.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
     parser.add_argument("--virtual-nodes", type=int, default=DEFAULT_VIRTUAL_NODES)
     parser.add_argument("--keys-per-endpoint", type=int, default=2000)
@@ -144,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines too")
     parser.add_argument("--plot", metavar="PNG", help="write the two panels to this PNG")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if any(size < 2 for size in sizes):
-        parser.error("--sizes must all be >= 2 (a pair needs two endpoints)")
+        raise ValueError("--sizes must all be >= 2 (a pair needs two endpoints)")
     rng = np.random.default_rng(args.seed)
-    print("# " + shlex.join([sys.executable, *sys.argv]))
+    print("# " + command_line())
     header = (
         f"{'N':>4} {'keys':>8} {'add':>8} {'ideal':>8} {'ratio':>6} "
         f"{'rm mean':>8} {'rm worst':>8} {'ideal':>8} {'ratio':>6} {'1st max/mean':>12} "
@@ -184,7 +184,3 @@ def main(argv: list[str] | None = None) -> int:
         _plot(rows, args.plot, virtual_nodes=args.virtual_nodes)
         print(f"wrote {args.plot}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,10 +7,10 @@ seconds, first straight to the engines (the client rotates over them itself), th
 router in turn, after a short warm-up per path. Added latency = a router's percentile minus
 the direct path's percentile, measured in the same run on the same engines.
 
-Targets (issue 4): twinroute adds p50 <= 1 ms and p99 <= 5 ms at 200 req/s on the 2-core
+Targets: twinroute adds p50 <= 1 ms and p99 <= 5 ms at 200 req/s on the 2-core
 machine, and no more than vllm-router's round_robin.
 
-Run:  .venv/bin/python benchmarks/router_overhead.py --rate 200 --duration 20
+Run:  twinroute bench router-overhead --rate 200 --duration 20
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.bench import command_line
 from twinroute.bench.live import MODEL, ensure_peers, start_router
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 
@@ -158,8 +157,7 @@ def report(results: dict[str, Any], *, out: Path, command: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--engines", type=int, default=2)
@@ -167,19 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=1e-4)
     parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="embedded")
     parser.add_argument("--out", type=Path, default=Path("results/router_overhead"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ensure_peers(args.routers.split(","))
     results = asyncio.run(measure(args))
-    command = "python benchmarks/router_overhead.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
-    )
-    text = report(results, out=args.out, command=command)
+    text = report(results, out=args.out, command=command_line())
     print(text)
     (args.out / "router_overhead.md").write_text(text + "\n")
     (args.out / "router_overhead.json").write_text(json.dumps(results, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,14 +10,15 @@ the rows as JSON and a PNG of SLO attainment and TTFT P90 against the rate.
 `--weights W...` adds phase-aware runs with other weights of the interference term (an ablation
 that `twinroute simulate` has no flag for; the weight is `PolicyConfig.phase_interference_weight`).
 
-Run:  .venv/bin/python benchmarks/sim_switches.py --rates 7 7.5 8 8.5 9 \\
+Run:  twinroute bench sim-switches --rates 7 7.5 8 8.5 9 \\
           --seeds 0 1 2 3 4 5 6 7 8 9 --weights 0 0.05 \\
-          --json docs/bench/sim_switches.json --plot docs/bench/sim_switches.png
+          --json benchmarks/sim_switches.json --plot benchmarks/sim_switches.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -46,8 +47,7 @@ VARIANTS = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[7.0, 8.0, 9.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--instances", type=int, default=8)
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-json", type=Path, default=None, help="re-tabulate and re-plot saved rows"
     )
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     variants = VARIANTS + tuple(
         Variant(f"phase-aware, interference weight {w:g}", True, True, "", w) for w in args.weights
     )
@@ -101,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                     seed=seed,
                     rebalance=variant.rebalance,
                     phase_aware=variant.phase_aware,
-                    phase_interference_weight=variant.interference_weight,
                 )
+                if variant.interference_weight is not None:
+                    spec = dataclasses.replace(
+                        spec, phase_interference_weight=variant.interference_weight
+                    )
                 result = run_spec(spec, progress=None)
                 rows.append(
                     {
@@ -203,7 +208,3 @@ def plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,8 +8,8 @@ the prefill instance with the policy on the prefill ring and the decode instance
 table per rate and writes the rows as JSON and a PNG (SLO attainment, TTFT P90, TPOT P90 and
 end-to-end P90 against the rate; one line per layout and policy).
 
-Run:  .venv/bin/python benchmarks/pd.py --rates 2 4 6 8 --layouts unified 3:5 4:4 6:2 \\
-          --json docs/bench/pd.json --plot docs/bench/pd.png
+Run:  twinroute bench pd-layouts --rates 2 4 6 8 --layouts unified 3:5 4:4 6:2 \\
+          --json benchmarks/pd.json --plot benchmarks/pd.png
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from twinroute.bench import command_line
 from twinroute.simulator.disaggregation import parse_pd
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import bundled_mooncake_trace
@@ -55,8 +55,7 @@ def _command(*, policy: str, rate: float, seed: int, warmup: float, layout: str,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--instances", type=int, default=8)
@@ -65,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.125)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
-    args = parser.parse_args(argv)
-    print("$ .venv/bin/python benchmarks/pd.py " + shlex.join(argv or sys.argv[1:]))
+
+
+def run(args: argparse.Namespace) -> int:
+    print("$ " + command_line())
 
     splits = {
         layout: (None if layout == "unified" else parse_pd(layout, instances=args.instances))
@@ -224,7 +225,3 @@ def plot(rows: list[dict[str, Any]], *, path: Path, instances: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90)
     plt.close(figure)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

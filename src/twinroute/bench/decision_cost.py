@@ -23,14 +23,13 @@ never read from the clock). Measurement is interleaved: rounds of `--batch` requ
 Prints a table of median and p99 microseconds (`--json` for machine-readable rows, `--plot` for
 a PNG). Policies not importable yet are listed as missing, not silently dropped.
 
-Run:  .venv/bin/python benchmarks/decision_cost.py --plot benchmarks/decision_cost.png
+Run:  twinroute bench decision-cost --plot benchmarks/decision_cost.png
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from collections import deque
@@ -39,10 +38,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+
+from twinroute.bench import command_line
+from twinroute.scheduler.build import build_core
 from twinroute.scheduler.core import SchedulerCore
-from twinroute.scheduler.costmodel import LLAMA3_8B_H100
 from twinroute.scheduler.keys import DEFAULT_BLOCK_SIZE, keys_from_tokens, namespace_seed
-from twinroute.scheduler.policies import POLICY_NAMES, PolicyConfig, make_policy
+from twinroute.scheduler.policies import POLICY_NAMES, make_policy
+from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Endpoint, RoutingRequest
 
 SYSTEM_PROMPT_TOKENS = 1024
@@ -136,8 +138,8 @@ class _Subject:
 
 
 def _subject(policy: str, endpoints: int) -> _Subject:
-    config = PolicyConfig(cost_model=LLAMA3_8B_H100)
-    core = SchedulerCore(policy=make_policy(policy, config=config), cost_model=LLAMA3_8B_H100)
+    # The live scheduler's core as `twinroute scheduler` builds it (its default settings).
+    core = build_core(SchedulerSettings(policy=policy))
     core.set_endpoints(
         Endpoint(id=f"vllm-{i:03d}", address=f"127.0.0.1:{8000 + i}") for i in range(endpoints)
     )
@@ -201,8 +203,7 @@ def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int, keys_p50_us: fl
     figure.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=",".join(POLICY_NAMES))
     parser.add_argument("--endpoints", default="8,256", help="pool sizes, comma-separated")
     parser.add_argument("--prompt-tokens", type=int, default=8192)
@@ -213,17 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines too")
     parser.add_argument("--plot", metavar="PNG", help="write a bar chart to this PNG")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> int:
     requested = [name for name in args.policies.split(",") if name]
     unknown = sorted(set(requested) - set(POLICY_NAMES))
     if unknown:
-        parser.error(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
     pools = [int(n) for n in args.endpoints.split(",") if n]
     if not pools or min(pools) < 1:
-        parser.error("--endpoints needs positive pool sizes")
+        raise ValueError("--endpoints needs positive pool sizes")
     policies, missing = _available_policies(requested)
-    print("# " + shlex.join([sys.executable, *sys.argv]))
+    print("# " + command_line())
     for name, why in missing.items():
         print(f"# policy {name} is missing here ({why}); not measured")
 
@@ -299,7 +301,3 @@ def main(argv: list[str] | None = None) -> int:
         _plot(rows, args.plot, prompt_tokens=args.prompt_tokens, keys_p50_us=keys_np[0])
         print(f"wrote {args.plot}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -19,7 +19,7 @@ Three measurements, per policy and key block size:
 
 Prints a table, writes `--json` rows and a `--plot` PNG when asked.
 
-Run:  .venv/bin/python benchmarks/scheduler_pick.py --policies dualmap,round_robin \
+Run:  twinroute bench scheduler-pick --policies dualmap,round_robin \
           --json /tmp/pick.json --plot benchmarks/scheduler_pick.png
 """
 
@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -39,6 +38,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from prometheus_client import CollectorRegistry
+
+from twinroute.bench import command_line
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
 
@@ -91,8 +93,8 @@ def start_scheduler(
     command = [
         sys.executable, "-m", "twinroute", "scheduler", "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--static-endpoints", static, "--model", MODEL,
-        "--policy", policy, "--scrape-interval", "0", "--log-level", "WARNING",
-        "--block-size", str(block_size),
+        "--policy", policy, "--scrape-interval-s", "0", "--log-level", "WARNING",
+        "--key-block-tokens", str(block_size),
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     if core is not None:
@@ -118,17 +120,15 @@ def measure_in_process(
     *, policy: str, endpoints: int, block_size: int, requests: list[bytes], seconds: float,
     warmup: int,
 ) -> tuple[list[float], int, float, float]:  # fmt: skip
-    from twinroute.scheduler.command import add_arguments, build_service
+    from twinroute.scheduler.build import build_service
     from twinroute.scheduler.discovery import parse_endpoint_list
-    from twinroute.scheduler.service import query_from_pb
+    from twinroute.scheduler.settings import SchedulerSettings
+    from twinroute.scheduler.wire import query_from_pb
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(
-        ["--static-endpoints", "-", "--model", MODEL, "--policy", policy,
-         "--block-size", str(block_size)]
-    )  # fmt: skip
-    service = build_service(args)
+    service = build_service(
+        SchedulerSettings(policy=policy, key_block_tokens=block_size, served_models=(MODEL,)),
+        registry=CollectorRegistry(),
+    )
     static = ",".join(f"e{i}=127.0.0.1:{20000 + i}" for i in range(endpoints))
     service.set_endpoints(parse_endpoint_list(static, model=MODEL))
     messages = [pb.PickRequest.FromString(raw) for raw in requests]
@@ -232,12 +232,13 @@ async def measure(
         return latencies, errors[0], elapsed, cpu_seconds(server_pid) - cpu_before
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="dualmap,round_robin")
     parser.add_argument("--endpoints", type=int, default=64)
     parser.add_argument(
-        "--block-sizes", default="16,64", help="scheduler --block-size values (tokens per key)"
+        "--block-sizes",
+        default="16,64",
+        help="scheduler --key-block-tokens values (tokens per key)",
     )
     parser.add_argument("--prompt-tokens", type=int, default=8192)
     parser.add_argument("--conversations", type=int, default=256)
@@ -250,10 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--json", help="write rows here")
     parser.add_argument("--plot", help="write a PNG here")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setaffinity(0, {args.client_core})
-    print(f"# {shlex.join([sys.executable, *sys.argv])}", flush=True)
+    print(f"# {command_line()}", flush=True)
     requests = build_requests(
         count=args.requests, prompt_tokens=args.prompt_tokens,
         conversations=args.conversations, seed=1,
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             process.wait(timeout=30)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"command": shlex.join(sys.argv), "rows": [asdict(r) for r in rows]},
+            json.dump({"command": command_line(), "rows": [asdict(r) for r in rows]},
                       handle, indent=2)  # fmt: skip
     if args.plot:
         import matplotlib
@@ -339,7 +342,3 @@ def main(argv: list[str] | None = None) -> int:
         figure.tight_layout()
         figure.savefig(args.plot, dpi=100)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,7 +12,7 @@ they left: moved to the other candidate, released as the backlog cleared, or at 
 Prints a markdown table and writes `rebalance_live.json` and `rebalance_live.png` to `--out`.
 `--reuse` skips runs whose `live.json` is already there (to re-tabulate).
 
-Run:  .venv/bin/python benchmarks/rebalance_live.py --speedups 1.0 1.1 1.25 1.5 \\
+Run:  twinroute bench rebalance-live --speedups 1.0 1.1 1.25 1.5 \\
           --duration 120 --out results/rebalance-live
 """
 
@@ -72,13 +72,14 @@ def read_run(target: Path) -> dict[str, Any]:
     return row
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5])
     parser.add_argument("--duration", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=Path("results/rebalance-live"))
     parser.add_argument("--reuse", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     rows = []
     for speedup in args.speedups:
         for hold in ("off", "on"):
@@ -130,7 +131,3 @@ def plot(rows: list[dict[str, Any]], *, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
