@@ -358,7 +358,8 @@ def test_cache_aware_imbalance_overrides_the_cache() -> None:
 
 def test_cache_aware_sends_every_unmatched_prompt_to_the_first_idle_worker() -> None:
     # The faithful tie-break (first in order): with no match, unrelated prompts pile onto e0
-    # as long as the imbalance stays under the absolute threshold (REFERENCE.md's finding).
+    # as long as the imbalance stays under the absolute threshold (the peers' measured
+    # behaviour; docs/design.md).
     policy = make_policy("cache_aware")
     in_flight: collections.Counter[str] = collections.Counter()
     chosen = []

@@ -62,7 +62,7 @@ class Policy(ABC):
 
     name: ClassVar[str]
     # True: the core may move queued requests off hotspots to their other candidate
-    # (`SchedulerCore.plan_rebalance`); the decision's candidates name where they may go.
+    # (`MovePlanner.rebalance`); the decision's candidates name where they may go.
     rebalances_hotspots: ClassVar[bool] = False
 
     def __init__(self, *, config: PolicyConfig) -> None:

@@ -14,8 +14,9 @@ cache_threshold 0.3):
 3. Else the least loaded endpoint (LEAST_LOADED).
 Ties for least loaded go to the first endpoint in the view's order, like the router's
 `min_by_key` over its worker list. This is faithful on purpose: with no prefix match and
-little load, every unrelated prompt goes to the same first idle worker, which the measurements
-in `shared/REFERENCE.md` show costs the router cache hit rate and balance.
+little load, every unrelated prompt goes to the same first idle worker, which costs the peer
+routers cache hit rate and balance at low concurrency (measured on real vLLM engines;
+docs/design.md, "The baselines").
 
 Cost: O(N) over the in-flight counts, plus `holders` (a binary search per holder of the
 prompt's first block).

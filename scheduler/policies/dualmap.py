@@ -1,6 +1,6 @@
 """dualmap: two hash-ring candidates per prefix; cache affinity until the SLO is at risk.
 
-Steps (DualMap, arXiv 2602.06502; see `shared/REFERENCE.md`):
+Steps (DualMap, arXiv 2602.06502; the algorithm and its thresholds: docs/design.md):
 1. Key depth d from the prefix hotness tree (`scheduler/hotness.py`): start at
    `min_key_depth` blocks, lengthen past prefixes whose share of the last `hotness_window`
    requests exceeds 2/n, shorten below 1/n. A system prompt that every request carries is hot,
@@ -30,9 +30,9 @@ keeping a session on one pair helps it), else of the request id (a spread over p
 power of two choices); both candidates then have equal (zero) reuse and the less loaded wins.
 
 Hotspot rebalancing (moving requests still queued on an overloaded instance to their other
-candidate, in descending TTFT benefit) is DualMap's too; it runs in `SchedulerCore.
-plan_rebalance`, which uses the candidates recorded on each decision. This policy opts in
-(`rebalances_hotspots`).
+candidate, in descending TTFT benefit) is DualMap's too; it is planned by
+`MovePlanner.rebalance` (`scheduler/moves.py`) from the candidates recorded on each decision.
+This policy opts in (`rebalances_hotspots`).
 
 Cost: hotness O(max_key_depth) dictionary updates, two ring bisects, two prefix-index binary
 searches (O(log blocks)), two TTFT estimates: independent of the pool size.

@@ -64,6 +64,7 @@ from twinroute.bench.elastic_report import (
     windows,
     write_report,
 )
+from twinroute.simulator.cluster import MembershipRecord
 from twinroute.simulator.traces import TraceChunk
 from twinroute.vocabulary import DEFAULT_TTFT_SLO_S, POLICY_NAMES
 
@@ -238,8 +239,42 @@ def simulate_policy(
         cached_tokens=result.cached_tokens.astype(np.float64),
     )
     end = float(samples.arrival_s[-1]) if samples.arrival_s.size else plan.scale_in_at_s
+    changes = _membership_changes(result.membership_log, samples=samples, plan=plan)
+    load_times = result.load_times_s if result.load_times_s is not None else np.zeros(0)
+    instances = (
+        result.instances_at_load_times
+        if result.instances_at_load_times is not None
+        else np.zeros(0, np.int32)
+    )
+    return {
+        "policy": policy,
+        "requests": result.requests,
+        "failed_requests": result.unfinished_requests,
+        "slo_attainment": result.slo_attainment,
+        "cache_hit_rate": result.cache_hit_rate,
+        "ttft_p50_s": result.ttft_p50_s,
+        "ttft_p90_s": result.ttft_p90_s,
+        "load_cv": result.load_cv,
+        "rebalance_moves": result.rebalance_moves,
+        "wall_s": result.wall_s,
+        "phases": phase_report(samples, phases=plan.phases(end), slo_s=plan.ttft_slo_s),
+        "windows": windows(samples, window_s=plan.window_s, slo_s=plan.ttft_slo_s),
+        "changes": changes,
+        "instances_over_time": {
+            "t_s": [float(t) for t in load_times[:: max(1, len(load_times) // 400)]],
+            "instances": [int(n) for n in instances[:: max(1, len(load_times) // 400)]],
+        },
+    }
+
+
+def _membership_changes(
+    log: Sequence[MembershipRecord], *, samples: Samples, plan: ElasticPlan
+) -> list[dict[str, Any]]:
+    """The simulator's membership log as the report's changes: each change with the SLO and
+    hit rate around it (one window and `COMPARE_WINDOWS` windows), each removal, and how long
+    a change's drained instances took to go."""
     changes = []
-    for record in result.membership_log:
+    for record in log:
         entry: dict[str, Any] = {
             "kind": record.kind,
             "at_s": record.at_s,
@@ -275,31 +310,7 @@ def simulate_policy(
                 if c["kind"] == "removed" and set(c["drained"]) <= set(entry["drained"])
             ]
             entry["all_removed_after_s"] = max(removed) - entry["at_s"] if removed else None
-    load_times = result.load_times_s if result.load_times_s is not None else np.zeros(0)
-    instances = (
-        result.instances_at_load_times
-        if result.instances_at_load_times is not None
-        else np.zeros(0, np.int32)
-    )
-    return {
-        "policy": policy,
-        "requests": result.requests,
-        "failed_requests": result.unfinished_requests,
-        "slo_attainment": result.slo_attainment,
-        "cache_hit_rate": result.cache_hit_rate,
-        "ttft_p50_s": result.ttft_p50_s,
-        "ttft_p90_s": result.ttft_p90_s,
-        "load_cv": result.load_cv,
-        "rebalance_moves": result.rebalance_moves,
-        "wall_s": result.wall_s,
-        "phases": phase_report(samples, phases=plan.phases(end), slo_s=plan.ttft_slo_s),
-        "windows": windows(samples, window_s=plan.window_s, slo_s=plan.ttft_slo_s),
-        "changes": changes,
-        "instances_over_time": {
-            "t_s": [float(t) for t in load_times[:: max(1, len(load_times) // 400)]],
-            "instances": [int(n) for n in instances[:: max(1, len(load_times) // 400)]],
-        },
-    }
+    return changes
 
 
 def sim_remaps(

@@ -204,29 +204,48 @@ def _mean(values: Sequence[float]) -> float:
     return float(statistics.fmean(finite)) if finite else math.nan
 
 
-def run(args: argparse.Namespace) -> int:
-    from twinroute.scheduler.policies import POLICY_NAMES
+@dataclass(slots=True)
+class _Measured:
+    """What the runs of one `bench goodput` gave: each policy's goodput per seed, the points
+    of the searches and of the fixed rates, and the reference run's samples for the plots."""
 
+    goodputs: dict[str, dict[int, float]]
+    points: list[_Point]
+    fixed_points: list[_Point]
+    rates: list[float]
+    reference: float
+    best_baseline: str | None
+    samples: dict[str, dict[str, list[float]]]
+
+    def median_goodput(self, policy: str) -> float:
+        return _median(list(self.goodputs[policy].values()))
+
+
+def _chosen_policies(args: argparse.Namespace) -> list[str]:
+    from twinroute.vocabulary import POLICY_NAMES
+
+    policies = (
+        [p.strip() for p in args.policies.split(",") if p.strip()]
+        if args.policies
+        else list(POLICY_NAMES)
+    )
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {list(POLICY_NAMES)}")
+    if args.seeds < 1:
+        raise ValueError("--seeds must be >= 1")
+    return policies
+
+
+def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
-        policies = (
-            [p.strip() for p in args.policies.split(",") if p.strip()]
-            if args.policies
-            else list(POLICY_NAMES)
-        )
-        unknown = [p for p in policies if p not in POLICY_NAMES]
-        if unknown:
-            raise ValueError(f"unknown policies {unknown}; choose from {list(POLICY_NAMES)}")
-        if args.seeds < 1:
-            raise ValueError("--seeds must be >= 1")
+        policies = _chosen_policies(args)
         trace: TraceSpec = trace_spec_from(args)
         summary = trace.summary()
     except (ValueError, FileNotFoundError) as error:
         print(f"twinroute bench goodput: {error}", file=sys.stderr)
         return 2
-    native_rate = summary.rate_rps
-    # The recorded rate suits about 8 instances per copy of the trace; start from there.
-    start_rate = _round_rate(native_rate * args.instances / (8.0 * trace.copies))
     seeds = list(range(args.seeds))
     fixed_seeds = list(range(min(args.fixed_seeds or args.seeds, args.seeds)))
     bases = {
@@ -243,9 +262,55 @@ def run(args: argparse.Namespace) -> int:
         for policy in policies
     }
     _log(
-        f"{summary.requests} requests, native {native_rate:.3f} req/s, {args.instances} "
+        f"{summary.requests} requests, native {summary.rate_rps:.3f} req/s, {args.instances} "
         f"instances, policies {','.join(policies)}, seeds {seeds}"
     )
+    measured = _measure(
+        args, bases=bases, native_rate=summary.rate_rps, seeds=seeds, fixed_seeds=fixed_seeds
+    )
+    results: dict[str, Any] = {
+        "trace": trace.path or trace.trace_format,
+        "format": trace.trace_format,
+        "replicate": trace.copies,
+        "requests": summary.requests,
+        "native_rate_rps": summary.rate_rps,
+        "instances": args.instances,
+        "profile": args.profile,
+        "kv_capacity_tokens": args.kv_capacity_tokens,
+        "ttft_slo_s": args.ttft_slo_s,
+        "slo_target": args.target,
+        "scrape_interval_s": args.scrape_interval_s,
+        "warmup": args.warmup,
+        "seeds": seeds,
+        "fixed_rate_seeds": fixed_seeds,
+        "rates_rps": measured.rates,
+        "reference_rate_rps": measured.reference,
+        "best_baseline": measured.best_baseline,
+        "policies": {
+            policy: _policy_results(policy, measured=measured, seeds=seeds) for policy in policies
+        },
+        "command": "twinroute bench goodput "
+        + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else []),
+    }
+    results["wall_s"] = time.perf_counter() - started
+    _write(results, samples=measured.samples, out=args.out, plots=not args.no_plots)
+    return 0
+
+
+def _measure(
+    args: argparse.Namespace,
+    *,
+    bases: dict[str, RunSpec],
+    native_rate: float,
+    seeds: list[int],
+    fixed_seeds: list[int],
+) -> _Measured:
+    """The goodput search of every policy and seed, then the runs at fixed rates around the
+    best baseline's goodput, in `args.jobs` processes."""
+    policies = list(bases)
+    # The recorded rate suits about 8 instances per copy of the trace; start from there.
+    copies = next(iter(bases.values())).trace.copies
+    start_rate = _round_rate(native_rate * args.instances / (8.0 * copies))
     goodputs: dict[str, dict[int, float]] = {p: {} for p in policies}
     points: list[_Point] = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -305,82 +370,73 @@ def run(args: argparse.Namespace) -> int:
             )
             if kept is not None:
                 samples[point.policy] = kept
+    return _Measured(
+        goodputs=goodputs,
+        points=points,
+        fixed_points=fixed_points,
+        rates=rates,
+        reference=reference,
+        best_baseline=best_baseline,
+        samples=samples,
+    )
 
-    # The metrics of the highest passing point of each policy's median-goodput seed.
-    at_goodput: dict[str, dict[str, Any]] = {}
-    for policy in policies:
-        by_seed = goodputs[policy]
-        median_seed = sorted(by_seed, key=lambda s: by_seed[s])[len(by_seed) // 2]
-        chosen = [
-            p
-            for p in points
-            if p.policy == policy and p.seed == median_seed and p.rate == by_seed[median_seed]
-        ]
-        if chosen:
-            at_goodput[policy] = chosen[0].metrics
 
-    results: dict[str, Any] = {
-        "trace": trace.path or trace.trace_format,
-        "format": trace.trace_format,
-        "replicate": trace.copies,
-        "requests": summary.requests,
-        "native_rate_rps": native_rate,
-        "instances": args.instances,
-        "profile": args.profile,
-        "kv_capacity_tokens": args.kv_capacity_tokens,
-        "ttft_slo_s": args.ttft_slo_s,
-        "slo_target": args.target,
-        "scrape_interval_s": args.scrape_interval_s,
-        "warmup": args.warmup,
-        "seeds": seeds,
-        "fixed_rate_seeds": fixed_seeds,
-        "rates_rps": rates,
-        "reference_rate_rps": reference,
-        "best_baseline": best_baseline,
-        "policies": {},
-        "command": "twinroute bench goodput "
-        + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else []),
+def _policy_results(policy: str, *, measured: _Measured, seeds: list[int]) -> dict[str, Any]:
+    """One policy's figures: goodput over seeds, SLO attainment at the fixed rates, the
+    reference rate's latency and cache figures, and the metrics at its goodput."""
+    by_seed = measured.goodputs[policy]
+    # The metrics of the highest passing point of the policy's median-goodput seed.
+    median_seed = sorted(by_seed, key=lambda s: by_seed[s])[len(by_seed) // 2]
+    chosen = [
+        p
+        for p in measured.points
+        if p.policy == policy and p.seed == median_seed and p.rate == by_seed[median_seed]
+    ]
+    mine = [p for p in measured.fixed_points if p.policy == policy]
+    at_reference = [p.metrics for p in mine if p.rate == measured.reference]
+    seeds_goodput = [by_seed[s] for s in seeds]
+    return {
+        "goodput_rps": measured.median_goodput(policy),
+        "goodput_seeds": seeds_goodput,
+        "goodput_min_rps": min(seeds_goodput),
+        "goodput_max_rps": max(seeds_goodput),
+        "effective_capacity": {
+            f"{rate:g}": _mean([p.metrics["slo_attainment"] for p in mine if p.rate == rate])
+            for rate in measured.rates
+        },
+        "ttft_p50_s": _mean([m["ttft_p50_s"] for m in at_reference]),
+        "ttft_p90_s": _mean([m["ttft_p90_s"] for m in at_reference]),
+        "cache_hit_rate": _mean([m["cache_hit_rate"] for m in at_reference]),
+        "ideal_cache_hit_rate": _mean([m["ideal_cache_hit_rate"] for m in at_reference]),
+        "load_cv": _mean([m["load_cv"] for m in at_reference]),
+        "slo_switches": _mean([float(m["slo_switches"]) for m in at_reference]),
+        "at_goodput": chosen[0].metrics if chosen else {},
+        "curve": sorted(
+            (p.rate, p.seed, p.metrics["slo_attainment"])
+            for p in [*measured.points, *measured.fixed_points]
+            if p.policy == policy
+        ),
     }
-    for policy in policies:
-        mine = [p for p in fixed_points if p.policy == policy]
-        at_reference = [p.metrics for p in mine if p.rate == reference]
-        seeds_goodput = [goodputs[policy][s] for s in seeds]
-        results["policies"][policy] = {
-            "goodput_rps": median_goodput[policy],
-            "goodput_seeds": seeds_goodput,
-            "goodput_min_rps": min(seeds_goodput),
-            "goodput_max_rps": max(seeds_goodput),
-            "effective_capacity": {
-                f"{rate:g}": _mean([p.metrics["slo_attainment"] for p in mine if p.rate == rate])
-                for rate in rates
-            },
-            "ttft_p50_s": _mean([m["ttft_p50_s"] for m in at_reference]),
-            "ttft_p90_s": _mean([m["ttft_p90_s"] for m in at_reference]),
-            "cache_hit_rate": _mean([m["cache_hit_rate"] for m in at_reference]),
-            "ideal_cache_hit_rate": _mean([m["ideal_cache_hit_rate"] for m in at_reference]),
-            "load_cv": _mean([m["load_cv"] for m in at_reference]),
-            "slo_switches": _mean([float(m["slo_switches"]) for m in at_reference]),
-            "at_goodput": at_goodput.get(policy, {}),
-            "curve": sorted(
-                (p.rate, p.seed, p.metrics["slo_attainment"])
-                for p in [*points, *fixed_points]
-                if p.policy == policy
-            ),
-        }
-    results["wall_s"] = time.perf_counter() - started
-    out: Path = args.out
+
+
+def _write(
+    results: dict[str, Any],
+    *,
+    samples: dict[str, dict[str, list[float]]],
+    out: Path,
+    plots: bool,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
     (out / "results.md").write_text(table + "\n")
     print(table)
-    if not args.no_plots:
+    if plots:
         from twinroute.bench.plots import plot_goodput
 
         for path in plot_goodput(results, samples=samples, out=out):
             _log(f"wrote {path}")
     _log(f"wrote {out / 'results.json'} and {out / 'results.md'} in {results['wall_s']:.0f} s")
-    return 0
 
 
 def markdown_table(results: dict[str, Any]) -> str:
