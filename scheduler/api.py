@@ -4,7 +4,8 @@
 benchmarks) and by `SchedulerClient` (the `twinroute scheduler` service over gRPC) alike, so the
 router, live migration, the benchmarks and any other front end (an Envoy endpoint picker) are
 written once against it and run over either. Protobuf and HTTP are converted at the edges only
-(`scheduler/wire.py`, the router's OpenAI parser); everything in between uses these types.
+(`scheduler/wire.py`, the router's OpenAI parser); everything in between uses these types
+(docs/design.md, "One vocabulary from router to core").
 
 A pick hands back a `Placement`: the answer (endpoint, lease, reason, prediction) and the one
 report owed for it. `Placement.complete()` is exactly-once by construction, as KubeAI's load
@@ -341,9 +342,11 @@ __all__ = [
     "STREAM_FINISHING_REASON",
     "DecisionRecord",
     "DrainResult",
+    "Endpoint",
     "EndpointStatus",
     "InvalidPickError",
     "LeaseReports",
+    "LoadSnapshot",
     "MigrationOffError",
     "MigrationOrder",
     "MigrationReport",

@@ -27,10 +27,9 @@ from aiohttp import web
 from twinroute.router.failopen import FailOpenScheduler
 from twinroute.router.server import RouterSettings, Tokenizer, build_app
 from twinroute.runtime import event_loop_runner
-from twinroute.scheduler.api import Scheduler
+from twinroute.scheduler.api import Endpoint, Scheduler
 from twinroute.scheduler.client import SchedulerClient
 from twinroute.scheduler.settings import SchedulerSettings
-from twinroute.scheduler.types import Endpoint
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)

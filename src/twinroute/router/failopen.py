@@ -18,6 +18,7 @@ from twinroute.scheduler.api import (
     DEFAULT_EXPLAIN_LIMIT,
     DecisionRecord,
     DrainResult,
+    Endpoint,
     EndpointStatus,
     MigrationOrder,
     MigrationReport,
@@ -30,7 +31,6 @@ from twinroute.scheduler.api import (
     Scheduler,
     SchedulerUnreachableError,
 )
-from twinroute.scheduler.types import Endpoint
 from twinroute.vocabulary import DecisionReason
 
 logger = logging.getLogger(__name__)
