@@ -58,13 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never")
     )
     parser.add_argument(
-        "--resync-seconds",
+        "--resync-s",
         type=float,
         default=30.0,
         help="how often every pool is reconciled and its status refreshed",
     )
     parser.add_argument(
-        "--drain-timeout-seconds",
+        "--drain-timeout-s",
         type=float,
         default=30.0,
         help="longest wait for the scheduler to drain pods on scale-in",
@@ -207,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     registry, _ = build_operator(
         configuration=configuration,
         render=render_settings(args),
-        resync_interval_s=args.resync_seconds,
-        drain_timeout_s=args.drain_timeout_seconds,
+        resync_interval_s=args.resync_s,
+        drain_timeout_s=args.drain_timeout_s,
         drain_token=token,
         drain_tls_ca=tls_ca,
     )

@@ -2,7 +2,7 @@
 each with what is expected and checked. Faults covered elsewhere are not repeated here: an
 engine killed mid-run (`test_router.py`), garbage scrapes (`test_scrape.py`), the operator
 restarted (`test_operator_kopf.py`), an unreachable scheduler in-process
-(`test_router_scheduling.py`).
+(`test_scheduler_api.py`).
 
 - An engine that hangs (SIGSTOP): the scheduler's health checks time out, the endpoint
   leaves the rings, requests go to the other engine; after SIGCONT it returns.
@@ -72,10 +72,10 @@ async def stack() -> AsyncIterator[Stack]:
         f"--metrics-listen={metrics}",
         f"--model={MODEL}",
         f"--static-endpoints={endpoints}",
-        "--scrape-interval=0.2",
-        "--scrape-timeout=0.3",
+        "--scrape-interval-s=0.2",
+        "--scrape-timeout-s=0.3",
         "--log-level=WARNING",
-        "--grace=1",
+        "--grace-s=1",
     )
     scheduler = await start_scheduler(scheduler_argv)
     router = await start_announced(

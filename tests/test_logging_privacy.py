@@ -84,7 +84,7 @@ async def run_stack(tmp_path: Path, *, level: str, marker: str) -> tuple[Logs, i
             "scheduler", "scheduler", f"--listen=127.0.0.1:{free_port()}",
             f"--metrics-listen=127.0.0.1:{free_port()}", f"--model={MODEL}",
             f"--static-endpoints=e0={engine.address},echo={echo_address}",
-            "--scrape-interval=0", f"--log-level={level}",
+            "--scrape-interval-s=0", f"--log-level={level}",
         )  # fmt: skip
         router = await start("router", "router", "--port=0", f"--model={MODEL}",
                              f"--scheduler={scheduler.address}", "--retries=2",

@@ -96,7 +96,7 @@ def test_operator_process_serves_liveness_and_reconciles(
             str(liveness),
             "--scheduler-image",
             "twinroute:test",
-            "--resync-seconds",
+            "--resync-s",
             "60",
         ],
         stdout=log,

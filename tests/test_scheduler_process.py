@@ -23,8 +23,8 @@ async def test_scheduler_process_serves_and_stops_on_sigterm(tmp_path: Path) -> 
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "twinroute", "scheduler", "--listen", "127.0.0.1:0",
         "--metrics-listen", "127.0.0.1:0", "--endpoints-file", str(endpoints),
-        "--model", "m", "--scrape-interval", "0", "--policy", "round_robin",
-        "--log-level", "WARNING", "--grace", "1",
+        "--model", "m", "--scrape-interval-s", "0", "--policy", "round_robin",
+        "--log-level", "WARNING", "--grace-s", "1",
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

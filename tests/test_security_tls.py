@@ -78,7 +78,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             twinroute_argv(
                 "scheduler", f"--listen=127.0.0.1:{free_port()}", "--metrics-listen=",
                 f"--model={MODEL}", f"--static-endpoints=e0={engine.address}",
-                "--scrape-interval=0", f"--tls-cert={certificate.cert}",
+                "--scrape-interval-s=0", f"--tls-cert={certificate.cert}",
                 f"--tls-key={certificate.key}", f"--admin-token-file={token_file}",
             ),
             timeout_s=60,
