@@ -10,7 +10,7 @@ their own modules: `PrefillLeases` (the prefill half of disaggregated picks),
 decisions metric). The core applies what they plan (`move`).
 
 Time is always passed in (`now`), never read: the simulator runs it on simulated time and tests
-never sleep.
+never sleep. Where the core sits among the other parts: docs/design.md.
 """
 
 from __future__ import annotations
