@@ -41,7 +41,10 @@ class OperatorConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Outcome:
+class ReconcileResult:
+    """What one reconcile did: the parsed pool (None when the spec is invalid), the problem
+    to report as a condition, and whether to retry."""
+
     pool: PoolSpec | None
     problem: Problem | None
     retry: bool = False
@@ -61,7 +64,9 @@ class Reconciler:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
-    def reconcile(self, *, body: Mapping[str, Any], logger: logging.Logger | Any) -> Outcome:
+    def reconcile(
+        self, *, body: Mapping[str, Any], logger: logging.Logger | Any
+    ) -> ReconcileResult:
         metadata = body["metadata"]
         namespace, name = str(metadata["namespace"]), str(metadata["name"])
         generation = int(metadata.get("generation") or 0)
@@ -86,7 +91,7 @@ class Reconciler:
                         now=self._config.now(),
                     ),
                 )
-                return Outcome(pool=None, problem=invalid)
+                return ReconcileResult(pool=None, problem=invalid)
             problem: Problem | None = None
             retry = False
             try:
@@ -124,7 +129,7 @@ class Reconciler:
             except ApplyError as error:
                 logger.warning("Status of %s/%s not written: %s", namespace, name, error)
                 retry = True
-            return Outcome(pool=pool, problem=problem, retry=retry)
+            return ReconcileResult(pool=pool, problem=problem, retry=retry)
 
     def cleanup(self, *, namespace: str, name: str) -> int:
         with self._lock(namespace, name):

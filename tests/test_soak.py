@@ -8,7 +8,13 @@ import os
 
 import pytest
 
-from twinroute.bench.soak import FaultWindow, Outcome, rss_mb, stream_failure, summarize_window
+from twinroute.bench.soak import (
+    FaultWindow,
+    RequestResult,
+    rss_mb,
+    stream_failure,
+    summarize_window,
+)
 
 
 def sse(*events: object) -> str:
@@ -33,10 +39,12 @@ def test_stream_failure_kinds(text: str, kind: str) -> None:
 def test_a_fault_owns_requests_whose_lifetime_overlaps_it() -> None:
     window = FaultWindow(name="engine_killed", start_s=10.0, end_s=12.0)
     outcomes = [
-        Outcome(started_s=9.0, latency_s=0.5, failure="", ended_s=9.5),  # before
-        Outcome(started_s=9.8, latency_s=0.3, failure="stream_error_event", ended_s=10.1),
-        Outcome(started_s=16.0, latency_s=0.1, failure="", ended_s=16.1),  # in the settle time
-        Outcome(started_s=17.5, latency_s=0.1, failure="", ended_s=17.6),  # after
+        RequestResult(started_s=9.0, latency_s=0.5, failure="", ended_s=9.5),  # before
+        RequestResult(started_s=9.8, latency_s=0.3, failure="stream_error_event", ended_s=10.1),
+        RequestResult(
+            started_s=16.0, latency_s=0.1, failure="", ended_s=16.1
+        ),  # in the settle time
+        RequestResult(started_s=17.5, latency_s=0.1, failure="", ended_s=17.6),  # after
     ]
     summary = summarize_window(window, outcomes)
     assert summary["requests_in_window"] == 2

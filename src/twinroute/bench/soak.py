@@ -72,7 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(slots=True)
-class Outcome:
+class RequestResult:
+    """One soak request as its client saw it."""
+
     started_s: float
     latency_s: float
     failure: str  # "" when the request succeeded
@@ -196,7 +198,7 @@ async def send_one(
     max_tokens: int,
     started_s: float,
     clock: Any,
-) -> Outcome:
+) -> RequestResult:
     group = index % groups
     stream = index % 2 == 0
     body = {
@@ -218,7 +220,9 @@ async def send_one(
         failure = "timeout"
     except aiohttp.ClientError as error:
         failure, detail = f"connection:{type(error).__name__}", str(error)[:300]
-    return Outcome(started_s=started_s, latency_s=clock() - begin, failure=failure, detail=detail)
+    return RequestResult(
+        started_s=started_s, latency_s=clock() - begin, failure=failure, detail=detail
+    )
 
 
 def stream_failure(text: str) -> tuple[str, str]:
@@ -243,7 +247,7 @@ async def traffic(
     router_url: str,
     args: argparse.Namespace,
     t0: float,
-    outcomes: list[Outcome],
+    outcomes: list[RequestResult],
     in_flight: list[int],
 ) -> None:
     rng = random.Random(args.seed)
@@ -335,7 +339,7 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 4)
 
 
-def summarize_window(window: FaultWindow, outcomes: Sequence[Outcome]) -> dict[str, Any]:
+def summarize_window(window: FaultWindow, outcomes: Sequence[RequestResult]) -> dict[str, Any]:
     # A request belongs to a fault when its lifetime overlaps the fault's window.
     inside = [
         o
@@ -359,7 +363,7 @@ def summarize_window(window: FaultWindow, outcomes: Sequence[Outcome]) -> dict[s
 
 
 async def progress(
-    *, t0: float, args: argparse.Namespace, outcomes: list[Outcome], in_flight: list[int]
+    *, t0: float, args: argparse.Namespace, outcomes: list[RequestResult], in_flight: list[int]
 ) -> None:
     while True:
         await asyncio.sleep(PROGRESS_EVERY_S)
@@ -385,7 +389,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         assert stack.router is not None
         router_url = stack.router.url
         # Warm-up: one request per group, so start-of-run memory includes loaded code paths.
-        warm: list[Outcome] = []
+        warm: list[RequestResult] = []
         await traffic(
             router_url=router_url,
             args=argparse.Namespace(**{**vars(args), "duration": 1.0, "rate": float(args.groups)}),
@@ -394,7 +398,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             in_flight=[0],
         )
         rss_start = {name: rss_mb(pid) for name, pid in stack.processes().items()}
-        outcomes: list[Outcome] = []
+        outcomes: list[RequestResult] = []
         in_flight = [0]
         t0 = time.monotonic()
         reporter = asyncio.create_task(
