@@ -530,3 +530,22 @@ async def test_a_request_carries_an_slo_only_when_its_client_asks(
         await runner.cleanup()
     # Refused requests never reached the scheduler.
     assert [q.ttft_slo_s for q in port.queries] == [1.5, None]
+
+
+def test_embedded_scheduler_flags_are_refused_with_a_remote_scheduler() -> None:
+    """The pool's SLO and the other embedded scheduler settings are the scheduler's: a router
+    in front of `twinroute scheduler` refuses them instead of silently ignoring them."""
+    import argparse
+
+    from twinroute.router import command as router_command
+
+    parser = argparse.ArgumentParser()
+    router_command.add_arguments(parser)
+    argv = ["--model=m", "--scheduler=127.0.0.1:1", "--ttft-slo-s=2", "--policy=round_robin"]
+    with pytest.raises(ValueError, match="--policy, --ttft-slo-s set the embedded scheduler"):
+        router_command.build_scheduler(parser.parse_args(argv))
+    embedded = parser.parse_args(
+        ["--model=m", "--embedded", "--endpoints=127.0.0.1:1", "--ttft-slo-s=2"]
+    )
+    settings = router_command.embedded_settings(embedded)
+    assert (settings.ttft_slo_s, settings.policy) == (2.0, "dualmap")

@@ -119,21 +119,14 @@ def parse_endpoints(spec: str) -> list[tuple[str, str]]:
     return endpoints
 
 
-# Flags that set the embedded scheduler -> its settings field.
-EMBEDDED_FLAGS = {
-    "policy": "policy",
-    "ttft_slo_s": "ttft_slo_s",
-    "key_block_tokens": "key_block_tokens",
-    "key_block_chars": "key_block_chars",
-}
+# Flags of the embedded scheduler named as its settings fields (None = not given).
+EMBEDDED_FLAGS = ("policy", "ttft_slo_s", "key_block_tokens", "key_block_chars")
 
 
 def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
     """The in-process scheduler's settings (`--embedded`): the defaults, and what was given."""
     given = {
-        field: getattr(args, flag)
-        for flag, field in EMBEDDED_FLAGS.items()
-        if getattr(args, flag) is not None
+        flag: getattr(args, flag) for flag in EMBEDDED_FLAGS if getattr(args, flag) is not None
     }
     return SchedulerSettings(
         tokens_per_char=args.tokens_per_char,
