@@ -33,13 +33,20 @@ import collections
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from twinroute.scheduler.leases import Lease
-from twinroute.scheduler.types import Decision, NoEndpointError, RoutingRequest
-
-if TYPE_CHECKING:
-    from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import CostModel
+from twinroute.scheduler.leases import Lease, LeaseTable
+from twinroute.scheduler.policies.base import Policy
+from twinroute.scheduler.types import (
+    ClusterView,
+    Decision,
+    Endpoint,
+    LoadSnapshot,
+    NoEndpointError,
+    PrefixIndexView,
+    RoutingRequest,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +76,42 @@ class DrainMove:
     other_candidate: bool
 
 
+class PlannedState(Protocol):
+    """What planning reads of the core (`SchedulerCore` is the one implementation)."""
+
+    @property
+    def rebalance_enabled(self) -> bool: ...
+
+    @property
+    def policy(self) -> Policy: ...
+
+    @property
+    def cost_model(self) -> CostModel: ...
+
+    @property
+    def prefix_index(self) -> PrefixIndexView: ...
+
+    @property
+    def leases(self) -> LeaseTable: ...
+
+    @property
+    def draining(self) -> set[str]: ...
+
+    def routable(self) -> tuple[Endpoint, ...]: ...
+
+    def is_routable(self, endpoint_id: str) -> bool: ...
+
+    def load(self, endpoint_id: str, *, now: float) -> LoadSnapshot: ...
+
+    def view(self, *, now: float) -> ClusterView: ...
+
+    def open_request(self, lease_id: str) -> tuple[RoutingRequest, Decision] | None: ...
+
+
 class MovePlanner:
     """Plans moves over one core's state (module docstring); changes nothing."""
 
-    def __init__(self, core: SchedulerCore) -> None:
+    def __init__(self, core: PlannedState) -> None:
         self._core = core
 
     def rebalance(

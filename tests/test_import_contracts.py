@@ -37,6 +37,7 @@ VIOLATIONS = {
         "router/server.py",
         "import twinroute.scheduler.core",
     ),
+    "no import cycles": ("bench/elastic_report.py", "import twinroute.bench.elastic"),
 }
 
 
@@ -77,7 +78,7 @@ def test_the_tree_keeps_every_contract(tree: pathlib.Path) -> None:
     for contract in VIOLATIONS:
         assert f"{contract} KEPT" in result.stdout
     # The mapped packages are analysed, not skipped: the scheduler's modules are in the graph.
-    assert "Contracts: 4 kept, 0 broken." in result.stdout
+    assert f"Contracts: {len(VIOLATIONS)} kept, 0 broken." in result.stdout
 
 
 @pytest.mark.parametrize(("contract", "violation"), VIOLATIONS.items(), ids=list(VIOLATIONS))
@@ -91,4 +92,4 @@ def test_a_violating_import_fails_the_build(
     result = lint_imports(tmp_path)
     assert result.returncode != 0
     assert f"{contract} BROKEN" in result.stdout, result.stdout
-    assert "Contracts: 3 kept, 1 broken." in result.stdout
+    assert f"Contracts: {len(VIOLATIONS) - 1} kept, 1 broken." in result.stdout
