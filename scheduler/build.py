@@ -9,6 +9,7 @@ prefill/decode decider, admission hold and migration.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
@@ -36,10 +37,11 @@ def policy_config(settings: SchedulerSettings, *, cost_model: CostModel) -> Poli
 
 
 def build_core(
-    settings: SchedulerSettings, *, cost_model: CostModel | None = None
+    settings: SchedulerSettings, *, cost_model: CostModel | None = None, lease_id_prefix: str = ""
 ) -> SchedulerCore:
     """A fresh core and policy. `cost_model` replaces the settings' cost profile (the
-    simulator predicts with the model of the instances it simulates)."""
+    simulator predicts with the model of the instances it simulates); `lease_id_prefix` names
+    this core's leases apart from every other's (a live scheduler's are unique per process)."""
     cost = cost_model if cost_model is not None else COST_PROFILES[settings.cost_profile]
     capacity_blocks = (
         max(1, settings.prefix_capacity_tokens // settings.key_block_tokens)
@@ -51,6 +53,7 @@ def build_core(
         cost_model=cost,
         prefix_capacity_blocks=capacity_blocks,
         lease_ttl_s=settings.lease_ttl_s,
+        lease_id_prefix=lease_id_prefix,
         scrape_staleness_s=settings.scrape_staleness_s,
         rebalance=settings.rebalance,
         pd=PdSettings(
@@ -70,8 +73,12 @@ def build_service(
     """The in-process `Scheduler` over a fresh core: with Prometheus telemetry on `registry`
     (None: none), the admission hold when `settings.admission_hold`, and a migrator attached
     when `settings.migration` is not off (its imbalance rounds, for `on`, run in
-    `service.migrator.run()`, which the caller starts)."""
-    core = build_core(settings)
+    `service.migrator.run()`, which the caller starts).
+
+    Lease ids carry a random prefix of this process: after a restart, or beside another
+    replica, a router's report about a lease placed elsewhere finds no lease here, instead of
+    closing (or migrating) another request's."""
+    core = build_core(settings, lease_id_prefix=f"{uuid.uuid4().hex[:12]}-")
     telemetry = (
         SchedulerTelemetry(
             registry=registry, core=core, clock=clock, virtual_nodes=settings.virtual_nodes

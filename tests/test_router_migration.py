@@ -390,3 +390,36 @@ def test_token_id_prompts_are_not_continued() -> None:
         served_models=[MODEL],
     )
     assert continuation_body(parsed, generated=" x", remaining=3) is None
+
+
+async def test_an_order_naming_another_source_is_refused(pool: Pool) -> None:
+    """An order for this lease id but from an endpoint the stream is not on (a lease id of
+    another scheduler's, say) must not splice this stream."""
+    from twinroute.scheduler.api import MigrationOrder, Trigger
+
+    await pool.start_engine("a")
+    await pool.start_engine("b")
+    router, service = await embedded_router(pool)
+    await wait_subscribed(service)
+    assert service.migrator is not None
+    async with aiohttp.ClientSession() as session:
+        stream = await open_stream(session, router, max_tokens=200)
+        await stream.read(until_content=5)
+        here = stream.received.endpoint
+        elsewhere = ({"a", "b"} - {here}).pop()
+        (lease,) = service.core.leases.leases_on(here)
+        wrong = MigrationOrder(
+            migration_id="probe-1",
+            lease_id=lease.lease_id,
+            request_id=lease.request_id,
+            source=service.core.endpoints[elsewhere],
+            target=service.core.endpoints[here],
+            trigger=Trigger.DRAIN,
+            deadline_s=5.0,
+        )
+        report = await asyncio.wait_for(service.migrator.orders.issue(wrong), timeout=10)
+        await stream.read()
+    assert not report.committed and "source" in report.reason, report
+    # The stream went on where it was, whole.
+    assert stream.received.content(chat=False) == filler(200)
+    assert stream.received.done_count == 1

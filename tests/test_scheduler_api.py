@@ -224,3 +224,16 @@ def test_both_backings_speak_the_one_api() -> None:
     for backing in (SchedulerService, SchedulerClient, FailOpenScheduler):
         missing = [name for name in methods if not callable(getattr(backing, name, None))]
         assert missing == [], backing.__name__
+
+
+async def test_lease_ids_never_repeat_across_scheduler_restarts() -> None:
+    """A router's Complete for a request placed before a restart must not close a request
+    placed after it: every scheduler process names its leases apart."""
+    before = in_process()
+    old = await before.pick(query(request_id="old", text="hello " * 40))
+    restarted = in_process()
+    new = await restarted.pick(query(request_id="new", text="hello " * 40))
+    assert old.lease_id != new.lease_id
+    # The old router's report reaches the restarted scheduler: it knows no such lease.
+    assert not await restarted.complete(lease_id=old.lease_id, outcome="success")
+    assert restarted.core.leases.get(new.lease_id) is not None

@@ -105,9 +105,12 @@ def continuation_body(
 
 
 class _Slot:
-    __slots__ = ("orders",)
+    """One relayed stream's mailbox for orders, and the endpoint it runs on now."""
 
-    def __init__(self) -> None:
+    __slots__ = ("endpoint_id", "orders")
+
+    def __init__(self, endpoint_id: str) -> None:
+        self.endpoint_id = endpoint_id
         self.orders: asyncio.Queue[MigrationOrder] = asyncio.Queue()
 
 
@@ -167,6 +170,16 @@ class MigrationCoordinator:
         if slot is None:
             self.answer(order, committed=False, reason=NOT_HELD_REASON)
             return
+        if order.source.id != slot.endpoint_id:
+            # The lease id matches but the stream is elsewhere (an order of another scheduler,
+            # or one overtaken by a move): moving it would splice the wrong stream.
+            self.answer(
+                order,
+                committed=False,
+                reason=f"source mismatch: the stream runs on {slot.endpoint_id}, "
+                f"not {order.source.id}",
+            )
+            return
         slot.orders.put_nowait(order)
 
     def answer(
@@ -217,9 +230,11 @@ class MigrationCoordinator:
         path: str,
         parsed: ParsedRequest,
         lease_id: str,
+        endpoint_id: str,
     ) -> SplicedStream:
-        """The relay's content source for one streamed response (`readany()` like aiohttp's)."""
-        slot = _Slot()
+        """The relay's content source for one streamed response (`readany()` like aiohttp's);
+        `endpoint_id` is where it runs (orders must name it as their source)."""
+        slot = _Slot(endpoint_id)
         if lease_id:
             self._streams[lease_id] = slot
         return SplicedStream(
@@ -463,6 +478,7 @@ class SplicedStream:
             self._read = None
         self._upstream.close()
         self._upstream = response
+        self._slot.endpoint_id = order.target.id
         self._legs.append(response)
         self._buffer = b""
         self._leg += 1

@@ -534,6 +534,7 @@ class RouterServer:
                 path=request.path,
                 parsed=parsed,
                 lease_id=placement.lease_id,
+                endpoint_id=endpoint_id,
             )
         try:
             first = await content.readany()
