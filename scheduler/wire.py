@@ -214,16 +214,13 @@ def answer_from_pb(response: pb.PickResponse) -> PickAnswer:
 
 
 def reason_from_pb(value: int) -> DecisionReason:
-    """The value type of a reason; one this side does not know (UNSPECIFIED, or a reason a
-    newer peer added) raises ValueError rather than being guessed."""
+    """The value type of a reason; UNSPECIFIED for one this side does not know (a reason a
+    newer peer added): the placement it comes with stands, and its lease must be reported."""
     try:
-        return DecisionReason[
-            pb.DecisionReason.Name(pb.DecisionReason.ValueType(value)).removeprefix(
-                "DECISION_REASON_"
-            )
-        ]
-    except (KeyError, ValueError):
-        raise ValueError(f"decision reason {value} is not known to this side") from None
+        name = pb.DecisionReason.Name(pb.DecisionReason.ValueType(value))
+    except ValueError:
+        return DecisionReason.UNSPECIFIED
+    return DecisionReason[name.removeprefix("DECISION_REASON_")]
 
 
 # -- Complete and Progress -----------------------------------------------------------------

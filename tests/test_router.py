@@ -549,3 +549,33 @@ def test_embedded_scheduler_flags_are_refused_with_a_remote_scheduler() -> None:
     )
     settings = router_command.embedded_settings(embedded)
     assert (settings.ttft_slo_s, settings.policy) == (2.0, "dualmap")
+
+
+async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothing(
+    start_engine: StartEngine,
+) -> None:
+    engine = await start_engine("e0")
+
+    class Refusing(RecordingPort):
+        async def complete(self, **fields: Any) -> bool:
+            raise RuntimeError("the scheduler had a bad day")
+
+    port = Refusing([("e0", engine.address)])
+    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for stream in (False, True):
+                body = completion(stream=stream)
+                async with session.post(f"{router}/v1/completions", json=body) as response:
+                    assert response.status == 200
+                    await response.read()
+            await asyncio.sleep(0.1)  # the reports run off the response path
+            async with session.get(f"{router}/metrics") as response:
+                text = await response.text()
+    finally:
+        await runner.cleanup()
+    assert 'twinroute_router_reports_lost_total{report="complete",why="refused"} 2.0' in text

@@ -29,6 +29,7 @@ from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc
 
 from twinroute.router.failopen import FailOpenScheduler
+from twinroute.vocabulary import DecisionReason
 
 
 class RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
@@ -36,6 +37,7 @@ class RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.picks: list[Any] = []
         self.completes: list[Any] = []
         self.progress: list[Any] = []
+        self.reason: Any = pb.DECISION_REASON_SLO_SWITCH
 
     async def Pick(self, request: Any, context: Any) -> Any:
         self.picks.append(request)
@@ -45,7 +47,7 @@ class RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no endpoint left for the request")
         return pb.PickResponse(
             endpoint=pb.Endpoint(id="pod-1", address="127.0.0.1:9001"),
-            reason=pb.DECISION_REASON_SLO_SWITCH,
+            reason=self.reason,
             predicted_ttft_s=0.25,
             lease_id=f"lease-{len(self.picks)}",
             policy="dualmap",
@@ -237,3 +239,20 @@ async def test_lease_ids_never_repeat_across_scheduler_restarts() -> None:
     # The old router's report reaches the restarted scheduler: it knows no such lease.
     assert not await restarted.complete(lease_id=old.lease_id, outcome="success")
     assert restarted.core.leases.get(new.lease_id) is not None
+
+
+async def test_a_reason_this_side_does_not_know_still_places_and_reports(
+    grpc_target: tuple[str, RecordingScheduler],
+) -> None:
+    """A newer scheduler's reason (a value this client's contract lacks) must not fail the
+    pick: the lease is open on the scheduler and would leak until its time-to-live."""
+    target, servicer = grpc_target
+    servicer.reason = 99
+    client = SchedulerClient(target=target)
+    try:
+        placement = await client.pick(query())
+        assert placement.reason is DecisionReason.UNSPECIFIED
+        assert await placement.complete("success")
+    finally:
+        await client.close()
+    assert [c.lease_id for c in servicer.completes] == ["lease-1"]

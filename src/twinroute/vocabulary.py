@@ -73,6 +73,9 @@ class DecisionReason(enum.StrEnum):
     FALLBACK = "fallback"
     # A queued request moved off an endpoint that is leaving the pool (scale-in).
     DRAINED = "drained"
+    # A reason this side of the contract does not know (a newer peer's): the placement
+    # stands, only its label is unknown.
+    UNSPECIFIED = "unspecified"
 
 
 __all__ = [

@@ -150,6 +150,14 @@ class RouterMetrics:
             ["reason"],
             registry=registry,
         )
+        self.reports_lost = Counter(
+            "twinroute_router_reports_lost",
+            "Reports to the scheduler that did not arrive, by report (complete, first_token, "
+            "prefill_done, prefill_fell_back) and why (unreachable, refused); a lost Complete "
+            "holds its lease until the lease's time-to-live.",
+            ["report", "why"],
+            registry=registry,
+        )
         self.in_flight = Gauge(
             "twinroute_router_in_flight", "Requests being served.", registry=registry
         )
@@ -597,9 +605,11 @@ class RouterServer:
         except SchedulerUnreachableError as error:
             # A lost Complete holds load until the lease's time-to-live; a lost milestone
             # only makes the estimate coarser until then.
+            self._metrics.reports_lost.labels(what, "unreachable").inc()
             level = logging.WARNING if what == "complete" else logging.DEBUG
             logger.log(level, "%s not reported: %s", what, error)
-        except Exception as error:  # the scheduler refused it; the request goes on
+        except Exception as error:  # whatever else went wrong, the request goes on
+            self._metrics.reports_lost.labels(what, "refused").inc()
             logger.warning("the scheduler refused the %s report: %s", what, type(error).__name__)
 
 
