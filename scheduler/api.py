@@ -110,6 +110,9 @@ class PickQuery:
     prompt_tokens: int = 0
     # Endpoints already tried for this request (retries); they are not picked again.
     exclude_endpoints: frozenset[str] = frozenset()
+    # Unique per Pick call, so the caller can cancel this very Pick (`Scheduler.cancel`);
+    # empty: not cancellable. The gRPC client fills it in.
+    pick_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +311,12 @@ class Scheduler(LeaseReports, Protocol):
         """Choose an endpoint and open a lease; `timeout_s` bounds any hold of the answer.
         Raises `InvalidPickError`, `UnknownModelError`, `NoEndpointError` or
         `SchedulerUnreachableError`."""
+        ...
+
+    async def cancel(self, *, pick_id: str) -> bool:
+        """The caller gave up on the Pick with this `pick_id` (its deadline passed, it went
+        away): close the lease it opened, or refuse that Pick if it has not arrived yet.
+        True when a lease was closed."""
         ...
 
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]: ...

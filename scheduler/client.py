@@ -9,6 +9,10 @@ fail open without confusing "the scheduler is down" with "the pool is empty".
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -84,19 +88,48 @@ class SchedulerClient:
         else:
             self._channel = grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS)
         self._stub: Any = pb_grpc.SchedulerStub(self._channel)
+        self._background: set[asyncio.Task[None]] = set()
         self._timeout_s = timeout_s
         self._admin_metadata = (
             (("authorization", f"Bearer {admin_token}"),) if admin_token else None
         )
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        """Pick, under a pick_id of this call's own: when the deadline passes or the caller
+        goes away first, a Cancel for it follows in the background, so the lease the scheduler
+        may have opened for the abandoned answer is closed at once, not at its time-to-live."""
+        if not query.pick_id:
+            query = dataclasses.replace(query, pick_id=uuid.uuid4().hex)
         try:
             response = await self._stub.Pick(
                 wire.query_to_pb(query), timeout=timeout_s or self._timeout_s, wait_for_ready=True
             )
         except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                self._cancel_soon(query.pick_id)
             _raise_typed(error)
+        except asyncio.CancelledError:
+            self._cancel_soon(query.pick_id)
+            raise
         return Placement(wire.answer_from_pb(response), reports=self)
+
+    async def cancel(self, *, pick_id: str) -> bool:
+        try:
+            response = await self._stub.Cancel(
+                pb.CancelRequest(pick_id=pick_id), timeout=self._timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+        return bool(response.closed)
+
+    def _cancel_soon(self, pick_id: str) -> None:
+        async def cancel() -> None:
+            with contextlib.suppress(Exception):  # best effort: the lease's TTL is the backstop
+                await self.cancel(pick_id=pick_id)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def complete(
         self,
@@ -197,4 +230,6 @@ class SchedulerClient:
         return bool(response.known)
 
     async def close(self) -> None:
+        if self._background:
+            await asyncio.wait(self._background, timeout=self._timeout_s)
         await self._channel.close()

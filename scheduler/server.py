@@ -55,16 +55,22 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self._admin_token = admin_token
 
     async def Pick(self, request: pb.PickRequest, context: Context) -> pb.PickResponse:
+        query = wire.query_from_pb(request)
         try:
-            placement = await self._service.pick(
-                wire.query_from_pb(request), timeout_s=context.time_remaining()
-            )
+            placement = await self._service.pick(query, timeout_s=context.time_remaining())
         except InvalidPickError as error:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
         except UnknownModelError as error:
             await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown_model", str(error))
         except NoEndpointError as error:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "no_endpoint", str(error))
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # The caller's deadline passed while deciding: the answer would reach nobody, so
+            # nobody would complete its lease.
+            await placement.complete("cancelled")
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline",
+                         "decided after the Pick's deadline; its lease is closed")  # fmt: skip
         # The router completes the lease by id (Complete); the handle is not needed here.
         return wire.answer_to_pb(placement.answer)
 
@@ -83,6 +89,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         except InvalidPickError as error:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
         return pb.CompleteResponse(known=known)
+
+    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        try:
+            closed = await self._service.cancel(pick_id=request.pick_id)
+        except InvalidPickError as error:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
+        return pb.CancelResponse(closed=closed)
 
     async def Progress(self, request: pb.ProgressRequest, context: Context) -> pb.ProgressResponse:
         event = wire.progress_from_pb(request.event)

@@ -13,10 +13,12 @@ reporting when a decision was made).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 from twinroute.scheduler.admission import AdmissionQueue
 from twinroute.scheduler.api import (
@@ -88,6 +90,10 @@ class SchedulerService:
         self.withdraw_queued: Callable[[str, str], bool] | None = None
         # Live migration of running requests (`scheduler/migration.py`); None = off.
         self.migrator: Migrator | None = None
+        # The lease each recent Pick opened, by pick_id, and the Picks cancelled before they
+        # came: what `cancel` needs. Bounded: a cancel comes within a Pick deadline or so.
+        self._leases_of_picks: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._cancelled_picks: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # -- membership (discovery feeds this) ------------------------------------------------
 
@@ -172,6 +178,9 @@ class SchedulerService:
     def pick_now(self, query: PickQuery) -> PickAnswer:
         """The decision of `pick`, synchronous (CPU work only), before any admission hold."""
         started = time.perf_counter()
+        if query.pick_id and query.pick_id in self._cancelled_picks:
+            self._refused("cancelled")
+            raise InvalidPickError("this Pick was cancelled by its caller before it came")
         try:
             request = self._routing_request(query)
             now = self._clock()
@@ -198,6 +207,8 @@ class SchedulerService:
             expected_cached_blocks=decision.expected_cached_blocks,
             prefill_endpoint=result.prefill_endpoint,
         )
+        if query.pick_id:
+            _remember(self._leases_of_picks, query.pick_id, answer.lease_id)
         if self.telemetry is not None:
             self.telemetry.observe_pick(time.perf_counter() - started)
         return answer
@@ -247,6 +258,24 @@ class SchedulerService:
         if lease is not None:
             self._wake_drainers(lease.endpoint_id)
         return lease is not None
+
+    async def cancel(self, *, pick_id: str) -> bool:
+        """The caller gave up on a Pick: close the lease it opened (True), or, when it has
+        not come yet, refuse it when it does (False)."""
+        if not pick_id:
+            raise InvalidPickError("pick_id is required")
+        lease_id = self._leases_of_picks.pop(pick_id, None)
+        closed = False
+        if lease_id is None:
+            _remember(self._cancelled_picks, pick_id, None)
+        else:
+            closed = await self.complete(lease_id=lease_id, outcome="cancelled")
+            logger.info(
+                "lease %s closed: its Pick %s was given up by its caller", lease_id, pick_id
+            )
+        if self.telemetry is not None:
+            self.telemetry.observe_cancel(closed=closed)
+        return closed
 
     async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
         """A placed request reached a milestone; False when the lease or event did not apply.
@@ -410,3 +439,13 @@ class SchedulerService:
     def _wake_drainers(self, endpoint_id: str) -> None:
         for event in self._drain_waiters.get(endpoint_id, ()):
             event.set()
+
+
+_REMEMBERED_PICKS = 65_536
+
+
+def _remember(table: collections.OrderedDict[str, Any], key: str, value: Any) -> None:
+    """Add to a bounded table, forgetting the oldest entries first."""
+    table[key] = value
+    while len(table) > _REMEMBERED_PICKS:
+        table.popitem(last=False)

@@ -200,8 +200,15 @@ class SchedulerTelemetry(ScrapeListener):
         )
         self.pick_errors = Counter(
             f"{NAMESPACE}_pick_errors",
-            "Picks refused, by kind (invalid, unknown_model, no_endpoint).",
+            "Picks refused, by kind (invalid, unknown_model, no_endpoint, cancelled).",
             ["kind"],
+            registry=registry,
+        )
+        self.cancels = Counter(
+            f"{NAMESPACE}_picks_cancelled",
+            "Picks their caller gave up on, by what the cancel found (closed: the lease the "
+            "Pick opened was closed; early: the Pick had not come yet and will be refused).",
+            ["found"],
             registry=registry,
         )
         self.predicted_ttft = Histogram(
@@ -283,6 +290,9 @@ class SchedulerTelemetry(ScrapeListener):
 
     def pick_refused(self, kind: str) -> None:
         self.pick_errors.labels(kind).inc()
+
+    def observe_cancel(self, *, closed: bool) -> None:
+        self.cancels.labels("closed" if closed else "early").inc()
 
     def observe_complete(
         self, lease: Lease | None, *, outcome: str, observed_ttft_s: float | None

@@ -155,6 +155,7 @@ def query_to_pb(query: PickQuery) -> pb.PickRequest:
         ttft_slo_s=query.ttft_slo_s or 0.0,
         prompt_tokens=query.prompt_tokens,
         exclude_endpoints=sorted(query.exclude_endpoints),
+        pick_id=query.pick_id,
     )
 
 
@@ -180,6 +181,7 @@ def query_from_pb(request: pb.PickRequest) -> PickQuery:
         ttft_slo_s=request.ttft_slo_s if request.ttft_slo_s != 0 else None,
         prompt_tokens=request.prompt_tokens,
         exclude_endpoints=frozenset(request.exclude_endpoints),
+        pick_id=request.pick_id,
     )
 
 

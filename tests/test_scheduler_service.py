@@ -4,6 +4,7 @@ input as status codes, leases (TTL on an injected clock), drain, auth, graceful 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -431,3 +432,52 @@ async def test_tls_serves_trusted_clients_and_refuses_plaintext(
         await plaintext.close()
     finally:
         await server.stop(grace_s=0.1)
+
+
+class SlowService(SchedulerService):
+    """Decides after its callers' deadline (a busy scheduler)."""
+
+    def pick_now(self, query: PickQuery) -> Any:
+        import time
+
+        time.sleep(0.3)
+        return super().pick_now(query)
+
+
+async def test_a_pick_its_caller_gave_up_on_leaves_no_lease() -> None:
+    """The router's Pick deadline passed while the scheduler was still deciding: nobody will
+    complete the lease it opened, so it must not stay open until its time-to-live."""
+    base, clock, _ = make_service()
+    service = SlowService(core=base.core, settings=base.settings, clock=clock)
+    server = GrpcServer(service=service, listen="127.0.0.1:0")
+    await server.start()
+    client = SchedulerClient(target=server.address, timeout_s=0.1)
+    try:
+        with pytest.raises(SchedulerUnreachableError):
+            await client.pick(PickQuery(request_id="late", model=MODEL, token_ids=tokens(64)))
+        for _ in range(100):
+            if len(service.core.leases) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(service.core.leases) == 0
+        assert service.core.leases.expired_total == 0
+    finally:
+        await client.close()
+        await server.stop(grace_s=0.5)
+
+
+async def test_a_cancel_that_overtakes_its_pick_refuses_it() -> None:
+    service, _, _ = make_service()
+    query = PickQuery(request_id="r", model=MODEL, token_ids=tokens(64), pick_id="p-1")
+    assert not await service.cancel(pick_id="p-1")
+    with pytest.raises(InvalidPickError, match="cancelled"):
+        await service.pick(query)
+    assert len(service.core.leases) == 0
+    # A retry is a new Pick with a pick_id of its own: unaffected.
+    retry = await service.pick(dataclasses.replace(query, pick_id="p-2"))
+    assert service.core.leases.get(retry.lease_id) is not None
+    assert await service.cancel(pick_id="p-2")
+    assert service.core.leases.get(retry.lease_id) is None
+    text = service.telemetry.exposition().decode()  # type: ignore[union-attr]
+    assert 'twinroute_scheduler_picks_cancelled_total{found="early"} 1.0' in text
+    assert 'twinroute_scheduler_picks_cancelled_total{found="closed"} 1.0' in text

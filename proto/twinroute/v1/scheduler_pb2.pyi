@@ -288,6 +288,7 @@ class PickRequest(_message.Message):
     TTFT_SLO_S_FIELD_NUMBER: _builtins.int
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     EXCLUDE_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    PICK_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's id for the request (e.g. the OpenAI request id); echoed into Explain and logs."""
     model: _builtins.str
@@ -304,6 +305,10 @@ class PickRequest(_message.Message):
     """TTFT objective for this request in seconds; 0 = the pool's default."""
     prompt_tokens: _builtins.int
     """Number of prompt tokens when `prompt` is text and the caller counted them; 0 = unknown."""
+    pick_id: _builtins.str
+    """Unique per Pick call (the client makes one up), so the caller can Cancel this very Pick;
+    empty: the Pick cannot be cancelled.
+    """
     @_builtins.property
     def prompt(self) -> Global___Prompt:
         """The prompt. For chat requests, the rendered conversation."""
@@ -325,10 +330,11 @@ class PickRequest(_message.Message):
         ttft_slo_s: _builtins.float = ...,
         prompt_tokens: _builtins.int = ...,
         exclude_endpoints: _abc.Iterable[_builtins.str] | None = ...,
+        pick_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "pick_id", b"pick_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -569,6 +575,46 @@ class ProgressRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProgressRequest: _TypeAlias = ProgressRequest  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PICK_ID_FIELD_NUMBER: _builtins.int
+    pick_id: _builtins.str
+    """The pick_id of the Pick given up on."""
+    def __init__(
+        self,
+        *,
+        pick_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pick_id", b"pick_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class CancelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSED_FIELD_NUMBER: _builtins.int
+    closed: _builtins.bool
+    """True when a lease was open for that Pick and is now closed."""
+    def __init__(
+        self,
+        *,
+        closed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
 
 @_typing.final
 class ProgressResponse(_message.Message):

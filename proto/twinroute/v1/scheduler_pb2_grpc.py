@@ -53,6 +53,11 @@ class SchedulerStub:
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/twinroute.v1.Scheduler/Cancel',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
+                _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/twinroute.v1.Scheduler/ListEndpoints',
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.ListEndpointsRequest.SerializeToString,
@@ -108,6 +113,16 @@ class SchedulerServicer:
         token arrived), so the scheduler's picture of each engine's queue follows the engines
         between Pick and Complete instead of being modelled until the lease closes. Optional: a
         router that never calls it still gets correct (if coarser) placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """The caller gave up on a Pick (its deadline passed, or it went away) and will never use or
+        complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
+        refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
+        (a new Pick, a new pick_id) is never affected.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -172,6 +187,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Progress,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.SerializeToString,
             ),
             'ListEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEndpoints,
@@ -284,6 +304,33 @@ class Scheduler:
             '/twinroute.v1.Scheduler/Progress',
             twinroute_dot_v1_dot_scheduler__pb2.ProgressRequest.SerializeToString,
             twinroute_dot_v1_dot_scheduler__pb2.ProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/Cancel',
+            twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

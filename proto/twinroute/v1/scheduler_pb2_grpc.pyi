@@ -60,6 +60,12 @@ class SchedulerStub:
     between Pick and Complete instead of being modelled until the lease closes. Optional: a
     router that never calls it still gets correct (if coarser) placement.
     """
+    Cancel: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRequest, _scheduler_pb2.CancelResponse]
+    """The caller gave up on a Pick (its deadline passed, or it went away) and will never use or
+    complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
+    refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
+    (a new Pick, a new pick_id) is never affected.
+    """
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
     Explain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]
@@ -101,6 +107,12 @@ class SchedulerAsyncStub(SchedulerStub):
     token arrived), so the scheduler's picture of each engine's queue follows the engines
     between Pick and Complete instead of being modelled until the lease closes. Optional: a
     router that never calls it still gets correct (if coarser) placement.
+    """
+    Cancel: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelRequest, _scheduler_pb2.CancelResponse]  # type: ignore[assignment]
+    """The caller gave up on a Pick (its deadline passed, or it went away) and will never use or
+    complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
+    refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
+    (a new Pick, a new pick_id) is never affected.
     """
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
@@ -158,6 +170,18 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         token arrived), so the scheduler's picture of each engine's queue follows the engines
         between Pick and Complete instead of being modelled until the lease closes. Optional: a
         router that never calls it still gets correct (if coarser) placement.
+        """
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _scheduler_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.CancelResponse, _abc.Awaitable[_scheduler_pb2.CancelResponse]]:
+        """The caller gave up on a Pick (its deadline passed, or it went away) and will never use or
+        complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
+        refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
+        (a new Pick, a new pick_id) is never affected.
         """
 
     @_abc_1.abstractmethod

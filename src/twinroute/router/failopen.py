@@ -86,6 +86,9 @@ class FailOpenScheduler:
     async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
         return await self._primary.progress(lease_id=lease_id, event=event)
 
+    async def cancel(self, *, pick_id: str) -> bool:
+        return await self._primary.cancel(pick_id=pick_id)
+
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
         return await self._primary.list_endpoints(model=model)
 
