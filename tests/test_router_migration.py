@@ -56,7 +56,7 @@ class Pool:
     cores: dict[str, EngineCore] = field(default_factory=dict)
     runners: list[web.AppRunner] = field(default_factory=list)
 
-    async def start_engine(self, name: str) -> None:
+    async def start_engine(self, name: str, *, natural_output_tokens: int = 16) -> None:
         instance = Instance(
             config=InstanceConfig(kv_capacity_tokens=100_000, block_size=16),
             cost=RoundCost(),
@@ -65,7 +65,12 @@ class Pool:
         core = EngineCore(instance=instance, settings=EngineSettings(block_size=16))
         app = build_app(
             core=core,
-            identity=EngineIdentity(model=MODEL, instance_id=name, max_model_len=100_000),
+            identity=EngineIdentity(
+                model=MODEL,
+                instance_id=name,
+                max_model_len=100_000,
+                natural_output_tokens=natural_output_tokens,
+            ),
         )
         self.engines[name] = await self.serve(app)
         self.cores[name] = core
@@ -148,15 +153,16 @@ async def open_stream(
     router: str,
     *,
     chat: bool = False,
-    max_tokens: int = 300,
+    max_tokens: int | None = 300,
     prompt: str = PROMPT,
 ) -> ClientStream:
     body: dict[str, Any] = {
         "model": MODEL,
-        "max_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
         path = "/v1/chat/completions"
@@ -423,3 +429,36 @@ async def test_an_order_naming_another_source_is_refused(pool: Pool) -> None:
     # The stream went on where it was, whole.
     assert stream.received.content(chat=False) == filler(200)
     assert stream.received.done_count == 1
+
+
+async def test_a_chat_without_max_tokens_is_whole_across_a_drain(pool: Pool) -> None:
+    """vLLM answers a chat request without max_tokens until the model ends it (the rest of the
+    context window at most). Migrated early, its continuation must not be cut to a default
+    budget: the client gets the whole answer, once."""
+    natural = 120  # the simulated model's answers end after 120 tokens
+    await pool.start_engine("a", natural_output_tokens=natural)
+    await pool.start_engine("b", natural_output_tokens=natural)
+    router, service = await embedded_router(pool)
+    await wait_subscribed(service)
+    async with aiohttp.ClientSession() as session:
+        stream = await open_stream(session, router, chat=True, max_tokens=None)
+        await stream.read(until_content=5)
+        result = await service.drain(endpoint_id=stream.received.endpoint, timeout_s=10)
+        assert result.drained
+        await stream.read()
+    assert service.migrator is not None
+    assert [r.committed for r in service.migrator.results] == [True]
+    assert stream.received.content(chat=True) == filler(natural)
+    assert stream.received.done_count == 1
+
+
+def test_a_continuation_sets_no_budget_when_the_client_set_none() -> None:
+    parsed = parse_request(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        kind="chat",
+        served_models=[MODEL],
+    )
+    assert parsed.max_tokens is None
+    body = continuation_body(parsed, generated=" lorem", remaining=None)
+    assert body is not None and "max_tokens" not in body
+    assert body["messages"][-1] == {"role": "assistant", "content": " lorem"}

@@ -20,8 +20,10 @@ from aiohttp import web
 
 Kind = Literal["completions", "chat"]
 
-# OpenAI's default for /v1/completions; chat falls back to it too, so outputs are bounded.
-DEFAULT_MAX_TOKENS = 16
+# OpenAI's and vLLM's default for /v1/completions. Chat has none: vLLM answers until the model
+# ends the message, within the rest of the context window, so a chat request without a limit
+# has `max_tokens` None (a default of ours would cut answers, and continuations, short).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # Above this a request is refused as absurd rather than queued for minutes.
 MAX_TOKENS_LIMIT = 131_072
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -68,7 +70,8 @@ class ParsedRequest:
     # the token ids a completions request sent instead of text.
     prompt_text: str | None
     prompt_token_ids: tuple[int, ...] | None
-    max_tokens: int
+    # The output budget; None for a chat request that set none (the engine decides).
+    max_tokens: int | None
     stream: bool
     include_usage: bool
     body: Mapping[str, Any]
@@ -259,7 +262,7 @@ def _parse_messages(messages: object) -> list[Mapping[str, Any]]:
     return messages
 
 
-def _parse_max_tokens(body: Mapping[str, Any], *, kind: Kind, limit: int) -> int:
+def _parse_max_tokens(body: Mapping[str, Any], *, kind: Kind, limit: int) -> int | None:
     names = ("max_completion_tokens", "max_tokens") if kind == "chat" else ("max_tokens",)
     for name in names:
         value = body.get(name)
@@ -272,7 +275,7 @@ def _parse_max_tokens(body: Mapping[str, Any], *, kind: Kind, limit: int) -> int
         if value > limit:
             raise RequestError(f"{name} must be at most {limit}, got {value}", param=name)
         return value
-    return DEFAULT_MAX_TOKENS
+    return COMPLETIONS_DEFAULT_MAX_TOKENS if kind == "completions" else None
 
 
 async def answer_errors(

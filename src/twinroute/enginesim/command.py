@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--block-size", type=int, default=16, help="prefix-cache block size in engine tokens"
     )
     parser.add_argument(
+        "--natural-output-tokens", type=int, default=16,
+        help="answer length of requests that set no max_tokens (chat), where a real model "
+        "would end its message",
+    )  # fmt: skip
+    parser.add_argument(
         "--token-scale", type=int, default=1,
         help="model tokens each engine token stands for (short prompts, realistic costs)",
     )  # fmt: skip
@@ -92,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace) -> web.Application:
-    if args.block_size < 1 or args.token_scale < 1:
-        raise ValueError("--block-size and --token-scale must be >= 1")
+    if args.block_size < 1 or args.token_scale < 1 or args.natural_output_tokens < 1:
+        raise ValueError("--block-size, --token-scale and --natural-output-tokens must be >= 1")
     profile = get_profile(args.profile).with_kv_capacity(args.kv_capacity_tokens)
     cost = cost_model_for(profile)
     instance = Instance(
@@ -112,6 +117,7 @@ def build(args: argparse.Namespace) -> web.Application:
         instance_id=args.instance_id or f"engine-sim-{args.port}",
         max_model_len=profile.kv_capacity_tokens // args.token_scale,
         cost_model=profile.cost_profile,
+        natural_output_tokens=args.natural_output_tokens,
     )
     app = build_app(
         core=core,

@@ -68,6 +68,10 @@ class EngineIdentity:
     max_model_len: int
     # Which step-cost model prices the engine's time (shown in /v1/models).
     cost_model: str = ""
+    # How long the simulated model's answers are when a request sets no limit (a chat request
+    # without max_tokens): where a real model would emit its end of sequence. A request that
+    # continues its final message counts the tokens that message already has.
+    natural_output_tokens: int = 16
 
 
 class _EngineCollector(Collector):
@@ -238,7 +242,7 @@ class EngineServer:
             "model": parsed.model,
             "prompt": parsed.prompt_text,
             "token_ids": self._token_ids(parsed),
-            "sampling_params": {"max_tokens": parsed.max_tokens},
+            "sampling_params": {"max_tokens": self._max_tokens(parsed)},
         }
 
     # -- generation ------------------------------------------------------------------------
@@ -249,13 +253,27 @@ class EngineServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, await self._parse(request, "chat"))
 
+    def _max_tokens(self, parsed: ParsedRequest) -> int:
+        """The request's budget, or the simulated model's natural answer length (less what a
+        continued final message already holds)."""
+        if parsed.max_tokens is not None:
+            return parsed.max_tokens
+        natural = self._identity.natural_output_tokens
+        messages = parsed.body.get("messages")
+        if parsed.body.get("continue_final_message") is True and isinstance(messages, list):
+            last = messages[-1] if messages else None
+            if isinstance(last, dict) and isinstance(last.get("content"), str):
+                natural -= len(self._tokenizer.pieces(last["content"]))
+        return max(1, natural)
+
     async def _generate(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
         arrived = time.monotonic()
         token_ids = self._token_ids(parsed)
-        limit = self._core.max_prompt_tokens(max_tokens=parsed.max_tokens)
+        max_tokens = self._max_tokens(parsed)
+        limit = self._core.max_prompt_tokens(max_tokens=max_tokens)
         if len(token_ids) > limit:
             raise RequestError(
-                f"prompt has {len(token_ids)} tokens; with max_tokens={parsed.max_tokens} "
+                f"prompt has {len(token_ids)} tokens; with max_tokens={max_tokens} "
                 f"this engine's KV memory fits at most {limit}",
                 param="prompt",
             )
@@ -270,7 +288,7 @@ class EngineServer:
         generation = self._core.submit(
             request_id=request_id,
             token_ids=token_ids,
-            max_tokens=parsed.max_tokens,
+            max_tokens=max_tokens,
             namespace=namespace,
             kv_transferred=arrival.transferred,
             prefill_hit_tokens=arrival.prefill_hit_tokens,

@@ -9,7 +9,8 @@ sends an order; the router holding the stream's lease carries it out:
 2. On an order, at an event boundary, the rest is requested from the target: completions with
    prompt + text generated so far; chat with the conversation plus the partial assistant
    message and `continue_final_message: true, add_generation_prompt: false` (vLLM's flags for
-   continuing the final message); `max_tokens` = what is left of the budget. The source is not
+   continuing the final message); `max_tokens` = what is left of the budget, or none when the
+   client set none (chat: the engine answers until the model ends the message). The source is not
    read meanwhile (its tokens wait in the socket).
 3. Target answers 200: the source connection is closed (vLLM aborts a request whose client
    left, freeing its KV), and the target's events follow, rewritten to the first response's
@@ -74,14 +75,18 @@ class RouterMigrationMetrics:
 
 
 def continuation_body(
-    parsed: ParsedRequest, *, generated: str, remaining: int
+    parsed: ParsedRequest, *, generated: str, remaining: int | None
 ) -> dict[str, Any] | None:
-    """The request that continues `parsed` after `generated`, or None when it cannot be."""
+    """The request that continues `parsed` after `generated`, or None when it cannot be;
+    `remaining` None: the client set no budget, and the continuation sets none either."""
     body = dict(parsed.body)
     if body.get("n", 1) not in (1, None):
         return None
-    body["max_tokens"] = remaining
     body.pop("max_completion_tokens", None)
+    if remaining is None:
+        body.pop("max_tokens", None)
+    else:
+        body["max_tokens"] = remaining
     if not generated:
         return body
     if parsed.kind == "completions":
@@ -441,8 +446,11 @@ class SplicedStream:
         if self._finishing:
             coordinator.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ing")
             return
-        remaining = self._parsed.max_tokens - self._produced
-        if remaining <= 0:
+        budget = self._parsed.max_tokens
+        # No budget (a chat request without max_tokens): the target, like the source, answers
+        # until the model ends the message.
+        remaining = None if budget is None else budget - self._produced
+        if remaining is not None and remaining <= 0:
             coordinator.answer(order, committed=False, reason="no tokens left to produce")
             return
         body = continuation_body(

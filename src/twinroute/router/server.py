@@ -311,7 +311,7 @@ class RouterServer:
             text=text if token_ids is None else None,
             session_id=parsed.session_id,
             cache_salt=parsed.cache_salt,
-            expected_output_tokens=parsed.max_tokens,
+            expected_output_tokens=parsed.max_tokens or 0,
             ttft_slo_s=_requested_slo(request),
             prompt_tokens=(
                 len(token_ids)
