@@ -462,3 +462,40 @@ def test_a_continuation_sets_no_budget_when_the_client_set_none() -> None:
     body = continuation_body(parsed, generated=" lorem", remaining=None)
     assert body is not None and "max_tokens" not in body
     assert body["messages"][-1] == {"role": "assistant", "content": " lorem"}
+
+
+NOT_RESUMABLE = {
+    "guided json": {"response_format": {"type": "json_object"}},
+    "stop strings": {"stop": ["\n\n"]},
+    "logprobs": {"logprobs": 2},
+    "echo": {"echo": True},
+    "penalty": {"frequency_penalty": 0.5},
+    "tools": {"tools": [{"type": "function", "function": {"name": "f"}}]},
+}
+
+
+@pytest.mark.parametrize("extra", NOT_RESUMABLE.values(), ids=NOT_RESUMABLE.keys())
+async def test_a_stream_that_cannot_be_resumed_finishes_where_it_is(
+    pool: Pool, extra: dict[str, Any]
+) -> None:
+    """Recompute migration restarts a grammar mid-output, misses a stop string across the
+    splice, and loses echo, logprobs and penalties' history: such streams are not moved."""
+    await pool.start_engine("a")
+    await pool.start_engine("b")
+    router, service = await embedded_router(pool)
+    await wait_subscribed(service)
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 120, "stream": True, **extra}
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(f"http://{router}/v1/completions", json=body)
+        assert response.status == 200
+        stream = ClientStream(response)
+        await stream.read(until_content=5)
+        await service.drain(endpoint_id=stream.received.endpoint, timeout_s=0.3)
+        await stream.read()
+        async with session.get(f"http://{router}/metrics") as page:
+            metrics = await page.text()
+    assert service.migrator is not None
+    (result,) = service.migrator.results
+    assert not result.committed and "not resumable" in result.detail
+    assert stream.received.content(chat=False) == filler(120)
+    assert 'twinroute_router_migration_refusals_total{why="not_resumable"} 1.0' in metrics

@@ -24,8 +24,12 @@ sends an order; the router holding the stream's lease carries it out:
    closes it there and Drain sees the source empty. Orders for leases this router does not hold
    are answered "not held" (several routers may watch one scheduler).
 
-Not migrated (the order is answered with the reason): token-id prompts (no text to extend),
-`n` > 1, streams already finishing. Non-streamed requests are never migrated.
+Not migrated (the order is answered with the reason, and counted by why): token-id prompts
+(no text to extend), `n` > 1, streams already finishing, and requests a continuation cannot
+resume faithfully (`not_resumable`): a grammar or schema (`response_format`, `guided_*`,
+`structured_outputs`, tools) would restart mid-output, a stop string could straddle the splice,
+and echo, logprobs, `min_tokens`, `best_of`, `suffix` and repetition penalties depend on what
+came before it. Such a stream finishes where it is. Non-streamed requests are never migrated.
 
 Orders come from the scheduler's API (`Scheduler.watch_migrations`, answered with
 `report_migration`): over gRPC (`WatchMigrations`, admin token) or, with `--embedded`, straight
@@ -66,12 +70,57 @@ class RouterMigrationMetrics:
             ["trigger", "result"],
             registry=registry,
         )
+        self.refusals = Counter(
+            "twinroute_router_migration_refusals",
+            "Migration orders refused, by why (not_resumable, finishing, no_budget, "
+            "target_unreachable, target_refused, source_mismatch).",
+            ["why"],
+            registry=registry,
+        )
         self.pause_seconds = Histogram(
             "twinroute_router_migration_pause_seconds",
             "Pause the client saw at a splice: last source token to first target token.",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
             registry=registry,
         )
+
+
+# Request fields a continuation cannot honour (module docstring), with the values that mean
+# "not used" (those are resumable).
+_NOT_RESUMABLE: dict[str, tuple[Any, ...]] = {
+    "echo": (False,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "prompt_logprobs": (),
+    "response_format": ({"type": "text"},),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "tools": ((), []),
+    "tool_choice": ("none",),
+    "functions": ((), []),
+    "function_call": ("none",),
+    "stop": ((), [], ""),
+    "stop_token_ids": ((), []),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "min_tokens": (0,),
+    "best_of": (1,),
+    "suffix": ("",),
+}
+
+
+def not_resumable(parsed: ParsedRequest) -> str | None:
+    """The first field of the request that a continuation cannot honour, or None."""
+    body = parsed.body
+    for field, unused in _NOT_RESUMABLE.items():
+        value = body.get(field)
+        if value is not None and value not in unused:
+            return field
+    return None
 
 
 def continuation_body(
@@ -183,6 +232,7 @@ class MigrationCoordinator:
                 committed=False,
                 reason=f"source mismatch: the stream runs on {slot.endpoint_id}, "
                 f"not {order.source.id}",
+                why="source_mismatch",
             )
             return
         slot.orders.put_nowait(order)
@@ -193,10 +243,12 @@ class MigrationCoordinator:
         *,
         committed: bool,
         reason: str = "",
+        why: str = "",
         produced_tokens: int = 0,
         pause_s: float = 0.0,
     ) -> None:
-        """Report an order's outcome in the background (the stream does not wait for it)."""
+        """Report an order's outcome in the background (the stream does not wait for it);
+        `why` is the refusal's kind, a bounded metric label."""
         result = "committed" if committed else (
             "not_held" if reason == NOT_HELD_REASON else "refused"
         )  # fmt: skip
@@ -207,7 +259,9 @@ class MigrationCoordinator:
                         order.lease_id, order.source.id, order.target.id, produced_tokens,
                         pause_s)  # fmt: skip
         elif result == "refused":
-            logger.warning("migration of lease %s not done: %s", order.lease_id, reason)
+            self.metrics.refusals.labels(why or "other").inc()
+            logger.info("migration of lease %s not done: %s", order.lease_id, why or "other")
+            logger.debug("migration of lease %s not done: %s", order.lease_id, reason)
         report = MigrationReport(
             migration_id=order.migration_id,
             lease_id=order.lease_id,
@@ -257,7 +311,9 @@ class MigrationCoordinator:
             del self._streams[lease_id]
         while not slot.orders.empty():
             order = slot.orders.get_nowait()
-            self.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ed")
+            self.answer(
+                order, committed=False, reason=f"{STREAM_FINISHING_REASON}ed", why="finishing"
+            )
 
     def now(self) -> float:
         return self._clock()
@@ -444,21 +500,35 @@ class SplicedStream:
     async def _migrate(self, order: MigrationOrder) -> None:
         coordinator = self._coordinator
         if self._finishing:
-            coordinator.answer(order, committed=False, reason=f"{STREAM_FINISHING_REASON}ing")
+            coordinator.answer(
+                order, committed=False, reason=f"{STREAM_FINISHING_REASON}ing", why="finishing"
+            )
+            return
+        field = not_resumable(self._parsed)
+        if field is not None:
+            coordinator.answer(
+                order, committed=False, reason=f"not resumable: the request uses {field}",
+                why="not_resumable",
+            )  # fmt: skip
             return
         budget = self._parsed.max_tokens
         # No budget (a chat request without max_tokens): the target, like the source, answers
         # until the model ends the message.
         remaining = None if budget is None else budget - self._produced
         if remaining is not None and remaining <= 0:
-            coordinator.answer(order, committed=False, reason="no tokens left to produce")
+            coordinator.answer(
+                order, committed=False, reason="no tokens left to produce", why="no_budget"
+            )
             return
         body = continuation_body(
             self._parsed, generated="".join(self._generated), remaining=remaining
         )
         if body is None:
             coordinator.answer(
-                order, committed=False, reason="cannot continue this request (token ids or n>1)"
+                order,
+                committed=False,
+                reason="cannot continue this request (token ids or n>1)",
+                why="not_resumable",
             )
             return
         url = f"http://{order.target.address}{self._path}"
@@ -468,14 +538,23 @@ class SplicedStream:
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             coordinator.answer(
-                order, committed=False, reason=f"target unreachable: {type(error).__name__}"
+                order,
+                committed=False,
+                reason=f"target unreachable: {type(error).__name__}",
+                why="target_unreachable",
             )
             return
         if response.status != 200:
+            # What the engine said may quote the prompt: logs at DEBUG only, never in the
+            # report (the scheduler logs reports at INFO).
             detail = (await response.read())[:200].decode(errors="replace")
             response.release()
+            logger.debug("target %s refused a continuation: %s", order.target.id, detail)
             coordinator.answer(
-                order, committed=False, reason=f"target refused: HTTP {response.status}: {detail}"
+                order,
+                committed=False,
+                reason=f"target refused: HTTP {response.status}",
+                why="target_refused",
             )
             return
         # Committed: stop the source (its socket closes; the engine aborts the request).
