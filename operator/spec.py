@@ -39,6 +39,9 @@ DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
 DEFAULT_ENGINE_PORT: Final = 8000
 DEFAULT_PREFIX_BLOCK_SIZE: Final = DEFAULT_KEY_BLOCK_TOKENS
 DEFAULT_SCHEDULER_REPLICAS: Final = 1
+# One scheduler per pool until replicas share their load picture: each replica sees only the
+# leases it placed, so with k replicas each would balance on about 1/k of the truth.
+MAX_SCHEDULER_REPLICAS: Final = 1
 DEFAULT_KV_CONNECTOR: Final = "NixlConnector"
 MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
 # A managed pool migrates on drain by default, unlike a bare `twinroute scheduler` (off): the
@@ -311,7 +314,7 @@ def _parse_scheduler(scheduler: Mapping[str, Any]) -> SchedulerSpec:
             path="scheduler.replicas",
             default=DEFAULT_SCHEDULER_REPLICAS,
             low=1,
-            high=16,
+            high=MAX_SCHEDULER_REPLICAS,
         ),
         image=_string(scheduler, "image", path="scheduler.image", default=""),
         service_type=service_type,

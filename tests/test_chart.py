@@ -33,6 +33,7 @@ from twinroute.operator.spec import (
     DEFAULT_VIRTUAL_NODES,
     KV_CONNECTORS,
     MAX_PD_MIN_PREFILL_TOKENS,
+    MAX_SCHEDULER_REPLICAS,
     MIGRATION_MODES,
     SpecError,
     parse_pool,
@@ -294,6 +295,8 @@ def test_crd_defaults_equal_the_parser_defaults() -> None:
     assert routing["admissionHold"]["default"] is DEFAULT_ADMISSION_HOLD
     assert routing["phaseAware"]["default"] is DEFAULT_PHASE_AWARE
     assert routing["rebalancing"]["default"] is True
+    scheduler = spec["scheduler"]["properties"]
+    assert scheduler["replicas"]["maximum"] == MAX_SCHEDULER_REPLICAS == 1
     assert engine["image"]["default"] == DEFAULT_ENGINE_IMAGE
     assert engine["port"]["default"] == DEFAULT_ENGINE_PORT
     assert engine["kvTransfer"]["properties"]["connector"]["enum"] == list(KV_CONNECTORS)
