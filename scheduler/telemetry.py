@@ -257,6 +257,9 @@ class SchedulerTelemetry(ScrapeListener):
             ["endpoint", "kind"],
             registry=registry,
         )
+        # Which labelled series exist per endpoint, to drop them when the endpoint leaves.
+        self._scrape_error_kinds: dict[str, set[str]] = {}
+        self._hit_rate_endpoints: set[str] = set()
         self.engine_prefix_hit_rate = Gauge(
             f"{NAMESPACE}_endpoint_prefix_cache_hit_rate",
             "vllm:prefix_cache_hits / vllm:prefix_cache_queries since the engine started.",
@@ -313,15 +316,26 @@ class SchedulerTelemetry(ScrapeListener):
         ratio = self._probe.sync(endpoint.id for endpoint in endpoints)
         self.keys_remapped.set(ratio)
         self.keys_remapped_sum.inc(ratio)
+        # Series of endpoints that left go with them: pods come and go for the life of the
+        # scheduler, and their label values would pile up.
+        current = {endpoint.id for endpoint in endpoints}
+        for endpoint_id in set(self._scrape_error_kinds) - current:
+            for kind in self._scrape_error_kinds.pop(endpoint_id):
+                self.scrape_errors.remove(endpoint_id, kind)
+        for endpoint_id in self._hit_rate_endpoints - current:
+            self.engine_prefix_hit_rate.remove(endpoint_id)
+        self._hit_rate_endpoints &= current
 
     # ScrapeListener
     def scraped(self, endpoint_id: str, stats: EngineStats) -> None:
         rate = stats.prefix_cache_hit_rate
         if rate is not None:
             self.engine_prefix_hit_rate.labels(endpoint_id).set(rate)
+            self._hit_rate_endpoints.add(endpoint_id)
 
     def scrape_failed(self, endpoint_id: str, kind: str) -> None:
         self.scrape_errors.labels(endpoint_id, kind).inc()
+        self._scrape_error_kinds.setdefault(endpoint_id, set()).add(kind)
 
     def health_changed(self, endpoint_id: str, *, healthy: bool) -> None:
         self.health_changes.labels("healthy" if healthy else "unhealthy").inc()

@@ -579,3 +579,33 @@ async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothi
     finally:
         await runner.cleanup()
     assert 'twinroute_router_reports_lost_total{report="complete",why="refused"} 2.0' in text
+
+
+async def test_random_paths_add_no_metric_series(start_router: StartRouter) -> None:
+    """Clients choose paths: labelling requests by the raw path would let them grow the
+    metric series without bound. Unknown paths share one label."""
+    import random
+
+    router = await start_router([("nowhere", f"127.0.0.1:{free_port()}")])
+
+    def series(text: str) -> set[str]:
+        return {
+            line.split(" ")[0]
+            for line in text.splitlines()
+            if line.startswith("twinroute_router_requests_total{")
+        }
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{router}/health") as response:
+            assert response.status == 200
+        async with session.get(f"{router}/metrics") as response:
+            before = series(await response.text())
+        paths = {"/" + "".join(random.choices("abcdefghij/", k=12)) for _ in range(400)}
+        for path in paths:
+            async with session.get(f"{router}{path}") as response:
+                assert response.status in (404, 405)
+        async with session.get(f"{router}/metrics") as response:
+            text = await response.text()
+    after = series(text)
+    assert len(after - before) <= 2, sorted(after - before)[:5]
+    assert 'route="other"' in text

@@ -481,3 +481,21 @@ async def test_a_cancel_that_overtakes_its_pick_refuses_it() -> None:
     text = service.telemetry.exposition().decode()  # type: ignore[union-attr]
     assert 'twinroute_scheduler_picks_cancelled_total{found="early"} 1.0' in text
     assert 'twinroute_scheduler_picks_cancelled_total{found="closed"} 1.0' in text
+
+
+def test_series_of_departed_endpoints_are_dropped() -> None:
+    """Pods come and go: per-endpoint series of endpoints no longer in the pool must not pile
+    up for the life of the scheduler."""
+    from twinroute.scheduler.scrape import EngineStats
+
+    service, _, _ = make_service(endpoints=3)
+    telemetry = service.telemetry
+    assert telemetry is not None
+    telemetry.scrape_failed("e2", "timeout")
+    telemetry.scraped("e2", EngineStats(prefix_cache_queries=10.0, prefix_cache_hits=5.0))
+    text = telemetry.exposition().decode()
+    assert 'endpoint="e2"' in text
+    service.set_endpoints(
+        [Endpoint(id=f"e{i}", address=f"127.0.0.1:{8000 + i}", model=MODEL) for i in range(2)]
+    )
+    assert 'endpoint="e2"' not in telemetry.exposition().decode()

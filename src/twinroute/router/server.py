@@ -124,11 +124,17 @@ class _EngineRejected(Exception):
         self.headers = headers
 
 
+# Distinct endpoint label values the router keeps at most; beyond them, "other". Endpoints come
+# and go with the pool, and the router hears of them only through placements.
+MAX_ENDPOINT_LABELS = 256
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._endpoints: set[str] = set()
         self.requests = Counter(
             "twinroute_router_requests",
-            "Requests answered, by route and HTTP status.",
+            "Requests answered, by matched route (other: no route matched) and HTTP status.",
             ["route", "status"],
             registry=registry,
         )
@@ -173,6 +179,18 @@ class RouterMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=registry,
         )
+
+    def endpoint(self, endpoint_id: str) -> str:
+        """The label value for an endpoint: its id, while the bound of distinct ones allows."""
+        if endpoint_id in self._endpoints:
+            return endpoint_id
+        if len(self._endpoints) < MAX_ENDPOINT_LABELS:
+            self._endpoints.add(endpoint_id)
+            return endpoint_id
+        return "other"
+
+    def count_retry(self, endpoint_id: str) -> None:
+        self.retries.labels(self.endpoint(endpoint_id)).inc()
 
 
 class RouterServer:
@@ -246,12 +264,15 @@ class RouterServer:
         response = await answer_errors(
             request, handler, max_body_bytes=self._settings.max_body_bytes
         )
-        key = (request.path, response.status)
+        # Label by the route that matched, never by the raw path: clients choose paths.
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "other"
+        key = (route, response.status)
         counter = self._request_counters.get(key)
         if counter is None:
-            counter = self._metrics.requests.labels(request.path, str(response.status))
-            if len(self._request_counters) < 256:  # paths come from clients: bound the cache
-                self._request_counters[key] = counter
+            counter = self._request_counters[key] = self._metrics.requests.labels(
+                route, str(response.status)
+            )
         counter.inc()
         return response
 
@@ -327,7 +348,7 @@ class RouterServer:
             request_id=query.request_id,
             prompt_tokens=query.prompt_tokens,
             report=self._report_soon,
-            retries=self._metrics.retries,
+            retries=self._metrics.count_retry,
         )
         for attempt in range(self._settings.retries + 1):
             if attempts.excluded:
@@ -565,7 +586,7 @@ class RouterServer:
                     chunk = await content.readany()
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
                     outcome = "stream_error"
-                    self._metrics.stream_errors.labels(endpoint_id).inc()
+                    self._metrics.stream_errors.labels(self._metrics.endpoint(endpoint_id)).inc()
                     logger.warning(
                         "endpoint %s broke a stream after it started: %s", endpoint_id, error
                     )
@@ -629,7 +650,7 @@ class _Attempts:
         request_id: str,
         prompt_tokens: int,
         report: Callable[..., None],
-        retries: Counter,
+        retries: Callable[[str], None],
     ) -> None:
         self._request_id = request_id
         self._prompt_tokens = prompt_tokens
@@ -675,7 +696,7 @@ class _Attempts:
         self._engine_failed = True
         self.failures.append(f"{endpoint_id}: {error}")
         self.excluded.append(endpoint_id)
-        self._retries.labels(endpoint_id).inc()
+        self._retries(endpoint_id)
         self._close(placement, "engine_error")
         logger.warning(
             "request %s: endpoint %s failed (%s); retrying elsewhere",
@@ -695,7 +716,7 @@ class _Attempts:
                 self._close(placement, "success")
             else:
                 if outcome == "engine_error":
-                    self._retries.labels(placement.endpoint.id).inc()
+                    self._retries(placement.endpoint.id)
                 self._close(placement, outcome)
         self._rejected.clear()
 
