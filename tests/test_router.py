@@ -165,6 +165,10 @@ async def test_every_endpoint_failing_gives_a_502_naming_them(start_router: Star
     assert response.status == 503
     assert "dead0" in error["message"]
     assert "dead1" in error["message"]
+    # ...by name only: engines' addresses are the cluster's business, not the client's.
+    for _, address in endpoints:
+        assert address not in error["message"]
+        assert address.split(":")[1] not in error["message"]
 
 
 @pytest.mark.slow
@@ -609,3 +613,33 @@ async def test_random_paths_add_no_metric_series(start_router: StartRouter) -> N
     after = series(text)
     assert len(after - before) <= 2, sorted(after - before)[:5]
     assert 'route="other"' in text
+
+
+async def test_the_request_id_is_the_routers_own_and_says_so(start_engine: StartEngine) -> None:
+    """A client's x-request-id is neither trusted to be unique nor to be safe to log or to hand
+    to an engine (vLLM refuses a request id already running): the router uses its own, keeps a
+    well-formed client id beside it for correlation, and returns the id in the answer."""
+    engine = await start_engine("e0")
+    port = RecordingPort([("e0", engine.address)])
+    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    echoed = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            for client_id in ("trace-42", "trace-42", "x" * 500, "evil\u2028id"):
+                headers = {"x-request-id": client_id}
+                async with session.post(
+                    f"{router}/v1/completions", json=completion(), headers=headers
+                ) as response:
+                    assert response.status == 200
+                    echoed.append(response.headers["x-request-id"])
+    finally:
+        await runner.cleanup()
+    ids = [q.request_id for q in port.queries]
+    assert ids == echoed
+    assert len(set(ids)) == 4, ids
+    assert ids[0].endswith(":trace-42") and ids[1].endswith(":trace-42")
+    assert all(len(i) < 200 and i.isprintable() and "evil" not in i for i in ids[2:])

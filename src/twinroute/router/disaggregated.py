@@ -39,6 +39,8 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from twinroute.router.upstream_errors import describe
+
 logger = logging.getLogger(__name__)
 
 PARAM = "kv_transfer_params"
@@ -178,8 +180,9 @@ class Disaggregation:
                 status = response.status
                 answer = await response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            logger.debug("request %s: prefill hop to %s failed: %r", request_id, url, error)
             raise PrefillFailed(
-                reason="engine_error", detail=f"{type(error).__name__}: {error}", retriable=True
+                reason="engine_error", detail=describe(error), retriable=True
             ) from None
         # What the engine said can quote the prompt: the detail (logged at WARNING and sent
         # to the client on failure) names only the status and size; the text is for DEBUG.

@@ -34,7 +34,9 @@ import itertools
 import json
 import logging
 import math
+import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,7 @@ from twinroute.openai_format import (
 )
 from twinroute.router.disaggregated import PREFILL_HEADER, Disaggregation, PrefillFailed
 from twinroute.router.migration import MigrationCoordinator, SplicedStream
+from twinroute.router.upstream_errors import describe
 from twinroute.scheduler.api import (
     NoEndpointError,
     Outcome,
@@ -68,6 +71,9 @@ from twinroute.scheduler.api import (
 logger = logging.getLogger(__name__)
 
 ENDPOINT_HEADER = "x-twinroute-endpoint"
+REQUEST_ID_HEADER = "x-request-id"
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
+_REQUEST_ID_KEY = web.RequestKey("twinroute_request_id", str)
 REASON_HEADER = "x-twinroute-reason"
 # A client's own TTFT objective for one request, in seconds.
 TTFT_SLO_HEADER = "x-twinroute-ttft-slo-s"
@@ -104,14 +110,17 @@ class RouterSettings:
 class _EngineFailed(Exception):
     """The engine failed before anything reached the client; the request can go elsewhere.
 
-    `engine_text` is what the engine said (its error body), which may quote the prompt: it
-    goes back to the client in the error answer and to DEBUG logs, never to INFO and above.
+    `summary` says what went wrong in words fit for the client (never the engine's address);
+    `detail` is the full error, for the router's own log. `engine_text` is what the engine said
+    (its error body), which may quote the prompt: it goes back to the client in the error
+    answer and to DEBUG logs, never to INFO and above.
     """
 
-    def __init__(self, summary: str, *, engine_text: str = "") -> None:
+    def __init__(self, summary: str, *, engine_text: str = "", detail: str = "") -> None:
         super().__init__(f"{summary}: {engine_text}" if engine_text else summary)
         self.summary = summary
         self.engine_text = engine_text
+        self.detail = detail or summary
 
 
 class _EngineRejected(Exception):
@@ -214,7 +223,8 @@ class RouterServer:
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count()
-        self._prefix = f"twr-{int(time.time() * 1000) % 10**9}"
+        # Unique across router replicas and restarts, so ids never collide on a shared engine.
+        self._prefix = f"twr-{uuid.uuid4().hex[:10]}"
         self._request_counters: dict[tuple[str, int], Any] = {}
         self._urls: dict[tuple[str, str], URL] = {}
         # vLLM's disaggregated prefill/decode protocol (router/disaggregated.py).
@@ -274,6 +284,9 @@ class RouterServer:
                 route, str(response.status)
             )
         counter.inc()
+        request_id = request.get(_REQUEST_ID_KEY)
+        if request_id is not None and not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
         return response
 
     # -- info routes -----------------------------------------------------------------------
@@ -322,9 +335,13 @@ class RouterServer:
         text = parsed.prompt_text
         if token_ids is None and self._tokenizer is not None and text is not None:
             token_ids = self._tokenizer.encode(text)
-        request_id = request.headers.get("x-request-id") or (
-            f"{self._prefix}-{next(self._request_numbers)}"
-        )
+        request_id = f"{self._prefix}-{next(self._request_numbers)}"
+        # The client's id is kept for correlation, never trusted to be unique (an engine
+        # refuses an id already running) nor safe to log or to put in a header.
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        if client_id and _CLIENT_REQUEST_ID.fullmatch(client_id):
+            request_id = f"{request_id}:{client_id}"
+        request[_REQUEST_ID_KEY] = request_id
         return PickQuery(
             request_id=request_id,
             model=parsed.model,
@@ -438,13 +455,17 @@ class RouterServer:
                 url, data=raw, headers={"Content-Type": "application/json"}
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise _EngineFailed(f"{type(error).__name__}: {error}") from None
+            raise _EngineFailed(
+                describe(error), detail=f"{type(error).__name__}: {error}"
+            ) from None
         try:
             if upstream.status >= 500:
                 try:
                     body = await upstream.read()
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
-                    raise _EngineFailed(f"HTTP {upstream.status}, then {error}") from None
+                    raise _EngineFailed(
+                        f"HTTP {upstream.status}, then {describe(error)}", detail=str(error)
+                    ) from None
                 if _is_error_answer(body):
                     raise _EngineRejected(
                         status=upstream.status,
@@ -522,7 +543,9 @@ class RouterServer:
         try:
             body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise _EngineFailed(f"response broke: {type(error).__name__}: {error}") from None
+            raise _EngineFailed(
+                f"response broke: {describe(error)}", detail=f"{type(error).__name__}: {error}"
+            ) from None
         elapsed = self._clock() - sent
         output_tokens = 0
         if upstream.status == 200:
@@ -568,13 +591,16 @@ class RouterServer:
         try:
             first = await content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise _EngineFailed(f"stream broke before its first chunk: {error}") from None
+            raise _EngineFailed(
+                f"stream broke before its first chunk: {describe(error)}", detail=str(error)
+            ) from None
         if not first:
             raise _EngineFailed("stream ended before its first chunk")
         ttft = self._clock() - sent
         self._metrics.ttft_seconds.observe(ttft)
         self._report_soon(placement.progress("first_token"), what="first_token")
         response = web.StreamResponse(status=200, headers=self._headers(upstream, placement))
+        response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
         outcome: Outcome = "cancelled"
         events = 0
         try:
@@ -700,7 +726,7 @@ class _Attempts:
         self._close(placement, "engine_error")
         logger.warning(
             "request %s: endpoint %s failed (%s); retrying elsewhere",
-            self._request_id, endpoint_id, error.summary,
+            self._request_id, endpoint_id, error.detail,
         )  # fmt: skip
         if error.engine_text:
             logger.debug(
@@ -776,7 +802,7 @@ def _usage(body: bytes) -> dict[str, int]:
 
 def _stream_error(endpoint_id: str, error: BaseException) -> bytes:
     body = error_body(
-        message=f"engine {endpoint_id} failed while streaming: {type(error).__name__}: {error}",
+        message=f"engine {endpoint_id} failed while streaming: {describe(error)}",
         error_type="engine_stream_error",
         code="stream_interrupted",
     )
