@@ -331,6 +331,11 @@ class Scheduler(LeaseReports, Protocol):
         """Take the endpoint out of routing; wait up to `timeout_s` for its leases to close."""
         ...
 
+    async def undrain(self, *, endpoint_id: str) -> bool:
+        """Put a draining endpoint back into routing; False when it was not draining. Raises
+        `UnknownEndpointError` for an endpoint the scheduler does not know."""
+        ...
+
     def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
         """Migration orders as the scheduler issues them, until the caller stops iterating;
         raises `MigrationOffError` when the scheduler runs without migration."""

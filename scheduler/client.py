@@ -205,6 +205,17 @@ class SchedulerClient:
             drained=response.drained, remaining_in_flight=response.remaining_in_flight
         )
 
+    async def undrain(self, *, endpoint_id: str) -> bool:
+        try:
+            response = await self._stub.Undrain(
+                pb.UndrainRequest(endpoint_id=endpoint_id),
+                timeout=self._timeout_s,
+                metadata=self._admin_metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+        return bool(response.was_draining)
+
     async def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
         """Migration orders as the scheduler issues them (admin RPC), until cancelled. Raises
         `SchedulerUnreachableError` when the stream cannot be opened or breaks."""

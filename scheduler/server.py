@@ -144,6 +144,17 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             drained=result.drained, remaining_in_flight=result.remaining_in_flight
         )
 
+    async def Undrain(self, request: pb.UndrainRequest, context: Context) -> pb.UndrainResponse:
+        await self._authorize(context)
+        if not request.endpoint_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                         "endpoint_id is required")  # fmt: skip
+        try:
+            was_draining = await self._service.undrain(endpoint_id=request.endpoint_id)
+        except UnknownEndpointError as error:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown_endpoint", str(error))
+        return pb.UndrainResponse(was_draining=was_draining)
+
     async def WatchMigrations(
         self, request: pb.WatchMigrationsRequest, context: Context
     ) -> AsyncIterator[pb.MigrationOrder]:

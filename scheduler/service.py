@@ -366,6 +366,8 @@ class SchedulerService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout_s)
         while (remaining := self.core.in_flight(endpoint_id)) > 0:
+            if endpoint_id not in self.core.draining:
+                break  # undrained meanwhile: nothing to wait for
             left = deadline - loop.time()
             if left <= 0:
                 break
@@ -381,6 +383,17 @@ class SchedulerService:
                     waiters.remove(event)
         remaining = self.core.in_flight(endpoint_id)
         return DrainResult(drained=remaining == 0, remaining_in_flight=remaining)
+
+    async def undrain(self, *, endpoint_id: str) -> bool:
+        """Back into routing; a Drain waiting on it answers now (not drained)."""
+        if endpoint_id not in self.core.endpoints:
+            raise UnknownEndpointError(f"endpoint {endpoint_id!r} is not known to the scheduler")
+        was_draining = endpoint_id in self.core.draining
+        self.core.undrain(endpoint_id)
+        if was_draining:
+            logger.info("undrained %s: back in routing", endpoint_id)
+            self._wake_drainers(endpoint_id)
+        return was_draining
 
     def move_queued_off(self, endpoint_id: str) -> int:
         """Move the requests still queued on a draining endpoint that this scheduler can still

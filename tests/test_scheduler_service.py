@@ -273,6 +273,31 @@ async def test_drain_waits_for_leases_and_stops_routing(harness: Harness) -> Non
     assert not listed[target].routable
 
 
+async def test_undrain_puts_the_endpoint_back_and_answers_a_waiting_drain(
+    harness: Harness,
+) -> None:
+    """Without Undrain, one Drain per engine took a pool down until the scheduler restarted."""
+    answer = await harness.client.pick(PickQuery(request_id="r", model=MODEL, token_ids=tokens(64)))
+    target = answer.endpoint.id
+    waiting = asyncio.create_task(harness.client.drain(endpoint_id=target, timeout_s=30))
+    while not harness.service._drain_waiters.get(target):  # noqa: ASYNC110 (RPC in flight)
+        await asyncio.sleep(0.001)
+    assert await harness.client.undrain(endpoint_id=target)
+    result = await asyncio.wait_for(waiting, timeout=5)
+    assert (result.drained, result.remaining_in_flight) == (False, 1)
+    listed = {s.endpoint.id: s for s in await harness.client.list_endpoints()}
+    assert listed[target].routable
+    # Same prefix, same home as before the drain.
+    again = await harness.client.pick(PickQuery(request_id="r2", model=MODEL, token_ids=tokens(64)))
+    assert again.endpoint.id == target
+    assert not await harness.client.undrain(endpoint_id=target)  # not draining: no change
+    with pytest.raises(UnknownEndpointError):
+        await harness.client.undrain(endpoint_id="nope")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.stub.Undrain(pb.UndrainRequest(endpoint_id=target))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 @pytest.mark.parametrize(
     ("metadata", "code"),
     [

@@ -73,6 +73,11 @@ class SchedulerStub:
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.DrainRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/twinroute.v1.Scheduler/Undrain',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.UndrainResponse.FromString,
+                _registered_method=True)
         self.WatchMigrations = channel.unary_stream(
                 '/twinroute.v1.Scheduler/WatchMigrations',
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.WatchMigrationsRequest.SerializeToString,
@@ -150,6 +155,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undrain(self, request, context):
+        """Put a drained endpoint back into routing (a Drain by mistake, a scale-in called off). A
+        Drain still waiting on the endpoint answers at once. Admin RPC, like Drain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchMigrations(self, request, context):
         """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
         move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
@@ -207,6 +220,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.DrainRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.DrainResponse.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.UndrainRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.UndrainResponse.SerializeToString,
             ),
             'WatchMigrations': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchMigrations,
@@ -412,6 +430,33 @@ class Scheduler:
             '/twinroute.v1.Scheduler/Drain',
             twinroute_dot_v1_dot_scheduler__pb2.DrainRequest.SerializeToString,
             twinroute_dot_v1_dot_scheduler__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/Undrain',
+            twinroute_dot_v1_dot_scheduler__pb2.UndrainRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.UndrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,10 @@ class SchedulerStub:
     """Take an endpoint out of the rings before it is deleted (scale-in, rollout). Admin RPC: may
     require a bearer token in the `authorization` metadata.
     """
+    Undrain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.UndrainRequest, _scheduler_pb2.UndrainResponse]
+    """Put a drained endpoint back into routing (a Drain by mistake, a scale-in called off). A
+    Drain still waiting on the endpoint answers at once. Admin RPC, like Drain.
+    """
     WatchMigrations: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchMigrationsRequest, _scheduler_pb2.MigrationOrder]
     """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
     move KV): the scheduler sends one order per stream to move (drain, persistent imbalance);
@@ -121,6 +125,10 @@ class SchedulerAsyncStub(SchedulerStub):
     Drain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainRequest, _scheduler_pb2.DrainResponse]  # type: ignore[assignment]
     """Take an endpoint out of the rings before it is deleted (scale-in, rollout). Admin RPC: may
     require a bearer token in the `authorization` metadata.
+    """
+    Undrain: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.UndrainRequest, _scheduler_pb2.UndrainResponse]  # type: ignore[assignment]
+    """Put a drained endpoint back into routing (a Drain by mistake, a scale-in called off). A
+    Drain still waiting on the endpoint answers at once. Admin RPC, like Drain.
     """
     WatchMigrations: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchMigrationsRequest, _scheduler_pb2.MigrationOrder]  # type: ignore[assignment]
     """Migration orders for routers that migrate running streams by recompute (stock vLLM cannot
@@ -208,6 +216,16 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.DrainResponse, _abc.Awaitable[_scheduler_pb2.DrainResponse]]:
         """Take an endpoint out of the rings before it is deleted (scale-in, rollout). Admin RPC: may
         require a bearer token in the `authorization` metadata.
+        """
+
+    @_abc_1.abstractmethod
+    def Undrain(
+        self,
+        request: _scheduler_pb2.UndrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.UndrainResponse, _abc.Awaitable[_scheduler_pb2.UndrainResponse]]:
+        """Put a drained endpoint back into routing (a Drain by mistake, a scale-in called off). A
+        Drain still waiting on the endpoint answers at once. Admin RPC, like Drain.
         """
 
     @_abc_1.abstractmethod

@@ -100,6 +100,9 @@ class FailOpenScheduler:
     async def drain(self, *, endpoint_id: str, timeout_s: float = 0.0) -> DrainResult:
         return await self._primary.drain(endpoint_id=endpoint_id, timeout_s=timeout_s)
 
+    async def undrain(self, *, endpoint_id: str) -> bool:
+        return await self._primary.undrain(endpoint_id=endpoint_id)
+
     def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
         return self._primary.watch_migrations(watcher=watcher)
 
