@@ -76,7 +76,8 @@ class SchedulerClient:
     ) -> None:
         """`root_certificates` (PEM) switches the channel to TLS, trusting that CA;
         `tls_server_name` is the name the certificate must carry when it differs from
-        `target`'s host (a scheduler reached by IP). `admin_token` goes with the admin RPCs."""
+        `target`'s host (a scheduler reached by IP). `admin_token` goes with every call
+        (a scheduler with a token refuses any call without it)."""
         if channel is not None:
             self._channel = channel
         elif root_certificates is not None:
@@ -90,9 +91,7 @@ class SchedulerClient:
         self._stub: Any = pb_grpc.SchedulerStub(self._channel)
         self._background: set[asyncio.Task[None]] = set()
         self._timeout_s = timeout_s
-        self._admin_metadata = (
-            (("authorization", f"Bearer {admin_token}"),) if admin_token else None
-        )
+        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
         """Pick, under a pick_id of this call's own: when the deadline passes or the caller
@@ -102,7 +101,10 @@ class SchedulerClient:
             query = dataclasses.replace(query, pick_id=uuid.uuid4().hex)
         try:
             response = await self._stub.Pick(
-                wire.query_to_pb(query), timeout=timeout_s or self._timeout_s, wait_for_ready=True
+                wire.query_to_pb(query),
+                timeout=timeout_s or self._timeout_s,
+                wait_for_ready=True,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
@@ -116,7 +118,7 @@ class SchedulerClient:
     async def cancel(self, *, pick_id: str) -> bool:
         try:
             response = await self._stub.Cancel(
-                pb.CancelRequest(pick_id=pick_id), timeout=self._timeout_s
+                pb.CancelRequest(pick_id=pick_id), timeout=self._timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
@@ -151,7 +153,9 @@ class SchedulerClient:
             cached_prompt_tokens=cached_prompt_tokens,
         )
         try:
-            response = await self._stub.Complete(request, timeout=self._timeout_s)
+            response = await self._stub.Complete(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
         return bool(response.known)
@@ -160,7 +164,9 @@ class SchedulerClient:
         """Report a milestone of a placed request; False when the scheduler did not apply it."""
         request = pb.ProgressRequest(lease_id=lease_id, event=wire.progress_to_pb(event))
         try:
-            response = await self._stub.Progress(request, timeout=self._timeout_s)
+            response = await self._stub.Progress(
+                request, timeout=self._timeout_s, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
         return bool(response.known)
@@ -168,7 +174,9 @@ class SchedulerClient:
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
         try:
             response = await self._stub.ListEndpoints(
-                pb.ListEndpointsRequest(model=model), timeout=self._timeout_s
+                pb.ListEndpointsRequest(model=model),
+                timeout=self._timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
@@ -186,7 +194,9 @@ class SchedulerClient:
     ) -> list[DecisionRecord]:
         try:
             response = await self._stub.Explain(
-                pb.ExplainRequest(limit=limit, request_id=request_id), timeout=self._timeout_s
+                pb.ExplainRequest(limit=limit, request_id=request_id),
+                timeout=self._timeout_s,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
@@ -197,7 +207,7 @@ class SchedulerClient:
             response = await self._stub.Drain(
                 pb.DrainRequest(endpoint_id=endpoint_id, timeout_s=timeout_s),
                 timeout=timeout_s + self._timeout_s,
-                metadata=self._admin_metadata,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
@@ -210,7 +220,7 @@ class SchedulerClient:
             response = await self._stub.Undrain(
                 pb.UndrainRequest(endpoint_id=endpoint_id),
                 timeout=self._timeout_s,
-                metadata=self._admin_metadata,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
@@ -220,7 +230,7 @@ class SchedulerClient:
         """Migration orders as the scheduler issues them (admin RPC), until cancelled. Raises
         `SchedulerUnreachableError` when the stream cannot be opened or breaks."""
         call = self._stub.WatchMigrations(
-            pb.WatchMigrationsRequest(watcher=watcher), metadata=self._admin_metadata
+            pb.WatchMigrationsRequest(watcher=watcher), metadata=self._metadata
         )
         try:
             async for message in call:
@@ -234,7 +244,7 @@ class SchedulerClient:
         """What became of an order (admin RPC); False when the scheduler did not know it."""
         try:
             response = await self._stub.ReportMigration(
-                wire.report_to_pb(report), timeout=self._timeout_s, metadata=self._admin_metadata
+                wire.report_to_pb(report), timeout=self._timeout_s, metadata=self._metadata
             )
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)

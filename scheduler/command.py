@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -39,6 +40,7 @@ from twinroute.scheduler.server import GrpcServer, TlsFiles
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.settings import SchedulerSettings, parse_config
 from twinroute.scheduler.telemetry import build_metrics_app
+from twinroute.scheduler.tokens import TokenGuard
 
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
@@ -133,14 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--namespace", default="default", help="namespace of the pods")
     source.add_argument("--kubeconfig", help="kubeconfig path (default: in-cluster, then ~)")
     source.add_argument("--engine-port", type=int, default=8000, help="pods' default port")
-    security = parser.add_argument_group("TLS and tokens")
-    security.add_argument("--admin-token", help="bearer token Drain requires (default: none)")
-    security.add_argument(
-        "--admin-token-file",
-        help="file holding the admin token (a mounted Secret; keeps it off the command line)",
-    )
-    security.add_argument("--tls-cert", help="PEM certificate for gRPC TLS")
-    security.add_argument("--tls-key", help="PEM private key for gRPC TLS")
+    _add_security_arguments(parser)
     migration = parser.add_argument_group("live migration of running requests")
     migration.add_argument(
         "--migration", default=defaults.migration, choices=MIGRATION_MODES,
@@ -158,6 +153,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace, seconds")
     parser.add_argument("--log-level", default="INFO")
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    security = parser.add_argument_group("TLS and tokens")
+    security.add_argument(
+        "--admin-token",
+        help="bearer token every call but health checks requires: the data plane's (Pick, "
+        "Complete, ...) and the admin RPCs (Drain, Undrain, migration), and /debug/decisions",
+    )
+    security.add_argument(
+        "--admin-token-file",
+        help="file holding the token (a mounted Secret; keeps it off the command line)",
+    )
+    security.add_argument(
+        "--allow-unauthenticated", action="store_true",
+        help="serve without a token on an address other than loopback (anyone who reaches "
+        "the port can then close leases and Drain the pool)",
+    )  # fmt: skip
+    security.add_argument("--tls-cert", help="PEM certificate for gRPC TLS")
+    security.add_argument("--tls-key", help="PEM private key for gRPC TLS")
 
 
 def _on_off(value: bool) -> str:
@@ -256,6 +271,38 @@ def build_source(args: argparse.Namespace, settings: SchedulerSettings) -> Endpo
     )
 
 
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_open_network_listen(args: argparse.Namespace) -> None:
+    """Without a token only local processes may reach the scheduler, unless the operator of
+    this process says otherwise in so many words."""
+    if args.admin_token:
+        return
+    exposed = [
+        listen
+        for listen in (args.listen, args.metrics_listen)
+        if listen and not _is_loopback(_split_listen(listen)[0])
+    ]
+    if not exposed:
+        logger.warning("no --admin-token: Drain and every other call are open to local processes")
+        return
+    if not args.allow_unauthenticated:
+        raise ValueError(
+            f"{', '.join(exposed)} is reachable from the network and no --admin-token(-file) "
+            "is set: anyone could Drain the pool or close leases; set a token, listen on "
+            "loopback, or pass --allow-unauthenticated"
+        )
+    logger.warning("--allow-unauthenticated on %s: every call is open", ", ".join(exposed))
+
+
 def read_secret_file(path: str, *, flag: str) -> str:
     """A token from a file (surrounding whitespace dropped); empty is refused, not "no token"."""
     with open(path, encoding="utf-8") as handle:
@@ -270,6 +317,7 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.admin_token_file:
         args.admin_token = read_secret_file(args.admin_token_file, flag="--admin-token-file")
+    _refuse_open_network_listen(args)
     service = build_service(settings, registry=CollectorRegistry())
     source = build_source(args, settings)
     tls = TlsFiles(cert_path=args.tls_cert, key_path=args.tls_key) if args.tls_cert else None
@@ -278,7 +326,9 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    metrics, metrics_url = await _serve_metrics(args.metrics_listen, service)
+    metrics, metrics_url = await _serve_metrics(
+        args.metrics_listen, service, token=args.admin_token
+    )
     session = aiohttp.ClientSession()
     tasks = _background_tasks(service, source=source, session=session)
     try:
@@ -304,7 +354,7 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
 
 
 async def _serve_metrics(
-    listen: str, service: SchedulerService
+    listen: str, service: SchedulerService, *, token: str | None
 ) -> tuple[web.AppRunner | None, str]:
     """/metrics and /debug/decisions on their own port; (runner, URL), or (None, "off")."""
     if not listen or service.telemetry is None:
@@ -315,6 +365,7 @@ async def _serve_metrics(
         decisions=lambda limit, request_id: service.recent_decisions(
             limit=limit, request_id=request_id or ""
         ),
+        guard=TokenGuard(token, count=service.telemetry.refused_calls_counter()),
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -5,16 +5,20 @@ codes; every decision is the in-process `SchedulerService`'s, so a router embedd
 and one calling it over gRPC see the same behaviour. `GrpcServer` serves it with the standard
 health and reflection services, optional TLS and a graceful stop: health goes NOT_SERVING first
 (load balancers stop sending), held answers go out, then `server.stop(grace)` lets in-flight
-RPCs finish while refusing new ones. Admin RPCs (Drain, WatchMigrations, ReportMigration) need
-the bearer token when one is configured.
+RPCs finish while refusing new ones.
+
+With a token configured, every call needs it (`authorization: Bearer <token>`), the data plane's
+(Pick, Complete, Progress, Cancel) as much as the admin RPCs: a lease is closed by its id, so a
+caller that can reach the port could otherwise close other requests' leases or Drain the pool.
+Only the standard health service answers without it (the kubelet's probes). Refusals are logged
+(at most one line per RPC and reason a minute) and counted in `calls_refused_total`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
@@ -30,6 +34,7 @@ from twinroute.scheduler.api import (
     UnknownModelError,
 )
 from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import NoEndpointError
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
@@ -52,9 +57,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def __init__(self, *, service: SchedulerService, admin_token: str | None = None) -> None:
         self._service = service
-        self._admin_token = admin_token
+        telemetry = service.telemetry
+        self._guard = TokenGuard(
+            admin_token,
+            count=telemetry.refused_calls_counter() if telemetry is not None else None,
+        )
 
     async def Pick(self, request: pb.PickRequest, context: Context) -> pb.PickResponse:
+        await self._authorize(context, "Pick")
         query = wire.query_from_pb(request)
         try:
             placement = await self._service.pick(query, timeout_s=context.time_remaining())
@@ -75,6 +85,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return wire.answer_to_pb(placement.answer)
 
     async def Complete(self, request: pb.CompleteRequest, context: Context) -> pb.CompleteResponse:
+        await self._authorize(context, "Complete")
         # Unknown or unspecified outcomes close the lease as failed, never leak it.
         outcome = wire.outcome_from_pb(request.outcome) or "engine_error"
         try:
@@ -91,6 +102,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return pb.CompleteResponse(known=known)
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
+        await self._authorize(context, "Cancel")
         try:
             closed = await self._service.cancel(pick_id=request.pick_id)
         except InvalidPickError as error:
@@ -98,6 +110,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return pb.CancelResponse(closed=closed)
 
     async def Progress(self, request: pb.ProgressRequest, context: Context) -> pb.ProgressResponse:
+        await self._authorize(context, "Progress")
         event = wire.progress_from_pb(request.event)
         if event is None:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
@@ -111,6 +124,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ListEndpoints(
         self, request: pb.ListEndpointsRequest, context: Context
     ) -> pb.ListEndpointsResponse:
+        await self._authorize(context, "ListEndpoints")
         statuses = await self._service.list_endpoints(model=request.model)
         return pb.ListEndpointsResponse(
             endpoints=[
@@ -121,13 +135,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         )
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
+        await self._authorize(context, "Explain")
         records = await self._service.explain(
             limit=request.limit or DEFAULT_EXPLAIN_LIMIT, request_id=request.request_id
         )
         return pb.ExplainResponse(decisions=[wire.record_to_pb(record) for record in records])
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
-        await self._authorize(context)
+        await self._authorize(context, "Drain")
         if not request.endpoint_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                          "endpoint_id is required")  # fmt: skip
@@ -145,7 +160,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         )
 
     async def Undrain(self, request: pb.UndrainRequest, context: Context) -> pb.UndrainResponse:
-        await self._authorize(context)
+        await self._authorize(context, "Undrain")
         if not request.endpoint_id:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid",
                          "endpoint_id is required")  # fmt: skip
@@ -158,7 +173,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def WatchMigrations(
         self, request: pb.WatchMigrationsRequest, context: Context
     ) -> AsyncIterator[pb.MigrationOrder]:
-        await self._authorize(context)
+        await self._authorize(context, "WatchMigrations")
         orders = self._service.watch_migrations(watcher=request.watcher)
         try:
             async for order in orders:
@@ -169,24 +184,27 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ReportMigration(
         self, request: pb.MigrationReport, context: Context
     ) -> pb.MigrationReportResponse:
-        await self._authorize(context)
+        await self._authorize(context, "ReportMigration")
         known = await self._service.report_migration(wire.report_from_pb(request))
         return pb.MigrationReportResponse(known=known)
 
-    async def _authorize(self, context: Context) -> None:
-        if not self._admin_token:
+    async def _authorize(self, context: Context, call: str) -> None:
+        if not self._guard.required:
             return
-        metadata: Mapping[str, Any] = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        if not header:
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = str(value)
+                break
+        why = self._guard.refusal(header)
+        if why is None:
+            return
+        self._guard.refused(call, why, peer=context.peer())
+        if why == "missing_token":
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
-                         "admin RPCs need 'authorization: Bearer <token>' metadata")  # fmt: skip
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self._admin_token.encode()
-        ):
-            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
-                         "the admin token is wrong")  # fmt: skip
+                         "calls need 'authorization: Bearer <token>' metadata")  # fmt: skip
+        await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
+                     "the token is wrong")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.leases import Lease
 from twinroute.scheduler.ring import DualHashRing
 from twinroute.scheduler.scrape import EngineStats, ScrapeListener
+from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import DecisionRecord, Endpoint
 
 NAMESPACE = "twinroute_scheduler"
@@ -211,6 +212,13 @@ class SchedulerTelemetry(ScrapeListener):
             ["found"],
             registry=registry,
         )
+        self.refused_calls = Counter(
+            f"{NAMESPACE}_calls_refused",
+            "Calls refused for their credentials, by RPC or path and why (missing_token, "
+            "wrong_token).",
+            ["call", "why"],
+            registry=registry,
+        )
         self.predicted_ttft = Histogram(
             f"{NAMESPACE}_predicted_ttft_seconds",
             "The scheduler's TTFT prediction for completed requests.",
@@ -340,6 +348,10 @@ class SchedulerTelemetry(ScrapeListener):
     def health_changed(self, endpoint_id: str, *, healthy: bool) -> None:
         self.health_changes.labels("healthy" if healthy else "unhealthy").inc()
 
+    def refused_calls_counter(self) -> Callable[[str, str], None]:
+        """Counts one refused call: (call, why)."""
+        return lambda call, why: self.refused_calls.labels(call, why).inc()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -414,9 +426,11 @@ DecisionSource = Callable[[int, str | None], list[DecisionRecord]]
 
 
 def build_metrics_app(
-    *, telemetry: SchedulerTelemetry, decisions: DecisionSource
+    *, telemetry: SchedulerTelemetry, decisions: DecisionSource, guard: TokenGuard | None = None
 ) -> web.Application:
-    """`/metrics` (Prometheus text), `/debug/decisions` and `/healthz`."""
+    """`/metrics` (Prometheus text), `/debug/decisions` and `/healthz`. With a `guard` that
+    requires a token, the decisions page (request ids, prompts' placement) needs it too;
+    metrics and health stay open for scrapers and probes."""
 
     async def metrics(_: web.Request) -> web.Response:
         response = web.Response(body=telemetry.exposition())
@@ -424,6 +438,16 @@ def build_metrics_app(
         return response
 
     async def debug_decisions(request: web.Request) -> web.Response:
+        if guard is not None and guard.required:
+            why = guard.refusal(request.headers.get("Authorization", ""))
+            if why is not None:
+                guard.refused(request.path, why, peer=request.remote or "?")
+                if why == "missing_token":
+                    raise web.HTTPUnauthorized(
+                        text="needs 'Authorization: Bearer <token>'",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                raise web.HTTPForbidden(text="the token is wrong")
         try:
             limit = int(request.query.get("limit", "50"))
         except ValueError:

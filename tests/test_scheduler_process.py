@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from twinroute.scheduler.api import PickQuery
 from twinroute.scheduler.client import SchedulerClient
 
@@ -63,3 +64,23 @@ async def test_scheduler_refuses_bad_endpoint_file(tmp_path: Path) -> None:
     _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 2
     assert b"unknown keys" in stderr
+
+
+@pytest.mark.parametrize(
+    "listen",
+    [
+        ["--listen", "0.0.0.0:0", "--metrics-listen", ""],
+        ["--listen", "127.0.0.1:0", "--metrics-listen", "0.0.0.0:0"],
+    ],
+    ids=["grpc", "metrics"],
+)
+async def test_no_token_on_a_network_address_is_refused(tmp_path: Path, listen: list[str]) -> None:
+    """Secure by default: without a token the scheduler serves only loopback, unless told in so
+    many words (--allow-unauthenticated)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "twinroute", "scheduler", *listen,
+        "--static-endpoints", "127.0.0.1:1", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 2
+    assert b"--allow-unauthenticated" in stderr and b"0.0.0.0" in stderr

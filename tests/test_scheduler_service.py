@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from twinroute.vocabulary import DecisionReason
 
 MODEL = "tiny-llama"
 ADMIN_TOKEN = "s3cret"
+AUTHORIZED = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 class FakeClock:
@@ -157,7 +159,10 @@ async def test_bad_picks_get_status_codes_with_reasons(
     harness: Harness, request_fields: dict[str, object], code: grpc.StatusCode, needle: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.stub.Pick(pb.PickRequest(request_id="bad", **request_fields))  # type: ignore[arg-type]
+        await harness.stub.Pick(
+            pb.PickRequest(request_id="bad", **request_fields),  # type: ignore[arg-type]
+            metadata=AUTHORIZED,
+        )
     assert caught.value.code() == code
     assert needle in (caught.value.details() or "")
 
@@ -215,7 +220,7 @@ async def test_list_endpoints_reports_leases_and_unknown_scrapes(harness: Harnes
     # Never scraped: unknown, not zero load, on the wire as in-process.
     assert by_id["e1"].load.scrape_age_s is None and by_id["e1"].load.running is None
     assert statuses == await harness.service.list_endpoints()
-    raw = await harness.stub.ListEndpoints(pb.ListEndpointsRequest())
+    raw = await harness.stub.ListEndpoints(pb.ListEndpointsRequest(), metadata=AUTHORIZED)
     assert raw.policy == "dualmap"
     harness.clock.now += 60  # the scrape is stale now
     stale = {s.endpoint.id: s for s in await harness.client.list_endpoints()}
@@ -314,6 +319,76 @@ async def test_drain_needs_the_admin_token(
         await harness.stub.Drain(pb.DrainRequest(endpoint_id="e0"), metadata=metadata)
     assert caught.value.code() == code
     assert harness.service.core.routable()[0].id == "e0"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda stub, md, lease: stub.Pick(
+            pb.PickRequest(request_id="r", model=MODEL, prompt=pb.Prompt(text="hi")), metadata=md
+        ),
+        lambda stub, md, lease: stub.Complete(pb.CompleteRequest(lease_id=lease), metadata=md),
+        lambda stub, md, lease: stub.Progress(
+            pb.ProgressRequest(lease_id=lease, event=pb.PROGRESS_EVENT_FIRST_TOKEN), metadata=md
+        ),
+        lambda stub, md, lease: stub.Cancel(pb.CancelRequest(pick_id="p"), metadata=md),
+        lambda stub, md, lease: stub.ListEndpoints(pb.ListEndpointsRequest(), metadata=md),
+        lambda stub, md, lease: stub.Explain(pb.ExplainRequest(), metadata=md),
+        lambda stub, md, lease: stub.Undrain(pb.UndrainRequest(endpoint_id="e0"), metadata=md),
+        lambda stub, md, lease: stub.ReportMigration(
+            pb.MigrationReport(migration_id="m"), metadata=md
+        ),
+    ],
+    ids=[
+        "Pick",
+        "Complete",
+        "Progress",
+        "Cancel",
+        "ListEndpoints",
+        "Explain",
+        "Undrain",
+        "ReportMigration",
+    ],
+)
+async def test_every_call_needs_the_token(harness: Harness, call: Any) -> None:
+    """With a token, no caller without it can place, close another request's lease, or read
+    the decisions; the refusals are counted."""
+    placed = await harness.client.pick(PickQuery(request_id="r", model=MODEL, text="x" * 64))
+    wrong = (("authorization", "Bearer nope"),)
+    for metadata, code in (
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        (wrong, grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(harness.stub, metadata, placed.lease_id)
+        assert caught.value.code() == code
+    assert harness.service.core.in_flight(placed.endpoint.id) == 1  # still open: 1 lease
+    refused = {
+        sample.labels["why"]: sample.value
+        for metric in harness.registry.collect()
+        if metric.name == "twinroute_scheduler_calls_refused"
+        for sample in metric.samples
+        if sample.name.endswith("_total")
+    }
+    assert refused == {"missing_token": 1.0, "wrong_token": 1.0}
+
+
+async def test_a_drain_without_the_token_is_refused_logged_and_counted(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="twinroute.scheduler.tokens")
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await harness.stub.Drain(pb.DrainRequest(endpoint_id="e0"))
+    assert harness.service.core.draining == set()
+    lines = [r.getMessage() for r in caplog.records if "refused Drain" in r.getMessage()]
+    assert len(lines) == 1 and "missing token" in lines[0], lines  # rate-limited
+    assert (
+        harness.registry.get_sample_value(
+            "twinroute_scheduler_calls_refused_total", {"call": "Drain", "why": "missing_token"}
+        )
+        == 3
+    )
 
 
 async def test_health_and_reflection(harness: Harness) -> None:

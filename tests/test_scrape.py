@@ -26,6 +26,7 @@ from twinroute.scheduler.scrape import (
 )
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.telemetry import SchedulerTelemetry, build_metrics_app
+from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import Endpoint
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -228,6 +229,36 @@ async def test_debug_decisions_page() -> None:
             'twinroute_scheduler_decisions_total{policy="least_loaded",reason="least_loaded"} 4.0'
             in text
         )
+
+
+async def test_debug_decisions_page_needs_the_token_when_there_is_one() -> None:
+    """The page lists request ids and where each prompt went: behind the pool's token, while
+    metrics and health stay open for scrapers and probes."""
+    clock = Clock()
+    core = make_core()
+    registry = CollectorRegistry()
+    telemetry = SchedulerTelemetry(registry=registry, core=core, clock=clock)
+    service = SchedulerService(core=core, telemetry=telemetry, clock=clock)
+    app = build_metrics_app(
+        telemetry=telemetry,
+        decisions=lambda limit, request_id: service.recent_decisions(limit=limit),
+        guard=TokenGuard("t0ken", count=telemetry.refused_calls_counter()),
+    )
+    async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as client:
+        assert (await client.get("/debug/decisions")).status == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await client.get("/debug/decisions", headers=wrong)).status == 403
+        right = {"Authorization": "Bearer t0ken"}
+        assert (await client.get("/debug/decisions", headers=right)).status == 200
+        assert (await client.get("/metrics")).status == 200
+        assert (await client.get("/healthz")).status == 200
+    assert (
+        registry.get_sample_value(
+            "twinroute_scheduler_calls_refused_total",
+            {"call": "/debug/decisions", "why": "missing_token"},
+        )
+        == 1
+    )
 
 
 class RoundCost:
