@@ -15,6 +15,7 @@ Everything writes logs under one folder; `dump()` prints objects, events and log
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -144,6 +145,8 @@ class LocalCluster:
                 "--image-pull-policy=IfNotPresent",
                 "--resync-s=60",
                 "--drain-timeout-s=2",
+                # Out of the box: the operator makes its key, every pool gets its own token.
+                f"--pool-token-key-secret={NAMESPACE}/twinroute-pool-token-key",
                 "--liveness-host=127.0.0.1",
                 f"--liveness-port={liveness}",
             ),
@@ -241,11 +244,18 @@ class LocalCluster:
                 samples[key] = float(value)
         return samples
 
-    async def debug_decisions(self, *, limit: int) -> list[dict[str, Any]]:
-        """The scheduler's newest decisions with reasons and candidate scores (its Explain)."""
+    async def debug_decisions(self, *, pool: str, limit: int) -> list[dict[str, Any]]:
+        """The scheduler's newest decisions with reasons and candidate scores (its Explain),
+        read with the pool's token as an operator would (the Secret the operator wrote)."""
+        secret = await self.get_json("secret", f"{pool}-scheduler-token")
+        token = base64.b64decode(secret["data"]["token"]).decode()
         url = f"http://{self.scheduler_metrics}/debug/decisions?format=json&limit={limit}"
-        async with aiohttp.ClientSession() as session, session.get(url) as response:
-            body = await response.json()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as refused:
+                assert refused.status == 401, "the decisions page needs the pool's token"
+            headers = {"Authorization": f"Bearer {token}"}
+            async with session.get(url, headers=headers) as response:
+                body = await response.json()
         decisions: list[dict[str, Any]] = body["decisions"]
         return decisions
 

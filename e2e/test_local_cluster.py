@@ -151,7 +151,7 @@ async def scenario(cluster: LocalCluster) -> None:
     assert sum(decisions.values()) >= 30, decisions
     affinity = sum(v for k, v in decisions.items() if 'reason="cache_affinity"' in k)
     assert affinity >= 24, decisions  # every turn after a group's first found its prefix
-    explained = await cluster.debug_decisions(limit=5)
+    explained = await cluster.debug_decisions(pool=POOL, limit=5)
     assert all(d["reason"] and d["candidates"] for d in explained), explained
     pool = await cluster.get_json("modelpool", POOL)
     assert pool["status"]["phase"] in ("Ready", "Progressing"), pool["status"]
@@ -217,7 +217,14 @@ async def _count_is(cluster: LocalCluster, count: int) -> bool:
 async def _children(cluster: LocalCluster) -> dict[str, str]:
     """{kind/name: uid} of everything the operator made for the pool."""
     found: dict[str, str] = {}
-    for kind in ("deployments", "services", "configmaps", "serviceaccounts", "rolebindings"):
+    for kind in (
+        "deployments",
+        "services",
+        "configmaps",
+        "secrets",
+        "serviceaccounts",
+        "rolebindings",
+    ):
         listing = await cluster.get_json(kind, selector=f"twinroute.io/pool={POOL}")
         for item in listing["items"]:
             found[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["uid"]

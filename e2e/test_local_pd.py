@@ -159,7 +159,7 @@ async def scenario(cluster: LocalCluster, manifest: pathlib.Path) -> None:
     placements = await cluster.scheduler_metric("twinroute_scheduler_pd_placements_total")
     disaggregated = sum(v for k, v in placements.items() if 'mode="disaggregated"' in k)
     assert disaggregated >= 7, placements  # six groups' first turns and the fresh prompt
-    explained = await cluster.debug_decisions(limit=30)
+    explained = await cluster.debug_decisions(pool=POOL, limit=30)
     candidate_roles = {c["role"].split(":")[0] for d in explained for c in d["candidates"]}
     assert {"prefill", "decode"} <= candidate_roles, candidate_roles
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -27,6 +27,7 @@ POD_DELETION_COST: Final = "controller.kubernetes.io/pod-deletion-cost"
 
 # (apiVersion, kind) -> collection path in a namespace; the kinds a pool owns.
 _COLLECTIONS: Final[dict[tuple[str, str], str]] = {
+    ("v1", "Secret"): "/api/v1/namespaces/{namespace}/secrets",
     ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
     ("v1", "ServiceAccount"): "/api/v1/namespaces/{namespace}/serviceaccounts",
@@ -68,10 +69,14 @@ class KubeApi:
         api_client: client.ApiClient,
         drainer: Drainer,
         drain_budget: DrainBudget = DrainBudget(),
+        pool_token: Callable[[str, str], str] | None = None,
     ) -> None:
+        """`pool_token(namespace, pool)` is the token a pool's scheduler requires when pools
+        have tokens of their own (else the drainer's own, shared one, if any)."""
         self._api = api_client
         self._drainer = drainer
         self._drain_budget = drain_budget
+        self._pool_token = pool_token
 
     # ---- reads ---------------------------------------------------------------------------
 
@@ -172,6 +177,7 @@ class KubeApi:
             endpoint_ids=leaving,
             scheduler_addresses=addresses,
             timeout_s=self._drain_budget.timeout_s,
+            token=self._pool_token(namespace, pool) if self._pool_token is not None else None,
         )
 
     def _create(self, body: Mapping[str, Any]) -> None:

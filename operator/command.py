@@ -12,7 +12,8 @@ from kubernetes import client, config
 from twinroute.operator.apply import DrainBudget, KubeApi
 from twinroute.operator.drain import Drainer
 from twinroute.operator.handlers import OperatorConfig, Reconciler, build_registry
-from twinroute.operator.render import RenderSettings
+from twinroute.operator.pool_token_key import PoolTokenKeyError, ensure_pool_token_key
+from twinroute.operator.render import RenderSettings, derive_pool_token
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="file with the bearer token the scheduler's Drain RPC requires",
     )
-    security = parser.add_argument_group("scheduler TLS and admin token")
+    security = parser.add_argument_group("scheduler TLS and tokens")
+    security.add_argument(
+        "--pool-token-key-secret",
+        default="",
+        help="NAMESPACE/NAME of the Secret holding the operator's key (made on first start): "
+        "every pool gets a token of its own derived from it, in a Secret its scheduler and "
+        "router mount",
+    )
+    security.add_argument(
+        "--pool-token-key-file",
+        default=None,
+        help="instead: a file with that key (at least 32 bytes), managed elsewhere",
+    )
     security.add_argument(
         "--scheduler-admin-token-secret",
         default="",
-        help="Secret (key `token`, in each pool's namespace) the scheduler pods mount as their "
-        "admin token; use the same token in --drain-token-file",
+        help="instead: one Secret (key `token`, in each pool's namespace) every pool's scheduler "
+        "mounts as its token; use the same token in --drain-token-file",
     )
     security.add_argument(
         "--scheduler-tls-secret",
@@ -158,6 +171,7 @@ def build_operator(
             tls_server_name=render.tls_server_name if drain_tls_ca is not None else None,
         ),
         drain_budget=DrainBudget(timeout_s=drain_timeout_s),
+        pool_token=_pool_tokens(render),
     )
     operator_config = OperatorConfig(render=render, resync_interval_s=resync_interval_s)
     reconciler = Reconciler(api=api, config=operator_config)
@@ -166,17 +180,44 @@ def build_operator(
     return registry, reconciler
 
 
-def render_settings(args: argparse.Namespace) -> RenderSettings:
-    """What the operator's flags say about the children it renders."""
+def _pool_tokens(render: RenderSettings) -> Callable[[str, str], str] | None:
+    """Each pool's own token, when pools have their own (not one shared Secret)."""
+    key = render.pool_token_key
+    if render.admin_token_secret or not key:
+        return None
+    return lambda namespace, pool: derive_pool_token(key, namespace=namespace, pool=pool)
+
+
+def render_settings(args: argparse.Namespace, *, pool_token_key: bytes = b"") -> RenderSettings:
+    """What the operator's flags say about the children it renders; `pool_token_key` is the
+    content of --pool-token-key-file (read by the caller)."""
     return RenderSettings(
         scheduler_image=args.scheduler_image,
         scheduler_cluster_role=args.scheduler_cluster_role,
         image_pull_policy=args.image_pull_policy,
         admin_token_secret=args.scheduler_admin_token_secret,
+        pool_token_key=pool_token_key,
         tls_secret=args.scheduler_tls_secret,
         tls_server_name=args.scheduler_tls_server_name,
         router_tls=args.router_tls and bool(args.scheduler_tls_secret),
     )
+
+
+def _pool_token_key(args: argparse.Namespace, configuration: client.Configuration) -> bytes:
+    if args.pool_token_key_file:
+        with open(args.pool_token_key_file, "rb") as handle:
+            key = handle.read().strip()
+        if len(key) < 32:
+            raise ValueError("--pool-token-key-file: at least 32 bytes of key, please")
+        return key
+    if args.pool_token_key_secret:
+        namespace, _, name = args.pool_token_key_secret.partition("/")
+        if not namespace or not name:
+            raise ValueError("--pool-token-key-secret is NAMESPACE/NAME")
+        return ensure_pool_token_key(
+            client.ApiClient(configuration), namespace=namespace, name=name
+        )
+    return b""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -200,13 +241,23 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.scheduler_admin_token_secret) != bool(token):
         log.error("--scheduler-admin-token-secret and --drain-token-file go together")
         return 2
+    try:
+        render = render_settings(args, pool_token_key=_pool_token_key(args, configuration))
+    except (OSError, ValueError, PoolTokenKeyError) as error:
+        log.error("%s", error)
+        return 2
+    if not render.admin_token_secret and not render.pool_token_key:
+        log.warning(
+            "No --pool-token-key-file or --scheduler-admin-token-secret: pools' schedulers run "
+            "without a token (anyone in the cluster can Drain them or close their leases)"
+        )
     tls_ca = None
     if args.scheduler_ca_file:
         with open(args.scheduler_ca_file, "rb") as handle:
             tls_ca = handle.read()
     registry, _ = build_operator(
         configuration=configuration,
-        render=render_settings(args),
+        render=render,
         resync_interval_s=args.resync_s,
         drain_timeout_s=args.drain_timeout_s,
         drain_token=token,

@@ -67,10 +67,17 @@ class Drainer:
         return grpc.secure_channel(address, self._credentials, options=self._options)
 
     def drain(
-        self, *, endpoint_ids: Sequence[str], scheduler_addresses: Sequence[str], timeout_s: float
+        self,
+        *,
+        endpoint_ids: Sequence[str],
+        scheduler_addresses: Sequence[str],
+        timeout_s: float,
+        token: str | None = None,
     ) -> list[DrainResult]:
         """One result per scheduler and endpoint (scheduler-major order): the wait's answer,
-        or the mark's when nothing was left to wait for or the mark failed."""
+        or the mark's when nothing was left to wait for or the mark failed. `token`, when
+        given, is this pool's (instead of the one the drainer was built with)."""
+        metadata = (("authorization", f"Bearer {token}"),) if token else self._metadata
         deadline = self._clock() + timeout_s
         results: list[DrainResult] = []
         channels = [self._channel(address) for address in scheduler_addresses]
@@ -83,7 +90,9 @@ class Drainer:
                 for key, future in [
                     (
                         (address, endpoint_id),
-                        self._send(stub=stub, endpoint_id=endpoint_id, wait_s=0.0),
+                        self._send(
+                            stub=stub, endpoint_id=endpoint_id, wait_s=0.0, metadata=metadata
+                        ),
                     )
                     for address, stub in zip(scheduler_addresses, stubs, strict=True)
                     for endpoint_id in endpoint_ids
@@ -91,7 +100,9 @@ class Drainer:
             }
             left = max(0.0, deadline - self._clock())
             waits = {
-                (address, endpoint_id): self._send(stub=stub, endpoint_id=endpoint_id, wait_s=left)
+                (address, endpoint_id): self._send(
+                    stub=stub, endpoint_id=endpoint_id, wait_s=left, metadata=metadata
+                )
                 for address, stub in zip(scheduler_addresses, stubs, strict=True)
                 for endpoint_id in endpoint_ids
                 if _needs_wait(marks[address, endpoint_id]) and left > 0
@@ -124,14 +135,19 @@ class Drainer:
         return results
 
     def _send(
-        self, *, stub: scheduler_pb2_grpc.SchedulerStub, endpoint_id: str, wait_s: float
+        self,
+        *,
+        stub: scheduler_pb2_grpc.SchedulerStub,
+        endpoint_id: str,
+        wait_s: float,
+        metadata: tuple[tuple[str, str], ...],
     ) -> Any:
         """A Drain in flight: the scheduler waits up to `wait_s` for the endpoint's leases; the
         RPC deadline adds a margin for the answer."""
         return stub.Drain.future(
             scheduler_pb2.DrainRequest(endpoint_id=endpoint_id, timeout_s=wait_s),
             timeout=wait_s + ANSWER_MARGIN_S,
-            metadata=self._metadata,
+            metadata=metadata,
         )
 
     def _answer(self, future: Any, *, address: str, endpoint_id: str) -> DrainResult:

@@ -6,8 +6,14 @@ Children (all in the pool's namespace, labelled with pool/role/model and owned b
 - the scheduler/router: a ConfigMap `<pool>-scheduler` with every routing setting (the
   scheduler's only source of them), a
   ServiceAccount and RoleBinding (read-only pod discovery, bound to the chart's ClusterRole),
-  a Deployment `<pool>-scheduler` (containers `scheduler` and `router`) and a Service `<pool>`
-  that is the pool's OpenAI endpoint.
+  a Deployment `<pool>-scheduler` (containers `scheduler` and `router`), a Service `<pool>`
+  that is the pool's OpenAI endpoint (the router's HTTP port only: it may be a LoadBalancer)
+  and a ClusterIP Service `<pool>-scheduler` for the scheduler's gRPC and metrics ports, which
+  never leave the cluster;
+- the pool's token: a Secret `<pool>-scheduler-token` the scheduler and router mount (every
+  scheduler call needs it), derived from the operator's key so the operator can Drain without
+  reading Secrets back. A shared Secret named in the settings replaces it; with neither, the
+  scheduler is told in so many words to serve without one.
 
 Every object carries `twinroute.io/render-hash`, a digest of its rendered content, so the
 planner patches exactly the objects whose rendering changed and never fights server defaults.
@@ -15,10 +21,12 @@ planner patches exactly the objects whose rendering changed and never fights ser
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import yaml
@@ -57,9 +65,12 @@ class RenderSettings:
     metrics_port: int = 9090
     router_port: int = 8080
     image_pull_policy: str = "IfNotPresent"
-    # Secret in each pool's namespace holding the scheduler's admin token under `token`
-    # (Drain and the other admin RPCs require it); empty: no token.
+    # Secret in each pool's namespace holding one token shared by every pool's scheduler
+    # (under `token`); empty: each pool gets a token of its own from `pool_token_key`.
     admin_token_secret: str = ""
+    # The operator's key: each pool's token is derived from it and the pool's name. Empty (and
+    # no shared Secret): schedulers run without a token, which they must be told explicitly.
+    pool_token_key: bytes = field(default=b"", repr=False)
     # kubernetes.io/tls Secret in each pool's namespace (`tls.crt`, `tls.key`, `ca.crt`): the
     # scheduler serves gRPC over TLS with it; empty: plaintext.
     tls_secret: str = ""
@@ -77,6 +88,27 @@ class Owner:
     uid: str
     api_version: str = f"{labels.API_GROUP}/{labels.API_VERSION}"
     kind: str = labels.MODELPOOL_KIND
+
+
+def pool_token_secret_name(*, pool: str) -> str:
+    return f"{pool}-scheduler-token"
+
+
+def derive_pool_token(key: bytes, *, namespace: str, pool: str) -> str:
+    """A pool's token: the operator's key and the pool's identity, so the operator knows every
+    pool's token without storing or reading any (HMAC-SHA256; pools cannot derive each other's)."""
+    return hmac.new(
+        key, f"twinroute-pool-token/v1\0{namespace}/{pool}".encode(), "sha256"
+    ).hexdigest()
+
+
+def token_secret(settings: RenderSettings, *, pool: str) -> str:
+    """The Secret the pool's scheduler and router read their token from ('' = no token)."""
+    if settings.admin_token_secret:
+        return settings.admin_token_secret
+    if settings.pool_token_key:
+        return pool_token_secret_name(pool=pool)
+    return ""
 
 
 def engine_name(*, pool: str, role: Role) -> str:
@@ -200,9 +232,16 @@ def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -
         config_map,
         _scheduler_service_account(pool),
         _scheduler_role_binding(pool, settings=settings),
-        _scheduler_deployment(pool, settings=settings, config_hash=_digest(config_map["data"])),
+        _scheduler_deployment(
+            pool,
+            settings=settings,
+            config_hash=_digest([config_map["data"], _token_digest(pool, settings)]),
+        ),
+        _pool_service(pool, settings=settings),
         _scheduler_service(pool, settings=settings),
     ]
+    if not settings.admin_token_secret and settings.pool_token_key:
+        children.insert(0, _pool_token_secret(pool, key=settings.pool_token_key))
     for role in pool.roles:
         children += [_engine_deployment(pool, role=role), _engine_service(pool, role=role)]
     for child in children:
@@ -220,6 +259,14 @@ def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -
         ]
         metadata.setdefault("annotations", {})[RENDER_HASH_ANNOTATION] = _digest(child)
     return children
+
+
+def _token_digest(pool: PoolSpec, settings: RenderSettings) -> str:
+    """Changes when the pool's own token does (a new operator key), revealing nothing of it."""
+    if settings.admin_token_secret or not settings.pool_token_key:
+        return ""
+    token = derive_pool_token(settings.pool_token_key, namespace=pool.namespace, pool=pool.name)
+    return hashlib.sha256(f"twinroute-token-digest\0{token}".encode()).hexdigest()[:8]
 
 
 def _digest(value: Any) -> str:
@@ -467,13 +514,18 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
         },
         **common,
     }
-    _secure_scheduler_containers(scheduler=scheduler, router=router, settings=settings)
+    _secure_scheduler_containers(pool, scheduler=scheduler, router=router, settings=settings)
     return [scheduler, router]
 
 
-def _secure_scheduler_containers(*, scheduler: Obj, router: Obj, settings: RenderSettings) -> None:
-    """Mount the admin token and TLS Secrets and point both containers' flags at them."""
-    if settings.admin_token_secret:
+def _secure_scheduler_containers(
+    pool: PoolSpec, *, scheduler: Obj, router: Obj, settings: RenderSettings
+) -> None:
+    """Mount the token and TLS Secrets and point both containers' flags at them."""
+    if not token_secret(settings, pool=pool.name):
+        # Listening beyond loopback without a token: the scheduler refuses unless told.
+        scheduler["args"] += ["--allow-unauthenticated"]
+    else:
         mount = {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True}
         token_file = f"{ADMIN_TOKEN_DIR}/token"
         scheduler["args"] += ["--admin-token-file", token_file]
@@ -508,12 +560,13 @@ def _secure_scheduler_containers(*, scheduler: Obj, router: Obj, settings: Rende
 
 def _scheduler_volumes(pool: PoolSpec, *, settings: RenderSettings) -> list[Obj]:
     volumes: list[Obj] = [{"name": "config", "configMap": {"name": scheduler_name(pool=pool.name)}}]
-    if settings.admin_token_secret:
+    secret = token_secret(settings, pool=pool.name)
+    if secret:
         volumes.append(
             {
                 "name": "admin-token",
                 "secret": {
-                    "secretName": settings.admin_token_secret,
+                    "secretName": secret,
                     "items": [{"key": "token", "path": "token"}],
                     "defaultMode": 0o440,
                 },
@@ -539,7 +592,8 @@ def _scheduler_deployment(pool: PoolSpec, *, settings: RenderSettings, config_ha
             "template": {
                 "metadata": {
                     "labels": object_labels,
-                    # A changed routing config rolls the scheduler pods.
+                    # A changed routing config (or token) rolls the scheduler pods: both are
+                    # read once, at start.
                     "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
                 },
                 "spec": {
@@ -558,7 +612,21 @@ def _scheduler_deployment(pool: PoolSpec, *, settings: RenderSettings, config_ha
     }
 
 
-def _scheduler_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+def _pool_token_secret(pool: PoolSpec, *, key: bytes) -> Obj:
+    token = derive_pool_token(key, namespace=pool.namespace, pool=pool.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(
+            pool_token_secret_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "type": "Opaque",
+        "data": {"token": base64.b64encode(token.encode()).decode()},
+    }
+
+
+def _pool_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    """The pool's OpenAI endpoint: the router's HTTP port and nothing else, whatever its type."""
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -572,7 +640,24 @@ def _scheduler_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
                     "port": settings.router_port,
                     "targetPort": labels.ROUTER_HTTP_PORT_NAME,
                     "protocol": "TCP",
-                },
+                }
+            ],
+        },
+    }
+
+
+def _scheduler_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    """The scheduler's gRPC and metrics ports, for the cluster only (ClusterIP, always)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(pool, role=labels.SCHEDULER_ROLE),
+            "ports": [
                 {
                     "name": labels.SCHEDULER_GRPC_PORT_NAME,
                     "port": settings.grpc_port,

@@ -165,6 +165,7 @@ def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str
             ("", "configmaps"),
             ("", "services"),
             ("", "serviceaccounts"),
+            ("", "secrets"),
             ("apps", "deployments"),
             ("rbac.authorization.k8s.io", "rolebindings"),
         )
@@ -190,7 +191,14 @@ def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str
     namespaced = helm_template(tools, *OPTIONS["namespaced-with-monitoring"])
     assert not [d for d in namespaced if d["kind"] == "ClusterRoleBinding"]
     roles = [d for d in namespaced if d["kind"] == "Role"]
-    assert sorted(d["metadata"]["namespace"] for d in roles) == ["batch", "serving"]
+    assert sorted(
+        d["metadata"]["namespace"] for d in roles if d["metadata"]["name"] == "twinroute-operator"
+    ) == ["batch", "serving"]
+    # In its own namespace the operator may read one Secret (its key) and create it.
+    assert _rules(documents, "Role", "twinroute-operator-key") == {
+        ("", "secrets", "get"),
+        ("", "secrets", "create"),
+    }
 
 
 def _load_render_tool() -> Any:

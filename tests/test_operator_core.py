@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 from typing import Any
@@ -13,6 +14,7 @@ from twinroute.operator.render import (
     RENDER_HASH_ANNOTATION,
     Owner,
     RenderSettings,
+    derive_pool_token,
     engine_args,
     render_children,
     scheduler_config,
@@ -22,7 +24,9 @@ from twinroute.operator.status import Problem, compute_status
 
 from twinroute import labels
 
-SETTINGS = RenderSettings(scheduler_image="twinroute:1")
+KEY = b"operator-key-" + b"k" * 32
+# As the chart runs the operator: every pool gets a token of its own.
+SETTINGS = RenderSettings(scheduler_image="twinroute:1", pool_token_key=KEY)
 OWNER = Owner(name="chat", uid="uid-1")
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 UNIFIED: dict[str, Any] = {
@@ -133,6 +137,8 @@ def test_children_of_unified_and_disaggregated_pools() -> None:
         ("RoleBinding", "chat-scheduler"),
         ("Deployment", "chat-scheduler"),
         ("Service", "chat"),
+        ("Service", "chat-scheduler"),
+        ("Secret", "chat-scheduler-token"),
     }
     assert unified == common | {("Deployment", "chat-unified"), ("Service", "chat-unified")}
     assert pd == common | {
@@ -141,6 +147,70 @@ def test_children_of_unified_and_disaggregated_pools() -> None:
         ("Deployment", "chat-decode"),
         ("Service", "chat-decode"),
     }
+
+
+def test_only_the_router_is_published_and_the_scheduler_stays_in_the_cluster() -> None:
+    """The pool Service may be a LoadBalancer: it carries the OpenAI port and nothing else;
+    the scheduler's gRPC (Drain, leases) and metrics ports sit on a ClusterIP Service."""
+    for service_type in ("ClusterIP", "LoadBalancer", "NodePort"):
+        objects = by_name(children({**UNIFIED, "scheduler": {"serviceType": service_type}}))
+        published = objects[("Service", "chat")]["spec"]
+        assert published["type"] == service_type
+        assert [p["name"] for p in published["ports"]] == [labels.ROUTER_HTTP_PORT_NAME]
+        internal = objects[("Service", "chat-scheduler")]["spec"]
+        assert internal["type"] == "ClusterIP"
+        assert {p["name"] for p in internal["ports"]} == {
+            labels.SCHEDULER_GRPC_PORT_NAME,
+            labels.SCHEDULER_METRICS_PORT_NAME,
+        }
+
+
+def _scheduler_pod(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = objects[("Deployment", "chat-scheduler")]["spec"]["template"]["spec"]
+    return spec
+
+
+def test_every_pool_gets_a_token_of_its_own_that_both_containers_mount() -> None:
+    objects = by_name(children())
+    secret = objects[("Secret", "chat-scheduler-token")]
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token == derive_pool_token(KEY, namespace="ns", pool="chat")
+    assert len(token) == 64
+    # Another pool, another namespace or another key: another token.
+    assert token != derive_pool_token(KEY, namespace="ns", pool="chat2")
+    assert token != derive_pool_token(KEY, namespace="ns2", pool="chat")
+    assert token != derive_pool_token(KEY + b"x", namespace="ns", pool="chat")
+    pod = _scheduler_pod(objects)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["admin-token"]["secret"]["secretName"] == "chat-scheduler-token"
+    scheduler, router = pod["containers"]
+    assert "--admin-token-file" in scheduler["args"]
+    assert "--scheduler-token-file" in router["args"]
+    assert "--allow-unauthenticated" not in scheduler["args"]
+    # Nothing of the token or the key in the settings' repr (they reach logs).
+    assert KEY.decode() not in repr(SETTINGS)
+    # A new key rolls the scheduler pods (they read the token once, at start).
+    rekeyed = render_children(
+        pool(),
+        owner=OWNER,
+        settings=RenderSettings(scheduler_image="twinroute:1", pool_token_key=KEY + b"x"),
+    )
+    annotations = [
+        by_name(c)[("Deployment", "chat-scheduler")]["spec"]["template"]["metadata"]["annotations"]
+        for c in (children(), rekeyed)
+    ]
+    assert annotations[0] != annotations[1]
+    assert token not in json.dumps(annotations[0])
+
+
+def test_without_any_token_the_scheduler_is_told_so_in_its_flags() -> None:
+    objects = by_name(
+        render_children(pool(), owner=OWNER, settings=RenderSettings(scheduler_image="t:1"))
+    )
+    assert ("Secret", "chat-scheduler-token") not in objects
+    scheduler, router = _scheduler_pod(objects)["containers"]
+    assert "--allow-unauthenticated" in scheduler["args"]
+    assert "--scheduler-token-file" not in router["args"]
 
 
 def test_vllm_args_carry_what_routing_needs() -> None:
@@ -229,7 +299,7 @@ def existing_from(desired: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_plan_creates_everything_on_an_empty_namespace() -> None:
     plan = plan_children(desired=children(), existing=[])
     assert all(isinstance(a, Create) for a in plan.actions)
-    assert len(plan.actions) == 7
+    assert len(plan.actions) == 9
 
 
 def test_plan_is_empty_when_everything_matches_even_with_server_fields() -> None:

@@ -6,6 +6,7 @@ ModelPools through the API and waits (bounded) for the operator's effects.
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import urllib.request
@@ -19,7 +20,7 @@ import pytest
 from kubernetes import client
 from twinroute.operator.command import build_operator, run_in_thread
 from twinroute.operator.handlers import Reconciler
-from twinroute.operator.render import RenderSettings
+from twinroute.operator.render import RenderSettings, derive_pool_token
 from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from twinroute import labels
@@ -29,6 +30,7 @@ NS = "serving"
 POOLS = "twinroute.io/v1alpha1/modelpools"
 DEPLOYMENTS = "apps/v1/deployments"
 WAIT_S = 20.0
+KEY = b"kopf-test-key-" + b"k" * 32
 
 
 @dataclass
@@ -94,7 +96,8 @@ def cluster() -> Iterator[Cluster]:
     with api_server_in_thread() as server:
         registry, reconciler = build_operator(
             configuration=client.Configuration(host=server.url),
-            render=RenderSettings(scheduler_image="twinroute:test"),
+            # As the chart runs it: every pool gets a token of its own.
+            render=RenderSettings(scheduler_image="twinroute:test", pool_token_key=KEY),
             resync_interval_s=0.5,
             drain_timeout_s=2.0,
         )
@@ -160,6 +163,8 @@ def test_create_pool_makes_children_with_labels_args_owner_and_status(cluster: C
         ("v1/services", "chat"),
         ("v1/services", "chat-unified"),
         ("v1/configmaps", "chat-scheduler"),
+        ("v1/services", "chat-scheduler"),
+        ("v1/secrets", "chat-scheduler-token"),
         (DEPLOYMENTS, "chat-scheduler"),
         ("v1/serviceaccounts", "chat-scheduler"),
         ("rbac.authorization.k8s.io/v1/rolebindings", "chat-scheduler"),
@@ -238,11 +243,13 @@ class _RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, float]] = []
+        self.authorizations: set[str] = set()
         self._lock = threading.Lock()
 
     def Drain(self, request: Any, context: Any) -> Any:
         with self._lock:
             self.calls.append((request.endpoint_id, request.timeout_s))
+            self.authorizations.add(dict(context.invocation_metadata()).get("authorization", ""))
         if request.timeout_s == 0:
             return scheduler_pb2.DrainResponse(drained=False, remaining_in_flight=1)
         return scheduler_pb2.DrainResponse(drained=True, remaining_in_flight=0)
@@ -298,6 +305,11 @@ def test_scale_in_drains_the_leaving_pods_at_the_scheduler_first(cluster: Cluste
         assert sorted(marks) == [(name, 0.0) for name in leaving]
         assert sorted(name for name, _ in waits) == leaving
         assert all(0.0 < wait <= 2.0 for _, wait in waits), waits
+        # With this pool's own token, the one its scheduler mounts.
+        token = derive_pool_token(KEY, namespace=NS, pool="chat")
+        assert servicer.authorizations == {f"Bearer {token}"}
+        secret = cluster.api.stored("v1/secrets", NS, "chat-scheduler-token") or {}
+        assert base64.b64decode(secret["data"]["token"]).decode() == token
         for name, cost in (
             ("chat-unified-1", "-1000"),
             ("chat-unified-2", "-1000"),
@@ -364,6 +376,7 @@ def test_delete_removes_every_child(cluster: Cluster) -> None:
         DEPLOYMENTS,
         "v1/services",
         "v1/configmaps",
+        "v1/secrets",
         "v1/serviceaccounts",
         "rbac.authorization.k8s.io/v1/rolebindings",
     ):
@@ -375,7 +388,7 @@ def test_restart_resumes_without_duplicates(cluster: Cluster) -> None:
     wait_for(lambda: deployment(cluster, "chat-scheduler"), what="children")
     registry, reconciler = build_operator(
         configuration=client.Configuration(host=cluster.url),
-        render=RenderSettings(scheduler_image="twinroute:test"),
+        render=RenderSettings(scheduler_image="twinroute:test", pool_token_key=KEY),
         resync_interval_s=60,
         drain_timeout_s=1.0,
     )

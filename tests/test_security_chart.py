@@ -4,9 +4,12 @@
   each sample ModelPool) runs as non-root with a read-only root filesystem, no privilege
   escalation and every capability dropped; the paths engines write (/tmp, $HOME caches) are
   emptyDir volumes.
-- `security.adminToken` / `security.tls` wire a Secret (generated, or an existing one) into
-  the operator and, through the operator's flags, into every pool's scheduler and router;
-  the rendered flags parse with the real command-line parsers.
+- Out of the box every pool has a token of its own: the operator makes its key on first start
+  (no chart or manifest carries one), writes each pool's token Secret and mounts it into the
+  pool's scheduler and router.
+  `security.adminToken.existingSecret` (one shared token) and `security.tls` wire a Secret
+  into the operator and, through the operator's flags, into every pool's scheduler and
+  router; the rendered flags parse with the real command-line parsers.
 - The chart's generated certificate is one a real TLS handshake accepts: the scheduler serves
   it and the operator's Drainer, given the chart's CA and token, drains through it.
 
@@ -29,7 +32,13 @@ import yaml
 from twinroute.operator.command import add_arguments as operator_arguments
 from twinroute.operator.command import render_settings
 from twinroute.operator.drain import Drainer
-from twinroute.operator.render import ENGINE_HOME, Owner, RenderSettings, render_children
+from twinroute.operator.render import (
+    ENGINE_HOME,
+    Owner,
+    RenderSettings,
+    derive_pool_token,
+    render_children,
+)
 from twinroute.operator.spec import parse_pool
 from twinroute.scheduler.command import add_arguments as scheduler_arguments
 
@@ -44,7 +53,6 @@ RELEASE_NAMESPACE = "twinroute-system"
 WATCHED = ["serving", "batch"]
 GENERATED = [
     "--set", "watchNamespaces={serving,batch}",
-    "--set", "security.adminToken.enabled=true",
     "--set", "security.tls.enabled=true",
     "--set", "security.tls.router=true",
 ]  # fmt: skip
@@ -94,6 +102,17 @@ def operator_args(documents: list[Obj]) -> argparse.Namespace:
     return parser.parse_args(container["args"][1:])
 
 
+# What the operator would read from (or make in) its key Secret.
+OPERATOR_KEY = b"operator-key-made-on-first-start-" + b"k" * 32
+
+
+def settings_from(documents: list[Obj]) -> RenderSettings:
+    """The operator's render settings, from its rendered flags and the key it would read."""
+    args = operator_args(documents)
+    key = OPERATOR_KEY if args.pool_token_key_secret else b""
+    return render_settings(args, pool_token_key=key)
+
+
 def sample_children(settings: RenderSettings) -> list[Obj]:
     children: list[Obj] = []
     for sample in SAMPLES:
@@ -138,7 +157,7 @@ def assert_restricted(name: str, pod: Obj) -> None:
 )
 def test_every_pod_runs_restricted(helm: str, options: list[str]) -> None:
     documents = helm_template(helm, *options)
-    settings = render_settings(operator_args(documents))
+    settings = settings_from(documents)
     pods = pod_specs(documents) + pod_specs(sample_children(settings))
     assert len(pods) >= 1 + 2 * len(SAMPLES)
     for name, pod in pods:
@@ -162,40 +181,78 @@ def test_engines_write_only_to_empty_dirs() -> None:
             assert "emptyDir" in volumes[mounts[path]], f"{name}: {path}"
 
 
-def test_default_chart_has_no_secrets_and_no_security_flags(helm: str) -> None:
+def scheduler_and_router_args(pod: Obj) -> tuple[argparse.Namespace, argparse.Namespace]:
+    """A scheduler pod's two containers' flags, through the real parsers."""
+    scheduler_parser, router_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
+    scheduler_arguments(scheduler_parser)
+    router_arguments(router_parser)
+    containers = {container["name"]: container for container in pod["containers"]}
+    return (
+        scheduler_parser.parse_args(containers["scheduler"]["args"]),
+        router_parser.parse_args(containers["router"]["args"]),
+    )
+
+
+def test_out_of_the_box_every_pool_has_a_token_of_its_own(helm: str) -> None:
+    """Secure by default, in every namespace: no Secret in the chart (a key in a chart or a
+    manifest would be everyone's key); the operator makes its key in its own namespace and
+    writes each pool's token Secret."""
     documents = helm_template(helm)
     assert not of_kind(documents, "Secret")
     args = operator_args(documents)
     assert args.scheduler_admin_token_secret == "" and args.scheduler_tls_secret == ""
-    assert args.drain_token_file is None and args.scheduler_ca_file is None
-    for child in sample_children(render_settings(args)):
-        text = yaml.safe_dump(child)
-        assert "--admin-token-file" not in text and "--tls-cert" not in text
+    assert args.pool_token_key_secret == f"{RELEASE_NAMESPACE}/twinroute-pool-token-key"
+    settings = settings_from(documents)
+    children = sample_children(settings)
+    tokens = {
+        child["metadata"]["name"]: base64.b64decode(child["data"]["token"]).decode()
+        for child in children
+        if child["kind"] == "Secret"
+    }
+    assert len(tokens) == len(SAMPLES) == len(set(tokens.values()))
+    for name, pod in pod_specs(children):
+        if not name.endswith("-scheduler"):
+            continue
+        (secret_volume,) = [v for v in pod["volumes"] if "secret" in v]
+        assert secret_volume["secret"]["secretName"] in tokens
+        scheduler, router = scheduler_and_router_args(pod)
+        assert (
+            scheduler.admin_token_file and scheduler.admin_token_file == router.scheduler_token_file
+        )
+        assert not scheduler.allow_unauthenticated
 
 
-def test_generated_secrets_reach_every_watched_namespace(helm: str) -> None:
+def test_tokens_off_is_said_in_so_many_words(helm: str) -> None:
+    documents = helm_template(helm, "--set", "security.adminToken.enabled=false")
+    assert not of_kind(documents, "Secret")
+    settings = settings_from(documents)
+    children = sample_children(settings)
+    assert not [child for child in children if child["kind"] == "Secret"]
+    for name, pod in pod_specs(children):
+        if name.endswith("-scheduler"):
+            scheduler, router = scheduler_and_router_args(pod)
+            assert scheduler.allow_unauthenticated and not router.scheduler_token_file
+
+
+def test_generated_tls_reaches_every_watched_namespace(helm: str) -> None:
     documents = helm_template(helm, *GENERATED)
     secrets = of_kind(documents, "Secret")
     by_name: dict[str, list[Obj]] = {}
     for secret in secrets:
         by_name.setdefault(secret["metadata"]["name"], []).append(secret)
         kubernetes_validate.validate(secret, KUBE_VERSION, strict=True)
-    admin, tls = by_name["twinroute-scheduler-admin"], by_name["twinroute-scheduler-tls"]
-    for copies in (admin, tls):
-        assert sorted(s["metadata"]["namespace"] for s in copies) == sorted(
-            [RELEASE_NAMESPACE, *WATCHED]
-        )
-        # One token, one certificate: the operator's copy matches the pools'.
-        assert len({yaml.safe_dump(s["data"]) for s in copies}) == 1
-    token = base64.b64decode(admin[0]["data"]["token"]).decode()
-    assert len(token) == 48 and token.isalnum()
+    assert set(by_name) == {"twinroute-scheduler-tls"}
+    tls = by_name["twinroute-scheduler-tls"]
+    assert sorted(s["metadata"]["namespace"] for s in tls) == sorted([RELEASE_NAMESPACE, *WATCHED])
+    # One certificate: the operator's copy matches the pools'.
+    assert len({yaml.safe_dump(s["data"]) for s in tls}) == 1
     assert tls[0]["type"] == "kubernetes.io/tls"
     assert set(tls[0]["data"]) == {"tls.crt", "tls.key", "ca.crt"}
 
 
-def test_generated_secrets_need_watch_namespaces(helm: str) -> None:
+def test_generated_tls_needs_watch_namespaces(helm: str) -> None:
     result = subprocess.run(
-        [helm, "template", "twinroute", str(CHART), "--set", "security.adminToken.enabled=true"],
+        [helm, "template", "twinroute", str(CHART), "--set", "security.tls.enabled=true"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -207,7 +264,8 @@ def test_generated_secrets_need_watch_namespaces(helm: str) -> None:
 @pytest.mark.parametrize(
     ("options", "admin_secret", "tls_secret", "server_name"),
     [
-        (GENERATED, "twinroute-scheduler-admin", "twinroute-scheduler-tls", "twinroute-scheduler"),
+        # "": each pool's own token Secret, `<pool>-scheduler-token`.
+        (GENERATED, "", "twinroute-scheduler-tls", "twinroute-scheduler"),
         (EXISTING, "pool-admin", "pool-tls", "scheduler.example.internal"),
     ],
     ids=["generated", "existing"],
@@ -221,15 +279,22 @@ def test_secrets_are_wired_from_chart_to_operator_to_pool_pods(
     operator = operator_deployment(documents)["spec"]["template"]["spec"]
     kubernetes_validate.validate(operator_deployment(documents), KUBE_VERSION, strict=True)
     volumes = {volume["name"]: volume for volume in operator["volumes"]}
-    assert volumes["admin-token"]["secret"]["secretName"] == admin_secret
+    if admin_secret:
+        assert volumes["admin-token"]["secret"]["secretName"] == admin_secret
+    else:
+        assert "admin-token" not in volumes
     # The operator gets the CA only, never the schedulers' private key.
     assert volumes["scheduler-ca"]["secret"]["secretName"] == tls_secret
     assert [item["key"] for item in volumes["scheduler-ca"]["secret"]["items"]] == ["ca.crt"]
     mounts = {m["name"]: m["mountPath"] for m in operator["containers"][0]["volumeMounts"]}
     args = operator_args(documents)
-    assert args.drain_token_file == f"{mounts['admin-token']}/token"
+    if admin_secret:
+        assert args.drain_token_file == f"{mounts['admin-token']}/token"
+    else:
+        assert args.drain_token_file is None
+        assert args.pool_token_key_secret == f"{RELEASE_NAMESPACE}/twinroute-pool-token-key"
     assert args.scheduler_ca_file == f"{mounts['scheduler-ca']}/ca.crt"
-    settings = render_settings(args)
+    settings = settings_from(documents)
     assert settings.admin_token_secret == admin_secret
     assert settings.tls_secret == tls_secret
     assert settings.tls_server_name == server_name
@@ -240,19 +305,17 @@ def test_secrets_are_wired_from_chart_to_operator_to_pool_pods(
         kubernetes_validate.validate(child, KUBE_VERSION, strict=True)
     schedulers = [(name, pod) for name, pod in pod_specs(children) if name.endswith("-scheduler")]
     assert len(schedulers) == len(SAMPLES)
-    scheduler_parser, router_parser = argparse.ArgumentParser(), argparse.ArgumentParser()
-    scheduler_arguments(scheduler_parser)
-    router_arguments(router_parser)
     for name, pod in schedulers:
         secrets = {
             volume["name"]: volume["secret"]["secretName"]
             for volume in pod["volumes"]
             if "secret" in volume
         }
-        assert secrets == {"admin-token": admin_secret, "tls": tls_secret}, name
+        pool = name.removesuffix("-scheduler")
+        token_secret = admin_secret or f"{pool}-scheduler-token"
+        assert secrets == {"admin-token": token_secret, "tls": tls_secret}, name
         containers = {container["name"]: container for container in pod["containers"]}
-        scheduler = scheduler_parser.parse_args(containers["scheduler"]["args"])
-        router = router_parser.parse_args(containers["router"]["args"])
+        scheduler, router = scheduler_and_router_args(pod)
         assert scheduler.admin_token_file == router.scheduler_token_file
         assert scheduler.tls_cert and scheduler.tls_key
         assert router.scheduler_ca and router.scheduler_server_name == server_name
@@ -276,10 +339,12 @@ async def test_the_charts_generated_certificate_passes_a_real_handshake(
         for doc in of_kind(documents, "Secret")
         if doc["metadata"]["namespace"] == "serving"
     }
+    # The token the operator would write for a pool "chat" in "serving".
+    token = derive_pool_token(OPERATOR_KEY, namespace="serving", pool="chat")
     files = {}
     for key, value in {
         **secrets["twinroute-scheduler-tls"],
-        "token": secrets["twinroute-scheduler-admin"]["token"],
+        "token": base64.b64encode(token.encode()).decode(),
     }.items():
         files[key] = tmp_path / key
         files[key].write_bytes(base64.b64decode(value))

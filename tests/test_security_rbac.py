@@ -31,6 +31,7 @@ import pytest
 import yaml
 from kubernetes import client
 from twinroute.operator.command import build_operator, run_in_thread
+from twinroute.operator.pool_token_key import ensure_pool_token_key
 from twinroute.operator.render import RenderSettings
 from twinroute.scheduler.discovery import KubernetesSource
 from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -41,6 +42,8 @@ from twinroute.testing.kube import ApiCall, KubeApiServer, api_server_in_thread
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "twinroute"
 NS = "serving"
+RELEASE_NS = "twinroute-system"
+KEY_SECRET = "twinroute-pool-token-key"
 POOLS = "twinroute.io/v1alpha1/modelpools"
 DEPLOYMENTS = "apps/v1/deployments"
 OPERATOR, SCHEDULER, HARNESS = "operator-token", "scheduler-token", "test-harness-token"
@@ -144,9 +147,14 @@ def recorded_calls() -> Iterator[list[ApiCall]]:
     grpc_port = drain_server.add_insecure_port("127.0.0.1:0")
     drain_server.start()
     with api_server_in_thread() as server:
+        # As the chart runs it: the operator makes its key on the first start, reads it on the
+        # next, and writes each pool's token Secret.
+        operator_api = client.ApiClient(configuration(server.url, OPERATOR))
+        made = ensure_pool_token_key(operator_api, namespace=RELEASE_NS, name=KEY_SECRET)
+        assert ensure_pool_token_key(operator_api, namespace=RELEASE_NS, name=KEY_SECRET) == made
         registry, _ = build_operator(
             configuration=configuration(server.url, OPERATOR),
-            render=RenderSettings(scheduler_image="twinroute:test"),
+            render=RenderSettings(scheduler_image="twinroute:test", pool_token_key=made),
             # A resync often running while the pool is deleted: kopf must still let the pool
             # go promptly (it waits for the timer to exit; see operator/handlers.py).
             resync_interval_s=0.5,
@@ -325,23 +333,40 @@ def test_every_component_call_is_allowed_and_every_grant_is_used(
     recorded_calls: list[ApiCall],
 ) -> None:
     rules = helm_rules()
-    operator_rules = rules["ClusterRole//twinroute-operator"]
-    scheduler_rules = rules["ClusterRole//twinroute-scheduler"]
+    # The operator's rights: cluster-wide (or per watched namespace) for pools, and in its own
+    # namespace the key Secret only.
+    operator_rules = {
+        NS: rules["ClusterRole//twinroute-operator"],
+        RELEASE_NS: rules[f"Role/{RELEASE_NS}/twinroute-operator-key"],
+    }
+    scheduler_rules = {NS: rules["ClusterRole//twinroute-scheduler"]}
     print("\n" + table(recorded_calls, OPERATOR) + "\n" + table(recorded_calls, SCHEDULER))
     for user, user_rules in ((OPERATOR, operator_rules), (SCHEDULER, scheduler_rules)):
         calls = [call for call in recorded_calls if call.user == user]
         assert calls, f"{user} made no call: the scenario did not run"
-        denied = sorted({(c.verb, c.group, c.resource) for c in calls if not allows(user_rules, c)})
+        denied = sorted(
+            {
+                (c.verb, c.group, c.resource, c.namespace)
+                for c in calls
+                if not allows(user_rules.get(c.namespace, []), c)
+            }
+        )
         assert not denied, f"{user} needs more than the chart grants: {denied}"
-        unused = granted(user_rules) - used(recorded_calls, user) - NOT_A_CALL
-        assert not unused, f"the chart grants {user} what it never uses: {sorted(unused)}"
+        for namespace, namespace_rules in user_rules.items():
+            in_namespace = [c for c in recorded_calls if c.namespace == namespace]
+            unused = granted(namespace_rules) - used(in_namespace, user) - NOT_A_CALL
+            assert not unused, f"the chart grants {user} what it never uses: {sorted(unused)}"
 
 
 def test_calls_stay_in_the_pool_namespace(recorded_calls: list[ApiCall]) -> None:
     """Both components work inside the watched namespace only, so the namespaced Role the
-    chart renders for `watchNamespaces` is enough."""
+    chart renders for `watchNamespaces` is enough; beyond it, the operator touches only its key
+    Secret in its own namespace."""
     for call in recorded_calls:
-        if call.user in (OPERATOR, SCHEDULER):
+        if call.user == OPERATOR and call.namespace == RELEASE_NS:
+            assert call.resource == "secrets" and call.verb in ("get", "create"), call
+            assert call.verb == "create" or call.name == KEY_SECRET, call
+        elif call.user in (OPERATOR, SCHEDULER):
             assert call.namespace == NS, call
 
 

@@ -49,9 +49,9 @@ app.kubernetes.io/component: operator
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Children of a pool.
+# Children of a pool, its token Secret among them.
 - apiGroups: [""]
-  resources: [configmaps, services, serviceaccounts]
+  resources: [configmaps, services, serviceaccounts, secrets]
   verbs: [list, create, patch, delete]
 - apiGroups: [apps]
   resources: [deployments]
@@ -70,9 +70,9 @@ app.kubernetes.io/component: operator
   verbs: [list, patch]
 {{- end -}}
 
-{{/* The Secret with the schedulers' admin token (key `token`). */}}
-{{- define "twinroute.adminTokenSecret" -}}
-{{- default (printf "%s-scheduler-admin" (include "twinroute.fullname" .)) .Values.security.adminToken.existingSecret -}}
+{{/* The operator's key (key `key`): each pool's token is derived from it. */}}
+{{- define "twinroute.poolTokenKeySecret" -}}
+{{- printf "%s-pool-token-key" (include "twinroute.fullname" .) -}}
 {{- end -}}
 
 {{/* The schedulers' kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt). */}}

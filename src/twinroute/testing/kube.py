@@ -58,6 +58,7 @@ RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] =
     ("v1/pods", "Pod", True, ("status",), ("po",)),
     ("v1/services", "Service", True, ("status",), ("svc",)),
     ("v1/configmaps", "ConfigMap", True, (), ("cm",)),
+    ("v1/secrets", "Secret", True, (), ()),
     ("v1/serviceaccounts", "ServiceAccount", True, (), ("sa",)),
     ("v1/events", "Event", True, (), ("ev",)),
     ("apps/v1/deployments", "Deployment", True, ("status", "scale"), ("deploy",)),

@@ -17,7 +17,8 @@ What differs from a cluster, and why:
 - Only images whose command starts with `twinroute` can run: the command becomes
   `python -m twinroute ...` with this interpreter; other containers leave the pod `Pending`
   with reason `UnsupportedCommand`.
-- ConfigMap volumes are written to a folder per pod and mount paths in argv point there.
+- ConfigMap and Secret volumes are written to a folder per pod (a Secret's `items` honoured)
+  and mount paths in argv point there.
 - Readiness is the container's `readinessProbe` (HTTP GET), polled every 0.5 s.
 - Scale-in picks pods as the ReplicaSet controller does: not ready first, then the lowest
   `controller.kubernetes.io/pod-deletion-cost` (the operator lowers it on the pods it drains),
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -118,7 +120,7 @@ class LocalPod:
     reported: str = ""  # last status written, to skip no-op patches
     ports: dict[int, int] = field(default_factory=dict)
     # volume name -> (ConfigMap name, local folder), filled before the containers start
-    config_volumes: dict[str, tuple[str, pathlib.Path]] = field(default_factory=dict)
+    config_volumes: dict[str, DataVolume] = field(default_factory=dict)
     created_seq: int = 0  # creation order, for "newest first" on scale-in
 
     @property
@@ -302,7 +304,7 @@ class LocalKubelet:
                 pod_name=pod_name,
                 pod_spec=pod_spec,
                 ports=ports,
-                mounts_from={k: v[1] for k, v in pod.config_volumes.items()},
+                mounts_from={k: v.folder for k, v in pod.config_volumes.items()},
                 pod_dir=pod_dir,
             )
         except UnsupportedPodError as error:
@@ -368,14 +370,21 @@ class LocalKubelet:
         return runs
 
     async def _fill_config_volumes(self, pod: LocalPod) -> None:
-        for config_map, folder in pod.config_volumes.values():
+        for volume in pod.config_volumes.values():
             status, answer = await self._api.request(
-                "GET", f"/api/v1/namespaces/{self._namespace}/configmaps/{config_map}"
+                "GET", f"/api/v1/namespaces/{self._namespace}/{volume.resource}/{volume.name}"
             )
             if status != 200:
-                raise UnsupportedPodError(f"configmap {config_map} not found ({status})")
+                raise UnsupportedPodError(f"{volume.resource} {volume.name} not found ({status})")
             for key, value in (answer.get("data") or {}).items():
-                (folder / key).write_text(value)
+                if volume.items and key not in volume.items:
+                    continue
+                path = volume.folder / volume.items.get(key, key)
+                if volume.resource == "secrets":
+                    path.write_bytes(base64.b64decode(value))
+                    path.chmod(0o600)
+                else:
+                    path.write_text(value)
 
     async def _supervise(self, pod: LocalPod) -> None:
         try:
@@ -527,17 +536,35 @@ class LocalKubelet:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class DataVolume:
+    """A ConfigMap or Secret volume: where its files go, and which keys under what names."""
+
+    resource: str  # "configmaps" or "secrets"
+    name: str
+    folder: pathlib.Path
+    items: Mapping[str, str]  # key -> file name; empty: every key under its own name
+
+
 def config_volume_folders(
     *, pod_spec: Mapping[str, Any], pod_dir: pathlib.Path
-) -> dict[str, tuple[str, pathlib.Path]]:
-    """A folder per ConfigMap volume; its files are written before the containers start."""
-    folders: dict[str, tuple[str, pathlib.Path]] = {}
+) -> dict[str, DataVolume]:
+    """A folder per ConfigMap or Secret volume; its files are written before the containers
+    start."""
+    folders: dict[str, DataVolume] = {}
     for volume in pod_spec.get("volumes") or []:
-        config_map = volume.get("configMap")
-        if config_map:
-            folder = pod_dir / "volumes" / volume["name"]
-            folder.mkdir(parents=True, exist_ok=True)
-            folders[volume["name"]] = (str(config_map["name"]), folder)
+        if volume.get("configMap"):
+            resource, source = "configmaps", volume["configMap"]
+            name = str(source["name"])
+        elif volume.get("secret"):
+            resource, source = "secrets", volume["secret"]
+            name = str(source["secretName"])
+        else:
+            continue
+        folder = pod_dir / "volumes" / volume["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        items = {str(item["key"]): str(item["path"]) for item in source.get("items") or []}
+        folders[volume["name"]] = DataVolume(resource, name, folder, items)
     return folders
 
 
