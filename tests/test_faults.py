@@ -6,9 +6,10 @@ restarted (`test_operator_kopf.py`), an unreachable scheduler in-process
 
 - An engine that hangs (SIGSTOP): the scheduler's health checks time out, the endpoint
   leaves the rings, requests go to the other engine; after SIGCONT it returns.
-- The scheduler restarted under load: the router fails open to its static fallback list while
-  the scheduler is away (responses say `fallback`), no request fails, and placement returns to
-  the scheduler once it is back on the same port.
+- The scheduler restarted under load: the router fails open while the scheduler is away
+  (responses say `fallback`), no request fails, and placement returns to the scheduler once it
+  is back on the same port; with a static fallback list (`--endpoints`), and as the operator
+  renders the router (no list: it learnt the engines from the scheduler beforehand).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ async def start_scheduler(argv: list[str]) -> ServerProcess:
     return await start_announced("scheduler", argv, timeout_s=60)
 
 
-@pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
+@pytest.fixture(params=["static", "learnt"])
+async def stack(request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     engines = list(
         await asyncio.gather(
             *(
@@ -85,10 +86,22 @@ async def stack() -> AsyncIterator[Stack]:
             "--port=0",
             f"--model={MODEL}",
             f"--scheduler={scheduler.address}",
-            f"--endpoints={endpoints}",
+            *(
+                [f"--endpoints={endpoints}"]
+                if request.param == "static"
+                else ["--fail-open-learn-every-s=0.2"]
+            ),
         ),
         timeout_s=60,
     )
+    if request.param == "learnt":
+        # The router has run a while beside its scheduler: it knows both engines.
+        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
+            while True:
+                async with session.get(f"{router.url}/metrics") as response:
+                    if "twinroute_router_fallback_endpoints 2.0" in await response.text():
+                        break
+                await asyncio.sleep(0.1)
     running = Stack(
         engines=engines,
         scheduler=scheduler,

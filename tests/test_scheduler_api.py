@@ -8,14 +8,17 @@ the contract, not a scheduling policy.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from twinroute.scheduler.api import (
+    EndpointStatus,
     NoEndpointError,
     PickQuery,
+    Placement,
     Scheduler,
     SchedulerUnreachableError,
 )
@@ -152,6 +155,52 @@ async def test_unreachable_scheduler_fails_open_to_the_static_list() -> None:
     assert {p.reason for p in placements} == {"fallback"}
     assert {p.lease_id for p in placements} == {""}
     assert excluded.endpoint.id == "b"
+
+
+async def test_fail_open_learns_the_schedulers_endpoints_and_keeps_them_while_it_is_away() -> None:
+    """As the operator renders the router: no --endpoints, so the fallback list is what the
+    scheduler last listed as routable; while it is away, that list places requests."""
+    service = in_process()
+    service.set_endpoints(
+        [Endpoint(id=f"e{i}", address=f"127.0.0.1:{i + 1}", model="m") for i in range(3)]
+    )
+    await service.drain(endpoint_id="e2")  # not routable: not a fallback either
+    primary = FlakyScheduler(service)
+    scheduler = FailOpenScheduler(primary=primary, learn_every_s=0.01)
+    with pytest.raises(SchedulerUnreachableError):  # nothing learnt yet: nothing to fall back to
+        primary.away = True
+        await scheduler.pick(query())
+    primary.away = False
+    learning = asyncio.create_task(scheduler.learn_endpoints())
+    try:
+        while scheduler.learnt_at is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        assert [e.id for e in scheduler.endpoints] == ["e0", "e1"]
+        primary.away = True
+        await asyncio.sleep(0.05)  # several failed refreshes
+        placements = [await scheduler.pick(query()) for _ in range(4)]
+    finally:
+        learning.cancel()
+    assert [p.endpoint.id for p in placements] == ["e0", "e1", "e0", "e1"]
+    assert {p.reason for p in placements} == {DecisionReason.FALLBACK}
+
+
+class FlakyScheduler:
+    """An in-process scheduler that can be made unreachable."""
+
+    def __init__(self, service: SchedulerService) -> None:
+        self.service = service
+        self.away = False
+
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        if self.away:
+            raise SchedulerUnreachableError("away")
+        return await self.service.pick(query, timeout_s=timeout_s)
+
+    async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
+        if self.away:
+            raise SchedulerUnreachableError("away")
+        return await self.service.list_endpoints(model=model)
 
 
 async def test_fail_open_with_everything_excluded_says_so() -> None:

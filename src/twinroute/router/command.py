@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from twinroute.router.failopen import FailOpenScheduler
+from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, Tokenizer, build_app
 from twinroute.runtime import event_loop_runner
 from twinroute.scheduler.api import Endpoint, Scheduler
@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--endpoints", default="",
         help="static engines, comma-separated [ID=]HOST:PORT (embedded: the pool; "
         "with --scheduler: the fallback when it is unreachable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fail-open-learn-every-s", type=float, default=DEFAULT_LEARN_EVERY_S,
+        help="with --scheduler and no --endpoints: how often the fallback list is learnt "
+        "from the scheduler's endpoint list (0 = no fail-open: 503 while it is away)",
     )  # fmt: skip
     parser.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json on disk")
     parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
@@ -178,7 +183,11 @@ def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, list[Backgroun
     )
     if endpoints:
         return FailOpenScheduler(primary=primary, endpoints=endpoints), []
-    return primary, []
+    if args.fail_open_learn_every_s <= 0:
+        return primary, []
+    # No list given (an operator-managed pool): fail open to what the scheduler last listed.
+    fail_open = FailOpenScheduler(primary=primary, learn_every_s=args.fail_open_learn_every_s)
+    return fail_open, [fail_open.learn_endpoints]
 
 
 def _read_bytes(path: str | None) -> bytes | None:

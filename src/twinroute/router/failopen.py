@@ -2,14 +2,21 @@
 
 `FailOpenScheduler` is the scheduler's API (`twinroute.scheduler.api.Scheduler`) over another
 one: every call goes to the real scheduler, and a Pick it cannot answer
-(`SchedulerUnreachableError`: connection refused, deadline) is placed round robin over the
-endpoints the router was given instead, with reason `fallback` and no lease (so nothing is
-reported for it). "No endpoint" and "bad request" answers are the scheduler's and pass through:
-only an absent scheduler is failed open.
+(`SchedulerUnreachableError`: connection refused, deadline) is placed round robin over a
+fallback list instead, with reason `fallback` and no lease (so nothing is reported for it).
+"No endpoint" and "bad request" answers are the scheduler's and pass through: only an absent
+scheduler is failed open.
+
+The fallback list is the endpoints the router was given (`--endpoints`) or, when it was given
+none (as in operator-managed pools, where the scheduler discovers the engines), the routable
+endpoints the scheduler last listed: `learn_endpoints` asks every `learn_every_s` and keeps the
+last answer while the scheduler is away. A pod replaced while the scheduler is away costs a
+retry (the router excludes an engine that fails and asks again), not a failed request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -36,20 +43,56 @@ from twinroute.vocabulary import DecisionReason
 logger = logging.getLogger(__name__)
 
 
-class FailOpenScheduler:
-    """`primary`, or round robin over `endpoints` while `primary` cannot be reached."""
+# How often the fallback list is refreshed from the scheduler when none was given.
+DEFAULT_LEARN_EVERY_S = 5.0
 
-    def __init__(self, *, primary: Scheduler, endpoints: Sequence[Endpoint]) -> None:
-        if not endpoints:
-            raise ValueError("failing open needs at least one endpoint")
+
+class FailOpenScheduler:
+    """`primary`, or round robin over the fallback endpoints while `primary` cannot be
+    reached. With no `endpoints`, run `learn_endpoints` beside it to learn them."""
+
+    def __init__(
+        self,
+        *,
+        primary: Scheduler,
+        endpoints: Sequence[Endpoint] = (),
+        learn_every_s: float = DEFAULT_LEARN_EVERY_S,
+    ) -> None:
         self._primary = primary
         self._endpoints = tuple(endpoints)
         self._turn = itertools.count()
+        self._learn_every_s = learn_every_s
+        self.learnt_at: float | None = None  # loop time of the last list, None: never
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        """The fallback list now."""
+        return self._endpoints
+
+    async def learn_endpoints(self) -> None:
+        """Keep the fallback list to what the scheduler routes to, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                statuses = await self._primary.list_endpoints()
+            except SchedulerUnreachableError:
+                pass  # keep the last list: that is what it is for
+            except Exception:
+                logger.exception("cannot learn the fallback endpoints")
+            else:
+                learnt = tuple(status.endpoint for status in statuses if status.routable)
+                if learnt != self._endpoints:
+                    logger.info("fallback endpoints: %s", ", ".join(e.id for e in learnt) or "none")
+                self._endpoints = learnt
+                self.learnt_at = loop.time()
+            await asyncio.sleep(self._learn_every_s)
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
         try:
             return await self._primary.pick(query, timeout_s=timeout_s)
         except SchedulerUnreachableError as error:
+            if not self._endpoints:
+                raise
             logger.warning("scheduler unavailable (%s); placing round robin", error)
             return Placement(self._round_robin(query), reports=None)
 

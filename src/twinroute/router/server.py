@@ -56,6 +56,7 @@ from twinroute.openai_format import (
     parse_request,
 )
 from twinroute.router.disaggregated import PREFILL_HEADER, Disaggregation, PrefillFailed
+from twinroute.router.failopen import FailOpenScheduler
 from twinroute.router.migration import MigrationCoordinator, SplicedStream
 from twinroute.router.upstream_errors import describe
 from twinroute.scheduler.api import (
@@ -220,6 +221,14 @@ class RouterServer:
         self._clock = clock
         self._registry = CollectorRegistry()
         self._metrics = RouterMetrics(self._registry)
+        if isinstance(scheduler, FailOpenScheduler):
+            fallback = scheduler
+            Gauge(
+                "twinroute_router_fallback_endpoints",
+                "Endpoints the router would place on, round robin, while its scheduler is away "
+                "(given, or learnt from the scheduler); 0: such requests get a 503.",
+                registry=self._registry,
+            ).set_function(lambda: len(fallback.endpoints))
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count()
