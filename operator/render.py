@@ -49,6 +49,11 @@ POD_USER: Final = 10001
 # deadline must outlast it (plus a margin for the answer), or held requests fall back.
 ADMISSION_MAX_HOLD_S: Final = 3.0
 ROUTER_PICK_TIMEOUT_S: Final = 1.0
+# Routers renew their running requests' leases every LEASE_RENEW_EVERY_S, so the scheduler can
+# expire those of a lost router after LEASE_TTL_S (four missed renewals) without ever cutting
+# a healthy stream short, however long it runs.
+LEASE_TTL_S: Final = 120.0
+LEASE_RENEW_EVERY_S: Final = 30.0
 HELD_PICK_MARGIN_S: Final = 1.0
 
 Obj = dict[str, Any]
@@ -193,6 +198,7 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
         "phaseAware": routing.phase_aware,
         "admissionHold": admission_hold_on(pool),
         "migration": routing.migration,
+        "leaseTtlSeconds": LEASE_TTL_S,
         "discovery": {
             "kind": "kubernetes",
             "namespace": pool.namespace,
@@ -214,14 +220,23 @@ def admission_hold_on(pool: PoolSpec) -> bool:
 
 
 def router_routing_args(pool: PoolSpec) -> list[str]:
-    """The router's flags: it carries out the scheduler's migration orders (recompute), and
-    waits for a held Pick as long as the scheduler may hold it."""
+    """The router's flags: it carries out the scheduler's migration orders (recompute), waits
+    for a held Pick as long as the scheduler may hold it, and waits on engines as the pool says."""
     pick_timeout = (
         ADMISSION_MAX_HOLD_S + HELD_PICK_MARGIN_S
         if admission_hold_on(pool)
         else ROUTER_PICK_TIMEOUT_S
     )
-    return ["--migration", pool.routing.migration, "--scheduler-timeout-s", str(pick_timeout)]
+    timeouts = pool.scheduler.timeouts
+    return [
+        "--migration", pool.routing.migration,
+        "--scheduler-timeout-s", str(pick_timeout),
+        "--connect-timeout-s", f"{timeouts.connect_s:g}",
+        "--first-byte-timeout-s", f"{timeouts.first_byte_s:g}",
+        "--response-timeout-s", f"{timeouts.response_s:g}",
+        "--idle-timeout-s", f"{timeouts.idle_s:g}",
+        "--lease-renew-every-s", f"{LEASE_RENEW_EVERY_S:g}",
+    ]  # fmt: skip
 
 
 def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -> list[Obj]:

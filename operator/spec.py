@@ -117,11 +117,32 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class EngineTimeouts:
+    """The router's waits on engines, per attempt (a miss before the client saw a byte is
+    retried on another engine); a stream that keeps sending has no length limit."""
+
+    connect_s: float = 2.0
+    first_byte_s: float = 60.0
+    response_s: float = 600.0
+    idle_s: float = 60.0
+
+
+# (CRD key, field, low, high) of `scheduler.timeouts`, in seconds.
+TIMEOUT_FIELDS: Final = (
+    ("connectSeconds", "connect_s", 0.1, 60.0),
+    ("firstByteSeconds", "first_byte_s", 1.0, 3600.0),
+    ("responseSeconds", "response_s", 1.0, 86400.0),
+    ("idleSeconds", "idle_s", 1.0, 3600.0),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class SchedulerSpec:
     replicas: int = DEFAULT_SCHEDULER_REPLICAS
     # Empty: the operator's default (the image the operator itself runs).
     image: str = ""
     service_type: str = "ClusterIP"
+    timeouts: EngineTimeouts = field(default_factory=EngineTimeouts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +339,24 @@ def _parse_scheduler(scheduler: Mapping[str, Any]) -> SchedulerSpec:
         ),
         image=_string(scheduler, "image", path="scheduler.image", default=""),
         service_type=service_type,
+        timeouts=_parse_timeouts(_mapping(scheduler, "timeouts")),
+    )
+
+
+def _parse_timeouts(timeouts: Mapping[str, Any]) -> EngineTimeouts:
+    defaults = EngineTimeouts()
+    return EngineTimeouts(
+        **{
+            name: _number(
+                timeouts,
+                key,
+                path=f"scheduler.timeouts.{key}",
+                default=getattr(defaults, name),
+                low=low,
+                high=high,
+            )
+            for key, name, low, high in TIMEOUT_FIELDS
+        }
     )
 
 

@@ -319,6 +319,11 @@ class Scheduler(LeaseReports, Protocol):
         True when a lease was closed."""
         ...
 
+    async def renew(self, *, lease_ids: Sequence[str]) -> int:
+        """The caller still holds these leases: their time-to-live starts again. How many the
+        scheduler still knew."""
+        ...
+
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]: ...
 
     async def explain(

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -170,6 +170,17 @@ class SchedulerClient:
         except grpc.aio.AioRpcError as error:
             _raise_typed(error)
         return bool(response.known)
+
+    async def renew(self, *, lease_ids: Sequence[str]) -> int:
+        try:
+            response = await self._stub.Renew(
+                pb.RenewRequest(lease_ids=lease_ids),
+                timeout=self._timeout_s,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as error:
+            _raise_typed(error)
+        return int(response.known)
 
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
         try:

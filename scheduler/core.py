@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -330,6 +330,10 @@ class SchedulerCore:
         # nothing about the prefills queued before it there.
         self.prefill_leases.close(lease_id, now=now, done=success)
         return self.leases.close(lease_id, now=now)
+
+    def renew(self, lease_ids: Sequence[str], *, now: float) -> int:
+        """Leases whose holder still runs them; how many were known."""
+        return sum(self.leases.renew(lease_id, now=now) for lease_id in lease_ids)
 
     def expire(self, now: float) -> list[Lease]:
         expired = self.leases.expire(now=now)

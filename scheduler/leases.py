@@ -45,6 +45,8 @@ class Lease:
     remaining_prefill: float = 0.0
     prefilled: bool = False
     first_token_at: float | None = None
+    # The last time its holder said it still runs (Renew); the TTL counts from here.
+    renewed_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -147,10 +149,22 @@ class LeaseTable:
             lease.prefilled = True
         return lease
 
+    def renew(self, lease_id: str, *, now: float) -> bool:
+        """Its holder still runs it: the TTL starts again. False for an unknown lease."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return False
+        lease.renewed_at = now
+        return True
+
     def expire(self, *, now: float) -> list[Lease]:
-        """Close leases older than the TTL (their completion never came)."""
+        """Close leases neither completed nor renewed within the TTL (their holder is gone)."""
         cutoff = now - self._ttl_s
-        stale = [lease for lease in self._leases.values() if lease.opened_at < cutoff]
+        stale = [
+            lease
+            for lease in self._leases.values()
+            if lease.opened_at < cutoff and lease.renewed_at < cutoff
+        ]
         for lease in stale:
             self.close(lease.lease_id, now=now)
         self.expired_total += len(stale)

@@ -109,6 +109,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(error))
         return pb.CancelResponse(closed=closed)
 
+    async def Renew(self, request: pb.RenewRequest, context: Context) -> pb.RenewResponse:
+        await self._authorize(context, "Renew")
+        known = await self._service.renew(lease_ids=list(request.lease_ids))
+        return pb.RenewResponse(known=known)
+
     async def Progress(self, request: pb.ProgressRequest, context: Context) -> pb.ProgressResponse:
         await self._authorize(context, "Progress")
         event = wire.progress_from_pb(request.event)

@@ -315,6 +315,9 @@ class SchedulerService:
             logger.warning("%d lease(s) expired without Complete", len(expired))
         return len(expired)
 
+    async def renew(self, *, lease_ids: Sequence[str]) -> int:
+        return self.core.renew(lease_ids, now=self._clock())
+
     async def run_expiry(self) -> None:
         """Expire leases even while no Pick arrives; cancel to stop."""
         while True:

@@ -152,6 +152,7 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "admissionHold": "admission_hold",
     "admissionMaxHoldSeconds": "admission_max_hold_s",
     "migration": "migration",
+    "leaseTtlSeconds": "lease_ttl_s",
 }
 DISCOVERY_KEYS: Final = ("kind", "namespace", "labelSelector", "defaultPort")
 PORT_KEYS: Final = ("grpc", "metrics")

@@ -35,6 +35,8 @@ from twinroute.operator.spec import (
     MAX_PD_MIN_PREFILL_TOKENS,
     MAX_SCHEDULER_REPLICAS,
     MIGRATION_MODES,
+    TIMEOUT_FIELDS,
+    EngineTimeouts,
     SpecError,
     parse_pool,
 )
@@ -270,6 +272,9 @@ INVALID_SPECS = {
     "admission hold as string": _with("routing.admissionHold", "on"),
     "phase aware as number": _with("routing.phaseAware", 1),
     "rebalancing as string": _with("routing.rebalancing", "yes"),
+    "first byte timeout zero": _with("scheduler.timeouts.firstByteSeconds", 0),
+    "idle timeout as string": _with("scheduler.timeouts.idleSeconds", "60"),
+    "response timeout over a day": _with("scheduler.timeouts.responseSeconds", 86401),
 }
 
 
@@ -305,6 +310,11 @@ def test_crd_defaults_equal_the_parser_defaults() -> None:
     assert routing["rebalancing"]["default"] is True
     scheduler = spec["scheduler"]["properties"]
     assert scheduler["replicas"]["maximum"] == MAX_SCHEDULER_REPLICAS == 1
+    timeouts = scheduler["timeouts"]["properties"]
+    for key, name, low, high in TIMEOUT_FIELDS:
+        assert timeouts[key]["default"] == getattr(EngineTimeouts(), name), key
+        assert (timeouts[key]["minimum"], timeouts[key]["maximum"]) == (low, high), key
+    assert set(timeouts) == {key for key, *_ in TIMEOUT_FIELDS}
     assert engine["image"]["default"] == DEFAULT_ENGINE_IMAGE
     assert engine["port"]["default"] == DEFAULT_ENGINE_PORT
     assert engine["kvTransfer"]["properties"]["connector"]["enum"] == list(KV_CONNECTORS)

@@ -213,6 +213,20 @@ def test_without_any_token_the_scheduler_is_told_so_in_its_flags() -> None:
     assert "--scheduler-token-file" not in router["args"]
 
 
+def test_engine_timeouts_reach_the_router_flags() -> None:
+    import argparse
+
+    from twinroute.router.command import add_arguments as router_arguments
+
+    spec = {**UNIFIED, "scheduler": {"timeouts": {"firstByteSeconds": 120, "idleSeconds": 15}}}
+    pod = _scheduler_pod(by_name(children(spec)))
+    parser = argparse.ArgumentParser()
+    router_arguments(parser)
+    router = parser.parse_args(pod["containers"][1]["args"])
+    assert (router.first_byte_timeout_s, router.idle_timeout_s) == (120.0, 15.0)
+    assert (router.connect_timeout_s, router.response_timeout_s) == (2.0, 600.0)
+
+
 def test_vllm_args_carry_what_routing_needs() -> None:
     args = engine_args(
         pool({**UNIFIED, "engine": {"args": ["--max-model-len", "8192"]}}), role=Role.UNIFIED

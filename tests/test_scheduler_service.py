@@ -257,6 +257,22 @@ async def test_lease_ttl_expires_uncompleted_leases(harness: Harness) -> None:
     assert "twinroute_scheduler_leases_expired_total 1.0" in exposition
 
 
+async def test_a_renewed_lease_outlives_its_ttl_and_an_abandoned_one_does_not(
+    harness: Harness,
+) -> None:
+    kept, lost = [
+        await harness.client.pick(PickQuery(request_id=r, model=MODEL, token_ids=tokens(64, i)))
+        for i, r in enumerate(("kept", "lost"))
+    ]
+    for _ in range(3):  # three quarters of the 60 s TTL, three times
+        harness.clock.now += 45.0
+        assert await harness.client.renew(lease_ids=[kept.lease_id, "unknown"]) == 1
+        harness.service.expire()
+    assert harness.service.core.leases.expired_total == 1
+    assert await harness.client.complete(lease_id=kept.lease_id)
+    assert not await harness.client.complete(lease_id=lost.lease_id)  # expired long ago
+
+
 async def test_drain_waits_for_leases_and_stops_routing(harness: Harness) -> None:
     answer = await harness.client.pick(PickQuery(request_id="r", model=MODEL, token_ids=tokens(64)))
     target = answer.endpoint.id
@@ -332,6 +348,7 @@ async def test_drain_needs_the_admin_token(
             pb.ProgressRequest(lease_id=lease, event=pb.PROGRESS_EVENT_FIRST_TOKEN), metadata=md
         ),
         lambda stub, md, lease: stub.Cancel(pb.CancelRequest(pick_id="p"), metadata=md),
+        lambda stub, md, lease: stub.Renew(pb.RenewRequest(lease_ids=[lease]), metadata=md),
         lambda stub, md, lease: stub.ListEndpoints(pb.ListEndpointsRequest(), metadata=md),
         lambda stub, md, lease: stub.Explain(pb.ExplainRequest(), metadata=md),
         lambda stub, md, lease: stub.Undrain(pb.UndrainRequest(endpoint_id="e0"), metadata=md),
@@ -344,6 +361,7 @@ async def test_drain_needs_the_admin_token(
         "Complete",
         "Progress",
         "Cancel",
+        "Renew",
         "ListEndpoints",
         "Explain",
         "Undrain",

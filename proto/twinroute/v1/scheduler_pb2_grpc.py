@@ -58,6 +58,11 @@ class SchedulerStub:
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
                 response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/twinroute.v1.Scheduler/Renew',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.RenewRequest.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.RenewResponse.FromString,
+                _registered_method=True)
         self.ListEndpoints = channel.unary_unary(
                 '/twinroute.v1.Scheduler/ListEndpoints',
                 request_serializer=twinroute_dot_v1_dot_scheduler__pb2.ListEndpointsRequest.SerializeToString,
@@ -128,6 +133,15 @@ class SchedulerServicer:
         complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
         refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
         (a new Pick, a new pick_id) is never affected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """The caller still holds these leases (their requests are running): their time-to-live
+        starts again. A router renews its open leases every fraction of the TTL, so the TTL bounds
+        what a lost router leaks, not how long a healthy stream may run. Unknown ids are ignored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +219,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.FromString,
                     response_serializer=twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.RenewRequest.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.RenewResponse.SerializeToString,
             ),
             'ListEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEndpoints,
@@ -349,6 +368,33 @@ class Scheduler:
             '/twinroute.v1.Scheduler/Cancel',
             twinroute_dot_v1_dot_scheduler__pb2.CancelRequest.SerializeToString,
             twinroute_dot_v1_dot_scheduler__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/twinroute.v1.Scheduler/Renew',
+            twinroute_dot_v1_dot_scheduler__pb2.RenewRequest.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,11 @@ class SchedulerStub:
     refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
     (a new Pick, a new pick_id) is never affected.
     """
+    Renew: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.RenewRequest, _scheduler_pb2.RenewResponse]
+    """The caller still holds these leases (their requests are running): their time-to-live
+    starts again. A router renews its open leases every fraction of the TTL, so the TTL bounds
+    what a lost router leaks, not how long a healthy stream may run. Unknown ids are ignored.
+    """
     ListEndpoints: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
     Explain: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ExplainRequest, _scheduler_pb2.ExplainResponse]
@@ -117,6 +122,11 @@ class SchedulerAsyncStub(SchedulerStub):
     complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
     refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
     (a new Pick, a new pick_id) is never affected.
+    """
+    Renew: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.RenewRequest, _scheduler_pb2.RenewResponse]  # type: ignore[assignment]
+    """The caller still holds these leases (their requests are running): their time-to-live
+    starts again. A router renews its open leases every fraction of the TTL, so the TTL bounds
+    what a lost router leaks, not how long a healthy stream may run. Unknown ids are ignored.
     """
     ListEndpoints: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListEndpointsRequest, _scheduler_pb2.ListEndpointsResponse]  # type: ignore[assignment]
     """The endpoints the scheduler currently routes to, with the load it believes they carry."""
@@ -190,6 +200,17 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         complete its answer: close the lease that Pick opened, or, when it has not arrived yet,
         refuse it when it does. Keyed by the Pick's own pick_id, so a retry of the same request
         (a new Pick, a new pick_id) is never affected.
+        """
+
+    @_abc_1.abstractmethod
+    def Renew(
+        self,
+        request: _scheduler_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.RenewResponse, _abc.Awaitable[_scheduler_pb2.RenewResponse]]:
+        """The caller still holds these leases (their requests are running): their time-to-live
+        starts again. A router renews its open leases every fraction of the TTL, so the TTL bounds
+        what a lost router leaks, not how long a healthy stream may run. Unknown ids are ignored.
         """
 
     @_abc_1.abstractmethod

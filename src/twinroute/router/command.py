@@ -72,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tokens-per-char", type=float, default=embedded.tokens_per_char,
         help="model tokens per prompt character, to estimate text prompts' length",
     )  # fmt: skip
+    _add_timeout_arguments(parser)
     scheduler = parser.add_argument_group(
         "embedded scheduler (--embedded only; with --scheduler, set these on the scheduler)"
     )
@@ -109,6 +110,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scheduler-token-file", help="file with the scheduler's admin token (a mounted Secret)"
     )
     parser.add_argument("--log-level", default="WARNING")
+
+
+def _add_timeout_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = RouterSettings(models=())
+    timeouts = parser.add_argument_group(
+        "engine timeouts (per attempt; a miss before the client saw a byte is retried elsewhere)"
+    )
+    timeouts.add_argument(
+        "--connect-timeout-s", type=float, default=defaults.connect_timeout_s,
+        help="to open a connection to an engine",
+    )  # fmt: skip
+    timeouts.add_argument(
+        "--first-byte-timeout-s", type=float, default=defaults.first_byte_timeout_s,
+        help="for a stream's first chunk (its time to first token, queueing included) and a "
+        "prefill hop",
+    )  # fmt: skip
+    timeouts.add_argument(
+        "--response-timeout-s", type=float, default=defaults.response_timeout_s,
+        help="for a non-streamed answer, which arrives whole",
+    )  # fmt: skip
+    timeouts.add_argument(
+        "--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
+        help="longest silence of a started stream; a stream that keeps sending has no limit",
+    )  # fmt: skip
+    timeouts.add_argument(
+        "--lease-renew-every-s", type=float, default=defaults.lease_renew_every_s,
+        help="renew running requests' leases at the scheduler this often (a fraction of its "
+        "--lease-ttl-s; 0 = never)",
+    )  # fmt: skip
 
 
 def parse_endpoints(spec: str) -> list[tuple[str, str]]:
@@ -272,6 +302,11 @@ def run(args: argparse.Namespace) -> int:
             retries=args.retries,
             max_body_bytes=args.max_body_bytes,
             tokens_per_char=args.tokens_per_char,
+            connect_timeout_s=args.connect_timeout_s,
+            first_byte_timeout_s=args.first_byte_timeout_s,
+            response_timeout_s=args.response_timeout_s,
+            idle_timeout_s=args.idle_timeout_s,
+            lease_renew_every_s=args.lease_renew_every_s,
         )
         app = build_app(
             scheduler=scheduler,

@@ -29,6 +29,7 @@ counts from the start of the prefill hop (what the client waits for).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -140,6 +141,7 @@ class Disaggregation:
         raw: bytes,
         request_id: str,
         may_retry: bool,
+        timeout_s: float = 60.0,
     ) -> DecodeRequest:
         """Run the prefill hop; the decode request to send. Raises `PrefillFailed` only when
         the failure is retriable and `may_retry` (the caller places the request again)."""
@@ -151,6 +153,7 @@ class Disaggregation:
                 url=f"http://{prefill_address}{path}",
                 body=prefill_body(body),
                 request_id=request_id,
+                timeout_s=timeout_s,
             )
         except PrefillFailed as failure:
             self.metrics.prefill_hops.labels(failure.reason).inc()
@@ -172,13 +175,21 @@ class Disaggregation:
         return DecodeRequest(body=decode_body(body, params), prefilled=True)
 
     async def _prefill(
-        self, *, session: aiohttp.ClientSession, url: str, body: bytes, request_id: str
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        request_id: str,
+        timeout_s: float,
     ) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
         try:
-            async with session.post(url, data=body, headers=headers) as response:
-                status = response.status
-                answer = await response.read()
+            # A prefill answers once its one token is out: a first-byte wait, retried on a miss.
+            async with asyncio.timeout(timeout_s):
+                async with session.post(url, data=body, headers=headers) as response:
+                    status = response.status
+                    answer = await response.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             logger.debug("request %s: prefill hop to %s failed: %r", request_id, url, error)
             raise PrefillFailed(

@@ -132,6 +132,9 @@ class FailOpenScheduler:
     async def cancel(self, *, pick_id: str) -> bool:
         return await self._primary.cancel(pick_id=pick_id)
 
+    async def renew(self, *, lease_ids: Sequence[str]) -> int:
+        return await self._primary.renew(lease_ids=lease_ids)
+
     async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
         return await self._primary.list_endpoints(model=model)
 

@@ -61,6 +61,8 @@ from twinroute.scheduler.api import (
 
 logger = logging.getLogger(__name__)
 
+CONTINUATION_START_TIMEOUT_S = 30.0
+
 
 class RouterMigrationMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -533,9 +535,12 @@ class SplicedStream:
             return
         url = f"http://{order.target.address}{self._path}"
         try:
-            response = await self._session.post(
-                url, data=json.dumps(body), headers={"Content-Type": "application/json"}
-            )
+            # A stream's headers come before its first token: a target this slow to take it
+            # is not one to move to.
+            async with asyncio.timeout(CONTINUATION_START_TIMEOUT_S):
+                response = await self._session.post(
+                    url, data=json.dumps(body), headers={"Content-Type": "application/json"}
+                )
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             coordinator.answer(
                 order,

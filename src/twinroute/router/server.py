@@ -29,6 +29,7 @@ server and the client sockets). The response names the engine in `x-twinroute-en
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -75,6 +76,8 @@ ENDPOINT_HEADER = "x-twinroute-endpoint"
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
 _REQUEST_ID_KEY = web.RequestKey("twinroute_request_id", str)
+# Lease ids per Renew call: one message stays well under gRPC's 4 MiB default.
+RENEW_BATCH = 10_000
 REASON_HEADER = "x-twinroute-reason"
 # A client's own TTFT objective for one request, in seconds.
 TTFT_SLO_HEADER = "x-twinroute-ttft-slo-s"
@@ -102,8 +105,29 @@ class RouterSettings:
     max_body_bytes: int = 16 * 1024 * 1024
     max_tokens_limit: int = 131_072
     connect_timeout_s: float = 2.0
-    # Whole-response limit; long generations are legitimate, so it is generous.
-    request_timeout_s: float = 600.0
+    # Per attempt, before anything reached the client, so a miss is retried elsewhere: a
+    # stream's first chunk (its time to first token, queueing included) ...
+    first_byte_timeout_s: float = 60.0
+    # ... and a non-streamed answer, which arrives whole (long generations are legitimate).
+    response_timeout_s: float = 600.0
+    # A started stream may run as long as it keeps sending; this long silent, it is broken.
+    idle_timeout_s: float = 60.0
+    # How often the leases of running requests are renewed at the scheduler (0 = never): a
+    # fraction of its lease TTL, so a long stream keeps its lease and a lost router's leases
+    # expire within the TTL.
+    lease_renew_every_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.lease_renew_every_s < 0:
+            raise ValueError(
+                f"--lease-renew-every-s must not be negative, got {self.lease_renew_every_s}"
+            )
+        for name in ("connect", "first_byte", "response", "idle"):
+            value = getattr(self, f"{name}_timeout_s")
+            if not value > 0:
+                flag = "--" + name.replace("_", "-") + "-timeout-s"
+                raise ValueError(f"{flag} must be positive, got {value}")
+
     # Estimate of model tokens per character, for the scheduler's TTFT model in text mode.
     tokens_per_char: float = 0.25
 
@@ -154,6 +178,13 @@ class RouterMetrics:
             ["endpoint"],
             registry=registry,
         )
+        self.timeouts = Counter(
+            "twinroute_router_engine_timeouts",
+            "Engine waits that ran out: first_byte (a stream's first chunk; retried elsewhere), "
+            "response (a whole answer; retried elsewhere), idle (a started stream went silent).",
+            ["kind"],
+            registry=registry,
+        )
         self.stream_errors = Counter(
             "twinroute_router_stream_errors",
             "Streams that an engine broke after the first chunk.",
@@ -169,8 +200,8 @@ class RouterMetrics:
         self.reports_lost = Counter(
             "twinroute_router_reports_lost",
             "Reports to the scheduler that did not arrive, by report (complete, first_token, "
-            "prefill_done, prefill_fell_back) and why (unreachable, refused); a lost Complete "
-            "holds its lease until the lease's time-to-live.",
+            "prefill_done, prefill_fell_back, renew) and why (unreachable, refused); a lost "
+            "Complete holds its lease until the lease's time-to-live.",
             ["report", "why"],
             registry=registry,
         )
@@ -235,6 +266,10 @@ class RouterServer:
         # Unique across router replicas and restarts, so ids never collide on a shared engine.
         self._prefix = f"twr-{uuid.uuid4().hex[:10]}"
         self._request_counters: dict[tuple[str, int], Any] = {}
+        # Placements with a lease, by lease id, until they complete: what `_renew_leases`
+        # keeps alive at the scheduler.
+        self._placed: dict[str, Placement] = {}
+        self._renewing: asyncio.Task[None] | None = None
         self._urls: dict[tuple[str, str], URL] = {}
         # vLLM's disaggregated prefill/decode protocol (router/disaggregated.py).
         self._disaggregation = Disaggregation(registry=self._registry, clock=clock)
@@ -249,16 +284,45 @@ class RouterServer:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
-        timeout = aiohttp.ClientTimeout(
-            total=self._settings.request_timeout_s, sock_connect=self._settings.connect_timeout_s
-        )
+        # No total: a healthy stream has no length limit. The deadlines are per attempt
+        # (`_forward`) and per silent stretch of a stream (`_IdleWatch`).
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout_s)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         )
         if self.migration is not None:
             await self.migration.start()
+        if self._settings.lease_renew_every_s > 0:
+            self._renewing = asyncio.get_running_loop().create_task(
+                self._renew_leases(), name="renew-leases"
+            )
+
+    async def _renew_leases(self) -> None:
+        """Every `lease_renew_every_s`, tell the scheduler which leases still run here."""
+        while True:
+            await asyncio.sleep(self._settings.lease_renew_every_s)
+            self._placed = {
+                lease_id: placement
+                for lease_id, placement in self._placed.items()
+                if not placement.done
+            }
+            lease_ids = list(self._placed)
+            for start in range(0, len(lease_ids), RENEW_BATCH):
+                try:
+                    await self._scheduler.renew(lease_ids=lease_ids[start : start + RENEW_BATCH])
+                except Exception as error:  # best effort: the next round tries again
+                    why = (
+                        "unreachable" if isinstance(error, SchedulerUnreachableError) else "refused"
+                    )
+                    self._metrics.reports_lost.labels("renew", why).inc()
+                    logger.debug("lease renewal failed: %s", error)
+                    break
 
     async def stop(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
         if self.migration is not None:
             await self.migration.stop()
         if self._background:
@@ -393,6 +457,8 @@ class RouterServer:
             except ValueError as error:  # InvalidPickError: the request itself is wrong
                 raise RequestError(str(error)) from None
             self._metrics.decisions.labels(placement.reason.value).inc()
+            if placement.lease_id:
+                self._placed[placement.lease_id] = placement
             try:
                 sent = self._clock()
                 body = raw
@@ -459,18 +525,28 @@ class RouterServer:
             url = URL(f"http://{address}{request.path}")
             if len(self._urls) < 4096:
                 self._urls[(address, request.path)] = url
+        # Until the first chunk of a stream, or the whole of any other answer, arrives: past
+        # this the attempt failed before the client saw anything, and is tried elsewhere.
+        deadline = asyncio.get_running_loop().time() + (
+            self._settings.first_byte_timeout_s
+            if parsed.stream
+            else self._settings.response_timeout_s
+        )
         try:
-            upstream = await self._session.post(
-                url, data=raw, headers={"Content-Type": "application/json"}
-            )
+            async with asyncio.timeout_at(deadline):
+                upstream = await self._session.post(
+                    url, data=raw, headers={"Content-Type": "application/json"}
+                )
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            self._count_timeout(error, first_byte=parsed.stream)
             raise _EngineFailed(
                 describe(error), detail=f"{type(error).__name__}: {error}"
             ) from None
         try:
             if upstream.status >= 500:
                 try:
-                    body = await upstream.read()
+                    async with asyncio.timeout_at(deadline):
+                        body = await upstream.read()
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
                     raise _EngineFailed(
                         f"HTTP {upstream.status}, then {describe(error)}", detail=str(error)
@@ -492,10 +568,11 @@ class RouterServer:
                     placement,
                     parsed,
                     sent=sent,
+                    deadline=deadline,
                     prompt_tokens=query.prompt_tokens,
                 )
             return await self._relay_whole(
-                upstream, placement, sent=sent, prompt_tokens=query.prompt_tokens
+                upstream, placement, sent=sent, deadline=deadline, prompt_tokens=query.prompt_tokens
             )
         finally:
             upstream.release()
@@ -521,6 +598,7 @@ class RouterServer:
             raw=raw,
             request_id=query.request_id,
             may_retry=may_retry,
+            timeout_s=self._settings.first_byte_timeout_s,
         )
         if decode.prefilled:
             self._report_soon(placement.progress("prefill_done"), what="prefill_done")
@@ -541,17 +619,24 @@ class RouterServer:
             headers[PREFILL_HEADER] = placement.prefill_endpoint.id
         return headers
 
+    def _count_timeout(self, error: BaseException, *, first_byte: bool) -> None:
+        if isinstance(error, TimeoutError):
+            self._metrics.timeouts.labels("first_byte" if first_byte else "response").inc()
+
     async def _relay_whole(
         self,
         upstream: aiohttp.ClientResponse,
         placement: Placement,
         *,
         sent: float,
+        deadline: float,
         prompt_tokens: int,
     ) -> web.Response:
         try:
-            body = await upstream.read()
+            async with asyncio.timeout_at(deadline):
+                body = await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            self._count_timeout(error, first_byte=False)
             raise _EngineFailed(
                 f"response broke: {describe(error)}", detail=f"{type(error).__name__}: {error}"
             ) from None
@@ -583,6 +668,7 @@ class RouterServer:
         parsed: ParsedRequest,
         *,
         sent: float,
+        deadline: float,
         prompt_tokens: int,
     ) -> web.StreamResponse:
         endpoint_id = placement.endpoint.id
@@ -598,8 +684,10 @@ class RouterServer:
                 endpoint_id=endpoint_id,
             )
         try:
-            first = await content.readany()
+            async with asyncio.timeout_at(deadline):
+                first = await content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            self._count_timeout(error, first_byte=True)
             raise _EngineFailed(
                 f"stream broke before its first chunk: {describe(error)}", detail=str(error)
             ) from None
@@ -612,13 +700,26 @@ class RouterServer:
         response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
         outcome: Outcome = "cancelled"
         events = 0
+        idle = _IdleWatch(self._settings.idle_timeout_s)
         try:
             await response.prepare(request)
             await response.write(first)
             events += first.count(b'"finish_reason":null')
             while True:
                 try:
+                    idle.waiting()
                     chunk = await content.readany()
+                    idle.received()
+                except asyncio.CancelledError:
+                    if not idle.fired():
+                        raise
+                    silence = TimeoutError(f"no data for {self._settings.idle_timeout_s:g} s")
+                    self._metrics.timeouts.labels("idle").inc()
+                    outcome = "stream_error"
+                    self._metrics.stream_errors.labels(self._metrics.endpoint(endpoint_id)).inc()
+                    logger.warning("endpoint %s went silent mid-stream: %s", endpoint_id, silence)
+                    await response.write(_stream_error(endpoint_id, silence))
+                    break
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
                     outcome = "stream_error"
                     self._metrics.stream_errors.labels(self._metrics.endpoint(endpoint_id)).inc()
@@ -637,6 +738,7 @@ class RouterServer:
             # The client went away mid-stream (aiohttp's ClientConnectionResetError is one).
             outcome = "cancelled"
         finally:
+            idle.stop()
             if spliced is not None:
                 spliced.close()
             self._report_soon(
@@ -667,6 +769,47 @@ class RouterServer:
         except Exception as error:  # whatever else went wrong, the request goes on
             self._metrics.reports_lost.labels(what, "refused").inc()
             logger.warning("the scheduler refused the %s report: %s", what, type(error).__name__)
+
+
+class _IdleWatch:
+    """A started stream's silence limit, without a timer per chunk: one timer per `limit_s`
+    checks whether the stream has been waiting for its next chunk that long, and if so
+    cancels the task reading it (which `fired` then tells apart from any other cancel).
+    Time spent writing to a slow client does not count."""
+
+    def __init__(self, limit_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._limit_s = limit_s
+        self._waiting_since: float | None = None
+        self._fired = False
+        self._handle = self._loop.call_later(limit_s, self._check)
+
+    def waiting(self) -> None:
+        self._waiting_since = self._loop.time()
+
+    def received(self) -> None:
+        self._waiting_since = None
+
+    def fired(self) -> bool:
+        """True (once) when this watch cancelled the task: the cancel is consumed."""
+        if not self._fired or self._task is None:
+            return False
+        self._fired = False
+        self._task.uncancel()
+        return True
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self._waiting_since
+        if since is not None and now - since >= self._limit_s and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+            return
+        self._handle = self._loop.call_at((since or now) + self._limit_s, self._check)
 
 
 class _Attempts:
