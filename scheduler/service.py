@@ -44,9 +44,18 @@ from twinroute.scheduler.keys import keys_from_text, keys_from_tokens, namespace
 from twinroute.scheduler.migration import Migrator
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.telemetry import SchedulerTelemetry
-from twinroute.scheduler.types import DecisionRecord, Endpoint, NoEndpointError, RoutingRequest
+from twinroute.scheduler.types import (
+    DecisionRecord,
+    Endpoint,
+    NoEndpointError,
+    PromptKeys,
+    RoutingRequest,
+)
 
 logger = logging.getLogger(__name__)
+
+# Prompts of at least this many key blocks are hashed on a worker thread.
+OFFLOAD_BLOCKS = 256
 
 
 class SchedulerService:
@@ -132,9 +141,34 @@ class SchedulerService:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _routing_request(self, query: PickQuery) -> RoutingRequest:
-        if not query.model:
-            raise InvalidPickError("model is required")
+    def _routing_request(
+        self, query: PickQuery, *, prompt: tuple[PromptKeys, int] | None = None
+    ) -> RoutingRequest:
+        """`prompt`: the prompt's keys and length when already computed (`prompt_keys`)."""
+        keys, prompt_tokens = prompt if prompt is not None else self.prompt_keys(query)
+        if query.ttft_slo_s is not None and query.ttft_slo_s <= 0:
+            raise InvalidPickError("ttft_slo_s must be positive when given")
+        if query.expected_output_tokens < 0:
+            raise InvalidPickError("expected_output_tokens must not be negative")
+        exclude = query.exclude_endpoints | self._model_filter(query.model)
+        return RoutingRequest(
+            request_id=query.request_id,
+            keys=keys,
+            prompt_tokens=prompt_tokens,
+            session_id=query.session_id,
+            expected_output_tokens=query.expected_output_tokens,
+            ttft_slo_s=query.ttft_slo_s,
+            exclude=exclude,
+        )
+
+    def _is_long(self, query: PickQuery) -> bool:
+        """Long enough that hashing its keys costs more than a hop to a worker thread (about
+        a millisecond: 256 blocks)."""
+        if query.token_ids is not None:
+            return len(query.token_ids) >= OFFLOAD_BLOCKS * self.settings.key_block_tokens
+        return len(query.text or "") >= OFFLOAD_BLOCKS * self.settings.key_block_chars
+
+    def _seed(self, query: PickQuery) -> int:
         seed_key = (query.model, query.lora_adapter, query.cache_salt)
         seed = self._seeds.get(seed_key)
         if seed is None:
@@ -143,6 +177,15 @@ class SchedulerService:
             seed = self._seeds[seed_key] = namespace_seed(
                 model=query.model, lora_adapter=query.lora_adapter, cache_salt=query.cache_salt
             )
+        return seed
+
+    def prompt_keys(self, query: PickQuery, *, seed: int | None = None) -> tuple[PromptKeys, int]:
+        """The prompt's prefix keys and its length in tokens; raises `InvalidPickError`. Pure
+        CPU work on its arguments (safe on a worker thread when `seed` is given)."""
+        if not query.model:
+            raise InvalidPickError("model is required")
+        if seed is None:
+            seed = self._seed(query)
         if query.token_ids is not None:
             prompt_tokens = len(query.token_ids)
             if prompt_tokens == 0:
@@ -160,29 +203,18 @@ class SchedulerService:
             )
         else:
             raise InvalidPickError("the prompt is empty (give token ids or text)")
-        if query.ttft_slo_s is not None and query.ttft_slo_s <= 0:
-            raise InvalidPickError("ttft_slo_s must be positive when given")
-        if query.expected_output_tokens < 0:
-            raise InvalidPickError("expected_output_tokens must not be negative")
-        exclude = query.exclude_endpoints | self._model_filter(query.model)
-        return RoutingRequest(
-            request_id=query.request_id,
-            keys=keys,
-            prompt_tokens=prompt_tokens,
-            session_id=query.session_id,
-            expected_output_tokens=query.expected_output_tokens,
-            ttft_slo_s=query.ttft_slo_s,
-            exclude=exclude,
-        )
+        return keys, prompt_tokens
 
-    def pick_now(self, query: PickQuery) -> PickAnswer:
+    def pick_now(
+        self, query: PickQuery, *, prompt: tuple[PromptKeys, int] | None = None
+    ) -> PickAnswer:
         """The decision of `pick`, synchronous (CPU work only), before any admission hold."""
         started = time.perf_counter()
         if query.pick_id and query.pick_id in self._cancelled_picks:
             self._refused("cancelled")
             raise InvalidPickError("this Pick was cancelled by its caller before it came")
         try:
-            request = self._routing_request(query)
+            request = self._routing_request(query, prompt=prompt)
             now = self._clock()
             if now >= self._next_expiry:
                 self.expire(now=now)
@@ -217,8 +249,16 @@ class SchedulerService:
         """Choose an endpoint and open a lease; raises the errors of `twinroute.scheduler.api`.
 
         With an admission queue, the answer of a request routed to a hotspot may be held
-        (and moved) before it is returned, never past `timeout_s` (the caller's deadline)."""
-        answer = self.pick_now(query)
+        (and moved) before it is returned, never past `timeout_s` (the caller's deadline).
+        A long prompt's keys are hashed on a worker thread first (`offload_long_prompts`)."""
+        prompt = None
+        if self.settings.offload_long_prompts and query.model and self._is_long(query):
+            try:
+                prompt = await asyncio.to_thread(self.prompt_keys, query, seed=self._seed(query))
+            except InvalidPickError:
+                self._refused("invalid")
+                raise
+        answer = self.pick_now(query, prompt=prompt)
         if self.admission is not None:
             slo = query.ttft_slo_s or self.core.policy.config.ttft_slo_s
             deadline = None if timeout_s is None else self._clock() + timeout_s

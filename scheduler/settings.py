@@ -63,6 +63,9 @@ class SchedulerSettings:
     # Tokens each engine's prefix cache holds, to size the scheduler's record of it; None: the
     # prefix index's default size.
     prefix_capacity_tokens: int | None = None
+    # Hash long prompts' prefix keys on a worker thread (numpy releases the GIL), so one huge
+    # prompt does not stall every other request on the event loop; off: inline, always.
+    offload_long_prompts: bool = True
     # -- load --------------------------------------------------------------------------------
     # A lease whose Complete never came closes after this long.
     lease_ttl_s: float = 600.0

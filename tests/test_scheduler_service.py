@@ -273,6 +273,36 @@ async def test_a_renewed_lease_outlives_its_ttl_and_an_abandoned_one_does_not(
     assert not await harness.client.complete(lease_id=lost.lease_id)  # expired long ago
 
 
+async def test_long_prompts_hashed_on_a_thread_place_exactly_as_inline() -> None:
+    """Offloading changes where the hashing runs, never its result: the same long prompts
+    (text and token ids, over the offload threshold) go to the same endpoints with the same
+    expected cache hits, and bad ones are refused the same way."""
+    answers = []
+    for offload in (True, False):
+        settings = SchedulerSettings(
+            policy="dualmap", key_block_tokens=16, key_block_chars=64, offload_long_prompts=offload
+        )
+        service = build_service(settings)
+        service.set_endpoints(
+            [Endpoint(id=f"e{i}", address=f"127.0.0.1:{8000 + i}", model=MODEL) for i in range(4)]
+        )
+        placed = []
+        for i in range(6):
+            text = f"document {i % 3} " + "lorem ipsum " * 4000  # 48 KiB: 750 blocks of 64
+            ids = tokens(16 * 400, start=1000 * (i % 2))  # 400 blocks of 16
+            for query in (
+                PickQuery(request_id=f"t{i}", model=MODEL, text=text),
+                PickQuery(request_id=f"i{i}", model=MODEL, token_ids=ids),
+            ):
+                placement = await service.pick(query)
+                placed.append((placement.endpoint.id, placement.expected_cached_blocks))
+        with pytest.raises(InvalidPickError):
+            await service.pick(PickQuery(request_id="x", model=MODEL, token_ids=[-1] * 20000))
+        answers.append(placed)
+    assert answers[0] == answers[1]
+    assert any(cached for _, cached in answers[0])  # the repeats found their prefixes
+
+
 async def test_drain_waits_for_leases_and_stops_routing(harness: Harness) -> None:
     answer = await harness.client.pick(PickQuery(request_id="r", model=MODEL, token_ids=tokens(64)))
     target = answer.endpoint.id

@@ -56,6 +56,8 @@ ROUTERS = ("twinroute_dualmap", "twinroute_round_robin", "sglang_cache_aware", "
 PEERS = {"sglang": "sglang-router==0.3.2", "vllm": "vllm-router==0.1.17"}
 PEERS_VENV = Path(".tools/peers-venv")
 MODEL = "twinroute-sim"
+# A twinroute router named with this suffix runs with --offload=off (for comparison).
+INLINE_SUFFIX = "_inline"
 TRACE_BLOCK_TOKENS = 512
 # `--admission-hold on`: the longest a scheduler holds a Pick answer.
 ADMISSION_MAX_HOLD_S = 3.0
@@ -337,9 +339,12 @@ async def start_router(
     shape: TextShape = TextShape(),
     admission_hold: bool = False,
     endpoints_file: Path | None = None,
+    router_args: Sequence[str] = (),
 ) -> list[Any]:
     """Start `name` (`twinroute|sglang|vllm` + `_` + policy) in front of the engines; returns
-    its processes, the router last."""
+    its processes, the router last. A twinroute name ending in `_inline` runs with
+    `--offload=off` (long prompts tokenized and hashed on the event loop), for comparison;
+    `router_args` go to twinroute routers as they are."""
     from twinroute.bench.processes import (
         free_port,
         start_announced,
@@ -349,7 +354,8 @@ async def start_router(
 
     log = str(logs / f"{name}.log")
     if name.startswith("twinroute_"):
-        policy = name.removeprefix("twinroute_").removesuffix(PD_SUFFIX)
+        inline = name.endswith(INLINE_SUFFIX)
+        policy = name.removeprefix("twinroute_").removesuffix(INLINE_SUFFIX).removesuffix(PD_SUFFIX)
         endpoints = ",".join(
             f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
         )
@@ -358,6 +364,8 @@ async def start_router(
             f"--model={MODEL}",
             f"--endpoints={endpoints}",
             f"--tokens-per-char={shape.tokens_per_char:.4f}",
+            *(["--offload=off"] if inline else []),
+            *router_args,
         ]
         if scheduler_mode == "embedded":
             argv = twinroute_argv(

@@ -10,13 +10,23 @@ the direct path's percentile, measured in the same run on the same engines.
 Targets: twinroute adds p50 <= 1 ms and p99 <= 5 ms at 200 req/s on the 2-core
 machine, and no more than vllm-router's round_robin.
 
+Under long prompts (`--long-prompt-kib K --long-every-s S`): beside the measured short
+requests, one request with a K KiB prompt goes to the same path every S seconds, and only the
+short requests' latency is measured: what one long prompt's tokenizing and hashing costs every
+other request on the router's event loop. `twinroute_<policy>_inline` runs the same router with
+`--offload=off` (that work inline) for the side-by-side comparison; `--tokenizer` gives the
+twinroute routers a tokenizer. Router CPU seconds per request come from /proc.
+
 Run:  twinroute bench router-overhead --rate 200 --duration 20
+      twinroute bench router-overhead --routers twinroute_dualmap,twinroute_dualmap_inline \
+          --long-prompt-kib 512 --long-every-s 0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -30,12 +40,42 @@ import numpy.typing as npt
 from twinroute.bench import command_line
 from twinroute.bench.live import MODEL, ensure_peers, start_router
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
+from twinroute.bench.scheduler_pick import cpu_seconds
 
 DEFAULT_ROUTERS = "twinroute_round_robin,vllm_round_robin"
 
 
+async def long_prompts(
+    *, urls: list[str], kib: int, every_s: float, until: float, session: aiohttp.ClientSession
+) -> None:
+    """One request with a `kib` KiB prompt (distinct words, so nothing is shared) every
+    `every_s` until `until`; their latency is not measured."""
+    words = "".join(f"w{i} " for i in range(kib * 1024 // 5))[: kib * 1024]
+    rotation = itertools.cycle(urls)
+    pending: list[asyncio.Task[None]] = []
+
+    async def one(index: int, url: str) -> None:
+        body = {"model": MODEL, "prompt": f"{index} {words}", "max_tokens": 1}
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                await response.read()
+
+    index = 0
+    while time.perf_counter() < until:
+        pending.append(asyncio.create_task(one(index, next(rotation))))
+        index += 1
+        await asyncio.sleep(every_s)
+    await asyncio.gather(*pending)
+
+
 async def load(
-    *, urls: list[str], rate: float, duration_s: float, session: aiohttp.ClientSession
+    *,
+    urls: list[str],
+    rate: float,
+    duration_s: float,
+    session: aiohttp.ClientSession,
+    long_prompt_kib: int = 0,
+    long_every_s: float = 1.0,
 ) -> npt.NDArray[np.float64]:
     """Open-loop: request i leaves at i / rate; returns latencies (NaN for failures)."""
     count = int(rate * duration_s)
@@ -55,6 +95,18 @@ async def load(
 
     tasks = []
     start = time.perf_counter()
+    if long_prompt_kib > 0:
+        tasks.append(
+            asyncio.create_task(
+                long_prompts(
+                    urls=urls,
+                    kib=long_prompt_kib,
+                    every_s=long_every_s,
+                    until=start + duration_s,
+                    session=session,
+                )
+            )
+        )
     for index in range(count):
         delay = start + index / rate - time.perf_counter()
         if delay > 0:
@@ -89,21 +141,36 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     paths: dict[str, list[str]] = {"direct": urls}
     started: list[Any] = []
     results: dict[str, Any] = {}
+    pids: dict[str, list[int]] = {"direct": []}
+    router_args = [f"--tokenizer={args.tokenizer}"] if args.tokenizer else []
     try:
         for name in [n for n in args.routers.split(",") if n]:
             processes = await start_router(
-                name, engine_urls=urls, logs=logs, scheduler_mode=args.scheduler, slo_s=5.0
+                name,
+                engine_urls=urls,
+                logs=logs,
+                scheduler_mode=args.scheduler,
+                slo_s=5.0,
+                router_args=router_args if name.startswith("twinroute_") else (),
             )
             started.extend(processes)
             paths[name] = [processes[-1].url]
+            pids[name] = [p.process.pid for p in processes]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for name, targets in paths.items():
                 print(f"  {name}: warm-up, then {args.rate:g} req/s for {args.duration:g}s")
                 await load(urls=targets, rate=args.rate, duration_s=2.0, session=session)
+                cpu_before = sum(cpu_seconds(pid) for pid in pids[name])
                 latency = await load(
-                    urls=targets, rate=args.rate, duration_s=args.duration, session=session
+                    urls=targets,
+                    rate=args.rate,
+                    duration_s=args.duration,
+                    session=session,
+                    long_prompt_kib=args.long_prompt_kib,
+                    long_every_s=args.long_every_s,
                 )
+                cpu = sum(cpu_seconds(pid) for pid in pids[name]) - cpu_before
                 ok = latency[~np.isnan(latency)]
                 results[name] = {
                     "requests": len(latency),
@@ -111,6 +178,9 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "p50_ms": float(np.percentile(ok, 50) * 1000),
                     "p90_ms": float(np.percentile(ok, 90) * 1000),
                     "p99_ms": float(np.percentile(ok, 99) * 1000),
+                    "p999_ms": float(np.percentile(ok, 99.9) * 1000),
+                    # Router processes' CPU over the measured requests (long ones included).
+                    "router_cpu_ms_per_request": 1000 * cpu / max(1, len(latency)),
                     "latency_ms": [round(float(x) * 1000, 3) for x in ok],
                 }
     finally:
@@ -127,13 +197,15 @@ def report(results: dict[str, Any], *, out: Path, command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        "| path | p50 (ms) | p90 (ms) | p99 (ms) | added p50 (ms) | added p99 (ms) | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | p50 (ms) | p90 (ms) | p99 (ms) | p99.9 (ms) | added p50 (ms) "
+        "| added p99 (ms) | router CPU (ms/request) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} | {r['errors']} |"
+            f"| {r['p999_ms']:.2f} | {r['added_p50_ms']:+.2f} | {r['added_p99_ms']:+.2f} "
+            f"| {r['router_cpu_ms_per_request']:.3f} | {r['errors']} |"
         )
     import matplotlib
 
@@ -164,6 +236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routers", default=DEFAULT_ROUTERS)
     parser.add_argument("--time-scale", type=float, default=1e-4)
     parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="embedded")
+    parser.add_argument(
+        "--long-prompt-kib", type=int, default=0,
+        help="beside the measured requests, one with a prompt this long every --long-every-s",
+    )  # fmt: skip
+    parser.add_argument("--long-every-s", type=float, default=1.0)
+    parser.add_argument("--tokenizer", help="tokenizer.json for the twinroute routers")
     parser.add_argument("--out", type=Path, default=Path("results/router_overhead"))
 
 

@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
     parser.add_argument(
+        "--offload", choices=("on", "off"), default="on",
+        help="tokenize (and, embedded, hash) long prompts on worker threads, off the event "
+        "loop; off: inline (for comparison)",
+    )  # fmt: skip
+    parser.add_argument(
         "--scheduler-timeout-s", type=float, default=1.0,
         help="seconds a Pick or Complete to --scheduler may take (a scheduler that holds "
         "hotspot requests, `--admission-hold on`, needs its max hold plus a margin)",
@@ -167,6 +172,7 @@ def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
         tokens_per_char=args.tokens_per_char,
         admission_hold=args.admission_hold == "on",
         migration=args.migration,
+        offload_long_prompts=args.offload == "on",
         served_models=tuple(args.model),
         **given,
     )
@@ -307,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
             response_timeout_s=args.response_timeout_s,
             idle_timeout_s=args.idle_timeout_s,
             lease_renew_every_s=args.lease_renew_every_s,
+            offload=args.offload == "on",
         )
         app = build_app(
             scheduler=scheduler,

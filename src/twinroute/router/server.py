@@ -76,6 +76,9 @@ ENDPOINT_HEADER = "x-twinroute-endpoint"
 REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
 _REQUEST_ID_KEY = web.RequestKey("twinroute_request_id", str)
+# Shorter prompts are tokenized inline: under about a millisecond, less than the thread hop
+# costs the loop in contention. Longer ones go to a worker thread.
+TOKENIZE_INLINE_BELOW_CHARS = 2048
 # Lease ids per Renew call: one message stays well under gRPC's 4 MiB default.
 RENEW_BATCH = 10_000
 REASON_HEADER = "x-twinroute-reason"
@@ -97,6 +100,13 @@ class Tokenizer:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
         return ids
 
+    def encode_releasing_the_gil(self, text: str) -> list[int]:
+        """`encode` for a worker thread: the batch call lets go of the GIL while it works
+        (`encode` holds it throughout, so a thread would still stall the event loop)."""
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=False)
+        ids: list[int] = encoding.ids
+        return ids
+
 
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
@@ -116,6 +126,9 @@ class RouterSettings:
     # fraction of its lease TTL, so a long stream keeps its lease and a lost router's leases
     # expire within the TTL.
     lease_renew_every_s: float = 30.0
+    # Tokenize long prompts on a worker thread (Hugging Face tokenizers release the GIL), so
+    # one long prompt does not stall every stream on the event loop; off: inline, always.
+    offload: bool = True
 
     def __post_init__(self) -> None:
         if self.lease_renew_every_s < 0:
@@ -396,18 +409,21 @@ class RouterServer:
             served_models=self._settings.models,
             max_tokens_limit=self._settings.max_tokens_limit,
         )
-        query = self._query(parsed, request)
+        query = await self._query(parsed, request)
         self._metrics.in_flight.inc()
         try:
             return await self._serve(request, raw, parsed, query)
         finally:
             self._metrics.in_flight.dec()
 
-    def _query(self, parsed: ParsedRequest, request: web.Request) -> PickQuery:
+    async def _query(self, parsed: ParsedRequest, request: web.Request) -> PickQuery:
         token_ids: Sequence[int] | None = parsed.prompt_token_ids
         text = parsed.prompt_text
         if token_ids is None and self._tokenizer is not None and text is not None:
-            token_ids = self._tokenizer.encode(text)
+            if self._settings.offload and len(text) >= TOKENIZE_INLINE_BELOW_CHARS:
+                token_ids = await asyncio.to_thread(self._tokenizer.encode_releasing_the_gil, text)
+            else:
+                token_ids = self._tokenizer.encode(text)
         request_id = f"{self._prefix}-{next(self._request_numbers)}"
         # The client's id is kept for correlation, never trusted to be unique (an engine
         # refuses an id already running) nor safe to log or to put in a header.
