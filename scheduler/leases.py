@@ -149,6 +149,11 @@ class LeaseTable:
             lease.prefilled = True
         return lease
 
+    def issued_here(self, lease_id: str) -> bool:
+        """Whether this table could have issued `lease_id` (ids carry a per-process prefix,
+        so a lease of a scheduler process before a restart is told apart)."""
+        return lease_id.startswith(self._id_prefix)
+
     def renew(self, lease_id: str, *, now: float) -> bool:
         """Its holder still runs it: the TTL starts again. False for an unknown lease."""
         lease = self._leases.get(lease_id)

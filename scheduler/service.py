@@ -294,7 +294,12 @@ class SchedulerService:
             output_tokens=output_tokens,
         )
         if self.telemetry is not None:
-            self.telemetry.observe_complete(lease, outcome=outcome, observed_ttft_s=observed)
+            self.telemetry.observe_complete(
+                lease,
+                outcome=outcome,
+                observed_ttft_s=observed,
+                foreign=lease is None and not self.core.leases.issued_here(lease_id),
+            )
         if lease is not None:
             self._wake_drainers(lease.endpoint_id)
         return lease is not None

@@ -248,7 +248,9 @@ class SchedulerTelemetry(ScrapeListener):
         )
         self.completions = Counter(
             f"{NAMESPACE}_completions",
-            "Complete calls by outcome (unknown = lease already closed or expired).",
+            "Complete calls by outcome (unknown = a lease of this process already closed or "
+            "expired; foreign = a lease id this process never issued, e.g. from before a "
+            "restart, ignored).",
             ["outcome"],
             registry=registry,
         )
@@ -306,9 +308,16 @@ class SchedulerTelemetry(ScrapeListener):
         self.cancels.labels("closed" if closed else "early").inc()
 
     def observe_complete(
-        self, lease: Lease | None, *, outcome: str, observed_ttft_s: float | None
+        self,
+        lease: Lease | None,
+        *,
+        outcome: str,
+        observed_ttft_s: float | None,
+        foreign: bool = False,
     ) -> None:
-        self.completions.labels(outcome if lease is not None else "unknown").inc()
+        if lease is None:
+            outcome = "foreign" if foreign else "unknown"
+        self.completions.labels(outcome).inc()
         if lease is None or observed_ttft_s is None or outcome != "success":
             return
         self._observed.observe(observed_ttft_s)

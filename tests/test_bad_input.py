@@ -6,29 +6,47 @@
   requests with wrong field types, absurd numbers and huge prompts: every answer is either a
   success or a 4xx in OpenAI's error format whose message says something, never a 5xx, and the
   process is still healthy afterwards;
+- the same router gets 10,000 requests to random paths: 404/405, and not one new metric
+  series (requests are labelled by the route that matched);
+- a `twinroute scheduler` process with a token gets every data-plane and admin RPC with no
+  token and with a wrong one: all refused, nothing placed, no lease closed;
 - the ModelPool parser gets specs with one field replaced by an arbitrary JSON value: it
   accepts (and the children render) or raises `SpecError` naming a field, nothing else.
+
+Chat requests without `max_tokens` across a drain (the answer is whole, not cut at a default)
+are in `test_router_migration.py`, with the migration machinery they need.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import copy
 import json
 import pathlib
+import random
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
+import grpc
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twinroute.operator.render import Owner, RenderSettings, render_children
 from twinroute.operator.spec import SpecError, parse_pool
+from twinroute.scheduler.api import PickQuery
+from twinroute.scheduler.client import SchedulerClient
+from twinroute.v1 import scheduler_pb2 as pb
+from twinroute.v1 import scheduler_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = "sim-model"
@@ -213,6 +231,125 @@ def test_edge_cases_get_an_answer_that_says_what_was_wrong(
 ) -> None:
     url, _ = router
     check_answer(*post(url + "/v1/completions", raw))
+
+
+def test_ten_thousand_random_paths_add_no_metric_series(
+    router: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, _ = router
+
+    def series() -> set[str]:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        return {line.rsplit(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"}
+
+    before = series()
+    rng = random.Random(7)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789/._-~%"
+    paths: set[str] = set()
+    while len(paths) < 10_000:
+        paths.add("/" + "".join(rng.choices(alphabet, k=rng.randint(1, 40))))
+
+    async def hammer() -> list[int]:
+        limit = asyncio.Semaphore(32)
+        async with aiohttp.ClientSession() as session:
+
+            async def one(path: str) -> int:
+                async with limit:
+                    method = session.get if len(path) % 2 else session.post
+                    async with method(url + path) as answer:
+                        await answer.read()
+                        return answer.status
+
+            return await asyncio.gather(*(one(path) for path in sorted(paths)))
+
+    statuses = asyncio.run(hammer())
+    assert len(statuses) == 10_000
+    assert set(statuses) <= {400, 404, 405}, collections.Counter(statuses)
+    after = series()
+    # Counts change, series do not: at most the "other" route's own series appear.
+    new = {name for name in after - before if "twinroute_router_requests" not in name}
+    assert not new, sorted(new)[:10]
+    routes = {name for name in after if name.startswith("twinroute_router_requests_total")}
+    assert len(routes) <= 12, sorted(routes)
+
+
+def test_unauthenticated_scheduler_calls_are_refused() -> None:
+    """Every call of a scheduler with a token, without it and with a wrong one: refused, and
+    the lease a pool's own router opened stays open."""
+    token = "pool-token-" + "x" * 40
+    port = _free_port()
+    with tempfile.NamedTemporaryFile("w", suffix=".token", delete=False) as handle:
+        handle.write(token)
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "twinroute", "scheduler", f"--listen=127.0.0.1:{port}",
+         "--metrics-listen=", f"--model={MODEL}", "--static-endpoints=e0=127.0.0.1:1",
+         "--scrape-interval-s=0", f"--admin-token-file={handle.name}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert scheduler.stdout is not None
+        assert "scheduler listening" in scheduler.stdout.readline().decode()
+        asyncio.run(_refused_calls(f"127.0.0.1:{port}", token))
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=10)
+        pathlib.Path(handle.name).unlink()
+
+
+async def _refused_calls(target: str, token: str) -> None:
+    own = SchedulerClient(target=target, admin_token=token, timeout_s=5)
+    try:
+        placed = await own.pick(PickQuery(request_id="own", model=MODEL, text="hello " * 20))
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            lease = placed.lease_id
+            calls = {
+                "Pick": lambda md: stub.Pick(
+                    pb.PickRequest(request_id="x", model=MODEL, prompt=pb.Prompt(text="hi")),
+                    metadata=md,
+                ),
+                "Complete": lambda md: stub.Complete(
+                    pb.CompleteRequest(lease_id=lease), metadata=md
+                ),
+                "Progress": lambda md: stub.Progress(
+                    pb.ProgressRequest(lease_id=lease, event=pb.PROGRESS_EVENT_FIRST_TOKEN),
+                    metadata=md,
+                ),
+                "Cancel": lambda md: stub.Cancel(pb.CancelRequest(pick_id="p"), metadata=md),
+                "Renew": lambda md: stub.Renew(pb.RenewRequest(lease_ids=[lease]), metadata=md),
+                "ListEndpoints": lambda md: stub.ListEndpoints(
+                    pb.ListEndpointsRequest(), metadata=md
+                ),
+                "Explain": lambda md: stub.Explain(pb.ExplainRequest(), metadata=md),
+                "Drain": lambda md: stub.Drain(pb.DrainRequest(endpoint_id="e0"), metadata=md),
+                "Undrain": lambda md: stub.Undrain(
+                    pb.UndrainRequest(endpoint_id="e0"), metadata=md
+                ),
+            }
+            for name, call in calls.items():
+                for metadata, code in (
+                    (None, grpc.StatusCode.UNAUTHENTICATED),
+                    (
+                        (("authorization", f"Bearer {token[::-1]}"),),
+                        grpc.StatusCode.PERMISSION_DENIED,
+                    ),
+                    ((("authorization", token),), grpc.StatusCode.PERMISSION_DENIED),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call(metadata)
+                    assert caught.value.code() == code, name
+        statuses = {s.endpoint.id: s for s in await own.list_endpoints()}
+        assert statuses["e0"].routable and statuses["e0"].load.in_flight == 1
+        assert await own.complete(lease_id=placed.lease_id)  # still open: closed only now
+    finally:
+        await own.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def test_router_is_healthy_after_all_of_it(router: tuple[str, subprocess.Popen[bytes]]) -> None:

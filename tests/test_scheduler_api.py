@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 from twinroute.scheduler.api import (
     EndpointStatus,
     NoEndpointError,
@@ -232,8 +233,10 @@ async def test_fail_open_passes_the_schedulers_own_answers_through(
     assert [c.lease_id for c in servicer.completes] == ["lease-1"]
 
 
-def in_process() -> SchedulerService:
-    service = build_service(SchedulerSettings(policy="round_robin", served_models=("m",)))
+def in_process(registry: CollectorRegistry | None = None) -> SchedulerService:
+    service = build_service(
+        SchedulerSettings(policy="round_robin", served_models=("m",)), registry=registry
+    )
     service.set_endpoints([Endpoint(id=f"e{i}", address=f"127.0.0.1:{i + 1}") for i in range(2)])
     return service
 
@@ -282,12 +285,23 @@ async def test_lease_ids_never_repeat_across_scheduler_restarts() -> None:
     placed after it: every scheduler process names its leases apart."""
     before = in_process()
     old = await before.pick(query(request_id="old", text="hello " * 40))
-    restarted = in_process()
+    registry = CollectorRegistry()
+    restarted = in_process(registry)
     new = await restarted.pick(query(request_id="new", text="hello " * 40))
     assert old.lease_id != new.lease_id
     # The old router's report reaches the restarted scheduler: it knows no such lease.
     assert not await restarted.complete(lease_id=old.lease_id, outcome="success")
     assert restarted.core.leases.get(new.lease_id) is not None
+    # ... and says so apart from a lease of its own closed twice.
+    assert await restarted.complete(lease_id=new.lease_id)
+    assert not await restarted.complete(lease_id=new.lease_id)
+    completions = {
+        outcome: registry.get_sample_value(
+            "twinroute_scheduler_completions_total", {"outcome": outcome}
+        )
+        for outcome in ("success", "unknown", "foreign")
+    }
+    assert completions == {"success": 1.0, "unknown": 1.0, "foreign": 1.0}
 
 
 async def test_a_reason_this_side_does_not_know_still_places_and_reports(

@@ -1,8 +1,9 @@
 """`twinroute bench soak`: sustained traffic through the real processes, optionally with faults.
 
-Starts `--engines` engine-sim processes, `twinroute scheduler` (static endpoints, gRPC) and
-`twinroute router --scheduler ... --endpoints ...` (the endpoints are its fail-open fallback
-when the scheduler is unreachable), all on 127.0.0.1, then sends open-loop Poisson traffic at
+Starts `--engines` engine-sim processes, `twinroute scheduler` (static endpoints, gRPC, a
+token) and `twinroute router --scheduler ...` as the operator renders it (the token, no
+`--endpoints`: it fails open to the endpoints it learnt from the scheduler), all on
+127.0.0.1, then sends open-loop Poisson traffic at
 `--rate` requests/s for `--duration` seconds (a bounded loop: it stops by itself and then
 waits at most `--request-timeout` for the requests in flight). Prompts come from `--groups`
 long shared system prompts plus a distinct user turn; every other request streams.
@@ -18,10 +19,17 @@ With `--chaos`, faults at fixed fractions of the run, each with a window (start 
   requests not yet streaming are retried on the other candidate.
 - `engine_hung`: SIGSTOP engine 1 for 3 s, then SIGCONT (timeouts, marked unhealthy,
   recovered).
-- `scheduler_restarted`: SIGTERM the scheduler and start it again on the same port; the
-  router fails open to round robin meanwhile.
+- `drain_without_token`: a Drain of engine 1 with no token, then one with a wrong token:
+  both refused (UNAUTHENTICATED, PERMISSION_DENIED), counted in the scheduler's
+  `calls_refused_total`, logged, and engine 1 stays in routing.
+- `scheduler_restarted`: with `LONG_STREAMS` long streams running, SIGTERM the scheduler and
+  start it again on the same port; the router fails open to round robin meanwhile. The long
+  streams finish after the restart, so their Completes reach the new process: checked from its
+  records at the end of the run, every Complete of a lease it issued found its lease (none
+  `unknown`: no earlier Complete closed it), the old ones were told apart (`foreign`), and no
+  lease is left open or expired.
 Each fault reports the requests whose lifetime overlaps its window, how many failed and why,
-and the window's latency p50/p99 beside the run's.
+the window's latency p50/p99 beside the run's, and its checks (`checks`, each true or false).
 
 The JSON (`--json`) has `requests`, `ok`, `failed_requests`, `failure_kinds`, `achieved_rps`,
 latency percentiles, `rss_start_mb` / `rss_end_mb` per process (also under `processes`),
@@ -37,6 +45,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import signal
 import sys
 import time
@@ -46,12 +55,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 MODEL = "twinroute-sim"
 FAULT_SETTLE_S = 5.0
 PROGRESS_EVERY_S = 5.0
+# Streams running across the scheduler restart, long enough to outlast it: about
+# LONG_STREAM_S, at engine-sim's decode pace of about 6 ms a token (time scale 1) alone.
+LONG_STREAMS = 4
+LONG_STREAM_S = 4.0
+ENGINE_SIM_TOKEN_S = 0.006
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +97,9 @@ class RequestResult:
     failure: str  # "" when the request succeeded
     detail: str = ""  # what the router or the connection said, for failures
     ended_s: float = 0.0  # on the run's clock, set when the answer is complete
+    # One of the long streams run across the scheduler restart: counted like any request,
+    # left out of the latency percentiles (it lasts seconds by design).
+    long: bool = False
 
 
 @dataclass(slots=True)
@@ -88,6 +108,7 @@ class FaultWindow:
     start_s: float
     end_s: float = 0.0
     detail: str = ""
+    checks: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -101,9 +122,18 @@ class Stack:
     engines: list[ServerProcess] = field(default_factory=list)
     scheduler: ServerProcess | None = None
     router: ServerProcess | None = None
+    token: str = field(default_factory=lambda: secrets.token_hex(24))
 
-    def _log(self, name: str) -> str:
+    def log_path(self, name: str) -> str:
         return str(self.args.log_dir / f"{name}.log")
+
+    @property
+    def token_file(self) -> Path:
+        return Path(self.args.log_dir) / "pool-token"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     async def start_engine(self, index: int) -> ServerProcess:
         return await start_announced(
@@ -115,7 +145,7 @@ class Stack:
                 f"--instance-id=engine-{index}",
                 f"--time-scale={self.args.time_scale}",
             ),
-            log_path=self._log(f"engine-{index}"),
+            log_path=self.log_path(f"engine-{index}"),
             timeout_s=90,
         )
 
@@ -132,13 +162,16 @@ class Stack:
                 f"--policy={self.args.policy}",
                 f"--model={MODEL}",
                 f"--static-endpoints={self.endpoints()}",
+                f"--admin-token-file={self.token_file}",
                 "--log-level=WARNING",
             ),
-            log_path=self._log("scheduler"),
+            log_path=self.log_path("scheduler"),
             timeout_s=90,
         )
 
     async def start(self) -> None:
+        self.token_file.write_text(self.token)
+        self.token_file.chmod(0o600)
         self.engines = list(
             await asyncio.gather(*(self.start_engine(i) for i in range(len(self.engine_ports))))
         )
@@ -150,9 +183,10 @@ class Stack:
                 "--port=0",
                 f"--model={MODEL}",
                 f"--scheduler=127.0.0.1:{self.scheduler_port}",
-                f"--endpoints={self.endpoints()}",
+                f"--scheduler-token-file={self.token_file}",
+                "--fail-open-learn-every-s=1",
             ),
-            log_path=self._log("router"),
+            log_path=self.log_path("router"),
             timeout_s=90,
         )
 
@@ -288,7 +322,95 @@ async def traffic(
             await asyncio.gather(*pending)
 
 
-async def chaos(*, stack: Stack, args: argparse.Namespace, t0: float) -> list[FaultWindow]:
+async def scheduler_samples(stack: Stack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The scheduler's metrics now: {(sample name, sorted labels): value}."""
+    async with aiohttp.ClientSession() as session, session.get(stack.metrics_url) as response:
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def unauthenticated_drains(stack: Stack) -> dict[str, Any]:
+    """Drain engine 1 with no token, then with a wrong one: both refused, logged, counted,
+    and the engine still routable."""
+    codes = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.scheduler_port}") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        for metadata in (None, (("authorization", "Bearer not-the-token"),)):
+            try:
+                await stub.Drain(
+                    scheduler_pb2.DrainRequest(endpoint_id="engine-1"), metadata=metadata, timeout=5
+                )
+                codes.append("OK")
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code().name)
+    samples = await scheduler_samples(stack)
+    refused = {
+        why: samples.get(
+            ("twinroute_scheduler_calls_refused_total", (("call", "Drain"), ("why", why))), 0.0
+        )
+        for why in ("missing_token", "wrong_token")
+    }
+    routable = samples.get(
+        ("twinroute_scheduler_endpoint_routable", (("endpoint", "engine-1"),)), 0.0
+    )
+    log = await asyncio.to_thread(Path(stack.log_path("scheduler")).read_text, errors="replace")
+    return {
+        "refused": codes == ["UNAUTHENTICATED", "PERMISSION_DENIED"],
+        "counted": refused == {"missing_token": 1.0, "wrong_token": 1.0},
+        "logged": "refused Drain" in log,
+        "still_routable": routable == 1.0,
+        "codes": codes,
+    }
+
+
+async def scheduler_records(stack: Stack) -> dict[str, Any]:
+    """After the run, from the restarted scheduler's own counters: no Complete of a lease it
+    issued came back unknown (so none was closed by another request's Complete), the
+    Completes of leases from before the restart were told apart, nothing is open or expired."""
+    samples = await scheduler_samples(stack)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    foreign = value("twinroute_scheduler_completions_total", outcome="foreign")
+    unknown = value("twinroute_scheduler_completions_total", outcome="unknown")
+    open_leases = value("twinroute_scheduler_leases_open")
+    expired = value("twinroute_scheduler_leases_expired_total")
+    return {
+        "every_complete_found_its_own_lease": unknown == 0,
+        "completes_from_before_the_restart_told_apart": foreign >= 1,
+        "no_lease_left_open_or_expired": open_leases == 0 and expired == 0,
+        "foreign_completes": foreign,
+        "unknown_completes": unknown,
+        "leases_open": open_leases,
+        "leases_expired": expired,
+    }
+
+
+async def long_stream(
+    session: aiohttp.ClientSession, *, router_url: str, index: int, t0: float, time_scale: float
+) -> RequestResult:
+    outcome = await send_one(
+        session,
+        router_url=router_url,
+        index=2 * index,  # even: streamed
+        groups=1,
+        max_tokens=round(LONG_STREAM_S / (ENGINE_SIM_TOKEN_S * time_scale)),
+        started_s=time.monotonic() - t0,
+        clock=time.monotonic,
+    )
+    outcome.ended_s = time.monotonic() - t0
+    outcome.long = True
+    return outcome
+
+
+async def chaos(
+    *, stack: Stack, args: argparse.Namespace, t0: float, outcomes: list[RequestResult]
+) -> list[FaultWindow]:
     windows: list[FaultWindow] = []
 
     async def at(fraction: float) -> None:
@@ -321,13 +443,48 @@ async def chaos(*, stack: Stack, args: argparse.Namespace, t0: float) -> list[Fa
     window.end_s = now()
     windows.append(window)
 
-    # The scheduler restarted under load.
-    await at(0.7)
-    window = FaultWindow(name="scheduler_restarted", start_s=now(), detail="SIGTERM + restart")
-    assert stack.scheduler is not None
-    await stack.scheduler.stop()
-    stack.scheduler = await stack.start_scheduler()
+    # Drains without the pool's token.
+    await at(0.6)
+    window = FaultWindow(
+        name="drain_without_token", start_s=now(), detail="Drain engine-1: no token, wrong token"
+    )
+    window.checks = await unauthenticated_drains(stack)
     window.end_s = now()
+    windows.append(window)
+
+    # The scheduler restarted under load, with long streams running across the restart.
+    await at(0.7)
+    assert stack.router is not None
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout * 4)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        streams = [
+            asyncio.create_task(
+                long_stream(
+                    session,
+                    router_url=stack.router.url,
+                    index=i,
+                    t0=t0,
+                    time_scale=args.time_scale,
+                )
+            )
+            for i in range(LONG_STREAMS)
+        ]
+        await asyncio.sleep(1.0)  # placed and streaming by now
+        window = FaultWindow(
+            name="scheduler_restarted",
+            start_s=now(),
+            detail=f"SIGTERM + restart, {LONG_STREAMS} long streams running across it",
+        )
+        assert stack.scheduler is not None
+        await stack.scheduler.stop()
+        stack.scheduler = await stack.start_scheduler()
+        window.end_s = now()
+        finished = await asyncio.gather(*streams)
+    outcomes.extend(finished)
+    window.checks["long_streams_whole"] = all(not o.failure for o in finished)
+    window.checks["long_streams_outlived_the_restart"] = all(
+        o.ended_s > window.end_s for o in finished
+    )
     windows.append(window)
     return windows
 
@@ -347,7 +504,7 @@ def summarize_window(window: FaultWindow, outcomes: Sequence[RequestResult]) -> 
         if o.started_s <= window.end_s + FAULT_SETTLE_S and o.ended_s >= window.start_s
     ]
     failures = collections.Counter(o.failure for o in inside if o.failure)
-    latencies = [o.latency_s for o in inside if not o.failure]
+    latencies = [o.latency_s for o in inside if not o.failure and not o.long]
     return {
         "name": window.name,
         "detail": window.detail,
@@ -359,6 +516,7 @@ def summarize_window(window: FaultWindow, outcomes: Sequence[RequestResult]) -> 
         "failure_kinds": dict(failures),
         "latency_p50_s": percentile(latencies, 0.5),
         "latency_p99_s": percentile(latencies, 0.99),
+        "checks": window.checks,
     }
 
 
@@ -404,12 +562,20 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         reporter = asyncio.create_task(
             progress(t0=t0, args=args, outcomes=outcomes, in_flight=in_flight)
         )
-        faults = asyncio.create_task(chaos(stack=stack, args=args, t0=t0)) if args.chaos else None
+        faults = (
+            asyncio.create_task(chaos(stack=stack, args=args, t0=t0, outcomes=outcomes))
+            if args.chaos
+            else None
+        )
         try:
             await traffic(
                 router_url=router_url, args=args, t0=t0, outcomes=outcomes, in_flight=in_flight
             )
             windows = await faults if faults is not None else []
+            for window in windows:
+                if window.name == "scheduler_restarted":
+                    await asyncio.sleep(1.0)  # the last Complete reports land
+                    window.checks.update(await scheduler_records(stack))
         finally:
             reporter.cancel()
             if faults is not None and not faults.done():
@@ -419,7 +585,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await stack.stop()
     failures = collections.Counter(o.failure for o in outcomes if o.failure)
-    latencies = [o.latency_s for o in outcomes if not o.failure]
+    latencies = [o.latency_s for o in outcomes if not o.failure and not o.long]
     return {
         "duration_s": args.duration,
         "wall_s": round(wall_s, 2),
@@ -474,6 +640,11 @@ def report(result: dict[str, Any]) -> str:
             f"{fault['failed']}/{fault['requests_in_window']} failed in its window "
             f"{fault['failure_kinds'] or ''}, p99 {fault['latency_p99_s']} s"
         )
+        passed = {k: v for k, v in fault["checks"].items() if isinstance(v, bool)}
+        if passed:
+            lines.append(
+                "  checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in passed.items())
+            )
     return "\n".join(lines)
 
 
