@@ -8,6 +8,7 @@ processes (killed with SIGKILL where a test needs an engine to die).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -77,6 +78,20 @@ async def start_router() -> AsyncIterator[StartRouter]:
 
     yield start
     for runner in runners:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serving(scheduler: Any, **runner_options: Any) -> AsyncIterator[str]:
+    """The router app over `scheduler` on a free port, for as long as the block runs; its
+    cleanup waits for the background reports."""
+    app = build_app(scheduler=scheduler, settings=RouterSettings(models=(MODEL,)))
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
         await runner.cleanup()
 
 
@@ -431,20 +446,13 @@ async def test_a_client_that_leaves_before_its_first_token_still_closes_the_leas
 ) -> None:
     engine = await start_engine("slow", time_scale=50.0)
     port = RecordingPort([("slow", engine.address)])
-    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with serving(port, handler_cancellation=True) as router:
         body = completion(" ".join(f"t{i}" for i in range(5_000)), stream=True)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
             with pytest.raises(TimeoutError):
                 async with session.post(f"{router}/v1/completions", json=body) as response:
                     await response.read()
         await asyncio.wait_for(port.completed.wait(), timeout=5)
-    finally:
-        await runner.cleanup()
     assert [(c["lease_id"], c["outcome"]) for c in port.completions] == [
         (port.lease_ids[0], "cancelled")
     ]
@@ -512,26 +520,18 @@ async def test_a_request_carries_an_slo_only_when_its_client_asks(
 ) -> None:
     engine = await start_engine("e0")
     port = RecordingPort([("e0", engine.address)])
-    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for value, status in (("1.5", 200), ("fast", 400), ("-2", 400), ("nan", 400)):
-                headers = {"x-twinroute-ttft-slo-s": value}
-                async with session.post(
-                    f"{router}/v1/completions", json=completion(), headers=headers
-                ) as response:
-                    assert response.status == status, value
-                    if status == 400:
-                        error = (await response.json())["error"]
-                        assert "x-twinroute-ttft-slo-s" in error["message"]
-            async with session.post(f"{router}/v1/completions", json=completion()) as response:
-                assert response.status == 200
-    finally:
-        await runner.cleanup()
+    async with serving(port) as router, aiohttp.ClientSession() as session:
+        for value, status in (("1.5", 200), ("fast", 400), ("-2", 400), ("nan", 400)):
+            headers = {"x-twinroute-ttft-slo-s": value}
+            async with session.post(
+                f"{router}/v1/completions", json=completion(), headers=headers
+            ) as response:
+                assert response.status == status, value
+                if status == 400:
+                    error = (await response.json())["error"]
+                    assert "x-twinroute-ttft-slo-s" in error["message"]
+        async with session.post(f"{router}/v1/completions", json=completion()) as response:
+            assert response.status == 200
     # Refused requests never reached the scheduler.
     assert [q.ttft_slo_s for q in port.queries] == [1.5, None]
 
@@ -565,23 +565,15 @@ async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothi
             raise RuntimeError("the scheduler had a bad day")
 
     port = Refusing([("e0", engine.address)])
-    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for stream in (False, True):
-                body = completion(stream=stream)
-                async with session.post(f"{router}/v1/completions", json=body) as response:
-                    assert response.status == 200
-                    await response.read()
-            await asyncio.sleep(0.1)  # the reports run off the response path
-            async with session.get(f"{router}/metrics") as response:
-                text = await response.text()
-    finally:
-        await runner.cleanup()
+    async with serving(port) as router, aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = completion(stream=stream)
+            async with session.post(f"{router}/v1/completions", json=body) as response:
+                assert response.status == 200
+                await response.read()
+        await asyncio.sleep(0.1)  # the reports run off the response path
+        async with session.get(f"{router}/metrics") as response:
+            text = await response.text()
     assert 'twinroute_router_reports_lost_total{report="complete",why="refused"} 2.0' in text
 
 
@@ -621,23 +613,15 @@ async def test_the_request_id_is_the_routers_own_and_says_so(start_engine: Start
     well-formed client id beside it for correlation, and returns the id in the answer."""
     engine = await start_engine("e0")
     port = RecordingPort([("e0", engine.address)])
-    app = build_app(scheduler=port, settings=RouterSettings(models=(MODEL,)))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    router = f"http://127.0.0.1:{runner.addresses[0][1]}"
     echoed = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            for client_id in ("trace-42", "trace-42", "x" * 500, "evil\u2028id"):
-                headers = {"x-request-id": client_id}
-                async with session.post(
-                    f"{router}/v1/completions", json=completion(), headers=headers
-                ) as response:
-                    assert response.status == 200
-                    echoed.append(response.headers["x-request-id"])
-    finally:
-        await runner.cleanup()
+    async with serving(port) as router, aiohttp.ClientSession() as session:
+        for client_id in ("trace-42", "trace-42", "x" * 500, "evil\u2028id"):
+            headers = {"x-request-id": client_id}
+            async with session.post(
+                f"{router}/v1/completions", json=completion(), headers=headers
+            ) as response:
+                assert response.status == 200
+                echoed.append(response.headers["x-request-id"])
     ids = [q.request_id for q in port.queries]
     assert ids == echoed
     assert len(set(ids)) == 4, ids

@@ -282,7 +282,8 @@ async def test_long_prompts_hashed_on_a_thread_place_exactly_as_inline() -> None
         settings = SchedulerSettings(
             policy="dualmap", key_block_tokens=16, key_block_chars=64, offload_long_prompts=offload
         )
-        service = build_service(settings)
+        # A clock that stands still: the load picture must not drift with the time hashing takes.
+        service = build_service(settings, clock=FakeClock())
         service.set_endpoints(
             [Endpoint(id=f"e{i}", address=f"127.0.0.1:{8000 + i}", model=MODEL) for i in range(4)]
         )
