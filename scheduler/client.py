@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
@@ -90,6 +90,8 @@ class SchedulerClient:
             self._channel = grpc.aio.insecure_channel(target, options=RECONNECT_OPTIONS)
         self._stub: Any = pb_grpc.SchedulerStub(self._channel)
         self._background: set[asyncio.Task[None]] = set()
+        self._pick_prefix = f"{uuid.uuid4().hex[:12]}-"
+        self._pick_numbers = itertools.count(1)
         self._timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
 
@@ -97,21 +99,23 @@ class SchedulerClient:
         """Pick, under a pick_id of this call's own: when the deadline passes or the caller
         goes away first, a Cancel for it follows in the background, so the lease the scheduler
         may have opened for the abandoned answer is closed at once, not at its time-to-live."""
-        if not query.pick_id:
-            query = dataclasses.replace(query, pick_id=uuid.uuid4().hex)
+        # Unique across clients and restarts; a counter, not a uuid per call (the hot path).
+        pick_id = query.pick_id or f"{self._pick_prefix}{next(self._pick_numbers)}"
+        message = wire.query_to_pb(query)
+        message.pick_id = pick_id
         try:
             response = await self._stub.Pick(
-                wire.query_to_pb(query),
+                message,
                 timeout=timeout_s or self._timeout_s,
                 wait_for_ready=True,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                self._cancel_soon(query.pick_id)
+                self._cancel_soon(pick_id)
             _raise_typed(error)
         except asyncio.CancelledError:
-            self._cancel_soon(query.pick_id)
+            self._cancel_soon(pick_id)
             raise
         return Placement(wire.answer_from_pb(response), reports=self)
 

@@ -144,8 +144,8 @@ class SchedulerService:
     def _routing_request(
         self, query: PickQuery, *, prompt: tuple[PromptKeys, int] | None = None
     ) -> RoutingRequest:
-        """`prompt`: the prompt's keys and length when already computed (`prompt_keys`)."""
-        keys, prompt_tokens = prompt if prompt is not None else self.prompt_keys(query)
+        """`prompt`: the prompt's keys and length when already computed (`_prompt_keys`)."""
+        keys, prompt_tokens = prompt if prompt is not None else self._prompt_keys(query)
         if query.ttft_slo_s is not None and query.ttft_slo_s <= 0:
             raise InvalidPickError("ttft_slo_s must be positive when given")
         if query.expected_output_tokens < 0:
@@ -179,7 +179,7 @@ class SchedulerService:
             )
         return seed
 
-    def prompt_keys(self, query: PickQuery, *, seed: int | None = None) -> tuple[PromptKeys, int]:
+    def _prompt_keys(self, query: PickQuery, *, seed: int | None = None) -> tuple[PromptKeys, int]:
         """The prompt's prefix keys and its length in tokens; raises `InvalidPickError`. Pure
         CPU work on its arguments (safe on a worker thread when `seed` is given)."""
         if not query.model:
@@ -254,7 +254,7 @@ class SchedulerService:
         prompt = None
         if self.settings.offload_long_prompts and query.model and self._is_long(query):
             try:
-                prompt = await asyncio.to_thread(self.prompt_keys, query, seed=self._seed(query))
+                prompt = await asyncio.to_thread(self._prompt_keys, query, seed=self._seed(query))
             except InvalidPickError:
                 self._refused("invalid")
                 raise
