@@ -11,6 +11,19 @@ merges back (requests key on it again) only when rho falls below `1/n`. The gap 
 thresholds is hysteresis, so a prefix near a threshold does not flip its key (and its
 candidate pair, and its cache) with every request.
 
+Two guards keep the split flags honest, because a wrong flag moves a conversation's key (and
+so its candidate pair) away from the instances that cache it:
+- **Warm-up.** Until the window has filled, shares are taken over at least
+  `MIN_SPLIT_REQUESTS * n / 2` requests (or the whole window, if smaller), so a node needs
+  more than `MIN_SPLIT_REQUESTS` requests to split. Otherwise the very first request of a
+  fresh scheduler has rho = 1, splits its node, and that conversation's next turn keys one
+  block deeper, on another pair, than its first.
+- **Flags are re-checked where they are read.** A node is re-evaluated when a request passes
+  through it, but a split node whose traffic dies down keeps its count (and its flag) until
+  its last request leaves the window. The depth walk therefore checks each split node it
+  passes against the merge threshold with the counts of now, instead of trusting a flag set
+  when the window looked different.
+
 Steps for one request with blocks h[0..B-1]:
   1. depth = min_depth; while depth < B and depth < max_depth and node h[depth-1] is split:
      depth += 1.
@@ -30,6 +43,9 @@ from __future__ import annotations
 from collections import deque
 
 from twinroute.scheduler.types import PromptKeys
+
+MIN_SPLIT_REQUESTS = 8
+"""A node must carry more than this many requests of a filling window to split (warm-up)."""
 
 
 class HotnessTree:
@@ -79,8 +95,10 @@ class HotnessTree:
     def is_split(self, node: int) -> bool:
         return node in self._split
 
-    def depth_for(self, keys: PromptKeys) -> int:
-        """The key depth (in blocks) for `keys`, without recording anything; 0 if no blocks."""
+    def depth_for(self, keys: PromptKeys, *, endpoints: int | None = None) -> int:
+        """The key depth (in blocks) for `keys`; 0 if no blocks. Records nothing, except that
+        with `endpoints` (n) a split node passed on the way is merged if its share has fallen
+        below 1/n since it was last counted (module docstring)."""
         blocks = keys.num_blocks
         if blocks == 0:
             return 0
@@ -88,9 +106,26 @@ class HotnessTree:
         limit = min(blocks, self.max_depth)
         depth = min(self.min_depth, limit)
         split = self._split
-        while depth < limit and int(hashes[depth - 1]) in split:
+        while depth < limit:
+            node = int(hashes[depth - 1])
+            if node not in split:
+                break
+            if endpoints is not None and self._below_merge(node, endpoints=endpoints):
+                split.discard(node)
+                break
             depth += 1
         return depth
+
+    def _shares_over(self, endpoints: int) -> int:
+        """Requests a share is taken over: the window so far, at least the warm-up floor."""
+        size = len(self._recent)
+        if size >= self._window:
+            return size
+        floor = min(self._window, (MIN_SPLIT_REQUESTS * max(1, endpoints) + 1) // 2)
+        return max(size, floor)
+
+    def _below_merge(self, node: int, *, endpoints: int) -> bool:
+        return self._counts.get(node, 0) * max(1, endpoints) < len(self._recent)
 
     def observe(self, keys: PromptKeys, *, endpoints: int) -> int:
         """Choose the key depth for one request, then count it in the window.
@@ -98,7 +133,7 @@ class HotnessTree:
         Returns the depth (0 when the prompt has no full block). `endpoints` is n in the
         2/n and 1/n thresholds.
         """
-        depth = self.depth_for(keys)
+        depth = self.depth_for(keys, endpoints=endpoints)
         if depth == 0:
             return 0
         counted = min(keys.num_blocks, depth + 1)
@@ -125,10 +160,11 @@ class HotnessTree:
     def _reevaluate(self, nodes: tuple[int, ...], *, endpoints: int) -> None:
         size = len(self._recent)
         n = max(1, endpoints)
+        split_over = self._shares_over(endpoints)
         # rho > 2/n  <=>  count * n > 2 * size (integers: no rounding at the boundary).
         for node in nodes:
             count = self._counts.get(node, 0)
-            if count * n > 2 * size:
+            if count * n > 2 * split_over:
                 self._split.add(node)
             elif count * n < size:
                 self._split.discard(node)

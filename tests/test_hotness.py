@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twinroute.scheduler.hotness import HotnessTree
+from twinroute.scheduler.hotness import MIN_SPLIT_REQUESTS, HotnessTree
 from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
 from twinroute.scheduler.types import PromptKeys
 
@@ -35,11 +35,40 @@ def test_a_prompt_without_full_blocks_has_no_key_and_is_not_counted() -> None:
 def test_a_system_prompt_every_request_shares_is_keyed_deeper() -> None:
     tree = HotnessTree(window=64)
     depths = [tree.observe(prompt(0, 100 + i, 200 + i), endpoints=8) for i in range(32)]
-    # The first request makes block 0 hot (rho = 1 > 2/8); every later one keys one deeper,
-    # on its own conversation block, so the shared block pins no pair.
-    assert depths[0] == 1
-    assert set(depths[1:]) == {2}
+    # Past the warm-up (more than MIN_SPLIT_REQUESTS requests through it) block 0 is hot;
+    # every later request keys one deeper, on its own conversation block, so the shared
+    # block pins no pair.
+    assert set(depths[: MIN_SPLIT_REQUESTS + 1]) == {1}
+    assert set(depths[MIN_SPLIT_REQUESTS + 1 :]) == {2}
     assert tree.is_split(int(prompt(0).block_hashes[0]))
+
+
+def test_a_fresh_trees_first_conversation_keeps_its_key_on_its_next_turn() -> None:
+    # Regression: the first request of a fresh scheduler had rho = 1 and split its node, so
+    # the same conversation's second turn keyed one block deeper, on another candidate pair,
+    # away from the instance that cached its first turn.
+    tree = HotnessTree(window=1024)
+    first_turn = tree.observe(prompt(1, 2), endpoints=4)
+    for i in range(20):
+        tree.observe(prompt(5_000 + i, 6_000 + i), endpoints=4)
+    second_turn = tree.observe(prompt(1, 2, 3), endpoints=4)
+    assert first_turn == second_turn == 1
+
+
+def test_a_split_node_whose_traffic_died_down_is_merged_when_next_read() -> None:
+    # Regression: a split node was re-evaluated only after the depth walk, so its next request
+    # still keyed deeper on a flag set when the prefix was hot, leaving its pair.
+    endpoints, window = 4, 100
+    tree = HotnessTree(window=window)
+    node = int(prompt(7).block_hashes[0])
+    for i in range(60):
+        tree.observe(prompt(7, 100 + i), endpoints=endpoints)
+    assert tree.is_split(node)
+    for i in range(95):
+        tree.observe(prompt(10_000 + i), endpoints=endpoints)
+    assert tree.rho(node) == pytest.approx(0.05)  # below 1/n = 0.25
+    assert tree.observe(prompt(7, 999), endpoints=endpoints) == 1
+    assert not tree.is_split(node)
 
 
 def test_a_prefix_hot_at_two_levels_is_keyed_two_deeper() -> None:
