@@ -113,6 +113,8 @@ class PickQuery:
     # Unique per Pick call, so the caller can cancel this very Pick (`Scheduler.cancel`);
     # empty: not cancellable. The gRPC client fills it in.
     pick_id: str = ""
+    # The caller will report the first token (Progress "first_token"): the request streams.
+    reports_first_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)

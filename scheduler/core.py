@@ -284,6 +284,7 @@ class SchedulerCore:
             prompt_tokens=request.prompt_tokens,
             uncached_tokens=request.prompt_tokens - cached,
             predicted_ttft_s=decision.predicted_ttft_s,
+            reports_first_token=request.reports_first_token,
         )
         self.prefix_index.record(endpoint.id, request.keys)
         self._open[lease.lease_id] = (request, decision)
@@ -394,6 +395,7 @@ class SchedulerCore:
             prompt_tokens=request.prompt_tokens,
             uncached_tokens=placement.decode_uncached_tokens,
             predicted_ttft_s=decision.predicted_ttft_s,
+            reports_first_token=request.reports_first_token,
         )
         # The decode instance holds the prompt's KV either way (transferred or computed).
         self.prefix_index.record(decode.id, request.keys)
@@ -445,6 +447,7 @@ class SchedulerCore:
             uncached_tokens=uncached,
             predicted_ttft_s=ttft,
             lease_id=lease_id,
+            reports_first_token=request.reports_first_token,
         )
         self.prefix_index.record(target, request.keys)
         drained = cause == "drain"

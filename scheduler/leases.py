@@ -16,8 +16,11 @@ whose first token has not come: that lease's tokens may fall to zero, but the le
 stay pending until a report settles them. The engine can be slower than the model (requests
 waiting for KV memory, decode-heavy steps), and without this hold the estimate would say an
 endpoint is idle while its queue grows, which is exactly when a policy most needs to know.
-Endpoints that never report first tokens (a router that reports only completions) keep the
-plain fluid estimate.
+The hold applies only to leases whose caller said it will report their first token
+(`reports_first_token`: the request streams). A non-streamed request has no first token to
+report; holding at it would freeze the endpoint's estimate for its whole generation, so the
+model drains through it. Endpoints that never report first tokens (a router that reports only
+completions) keep the plain fluid estimate.
 
 Cost: O(1) to open or close a lease; draining touches only leases that finish prefill.
 """
@@ -45,6 +48,8 @@ class Lease:
     remaining_prefill: float = 0.0
     prefilled: bool = False
     first_token_at: float | None = None
+    # Its caller will report the first token (a stream): the drain may wait for that report.
+    reports_first_token: bool = False
     # The last time its holder said it still runs (Renew); the TTL counts from here.
     renewed_at: float = 0.0
 
@@ -92,6 +97,7 @@ class LeaseTable:
         uncached_tokens: int,
         predicted_ttft_s: float,
         lease_id: str | None = None,
+        reports_first_token: bool = False,
     ) -> Lease:
         """Open a lease; `lease_id` reuses an id (a lease moved to another endpoint)."""
         if lease_id is not None and lease_id in self._leases:
@@ -106,6 +112,7 @@ class LeaseTable:
             uncached_tokens=uncached_tokens,
             predicted_ttft_s=predicted_ttft_s,
             remaining_prefill=float(max(0, uncached_tokens)),
+            reports_first_token=reports_first_token,
         )
         self._leases[lease.lease_id] = lease
         queue.in_flight += 1
@@ -227,7 +234,7 @@ class LeaseTable:
                 head.remaining_prefill -= budget
                 queue.pending_tokens -= budget
                 return
-            if queue.reports_first_tokens:
+            if queue.reports_first_tokens and head.reports_first_token:
                 # Done by the model, not yet by the engine: wait for its report.
                 queue.pending_tokens -= head.remaining_prefill
                 head.remaining_prefill = 0.0

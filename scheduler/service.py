@@ -159,6 +159,7 @@ class SchedulerService:
             expected_output_tokens=query.expected_output_tokens,
             ttft_slo_s=query.ttft_slo_s,
             exclude=exclude,
+            reports_first_token=query.reports_first_token,
         )
 
     def _is_long(self, query: PickQuery) -> bool:

@@ -103,6 +103,8 @@ class RoutingRequest:
     ttft_slo_s: float | None = None
     # Endpoint ids that must not be chosen (the router already failed there).
     exclude: frozenset[str] = frozenset()
+    # Its first token will be reported (it streams); the lease queue may wait for the report.
+    reports_first_token: bool = False
 
 
 class PrefixIndexView(Protocol):

@@ -156,6 +156,7 @@ def query_to_pb(query: PickQuery) -> pb.PickRequest:
         prompt_tokens=query.prompt_tokens,
         exclude_endpoints=sorted(query.exclude_endpoints),
         pick_id=query.pick_id,
+        reports_first_token=query.reports_first_token,
     )
 
 
@@ -182,6 +183,7 @@ def query_from_pb(request: pb.PickRequest) -> PickQuery:
         prompt_tokens=request.prompt_tokens,
         exclude_endpoints=frozenset(request.exclude_endpoints),
         pick_id=request.pick_id,
+        reports_first_token=request.reports_first_token,
     )
 
 

@@ -17,7 +17,14 @@ COST = CostModel(
 )
 
 
-def open_lease(table: LeaseTable, *, endpoint: str = "a", now: float = 0.0, uncached: int = 1000):
+def open_lease(
+    table: LeaseTable,
+    *,
+    endpoint: str = "a",
+    now: float = 0.0,
+    uncached: int = 1000,
+    streams: bool = True,
+):
     return table.open(
         endpoint_id=endpoint,
         request_id="r",
@@ -25,6 +32,7 @@ def open_lease(table: LeaseTable, *, endpoint: str = "a", now: float = 0.0, unca
         prompt_tokens=uncached,
         uncached_tokens=uncached,
         predicted_ttft_s=1.0,
+        reports_first_token=streams,
     )
 
 
@@ -107,3 +115,17 @@ def test_without_first_token_reports_the_fluid_estimate_drains_everything() -> N
         open_lease(table, uncached=1000)
     load = table.load("a", now=10.0)
     assert (load.pending_prefill_tokens, load.decoding) == (0, 3)
+
+
+def test_a_request_that_does_not_stream_does_not_freeze_the_estimate() -> None:
+    # Regression: a non-streamed request has no first token to report; the drain waited at it
+    # for the whole of its generation, and every lease behind it stayed pending.
+    table = LeaseTable(cost_model=COST)
+    streamed = open_lease(table, uncached=1000)
+    assert table.first_token(streamed.lease_id, now=1.0)
+    open_lease(table, now=1.0, uncached=1000, streams=False)
+    open_lease(table, now=1.0, uncached=1000)
+    load = table.load("a", now=60.0)
+    # The whole answer is still on its way, but by the model both prefills are long done;
+    # the streamed one behind it is held at zero tokens until its own report.
+    assert (load.pending_prefill_tokens, load.decoding) == (0, 2)

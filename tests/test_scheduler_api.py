@@ -98,7 +98,12 @@ async def test_grpc_pick_and_complete_translate_the_contract(
     scheduler = SchedulerClient(target=target)
     try:
         placement = await scheduler.pick(
-            query(token_ids=[5, 6, 7], cache_salt="s", exclude_endpoints=frozenset({"pod-0"}))
+            query(
+                token_ids=[5, 6, 7],
+                cache_salt="s",
+                exclude_endpoints=frozenset({"pod-0"}),
+                reports_first_token=True,
+            )
         )
         assert await placement.complete(
             "stream_error", observed_ttft_s=0.5, prompt_tokens=3, output_tokens=2
@@ -114,6 +119,9 @@ async def test_grpc_pick_and_complete_translate_the_contract(
     assert list(asked.prompt.token_ids.ids) == [5, 6, 7]
     assert asked.cache_salt == "s"
     assert list(asked.exclude_endpoints) == ["pod-0"]
+    # A stream says its first token will be reported; the text query (no stream) does not.
+    assert asked.reports_first_token
+    assert not servicer.picks[1].reports_first_token
     assert servicer.picks[1].prompt.text == "hello"
     # A query without its own SLO sends none (zero on the wire), one with it sends it.
     assert asked.ttft_slo_s == 0.0

@@ -289,6 +289,7 @@ class PickRequest(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     EXCLUDE_ENDPOINTS_FIELD_NUMBER: _builtins.int
     PICK_ID_FIELD_NUMBER: _builtins.int
+    REPORTS_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's id for the request (e.g. the OpenAI request id); echoed into Explain and logs."""
     model: _builtins.str
@@ -308,6 +309,11 @@ class PickRequest(_message.Message):
     pick_id: _builtins.str
     """Unique per Pick call (the client makes one up), so the caller can Cancel this very Pick;
     empty: the Pick cannot be cancelled.
+    """
+    reports_first_token: _builtins.bool
+    """The caller will report this request's first token (PROGRESS_EVENT_FIRST_TOKEN): it streams.
+    The scheduler's queue estimate then waits for that report; a request without one (not
+    streamed, or an older caller) is assumed prefilled when the cost model says so.
     """
     @_builtins.property
     def prompt(self) -> Global___Prompt:
@@ -331,10 +337,11 @@ class PickRequest(_message.Message):
         prompt_tokens: _builtins.int = ...,
         exclude_endpoints: _abc.Iterable[_builtins.str] | None = ...,
         pick_id: _builtins.str = ...,
+        reports_first_token: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "pick_id", b"pick_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "pick_id", b"pick_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reports_first_token", b"reports_first_token", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

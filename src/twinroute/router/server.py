@@ -439,6 +439,8 @@ class RouterServer:
             cache_salt=parsed.cache_salt,
             expected_output_tokens=parsed.max_tokens or 0,
             ttft_slo_s=_requested_slo(request),
+            # A stream's first chunk is reported (Progress "first_token"); a whole answer is not.
+            reports_first_token=parsed.stream,
             prompt_tokens=(
                 len(token_ids)
                 if token_ids is not None
