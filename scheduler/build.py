@@ -56,6 +56,7 @@ def build_core(
         lease_id_prefix=lease_id_prefix,
         scrape_staleness_s=settings.scrape_staleness_s,
         rebalance=settings.rebalance,
+        key_block_tokens=settings.key_block_tokens,
         pd=PdSettings(
             min_prefill_tokens=settings.pd_min_prefill_tokens,
             transfer_s_per_token=settings.pd_transfer_s_per_token,

@@ -108,8 +108,11 @@ class SchedulerCore:
         lease_id_prefix: str = "",
         rebalance: bool = True,
         pd: PdSettings | None = None,
+        key_block_tokens: int = 16,
     ) -> None:
         self.policy = policy
+        # Tokens one prefix-index block stands for: converts an engine's KV size to blocks.
+        self.key_block_tokens = key_block_tokens
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
         self.leases = LeaseTable(
@@ -223,6 +226,14 @@ class SchedulerCore:
     ) -> None:
         if endpoint_id in self.endpoints:
             self._scrapes[endpoint_id] = _Scrape(running, queued, kv_usage, now)
+
+    def set_kv_capacity(self, endpoint_id: str, *, tokens: int) -> None:
+        """The endpoint's engine holds `tokens` of KV (its own report): size its prefix-index
+        record to match, so the record forgets prefixes about when the engine evicts them."""
+        if endpoint_id in self.endpoints and tokens > 0:
+            blocks = max(1, tokens // max(1, self.key_block_tokens))
+            if blocks != self.prefix_index.capacity_of(endpoint_id):
+                self.prefix_index.set_capacity(endpoint_id, blocks)
 
     def load(self, endpoint_id: str, *, now: float) -> LoadSnapshot:
         own = self.leases.load(endpoint_id, now=now)

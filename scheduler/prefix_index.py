@@ -3,7 +3,9 @@
 The scheduler never sees an engine's cache; it learns from its own decisions, like llm-d's
 approximate prefix-cache scorer: every request it routes to an endpoint leaves that request's
 block keys there. Each endpoint's record is an LRU bounded in blocks, sized like the engine's
-KV cache, so old prefixes fade the way the engine evicts them.
+KV cache, so old prefixes fade the way the engine evicts them: the pool-wide default until the
+engine says how much KV it holds (`set_capacity`, from vLLM's `vllm:cache_config_info`), then
+that engine's own size.
 
 Invariant that makes lookups cheap: a request's blocks are recorded deepest first, so within one
 endpoint a shallower block is never older than a deeper block of the same prompt and the LRU
@@ -33,12 +35,34 @@ class PrefixIndex:
         if capacity_blocks <= 0:
             raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
         self._capacity = capacity_blocks
+        # Endpoints whose engines reported their KV size; the rest use `_capacity`.
+        self._capacity_of: dict[str, int] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._holders: dict[int, set[str]] = {}
 
     @property
     def capacity_blocks(self) -> int:
+        """The default capacity, for endpoints whose engines have not reported theirs."""
         return self._capacity
+
+    def capacity_of(self, endpoint_id: str) -> int:
+        return self._capacity_of.get(endpoint_id, self._capacity)
+
+    def set_capacity(self, endpoint_id: str, capacity_blocks: int) -> None:
+        """The endpoint's engine holds this many blocks of KV; a smaller record is trimmed
+        oldest first at once."""
+        if capacity_blocks <= 0:
+            raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
+        self._capacity_of[endpoint_id] = capacity_blocks
+        lru = self._lru.get(endpoint_id)
+        if lru is not None:
+            self._trim(endpoint_id, lru)
+
+    def _trim(self, endpoint_id: str, lru: OrderedDict[int, None]) -> None:
+        overflow = len(lru) - self.capacity_of(endpoint_id)
+        for _ in range(max(0, overflow)):
+            evicted, _none = lru.popitem(last=False)
+            self._forget(evicted, endpoint_id)
 
     def size(self, endpoint_id: str | None = None) -> int:
         """Blocks recorded on one endpoint, or on all of them."""
@@ -65,10 +89,7 @@ class PrefixIndex:
                     holders[key] = {endpoint_id}
                 else:
                     holder_set.add(endpoint_id)
-        overflow = len(lru) - self._capacity
-        for _ in range(max(0, overflow)):
-            evicted, _none = lru.popitem(last=False)
-            self._forget(evicted, endpoint_id)
+        self._trim(endpoint_id, lru)
 
     def _forget(self, key: int, endpoint_id: str) -> None:
         holder_set = self._holders.get(key)
@@ -79,6 +100,7 @@ class PrefixIndex:
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         """Forget everything recorded for an endpoint that left the pool."""
+        self._capacity_of.pop(endpoint_id, None)
         lru = self._lru.pop(endpoint_id, None)
         if lru is not None:
             for key in lru:

@@ -35,6 +35,9 @@ KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 PREFIX_QUERIES = "vllm:prefix_cache_queries"
 PREFIX_HITS = "vllm:prefix_cache_hits"
+# An info gauge whose labels carry the engine's cache configuration, among them
+# `num_gpu_blocks` (blocks of KV the engine allocated) and `block_size` (tokens per block).
+CACHE_CONFIG = "vllm:cache_config_info"
 
 
 class ScrapeParseError(ValueError):
@@ -51,6 +54,8 @@ class EngineStats:
     prefix_cache_queries: float | None = None
     prefix_cache_hits: float | None = None
     engines: int = 0
+    # Tokens of KV the server holds (num_gpu_blocks x block_size, summed over its engines).
+    kv_capacity_tokens: int | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float | None:
@@ -99,12 +104,18 @@ def parse_vllm_metrics(text: str) -> EngineStats:
     sums: dict[str, float] = {}
     engines: dict[str, set[str]] = {}
     samples = 0
+    kv_capacity_tokens: int | None = None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, labels, value = _split_sample(line)
         samples += 1
+        if name == CACHE_CONFIG:
+            capacity = _kv_capacity_tokens(labels)
+            if capacity is not None:
+                kv_capacity_tokens = (kv_capacity_tokens or 0) + capacity
+            continue
         series = _series_name(name)
         if series is None or math.isnan(value):
             continue
@@ -127,7 +138,26 @@ def parse_vllm_metrics(text: str) -> EngineStats:
         prefix_cache_queries=sums.get(PREFIX_QUERIES),
         prefix_cache_hits=sums.get(PREFIX_HITS),
         engines=max((len(series) for series in engines.values()), default=0),
+        kv_capacity_tokens=kv_capacity_tokens,
     )
+
+
+def _kv_capacity_tokens(labels: str) -> int | None:
+    """num_gpu_blocks x block_size from `vllm:cache_config_info`'s labels; None when either
+    is missing or not a positive integer (vLLM writes "None" before the cache is sized)."""
+    values: dict[str, str] = {}
+    for part in labels.split('",'):
+        key, sep, value = part.partition('="')
+        if sep:
+            values[key.strip().lstrip(",")] = value.rstrip('"')
+    try:
+        blocks = int(values["num_gpu_blocks"])
+        block_size = int(values["block_size"])
+    except (KeyError, ValueError):
+        return None
+    if blocks <= 0 or block_size <= 0:
+        return None
+    return blocks * block_size
 
 
 @dataclass(slots=True)
@@ -223,6 +253,8 @@ class Scraper:
             kv_usage=stats.kv_usage,
             now=self.clock(),
         )
+        if stats.kv_capacity_tokens is not None:
+            self.core.set_kv_capacity(endpoint.id, tokens=stats.kv_capacity_tokens)
         self.listener.scraped(endpoint.id, stats)
         self._succeeded(endpoint.id, state)
 

@@ -57,6 +57,22 @@ def test_a_recently_used_prefix_survives_eviction() -> None:
     assert index.matched_blocks("a", prompt(SYSTEM)) == 4
 
 
+def test_an_engines_own_kv_size_bounds_its_record_alone() -> None:
+    index = PrefixIndex(capacity_blocks=100)
+    index.record("a", prompt(SYSTEM, (1000, 64)))
+    index.record("b", prompt(SYSTEM, (1000, 64)))
+    index.set_capacity("a", 6)  # trimmed at once, tails first
+    assert (index.size("a"), index.size("b")) == (6, 8)
+    assert index.matched_blocks("a", prompt(SYSTEM, (1000, 64))) == 6
+    assert index.holders(prompt(SYSTEM, (1000, 64))) == {"a": 6, "b": 8}
+    index.record("a", prompt(SYSTEM, (2000, 64)))
+    assert index.size("a") == 6
+    index.remove_endpoint("a")
+    assert index.capacity_of("a") == 100
+    with pytest.raises(ValueError):
+        index.set_capacity("b", 0)
+
+
 def test_removing_an_endpoint_forgets_it_everywhere() -> None:
     index = PrefixIndex()
     index.record("a", prompt(SYSTEM))

@@ -144,6 +144,43 @@ async def engine_server() -> AsyncIterator[tuple[Engine, str]]:
         await server.close()
 
 
+@pytest.mark.parametrize(
+    ("labels", "tokens"),
+    [
+        ('block_size="32",num_gpu_blocks="128"', 4096),
+        ('num_gpu_blocks="None",block_size="16"', None),
+        ('block_size="16"', None),
+        ('block_size="16",num_gpu_blocks="0"', None),
+    ],
+    ids=["sized", "not-sized-yet", "no-block-count", "zero-blocks"],
+)
+def test_the_engines_kv_size_comes_from_its_cache_config(labels: str, tokens: int | None) -> None:
+    text = f"vllm:num_requests_running 0\nvllm:cache_config_info{{{labels}}} 1.0\n"
+    assert parse_vllm_metrics(text).kv_capacity_tokens == tokens
+
+
+def test_the_real_engines_kv_size_is_read() -> None:
+    # The recorded vLLM 0.32 engine: 128 blocks of 32 tokens (--kv-cache-memory-bytes 4M).
+    text = (FIXTURES / "vllm_metrics_real.txt").read_text()
+    assert parse_vllm_metrics(text).kv_capacity_tokens == 4096
+
+
+async def test_the_prefix_record_is_sized_to_what_the_engine_holds(
+    engine_server: tuple[Engine, str],
+) -> None:
+    # Regression: the record was 32,768 blocks whatever the engines held, so it kept
+    # believing in prefixes a small engine had long evicted.
+    engine, address = engine_server
+    engine.metrics = (FIXTURES / "vllm_metrics_real.txt").read_text()
+    core = make_core()
+    core.set_endpoints([Endpoint(id="up", address=address)])
+    default = core.prefix_index.capacity_of("up")
+    async with aiohttp.ClientSession() as session:
+        await Scraper(core=core, session=session, clock=Clock()).scrape_once()
+    assert default == 32_768
+    assert core.prefix_index.capacity_of("up") == 4096 // core.key_block_tokens
+
+
 async def test_scraper_feeds_load_and_marks_failures(engine_server: tuple[Engine, str]) -> None:
     engine, address = engine_server
     clock = Clock()
