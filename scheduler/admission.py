@@ -160,7 +160,7 @@ class AdmissionQueue:
             own = core.leases.get(lease_id)
             per_request = ahead_tokens / ahead if ahead else (own.uncached_tokens if own else 0)
             ahead_tokens += (load.queued - ahead) * per_request
-        return core.cost_model.queue_time_s(
+        return core.cost_model_for(endpoint_id).queue_time_s(
             dataclasses.replace(load, pending_prefill_tokens=round(ahead_tokens))
         )
 

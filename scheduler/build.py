@@ -57,6 +57,7 @@ def build_core(
         scrape_staleness_s=settings.scrape_staleness_s,
         rebalance=settings.rebalance,
         key_block_tokens=settings.key_block_tokens,
+        cost_calibration=settings.cost_calibration,
         pd=PdSettings(
             min_prefill_tokens=settings.pd_min_prefill_tokens,
             transfer_s_per_token=settings.pd_transfer_s_per_token,

@@ -72,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     routing.add_argument(
         "--profile", default=defaults.cost_profile, choices=sorted(COST_PROFILES),
-        help="cost model for TTFT predictions",
+        help="cost model for TTFT predictions: the prior when calibration is on",
+    )  # fmt: skip
+    routing.add_argument(
+        "--cost-calibration", choices=("on", "off"), default=_on_off(defaults.cost_calibration),
+        help="fit each endpoint's cost model online from the first tokens it reports, "
+        "the profile as the prior (default: %(default)s)",
     )  # fmt: skip
     routing.add_argument(
         "--phase-aware", choices=("on", "off"), default=_on_off(defaults.phase_aware),
@@ -186,6 +191,7 @@ def settings_from_arguments(args: argparse.Namespace) -> SchedulerSettings:
         ttft_slo_s=args.ttft_slo_s,
         virtual_nodes=args.virtual_nodes,
         cost_profile=args.profile,
+        cost_calibration=args.cost_calibration == "on",
         phase_aware=args.phase_aware == "on",
         key_block_tokens=args.key_block_tokens,
         key_block_chars=args.key_block_chars,

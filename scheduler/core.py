@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from twinroute.scheduler.calibration import CostCalibration
 from twinroute.scheduler.costmodel import CostModel, OutputLengthEstimator
 from twinroute.scheduler.history import DecisionHistory
 from twinroute.scheduler.leases import Lease, LeaseTable
@@ -109,14 +110,21 @@ class SchedulerCore:
         rebalance: bool = True,
         pd: PdSettings | None = None,
         key_block_tokens: int = 16,
+        cost_calibration: bool = True,
     ) -> None:
         self.policy = policy
         # Tokens one prefix-index block stands for: converts an engine's KV size to blocks.
         self.key_block_tokens = key_block_tokens
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
+        # Each endpoint's cost model fitted from its first tokens, `cost_model` the prior;
+        # None: the profile predicts as it is.
+        self.calibration = CostCalibration(prior=cost_model) if cost_calibration else None
         self.leases = LeaseTable(
-            cost_model=cost_model, ttl_s=lease_ttl_s, id_prefix=lease_id_prefix
+            cost_model=cost_model,
+            ttl_s=lease_ttl_s,
+            id_prefix=lease_id_prefix,
+            cost_of=self.cost_model_for if cost_calibration else None,
         )
         self.scrape_staleness_s = scrape_staleness_s
         # Hotspot rebalancing for policies that opt in (`Policy.rebalances_hotspots`); False
@@ -168,6 +176,8 @@ class SchedulerCore:
 
     def _forget(self, endpoint_id: str, *, now: float) -> None:
         self.prefix_index.remove_endpoint(endpoint_id)
+        if self.calibration is not None:
+            self.calibration.forget(endpoint_id)
         for lease in self.leases.forget_endpoint(endpoint_id, now=now):
             self._open.pop(lease.lease_id, None)
             self.prefill_leases.close(lease.lease_id, now=now)
@@ -227,6 +237,12 @@ class SchedulerCore:
         if endpoint_id in self.endpoints:
             self._scrapes[endpoint_id] = _Scrape(running, queued, kv_usage, now)
 
+    def cost_model_for(self, endpoint_id: str) -> CostModel:
+        """The endpoint's fitted cost model, or the profile before (or without) calibration."""
+        if self.calibration is None:
+            return self.cost_model
+        return self.calibration.model_for(endpoint_id)
+
     def set_kv_capacity(self, endpoint_id: str, *, tokens: int) -> None:
         """The endpoint's engine holds `tokens` of KV (its own report): size its prefix-index
         record to match, so the record forgets prefixes about when the engine evicts them."""
@@ -257,7 +273,11 @@ class SchedulerCore:
         chosen = self._routable if endpoints is None else endpoints
         ids = tuple(endpoint.id for endpoint in chosen)
         return ClusterView(
-            endpoints=chosen, loads=_Loads(self, ids, now), prefix_index=self.prefix_index, now=now
+            endpoints=chosen,
+            loads=_Loads(self, ids, now),
+            prefix_index=self.prefix_index,
+            now=now,
+            cost_models=self.calibration.models if self.calibration is not None else {},
         )
 
     # -- decisions --------------------------------------------------------------------------
@@ -297,6 +317,8 @@ class SchedulerCore:
             predicted_ttft_s=decision.predicted_ttft_s,
             reports_first_token=request.reports_first_token,
         )
+        if self.calibration is not None:
+            lease.work_s = self.calibration.work_s(endpoint.id, decision.predicted_ttft_s)
         self.prefix_index.record(endpoint.id, request.keys)
         self._open[lease.lease_id] = (request, decision)
         self.history.record(request, decision, lease_id=lease.lease_id, now=now)
@@ -321,6 +343,19 @@ class SchedulerCore:
     # -- reports ----------------------------------------------------------------------------
 
     def first_token(self, lease_id: str, *, now: float) -> bool:
+        lease = self.leases.get(lease_id)
+        if (
+            self.calibration is not None
+            and lease is not None
+            and lease.first_token_at is None
+            and lease_id in self._open  # a unified pick: its TTFT is one instance's doing
+        ):
+            self.calibration.observe(
+                lease.endpoint_id,
+                work_s=lease.work_s,
+                predicted_ttft_s=lease.predicted_ttft_s,
+                observed_ttft_s=now - lease.opened_at,
+            )
         # The decode instance's first token comes after the prefill instance finished.
         self.prefill_leases.done(lease_id, now=now)
         return self.leases.first_token(lease_id, now=now)
@@ -460,6 +495,9 @@ class SchedulerCore:
             lease_id=lease_id,
             reports_first_token=request.reports_first_token,
         )
+        moved_lease = self.leases.get(lease_id)
+        if self.calibration is not None and moved_lease is not None:
+            moved_lease.work_s = self.calibration.work_s(target, ttft)
         self.prefix_index.record(target, request.keys)
         drained = cause == "drain"
         moved = dataclasses.replace(

@@ -41,6 +41,7 @@ max_tokens): a running mean of the output lengths completed per prefix group.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,6 +66,24 @@ class CostModel:
     kv_read_s_per_token: float
     # Tokens one step may carry (vLLM's max_num_batched_tokens with chunked prefill).
     step_token_budget: int = 8192
+
+    def calibrated(self, *, time_scale: float, overhead_s: float) -> CostModel:
+        """This model on hardware `time_scale` times slower, with a fixed overhead per request
+        of `overhead_s` (`scheduler/calibration.py`): every prediction becomes
+        overhead_s + time_scale * (this model's prediction - its step_overhead_s)."""
+        if time_scale <= 0 or overhead_s < 0:
+            raise ValueError(
+                f"need time_scale > 0 and overhead_s >= 0, got {time_scale} and {overhead_s}"
+            )
+        return dataclasses.replace(
+            self,
+            linear_tokens_per_s=self.linear_tokens_per_s / time_scale,
+            attention_s_per_token_pair=self.attention_s_per_token_pair * time_scale,
+            step_overhead_s=overhead_s,
+            decode_overhead_s=self.decode_overhead_s * time_scale,
+            per_sequence_s=self.per_sequence_s * time_scale,
+            kv_read_s_per_token=self.kv_read_s_per_token * time_scale,
+        )
 
     def prefill_time_s(self, *, uncached_tokens: int, cached_tokens: int) -> float:
         if uncached_tokens <= 0:

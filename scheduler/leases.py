@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twinroute.scheduler.costmodel import CostModel
@@ -50,12 +51,16 @@ class Lease:
     first_token_at: float | None = None
     # Its caller will report the first token (a stream): the drain may wait for that report.
     reports_first_token: bool = False
+    # The prior-hardware work behind `predicted_ttft_s` (`CostCalibration.work_s`), which the
+    # first token's observed TTFT is fitted against.
+    work_s: float = 0.0
     # The last time its holder said it still runs (Renew); the TTL counts from here.
     renewed_at: float = 0.0
 
 
 @dataclass(slots=True)
 class _EndpointQueue:
+    endpoint_id: str
     prefill: deque[Lease] = field(default_factory=deque)
     pending_tokens: float = 0.0
     decoding: int = 0
@@ -70,10 +75,20 @@ class _EndpointQueue:
 class LeaseTable:
     """Open leases and per-endpoint load derived from them."""
 
-    def __init__(self, *, cost_model: CostModel, ttl_s: float = 600.0, id_prefix: str = "") -> None:
+    def __init__(
+        self,
+        *,
+        cost_model: CostModel,
+        ttl_s: float = 600.0,
+        id_prefix: str = "",
+        cost_of: Callable[[str], CostModel] | None = None,
+    ) -> None:
+        """`cost_of`: each endpoint's own (fitted) cost model, whose prefill rate drains its
+        queue; None: `cost_model` for all."""
         if ttl_s <= 0:
             raise ValueError(f"lease TTL must be positive, got {ttl_s}")
         self._cost = cost_model
+        self._cost_of = cost_of
         self._ttl_s = ttl_s
         self._ids = itertools.count(1)
         self._id_prefix = id_prefix
@@ -216,7 +231,7 @@ class LeaseTable:
     def _queue(self, endpoint_id: str, now: float) -> _EndpointQueue:
         queue = self._queues.get(endpoint_id)
         if queue is None:
-            queue = self._queues[endpoint_id] = _EndpointQueue(last_drained_at=now)
+            queue = self._queues[endpoint_id] = _EndpointQueue(endpoint_id, last_drained_at=now)
         else:
             self._drain(queue, now)
         return queue
@@ -226,7 +241,8 @@ class LeaseTable:
         if elapsed <= 0:
             return
         queue.last_drained_at = now
-        rate = self._cost.linear_tokens_per_s * self._cost.prefill_share(decoding=queue.decoding)
+        cost = self._cost if self._cost_of is None else self._cost_of(queue.endpoint_id)
+        rate = cost.linear_tokens_per_s * cost.prefill_share(decoding=queue.decoding)
         budget = elapsed * rate
         while queue.prefill and budget > 0:
             head = queue.prefill[0]

@@ -85,8 +85,7 @@ class PlannedState(Protocol):
     @property
     def policy(self) -> Policy: ...
 
-    @property
-    def cost_model(self) -> CostModel: ...
+    def cost_model_for(self, endpoint_id: str) -> CostModel: ...
 
     @property
     def prefix_index(self) -> PrefixIndexView: ...
@@ -146,7 +145,7 @@ class MovePlanner:
         """The moves off one endpoint, if it is a hotspot; `added` counts the uncached tokens
         already planned onto each target (updated here)."""
         core = self._core
-        cost = core.cost_model
+        cost = core.cost_model_for(source)
         load = core.load(source, now=now)
         queue_s = cost.queue_time_s(load)
         if queue_s <= default_slo:
@@ -262,7 +261,7 @@ class MovePlanner:
                 load, pending_prefill_tokens=load.pending_prefill_tokens + added
             )
         uncached = request.prompt_tokens - cached
-        ttft = core.cost_model.estimate_ttft_s(
+        ttft = core.cost_model_for(endpoint_id).estimate_ttft_s(
             uncached_tokens=uncached, cached_tokens=cached, load=load
         )
         return ttft, uncached

@@ -49,6 +49,9 @@ class SchedulerSettings:
     policy_seed: int = 0
     # The TTFT estimator's cost model (`twinroute.scheduler.costmodel.COST_PROFILES`).
     cost_profile: str = DEFAULT_COST_PROFILE
+    # Fit each endpoint's cost model from its reported first tokens, the profile as the prior
+    # (`scheduler/calibration.py`); off: predict with the profile as it is.
+    cost_calibration: bool = True
     # Placement counts decode load and the request's expected output (phase-aware), and how
     # much the delay inflicted on decoding sequences weighs against the request's own TTFT.
     phase_aware: bool = True
@@ -152,6 +155,7 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "pdMinPrefillTokens": "pd_min_prefill_tokens",
     "rebalancing": "rebalance",
     "phaseAware": "phase_aware",
+    "costCalibration": "cost_calibration",
     "admissionHold": "admission_hold",
     "admissionMaxHoldSeconds": "admission_max_hold_s",
     "migration": "migration",

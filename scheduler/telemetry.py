@@ -145,6 +145,46 @@ class _CoreCollector(Collector):
             if load.kv_usage is not None:
                 families["kv"].add_metric([endpoint_id], load.kv_usage)
         yield from families.values()
+        if core.calibration is not None:
+            yield from _calibration_families(core)
+
+
+def _calibration_families(core: SchedulerCore) -> Iterator[Metric]:
+    """The fitted cost models and how well they predict (`scheduler/calibration.py`)."""
+    calibration = core.calibration
+    assert calibration is not None
+    error = GaugeMetricFamily(
+        f"{NAMESPACE}_ttft_prediction_error_ratio",
+        "Median absolute error of the predicted TTFT relative to the TTFT observed (first "
+        'token reported), over the last 512 first tokens; endpoint="" is the whole pool.',
+        labels=["endpoint"],
+    )
+    scale = GaugeMetricFamily(
+        f"{NAMESPACE}_cost_time_scale",
+        "How many times slower than the cost profile the endpoint's fitted model is "
+        '(endpoint="" is the pool\'s fit, used for endpoints not yet observed).',
+        labels=["endpoint"],
+    )
+    overhead = GaugeMetricFamily(
+        f"{NAMESPACE}_cost_overhead_seconds",
+        "Fixed part of the endpoint's fitted TTFT (router hop, HTTP, scheduling, one step).",
+        labels=["endpoint"],
+    )
+    observations = CounterMetricFamily(
+        f"{NAMESPACE}_cost_observations",
+        "First tokens the endpoint's cost model was fitted with.",
+        labels=["endpoint"],
+    )
+    for endpoint_id, (overhead_s, time_scale, count) in sorted(calibration.fitted().items()):
+        if endpoint_id and endpoint_id not in core.endpoints:
+            continue
+        ratio = calibration.error_ratio(endpoint_id or None)
+        if ratio is not None:
+            error.add_metric([endpoint_id], ratio)
+        scale.add_metric([endpoint_id], time_scale)
+        overhead.add_metric([endpoint_id], overhead_s)
+        observations.add_metric([endpoint_id], count)
+    yield from (error, scale, overhead, observations)
 
 
 class RingRemapProbe:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol
 
 import numpy as np
@@ -127,6 +128,11 @@ class ClusterView:
     loads: Mapping[str, LoadSnapshot]
     prefix_index: PrefixIndexView
     now: float
+    # Endpoints whose cost model was fitted to what they really do (`scheduler/calibration.py`);
+    # the others are predicted with the policy's configured profile. The values are
+    # `CostModel`s, read through `policies.base.cost_model_of` (the cost model module imports
+    # this one, so it cannot be named here).
+    cost_models: Mapping[str, object] = field(default_factory=lambda: _NO_COST_MODELS)
 
     def load(self, endpoint_id: str) -> LoadSnapshot:
         return self.loads.get(endpoint_id, EMPTY_LOAD)
@@ -174,3 +180,6 @@ class DecisionRecord:
     prompt_blocks: int
     prompt_tokens: int
     decision: Decision
+
+
+_NO_COST_MODELS: Mapping[str, object] = MappingProxyType({})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100, CostModel
 from twinroute.scheduler.types import (
@@ -117,6 +117,11 @@ def eligible_endpoints(request: RoutingRequest, view: ClusterView) -> tuple[Endp
     return endpoints
 
 
+def cost_model_of(view: ClusterView, endpoint_id: str, default: CostModel) -> CostModel:
+    """The endpoint's fitted cost model when the view has one, else `default` (the profile)."""
+    return cast(CostModel, view.cost_models.get(endpoint_id, default))
+
+
 def slo_of(request: RoutingRequest, config: PolicyConfig) -> float:
     return config.ttft_slo_s if request.ttft_slo_s is None else request.ttft_slo_s
 
@@ -132,7 +137,8 @@ def score_endpoint(
     phase_aware: bool = False,
     interference_weight: float = 0.0,
 ) -> CandidateScore:
-    """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record.
+    """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record,
+    with the endpoint's fitted cost model when the view has one, else `cost_model`.
 
     Phase-blind, the score is the predicted TTFT. `phase_aware`: the TTFT counts the decode
     steps interleaved with the prefill there, and the score adds `interference_weight` times
@@ -148,6 +154,7 @@ def score_endpoint(
     cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
     load = view.load(endpoint_id)
     uncached = request.prompt_tokens - cached
+    cost_model = cost_model_of(view, endpoint_id, cost_model)
     ttft = cost_model.estimate_ttft_s(
         uncached_tokens=uncached, cached_tokens=cached, load=load, phase_aware=phase_aware
     )

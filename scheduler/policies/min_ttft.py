@@ -12,7 +12,12 @@ the prefill time is computed once per distinct matched depth, not per endpoint.
 
 from __future__ import annotations
 
-from twinroute.scheduler.policies.base import Policy, eligible_endpoints, score_endpoint
+from twinroute.scheduler.policies.base import (
+    Policy,
+    cost_model_of,
+    eligible_endpoints,
+    score_endpoint,
+)
 from twinroute.scheduler.types import (
     CandidateScore,
     ClusterView,
@@ -30,18 +35,22 @@ class MinTtftPolicy(Policy):
 
     def pick(self, request: RoutingRequest, view: ClusterView) -> Decision:
         eligible = eligible_endpoints(request, view)
-        cost = self.config.cost_model
+        profile = self.config.cost_model
         holders = view.prefix_index.holders(request.keys)
+        # Shared by the endpoints predicted with the profile (one prefill per cached depth).
         prefill_by_matched: dict[int, float] = {}
         ranked: list[tuple[float, int, int, str, int]] = []
         for order, endpoint in enumerate(eligible):
             matched = holders.get(endpoint.id, 0)
-            prefill = prefill_by_matched.get(matched)
+            cost = cost_model_of(view, endpoint.id, profile)
+            prefill = prefill_by_matched.get(matched) if cost is profile else None
             if prefill is None:
                 cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
-                prefill = prefill_by_matched[matched] = cost.prefill_time_s(
+                prefill = cost.prefill_time_s(
                     uncached_tokens=request.prompt_tokens - cached, cached_tokens=cached
                 )
+                if cost is profile:
+                    prefill_by_matched[matched] = prefill
             load = view.load(endpoint.id)
             ttft = cost.queue_time_s(load) + prefill
             ranked.append((ttft, load.pending_prefill_tokens, order, endpoint.id, matched))

@@ -28,8 +28,10 @@ matched depth.
 
 from __future__ import annotations
 
+from twinroute.scheduler.costmodel import CostModel
 from twinroute.scheduler.policies.base import (
     Policy,
+    cost_model_of,
     eligible_endpoints,
     slo_of,
 )
@@ -48,8 +50,7 @@ DECODE_WINDOW_STEPS = 16
 class PreblePolicy(Policy):
     name = "preble"
 
-    def _load_cost_s(self, load: LoadSnapshot) -> float:
-        cost = self.config.cost_model
+    def _load_cost_s(self, load: LoadSnapshot, cost: CostModel) -> float:
         decoding = load.decoding if load.running is None else max(load.decoding, load.running)
         decode = cost.decode_step_time_s(batch_size=decoding, kv_tokens=0) * DECODE_WINDOW_STEPS
         return cost.queue_time_s(load) + decode
@@ -76,7 +77,11 @@ class PreblePolicy(Policy):
             )
         if longest > 0 and cached > new:
             best = min(
-                (self._load_cost_s(view.load(e.id)), order, e.id)
+                (
+                    self._load_cost_s(view.load(e.id), cost_model_of(view, e.id, cost)),
+                    order,
+                    e.id,
+                )
                 for order, e in enumerate(eligible)
                 if holders.get(e.id, 0) == longest
             )
@@ -94,18 +99,21 @@ class PreblePolicy(Policy):
         ranked: list[tuple[float, int, str, float, float, float]] = []
         for order, endpoint in enumerate(eligible):
             matched = holders.get(endpoint.id, 0)
-            recompute = recompute_by_matched.get(matched)
+            here_cost = cost_model_of(view, endpoint.id, cost)
+            recompute = recompute_by_matched.get(matched) if here_cost is cost else None
             if recompute is None:
                 here = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
-                recompute = recompute_by_matched[matched] = cost.prefill_time_s(
+                recompute = here_cost.prefill_time_s(
                     uncached_tokens=request.prompt_tokens - here, cached_tokens=here
                 )
+                if here_cost is cost:
+                    recompute_by_matched[matched] = recompute
             load = view.load(endpoint.id)
             if load.kv_usage is not None:
                 pressure = min(1.0, max(0.0, load.kv_usage))
             else:
                 pressure = min(1.0, load.pending_prefill_tokens / budget)
-            load_cost = self._load_cost_s(load)
+            load_cost = self._load_cost_s(load, here_cost)
             eviction = pressure * recompute
             total = load_cost + eviction + recompute
             ranked.append((total, order, endpoint.id, load_cost, eviction, recompute))

@@ -1,0 +1,196 @@
+"""Cost models fitted online from reported first tokens (`scheduler/calibration.py`)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from twinroute.scheduler.calibration import CalibrationSettings, CostCalibration
+from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.costmodel import LLAMA3_8B_H100, CostModel
+from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
+from twinroute.scheduler.policies import make_policy
+from twinroute.scheduler.policies.base import PolicyConfig
+from twinroute.scheduler.telemetry import SchedulerTelemetry
+from twinroute.scheduler.types import EMPTY_LOAD, Endpoint, RoutingRequest
+
+PROFILE = LLAMA3_8B_H100
+
+
+def true_ttft_s(model: CostModel, uncached: int) -> float:
+    return model.estimate_ttft_s(uncached_tokens=uncached, cached_tokens=0, load=EMPTY_LOAD)
+
+
+def feed(
+    calibration: CostCalibration,
+    endpoint: str,
+    engine: CostModel,
+    *,
+    requests: int,
+    seed: int = 0,
+    noise: float = 0.05,
+) -> None:
+    """Requests of random sizes on an idle engine whose real costs are `engine`'s."""
+    rng = random.Random(seed)
+    for _ in range(requests):
+        uncached = rng.randint(64, 8192)
+        predicted = calibration.model_for(endpoint).estimate_ttft_s(
+            uncached_tokens=uncached, cached_tokens=0, load=EMPTY_LOAD
+        )
+        observed = true_ttft_s(engine, uncached) * (1 + rng.uniform(-noise, noise))
+        calibration.observe(
+            endpoint,
+            work_s=calibration.work_s(endpoint, predicted),
+            predicted_ttft_s=predicted,
+            observed_ttft_s=observed,
+        )
+
+
+def relative_error(model: CostModel, engine: CostModel, uncached: int) -> float:
+    truth = true_ttft_s(engine, uncached)
+    return abs(true_ttft_s(model, uncached) - truth) / truth
+
+
+def test_a_slower_engine_is_learned_from_its_first_tokens() -> None:
+    # The profile is an H100; the engine is 7x slower and pays 30 ms per request on top.
+    engine = PROFILE.calibrated(time_scale=7.0, overhead_s=0.030)
+    calibration = CostCalibration(prior=PROFILE)
+    assert relative_error(calibration.model_for("e0"), engine, 2048) > 0.8
+    feed(calibration, "e0", engine, requests=200)
+    fitted = calibration.model_for("e0")
+    for uncached in (128, 2048, 8000):
+        assert relative_error(fitted, engine, uncached) < 0.05
+    overhead_s, time_scale, observations = calibration.fitted()["e0"]
+    assert time_scale == pytest.approx(7.0, rel=0.05)
+    assert overhead_s == pytest.approx(0.030, abs=0.01)
+    assert observations == 200
+    # The reported error is of the predictions made as it learned: large at first, then small.
+    last = CostCalibration(prior=PROFILE)
+    feed(last, "e0", engine, requests=600)
+    ratio = last.error_ratio("e0")
+    assert ratio is not None and ratio < 0.1
+
+
+def test_endpoints_not_yet_observed_are_predicted_with_the_pools_fit() -> None:
+    engine = PROFILE.calibrated(time_scale=5.0, overhead_s=0.020)
+    calibration = CostCalibration(prior=PROFILE)
+    feed(calibration, "e0", engine, requests=10)
+    # Ten first tokens: e0 itself still uses the pool's fit, as does the never-seen e1.
+    assert calibration.model_for("e0") is calibration.model_for("e1")
+    assert calibration.model_for("e1") is not PROFILE
+    feed(calibration, "e0", engine, requests=100, seed=1)
+    assert calibration.model_for("e0") is not calibration.model_for("e1")
+    assert relative_error(calibration.model_for("e1"), engine, 4096) < 0.1
+
+
+def test_each_endpoint_gets_its_own_speed() -> None:
+    fast = PROFILE.calibrated(time_scale=2.0, overhead_s=0.010)
+    slow = PROFILE.calibrated(time_scale=6.0, overhead_s=0.010)
+    calibration = CostCalibration(prior=PROFILE)
+    for round_ in range(10):
+        feed(calibration, "fast", fast, requests=20, seed=round_)
+        feed(calibration, "slow", slow, requests=20, seed=100 + round_)
+    assert calibration.fitted()["fast"][1] == pytest.approx(2.0, rel=0.1)
+    assert calibration.fitted()["slow"][1] == pytest.approx(6.0, rel=0.1)
+
+
+def test_a_few_stalled_requests_do_not_drag_the_fit() -> None:
+    engine = PROFILE.calibrated(time_scale=4.0, overhead_s=0.010)
+    calibration = CostCalibration(prior=PROFILE)
+    feed(calibration, "e0", engine, requests=100)
+    for uncached in (500, 1000, 1500, 2000, 2500):  # each waited 10x its time
+        predicted = calibration.model_for("e0").estimate_ttft_s(
+            uncached_tokens=uncached, cached_tokens=0, load=EMPTY_LOAD
+        )
+        calibration.observe(
+            "e0",
+            work_s=calibration.work_s("e0", predicted),
+            predicted_ttft_s=predicted,
+            observed_ttft_s=10 * true_ttft_s(engine, uncached),
+        )
+    assert calibration.fitted()["e0"][1] == pytest.approx(4.0, rel=0.15)
+
+
+def test_the_fit_follows_an_engine_that_slows_down() -> None:
+    calibration = CostCalibration(prior=PROFILE, settings=CalibrationSettings(decay=0.98))
+    feed(calibration, "e0", PROFILE.calibrated(time_scale=2.0, overhead_s=0.01), requests=300)
+    feed(calibration, "e0", PROFILE.calibrated(time_scale=6.0, overhead_s=0.01), requests=300)
+    assert calibration.fitted()["e0"][1] == pytest.approx(6.0, rel=0.1)
+
+
+def test_predictions_scale_linearly_with_the_fitted_speed() -> None:
+    slow = PROFILE.calibrated(time_scale=3.0, overhead_s=0.5)
+    load = EMPTY_LOAD.__class__(pending_prefill_tokens=4096, decoding=8, decoding_tokens=8000)
+    for phase_aware in (False, True):
+        base = PROFILE.estimate_ttft_s(
+            uncached_tokens=1000, cached_tokens=500, load=load, phase_aware=phase_aware
+        )
+        scaled = slow.estimate_ttft_s(
+            uncached_tokens=1000, cached_tokens=500, load=load, phase_aware=phase_aware
+        )
+        assert scaled == pytest.approx(0.5 + 3.0 * (base - PROFILE.step_overhead_s))
+    with pytest.raises(ValueError):
+        PROFILE.calibrated(time_scale=0.0, overhead_s=0.0)
+
+
+def make_core(*, calibration: bool = True) -> SchedulerCore:
+    core = SchedulerCore(
+        policy=make_policy("dualmap", config=PolicyConfig(cost_model=PROFILE)),
+        cost_model=PROFILE,
+        cost_calibration=calibration,
+    )
+    core.set_endpoints([Endpoint(id=f"e{i}", address=f"10.0.0.{i}:8000") for i in range(2)])
+    return core
+
+
+def request(index: int, tokens: int) -> RoutingRequest:
+    ids = np.arange(index * 100_000, index * 100_000 + tokens, dtype=np.uint32)
+    return RoutingRequest(
+        request_id=f"r{index}",
+        keys=keys_from_tokens(ids, block_size=16, seed=namespace_seed(model="m")),
+        prompt_tokens=tokens,
+        reports_first_token=True,
+    )
+
+
+def test_the_core_fits_its_predictions_to_the_first_tokens_it_is_told_of() -> None:
+    # Engines 10x slower than the profile, 20 ms of overhead; one request at a time.
+    engine = PROFILE.calibrated(time_scale=10.0, overhead_s=0.020)
+    core = make_core()
+    rng = random.Random(3)
+    now = 0.0
+    errors: list[float] = []
+    for index in range(300):
+        tokens = rng.randint(256, 4096)
+        result = core.pick(request(index, tokens), now=now)
+        ttft = true_ttft_s(engine, tokens)
+        errors.append(abs(result.decision.predicted_ttft_s - ttft) / ttft)
+        now += ttft
+        assert core.first_token(result.lease_id, now=now)
+        core.complete(result.lease_id, now=now + 0.01)
+        now += 1.0
+    assert errors[0] > 0.8
+    assert np.median(errors[-100:]) < 0.05
+    assert core.calibration is not None
+    pool_error = core.calibration.error_ratio()
+    assert pool_error is not None and pool_error < 0.5
+    # The lease queue drains at the fitted rate: 10x slower than the profile says.
+    assert core.cost_model_for("e0").linear_tokens_per_s == pytest.approx(
+        PROFILE.linear_tokens_per_s / 10, rel=0.1
+    )
+
+    registry = CollectorRegistry()
+    telemetry = SchedulerTelemetry(registry=registry, core=core, clock=lambda: now)
+    text = telemetry.exposition().decode()
+    assert 'twinroute_scheduler_ttft_prediction_error_ratio{endpoint=""}' in text
+    assert 'twinroute_scheduler_cost_time_scale{endpoint="e0"}' in text
+
+
+def test_without_calibration_the_profile_predicts_as_it_is() -> None:
+    core = make_core(calibration=False)
+    result = core.pick(request(0, 1024), now=0.0)
+    core.first_token(result.lease_id, now=5.0)
+    assert core.calibration is None
+    assert core.cost_model_for("e0") is PROFILE
