@@ -14,11 +14,18 @@ with two numbers changed:
     predicted TTFT = overhead_s + time_scale * work_s
 
 where `work_s` is the prior's prediction less the prior's own overhead, for the request's
-uncached tokens and the queue it found (`CostModel.calibrated` scales every rate and decode
-cost by `time_scale` and replaces the overhead). For each request whose first token is
-reported, (work_s at the pick, observed TTFT) is one observation; observed TTFT is what the
-scheduler sees between placing the request and its first-token report, so the router's hop
-and the engine's HTTP front end count as overhead, as the client feels them.
+uncached tokens and the decode work it shares steps with (`CostModel.calibrated` scales every
+rate and decode cost by `time_scale` and replaces the overhead). For each request whose first
+token is reported and which found its engine idle (no other lease of ours open there, and the
+last fresh scrape saw nothing running or waiting), (work_s at the pick, observed TTFT) is one
+observation; observed TTFT is what the scheduler sees between placing the request
+and its first-token report, so the router's hop and the engine's HTTP front end count as
+overhead, as the client feels them. Requests that shared the engine are left out of the fit on
+purpose: their TTFT also carries the queue estimate's errors (batching the fluid model does not
+know, KV memory waits, other routers' traffic), and fitted into the speed those errors would
+inflate every prediction, queued or not (measured in the simulator: overheads of seconds);
+the lease queue corrects itself from the first-token reports instead. Under sustained load
+idle moments are rare, and the fit keeps what it learnt when they were not.
 
 Estimator: exponentially weighted least squares (each observation's weight decays by
 `decay` per later observation: an effective memory of 1 / (1 - decay) requests, so the model
@@ -129,12 +136,23 @@ class CostCalibration:
         work_s: float,
         predicted_ttft_s: float,
         observed_ttft_s: float,
+        fits: bool = True,
     ) -> None:
-        """One reported first token: `work_s` and `predicted_ttft_s` as at the pick."""
+        """One reported first token: `work_s` and `predicted_ttft_s` as at the pick. Every
+        one counts in the prediction error; only those with `fits` teach the fit."""
         if observed_ttft_s <= 0 or work_s < 0:
             return
         error = abs(predicted_ttft_s - observed_ttft_s) / observed_ttft_s
         pool = self._pool
+        if not fits:
+            pool.errors.append(error)
+            fit = self._fits.get(endpoint_id)
+            if fit is None:
+                fit = self._fits[endpoint_id] = self._new_fit(
+                    overhead_s=pool.overhead_s, time_scale=pool.time_scale
+                )
+            fit.errors.append(error)
+            return
         self._update(
             pool, work_s, observed_ttft_s, error, towards=(self.prior.step_overhead_s, 1.0)
         )
@@ -243,7 +261,7 @@ class _FittedModels(dict[str, CostModel]):
         super().__init__()
         self.pool = pool
 
-    def get(self, endpoint_id: str, default: object = None) -> CostModel:  # type: ignore[override]
+    def get(self, endpoint_id: str, default: object = None) -> CostModel:
         # `default` is ignored on purpose: an endpoint without a fit of its own is predicted
         # with the pool's fit, never with whatever model the caller had at hand.
         return dict.get(self, endpoint_id, self.pool)

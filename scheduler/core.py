@@ -331,6 +331,15 @@ class SchedulerCore:
             lease_id=lease.lease_id, decision=decision, endpoint=endpoint, prefill_endpoint=prefill
         )
 
+    def _idle_by_scrape(self, endpoint_id: str, *, now: float) -> bool:
+        """Whether the engine's last fresh scrape (if any) saw nothing running or waiting:
+        with `Lease.found_idle`, what makes a first token a measure of the engine's speed
+        rather than of a queue (other routers' requests included)."""
+        scrape = self._scrapes.get(endpoint_id)
+        if scrape is None or now - scrape.at > self.scrape_staleness_s:
+            return True
+        return not scrape.running and not scrape.queued
+
     def open_request(self, lease_id: str) -> tuple[RoutingRequest, Decision] | None:
         """The request and decision behind an open lease of a unified pick (after a move, the
         moved decision)."""
@@ -352,6 +361,7 @@ class SchedulerCore:
         ):
             self.calibration.observe(
                 lease.endpoint_id,
+                fits=lease.found_idle and self._idle_by_scrape(lease.endpoint_id, now=now),
                 work_s=lease.work_s,
                 predicted_ttft_s=lease.predicted_ttft_s,
                 observed_ttft_s=now - lease.opened_at,

@@ -54,6 +54,8 @@ class Lease:
     # The prior-hardware work behind `predicted_ttft_s` (`CostCalibration.work_s`), which the
     # first token's observed TTFT is fitted against.
     work_s: float = 0.0
+    # No other lease was open on its endpoint when it opened (nothing of ours ahead of it).
+    found_idle: bool = False
     # The last time its holder said it still runs (Renew); the TTL counts from here.
     renewed_at: float = 0.0
 
@@ -128,6 +130,7 @@ class LeaseTable:
             predicted_ttft_s=predicted_ttft_s,
             remaining_prefill=float(max(0, uncached_tokens)),
             reports_first_token=reports_first_token,
+            found_idle=queue.in_flight == 0,
         )
         self._leases[lease.lease_id] = lease
         queue.in_flight += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -194,3 +195,37 @@ def test_without_calibration_the_profile_predicts_as_it_is() -> None:
     core.first_token(result.lease_id, now=5.0)
     assert core.calibration is None
     assert core.cost_model_for("e0") is PROFILE
+
+
+def test_requests_that_queued_count_in_the_error_but_do_not_teach_the_fit() -> None:
+    engine = PROFILE.calibrated(time_scale=4.0, overhead_s=0.010)
+    calibration = CostCalibration(prior=PROFILE)
+    feed(calibration, "e0", engine, requests=100)
+    before = calibration.fitted()["e0"]
+    for _ in range(300):  # the queue estimate was 3x short for each of these
+        calibration.observe("e0", fits=False, work_s=0.1, predicted_ttft_s=0.4, observed_ttft_s=1.2)
+    assert calibration.fitted()["e0"] == before
+    ratio = calibration.error_ratio("e0")
+    assert ratio is not None and ratio == pytest.approx(2 / 3)
+
+
+def test_the_core_learns_only_from_requests_that_found_no_queue() -> None:
+    core = make_core()
+    first = core.pick(request(0, 4096), now=0.0)
+    # The same prompt again: it goes where the first is cached, behind its prefill.
+    again = dataclasses.replace(request(0, 4096), request_id="again")
+    queued = core.pick(again, now=0.0)
+    assert queued.endpoint.id == first.endpoint.id
+    lease = core.leases.get(queued.lease_id)
+    assert lease is not None and not lease.found_idle
+    assert core.leases.get(first.lease_id).found_idle  # type: ignore[union-attr]
+    assert core.calibration is not None
+    core.first_token(first.lease_id, now=1.0)
+    core.first_token(queued.lease_id, now=2.0)
+    assert core.calibration.fitted()[first.endpoint.id][2] == 1
+    # A fresh scrape that sees the engine busy (another router's requests) vetoes the fit.
+    core.update_scrape(first.endpoint.id, running=3, queued=1, kv_usage=0.2, now=2.0)
+    third = core.pick(dataclasses.replace(request(0, 4096), request_id="third"), now=2.5)
+    core.complete(first.lease_id, now=2.5)
+    core.first_token(third.lease_id, now=3.0)
+    assert core.calibration.fitted()[first.endpoint.id][2] == 1

@@ -123,6 +123,8 @@ class RunSpec:
     # decider's threshold (`twinroute.scheduler.policies.pd`).
     pd: PdSplit | None = None
     pd_min_prefill_tokens: int = DEFAULT_PD_MIN_PREFILL_TOKENS
+    # Fit each instance's cost model from its first tokens (the profile as the prior).
+    cost_calibration: bool = True
 
     def scheduler_settings(self, profile: InstanceProfile) -> SchedulerSettings:
         """The simulated scheduler's settings: prompt keys are the trace's blocks, and the
@@ -132,6 +134,7 @@ class RunSpec:
             ttft_slo_s=self.ttft_slo_s,
             policy_seed=self.seed,
             phase_aware=self.phase_aware,
+            cost_calibration=self.cost_calibration,
             phase_interference_weight=self.phase_interference_weight,
             rebalance=self.rebalance,
             key_block_tokens=self.trace.block_size,
