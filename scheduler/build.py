@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import COST_PROFILES, CostModel
+from twinroute.scheduler.kv_events import KvEventIndex
 from twinroute.scheduler.migration import MigrationMetrics, Migrator, MigratorSettings
 from twinroute.scheduler.policies import PolicyConfig, make_policy
 from twinroute.scheduler.policies.pd import PdSettings
@@ -58,6 +59,7 @@ def build_core(
         rebalance=settings.rebalance,
         key_block_tokens=settings.key_block_tokens,
         cost_calibration=settings.cost_calibration,
+        kv_events=KvEventIndex() if settings.follows_kv_events else None,
         pd=PdSettings(
             min_prefill_tokens=settings.pd_min_prefill_tokens,
             transfer_s_per_token=settings.pd_transfer_s_per_token,

@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,7 @@ from twinroute.scheduler.discovery import (
     parse_endpoint_list,
     run_discovery,
 )
+from twinroute.scheduler.kv_subscriber import KvEventSource, KvEventSubscriber
 from twinroute.scheduler.migration import parse_hooks
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
 from twinroute.scheduler.server import GrpcServer, TlsFiles
@@ -41,6 +43,7 @@ from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.settings import SchedulerSettings, parse_config
 from twinroute.scheduler.telemetry import build_metrics_app
 from twinroute.scheduler.tokens import TokenGuard
+from twinroute.scheduler.types import Endpoint
 
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
@@ -111,6 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", action="append", default=[],
         help="served model name (repeatable); endpoints without a model serve these",
     )  # fmt: skip
+    _add_cache_arguments(parser)
     load = parser.add_argument_group("load and leases")
     load.add_argument(
         "--scrape-interval-s", type=float, default=defaults.scrape_interval_s,
@@ -160,6 +164,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    caches = parser.add_argument_group("what the engines cache (vLLM KV-cache events)")
+    caches.add_argument(
+        "--kv-events-port", type=int, default=None,
+        help="follow every engine's KV events at tcp://ENGINE_HOST:PORT (engines run vLLM "
+        "with --kv-events-config endpoint tcp://*:PORT); default: off",
+    )  # fmt: skip
+    caches.add_argument(
+        "--kv-events-endpoints", default="",
+        help="comma-separated ID=tcp://HOST:PORT: each engine's KV-event publisher (overrides "
+        "--kv-events-port for those ids)",
+    )  # fmt: skip
+    caches.add_argument(
+        "--engine-block-size", type=int, default=None,
+        help="the engines' KV block size in tokens, to hash prompts as they do (default: "
+        "--key-block-tokens)",
+    )  # fmt: skip
+    caches.add_argument(
+        "--engine-hash-seed", default=None,
+        help="the engines' PYTHONHASHSEED, when they run with one (vLLM seeds its block "
+        "hashes with it)",
+    )  # fmt: skip
+
+
 def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
     security = parser.add_argument_group("TLS and tokens")
     security.add_argument(
@@ -206,6 +234,10 @@ def settings_from_arguments(args: argparse.Namespace) -> SchedulerSettings:
         migration=args.migration,
         migration_interval_s=args.migration_interval_s,
         migration_hooks=tuple(parse_hooks(args.migration_hooks).items()),
+        kv_events_port=args.kv_events_port,
+        kv_events_endpoints=parse_kv_event_endpoints(args.kv_events_endpoints),
+        engine_block_size=args.engine_block_size,
+        engine_hash_seed=args.engine_hash_seed,
         served_models=tuple(args.model),
     )
 
@@ -384,8 +416,15 @@ def _background_tasks(
 ) -> list[asyncio.Task[None]]:
     """Discovery, lease expiry, engine scrapes and migration rounds, as the settings ask."""
     settings = service.settings
-    tasks = [
-        asyncio.create_task(run_discovery(source, apply=service.set_endpoints), name="discovery"),
+    apply: Callable[[Sequence[Endpoint]], object] = service.set_endpoints
+    tasks = []
+    kv_events = service.core.kv_events
+    if kv_events is not None:
+        subscriber = KvEventSubscriber(kv_events)
+        apply = _following_kv_events(service, subscriber)
+        tasks.append(asyncio.create_task(_run_subscriber(subscriber), name="kv-events"))
+    tasks += [
+        asyncio.create_task(run_discovery(source, apply=apply), name="discovery"),
         asyncio.create_task(service.run_expiry(), name="lease-expiry"),
     ]
     if settings.scrape_interval_s > 0:
@@ -403,6 +442,52 @@ def _background_tasks(
     if migrator is not None and migrator.settings.rebalance:
         tasks.append(asyncio.create_task(migrator.run(), name="migration"))
     return tasks
+
+
+def parse_kv_event_endpoints(spec: str) -> tuple[tuple[str, str], ...]:
+    """`a=tcp://10.0.0.1:5557,b=...` -> (("a", "tcp://10.0.0.1:5557"), ...)."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        endpoint_id, sep, address = item.partition("=")
+        _host, _, port = address.removeprefix("tcp://").rpartition(":")
+        if not sep or not endpoint_id or not address.startswith("tcp://") or not port.isdigit():
+            raise ValueError(f"KV events endpoint {item!r} is not ENDPOINT_ID=tcp://HOST:PORT")
+        pairs.append((endpoint_id, address))
+    return tuple(pairs)
+
+
+def kv_event_sources(
+    settings: SchedulerSettings, endpoints: Sequence[Endpoint]
+) -> dict[str, KvEventSource | None]:
+    """Where each endpoint's engine publishes its KV events (None: nowhere known)."""
+    explicit = dict(settings.kv_events_endpoints)
+    sources: dict[str, KvEventSource | None] = {}
+    for endpoint in endpoints:
+        address = explicit.get(endpoint.id)
+        if address is None and settings.kv_events_port is not None:
+            host = endpoint.address.split("://")[-1].rsplit(":", 1)[0]
+            address = f"tcp://{host}:{settings.kv_events_port}"
+        sources[endpoint.id] = KvEventSource(address=address) if address else None
+    return sources
+
+
+def _following_kv_events(
+    service: SchedulerService, subscriber: KvEventSubscriber
+) -> Callable[[Sequence[Endpoint]], object]:
+    def apply(endpoints: Sequence[Endpoint]) -> object:
+        change = service.set_endpoints(endpoints)
+        subscriber.set_endpoints(kv_event_sources(service.settings, endpoints))
+        return change
+
+    return apply
+
+
+async def _run_subscriber(subscriber: KvEventSubscriber) -> None:
+    await subscriber.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await subscriber.stop()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,9 +21,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from twinroute.scheduler.cache_lookup import CacheLookup
 from twinroute.scheduler.calibration import CostCalibration
 from twinroute.scheduler.costmodel import CostModel, OutputLengthEstimator
 from twinroute.scheduler.history import DecisionHistory
+from twinroute.scheduler.kv_events import KvEventIndex, KvState
 from twinroute.scheduler.leases import Lease, LeaseTable
 from twinroute.scheduler.moves import MovePlanner, RebalanceMove
 from twinroute.scheduler.policies.base import Policy
@@ -36,6 +38,7 @@ from twinroute.scheduler.types import (
     Endpoint,
     LoadSnapshot,
     NoEndpointError,
+    PrefixIndexView,
     Role,
     RoutingRequest,
 )
@@ -111,12 +114,21 @@ class SchedulerCore:
         pd: PdSettings | None = None,
         key_block_tokens: int = 16,
         cost_calibration: bool = True,
+        kv_events: KvEventIndex | None = None,
     ) -> None:
         self.policy = policy
         # Tokens one prefix-index block stands for: converts an engine's KV size to blocks.
         self.key_block_tokens = key_block_tokens
         self.cost_model = cost_model
         self.prefix_index = PrefixIndex(capacity_blocks=prefix_capacity_blocks)
+        # What every decision reads of the caches: the engines' own KV events where they are
+        # followed and live, the approximate record (`prefix_index`) otherwise.
+        self.kv_events = kv_events
+        self.cache_lookup: PrefixIndexView = (
+            CacheLookup(approximate=self.prefix_index, events=kv_events)
+            if kv_events is not None
+            else self.prefix_index
+        )
         # Each endpoint's cost model fitted from its first tokens, `cost_model` the prior;
         # None: the profile predicts as it is.
         self.calibration = CostCalibration(prior=cost_model) if cost_calibration else None
@@ -176,6 +188,8 @@ class SchedulerCore:
 
     def _forget(self, endpoint_id: str, *, now: float) -> None:
         self.prefix_index.remove_endpoint(endpoint_id)
+        if self.kv_events is not None:
+            self.kv_events.forget(endpoint_id)
         if self.calibration is not None:
             self.calibration.forget(endpoint_id)
         for lease in self.leases.forget_endpoint(endpoint_id, now=now):
@@ -275,7 +289,7 @@ class SchedulerCore:
         return ClusterView(
             endpoints=chosen,
             loads=_Loads(self, ids, now),
-            prefix_index=self.prefix_index,
+            prefix_index=self.cache_lookup,
             now=now,
             cost_models=self.calibration.models if self.calibration is not None else {},
         )
@@ -306,8 +320,15 @@ class SchedulerCore:
             raise NoEndpointError(
                 f"policy {decision.policy!r} chose {decision.endpoint_id!r}, which is not routable"
             )
-        matched = self.prefix_index.matched_blocks(endpoint.id, request.keys)
+        matched = self.cache_lookup.matched_blocks(endpoint.id, request.keys)
         cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
+        if self.kv_events is not None:
+            decision = dataclasses.replace(
+                decision,
+                detail=f"{decision.detail}; cache: {self._cache_source(endpoint.id, request)}",
+            )
+            if request.keys.engine_hashes:
+                self.kv_events.note_placed(endpoint.id, request.keys.engine_hashes, now=now)
         lease = self.leases.open(
             endpoint_id=endpoint.id,
             request_id=request.request_id,
@@ -339,6 +360,16 @@ class SchedulerCore:
         if scrape is None or now - scrape.at > self.scrape_staleness_s:
             return True
         return not scrape.running and not scrape.queued
+
+    def _cache_source(self, endpoint_id: str, request: RoutingRequest) -> str:
+        """What the decision knew of the chosen endpoint's cache, for Explain."""
+        assert self.kv_events is not None
+        if not request.keys.engine_hashes:
+            return "approximate (no engine block hashes: a text prompt, or a LoRA adapter)"
+        state = self.kv_events.state(endpoint_id)
+        if state is KvState.LIVE:
+            return "precise (the engine's KV events)"
+        return f"approximate (the engine's KV events are {state.value})"
 
     def open_request(self, lease_id: str) -> tuple[RoutingRequest, Decision] | None:
         """The request and decision behind an open lease of a unified pick (after a move, the

@@ -91,6 +91,9 @@ class PlannedState(Protocol):
     def prefix_index(self) -> PrefixIndexView: ...
 
     @property
+    def cache_lookup(self) -> PrefixIndexView: ...
+
+    @property
     def leases(self) -> LeaseTable: ...
 
     @property
@@ -253,7 +256,7 @@ class MovePlanner:
     ) -> tuple[float, int]:
         """(predicted TTFT, uncached tokens) of `request` on an endpoint carrying `added` more."""
         core = self._core
-        matched = core.prefix_index.matched_blocks(endpoint_id, request.keys)
+        matched = core.cache_lookup.matched_blocks(endpoint_id, request.keys)
         cached = request.keys.prefix_tokens(matched, prompt_tokens=request.prompt_tokens)
         load = core.load(endpoint_id, now=now)
         if added:

@@ -51,6 +51,7 @@ from twinroute.scheduler.types import (
     PromptKeys,
     RoutingRequest,
 )
+from twinroute.scheduler.vllm_blocks import VllmBlockHasher
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,16 @@ class SchedulerService:
         self._clock = clock
         self._wall_clock = wall_clock
         self._served_models = frozenset(self.settings.served_models)
+        # With the engines' KV events followed: their own block hashes of each token-id
+        # prompt, so the core can look the prompt up in what the engines say they hold.
+        self._engine_hasher = (
+            VllmBlockHasher(
+                self.settings.engine_block_size or self.settings.key_block_tokens,
+                seed=self.settings.engine_hash_seed,
+            )
+            if self.settings.follows_kv_events
+            else None
+        )
         self._expiry_interval_s = expiry_interval_s
         self._next_expiry = 0.0
         self._seeds: dict[tuple[str, str, str], int] = {}
@@ -195,6 +206,15 @@ class SchedulerService:
                 keys = keys_from_tokens(
                     query.token_ids, block_size=self.settings.key_block_tokens, seed=seed
                 )
+                hasher = self._engine_hasher
+                # A LoRA adapter's blocks are keyed by its path on the engine: not computable.
+                if hasher is not None and not query.lora_adapter:
+                    salt = query.cache_salt or None
+                    keys = dataclasses.replace(
+                        keys,
+                        engine_hashes=tuple(hasher.block_hashes(query.token_ids, cache_salt=salt)),
+                        engine_block_size=hasher.block_size,
+                    )
             except (TypeError, ValueError) as error:
                 raise InvalidPickError(f"bad token ids: {error}") from None
         elif query.text:

@@ -66,6 +66,15 @@ class SchedulerSettings:
     # Tokens each engine's prefix cache holds, to size the scheduler's record of it; None: the
     # prefix index's default size.
     prefix_capacity_tokens: int | None = None
+    # The engines' KV-cache events (vLLM --kv-events-config, ZMQ): each engine publishes on
+    # tcp://*:PORT, and the scheduler subscribes at tcp://ENGINE_HOST:PORT (None: off), or at
+    # the addresses given per endpoint ((endpoint id, tcp://HOST:PORT) pairs).
+    kv_events_port: int | None = None
+    kv_events_endpoints: tuple[tuple[str, str], ...] = ()
+    # How the engines hash blocks, to compute the same hashes from a request's token ids:
+    # tokens per block (None: `key_block_tokens`) and their PYTHONHASHSEED (None: unset).
+    engine_block_size: int | None = None
+    engine_hash_seed: str | None = None
     # Hash long prompts' prefix keys on a worker thread (numpy releases the GIL), so one huge
     # prompt does not stall every other request on the event loop; off: inline, always.
     offload_long_prompts: bool = True
@@ -126,10 +135,23 @@ class SchedulerSettings:
         for name, value in not_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.kv_events_port is not None and not 0 < self.kv_events_port < 65536:
+            raise ValueError(f"kv_events_port must be a TCP port, got {self.kv_events_port}")
+        if self.engine_block_size is not None and self.engine_block_size <= 0:
+            raise ValueError(f"engine_block_size must be positive, got {self.engine_block_size}")
+        for endpoint_id, address in self.kv_events_endpoints:
+            if not address.startswith("tcp://"):
+                raise ValueError(
+                    f"KV events address of {endpoint_id!r} must be tcp://HOST:PORT, got {address!r}"
+                )
         if self.prefix_capacity_tokens is not None and self.prefix_capacity_tokens <= 0:
             raise ValueError(
                 f"prefix_capacity_tokens must be positive, got {self.prefix_capacity_tokens}"
             )
+
+    @property
+    def follows_kv_events(self) -> bool:
+        return self.kv_events_port is not None or bool(self.kv_events_endpoints)
 
     @property
     def scrape_staleness_s(self) -> float:
@@ -160,6 +182,9 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "admissionMaxHoldSeconds": "admission_max_hold_s",
     "migration": "migration",
     "leaseTtlSeconds": "lease_ttl_s",
+    "kvEventsPort": "kv_events_port",
+    "engineBlockSize": "engine_block_size",
+    "engineHashSeed": "engine_hash_seed",
 }
 DISCOVERY_KEYS: Final = ("kind", "namespace", "labelSelector", "defaultPort")
 PORT_KEYS: Final = ("grpc", "metrics")
@@ -251,7 +276,7 @@ _FIELD_TYPES: Final = {field.name: field.type for field in dataclasses.fields(Sc
 
 def _typed(field_name: str, value: Any, *, where: str) -> Any:
     """`value` as the settings field wants it; ValueError naming the key otherwise."""
-    kind = _FIELD_TYPES[field_name]
+    kind = str(_FIELD_TYPES[field_name]).removesuffix(" | None")
     if field_name == "served_models":
         if not isinstance(value, str) or not value:
             raise ValueError(f"{where}: {value!r} is not a model name")

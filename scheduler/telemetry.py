@@ -27,7 +27,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from twinroute.scheduler.cache_lookup import CacheLookup
 from twinroute.scheduler.core import SchedulerCore
+from twinroute.scheduler.kv_events import KvState
 from twinroute.scheduler.leases import Lease
 from twinroute.scheduler.ring import DualHashRing
 from twinroute.scheduler.scrape import EngineStats, ScrapeListener
@@ -147,6 +149,67 @@ class _CoreCollector(Collector):
         yield from families.values()
         if core.calibration is not None:
             yield from _calibration_families(core)
+        if core.kv_events is not None:
+            yield from _kv_event_families(core)
+
+
+def _kv_event_families(core: SchedulerCore) -> Iterator[Metric]:
+    """What the engines' KV events told the scheduler, and how much routing ran on it."""
+    events = core.kv_events
+    assert events is not None
+    counters = events.counters
+    applied = CounterMetricFamily(
+        f"{NAMESPACE}_kv_events_applied",
+        "KV-cache events from the engines applied to the index, by type.",
+        labels=["type"],
+    )
+    for kind, count in sorted(counters.events_applied.items()):
+        applied.add_metric([kind], count)
+    yield applied
+    skipped = CounterMetricFamily(
+        f"{NAMESPACE}_kv_events_skipped",
+        "KV-cache events left out (an unknown type, an offload tier, a partial-history group).",
+        labels=["why"],
+    )
+    for why, count in sorted(counters.events_skipped.items()):
+        skipped.add_metric([why], count)
+    yield skipped
+    yield CounterMetricFamily(
+        f"{NAMESPACE}_kv_event_gaps",
+        "Missed KV-event batches (sequence gaps, undecodable batches): that engine's index "
+        "is not trusted until it is whole again, and lookups fall back to the approximate one.",
+        value=counters.gaps,
+    )
+    state = GaugeMetricFamily(
+        f"{NAMESPACE}_kv_index_state",
+        "1 for the state of each engine's KV-event index (live: lookups are exact; unknown, "
+        "gap, silent: the approximate prefix index answers).",
+        labels=["endpoint", "state"],
+    )
+    blocks = GaugeMetricFamily(
+        f"{NAMESPACE}_kv_index_blocks",
+        "Blocks the engine's KV events say it holds.",
+        labels=["endpoint"],
+    )
+    states = events.states()
+    for endpoint_id in sorted(core.endpoints):
+        current = states.get(endpoint_id, KvState.UNKNOWN)
+        for kind in KvState:
+            state.add_metric([endpoint_id, kind.value], float(current is kind))
+        blocks.add_metric([endpoint_id], events.blocks_held(endpoint_id))
+    yield state
+    yield blocks
+    lookup = core.cache_lookup
+    if isinstance(lookup, CacheLookup):
+        lookups = CounterMetricFamily(
+            f"{NAMESPACE}_prefix_lookups",
+            "Cache lookups of a prompt on an endpoint by what answered: precise (the engine's "
+            "KV events) or approximate (the scheduler's record of its own decisions).",
+            labels=["source"],
+        )
+        for source, count in sorted(lookup.lookups.items()):
+            lookups.add_metric([source], count)
+        yield lookups
 
 
 def _calibration_families(core: SchedulerCore) -> Iterator[Metric]:

@@ -78,6 +78,12 @@ class PromptKeys:
     block_size: int
     block_hashes: BlockHashes
     total_units: int
+    # The prompt's blocks as the engines hash them (vLLM's 64-bit block hashes, from its token
+    # ids; `scheduler/vllm_blocks.py`), when the scheduler follows the engines' KV events; what
+    # their events name, so a lookup in them is exact. Empty: not known.
+    engine_hashes: tuple[int, ...] = ()
+    # Tokens per engine block (those hashes' unit).
+    engine_block_size: int = 0
 
     @property
     def num_blocks(self) -> int:

@@ -1,0 +1,73 @@
+"""How many of a prompt's blocks each endpoint holds: from the engine's own KV events when they
+can be trusted, from the scheduler's approximate record otherwise.
+
+`CacheLookup` is the `PrefixIndexView` every decision reads (`ClusterView.prefix_index`) once a
+scheduler subscribes to the engines' KV events (`scheduler/kv_events.py`). For a prompt whose
+vLLM block hashes are known (`PromptKeys.engine_hashes`: the caller sent token ids and the
+scheduler hashed them as the engines do, `scheduler/vllm_blocks.py`) and an endpoint whose
+event stream is live, the answer is exact: the leading blocks the engine holds, converted from
+engine blocks to key blocks (floor: a key block counts only when all its tokens are held). For
+any other prompt (text, or a chat the engine renders with a template we do not) or endpoint
+(events unknown, a sequence gap, a silent publisher) it is the approximate prefix index's
+guess, exactly as without events. Both kinds of answer are counted (`lookups`), so the metrics
+say how much of the routing ran on facts.
+
+Cost: one binary search over the prompt's engine hashes per (request, endpoint) on top of the
+approximate lookup it replaces; `holders` checks every endpoint with events (O(endpoints x
+log blocks)), which only the policies that consult all endpoints call.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+
+from twinroute.scheduler.kv_events import KvEventIndex
+from twinroute.scheduler.prefix_index import PrefixIndex
+from twinroute.scheduler.types import PromptKeys
+
+PRECISE = "precise"
+APPROXIMATE = "approximate"
+
+
+class CacheLookup:
+    """Implements `PrefixIndexView` over the KV-event index with the approximate fallback."""
+
+    def __init__(self, *, approximate: PrefixIndex, events: KvEventIndex) -> None:
+        self.approximate = approximate
+        self.events = events
+        self.lookups: collections.Counter[str] = collections.Counter()
+
+    def precise_blocks(self, endpoint_id: str, keys: PromptKeys) -> int | None:
+        """Key blocks the endpoint's engine says it holds, or None when it cannot say."""
+        hashes = keys.engine_hashes
+        if not hashes:
+            return None
+        held = self.events.precise_matched_blocks(endpoint_id, hashes)
+        if held is None:
+            return None
+        return min(keys.num_blocks, held * keys.engine_block_size // keys.block_size)
+
+    def matched_blocks(self, endpoint_id: str, keys: PromptKeys) -> int:
+        precise = self.precise_blocks(endpoint_id, keys)
+        if precise is not None:
+            self.lookups[PRECISE] += 1
+            return precise
+        self.lookups[APPROXIMATE] += 1
+        return self.approximate.matched_blocks(endpoint_id, keys)
+
+    def holders(self, keys: PromptKeys) -> Mapping[str, int]:
+        guessed = dict(self.approximate.holders(keys))
+        if not keys.engine_hashes:
+            self.lookups[APPROXIMATE] += 1
+            return guessed
+        self.lookups[PRECISE] += 1
+        for endpoint_id in self.events.endpoints():
+            precise = self.precise_blocks(endpoint_id, keys)
+            if precise is None:
+                continue
+            if precise > 0:
+                guessed[endpoint_id] = precise
+            else:
+                guessed.pop(endpoint_id, None)
+        return guessed

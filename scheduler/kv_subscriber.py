@@ -1,0 +1,230 @@
+"""Following every engine's KV-cache events over ZMQ into a `KvEventIndex`.
+
+The wire format, the replay protocol and what each index state means are described in
+`scheduler/kv_events.py`; this module holds the sockets (kept apart so that the routing core,
+which reads the index, imports no transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+from twinroute.scheduler.kv_events import KvEventDecodeError, KvEventIndex, decode_message
+
+logger = logging.getLogger(__name__)
+
+# The end marker of a replay: sequence -1, signed, big-endian.
+END_SEQ = (-1).to_bytes(8, "big", signed=True)
+DEFAULT_REPLAY_TIMEOUT_S = 2.0
+# vLLM's PUB high-water mark is 100,000 batches; ZMQ's default of 1,000 on our side would
+# drop (and so gap) a burst that arrives while a replay is being read.
+_RECEIVE_HWM = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class KvEventSource:
+    """Where one engine publishes: its PUB address and, if configured, its replay address."""
+
+    address: str  # tcp://ENGINE:5557 for an engine configured with endpoint tcp://*:5557
+    replay_address: str | None = None  # tcp://ENGINE:PORT for its replay_endpoint
+    topic: str = ""
+
+
+class KvEventSubscriber:
+    """Follows every engine's KV events into a `KvEventIndex`; start, set endpoints, stop.
+
+    `set_endpoints` may be called at any time (before `start` too) and never blocks: a new or
+    changed source gets a fresh socket and a fresh index entry, a removed one is closed and its
+    index forgotten. `stop` cancels every task and closes every socket before it returns.
+    """
+
+    def __init__(
+        self,
+        index: KvEventIndex,
+        *,
+        replay_timeout_s: float = DEFAULT_REPLAY_TIMEOUT_S,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        if replay_timeout_s <= 0:
+            raise ValueError(f"replay_timeout_s must be positive, got {replay_timeout_s}")
+        self.index = index
+        self.replay_timeout_s = replay_timeout_s
+        self._given_context = context
+        self._context: zmq.asyncio.Context | None = None
+        self._sources: dict[str, KvEventSource] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._sockets: set[zmq.asyncio.Socket] = set()
+        self.messages_received = 0
+        self.duplicates_skipped = 0
+        self.replays_succeeded = 0
+        self.replays_failed = 0
+
+    @property
+    def running(self) -> bool:
+        return self._context is not None
+
+    def open_sockets(self) -> int:
+        return len(self._sockets)
+
+    def sources(self) -> dict[str, KvEventSource]:
+        return dict(self._sources)
+
+    def set_endpoints(self, sources: Mapping[str, KvEventSource | None]) -> None:
+        """Follow exactly these endpoints (None: the endpoint publishes no events)."""
+        wanted = {endpoint_id: src for endpoint_id, src in sources.items() if src is not None}
+        for endpoint_id in list(self._sources):
+            if wanted.get(endpoint_id) != self._sources[endpoint_id]:
+                self._drop(endpoint_id)
+        for endpoint_id in sources:
+            if endpoint_id not in wanted:
+                self.index.forget(endpoint_id)
+        for endpoint_id, source in wanted.items():
+            if endpoint_id not in self._sources:
+                self._sources[endpoint_id] = source
+                if self.running:
+                    self._launch(endpoint_id, source)
+
+    async def start(self) -> None:
+        if self.running:
+            return
+        given = self._given_context
+        self._context = zmq.asyncio.Context() if given is None else given
+        for endpoint_id, source in self._sources.items():
+            self._launch(endpoint_id, source)
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks.values(), *self._retiring]
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._retiring.clear()
+        for socket in list(self._sockets):  # only if a task died before its finally ran
+            self._close(socket)
+        context, self._context = self._context, None
+        if context is not None and context is not self._given_context:
+            context.destroy(linger=0)
+
+    def _drop(self, endpoint_id: str) -> None:
+        del self._sources[endpoint_id]
+        self.index.forget(endpoint_id)
+        task = self._tasks.pop(endpoint_id, None)
+        if task is not None:
+            task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _launch(self, endpoint_id: str, source: KvEventSource) -> None:
+        self._tasks[endpoint_id] = asyncio.get_running_loop().create_task(
+            self._follow(endpoint_id, source), name=f"kv-events:{endpoint_id}"
+        )
+
+    def _socket(self, kind: int, address: str) -> zmq.asyncio.Socket:
+        assert self._context is not None
+        socket = self._context.socket(kind)
+        self._sockets.add(socket)
+        socket.setsockopt(zmq.LINGER, 0)
+        if "[" in address:
+            socket.setsockopt(zmq.IPV6, 1)
+        return socket
+
+    def _close(self, socket: zmq.asyncio.Socket) -> None:
+        self._sockets.discard(socket)
+        socket.close(linger=0)
+
+    async def _follow(self, endpoint_id: str, source: KvEventSource) -> None:
+        topic = source.topic.encode()
+        sub = self._socket(zmq.SUB, source.address)
+        try:
+            sub.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+            sub.connect(source.address)
+            # Set after a replay: live copies of the batches it applied are duplicates, until
+            # the first live batch past it (PUB delivers in order).
+            replayed_through = -1
+            while True:
+                frames = await sub.recv_multipart()
+                self.messages_received += 1
+                try:
+                    batch = decode_message(frames)
+                except KvEventDecodeError as error:
+                    self.index.note_decode_error(endpoint_id, error.seq)
+                    logger.warning("undecodable KV events from %s: %s", endpoint_id, error)
+                    continue
+                if batch.topic != topic:
+                    continue  # a longer topic that only shares our prefix
+                if replayed_through >= 0:
+                    if batch.seq <= replayed_through:
+                        self.duplicates_skipped += 1
+                        continue
+                    replayed_through = -1
+                expected = self.index.next_seq(endpoint_id)
+                if batch.seq < expected:
+                    logger.info("KV event publisher of %s restarted", endpoint_id)
+                    self.index.note_restart(endpoint_id)
+                    expected = 0
+                if batch.seq > expected and source.replay_address is not None:
+                    replayed_through = await self._replay(endpoint_id, source, expected)
+                    if batch.seq <= replayed_through:
+                        self.duplicates_skipped += 1
+                        continue
+                self.index.apply_batch(endpoint_id, batch)
+        except zmq.ZMQError as error:
+            # A bad address: this endpoint's index can no longer be trusted (unknown from now
+            # on, so picks fall back to the approximate index); the others carry on.
+            logger.error("KV event subscription to %s failed: %s", endpoint_id, error)
+            self.index.resync(endpoint_id)
+        finally:
+            self._close(sub)
+
+    async def _replay(self, endpoint_id: str, source: KvEventSource, start: int) -> int:
+        """Apply every batch from `start` that the replay socket still has; the last seq seen."""
+        assert source.replay_address is not None
+        dealer = self._socket(zmq.DEALER, source.replay_address)
+        last = -1
+        first: int | None = None
+        failure = ""
+        try:
+            # One deadline for the whole exchange: a DEALER's send waits for a peer, so an
+            # unreachable replay socket would otherwise hold this endpoint's stream forever.
+            async with asyncio.timeout(self.replay_timeout_s):
+                dealer.connect(source.replay_address)
+                await dealer.send_multipart([b"", start.to_bytes(8, "big")])
+                while True:
+                    frames = await dealer.recv_multipart()
+                    if frames and frames[0] == b"":
+                        frames = frames[1:]  # the DEALER/ROUTER envelope delimiter
+                    if len(frames) >= 2 and frames[1] == END_SEQ:
+                        break
+                    try:
+                        batch = decode_message(frames)
+                    except KvEventDecodeError as error:
+                        self.index.note_decode_error(endpoint_id, error.seq)
+                        continue
+                    last = batch.seq
+                    if batch.seq < self.index.next_seq(endpoint_id):
+                        continue
+                    if first is None:
+                        first = batch.seq
+                    self.index.apply_batch(endpoint_id, batch)
+        except TimeoutError:
+            failure = f"no end of replay within {self.replay_timeout_s} s"
+        except zmq.ZMQError as error:
+            failure = f"{type(error).__name__}: {error}"
+        finally:
+            self._close(dealer)
+        if not failure and first != start:
+            held = "nothing" if first is None else f"only from {first}"
+            failure = f"the replay buffer holds {held}, {start} was needed"
+        if failure:
+            self.replays_failed += 1
+            logger.warning("KV event replay for %s failed: %s", endpoint_id, failure)
+        else:
+            self.replays_succeeded += 1
+        return last
