@@ -138,6 +138,31 @@ def selector_labels(pool: PoolSpec, *, role: str) -> dict[str, str]:
     return {labels.POOL_LABEL: pool.name, labels.ROLE_LABEL: role}
 
 
+# Where vLLM engines publish their KV-cache events (a ZMQ PUB socket bound on every address).
+KV_EVENTS_PORT = 5557
+KV_EVENTS_PORT_NAME = "kv-events"
+# vLLM's default KV block size on GPUs, when the engine's args do not set --block-size.
+VLLM_DEFAULT_BLOCK_SIZE = 16
+
+
+def publishes_kv_events(pool: PoolSpec) -> bool:
+    return pool.engine.kind != "simulator" and pool.routing.kv_events
+
+
+def engine_block_size(pool: PoolSpec) -> int:
+    """The engine's KV block size, as its args set it (`--block-size N` or `--block-size=N`)."""
+    args = list(pool.engine.args)
+    for index, arg in enumerate(args):
+        value = None
+        if arg == "--block-size" and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith("--block-size="):
+            value = arg.partition("=")[2]
+        if value is not None and value.isdigit() and int(value) > 0:
+            return int(value)
+    return VLLM_DEFAULT_BLOCK_SIZE
+
+
 def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
     """The engine's flags: what routing depends on first, then the user's extra args."""
     if pool.engine.kind == "simulator":
@@ -162,6 +187,14 @@ def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
         # The scheduler's affinity is worthless without the engine's prefix cache.
         "--enable-prefix-caching",
     ]
+    if publishes_kv_events(pool):
+        # The scheduler subscribes to tcp://POD_IP:5557 (topic "": every batch).
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{KV_EVENTS_PORT}",
+        }
+        args += ["--kv-events-config", json.dumps(events, sort_keys=True)]
     return args + _kv_transfer_args(pool, role=role) + list(pool.engine.args)
 
 
@@ -210,6 +243,9 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
     }
     if admission_hold_on(pool):
         config["admissionMaxHoldSeconds"] = ADMISSION_MAX_HOLD_S
+    if publishes_kv_events(pool):
+        config["kvEventsPort"] = KV_EVENTS_PORT
+        config["engineBlockSize"] = engine_block_size(pool)
     return config
 
 
@@ -319,7 +355,12 @@ def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
         "command": list(engine.command),
         "args": engine_args(pool, role=role),
         "ports": [
-            {"name": labels.ENGINE_PORT_NAME, "containerPort": engine.port, "protocol": "TCP"}
+            {"name": labels.ENGINE_PORT_NAME, "containerPort": engine.port, "protocol": "TCP"},
+            *(
+                [{"name": KV_EVENTS_PORT_NAME, "containerPort": KV_EVENTS_PORT, "protocol": "TCP"}]
+                if publishes_kv_events(pool)
+                else []
+            ),
         ],
         "env": [
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

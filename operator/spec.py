@@ -50,6 +50,7 @@ MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
 DEFAULT_MIGRATION: Final = "drain"
 DEFAULT_ADMISSION_HOLD: Final = False
 DEFAULT_PHASE_AWARE: Final = True
+DEFAULT_KV_EVENTS: Final = True
 
 # Engine flags that would blind the scheduler: it needs prefix caching and the metrics.
 FORBIDDEN_ENGINE_ARGS: Final = (
@@ -114,6 +115,8 @@ class RoutingSpec:
     migration: str = DEFAULT_MIGRATION
     admission_hold: bool = DEFAULT_ADMISSION_HOLD
     phase_aware: bool = DEFAULT_PHASE_AWARE
+    # vLLM engines publish KV-cache events and the scheduler follows them.
+    kv_events: bool = DEFAULT_KV_EVENTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +319,7 @@ def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
         phase_aware=_boolean(
             routing, "phaseAware", path="routing.phaseAware", default=DEFAULT_PHASE_AWARE
         ),
+        kv_events=_boolean(routing, "kvEvents", path="routing.kvEvents", default=DEFAULT_KV_EVENTS),
     )
 
 

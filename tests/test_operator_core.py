@@ -237,6 +237,28 @@ def test_vllm_args_carry_what_routing_needs() -> None:
     assert "--enable-prefix-caching" in args
     assert args[-2:] == ["--max-model-len", "8192"]
     assert "--kv-transfer-config" not in args
+    events = json.loads(args[args.index("--kv-events-config") + 1])
+    assert events == {
+        "enable_kv_cache_events": True,
+        "endpoint": "tcp://*:5557",
+        "publisher": "zmq",
+    }
+
+
+def test_engines_publish_kv_events_where_the_scheduler_listens_unless_told_not_to() -> None:
+    spec = {**UNIFIED, "engine": {"args": ["--block-size=32"]}}
+    engine = by_name(children(spec))[("Deployment", "chat-unified")]
+    ports = engine["spec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in ports
+    config = scheduler_config(pool(spec), settings=SETTINGS)
+    assert (config["kvEventsPort"], config["engineBlockSize"]) == (5557, 32)
+
+    off = {**spec, "routing": {"kvEvents": False}}
+    assert "--kv-events-config" not in engine_args(pool(off), role=Role.UNIFIED)
+    assert "kvEventsPort" not in scheduler_config(pool(off), settings=SETTINGS)
+    # The engine simulator publishes no KV events.
+    simulated = {**UNIFIED, "engine": {"kind": "simulator", "image": "twinroute:1"}}
+    assert "kvEventsPort" not in scheduler_config(pool(simulated), settings=SETTINGS)
 
 
 KV_ROLES = {

@@ -67,6 +67,7 @@ ROUTINGS = {
         "migration": "on",
     },
     "no rebalancing": {"rebalancing": False, "admissionHold": True, "migration": "off"},
+    "no KV events": {"kvEvents": False},
 }
 
 
@@ -96,6 +97,11 @@ def test_render_then_parse_leaves_nothing_over(routing: dict[str, Any]) -> None:
     assert settings.pd_min_prefill_tokens == pool.pd_min_prefill_tokens
     assert settings.rebalance is pool.rebalancing
     assert settings.phase_aware is pool.phase_aware
+    # vLLM engines publish KV events on 5557 unless the pool says not to; the scheduler
+    # hashes prompts in vLLM's default block size (no --block-size in the engine's args).
+    assert settings.follows_kv_events is pool.kv_events
+    assert settings.kv_events_port == (5557 if pool.kv_events else None)
+    assert settings.engine_block_size == (16 if pool.kv_events else None)
     assert settings.migration == pool.migration
     # The hold is what rebalancing needs in a live pool: without rebalancing it holds nothing.
     assert settings.admission_hold is (pool.admission_hold and pool.rebalancing)
