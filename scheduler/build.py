@@ -8,15 +8,17 @@ prefill/decode decider, admission hold and migration.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
 from twinroute.scheduler.core import SchedulerCore
 from twinroute.scheduler.costmodel import COST_PROFILES, CostModel
 from twinroute.scheduler.kv_events import KvEventIndex
+from twinroute.scheduler.kv_subscriber import KvEventSource, KvEventSubscriber
 from twinroute.scheduler.migration import MigrationMetrics, Migrator, MigratorSettings
 from twinroute.scheduler.policies import PolicyConfig, make_policy
 from twinroute.scheduler.policies.pd import PdSettings
@@ -24,6 +26,7 @@ from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.telemetry import SchedulerTelemetry
+from twinroute.scheduler.types import Endpoint
 
 
 def policy_config(settings: SchedulerSettings, *, cost_model: CostModel) -> PolicyConfig:
@@ -34,6 +37,7 @@ def policy_config(settings: SchedulerSettings, *, cost_model: CostModel) -> Poli
         seed=settings.policy_seed,
         phase_aware=settings.phase_aware,
         phase_interference_weight=settings.phase_interference_weight,
+        cold_placement=settings.cold_placement,
     )
 
 
@@ -122,3 +126,45 @@ def build_service(
             )
         )
     return service
+
+
+def kv_event_sources(
+    settings: SchedulerSettings, endpoints: Sequence[Endpoint]
+) -> dict[str, KvEventSource | None]:
+    """Where each endpoint's engine publishes its KV events (None: nowhere known): the
+    address given for it, else tcp://ITS_HOST:`kv_events_port`."""
+    explicit = dict(settings.kv_events_endpoints)
+    sources: dict[str, KvEventSource | None] = {}
+    for endpoint in endpoints:
+        address = explicit.get(endpoint.id)
+        if address is None and settings.kv_events_port is not None:
+            host = endpoint.address.split("://")[-1].rsplit(":", 1)[0]
+            address = f"tcp://{host}:{settings.kv_events_port}"
+        sources[endpoint.id] = KvEventSource(address=address) if address else None
+    return sources
+
+
+class KvEventFollower:
+    """Keeps a service's KV-event subscriptions equal to its endpoints (scheduler process and
+    embedded router alike): `set_endpoints` on every membership snapshot, `run` beside it."""
+
+    def __init__(self, service: SchedulerService, index: KvEventIndex) -> None:
+        self._settings = service.settings
+        self.subscriber = KvEventSubscriber(index)
+
+    @classmethod
+    def of(cls, service: SchedulerService) -> KvEventFollower | None:
+        """A follower when the service's settings follow KV events, else None."""
+        index = service.core.kv_events
+        return cls(service, index) if index is not None else None
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        self.subscriber.set_endpoints(kv_event_sources(self._settings, endpoints))
+
+    async def run(self) -> None:
+        """Follow until cancelled; every socket is closed when it returns."""
+        await self.subscriber.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.subscriber.stop()

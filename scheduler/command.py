@@ -25,7 +25,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from twinroute.scheduler.build import build_service
+from twinroute.scheduler.build import KvEventFollower, build_service
 from twinroute.scheduler.costmodel import COST_PROFILES
 from twinroute.scheduler.discovery import (
     EndpointSource,
@@ -35,12 +35,12 @@ from twinroute.scheduler.discovery import (
     parse_endpoint_list,
     run_discovery,
 )
-from twinroute.scheduler.kv_subscriber import KvEventSource, KvEventSubscriber
 from twinroute.scheduler.migration import parse_hooks
+from twinroute.scheduler.policies.base import COLD_PLACEMENTS
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
 from twinroute.scheduler.server import GrpcServer, TlsFiles
 from twinroute.scheduler.service import SchedulerService
-from twinroute.scheduler.settings import SchedulerSettings, parse_config
+from twinroute.scheduler.settings import SchedulerSettings, parse_config, parse_kv_event_endpoints
 from twinroute.scheduler.telemetry import build_metrics_app
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import Endpoint
@@ -76,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument(
         "--profile", default=defaults.cost_profile, choices=sorted(COST_PROFILES),
         help="cost model for TTFT predictions: the prior when calibration is on",
+    )  # fmt: skip
+    routing.add_argument(
+        "--cold-placement", choices=COLD_PLACEMENTS, default=defaults.cold_placement,
+        help="dualmap: a prompt its ring pair does not hold goes to the pool's least loaded "
+        "endpoint when that beats both, or stays on the pair (default: %(default)s)",
     )  # fmt: skip
     routing.add_argument(
         "--cost-calibration", choices=("on", "off"), default=_on_off(defaults.cost_calibration),
@@ -220,6 +225,7 @@ def settings_from_arguments(args: argparse.Namespace) -> SchedulerSettings:
         virtual_nodes=args.virtual_nodes,
         cost_profile=args.profile,
         cost_calibration=args.cost_calibration == "on",
+        cold_placement=args.cold_placement,
         phase_aware=args.phase_aware == "on",
         key_block_tokens=args.key_block_tokens,
         key_block_chars=args.key_block_chars,
@@ -418,11 +424,15 @@ def _background_tasks(
     settings = service.settings
     apply: Callable[[Sequence[Endpoint]], object] = service.set_endpoints
     tasks = []
-    kv_events = service.core.kv_events
-    if kv_events is not None:
-        subscriber = KvEventSubscriber(kv_events)
-        apply = _following_kv_events(service, subscriber)
-        tasks.append(asyncio.create_task(_run_subscriber(subscriber), name="kv-events"))
+    follower = KvEventFollower.of(service)
+    if follower is not None:
+
+        def apply(endpoints: Sequence[Endpoint]) -> object:
+            change = service.set_endpoints(endpoints)
+            follower.set_endpoints(endpoints)
+            return change
+
+        tasks.append(asyncio.create_task(follower.run(), name="kv-events"))
     tasks += [
         asyncio.create_task(run_discovery(source, apply=apply), name="discovery"),
         asyncio.create_task(service.run_expiry(), name="lease-expiry"),
@@ -442,52 +452,6 @@ def _background_tasks(
     if migrator is not None and migrator.settings.rebalance:
         tasks.append(asyncio.create_task(migrator.run(), name="migration"))
     return tasks
-
-
-def parse_kv_event_endpoints(spec: str) -> tuple[tuple[str, str], ...]:
-    """`a=tcp://10.0.0.1:5557,b=...` -> (("a", "tcp://10.0.0.1:5557"), ...)."""
-    pairs: list[tuple[str, str]] = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        endpoint_id, sep, address = item.partition("=")
-        _host, _, port = address.removeprefix("tcp://").rpartition(":")
-        if not sep or not endpoint_id or not address.startswith("tcp://") or not port.isdigit():
-            raise ValueError(f"KV events endpoint {item!r} is not ENDPOINT_ID=tcp://HOST:PORT")
-        pairs.append((endpoint_id, address))
-    return tuple(pairs)
-
-
-def kv_event_sources(
-    settings: SchedulerSettings, endpoints: Sequence[Endpoint]
-) -> dict[str, KvEventSource | None]:
-    """Where each endpoint's engine publishes its KV events (None: nowhere known)."""
-    explicit = dict(settings.kv_events_endpoints)
-    sources: dict[str, KvEventSource | None] = {}
-    for endpoint in endpoints:
-        address = explicit.get(endpoint.id)
-        if address is None and settings.kv_events_port is not None:
-            host = endpoint.address.split("://")[-1].rsplit(":", 1)[0]
-            address = f"tcp://{host}:{settings.kv_events_port}"
-        sources[endpoint.id] = KvEventSource(address=address) if address else None
-    return sources
-
-
-def _following_kv_events(
-    service: SchedulerService, subscriber: KvEventSubscriber
-) -> Callable[[Sequence[Endpoint]], object]:
-    def apply(endpoints: Sequence[Endpoint]) -> object:
-        change = service.set_endpoints(endpoints)
-        subscriber.set_endpoints(kv_event_sources(service.settings, endpoints))
-        return change
-
-    return apply
-
-
-async def _run_subscriber(subscriber: KvEventSubscriber) -> None:
-    await subscriber.start()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await subscriber.stop()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Final, get_args
 
 from twinroute.scheduler.costmodel import COST_PROFILES, DEFAULT_COST_PROFILE
-from twinroute.scheduler.policies.base import DEFAULT_PHASE_INTERFERENCE_WEIGHT
+from twinroute.scheduler.policies.base import (
+    COLD_LEAST_LOADED,
+    COLD_PLACEMENTS,
+    DEFAULT_PHASE_INTERFERENCE_WEIGHT,
+)
 from twinroute.scheduler.policies.pd import DEFAULT_TRANSFER_S_PER_TOKEN
 
 from twinroute.vocabulary import (
@@ -55,6 +59,8 @@ class SchedulerSettings:
     # Placement counts decode load and the request's expected output (phase-aware), and how
     # much the delay inflicted on decoding sequences weighs against the request's own TTFT.
     phase_aware: bool = True
+    # dualmap: where a prompt its ring pair does not hold may go (`policies.base.COLD_PLACEMENTS`).
+    cold_placement: str = COLD_LEAST_LOADED
     phase_interference_weight: float = DEFAULT_PHASE_INTERFERENCE_WEIGHT
     # DualMap's hotspot rebalancing of queued requests (policies that use it).
     rebalance: bool = True
@@ -108,6 +114,11 @@ class SchedulerSettings:
         if self.migration not in MIGRATION_MODES:
             modes = ", ".join(MIGRATION_MODES)
             raise ValueError(f"unknown migration mode {self.migration!r}; choose from {modes}")
+        if self.cold_placement not in COLD_PLACEMENTS:
+            raise ValueError(
+                f"unknown cold placement {self.cold_placement!r}; choose from "
+                f"{', '.join(COLD_PLACEMENTS)}"
+            )
         if self.cost_profile not in COST_PROFILES:
             raise ValueError(
                 f"unknown cost profile {self.cost_profile!r}; choose from {sorted(COST_PROFILES)}"
@@ -178,6 +189,7 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "rebalancing": "rebalance",
     "phaseAware": "phase_aware",
     "costCalibration": "cost_calibration",
+    "coldPlacement": "cold_placement",
     "admissionHold": "admission_hold",
     "admissionMaxHoldSeconds": "admission_max_hold_s",
     "migration": "migration",
@@ -297,3 +309,15 @@ def _typed(field_name: str, value: Any, *, where: str) -> Any:
             raise ValueError(f"{where}: {value!r} is not one of {allowed or 'the known names'}")
         return value
     raise AssertionError(f"no config conversion for {field_name} ({kind})")
+
+
+def parse_kv_event_endpoints(spec: str) -> tuple[tuple[str, str], ...]:
+    """`a=tcp://10.0.0.1:5557,b=...` -> (("a", "tcp://10.0.0.1:5557"), ...)."""
+    pairs: list[tuple[str, str]] = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        endpoint_id, sep, address = item.partition("=")
+        _host, _, port = address.removeprefix("tcp://").rpartition(":")
+        if not sep or not endpoint_id or not address.startswith("tcp://") or not port.isdigit():
+            raise ValueError(f"KV events endpoint {item!r} is not ENDPOINT_ID=tcp://HOST:PORT")
+        pairs.append((endpoint_id, address))
+    return tuple(pairs)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from twinroute.scheduler.keys import keys_from_block_ids, namespace_seed
 from twinroute.scheduler.policies import PolicyConfig, make_policy
+from twinroute.scheduler.policies.base import COLD_PAIR
 from twinroute.scheduler.policies.chwbl import ChwblPolicy
 from twinroute.scheduler.policies.consistent_hash import ConsistentHashPolicy
 from twinroute.scheduler.policies.dualmap import DualMapPolicy
@@ -183,7 +184,8 @@ def test_dualmap_both_over_the_slo_takes_the_lower_predicted_ttft(
 
 @pytest.mark.parametrize("busier", ["ring-1", "ring-2"], ids=["ring-1-busier", "ring-2-busier"])
 def test_dualmap_equal_reuse_goes_to_the_less_loaded(busier: str) -> None:
-    policy = DualMapPolicy(config=PolicyConfig())
+    # The published rule: the pair only (the other six endpoints are idle).
+    policy = DualMapPolicy(config=PolicyConfig(cold_placement=COLD_PAIR))
     prompt = keys(40, 41)
     first, second = _cached_pair(policy, prompt, view(8))
     heavy, light = (first, second) if busier == "ring-1" else (second, first)
@@ -192,6 +194,32 @@ def test_dualmap_equal_reuse_goes_to_the_less_loaded(busier: str) -> None:
     )
     assert decision.endpoint_id == light
     assert decision.reason is DecisionReason.TIE_LESS_LOADED
+
+
+def test_dualmap_a_cold_prompt_goes_to_an_idle_endpoint_and_its_next_turn_follows() -> None:
+    policy = DualMapPolicy(config=PolicyConfig())
+    index = PrefixIndex(capacity_blocks=10_000)
+    first_turn = keys(40, 41)
+    first, second = _cached_pair(policy, first_turn, view(8, index=index))
+    busy = {first: pending(30_000), second: pending(20_000)}
+    decision = policy.pick(request("r1", first_turn), view(8, index=index, loads=busy))
+    # The pair is busy and nothing holds the prompt: an idle endpoint beats both.
+    elsewhere = decision.endpoint_id
+    assert elsewhere not in (first, second)
+    assert "least-loaded" in {c.role for c in decision.candidates}
+    index.record(elsewhere, first_turn)
+    # The next turn extends the prompt; the pair is idle now, but it holds nothing of it.
+    second_turn = keys(40, 41, 42)
+    decision = policy.pick(request("r2", second_turn), view(8, index=index))
+    assert decision.endpoint_id == elsewhere
+    assert decision.reason is DecisionReason.CACHE_AFFINITY
+    assert any(c.role == "holder" for c in decision.candidates)
+    # With the published rule the same turn stays on its (empty-handed) pair.
+    pair_only = DualMapPolicy(config=PolicyConfig(cold_placement=COLD_PAIR))
+    assert pair_only.pick(request("r3", second_turn), view(8, index=index)).endpoint_id in (
+        first,
+        second,
+    )
 
 
 def test_dualmap_an_excluded_candidate_falls_to_the_other_ones() -> None:

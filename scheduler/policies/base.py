@@ -24,6 +24,13 @@ from twinroute.scheduler.types import (
 
 from twinroute.vocabulary import DEFAULT_TTFT_SLO_S, DEFAULT_VIRTUAL_NODES, DecisionReason
 
+# Where dualmap places a prompt that neither of its ring candidates holds (`cold_placement`):
+# on the pair, or on the pool's least loaded endpoint when it beats both (and, either way, a
+# prompt is then followed to wherever the prefix index says it went).
+COLD_PAIR = "pair"
+COLD_LEAST_LOADED = "least_loaded"
+COLD_PLACEMENTS = (COLD_PAIR, COLD_LEAST_LOADED)
+
 # Phase-aware scores: seconds of score per sequence-second of delay inflicted on the sequences
 # decoding there (0.01: 100 sequence-seconds weigh like 1 s of the request's own TTFT).
 DEFAULT_PHASE_INTERFERENCE_WEIGHT = 0.01
@@ -55,6 +62,8 @@ class PolicyConfig:
     # sequence-second inflicted (`DEFAULT_PHASE_INTERFERENCE_WEIGHT`).
     phase_aware: bool = True
     phase_interference_weight: float = DEFAULT_PHASE_INTERFERENCE_WEIGHT
+    # DualMap: where a prompt that neither ring candidate holds goes (`COLD_PLACEMENTS`).
+    cold_placement: str = COLD_LEAST_LOADED
 
 
 class Policy(ABC):

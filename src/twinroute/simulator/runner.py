@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from twinroute.scheduler.policies.base import DEFAULT_PHASE_INTERFERENCE_WEIGHT
+from twinroute.scheduler.policies.base import COLD_LEAST_LOADED, DEFAULT_PHASE_INTERFERENCE_WEIGHT
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.simulator.cluster import (
     SIMULATED_SCRAPE_INTERVAL_S,
@@ -125,6 +125,8 @@ class RunSpec:
     pd_min_prefill_tokens: int = DEFAULT_PD_MIN_PREFILL_TOKENS
     # Fit each instance's cost model from its first tokens (the profile as the prior).
     cost_calibration: bool = True
+    # dualmap: where a prompt its ring pair does not hold goes.
+    cold_placement: str = COLD_LEAST_LOADED
 
     def scheduler_settings(self, profile: InstanceProfile) -> SchedulerSettings:
         """The simulated scheduler's settings: prompt keys are the trace's blocks, and the
@@ -135,6 +137,7 @@ class RunSpec:
             policy_seed=self.seed,
             phase_aware=self.phase_aware,
             cost_calibration=self.cost_calibration,
+            cold_placement=self.cold_placement,
             phase_interference_weight=self.phase_interference_weight,
             rebalance=self.rebalance,
             key_block_tokens=self.trace.block_size,
