@@ -37,6 +37,25 @@ class CacheLookup:
         self.approximate = approximate
         self.events = events
         self.lookups: collections.Counter[str] = collections.Counter()
+        # How the approximate record compared with the engine's own answer on the endpoint
+        # each request went to (`compare`): how wrong routing would have been without events.
+        self.agreement: collections.Counter[str] = collections.Counter()
+        self.disagreement_tokens = 0
+
+    def compare(self, endpoint_id: str, keys: PromptKeys, *, prompt_tokens: int) -> None:
+        """Count how the approximate record's guess for `endpoint_id` compares with the
+        engine's events ("same", "over": it believed more cached, "under": less); nothing when
+        the engine cannot say."""
+        precise = self.precise_blocks(endpoint_id, keys)
+        if precise is None:
+            return
+        guessed = self.approximate.matched_blocks(endpoint_id, keys)
+        verdict = "same" if guessed == precise else ("over" if guessed > precise else "under")
+        self.agreement[verdict] += 1
+        self.disagreement_tokens += abs(
+            keys.prefix_tokens(guessed, prompt_tokens=prompt_tokens)
+            - keys.prefix_tokens(precise, prompt_tokens=prompt_tokens)
+        )
 
     def precise_blocks(self, endpoint_id: str, keys: PromptKeys) -> int | None:
         """Key blocks the endpoint's engine says it holds, or None when it cannot say."""

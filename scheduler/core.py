@@ -329,6 +329,10 @@ class SchedulerCore:
             )
             if request.keys.engine_hashes:
                 self.kv_events.note_placed(endpoint.id, request.keys.engine_hashes, now=now)
+                if isinstance(self.cache_lookup, CacheLookup):
+                    self.cache_lookup.compare(
+                        endpoint.id, request.keys, prompt_tokens=request.prompt_tokens
+                    )
         lease = self.leases.open(
             endpoint_id=endpoint.id,
             request_id=request.request_id,

@@ -210,6 +210,22 @@ def _kv_event_families(core: SchedulerCore) -> Iterator[Metric]:
         for source, count in sorted(lookup.lookups.items()):
             lookups.add_metric([source], count)
         yield lookups
+        agreement = CounterMetricFamily(
+            f"{NAMESPACE}_prefix_record_checks",
+            "Picks where the engine's KV events could say what the chosen endpoint holds, by "
+            "how the approximate record's guess compared (same; over: it believed more cached; "
+            "under: less).",
+            labels=["verdict"],
+        )
+        for verdict, count in sorted(lookup.agreement.items()):
+            agreement.add_metric([verdict], count)
+        yield agreement
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_prefix_record_error_tokens",
+            "Prompt tokens by which the approximate record's guess missed the engine's own "
+            "answer, summed over those picks.",
+            value=lookup.disagreement_tokens,
+        )
 
 
 def _calibration_families(core: SchedulerCore) -> Iterator[Metric]:

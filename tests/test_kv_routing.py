@@ -13,12 +13,11 @@ import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry
 from twinroute.scheduler.api import PickQuery
-from twinroute.scheduler.build import build_service
-from twinroute.scheduler.command import kv_event_sources, parse_kv_event_endpoints
+from twinroute.scheduler.build import build_service, kv_event_sources
 from twinroute.scheduler.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from twinroute.scheduler.kv_subscriber import KvEventSource, KvEventSubscriber
 from twinroute.scheduler.service import SchedulerService
-from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.settings import SchedulerSettings, parse_kv_event_endpoints
 from twinroute.scheduler.types import Endpoint
 from twinroute.scheduler.vllm_blocks import VllmBlockHasher
 
@@ -82,6 +81,12 @@ async def test_a_prefix_another_router_cached_is_found_where_the_engine_says() -
     _placement, decision = await pick(service, conversation + prompt(6000, BLOCK), "r2")
     assert decision.expected_cached_blocks == 0
     assert decision.reason is DecisionReason.TIE_LESS_LOADED
+    # r1: the record guessed nothing on e1, where the engine held 8 blocks (128 tokens); r2
+    # went to the less loaded e0, where both say nothing.
+    text = service.telemetry.exposition().decode()  # type: ignore[union-attr]
+    assert 'twinroute_scheduler_prefix_record_checks_total{verdict="under"} 1.0' in text
+    assert 'twinroute_scheduler_prefix_record_checks_total{verdict="same"} 1.0' in text
+    assert "twinroute_scheduler_prefix_record_error_tokens_total 128.0" in text
 
 
 async def test_a_gap_in_an_engines_events_falls_back_to_the_approximate_record() -> None:

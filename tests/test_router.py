@@ -627,3 +627,26 @@ async def test_the_request_id_is_the_routers_own_and_says_so(start_engine: Start
     assert len(set(ids)) == 4, ids
     assert ids[0].endswith(":trace-42") and ids[1].endswith(":trace-42")
     assert all(len(i) < 200 and i.isprintable() and "evil" not in i for i in ids[2:])
+
+
+async def test_the_embedded_schedulers_metrics_are_served_with_the_routers() -> None:
+    import argparse
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from twinroute.router import command as router_command
+
+    parser = argparse.ArgumentParser()
+    router_command.add_arguments(parser)
+    args = parser.parse_args(["--model=m", "--embedded", "--endpoints=e0=127.0.0.1:1"])
+    scheduler, _background, scheduler_metrics = router_command.build_scheduler(args)
+    assert scheduler_metrics is not None
+    app = build_app(
+        scheduler=scheduler,
+        settings=RouterSettings(models=("m",)),
+        scheduler_metrics=scheduler_metrics,
+    )
+    async with TestClient(TestServer(app)) as client:
+        text = await (await client.get("/metrics")).text()
+    assert "twinroute_router_in_flight" in text
+    assert "twinroute_scheduler_ready_endpoints 1.0" in text

@@ -23,13 +23,14 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, Tokenizer, build_app
 from twinroute.runtime import event_loop_runner
 from twinroute.scheduler.api import Endpoint, Scheduler
 from twinroute.scheduler.client import SchedulerClient
-from twinroute.scheduler.settings import SchedulerSettings
+from twinroute.scheduler.settings import SchedulerSettings, parse_kv_event_endpoints
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--key-block-chars", type=int,
         help=f"prefix-key block for text prompts, characters (default {embedded.key_block_chars})",
     )  # fmt: skip
+    scheduler.add_argument(
+        "--kv-events-endpoints",
+        help="comma-separated ID=tcp://HOST:PORT: each engine's vLLM KV-event publisher, "
+        "followed so cache lookups of token-id prompts are exact (needs --tokenizer)",
+    )  # fmt: skip
+    scheduler.add_argument(
+        "--engine-block-size", type=int,
+        help="the engines' KV block size in tokens (default: --key-block-tokens)",
+    )  # fmt: skip
     security = parser.add_argument_group("TLS and tokens")
     security.add_argument("--tls-cert", help="PEM certificate: serve HTTPS instead of HTTP")
     security.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -160,7 +170,14 @@ def parse_endpoints(spec: str) -> list[tuple[str, str]]:
 
 
 # Flags of the embedded scheduler named as its settings fields (None = not given).
-EMBEDDED_FLAGS = ("policy", "ttft_slo_s", "key_block_tokens", "key_block_chars")
+EMBEDDED_FLAGS = (
+    "policy",
+    "ttft_slo_s",
+    "key_block_tokens",
+    "key_block_chars",
+    "kv_events_endpoints",
+    "engine_block_size",
+)
 
 
 def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
@@ -168,6 +185,8 @@ def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
     given = {
         flag: getattr(args, flag) for flag in EMBEDDED_FLAGS if getattr(args, flag) is not None
     }
+    if "kv_events_endpoints" in given:
+        given["kv_events_endpoints"] = parse_kv_event_endpoints(given["kv_events_endpoints"])
     return SchedulerSettings(
         tokens_per_char=args.tokens_per_char,
         admission_hold=args.admission_hold == "on",
@@ -181,24 +200,32 @@ def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
 BackgroundWork = Callable[[], Coroutine[Any, Any, None]]
 
 
-def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, list[BackgroundWork]]:
+def build_scheduler(
+    args: argparse.Namespace,
+) -> tuple[Scheduler, list[BackgroundWork], Callable[[], bytes] | None]:
     """The scheduler the request path asks (in-process, over gRPC, or over gRPC failing open
     to `--endpoints`), and the work to run beside the app (embedded `--migration on`: the
-    imbalance rounds)."""
+    imbalance rounds), and the embedded scheduler's metrics exposition (None over gRPC: the
+    scheduler serves its own)."""
     endpoints = [
         Endpoint(id=eid, address=address) for eid, address in parse_endpoints(args.endpoints)
     ]
     if args.embedded:
         if not endpoints:
             raise ValueError("--embedded needs --endpoints")
-        from twinroute.scheduler.build import build_service
+        from twinroute.scheduler.build import KvEventFollower, build_service
 
-        service = build_service(embedded_settings(args))
+        service = build_service(embedded_settings(args), registry=CollectorRegistry())
         # Every static engine serves every model the router serves.
         service.set_endpoints(endpoints)
         migrator = service.migrator
         rounds = [migrator.run] if migrator is not None and migrator.settings.rebalance else []
-        return service, rounds
+        follower = KvEventFollower.of(service)
+        if follower is not None:
+            follower.set_endpoints(endpoints)
+            rounds.append(follower.run)
+        telemetry = service.telemetry
+        return service, rounds, telemetry.exposition if telemetry is not None else None
     given = [
         "--" + flag.replace("_", "-")
         for flag in (*EMBEDDED_FLAGS, "admission_hold")
@@ -218,12 +245,12 @@ def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, list[Backgroun
         tls_server_name=args.scheduler_server_name,
     )
     if endpoints:
-        return FailOpenScheduler(primary=primary, endpoints=endpoints), []
+        return FailOpenScheduler(primary=primary, endpoints=endpoints), [], None
     if args.fail_open_learn_every_s <= 0:
-        return primary, []
+        return primary, [], None
     # No list given (an operator-managed pool): fail open to what the scheduler last listed.
     fail_open = FailOpenScheduler(primary=primary, learn_every_s=args.fail_open_learn_every_s)
-    return fail_open, [fail_open.learn_endpoints]
+    return fail_open, [fail_open.learn_endpoints], None
 
 
 def _read_bytes(path: str | None) -> bytes | None:
@@ -301,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         tls = server_tls(cert=args.tls_cert, key=args.tls_key)
-        scheduler, background = build_scheduler(args)
+        scheduler, background, scheduler_metrics = build_scheduler(args)
         tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
         settings = RouterSettings(
             models=tuple(args.model),
@@ -320,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
             settings=settings,
             tokenizer=tokenizer,
             migrate_streams=args.migration != "off",
+            scheduler_metrics=scheduler_metrics,
         )
         for work in background:
             app.cleanup_ctx.append(run_in_background(work))

@@ -255,6 +255,7 @@ class RouterServer:
         tokenizer: Tokenizer | None = None,
         clock: Callable[[], float] = time.monotonic,
         migrate_streams: bool = False,
+        scheduler_metrics: Callable[[], bytes] | None = None,
     ) -> None:
         """`migrate_streams`: carry out the scheduler's migration orders for the streams this
         router relays (the scheduler must run with migration on)."""
@@ -264,6 +265,7 @@ class RouterServer:
         self._clock = clock
         self._registry = CollectorRegistry()
         self._metrics = RouterMetrics(self._registry)
+        self._scheduler_metrics = scheduler_metrics
         if isinstance(scheduler, FailOpenScheduler):
             fallback = scheduler
             Gauge(
@@ -387,8 +389,11 @@ class RouterServer:
         return web.json_response({"status": "ok"})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        if self._scheduler_metrics is not None:
+            body += self._scheduler_metrics()
         return web.Response(
-            body=generate_latest(self._registry),
+            body=body,
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
         )
 
@@ -983,12 +988,16 @@ def build_app(
     settings: RouterSettings,
     tokenizer: Tokenizer | None = None,
     migrate_streams: bool = False,
+    scheduler_metrics: Callable[[], bytes] | None = None,
 ) -> web.Application:
+    """`scheduler_metrics`: the embedded scheduler's exposition, served on /metrics after the
+    router's own."""
     server = RouterServer(
         scheduler=scheduler,
         settings=settings,
         tokenizer=tokenizer,
         migrate_streams=migrate_streams,
+        scheduler_metrics=scheduler_metrics,
     )
     app = web.Application(middlewares=[server.middleware], client_max_size=settings.max_body_bytes)
     app.add_routes(server.routes())
