@@ -24,7 +24,7 @@ typecheck: venv
 	.venv/bin/mypy -p twinroute
 	MYPYPATH=e2e .venv/bin/mypy --strict e2e/local_cluster.py e2e/test_local_cluster.py \
 		e2e/test_vllm_routing.py e2e/test_vllm_real.py e2e/vllm_real.py e2e/test_real_cluster.py \
-		e2e/test_local_pd.py
+		e2e/test_local_pd.py e2e/test_bench_vllm.py
 
 proto: venv
 	.venv/bin/python tools/gen_proto.py

@@ -1,373 +1,69 @@
-"""Real vLLM (CPU build) for end-to-end tests: install, a tiny local model, and servers.
+"""Real vLLM (CPU build) for end-to-end tests: install, a tiny local model, servers, KV events.
 
-vLLM lives in its own venv (`.tools/vllm-venv`, made by `e2e/install_vllm_cpu.sh`) and runs
-only as a subprocess with that venv's python, so this module imports nothing from vLLM and the
-project's tests work without it. Pieces, each usable alone:
+The harness itself (install, tiny model, `VllmServer`, metrics parsing) lives in the package,
+`twinroute.bench.vllm_engines`, so `twinroute bench vllm` uses the same code; this module
+re-exports it under the names the tests use and adds what only the tests need:
 
-- `ensure_vllm_installed()`: runs the idempotent install script (minutes the first time).
-- `ensure_tiny_llama()`: builds the seeded random-weight Llama and its locally trained BPE
-  tokenizer under `.tools/tiny-llama/` unless an identical build is already there.
-- `VllmServer`: one OpenAI-compatible vLLM server on 127.0.0.1, pinned to one core, logs to a
-  file, started by `async with` (waits on `/health`) and stopped by killing its process group.
-- `parse_vllm_metrics()`: the `/metrics` text as {(name, labels): value}.
-
-Facts this relies on (vllm-cpu 0.32.0): `vllm serve` fails on package metadata, the module
-entry point works; the CPU backend needs a block size of at least 32; float32 with
-`--enforce-eager` avoids a bf16 crash on AMX CPUs; `VLLM_SERVER_DEV_MODE=1` enables
-`POST /reset_prefix_cache`; an idle engine busy-polls, so each server gets its own core.
+- `KvEventsRecorder`: a ZMQ subscriber (`record_kv_events.py`, run with the vLLM venv's
+  python) that records the KV events a server publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import pathlib
-import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 
-import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
+from twinroute.bench.vllm_engines import (
+    BUILD_SCRIPT,
+    INSTALL_SCRIPT,
+    REQUIRED_METRICS,
+    TINY_LLAMA_DIR,
+    VLLM_VENV,
+    MetricKey,
+    TinyLlamaSpec,
+    VllmHarnessError,
+    VllmServer,
+    VllmServerConfig,
+    ensure_tiny_llama,
+    ensure_vllm_installed,
+    file_tail,
+    free_port,
+    metric_names,
+    metric_total,
+    parse_vllm_metrics,
+    stop_process_group,
+    vllm_installed,
+    vllm_python,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-VLLM_VENV = pathlib.Path(
-    os.environ.get("TWINROUTE_VLLM_VENV", str(REPO_ROOT / ".tools" / "vllm-venv"))
-)
-TINY_LLAMA_DIR = REPO_ROOT / ".tools" / "tiny-llama"
-INSTALL_SCRIPT = REPO_ROOT / "e2e" / "install_vllm_cpu.sh"
-BUILD_SCRIPT = REPO_ROOT / "e2e" / "build_tiny_llama.py"
 
-# The metrics the scheduler scrapes; a server that lacks one is not the vLLM we tested against.
-REQUIRED_METRICS = (
-    "vllm:prefix_cache_queries_total",
-    "vllm:prefix_cache_hits_total",
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-)
-
-
-class VllmHarnessError(RuntimeError):
-    """Real vLLM could not be installed, built for, started or reached; the message says why."""
-
-
-def vllm_python(*, venv: pathlib.Path = VLLM_VENV) -> pathlib.Path:
-    return venv / "bin" / "python"
-
-
-def vllm_installed(*, venv: pathlib.Path = VLLM_VENV) -> bool:
-    return (venv / ".twinroute-vllm-installed").is_file() and vllm_python(venv=venv).is_file()
-
-
-def ensure_vllm_installed(*, venv: pathlib.Path = VLLM_VENV, log_path: pathlib.Path) -> None:
-    """Install vllm-cpu into `venv` unless done; output goes to `log_path` (it is long)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        completed = subprocess.run(
-            ["bash", str(INSTALL_SCRIPT)],
-            cwd=REPO_ROOT,
-            env={**os.environ, "TWINROUTE_VLLM_VENV": str(venv)},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if completed.returncode != 0:
-        raise VllmHarnessError(
-            f"installing vLLM failed (exit {completed.returncode}); see {log_path}:\n"
-            + _tail(log_path)
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class TinyLlamaSpec:
-    """What the tiny model is made of; the build is cached under a directory per spec."""
-
-    seed: int = 0
-    vocab_size: int = 2048
-    hidden: int = 128
-    layers: int = 2
-
-    def as_json(self) -> str:
-        return json.dumps(
-            {
-                "seed": self.seed,
-                "vocab_size": self.vocab_size,
-                "hidden": self.hidden,
-                "layers": self.layers,
-            },
-            sort_keys=True,
-        )
-
-
-def ensure_tiny_llama(
-    *,
-    spec: TinyLlamaSpec = TinyLlamaSpec(),
-    out: pathlib.Path = TINY_LLAMA_DIR,
-    venv: pathlib.Path = VLLM_VENV,
-) -> pathlib.Path:
-    """Return the model directory, building it with the vLLM venv's python if missing."""
-    # The builder writes this file last (it renames a finished directory into place).
-    built = out / "twinroute-tiny-llama.json"
-    if built.is_file() and built.read_text() == spec.as_json():
-        return out
-    completed = subprocess.run(
-        [
-            str(vllm_python(venv=venv)),
-            str(BUILD_SCRIPT),
-            f"--out={out}",
-            f"--seed={spec.seed}",
-            f"--vocab-size={spec.vocab_size}",
-            f"--hidden={spec.hidden}",
-            f"--layers={spec.layers}",
-        ],
-        cwd=REPO_ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise VllmHarnessError(
-            f"building the tiny model failed (exit {completed.returncode}):\n"
-            f"{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
-        )
-    return out
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass(frozen=True, kw_only=True)
-class VllmServerConfig:
-    """One vLLM OpenAI server. Defaults are the smallest settings the CPU backend accepts."""
-
-    model_dir: pathlib.Path
-    log_path: pathlib.Path
-    served_model_name: str = "tiny-llama"
-    port: int = 0
-    """0 picks a free port on 127.0.0.1."""
-    cpu_core: int | None = 0
-    """Core for the engine's OpenMP threads (`VLLM_CPU_OMP_THREADS_BIND`); None leaves vLLM's."""
-    block_size: int = 32
-    kv_cache_memory_bytes: str = "64M"
-    max_model_len: int = 2048
-    max_num_seqs: int = 16
-    enable_prefix_caching: bool = True
-    kv_events_endpoint: str | None = None
-    """A ZMQ endpoint (e.g. tcp://127.0.0.1:5557) that vLLM *connects* to and publishes KV
-    events on; the subscriber binds it."""
-    kv_events_topic: str = "kv"
-    startup_timeout_s: float = 240.0
-    stop_timeout_s: float = 15.0
-    extra_args: tuple[str, ...] = ()
-    extra_env: Mapping[str, str] = field(default_factory=dict)
-
-
-class VllmServer:
-    """A real vLLM OpenAI server process; `async with VllmServer(...) as server:`.
-
-    The process gets its own session (process group), so stopping kills the API server and
-    its engine-core child together even if the API server hangs.
-    """
-
-    def __init__(self, *, config: VllmServerConfig, venv: pathlib.Path = VLLM_VENV) -> None:
-        self.config = config
-        self.port = config.port or free_port()
-        self._python = vllm_python(venv=venv)
-        self._process: asyncio.subprocess.Process | None = None
-        self.startup_s: float | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def url(self, path: str) -> str:
-        return self.base_url + path
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    def command(self) -> list[str]:
-        cfg = self.config
-        args = [
-            str(self._python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(cfg.model_dir),
-            "--served-model-name",
-            cfg.served_model_name,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--dtype",
-            "float32",
-            "--enforce-eager",
-            "--block-size",
-            str(cfg.block_size),
-            "--kv-cache-memory-bytes",
-            cfg.kv_cache_memory_bytes,
-            "--max-model-len",
-            str(cfg.max_model_len),
-            "--max-num-seqs",
-            str(cfg.max_num_seqs),
-            "--enable-prefix-caching"
-            if cfg.enable_prefix_caching
-            else "--no-enable-prefix-caching",
-        ]
-        if cfg.kv_events_endpoint is not None:
-            kv_events = {
-                "enable_kv_cache_events": True,
-                "publisher": "zmq",
-                "endpoint": cfg.kv_events_endpoint,
-                "topic": cfg.kv_events_topic,
-            }
-            args += ["--kv-events-config", json.dumps(kv_events)]
-        return args + list(cfg.extra_args)
-
-    def environment(self) -> dict[str, str]:
-        env = {
-            **os.environ,
-            "VLLM_SERVER_DEV_MODE": "1",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "DO_NOT_TRACK": "1",
-            "VLLM_HOST_IP": "127.0.0.1",
-            **self.config.extra_env,
-        }
-        # The project's venv must not leak into vLLM's interpreter.
-        env.pop("VIRTUAL_ENV", None)
-        env.pop("PYTHONPATH", None)
-        if self.config.cpu_core is not None:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.config.cpu_core)
-        return env
-
-    async def start(self) -> None:
-        if self._process is not None:
-            raise VllmHarnessError("server already started")
-        if not self._python.is_file():
-            raise VllmHarnessError(
-                f"no vLLM venv at {self._python.parent.parent}; run e2e/install_vllm_cpu.sh"
-            )
-        self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
-        started = time.monotonic()
-        with self.config.log_path.open("wb") as log:
-            self._process = await asyncio.create_subprocess_exec(
-                *self.command(),
-                cwd=REPO_ROOT,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            await self._wait_healthy(deadline=started + self.config.startup_timeout_s)
-        except BaseException:
-            await self.stop()
-            raise
-        self.startup_s = time.monotonic() - started
-
-    async def _wait_healthy(self, *, deadline: float) -> None:
-        timeout = aiohttp.ClientTimeout(total=2.0)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                assert self._process is not None
-                exit_code = self._process.returncode
-                if exit_code is not None:
-                    raise VllmHarnessError(
-                        f"vLLM exited with {exit_code} during startup; log {self.config.log_path}"
-                        f"\nfirst errors:\n{self.first_errors()}\nlog tail:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                    async with session.get(self.url("/health")) as response:
-                        if response.status == 200:
-                            return
-                if time.monotonic() > deadline:
-                    raise VllmHarnessError(
-                        f"vLLM not healthy after {self.config.startup_timeout_s:.0f} s; "
-                        f"log {self.config.log_path}\nfirst errors:\n{self.first_errors()}"
-                        f"\nlog tail:\n{self.log_tail()}"
-                    )
-                await asyncio.sleep(0.5)
-
-    async def stop(self) -> None:
-        """SIGTERM the process group, then SIGKILL it if it outlives `stop_timeout_s`."""
-        process, self._process = self._process, None
-        if process is None:
-            return
-        await _stop_group(process, grace_s=self.config.stop_timeout_s)
-
-    def log_tail(self, *, chars: int = 4000) -> str:
-        return _tail(self.config.log_path, chars=chars)
-
-    def first_errors(self, *, limit: int = 5) -> str:
-        """The first distinct exception lines: vLLM's root cause sits far above the log's end,
-        under pages of re-raised tracebacks from its other processes."""
-        found: list[str] = []
-        for line in _tail(self.config.log_path, chars=1_000_000).splitlines():
-            match = _EXCEPTION_LINE.search(line)
-            if match and match.group(0) not in found:
-                found.append(match.group(0))
-                if len(found) == limit:
-                    break
-        return "\n".join(found) or "(none found)"
-
-    async def __aenter__(self) -> VllmServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-
-async def _stop_group(process: asyncio.subprocess.Process, *, grace_s: float) -> None:
-    """SIGTERM the process group, then SIGKILL what is left of it after `grace_s`.
-
-    vLLM's engine core is a child process in the same group; killing only the API server
-    could leave it busy-polling a core.
-    """
-    _signal_group(process.pid, signal.SIGTERM)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(process.wait(), grace_s)
-    _signal_group(process.pid, signal.SIGKILL)
-    await process.wait()
-
-
-_EXCEPTION_LINE = re.compile(r"\b[A-Z]\w*(?:Error|Exception): .*$")
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _tail(path: pathlib.Path, *, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except FileNotFoundError:
-        return "(no log)"
+__all__ = [
+    "BUILD_SCRIPT",
+    "INSTALL_SCRIPT",
+    "REPO_ROOT",
+    "REQUIRED_METRICS",
+    "TINY_LLAMA_DIR",
+    "VLLM_VENV",
+    "KvEventsRecorder",
+    "MetricKey",
+    "TinyLlamaSpec",
+    "VllmHarnessError",
+    "VllmServer",
+    "VllmServerConfig",
+    "ensure_tiny_llama",
+    "ensure_vllm_installed",
+    "free_port",
+    "metric_names",
+    "metric_total",
+    "parse_vllm_metrics",
+    "vllm_installed",
+    "vllm_python",
+]
 
 
 class KvEventsRecorder:
@@ -412,13 +108,13 @@ class KvEventsRecorder:
             await self.stop()
             raise VllmHarnessError(
                 f"KV event recorder did not bind {self.endpoint}: {first_line!r}\n"
-                + _tail(self._log_path)
+                + file_tail(self._log_path)
             )
 
     async def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            await _stop_group(process, grace_s=5.0)
+            await stop_process_group(process, grace_s=5.0)
 
     def batches(self) -> list[dict[str, object]]:
         """Every batch recorded so far: {topic, seq, ts, dp_rank, events}."""
@@ -438,30 +134,6 @@ class KvEventsRecorder:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-MetricKey = tuple[str, tuple[tuple[str, str], ...]]
-
-
-def parse_vllm_metrics(text: str) -> dict[MetricKey, float]:
-    """Prometheus text -> {(sample name, sorted labels): value}, with the real parser."""
-    samples: dict[MetricKey, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
-
-def metric_total(samples: Mapping[MetricKey, float], name: str) -> float:
-    """Sum of a sample over all label sets; KeyError if the server does not export it."""
-    values = [value for (sample, _), value in samples.items() if sample == name]
-    if not values:
-        raise KeyError(name)
-    return sum(values)
-
-
-def metric_names(samples: Mapping[MetricKey, float]) -> Sequence[str]:
-    return sorted({name for name, _ in samples})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "twinroute.bench.live",
         "twinroute vs sglang-router vs vllm-router in front of the same engine-sim processes",
     ),
+    "vllm": (
+        "twinroute.bench.vllm_live",
+        "the routers in front of real vLLM CPU engines: prefix hits vs a merged-cache bound, TTFT",
+    ),
     "soak": (
         "twinroute.bench.soak",
         "sustained traffic through engine-sims, scheduler and router; --chaos injects faults",

@@ -58,6 +58,9 @@ PEERS_VENV = Path(".tools/peers-venv")
 MODEL = "twinroute-sim"
 # A twinroute router named with this suffix runs with --offload=off (for comparison).
 INLINE_SUFFIX = "_inline"
+# A twinroute router named with this suffix does not follow the engines' KV events (real
+# vLLM engines only): its cache lookups are the approximate record of its own decisions.
+APPROX_SUFFIX = "_approx"
 TRACE_BLOCK_TOKENS = 512
 # `--admission-hold on`: the longest a scheduler holds a Pick answer.
 ADMISSION_MAX_HOLD_S = 3.0
@@ -355,7 +358,12 @@ async def start_router(
     log = str(logs / f"{name}.log")
     if name.startswith("twinroute_"):
         inline = name.endswith(INLINE_SUFFIX)
-        policy = name.removeprefix("twinroute_").removesuffix(INLINE_SUFFIX).removesuffix(PD_SUFFIX)
+        policy = (
+            name.removeprefix("twinroute_")
+            .removesuffix(INLINE_SUFFIX)
+            .removesuffix(PD_SUFFIX)
+            .removesuffix(APPROX_SUFFIX)
+        )
         endpoints = ",".join(
             f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
         )
