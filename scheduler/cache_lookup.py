@@ -8,9 +8,13 @@ scheduler hashed them as the engines do, `scheduler/vllm_blocks.py`) and an endp
 event stream is live, the answer is exact: the leading blocks the engine holds, converted from
 engine blocks to key blocks (floor: a key block counts only when all its tokens are held). For
 any other prompt (text, or a chat the engine renders with a template we do not) or endpoint
-(events unknown, a sequence gap, a silent publisher) it is the approximate prefix index's
-guess, exactly as without events. Both kinds of answer are counted (`lookups`), so the metrics
-say how much of the routing ran on facts.
+(events unknown, a silent publisher) it is the approximate prefix index's guess, exactly as
+without events. An engine whose stream has a gap (the usual case for a scheduler that starts,
+or restarts, beside engines already running: it hears them mid-stream) answers in part: the
+blocks its events since then show it holding are held; the next block is absent if its events
+said so (evicted); otherwise older history is unknown and the approximate guess, if deeper,
+stands ("partial"). As the engine's cache turns over, more of every answer comes from events.
+Every kind of answer is counted (`lookups`), so the metrics say how much routing ran on facts.
 
 Cost: one binary search over the prompt's engine hashes per (request, endpoint) on top of the
 approximate lookup it replaces; `holders` checks every endpoint with events (O(endpoints x
@@ -27,6 +31,7 @@ from twinroute.scheduler.prefix_index import PrefixIndex
 from twinroute.scheduler.types import PromptKeys
 
 PRECISE = "precise"
+PARTIAL = "partial"
 APPROXIMATE = "approximate"
 
 
@@ -72,8 +77,26 @@ class CacheLookup:
         if precise is not None:
             self.lookups[PRECISE] += 1
             return precise
+        partial = self.partial_blocks(endpoint_id, keys)
+        if partial is not None:
+            return partial
         self.lookups[APPROXIMATE] += 1
         return self.approximate.matched_blocks(endpoint_id, keys)
+
+    def partial_blocks(self, endpoint_id: str, keys: PromptKeys) -> int | None:
+        """The answer for an engine whose events have a gap (module docstring), or None."""
+        hashes = keys.engine_hashes
+        if not hashes:
+            return None
+        answer = self.events.partial_answer(endpoint_id, hashes)
+        if answer is None:
+            return None
+        held, next_absent = answer
+        self.lookups[PARTIAL] += 1
+        known = min(keys.num_blocks, held * keys.engine_block_size // keys.block_size)
+        if next_absent:
+            return known
+        return max(known, self.approximate.matched_blocks(endpoint_id, keys))
 
     def holders(self, keys: PromptKeys) -> Mapping[str, int]:
         guessed = dict(self.approximate.holders(keys))
@@ -83,6 +106,8 @@ class CacheLookup:
         self.lookups[PRECISE] += 1
         for endpoint_id in self.events.endpoints():
             precise = self.precise_blocks(endpoint_id, keys)
+            if precise is None:
+                precise = self.partial_blocks(endpoint_id, keys)
             if precise is None:
                 continue
             if precise > 0:

@@ -373,6 +373,8 @@ class SchedulerCore:
         state = self.kv_events.state(endpoint_id)
         if state is KvState.LIVE:
             return "precise (the engine's KV events)"
+        if state is KvState.GAP:
+            return "partial (the engine's KV events since a gap; the record for older blocks)"
         return f"approximate (the engine's KV events are {state.value})"
 
     def open_request(self, lease_id: str) -> tuple[RoutingRequest, Decision] | None:

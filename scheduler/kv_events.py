@@ -80,7 +80,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -93,6 +93,8 @@ MAIN_MEDIUM = "GPU"
 # KV group kinds whose blocks cover the whole prefix (vLLM's KVCacheSpecKind values).
 FULL_HISTORY_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 DEFAULT_SILENT_AFTER_S = 15.0
+# Evicted block hashes remembered while an index is not whole (about 8 MiB at most).
+REMOVED_MEMORY = 1 << 17
 _MASK_64 = (1 << 64) - 1
 
 
@@ -272,6 +274,10 @@ class EngineKvIndex:
         self.last_message_at: float | None = None
         # When the first request that had to store a block was placed since the last message.
         self._awaiting_since: float | None = None
+        # Blocks the events said were evicted (and not stored again) since the index stopped
+        # being whole: known absent, where a gap leaves the rest unknown. Bounded, oldest
+        # forgotten first.
+        self._removed: OrderedDict[int, None] = OrderedDict()
 
     # -- reading --
 
@@ -289,6 +295,10 @@ class EngineKvIndex:
     def blocks_held(self) -> int:
         """Distinct block hashes indexed (summed over full-history KV groups)."""
         return sum(len(blocks) for blocks in self._groups.values())
+
+    def known_absent(self, block_hash: int) -> bool:
+        """Whether the events said this block was evicted (and not stored since)."""
+        return block_hash in self._removed
 
     def matched_blocks(self, hashes: Sequence[int]) -> int:
         """How many leading `hashes` the engine holds (see the module docstring), any state."""
@@ -319,6 +329,7 @@ class EngineKvIndex:
                 if blocks is not None:
                     for block_hash in _as_ints(event.block_hashes):
                         blocks[block_hash] = blocks.get(block_hash, 0) + 1
+                        self._removed.pop(block_hash, None)
             elif isinstance(event, BlockRemoved):
                 blocks = self._group_for(event.medium, event.group_idx, None, storing=False)
                 if blocks is not None:
@@ -326,13 +337,16 @@ class EngineKvIndex:
                         copies = blocks.get(block_hash)
                         if copies is None:
                             counters.removed_unknown += 1
+                            self._note_removed(block_hash)
                         elif copies == 1:
                             del blocks[block_hash]
+                            self._note_removed(block_hash)
                         else:
                             blocks[block_hash] = copies - 1
             else:
                 # Everything before is gone, so whatever was missed no longer matters.
                 self._groups.clear()
+                self._removed.clear()
                 self._state = KvState.LIVE
             counters.events_applied[type(event).__name__] += 1
 
@@ -355,6 +369,13 @@ class EngineKvIndex:
         self._partial_groups.clear()
         self._state = KvState.UNKNOWN
         self.last_seq = None
+
+    def _note_removed(self, block_hash: int) -> None:
+        if self._state is KvState.LIVE:
+            return  # a whole index needs no list: what it does not hold is absent
+        self._removed[block_hash] = None
+        if len(self._removed) > REMOVED_MEMORY:
+            self._removed.popitem(last=False)
 
     def _heard(self, now: float) -> None:
         self.last_message_at = now
@@ -500,6 +521,18 @@ class KvEventIndex:
     def blocks_held(self, endpoint_id: str) -> int:
         engine = self._engines.get(endpoint_id)
         return 0 if engine is None else engine.blocks_held()
+
+    def partial_answer(
+        self, endpoint_id: str, hashes: Sequence[int], now: float | None = None
+    ) -> tuple[int, bool] | None:
+        """For an engine whose index has a gap (it was joined mid-stream, or batches were
+        lost): (leading blocks it is known to hold, whether the next block is known to have
+        been evicted). None in any other state."""
+        engine = self._engines.get(endpoint_id)
+        if engine is None or engine.state(self.clock() if now is None else now) is not KvState.GAP:
+            return None
+        held = engine.matched_blocks(hashes)
+        return held, held < len(hashes) and engine.known_absent(hashes[held])
 
     def precise_matched_blocks(
         self, endpoint_id: str, hashes: Sequence[int], now: float | None = None

@@ -89,7 +89,7 @@ async def test_a_prefix_another_router_cached_is_found_where_the_engine_says() -
     assert "twinroute_scheduler_prefix_record_error_tokens_total 128.0" in text
 
 
-async def test_a_gap_in_an_engines_events_falls_back_to_the_approximate_record() -> None:
+async def test_a_gap_in_an_engines_events_leaves_older_blocks_to_the_approximate_record() -> None:
     service = make_service()
     events = service.core.kv_events
     assert events is not None
@@ -97,18 +97,26 @@ async def test_a_gap_in_an_engines_events_falls_back_to_the_approximate_record()
     events.apply("e0", 0, [AllBlocksCleared()])
     events.apply("e1", 0, [AllBlocksCleared()])
     first, _ = await pick(service, conversation, "r1")
-    events.apply(first.endpoint.id, 7, [])  # batches 1..6 were lost
+    events.apply(first.endpoint.id, 7, [])  # batches 1..6 were lost (r1's stores among them)
     again, decision = await pick(service, conversation, "r2")
-    assert again.endpoint.id == first.endpoint.id  # the approximate record remembers r1
+    # The events cannot say whether r1's blocks are there; the approximate record remembers.
+    assert again.endpoint.id == first.endpoint.id
     assert decision.reason is DecisionReason.CACHE_AFFINITY
-    assert "cache: approximate (the engine's KV events are gap)" in decision.detail
+    assert decision.expected_cached_blocks == 8
+    assert "cache: partial" in decision.detail
+    # Now the events say the conversation's first block was evicted: known absent, whatever
+    # the record believes.
+    first_block = HASHER.block_hashes(conversation)[:1]
+    events.apply(first.endpoint.id, 8, [BlockRemoved(block_hashes=first_block)])
+    _third, decision = await pick(service, conversation, "r3")
+    assert decision.expected_cached_blocks == 0
     text = service.telemetry.exposition().decode()  # type: ignore[union-attr]
     assert (
         f'twinroute_scheduler_kv_index_state{{endpoint="{first.endpoint.id}",state="gap"}} 1.0'
         in text
     )
+    assert 'twinroute_scheduler_prefix_lookups_total{source="partial"}' in text
     assert 'twinroute_scheduler_prefix_lookups_total{source="precise"}' in text
-    assert 'twinroute_scheduler_prefix_lookups_total{source="approximate"}' in text
 
 
 async def test_text_prompts_are_looked_up_approximately_and_say_so() -> None:
