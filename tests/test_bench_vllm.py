@@ -258,5 +258,5 @@ def test_the_embedded_schedulers_own_figures_are_read_and_told() -> None:
     assert figures["ttft_prediction_error"] == 0.21
     note = scheduler_note("twinroute_dualmap", figures)
     assert "median abs. error 21%" in note
-    assert "from KV events 75%" in note
+    assert "answered by KV events 75% whole, 0% in part" in note
     assert "agreed with the engine on 80% of picks (over 20%, under 0%; off by 64 tokens" in note

@@ -587,6 +587,7 @@ _SCHEDULER_SERIES = {
     'twinroute_scheduler_cost_time_scale{endpoint=""}': "cost_time_scale",
     'twinroute_scheduler_cost_overhead_seconds{endpoint=""}': "cost_overhead_s",
     'twinroute_scheduler_prefix_lookups_total{source="precise"}': "lookups_precise",
+    'twinroute_scheduler_prefix_lookups_total{source="partial"}': "lookups_partial",
     'twinroute_scheduler_prefix_lookups_total{source="approximate"}': "lookups_approximate",
     'twinroute_scheduler_prefix_record_checks_total{verdict="same"}': "record_same",
     'twinroute_scheduler_prefix_record_checks_total{verdict="over"}': "record_over",
@@ -692,9 +693,13 @@ def scheduler_note(name: str, figures: dict[str, float]) -> str:
             f"{1000 * figures.get('cost_overhead_s', 0.0):.0f} ms)"
         )
     precise = figures.get("lookups_precise", 0.0)
-    approximate = figures.get("lookups_approximate", 0.0)
-    if precise + approximate > 0:
-        parts.append(f"cache lookups from KV events {precise / (precise + approximate):.0%}")
+    partial = figures.get("lookups_partial", 0.0)
+    lookups = precise + partial + figures.get("lookups_approximate", 0.0)
+    if lookups > 0:
+        parts.append(
+            f"cache lookups answered by KV events {precise / lookups:.0%} whole, "
+            f"{partial / lookups:.0%} in part"
+        )
     checks = sum(figures.get(f"record_{v}", 0.0) for v in ("same", "over", "under"))
     if checks > 0:
         share = {v: figures.get(f"record_{v}", 0.0) / checks for v in ("same", "over", "under")}
