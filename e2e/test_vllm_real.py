@@ -11,13 +11,13 @@ later runs reuse both. Server logs go to .tools/logs/.
 from __future__ import annotations
 
 import asyncio
-import os
 import pathlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from vllm_real import (
+    REAL_VLLM_MARKS,
     REPO_ROOT,
     REQUIRED_METRICS,
     KvEventsRecorder,
@@ -29,18 +29,7 @@ from vllm_real import (
     parse_vllm_metrics,
 )
 
-
-def _enabled() -> bool:
-    flag = os.environ.get("TWINROUTE_E2E_VLLM")
-    if flag is not None:
-        return flag == "1"
-    return os.environ.get("CI") == "true"
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not _enabled(), reason="real vLLM: set TWINROUTE_E2E_VLLM=1"),
-]
+pytestmark = REAL_VLLM_MARKS
 
 LOG_DIR = REPO_ROOT / ".tools" / "logs"
 # About 440 tokens with the tiny tokenizer: a dozen full 32-token blocks to hit in the cache.

@@ -19,13 +19,13 @@ server, so only turns after the second hit. The router computes prefix keys from
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from vllm_real import (
+    REAL_VLLM_MARKS,
     REPO_ROOT,
     TINY_LLAMA_DIR,
     VllmServer,
@@ -38,18 +38,7 @@ from vllm_real import (
 
 from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 
-
-def _enabled() -> bool:
-    flag = os.environ.get("TWINROUTE_E2E_VLLM")
-    if flag is not None:
-        return flag == "1"
-    return os.environ.get("CI") == "true"
-
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not _enabled(), reason="real vLLM: set TWINROUTE_E2E_VLLM=1"),
-]
+pytestmark = REAL_VLLM_MARKS
 
 LOG_DIR = REPO_ROOT / ".tools" / "logs"
 MODEL = "tiny-llama"

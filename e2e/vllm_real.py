@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 import subprocess
 import sys
 from types import TracebackType
+
+import pytest
 
 from twinroute.bench.vllm_engines import (
     BUILD_SCRIPT,
@@ -63,6 +66,21 @@ __all__ = [
     "parse_vllm_metrics",
     "vllm_installed",
     "vllm_python",
+]
+
+
+def real_vllm_enabled() -> bool:
+    """Whether the real-vLLM scenarios run: TWINROUTE_E2E_VLLM=1 or 0 decides, else CI=true."""
+    flag = os.environ.get("TWINROUTE_E2E_VLLM")
+    if flag is not None:
+        return flag == "1"
+    return os.environ.get("CI") == "true"
+
+
+# What every real-vLLM test module sets as its `pytestmark`.
+REAL_VLLM_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not real_vllm_enabled(), reason="real vLLM: set TWINROUTE_E2E_VLLM=1"),
 ]
 
 
