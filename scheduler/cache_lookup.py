@@ -14,7 +14,8 @@ or restarts, beside engines already running: it hears them mid-stream) answers i
 blocks its events since then show it holding are held; the next block is absent if its events
 said so (evicted); otherwise older history is unknown and the approximate guess, if deeper,
 stands ("partial"). As the engine's cache turns over, more of every answer comes from events.
-Every kind of answer is counted (`lookups`), so the metrics say how much routing ran on facts.
+Every answer for one endpoint is counted by kind (`lookups`), so the metrics say how much
+routing ran on facts.
 
 Cost: one binary search over the prompt's engine hashes per (request, endpoint) on top of the
 approximate lookup it replaces; `holders` checks every endpoint with events (O(endpoints x
@@ -79,6 +80,7 @@ class CacheLookup:
             return precise
         partial = self.partial_blocks(endpoint_id, keys)
         if partial is not None:
+            self.lookups[PARTIAL] += 1
             return partial
         self.lookups[APPROXIMATE] += 1
         return self.approximate.matched_blocks(endpoint_id, keys)
@@ -92,7 +94,6 @@ class CacheLookup:
         if answer is None:
             return None
         held, next_absent = answer
-        self.lookups[PARTIAL] += 1
         known = min(keys.num_blocks, held * keys.engine_block_size // keys.block_size)
         if next_absent:
             return known
@@ -101,9 +102,7 @@ class CacheLookup:
     def holders(self, keys: PromptKeys) -> Mapping[str, int]:
         guessed = dict(self.approximate.holders(keys))
         if not keys.engine_hashes:
-            self.lookups[APPROXIMATE] += 1
             return guessed
-        self.lookups[PRECISE] += 1
         for endpoint_id in self.events.endpoints():
             precise = self.precise_blocks(endpoint_id, keys)
             if precise is None:

@@ -32,6 +32,7 @@ class KvEventSource:
 
     address: str  # tcp://ENGINE:5557 for an engine configured with endpoint tcp://*:5557
     replay_address: str | None = None  # tcp://ENGINE:PORT for its replay_endpoint
+    # The publisher's topic; "" (vLLM's default) follows every topic it sends.
     topic: str = ""
 
 
@@ -157,7 +158,7 @@ class KvEventSubscriber:
                     self.index.note_decode_error(endpoint_id, error.seq)
                     logger.warning("undecodable KV events from %s: %s", endpoint_id, error)
                     continue
-                if batch.topic != topic:
+                if topic and batch.topic != topic:
                     continue  # a longer topic that only shares our prefix
                 if replayed_through >= 0:
                     if batch.seq <= replayed_through:

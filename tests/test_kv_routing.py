@@ -157,8 +157,9 @@ async def test_the_subscriber_fills_the_index_the_decisions_read() -> None:
         deadline = asyncio.get_running_loop().time() + 10
         while events.blocks_held("e1") == 0:
             assert asyncio.get_running_loop().time() < deadline, "no event arrived"
-            # PUB drops what it sends before the subscription lands: resend batch 0.
-            await publisher.send_multipart([b"", (0).to_bytes(8, "big"), payload])
+            # PUB drops what it sends before the subscription lands: resend batch 0. The topic
+            # is the engine's own (here "kv"); a source that names none follows any.
+            await publisher.send_multipart([b"kv", (0).to_bytes(8, "big"), payload])
             await asyncio.sleep(0.05)
         placement, decision = await pick(service, conversation, "r1")
     finally:
