@@ -481,6 +481,9 @@ class ClusterSimulation:
             keys=self._keys_for(block_ids, prompt),
             prompt_tokens=prompt,
             expected_output_tokens=output,
+            # The simulated router reports every request's first token, as a streaming one
+            # does: the lease queue may wait for those reports.
+            reports_first_token=True,
         )
         lease_id, decision = self.router.pick(routing, now=now)
         self.reasons[decision.reason.value] = self.reasons.get(decision.reason.value, 0) + 1
