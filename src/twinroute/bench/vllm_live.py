@@ -751,9 +751,10 @@ def plot_rate(rate: str, rate_result: dict[str, Any], *, out: Path, slo_s: float
             axis.set_ylim(0, 110)
         else:
             axis.margins(y=0.15)
-    errors = ", ".join(f"{n} {routers[n]['errors']}" for n in names)
+    failed = {n: routers[n]["errors"] for n in names if routers[n]["errors"]}
+    errors = ", ".join(f"{n} {count}" for n, count in failed.items()) or "none"
     figure.suptitle(
-        f"Real vLLM CPU engines at {rate} req/s, same trace per router (errors: {errors})",
+        f"Real vLLM CPU engines at {rate} req/s, same trace per router; failed requests: {errors}",
         fontsize=11,
     )
     figure.tight_layout()

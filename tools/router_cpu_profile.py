@@ -1,0 +1,156 @@
+"""Where the router's CPU goes per request: with and without `--tokenizer`, and a profile.
+
+    .venv/bin/python tools/router_cpu_profile.py [--requests 2000] [--json FILE] [--profile]
+
+Starts one near-instant engine simulator and `twinroute router --embedded` in front of it,
+sends `--requests` streaming completions (a ~600-token prompt that shares its first 500
+tokens with every other, 8 output tokens, 8 at a time) after 100 warm-up requests, and reads
+the router process's CPU seconds from /proc before and after. It does this twice, with the
+tiny model's tokenizer (token-id keys, what KV-event lookups need) and without (keys over
+characters). With `--profile` the router also runs under cProfile and the functions with the
+most cumulative time are printed (cProfile inflates every figure; read its shares, not its
+milliseconds). The JSON holds the per-request CPU of both modes and the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pathlib
+import pstats
+import signal
+import sys
+import time
+
+import aiohttp
+
+from twinroute.bench.processes import start_announced, twinroute_argv
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
+PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
+
+
+def process_cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    *, requests: int, tokenizer: bool, profile: pathlib.Path | None
+) -> dict[str, float]:
+    engine = await start_announced(
+        "engine",
+        twinroute_argv(
+            "engine-sim", "--port=0", "--model=m", "--instance-id=e0", "--time-scale=0.001"
+        ),
+        timeout_s=60,
+    )
+    port = 18000 + os.getpid() % 1000
+    argv = [
+        "router", f"--port={port}", "--model=m", "--embedded", f"--endpoints=e0={engine.address}",
+        "--key-block-tokens=32", *([f"--tokenizer={TOKENIZER}"] if tokenizer else []),
+    ]  # fmt: skip
+    router = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--serve",
+        str(profile or "-"),
+        *argv,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_healthy(session, url)
+            gate = asyncio.Semaphore(8)
+
+            async def one(index: int) -> None:
+                async with gate:
+                    body = {
+                        "model": "m",
+                        "prompt": f"{PROMPT} question {index}",
+                        "max_tokens": 8,
+                        "stream": True,
+                    }
+                    async with session.post(f"{url}/v1/completions", json=body) as response:
+                        async for _chunk in response.content.iter_any():
+                            pass
+
+            await asyncio.gather(*(one(i) for i in range(100)))
+            cpu_before, started = process_cpu_s(router.pid), time.monotonic()
+            load_before = os.getloadavg()[0]
+            await asyncio.gather(*(one(i) for i in range(requests)))
+            cpu_s, wall_s = process_cpu_s(router.pid) - cpu_before, time.monotonic() - started
+    finally:
+        router.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(router.wait(), 30)
+        await engine.stop()
+    return {
+        "requests": requests,
+        "router_cpu_ms_per_request": round(1000 * cpu_s / requests, 3),
+        "requests_per_s": round(requests / wall_s, 1),
+        "load_average_1m": round((load_before + os.getloadavg()[0]) / 2, 2),
+    }
+
+
+async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
+    for _ in range(200):
+        try:
+            async with session.get(f"{url}/health") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the router did not come up")
+
+
+def serve(profile_path: str, argv: list[str]) -> None:
+    """The router process: `twinroute` itself, under cProfile when a path is given."""
+    from twinroute.cli import main
+
+    profiler = cProfile.Profile() if profile_path != "-" else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        main(argv)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--serve":
+        serve(sys.argv[2], sys.argv[3:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, object] = {"prompt_words": len(PROMPT.split()) + 2, "output_tokens": 8}
+    for mode, tokenizer in (("tokenizer", True), ("characters", False)):
+        measured = asyncio.run(measure(requests=args.requests, tokenizer=tokenizer, profile=None))
+        results[mode] = measured
+        print(f"{mode}: {measured}", flush=True)
+    if args.profile:
+        path = pathlib.Path("/tmp") / f"router-{os.getpid()}.prof"
+        asyncio.run(measure(requests=args.requests, tokenizer=True, profile=path))
+        pstats.Stats(str(path)).sort_stats("cumulative").print_stats(30)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
