@@ -3,8 +3,8 @@
     .venv/bin/python tools/router_cpu_profile.py [--requests 2000] [--json FILE] [--profile]
 
 Starts one near-instant engine simulator and `twinroute router --embedded` in front of it,
-sends `--requests` streaming completions (a ~600-token prompt that shares its first 500
-tokens with every other, 8 output tokens, 8 at a time) after 100 warm-up requests, and reads
+sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
+that shares all but its last two words with every other; 8 output tokens, 8 at a time) after 100 warm-up requests, and reads
 the router process's CPU seconds from /proc before and after. It does this twice, with the
 tiny model's tokenizer (token-id keys, what KV-event lookups need) and without (keys over
 characters). With `--profile` the router also runs under cProfile and the functions with the

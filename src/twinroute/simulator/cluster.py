@@ -189,6 +189,9 @@ class SimulationResult:
     load_cv: float
     # Median of observed minus predicted TTFT, over requests whose policy predicted one.
     ttft_prediction_error_p50_s: float
+    # Median of |predicted - observed| / observed TTFT over the same requests (what the live
+    # scheduler reports as twinroute_scheduler_ttft_prediction_error_ratio).
+    ttft_prediction_abs_error_ratio_p50: float
     # Share of those requests predicted within the SLO that then missed it.
     slo_misses_predicted_ok: float
     slo_switches: int
@@ -235,6 +238,7 @@ class SimulationResult:
             "unbounded_cache_hit_rate": self.unbounded_cache_hit_rate,
             "load_cv": self.load_cv,
             "ttft_prediction_error_p50_s": self.ttft_prediction_error_p50_s,
+            "ttft_prediction_abs_error_ratio_p50": self.ttft_prediction_abs_error_ratio_p50,
             "slo_misses_predicted_ok": self.slo_misses_predicted_ok,
             "slo_switches": self.slo_switches,
             "rebalance_moves": self.rebalance_moves,
@@ -874,6 +878,16 @@ class ClusterSimulation:
             load_cv=load_cv,
             ttft_prediction_error_p50_s=(
                 float(np.median(ttft[predicting] - predicted[predicting]))
+                if predicting.any()
+                else math.nan
+            ),
+            ttft_prediction_abs_error_ratio_p50=(
+                float(
+                    np.median(
+                        np.abs(predicted[predicting] - ttft[predicting])
+                        / np.maximum(ttft[predicting], 1e-9)
+                    )
+                )
                 if predicting.any()
                 else math.nan
             ),
