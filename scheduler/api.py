@@ -115,6 +115,9 @@ class PickQuery:
     pick_id: str = ""
     # The caller will report the first token (Progress "first_token"): the request streams.
     reports_first_token: bool = False
+    # `token_ids` are exactly what the engine will prefill (not a chat the caller rendered),
+    # so they may be hashed as the engine hashes its blocks (KV-event lookups).
+    exact_engine_tokens: bool = False
 
 
 @dataclass(frozen=True, slots=True)

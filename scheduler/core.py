@@ -369,7 +369,10 @@ class SchedulerCore:
         """What the decision knew of the chosen endpoint's cache, for Explain."""
         assert self.kv_events is not None
         if not request.keys.engine_hashes:
-            return "approximate (no engine block hashes: a text prompt, or a LoRA adapter)"
+            return (
+                "approximate (no engine block hashes: a text prompt, a chat the engine renders "
+                "itself, or a LoRA adapter)"
+            )
         state = self.kv_events.state(endpoint_id)
         if state is KvState.LIVE:
             return "precise (the engine's KV events)"

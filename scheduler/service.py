@@ -207,8 +207,9 @@ class SchedulerService:
                     query.token_ids, block_size=self.settings.key_block_tokens, seed=seed
                 )
                 hasher = self._engine_hasher
-                # A LoRA adapter's blocks are keyed by its path on the engine: not computable.
-                if hasher is not None and not query.lora_adapter:
+                # A LoRA adapter's blocks are keyed by its path on the engine: not computable;
+                # nor are a chat's, whose tokens the engine makes with its own template.
+                if hasher is not None and query.exact_engine_tokens and not query.lora_adapter:
                     salt = query.cache_salt or None
                     keys = dataclasses.replace(
                         keys,

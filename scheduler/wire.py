@@ -157,6 +157,7 @@ def query_to_pb(query: PickQuery) -> pb.PickRequest:
         exclude_endpoints=sorted(query.exclude_endpoints),
         pick_id=query.pick_id,
         reports_first_token=query.reports_first_token,
+        exact_engine_tokens=query.exact_engine_tokens,
     )
 
 
@@ -184,6 +185,7 @@ def query_from_pb(request: pb.PickRequest) -> PickQuery:
         exclude_endpoints=frozenset(request.exclude_endpoints),
         pick_id=request.pick_id,
         reports_first_token=request.reports_first_token,
+        exact_engine_tokens=request.exact_engine_tokens,
     )
 
 

@@ -103,6 +103,7 @@ async def test_grpc_pick_and_complete_translate_the_contract(
                 cache_salt="s",
                 exclude_endpoints=frozenset({"pod-0"}),
                 reports_first_token=True,
+                exact_engine_tokens=True,
             )
         )
         assert await placement.complete(
@@ -120,8 +121,9 @@ async def test_grpc_pick_and_complete_translate_the_contract(
     assert asked.cache_salt == "s"
     assert list(asked.exclude_endpoints) == ["pod-0"]
     # A stream says its first token will be reported; the text query (no stream) does not.
-    assert asked.reports_first_token
+    assert asked.reports_first_token and asked.exact_engine_tokens
     assert not servicer.picks[1].reports_first_token
+    assert not servicer.picks[1].exact_engine_tokens
     assert servicer.picks[1].prompt.text == "hello"
     # A query without its own SLO sends none (zero on the wire), one with it sends it.
     assert asked.ttft_slo_s == 0.0

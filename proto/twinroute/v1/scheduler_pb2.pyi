@@ -290,6 +290,7 @@ class PickRequest(_message.Message):
     EXCLUDE_ENDPOINTS_FIELD_NUMBER: _builtins.int
     PICK_ID_FIELD_NUMBER: _builtins.int
     REPORTS_FIRST_TOKEN_FIELD_NUMBER: _builtins.int
+    EXACT_ENGINE_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Caller's id for the request (e.g. the OpenAI request id); echoed into Explain and logs."""
     model: _builtins.str
@@ -315,6 +316,12 @@ class PickRequest(_message.Message):
     The scheduler's queue estimate then waits for that report; a request without one (not
     streamed, or an older caller) is assumed prefilled when the cost model says so.
     """
+    exact_engine_tokens: _builtins.bool
+    """The prompt's token ids are exactly what the engine will prefill (a completions prompt,
+    tokenized with the engine's tokenizer), so the scheduler may hash them as the engine does
+    and look them up in its KV-cache events; false for a chat the caller rendered itself
+    (the engine applies its own chat template) and for older callers.
+    """
     @_builtins.property
     def prompt(self) -> Global___Prompt:
         """The prompt. For chat requests, the rendered conversation."""
@@ -338,10 +345,11 @@ class PickRequest(_message.Message):
         exclude_endpoints: _abc.Iterable[_builtins.str] | None = ...,
         pick_id: _builtins.str = ...,
         reports_first_token: _builtins.bool = ...,
+        exact_engine_tokens: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prompt", b"prompt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "pick_id", b"pick_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reports_first_token", b"reports_first_token", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_salt", b"cache_salt", "exact_engine_tokens", b"exact_engine_tokens", "exclude_endpoints", b"exclude_endpoints", "expected_output_tokens", b"expected_output_tokens", "lora_adapter", b"lora_adapter", "model", b"model", "pick_id", b"pick_id", "prompt", b"prompt", "prompt_tokens", b"prompt_tokens", "reports_first_token", b"reports_first_token", "request_id", b"request_id", "session_id", b"session_id", "ttft_slo_s", b"ttft_slo_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -446,6 +446,8 @@ class RouterServer:
             ttft_slo_s=_requested_slo(request),
             # A stream's first chunk is reported (Progress "first_token"); a whole answer is not.
             reports_first_token=parsed.stream,
+            # A completions prompt is what the engine prefills; a chat it renders itself.
+            exact_engine_tokens=parsed.kind == "completions" and token_ids is not None,
             prompt_tokens=(
                 len(token_ids)
                 if token_ids is not None
