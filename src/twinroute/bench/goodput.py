@@ -269,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
         args, bases=bases, native_rate=summary.rate_rps, seeds=seeds, fixed_seeds=fixed_seeds
     )
     results: dict[str, Any] = {
-        "trace": trace.path or trace.trace_format,
+        # Relative to where it ran (the repository, for the bundled trace): no machine's paths.
+        "trace": _relative(trace.path) if trace.path else trace.trace_format,
         "format": trace.trace_format,
         "replicate": trace.copies,
         "requests": summary.requests,
@@ -470,3 +471,11 @@ def markdown_table(results: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the working directory when it lies below it, else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
