@@ -4,12 +4,13 @@
 
 Starts one near-instant engine simulator and `twinroute router --embedded` in front of it,
 sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
-that shares all but its last two words with every other; 8 output tokens, 8 at a time) after 100 warm-up requests, and reads
-the router process's CPU seconds from /proc before and after. It does this twice, with the
-tiny model's tokenizer (token-id keys, what KV-event lookups need) and without (keys over
-characters). With `--profile` the router also runs under cProfile and the functions with the
-most cumulative time are printed (cProfile inflates every figure; read its shares, not its
-milliseconds). The JSON holds the per-request CPU of both modes and the machine's load.
+that shares all but its last two words with every other; 8 output tokens, 8 at a time) after
+100 warm-up requests, and reads the router process's CPU seconds from /proc before and after.
+It does this twice, with the tiny model's tokenizer (token-id keys, what KV-event lookups need)
+and without (keys over characters). With `--profile` the router also runs under cProfile and
+the functions with the most cumulative time are printed (cProfile inflates every figure; read
+its shares, not its milliseconds). The JSON holds the per-request CPU of both modes and the
+machine's load.
 """
 
 from __future__ import annotations
