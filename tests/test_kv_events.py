@@ -39,7 +39,6 @@ from twinroute.scheduler.vllm_blocks import VllmBlockHasher
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm_kv_events_real.jsonl"
-VLLM_PYTHON = ROOT / ".tools" / "vllm-venv" / "bin" / "python"
 TOPIC = b"kv"
 
 
@@ -308,11 +307,10 @@ def _our_sample(rank: int | None) -> bytes:
 
 
 @pytest.mark.slow
-def test_the_test_encoder_is_byte_identical_to_vllms_classes() -> None:
-    if not VLLM_PYTHON.exists():
-        pytest.skip(f"no vLLM venv at {VLLM_PYTHON}: cannot encode with vLLM's own classes")
+def test_the_test_encoder_is_byte_identical_to_vllms_classes(vllm_venv_python: Path) -> None:
+    python = vllm_venv_python
     completed = subprocess.run(
-        [str(VLLM_PYTHON), "-c", _VLLM_ENCODE_SCRIPT],
+        [str(python), "-c", _VLLM_ENCODE_SCRIPT],
         capture_output=True,
         text=True,
         timeout=300,

@@ -27,7 +27,6 @@ from twinroute.scheduler.vllm_blocks import (
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm_kv_events_real.jsonl"
-VLLM_PYTHON = ROOT / ".tools" / "vllm-venv" / "bin" / "python"
 FIXTURE_BLOCK_SIZE = 32
 # vLLM 0.32's NONE_HASH for sha256 without PYTHONHASHSEED (kv_cache_utils.NONE_HASH.hex()).
 VLLM_DEFAULT_ROOT = "066b1e8987e027138e98701c46128929378935f9b6cd1549105ae6b4f0d71198"
@@ -228,12 +227,11 @@ _CASES = [
 
 
 @pytest.fixture(scope="module")
-def vllm_reference() -> list[dict[str, list[int]]]:
-    if not VLLM_PYTHON.exists():
-        pytest.skip(f"no vLLM venv at {VLLM_PYTHON}: cannot run vLLM's own hasher")
+def vllm_reference(vllm_venv_python: Path) -> list[dict[str, list[int]]]:
+    python = vllm_venv_python
     completed = subprocess.run(
         [
-            str(VLLM_PYTHON),
+            str(python),
             "-c",
             _VLLM_SCRIPT,
             json.dumps([asdict(case) for case in _CASES]),
