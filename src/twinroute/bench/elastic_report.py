@@ -338,7 +338,7 @@ def build_report(
         "bench": "elastic",
         "mode": mode,
         "command": command,
-        "trace": trace,
+        "trace": _relative(trace),
         "plan": asdict(plan),
         "ttft_slo_s": plan.ttft_slo_s,
         "remapped_key_fraction": {r.label: r.per_candidate for r in remaps},
@@ -501,3 +501,12 @@ def clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     return value
+
+
+def _relative(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (the repository, for
+    the bundled trace), so a committed record names no machine's paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
