@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from twinroute.bench.vllm_engines import (
     metric_names,
     metric_total,
     parse_vllm_metrics,
+    real_vllm_enabled,
     stop_process_group,
     vllm_installed,
     vllm_python,
@@ -48,6 +48,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 __all__ = [
     "BUILD_SCRIPT",
     "INSTALL_SCRIPT",
+    "REAL_VLLM_MARKS",
     "REPO_ROOT",
     "REQUIRED_METRICS",
     "TINY_LLAMA_DIR",
@@ -64,17 +65,10 @@ __all__ = [
     "metric_names",
     "metric_total",
     "parse_vllm_metrics",
+    "real_vllm_enabled",
     "vllm_installed",
     "vllm_python",
 ]
-
-
-def real_vllm_enabled() -> bool:
-    """Whether the real-vLLM scenarios run: TWINROUTE_E2E_VLLM=1 or 0 decides, else CI=true."""
-    flag = os.environ.get("TWINROUTE_E2E_VLLM")
-    if flag is not None:
-        return flag == "1"
-    return os.environ.get("CI") == "true"
 
 
 # What every real-vLLM test module sets as its `pytestmark`.

@@ -8,7 +8,6 @@ elsewhere they skip with the reason.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from twinroute.bench.vllm_engines import (
     CHECKOUT,
     ensure_vllm_installed,
+    real_vllm_enabled,
     vllm_installed,
     vllm_python,
 )
@@ -24,9 +24,7 @@ from twinroute.bench.vllm_engines import (
 @pytest.fixture(scope="session")
 def vllm_venv_python() -> pathlib.Path:
     if not vllm_installed():
-        flag = os.environ.get("TWINROUTE_E2E_VLLM")
-        enabled = flag == "1" if flag is not None else os.environ.get("CI") == "true"
-        if not enabled:
+        if not real_vllm_enabled():
             pytest.skip(
                 f"no vLLM at {vllm_python()} (TWINROUTE_E2E_VLLM=1 installs it): "
                 "cannot run vLLM's own code"

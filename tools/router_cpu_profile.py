@@ -29,16 +29,11 @@ import time
 import aiohttp
 
 from twinroute.bench.processes import start_announced, twinroute_argv
+from twinroute.bench.vllm_live import process_tree_cpu_s
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
 PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
-
-
-def process_cpu_s(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(
@@ -84,10 +79,11 @@ async def measure(
                             pass
 
             await asyncio.gather(*(one(i) for i in range(100)))
-            cpu_before, started = process_cpu_s(router.pid), time.monotonic()
+            cpu_before, started = process_tree_cpu_s([router.pid]), time.monotonic()
             load_before = os.getloadavg()[0]
             await asyncio.gather(*(one(i) for i in range(requests)))
-            cpu_s, wall_s = process_cpu_s(router.pid) - cpu_before, time.monotonic() - started
+            cpu_s = process_tree_cpu_s([router.pid]) - cpu_before
+            wall_s = time.monotonic() - started
     finally:
         router.send_signal(signal.SIGTERM)
         await asyncio.wait_for(router.wait(), 30)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.bench import recorded_path
+
 COMPARE_WINDOWS = 4
 """Before/after a change is also compared over this many windows: one window is noisy (the
 trace's own reuse swings from window to window)."""
@@ -338,7 +340,7 @@ def build_report(
         "bench": "elastic",
         "mode": mode,
         "command": command,
-        "trace": _relative(trace),
+        "trace": recorded_path(trace),
         "plan": asdict(plan),
         "ttft_slo_s": plan.ttft_slo_s,
         "remapped_key_fraction": {r.label: r.per_candidate for r in remaps},
@@ -501,12 +503,3 @@ def clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [clean(v) for v in value]
     return value
-
-
-def _relative(path: str) -> str:
-    """`path` relative to the working directory when it lies below it (the repository, for
-    the bundled trace), so a committed record names no machine's paths."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path

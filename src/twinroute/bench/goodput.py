@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from twinroute.bench import recorded_path
 from twinroute.simulator.command import add_pool_arguments, add_trace_arguments, trace_spec_from
 from twinroute.simulator.runner import RunSpec, TraceSpec
 
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
     )
     results: dict[str, Any] = {
         # Relative to where it ran (the repository, for the bundled trace): no machine's paths.
-        "trace": _relative(trace.path) if trace.path else trace.trace_format,
+        "trace": recorded_path(trace.path) if trace.path else trace.trace_format,
         "format": trace.trace_format,
         "replicate": trace.copies,
         "requests": summary.requests,
@@ -471,11 +472,3 @@ def markdown_table(results: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _relative(path: str) -> str:
-    """`path` relative to the working directory when it lies below it, else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return path

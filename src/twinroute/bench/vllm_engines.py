@@ -82,6 +82,14 @@ def vllm_python(*, venv: pathlib.Path = VLLM_VENV) -> pathlib.Path:
     return venv / "bin" / "python"
 
 
+def real_vllm_enabled() -> bool:
+    """Whether the real-vLLM scenarios run: TWINROUTE_E2E_VLLM=1 or 0 decides, else CI=true."""
+    flag = os.environ.get("TWINROUTE_E2E_VLLM")
+    if flag is not None:
+        return flag == "1"
+    return os.environ.get("CI") == "true"
+
+
 def vllm_installed(*, venv: pathlib.Path = VLLM_VENV) -> bool:
     return (venv / ".twinroute-vllm-installed").is_file() and vllm_python(venv=venv).is_file()
 
