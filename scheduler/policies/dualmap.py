@@ -32,7 +32,8 @@ Steps (DualMap, arXiv 2602.06502; the algorithm and its thresholds: docs/design.
    weaker, and the index remembers where it went, so the conversation's next turn follows.
    Two ring candidates alone make a fresh prefix wait behind whatever the pair is busy with
    while other instances idle: in the simulator (8 instances, bundled trace) this placement
-   lifted dualmap from 0.90x to 1.00x of `preble`'s goodput. `pair` keeps the published rule.
+   lifted dualmap from 0.90x to 1.00x of `preble`'s goodput at 32 instances (0.93x to 0.97x
+   at 8). `pair` keeps the published rule.
 
 Prompts shorter than one block have no key (vLLM caches only full blocks, so there is nothing
 to reuse; `PromptKeys` carries no partial content): they are keyed on a hash of the session id
