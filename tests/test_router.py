@@ -19,13 +19,14 @@ import pytest
 from aiohttp import web
 from twinroute.scheduler.api import Placement
 from twinroute.scheduler.build import build_service
+from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.types import Endpoint
 
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
 from twinroute.openai_format import render_chat
-from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, Tokenizer, build_app
+from twinroute.router.server import ENDPOINT_HEADER, RouterSettings, build_app
 
 MODEL = "sim-model"
 

@@ -26,10 +26,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
-from twinroute.router.server import RouterSettings, Tokenizer, build_app
+from twinroute.router.server import RouterSettings, build_app
 from twinroute.runtime import event_loop_runner
 from twinroute.scheduler.api import Endpoint, Scheduler
 from twinroute.scheduler.client import SchedulerClient
+from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.settings import SchedulerSettings, parse_kv_event_endpoints
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 

@@ -34,11 +34,9 @@ import dataclasses
 import itertools
 import json
 import logging
-import math
-import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,43 +67,25 @@ from twinroute.scheduler.api import (
     SchedulerUnreachableError,
     UnknownModelError,
 )
+from twinroute.scheduler.openai_queries import (
+    REQUEST_ID_HEADER,
+    TTFT_SLO_HEADER,
+    Tokenizer,
+    pick_query,
+    prompt_token_ids,
+    requested_slo,
+    tag_request_id,
+)
 
 logger = logging.getLogger(__name__)
 
 ENDPOINT_HEADER = "x-twinroute-endpoint"
-REQUEST_ID_HEADER = "x-request-id"
-_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
 _REQUEST_ID_KEY = web.RequestKey("twinroute_request_id", str)
-# Shorter prompts are tokenized inline: under about a millisecond, less than the thread hop
-# costs the loop in contention. Longer ones go to a worker thread.
-TOKENIZE_INLINE_BELOW_CHARS = 2048
 # Lease ids per Renew call: one message stays well under gRPC's 4 MiB default.
 RENEW_BATCH = 10_000
 REASON_HEADER = "x-twinroute-reason"
-# A client's own TTFT objective for one request, in seconds.
-TTFT_SLO_HEADER = "x-twinroute-ttft-slo-s"
 # Headers of the engine's response that are passed on to the client.
 _PASSED_HEADERS = ("Content-Type", "x-twinroute-instance", "Cache-Control")
-
-
-class Tokenizer:
-    """Token ids for prefix keys from a Hugging Face `tokenizer.json` on disk."""
-
-    def __init__(self, path: str) -> None:
-        from tokenizers import Tokenizer as HFTokenizer
-
-        self._tokenizer = HFTokenizer.from_file(path)
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return ids
-
-    def encode_releasing_the_gil(self, text: str) -> list[int]:
-        """`encode` for a worker thread: the batch call lets go of the GIL while it works
-        (`encode` holds it throughout, so a thread would still stall the event loop)."""
-        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=False)
-        ids: list[int] = encoding.ids
-        return ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,38 +401,17 @@ class RouterServer:
             self._metrics.in_flight.dec()
 
     async def _query(self, parsed: ParsedRequest, request: web.Request) -> PickQuery:
-        token_ids: Sequence[int] | None = parsed.prompt_token_ids
-        text = parsed.prompt_text
-        if token_ids is None and self._tokenizer is not None and text is not None:
-            if self._settings.offload and len(text) >= TOKENIZE_INLINE_BELOW_CHARS:
-                token_ids = await asyncio.to_thread(self._tokenizer.encode_releasing_the_gil, text)
-            else:
-                token_ids = self._tokenizer.encode(text)
-        request_id = f"{self._prefix}-{next(self._request_numbers)}"
-        # The client's id is kept for correlation, never trusted to be unique (an engine
-        # refuses an id already running) nor safe to log or to put in a header.
-        client_id = request.headers.get(REQUEST_ID_HEADER)
-        if client_id and _CLIENT_REQUEST_ID.fullmatch(client_id):
-            request_id = f"{request_id}:{client_id}"
-        request[_REQUEST_ID_KEY] = request_id
-        return PickQuery(
-            request_id=request_id,
-            model=parsed.model,
+        token_ids = await prompt_token_ids(parsed, self._tokenizer, offload=self._settings.offload)
+        own_id = tag_request_id(
+            f"{self._prefix}-{next(self._request_numbers)}", request.headers.get(REQUEST_ID_HEADER)
+        )
+        request[_REQUEST_ID_KEY] = own_id
+        return pick_query(
+            parsed,
+            request_id=own_id,
             token_ids=token_ids,
-            text=text if token_ids is None else None,
-            session_id=parsed.session_id,
-            cache_salt=parsed.cache_salt,
-            expected_output_tokens=parsed.max_tokens or 0,
-            ttft_slo_s=_requested_slo(request),
-            # A stream's first chunk is reported (Progress "first_token"); a whole answer is not.
-            reports_first_token=parsed.stream,
-            # A completions prompt is what the engine prefills; a chat it renders itself.
-            exact_engine_tokens=parsed.kind == "completions" and token_ids is not None,
-            prompt_tokens=(
-                len(token_ids)
-                if token_ids is not None
-                else max(1, round(len(text or "") * self._settings.tokens_per_char))
-            ),
+            ttft_slo_s=requested_slo(request.headers.get(TTFT_SLO_HEADER)),
+            tokens_per_char=self._settings.tokens_per_char,
         )
 
     async def _serve(
@@ -934,22 +893,6 @@ class _Attempts:
         )
         self.settle(request_caused=True)
         return web.Response(status=last.status, body=last.body, headers=last.headers)
-
-
-def _requested_slo(request: web.Request) -> float | None:
-    """The client's own TTFT objective (`x-twinroute-ttft-slo-s`), or None when it set none."""
-    value = request.headers.get(TTFT_SLO_HEADER)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise RequestError(
-            f"header {TTFT_SLO_HEADER} must be a positive number of seconds, got {value!r}"
-        )
-    return seconds
 
 
 def _is_error_answer(body: bytes) -> bool:

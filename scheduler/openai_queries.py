@@ -1,0 +1,118 @@
+"""One OpenAI request -> one `PickQuery`, the same way on every front end.
+
+The Python router and the Envoy endpoint picker both turn a parsed request into the scheduler's
+query here, so the same request gets the same prefix keys, the same length estimate and the same
+objective on either path, and therefore the same decision (tests replay a trace through both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Sequence
+from typing import Final
+
+from twinroute.scheduler.api import PickQuery
+
+from twinroute.openai_format import ParsedRequest, RequestError
+
+# A client's own TTFT objective for one request, in seconds.
+TTFT_SLO_HEADER: Final = "x-twinroute-ttft-slo-s"
+REQUEST_ID_HEADER: Final = "x-request-id"
+# Shorter prompts are tokenized inline: under about a millisecond, less than the thread hop
+# costs the loop in contention. Longer ones go to a worker thread.
+TOKENIZE_INLINE_BELOW_CHARS: Final = 2048
+# A client's request id is kept for correlation only when it looks like one: never trusted to
+# be unique (an engine refuses an id already running) nor safe to log or to put in a header.
+_CLIENT_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
+
+
+class Tokenizer:
+    """Token ids for prefix keys from a Hugging Face `tokenizer.json` on disk."""
+
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self._tokenizer = HFTokenizer.from_file(path)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
+
+    def encode_releasing_the_gil(self, text: str) -> list[int]:
+        """`encode` for a worker thread: the batch call lets go of the GIL while it works
+        (`encode` holds it throughout, so a thread would still stall the event loop)."""
+        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=False)
+        ids: list[int] = encoding.ids
+        return ids
+
+
+async def prompt_token_ids(
+    parsed: ParsedRequest, tokenizer: Tokenizer | None, *, offload: bool = True
+) -> Sequence[int] | None:
+    """The prompt's token ids: the client's own, else the local tokenizer's (long prompts on a
+    worker thread when `offload`, so they do not stall the event loop), else None (text keys)."""
+    if parsed.prompt_token_ids is not None:
+        return parsed.prompt_token_ids
+    text = parsed.prompt_text
+    if tokenizer is None or text is None:
+        return None
+    if offload and len(text) >= TOKENIZE_INLINE_BELOW_CHARS:
+        return await asyncio.to_thread(tokenizer.encode_releasing_the_gil, text)
+    return tokenizer.encode(text)
+
+
+def requested_slo(value: str | None) -> float | None:
+    """The client's own TTFT objective (the `x-twinroute-ttft-slo-s` header's value), or None
+    when it set none; anything but a positive number of seconds is the client's error."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise RequestError(
+            f"header {TTFT_SLO_HEADER} must be a positive number of seconds, got {value!r}"
+        )
+    return seconds
+
+
+def tag_request_id(own: str, client_id: str | None) -> str:
+    """`own` (unique on this front end), with the client's id appended when it is a sane one."""
+    if client_id and _CLIENT_REQUEST_ID.fullmatch(client_id):
+        return f"{own}:{client_id}"
+    return own
+
+
+def pick_query(
+    parsed: ParsedRequest,
+    *,
+    request_id: str,
+    token_ids: Sequence[int] | None,
+    ttft_slo_s: float | None,
+    tokens_per_char: float,
+) -> PickQuery:
+    """The scheduler's query for a parsed request; `token_ids` are the prompt's (the client's
+    own, or a local tokenizer's), None to key the prompt by its text."""
+    text = parsed.prompt_text
+    return PickQuery(
+        request_id=request_id,
+        model=parsed.model,
+        token_ids=token_ids,
+        text=text if token_ids is None else None,
+        session_id=parsed.session_id,
+        cache_salt=parsed.cache_salt,
+        expected_output_tokens=parsed.max_tokens or 0,
+        ttft_slo_s=ttft_slo_s,
+        # A stream's first chunk is reported (Progress "first_token"); a whole answer is not.
+        reports_first_token=parsed.stream,
+        # A completions prompt is what the engine prefills; a chat it renders itself.
+        exact_engine_tokens=parsed.kind == "completions" and token_ids is not None,
+        prompt_tokens=(
+            len(token_ids)
+            if token_ids is not None
+            else max(1, round(len(text or "") * tokens_per_char))
+        ),
+    )
