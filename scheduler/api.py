@@ -132,6 +132,9 @@ class PickAnswer:
     expected_cached_blocks: int = 0
     # Set in a disaggregated pool when the prompt is prefilled there first.
     prefill_endpoint: Endpoint | None = None
+    # Where to try next, in order, should `endpoint` fail before answering (DualMap: the other
+    # ring candidate); a gateway retries down this list (the endpoint picker's fallbacks).
+    fallbacks: tuple[Endpoint, ...] = ()
 
 
 class LeaseReports(Protocol):

@@ -45,7 +45,9 @@ from twinroute.scheduler.types import (
 
 from twinroute.vocabulary import DecisionReason
 
-MoveCause = Literal["rebalance", "drain"]
+# Why a queued lease moved: a hotspot, a draining endpoint, or a gateway that retried the
+# request on the pick's fallback after the primary failed before answering.
+MoveCause = Literal["rebalance", "drain", "fallback"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,8 @@ class SchedulerCore:
         self.picks_failed = 0
         self.rebalance_moves = 0
         self.drain_moves = 0
+        # Leases a gateway moved to the pick's fallback (its primary failed before answering).
+        self.fallback_moves = 0
         # The request and decision behind each open lease of a unified pick (what a move
         # needs); disaggregated picks are not here, as a pair of instances does not move.
         self._open: dict[str, tuple[RoutingRequest, Decision]] = {}
@@ -550,22 +554,26 @@ class SchedulerCore:
             moved_lease.work_s = self.calibration.work_s(target, ttft)
         self.prefix_index.record(target, request.keys)
         drained = cause == "drain"
+        if cause == "fallback":
+            # The decision stands (the fallback was part of it); only where it ran changed.
+            reason = decision.reason
+            detail = f"{decision.detail}; served by fallback {target} after {source} failed"
+        elif drained:
+            reason = DecisionReason.DRAINED
+            detail = f"moved off draining {source} to {target}"
+        else:
+            reason = DecisionReason.REBALANCED
+            detail = f"moved from hotspot {source} to its other candidate {target}"
         moved = dataclasses.replace(
-            decision,
-            endpoint_id=target,
-            reason=DecisionReason.DRAINED if drained else DecisionReason.REBALANCED,
-            predicted_ttft_s=ttft,
-            detail=(
-                f"moved off draining {source} to {target}"
-                if drained
-                else f"moved from hotspot {source} to its other candidate {target}"
-            ),
+            decision, endpoint_id=target, reason=reason, predicted_ttft_s=ttft, detail=detail
         )
         self._open[lease_id] = (request, moved)
         if drained:
             self.drain_moves += 1
-        else:
+        elif cause == "rebalance":
             self.rebalance_moves += 1
+        else:
+            self.fallback_moves += 1
         self.history.record(request, moved, lease_id=lease_id, now=now)
         return True
 

@@ -45,6 +45,7 @@ from twinroute.scheduler.migration import Migrator
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.scheduler.telemetry import SchedulerTelemetry
 from twinroute.scheduler.types import (
+    Decision,
     DecisionRecord,
     Endpoint,
     NoEndpointError,
@@ -57,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 # Prompts of at least this many key blocks are hashed on a worker thread.
 OFFLOAD_BLOCKS = 256
+# Fallbacks a Pick names at most: DualMap's other candidate; more would spread one prefix's
+# retries over the pool, where nothing of it is cached.
+MAX_FALLBACKS = 1
 
 
 class SchedulerService:
@@ -260,12 +264,32 @@ class SchedulerService:
             predicted_ttft_s=decision.predicted_ttft_s,
             expected_cached_blocks=decision.expected_cached_blocks,
             prefill_endpoint=result.prefill_endpoint,
+            fallbacks=self._fallbacks(decision, exclude=request.exclude),
         )
         if query.pick_id:
             _remember(self._leases_of_picks, query.pick_id, answer.lease_id)
         if self.telemetry is not None:
             self.telemetry.observe_pick(time.perf_counter() - started)
         return answer
+
+    def _fallbacks(self, decision: Decision, *, exclude: frozenset[str]) -> tuple[Endpoint, ...]:
+        """The decision's other candidates that can still serve, best first, at most
+        `MAX_FALLBACKS` (a disaggregated pick has none: its prefill hop is the router's)."""
+        if decision.prefill_endpoint_id:
+            return ()
+        core = self.core
+        fallbacks: list[Endpoint] = []
+        for candidate in decision.candidates:
+            if len(fallbacks) >= MAX_FALLBACKS:
+                break
+            endpoint_id = candidate.endpoint_id
+            if endpoint_id == decision.endpoint_id or endpoint_id in exclude:
+                continue
+            endpoint = core.endpoints.get(endpoint_id)
+            if endpoint is None or not core.is_routable(endpoint_id) or endpoint in fallbacks:
+                continue
+            fallbacks.append(endpoint)
+        return tuple(fallbacks)
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
         """Choose an endpoint and open a lease; raises the errors of `twinroute.scheduler.api`.
@@ -325,6 +349,19 @@ class SchedulerService:
         if lease is not None:
             self._wake_drainers(lease.endpoint_id)
         return lease is not None
+
+    def routable_endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoints a Pick may choose now (known, healthy, not draining)."""
+        return self.core.routable()
+
+    def follow_fallback(self, *, lease_id: str, endpoint_id: str) -> bool:
+        """A gateway served the request on `endpoint_id`, one of the pick's fallbacks, after
+        its primary failed before answering: the lease follows, so load, the prefix record and
+        Explain name the endpoint that really runs it. False when the lease is unknown, already
+        past its first token, or the endpoint not routable."""
+        if not lease_id:
+            raise InvalidPickError("lease_id is required")
+        return self.core.move(lease_id, target=endpoint_id, now=self._clock(), cause="fallback")
 
     async def cancel(self, *, pick_id: str) -> bool:
         """The caller gave up on a Pick: close the lease it opened (True), or, when it has

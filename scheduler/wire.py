@@ -197,6 +197,7 @@ def answer_to_pb(answer: PickAnswer) -> pb.PickResponse:
         lease_id=answer.lease_id,
         policy=answer.policy,
         expected_cached_blocks=answer.expected_cached_blocks,
+        fallback_endpoints=[endpoint_to_pb(endpoint) for endpoint in answer.fallbacks],
     )
     if answer.prefill_endpoint is not None:
         response.prefill_endpoint.CopyFrom(endpoint_to_pb(answer.prefill_endpoint))
@@ -216,6 +217,7 @@ def answer_from_pb(response: pb.PickResponse) -> PickAnswer:
             if response.HasField("prefill_endpoint")
             else None
         ),
+        fallbacks=tuple(endpoint_from_pb(endpoint) for endpoint in response.fallback_endpoints),
     )
 
 

@@ -366,6 +366,7 @@ class PickResponse(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     EXPECTED_CACHED_BLOCKS_FIELD_NUMBER: _builtins.int
+    FALLBACK_ENDPOINTS_FIELD_NUMBER: _builtins.int
     reason: Global___DecisionReason.ValueType
     """Why this endpoint was chosen; also the `reason` label of the decisions metric."""
     predicted_ttft_s: _builtins.float
@@ -384,6 +385,12 @@ class PickResponse(_message.Message):
     def prefill_endpoint(self) -> Global___Endpoint:
         """Set in a disaggregated pool when the prompt should be prefilled elsewhere first."""
 
+    @_builtins.property
+    def fallback_endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """Where to try next, in order, should `endpoint` fail before answering (DualMap: the other
+        ring candidate): what an endpoint picker lists after the primary for the gateway's retries.
+        """
+
     def __init__(
         self,
         *,
@@ -394,10 +401,11 @@ class PickResponse(_message.Message):
         lease_id: _builtins.str = ...,
         policy: _builtins.str = ...,
         expected_cached_blocks: _builtins.int = ...,
+        fallback_endpoints: _abc.Iterable[Global___Endpoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "prefill_endpoint", b"prefill_endpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "expected_cached_blocks", b"expected_cached_blocks", "lease_id", b"lease_id", "policy", b"policy", "predicted_ttft_s", b"predicted_ttft_s", "prefill_endpoint", b"prefill_endpoint", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "expected_cached_blocks", b"expected_cached_blocks", "fallback_endpoints", b"fallback_endpoints", "lease_id", b"lease_id", "policy", b"policy", "predicted_ttft_s", b"predicted_ttft_s", "prefill_endpoint", b"prefill_endpoint", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
