@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import aiohttp
@@ -36,6 +36,8 @@ from twinroute.scheduler.discovery import (
     run_discovery,
 )
 from twinroute.scheduler.migration import parse_hooks
+from twinroute.scheduler.openai_queries import Tokenizer
+from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
 from twinroute.scheduler.policies.base import COLD_PLACEMENTS
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
 from twinroute.scheduler.server import GrpcServer, TlsFiles
@@ -60,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="with --grpc-port/--metrics-port: listen on this host")
     parser.add_argument("--grpc-port", type=int, help="gRPC port on --host")
     parser.add_argument("--metrics-port", type=int, help="metrics port on --host")
+    _add_picker_arguments(parser)
     parser.add_argument(
         "--config", help="the pool's scheduler.yaml (as the operator renders it); its values "
         "take precedence over the flags they correspond to, and an unknown key is an error",
@@ -169,6 +172,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
+def _add_picker_arguments(parser: argparse.ArgumentParser) -> None:
+    picker = parser.add_argument_group(
+        "endpoint picker (Envoy external processing: the Gateway API Inference Extension's "
+        "protocol, for `twinroute gateway` or any GIE gateway)"
+    )
+    picker.add_argument("--picker-listen", default="", help="HOST:PORT ('' = no picker)")
+    picker.add_argument("--picker-port", type=int, help="the picker's port on --host")
+    picker.add_argument(
+        "--tokenizer", help="Hugging Face tokenizer.json for the picker's prefix keys"
+    )
+    picker.add_argument(
+        "--picker-max-in-flight", type=int, default=0,
+        help="requests in flight through the picker at most; more are shed with 429 (0 = no "
+        "limit)",
+    )  # fmt: skip
+    picker.add_argument(
+        "--picker-max-body-bytes", type=int, default=16 * 1024 * 1024,
+        help="request bodies larger than this are refused with 413",
+    )  # fmt: skip
+
+
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     caches = parser.add_argument_group("what the engines cache (vLLM KV-cache events)")
     caches.add_argument(
@@ -265,11 +289,15 @@ def resolve_arguments(args: argparse.Namespace) -> SchedulerSettings:
             args.grpc_port = config.grpc_port
         if args.metrics_port is None and config.metrics_port is not None:
             args.metrics_port = config.metrics_port
+        if args.picker_port is None and config.picker_port is not None:
+            args.picker_port = config.picker_port
     host = args.host or "127.0.0.1"
     if args.grpc_port is not None:
         args.listen = f"{host}:{args.grpc_port}"
     if args.metrics_port is not None:
         args.metrics_listen = f"{host}:{args.metrics_port}"
+    if args.picker_port is not None:
+        args.picker_listen = f"{host}:{args.picker_port}"
     sources = [args.static_endpoints, args.endpoints_file, args.kube_selector]
     if sum(1 for source in sources if source) != 1:
         raise ValueError(
@@ -370,20 +398,26 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    metrics, metrics_url = await _serve_metrics(
-        args.metrics_listen, service, token=args.admin_token
-    )
+    metrics, metrics_url = await serve_metrics(args.metrics_listen, service, token=args.admin_token)
     session = aiohttp.ClientSession()
-    tasks = _background_tasks(service, source=source, session=session)
+    picker = _picker_server(args, service)
+    tasks = _background_tasks(
+        service, source=source, session=session, synced=picker.mark_synced if picker else None
+    )
     try:
         await server.start()
+        if picker is not None:
+            await picker.start()
+        picker_note = f", picker {picker.address}" if picker is not None else ""
         print(
             f"scheduler listening on {server.address} "
-            f"(policy {settings.policy}, metrics {metrics_url})",
+            f"(policy {settings.policy}, metrics {metrics_url}{picker_note})",
             flush=True,
         )
         await stop.wait()
         logger.info("stopping: health NOT_SERVING, %.1fs grace for in-flight RPCs", args.grace_s)
+        if picker is not None:
+            await picker.stop(grace_s=args.grace_s)
         await server.stop(grace_s=args.grace_s)
     finally:
         for task in tasks:
@@ -397,7 +431,7 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     return 0
 
 
-async def _serve_metrics(
+async def serve_metrics(
     listen: str, service: SchedulerService, *, token: str | None
 ) -> tuple[web.AppRunner | None, str]:
     """/metrics and /debug/decisions on their own port; (runner, URL), or (None, "off")."""
@@ -417,21 +451,52 @@ async def _serve_metrics(
     return runner, f"http://{host}:{runner.addresses[0][1]}"
 
 
-def _background_tasks(
-    service: SchedulerService, *, source: EndpointSource, session: aiohttp.ClientSession
-) -> list[asyncio.Task[None]]:
-    """Discovery, lease expiry, engine scrapes and migration rounds, as the settings ask."""
+def _picker_server(args: argparse.Namespace, service: SchedulerService) -> PickerServer | None:
+    """The endpoint picker on its own port, when asked for (`--picker-listen/--picker-port`)."""
+    if not args.picker_listen:
+        return None
     settings = service.settings
-    apply: Callable[[Sequence[Endpoint]], object] = service.set_endpoints
+    picker = EndpointPicker(
+        scheduler=service,
+        settings=PickerSettings(
+            models=settings.served_models,
+            max_body_bytes=args.picker_max_body_bytes,
+            tokens_per_char=settings.tokens_per_char,
+            max_in_flight=args.picker_max_in_flight,
+            offload=settings.offload_long_prompts,
+        ),
+        registry=service.telemetry.registry if service.telemetry is not None else None,
+        tokenizer=Tokenizer(args.tokenizer) if args.tokenizer else None,
+    )
+    return PickerServer(picker=picker, listen=args.picker_listen)
+
+
+def _background_tasks(
+    service: SchedulerService,
+    *,
+    source: EndpointSource,
+    session: aiohttp.ClientSession,
+    synced: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> list[asyncio.Task[None]]:
+    """Discovery, lease expiry, engine scrapes and migration rounds, as the settings ask;
+    `synced` is awaited after discovery's first snapshot is applied (picker readiness)."""
+    settings = service.settings
     tasks = []
     follower = KvEventFollower.of(service)
-    if follower is not None:
+    loop = asyncio.get_running_loop()
+    first_snapshot = True
 
-        def apply(endpoints: Sequence[Endpoint]) -> object:
-            change = service.set_endpoints(endpoints)
+    def apply(endpoints: Sequence[Endpoint]) -> object:
+        nonlocal first_snapshot
+        change = service.set_endpoints(endpoints)
+        if follower is not None:
             follower.set_endpoints(endpoints)
-            return change
+        if synced is not None and first_snapshot:
+            tasks.append(loop.create_task(synced(), name="picker-ready"))
+        first_snapshot = False
+        return change
 
+    if follower is not None:
         tasks.append(asyncio.create_task(follower.run(), name="kv-events"))
     tasks += [
         asyncio.create_task(run_discovery(source, apply=apply), name="discovery"),

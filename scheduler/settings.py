@@ -199,7 +199,7 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "engineHashSeed": "engine_hash_seed",
 }
 DISCOVERY_KEYS: Final = ("kind", "namespace", "labelSelector", "defaultPort")
-PORT_KEYS: Final = ("grpc", "metrics")
+PORT_KEYS: Final = ("grpc", "metrics", "picker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +219,8 @@ class ConfigFile:
     discovery: KubernetesDiscovery | None = None
     grpc_port: int | None = None
     metrics_port: int | None = None
+    # The endpoint picker's port (Envoy's ext_proc, the GIE protocol); None: no picker.
+    picker_port: int | None = None
 
     def apply(self, settings: SchedulerSettings) -> SchedulerSettings:
         return settings.replace(**self.settings) if self.settings else settings
@@ -257,6 +259,9 @@ def parse_config(config: Any, *, source: str = "scheduler.yaml") -> ConfigFile:
         grpc_port=_integer(ports["grpc"], where="ports.grpc") if "grpc" in ports else None,
         metrics_port=(
             _integer(ports["metrics"], where="ports.metrics") if "metrics" in ports else None
+        ),
+        picker_port=(
+            _integer(ports["picker"], where="ports.picker") if "picker" in ports else None
         ),
     )
 
