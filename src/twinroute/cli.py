@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "twinroute.router.command",
         "OpenAI-compatible router in front of vLLM engines (asks the scheduler)",
     ),
+    "gateway": (
+        "twinroute.gateway.command",
+        "Envoy in front of the engines, the scheduler as its endpoint picker (GIE protocol)",
+    ),
     "scheduler": (
         "twinroute.scheduler.command",
         "gRPC scheduler service: picks engines for the router (DualMap and baselines)",

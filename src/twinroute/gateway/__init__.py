@@ -1,0 +1,1 @@
+"""Envoy as the data plane, with the scheduler as its endpoint picker."""
