@@ -528,12 +528,17 @@ class SchedulerCore:
         """Move a queued lease to `target` (its request was withdrawn and resubmitted there).
 
         The lease keeps its id, so the caller's first-token and completion reports still
-        find it. False when the lease is unknown, already prefilled, or the target is not
-        routable. `cause` says whether a hotspot or a drain moved it (reason and counter).
+        find it. False when the lease is unknown, already prefilled (but for a fallback,
+        which never ran on its source), or the target is not routable. `cause` says what
+        moved it: a hotspot, a drain (each its reason and counter) or a gateway's fallback.
         """
         lease = self.leases.get(lease_id)
         entry = self._open.get(lease_id)
-        if lease is None or entry is None or lease.prefilled or target not in self._routable_ids:
+        if lease is None or entry is None or target not in self._routable_ids:
+            return False
+        # A fallback served a request its primary never ran: whatever the model says of its
+        # prefill there, it moves (a queued move is what rebalancing and drains may make).
+        if lease.prefilled and cause != "fallback":
             return False
         request, decision = entry
         source = lease.endpoint_id

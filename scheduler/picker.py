@@ -21,6 +21,12 @@ error. When the gateway streams the response body too, the first chunk of a stre
 token (Progress) and the last carries the usage (Complete). The gRPC stream's end closes the
 lease in every case (exactly once: `Placement.complete`).
 
+A gateway that sends no response phase to the picker (`twinroute gateway`'s lean mode) reports
+each finished request on Envoy's access-log service instead (`AccessLogService`, served on the
+same port): batched log entries name the endpoint that served, the status and the timings, by
+the request id the picker saw in the request headers; the lease follows and closes from there.
+One batched entry costs the picker a fraction of a gRPC round trip per request.
+
 Each message costs a Python picker about as much as the whole of a lean proxy's work for a
 request, so the picker adapts to the processing mode the gateway announces in
 `protocol_config`, handles the request body as one buffered message or as the full-duplex
@@ -44,6 +50,7 @@ from typing import Any, Final, Protocol
 import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from envoy.type.v3 import http_status_pb2
@@ -92,6 +99,8 @@ _BUFFERED_MODES = frozenset(
     {processing_mode_pb2.ProcessingMode.BUFFERED, processing_mode_pb2.ProcessingMode.NONE}
 )
 _NO_BODY = processing_mode_pb2.ProcessingMode.NONE
+# Requests awaiting their access-log entry at most (a bound on a gateway that stops logging).
+_MAX_AWAITING_LOG: Final = 100_000
 # The tail of a response body kept to read the usage from the last chunk of a stream.
 _USAGE_TAIL_BYTES: Final = 4096
 _HEADERS_CONTINUE: Final = ext_pb.ProcessingResponse(request_headers=ext_pb.HeadersResponse())
@@ -227,6 +236,8 @@ class _Exchange:
     output_events: int = 0
     tail: bytes = b""
     outcome: Outcome | None = None
+    # Envoy's x-request-id: how the access log names this request.
+    gateway_request_id: str = ""
 
 
 class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -250,6 +261,10 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._prefix = f"gw-{uuid.uuid4().hex[:6]}"
         self._in_flight = 0
         self._reports: set[asyncio.Task[bool]] = set()
+        # Picked requests whose end the access log will report, by Envoy's request id; the
+        # oldest are dropped beyond a bound (their leases then expire at the TTL).
+        self._awaiting_log: dict[str, _Exchange] = {}
+        self._log_streams = 0
 
     @property
     def in_flight(self) -> int:
@@ -346,6 +361,9 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return self._refuse(exchange, refusal.status, refusal.body, refusal.details)
         exchange.placement = placement
         exchange.picked_at = self._clock()
+        exchange.gateway_request_id = exchange.headers.get(REQUEST_ID_HEADER, "")
+        if exchange.gateway_request_id and self._log_streams:
+            self._await_log(exchange)
         self._metrics.pick_seconds.observe(exchange.picked_at - started)
         self._metrics.picks.labels("picked").inc()
         destinations = ",".join(
@@ -356,7 +374,13 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         )
         mutation = ext_pb.CommonResponse(
             header_mutation=ext_pb.HeaderMutation(
-                set_headers=[_header(DESTINATION_HEADER, destinations)]
+                set_headers=[
+                    _header(DESTINATION_HEADER, destinations),
+                    # Echoed to the client by the gateway's route (and marks the request as
+                    # picked for its access log).
+                    _header(ENDPOINT_HEADER, placement.endpoint.id),
+                    _header(REASON_HEADER, placement.reason.value),
+                ]
             ),
         )
         metadata = struct_pb2.Struct()
@@ -463,16 +487,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             served = _metadata_value(message.metadata_context, LB_NAMESPACE, SERVED_KEY)
         if not isinstance(served, str):
             served = values.get(SERVED_KEY)
-        endpoint_id = placement.endpoint.id
-        if served and served != placement.endpoint.address:
-            for fallback in placement.answer.fallbacks:
-                if fallback.address == served:
-                    if self._scheduler.follow_fallback(
-                        lease_id=placement.lease_id, endpoint_id=fallback.id
-                    ):
-                        self._metrics.fallbacks_served.inc()
-                    endpoint_id = fallback.id
-                    break
+        endpoint_id = self._follow(placement, served)
         if not exchange.stream and exchange.status:
             # A whole answer arrives with its headers: its latency stands in for the TTFT.
             exchange.first_token_at = self._clock()
@@ -526,6 +541,61 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             )
         ]
 
+    def _follow(self, placement: Placement, served: str | None) -> str:
+        """The id of the endpoint that served (`served`: its IP:PORT); the lease follows when
+        it was a fallback of the pick's."""
+        if not served or served == placement.endpoint.address:
+            return placement.endpoint.id
+        for fallback in placement.answer.fallbacks:
+            if fallback.address == served:
+                if self._scheduler.follow_fallback(
+                    lease_id=placement.lease_id, endpoint_id=fallback.id
+                ):
+                    self._metrics.fallbacks_served.inc()
+                return fallback.id
+        return placement.endpoint.id
+
+    # -- the access log (lean gateways) --------------------------------------------------------
+
+    def _await_log(self, exchange: _Exchange) -> None:
+        awaiting = self._awaiting_log
+        if len(awaiting) >= _MAX_AWAITING_LOG:
+            del awaiting[next(iter(awaiting))]
+        awaiting[exchange.gateway_request_id] = exchange
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> als_pb2.StreamAccessLogsResponse:
+        self._log_streams += 1
+        try:
+            async for message in request_iterator:
+                for entry in message.http_logs.log_entry:
+                    self._logged(entry)
+        finally:
+            self._log_streams -= 1
+        return als_pb2.StreamAccessLogsResponse()
+
+    def _logged(self, entry: Any) -> None:
+        exchange = self._awaiting_log.pop(entry.request.request_id, None)
+        if exchange is None or exchange.placement is None or exchange.outcome is not None:
+            return
+        common = entry.common_properties
+        address = common.upstream_remote_address.socket_address
+        served = f"{address.address}:{address.port_value}" if address.address else None
+        self._follow(exchange.placement, served)
+        exchange.status = entry.response.response_code.value
+        if exchange.status == 0:
+            exchange.outcome = "cancelled"
+            self._report(exchange.placement.complete("cancelled"))
+            return
+        if not exchange.stream and common.HasField("time_to_first_upstream_rx_byte"):
+            # A whole answer arrives with its headers: its latency stands in for the TTFT.
+            first = common.time_to_first_upstream_rx_byte
+            exchange.first_token_at = exchange.picked_at + first.seconds + first.nanos / 1e9
+        self._finish(exchange)
+
     # -- closing the lease ---------------------------------------------------------------------
 
     def _finish(self, exchange: _Exchange) -> None:
@@ -534,6 +604,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if placement is None or exchange.outcome is not None:
             return
         exchange.outcome = "success" if 0 < exchange.status < 500 else "engine_error"
+        self._awaiting_log.pop(exchange.gateway_request_id, None)
         usage = _usage(exchange.tail) if exchange.tail else {}
         self._report(
             placement.complete(
@@ -553,6 +624,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         placement = exchange.placement
         if placement is None or exchange.outcome is not None:
             return
+        if exchange.status == 0 and exchange.gateway_request_id in self._awaiting_log:
+            return  # Envoy sends no response phase here: its access log closes the lease
         if exchange.status == 0:
             exchange.outcome = "cancelled"
             self._report(placement.complete("cancelled"))
@@ -608,6 +681,20 @@ def _usage(tail: bytes) -> dict[str, int]:
     return {}
 
 
+class _AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's access-log service, answered by the picker (lean gateways' request ends)."""
+
+    def __init__(self, picker: EndpointPicker) -> None:
+        self._picker = picker
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> als_pb2.StreamAccessLogsResponse:
+        return await self._picker.StreamAccessLogs(request_iterator, context)
+
+
 class PickerServer:
     """The endpoint picker and the gRPC health services the protocol names on one port.
 
@@ -619,6 +706,7 @@ class PickerServer:
         self.picker = picker
         self.server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
         ext_grpc.add_ExternalProcessorServicer_to_server(picker, self.server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(_AccessLogs(picker), self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         port = self.server.add_insecure_port(listen)

@@ -396,3 +396,47 @@ async def test_readiness_waits_for_discovery() -> None:
     finally:
         await picker.channel.close()
         await picker.server.stop(grace_s=0.1)
+
+
+async def test_access_log_entry_closes_the_lease_where_it_was_served(picker: Picker) -> None:
+    """Lean gateways send no response phase: the request's entry in Envoy's gRPC access log
+    names the endpoint that served and closes the lease."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    logs = als_pb2_grpc.AccessLogServiceStub(picker.channel).StreamAccessLogs()
+    await logs.write(als_pb2.StreamAccessLogsMessage())
+    await asyncio.sleep(0.05)  # the log stream is open before the request comes
+    call = picker.stub().Process()
+    await call.write(
+        headers_message(request_body_mode=Mode.BUFFERED, extra={"x-request-id": "req-1"})
+    )
+    await call.read()
+    await call.write(body_message(completion("logged " * 90)))
+    answer = await call.read()
+    primary, fallback = destination(answer, phase="request_body")[0].split(",")
+    ids = {v: k for k, v in ADDRESSES.items()}
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    await asyncio.sleep(0.05)
+    assert picker.service.core.in_flight(ids[primary]) == 1, "the stream's end is not the end"
+    host, port = fallback.split(":")
+    entry = accesslog_pb2.HTTPAccessLogEntry()
+    entry.request.request_id = "req-1"
+    entry.response.response_code.value = 200
+    address = entry.common_properties.upstream_remote_address.socket_address
+    address.address, address.port_value = host, int(port)
+    message = als_pb2.StreamAccessLogsMessage()
+    message.http_logs.log_entry.append(entry)
+    await logs.write(message)
+    for _ in range(50):
+        if picker.metric("twinroute_picker_fallbacks_served_total") == 1:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert picker.metric("twinroute_picker_fallbacks_served_total") == 1
+    assert picker.service.core.in_flight(ids[primary]) == 0
+    assert picker.service.core.in_flight(ids[fallback]) == 0, "closed where it was served"
+    (record,) = await picker.service.explain(limit=1)
+    assert record.decision.endpoint_id == ids[fallback]
+    await logs.done_writing()

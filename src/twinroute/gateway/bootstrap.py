@@ -14,12 +14,13 @@ Deployment on Kubernetes), so what the tests exercise is what a cluster runs:
 - the endpoint that served echoed to the picker (`x-gateway-destination-endpoint-served`), so
   the lease follows a retry; an access log; admin on 127.0.0.1 only.
 
-Processing modes (`PROCESSING`): `lean` (default) sends the request headers, the buffered body
-and the response headers: three messages, the fewest that route and close the lease (the
-picker learns a stream's end when Envoy ends the ext_proc stream, and its first token not at
-all: the scheduler drains the prefill at its predicted TTFT). `full` also streams the response
-body to the picker (exact first token and usage; one message per chunk). `gie` is the shape GIE
-gateways use (full duplex both ways); the picker serves all three.
+Processing modes (`PROCESSING`): `lean` (default) sends the request headers and the buffered
+body, two messages, the fewest that route; each request's end reaches the picker as an entry of
+Envoy's gRPC access log (batched), which names the endpoint that served and closes the lease.
+The first token is not seen at all: the scheduler drains the prefill at its predicted TTFT.
+`full` also sends the response headers and streams the response body to the picker (exact first
+token and usage; one message per chunk). `gie` is the shape GIE gateways use (full duplex both
+ways); the picker serves all three.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ def processing_mode(processing: Processing) -> dict[str, str]:
         "request_header_mode": "SEND",
         "request_body_mode": "BUFFERED",
         "request_trailer_mode": "SKIP",
-        "response_header_mode": "SEND",
+        # Lean: no response phase at all; the access log reports each request's end.
+        "response_header_mode": "SKIP" if processing == "lean" else "SEND",
         "response_body_mode": "STREAMED" if processing == "full" else "NONE",
         "response_trailer_mode": "SKIP",
     }
@@ -238,16 +240,18 @@ def _route(config: GatewayConfig, *, picked: bool, prefix: str) -> dict[str, Any
         }
     entry: dict[str, Any] = {"match": {"prefix": prefix}, "route": route}
     if picked:
-        # Tell the picker which endpoint served, so the lease follows a retry.
+        # The endpoint that served, for the picker (so the lease follows a retry) and the
+        # client; and the pick as the picker named it on the request (a picker that sees the
+        # response replaces both with the id of the endpoint that served).
         entry["response_headers_to_add"] = [
-            {
-                "header": {
-                    "key": "x-gateway-destination-endpoint-served",
-                    "value": "%UPSTREAM_REMOTE_ADDRESS%",
-                },
-                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-            }
-        ]
+            {"header": {"key": key, "value": value},
+             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in (
+                ("x-gateway-destination-endpoint-served", "%UPSTREAM_REMOTE_ADDRESS%"),
+                ("x-twinroute-endpoint", "%REQ(x-twinroute-endpoint)%"),
+                ("x-twinroute-reason", "%REQ(x-twinroute-reason)%"),
+            )
+        ]  # fmt: skip
     else:
         entry["typed_per_filter_config"] = {
             _EXT_PROC: {
@@ -256,6 +260,32 @@ def _route(config: GatewayConfig, *, picked: bool, prefix: str) -> dict[str, Any
             }
         }
     return entry
+
+
+def _request_end_log(config: GatewayConfig) -> list[dict[str, Any]]:
+    """Lean mode: each finished request goes to the picker's access-log service (batched),
+    which closes its lease; the other modes show the picker the response itself."""
+    if config.processing != "lean":
+        return []
+    return [
+        {
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {"header_filter": {"header": {
+                "name": "x-twinroute-endpoint", "present_match": True
+            }}},
+            "typed_config": {
+                "@type": _TYPES + "extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {
+                    "log_name": "twinroute_request_ends",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "picker"}},
+                    "transport_api_version": "V3",
+                    # A lease closes at most this late; one message carries many requests.
+                    "buffer_flush_interval": "0.005s",
+                    "buffer_size_bytes": 16_384,
+                },
+            },
+        }
+    ]  # fmt: skip
 
 
 def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
@@ -301,7 +331,10 @@ def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
                 "typed_config": {"@type": _TYPES + "extensions.filters.http.router.v3.Router"},
             },
         ],
+        # Edge: Envoy assigns every request its own x-request-id (the access log's key).
+        "use_remote_address": True,
         "access_log": [
+            *_request_end_log(config),
             {
                 "name": "envoy.access_loggers.file",
                 "typed_config": {
@@ -309,7 +342,7 @@ def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
                     "path": config.access_log,
                     "log_format": {"text_format_source": {"inline_string": access_log_format}},
                 },
-            }
+            },
         ],
     }
     return {
