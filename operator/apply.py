@@ -36,6 +36,19 @@ _COLLECTIONS: Final[dict[tuple[str, str], str]] = {
         "rbac.authorization.k8s.io/v1",
         "RoleBinding",
     ): "/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",
+    (
+        "inference.networking.k8s.io/v1",
+        "InferencePool",
+    ): "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools",
+}
+# Kinds whose CRDs belong to someone else (the Gateway API Inference Extension): a cluster
+# without them has none to list, and a pool that asks for one is told how to get them.
+_FOREIGN_KINDS: Final = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): (
+        "the InferencePool CRD (inference.networking.k8s.io/v1) is not installed: install "
+        "the Gateway API Inference Extension's CRDs (its release manifests.yaml) and a "
+        "gateway that implements it, or use gateway.kind router or envoy"
+    ),
 }
 _PODS: Final = "/api/v1/namespaces/{namespace}/pods"
 _POOLS: Final = (
@@ -84,9 +97,14 @@ class KubeApi:
         selector = f"{labels.POOL_LABEL}={pool},{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
         found: list[dict[str, Any]] = []
         for (api_version, kind), collection in _COLLECTIONS.items():
-            answer = self._call(
-                "GET", collection.format(namespace=namespace), query={"labelSelector": selector}
-            )
+            try:
+                answer = self._call(
+                    "GET", collection.format(namespace=namespace), query={"labelSelector": selector}
+                )
+            except ApplyError as error:
+                if error.status == 404 and (api_version, kind) in _FOREIGN_KINDS:
+                    continue  # the CRD is not installed: the pool can own none
+                raise
             for item in answer.get("items") or []:
                 # Lists omit apiVersion/kind per item; the planner keys on them.
                 item.setdefault("apiVersion", api_version)
@@ -185,6 +203,9 @@ class KubeApi:
         try:
             self._call("POST", path, body=dict(body))
         except ApplyError as error:
+            missing_crd = _FOREIGN_KINDS.get((str(body["apiVersion"]), str(body["kind"])))
+            if error.status == 404 and missing_crd:
+                raise ApplyError(verb="POST", path=path, status=404, message=missing_crd) from error
             if error.status != 409:
                 raise
             # Created by an earlier run whose answer was lost: bring it up to date instead.

@@ -33,6 +33,7 @@ import yaml
 from twinroute.operator.spec import PoolSpec, Role
 
 from twinroute import labels
+from twinroute.gateway.bootstrap import GatewayConfig, Upstream, render_bootstrap
 
 RENDER_HASH_ANNOTATION: Final = "twinroute.io/render-hash"
 CONFIG_HASH_ANNOTATION: Final = "twinroute.io/config-hash"
@@ -69,6 +70,8 @@ class RenderSettings:
     grpc_port: int = 50051
     metrics_port: int = 9090
     router_port: int = 8080
+    # The scheduler's endpoint picker: GIE's default port for it.
+    picker_port: int = 9002
     image_pull_policy: str = "IfNotPresent"
     # Secret in each pool's namespace holding one token shared by every pool's scheduler
     # (under `token`); empty: each pool gets a token of its own from `pool_token_key`.
@@ -239,7 +242,11 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
             f"{labels.ROLE_LABEL} in ({','.join(r.value for r in pool.roles)})",
             "defaultPort": pool.engine.port,
         },
-        "ports": {"grpc": settings.grpc_port, "metrics": settings.metrics_port},
+        "ports": {
+            "grpc": settings.grpc_port,
+            "metrics": settings.metrics_port,
+            **({"picker": settings.picker_port} if pool.gateway.uses_picker else {}),
+        },
     }
     if admission_hold_on(pool):
         config["admissionMaxHoldSeconds"] = ADMISSION_MAX_HOLD_S
@@ -288,9 +295,21 @@ def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -
             settings=settings,
             config_hash=_digest([config_map["data"], _token_digest(pool, settings)]),
         ),
-        _pool_service(pool, settings=settings),
         _scheduler_service(pool, settings=settings),
     ]
+    if pool.gateway.kind == "envoy":
+        gateway_config = _gateway_config_map(pool, settings=settings)
+        children += [
+            gateway_config,
+            _gateway_deployment(
+                pool, settings=settings, config_hash=_digest([gateway_config["data"]])
+            ),
+        ]
+    if pool.gateway.kind == "inferencePool":
+        # The user's GIE gateway is the pool's endpoint; the InferencePool points it here.
+        children.append(_inference_pool(pool, settings=settings))
+    else:
+        children.append(_pool_service(pool, settings=settings))
     if not settings.admin_token_secret and settings.pool_token_key:
         children.insert(0, _pool_token_secret(pool, key=settings.pool_token_key))
     for role in pool.roles:
@@ -310,6 +329,132 @@ def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -
         ]
         metadata.setdefault("annotations", {})[RENDER_HASH_ANNOTATION] = _digest(child)
     return children
+
+
+# -- gateways in front of the pool ---------------------------------------------------------
+
+GATEWAY_CONFIG_FILE: Final = "envoy.yaml"
+GATEWAY_CONFIG_DIR: Final = "/etc/envoy"
+GATEWAY_HTTP_PORT: Final = 8080
+GATEWAY_ADMIN_PORT: Final = 9901
+INFERENCE_POOL_API: Final = "inference.networking.k8s.io/v1"
+
+
+def gateway_name(*, pool: str) -> str:
+    return f"{pool}-gateway"
+
+
+def gateway_bootstrap(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, Any]:
+    """The pool's Envoy, from the renderer `twinroute gateway` runs (the same file): the
+    engines from their headless Service by DNS, the picker at the scheduler's Service."""
+    domain = f"{pool.namespace}.svc.cluster.local"
+    timeouts = pool.scheduler.timeouts
+    return render_bootstrap(
+        GatewayConfig(
+            upstream=Upstream(
+                dns_name=f"{engine_name(pool=pool.name, role=Role.UNIFIED)}.{domain}",
+                dns_port=pool.engine.port,
+            ),
+            picker_address=f"{scheduler_name(pool=pool.name)}.{domain}:{settings.picker_port}",
+            listen_host="0.0.0.0",
+            listen_port=GATEWAY_HTTP_PORT,
+            admin_port=GATEWAY_ADMIN_PORT,
+            processing=pool.gateway.processing,  # type: ignore[arg-type]
+            failure_mode=pool.gateway.failure_mode,  # type: ignore[arg-type]
+            connect_timeout_s=timeouts.connect_s,
+            first_byte_timeout_s=timeouts.first_byte_s,
+            idle_timeout_s=timeouts.idle_s,
+        )
+    )
+
+
+def _gateway_config_map(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    text = yaml.safe_dump(gateway_bootstrap(pool, settings=settings), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(
+            gateway_name(pool=pool.name), pool_labels(pool, role=labels.GATEWAY_ROLE)
+        ),
+        "data": {GATEWAY_CONFIG_FILE: text},
+    }
+
+
+def _gateway_deployment(pool: PoolSpec, *, settings: RenderSettings, config_hash: str) -> Obj:
+    name = gateway_name(pool=pool.name)
+    object_labels = pool_labels(pool, role=labels.GATEWAY_ROLE)
+    http = {"tcpSocket": {"port": labels.ROUTER_HTTP_PORT_NAME}}
+    container: Obj = {
+        "name": "envoy",
+        "image": pool.gateway.envoy_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["envoy"],
+        "args": [
+            "-c",
+            f"{GATEWAY_CONFIG_DIR}/{GATEWAY_CONFIG_FILE}",
+            "--log-level",
+            "warn",
+            # One process per pod: no shared memory for hot restarts (read-only root).
+            "--disable-hot-restart",
+        ],
+        "ports": [
+            {
+                "name": labels.ROUTER_HTTP_PORT_NAME,
+                "containerPort": GATEWAY_HTTP_PORT,
+                "protocol": "TCP",
+            }
+        ],
+        # Envoy's admin listens on loopback only: the kubelet checks the listener itself.
+        "readinessProbe": {**http, "periodSeconds": 5},
+        "livenessProbe": {**http, "periodSeconds": 10, "failureThreshold": 6},
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": _restricted_security_context(read_only_root=True),
+        "volumeMounts": [{"name": "config", "mountPath": GATEWAY_CONFIG_DIR, "readOnly": True}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(name, object_labels),
+        "spec": {
+            "replicas": pool.gateway.replicas,
+            "selector": {"matchLabels": selector_labels(pool, role=labels.GATEWAY_ROLE)},
+            "template": {
+                "metadata": {
+                    "labels": object_labels,
+                    # Envoy reads its bootstrap once: a new one rolls the pods.
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+                },
+                "spec": {
+                    "enableServiceLinks": False,
+                    "automountServiceAccountToken": False,
+                    "securityContext": _restricted_pod_security_context(),
+                    "containers": [container],
+                    "volumes": [{"name": "config", "configMap": {"name": name}}],
+                },
+            },
+        },
+    }
+
+
+def _inference_pool(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    """The pool's engines as a GIE InferencePool whose endpoint picker is the scheduler: an
+    existing Gateway API Inference Extension gateway routes through twinroute."""
+    return {
+        "apiVersion": INFERENCE_POOL_API,
+        "kind": "InferencePool",
+        "metadata": _meta(pool.name, pool_labels(pool, role=labels.SCHEDULER_ROLE)),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(pool, role=Role.UNIFIED.value)},
+            "targetPorts": [{"number": pool.engine.port}],
+            "endpointPickerRef": {
+                "group": "",
+                "kind": "Service",
+                "name": scheduler_name(pool=pool.name),
+                "port": {"number": settings.picker_port},
+                "failureMode": pool.gateway.failure_mode,
+            },
+        },
+    }
 
 
 def _token_digest(pool: PoolSpec, settings: RenderSettings) -> str:
@@ -570,7 +715,17 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
         },
         **common,
     }
+    if pool.gateway.uses_picker:
+        scheduler["ports"].append(
+            {
+                "name": labels.SCHEDULER_PICKER_PORT_NAME,
+                "containerPort": settings.picker_port,
+                "protocol": "TCP",
+            }
+        )
     _secure_scheduler_containers(pool, scheduler=scheduler, router=router, settings=settings)
+    if pool.gateway.kind != "router":
+        return [scheduler]
     return [scheduler, router]
 
 
@@ -682,14 +837,16 @@ def _pool_token_secret(pool: PoolSpec, *, key: bytes) -> Obj:
 
 
 def _pool_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
-    """The pool's OpenAI endpoint: the router's HTTP port and nothing else, whatever its type."""
+    """The pool's OpenAI endpoint: the router's (or the pool's Envoy's) HTTP port and nothing
+    else, whatever its type."""
+    front = labels.GATEWAY_ROLE if pool.gateway.kind == "envoy" else labels.SCHEDULER_ROLE
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(pool.name, pool_labels(pool, role=labels.SCHEDULER_ROLE)),
+        "metadata": _meta(pool.name, pool_labels(pool, role=front)),
         "spec": {
             "type": pool.scheduler.service_type,
-            "selector": selector_labels(pool, role=labels.SCHEDULER_ROLE),
+            "selector": selector_labels(pool, role=front),
             "ports": [
                 {
                     "name": labels.ROUTER_HTTP_PORT_NAME,
@@ -726,6 +883,19 @@ def _scheduler_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
                     "targetPort": labels.SCHEDULER_METRICS_PORT_NAME,
                     "protocol": "TCP",
                 },
+                *(
+                    [
+                        {
+                            "name": labels.SCHEDULER_PICKER_PORT_NAME,
+                            # The InferencePool names it by number (GIE's default: 9002).
+                            "port": settings.picker_port,
+                            "targetPort": labels.SCHEDULER_PICKER_PORT_NAME,
+                            "protocol": "TCP",
+                        }
+                    ]
+                    if pool.gateway.uses_picker
+                    else []
+                ),
             ],
         },
     }

@@ -52,6 +52,18 @@ DEFAULT_ADMISSION_HOLD: Final = False
 DEFAULT_PHASE_AWARE: Final = True
 DEFAULT_KV_EVENTS: Final = True
 
+# What fronts the pool: "router" (twinroute's Python router beside the scheduler, the simplest
+# path), "envoy" (an Envoy Deployment the operator runs, asking the scheduler's endpoint
+# picker), "inferencePool" (an InferencePool for an existing Gateway API Inference Extension
+# gateway, whose endpoint picker is the scheduler).
+GATEWAY_KINDS: Final = ("router", "envoy", "inferencePool")
+DEFAULT_GATEWAY_KIND: Final = "router"
+PICKER_FAILURE_MODES: Final = ("FailOpen", "FailClose")
+GATEWAY_PROCESSING: Final = ("lean", "full", "gie")
+# Pinned: the bootstrap is rendered for (and tested with) this Envoy.
+DEFAULT_ENVOY_IMAGE: Final = "envoyproxy/envoy:v1.40.0"
+MAX_GATEWAY_REPLICAS: Final = 64
+
 # Engine flags that would blind the scheduler: it needs prefix caching and the metrics.
 FORBIDDEN_ENGINE_ARGS: Final = (
     "--no-enable-prefix-caching",
@@ -149,6 +161,21 @@ class SchedulerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySpec:
+    kind: str = DEFAULT_GATEWAY_KIND
+    # Envoy and InferencePool gateways: what the gateway does while the picker is down.
+    failure_mode: str = "FailClose"
+    # Envoy only: what Envoy sends the picker (twinroute.gateway.bootstrap).
+    processing: str = "lean"
+    envoy_image: str = DEFAULT_ENVOY_IMAGE
+    replicas: int = 1
+
+    @property
+    def uses_picker(self) -> bool:
+        return self.kind != "router"
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSpec:
     name: str
     namespace: str
@@ -158,6 +185,7 @@ class PoolSpec:
     engine: EngineSpec = field(default_factory=EngineSpec)
     routing: RoutingSpec = field(default_factory=RoutingSpec)
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    gateway: GatewaySpec = field(default_factory=GatewaySpec)
 
     @property
     def disaggregated(self) -> bool:
@@ -178,16 +206,50 @@ def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpe
     model = _mapping(spec, "model", required=True)
     model_name = _string(model, "name", path="model.name", required=True)
     model_source = _string(model, "source", path="model.source", default=model_name)
+    replicas = _parse_roles(_mapping(spec, "roles", required=True))
+    gateway = _parse_gateway(_mapping(spec, "gateway"))
+    if gateway.uses_picker and set(replicas) != {Role.UNIFIED}:
+        raise SpecError(
+            field="gateway.kind",
+            message=f"{gateway.kind!r} serves unified pools only: a prefill/decode pool needs "
+            "the router, which makes the prefill hop (gateway.kind: router)",
+        )
     return PoolSpec(
         name=name,
         namespace=namespace,
         model_name=model_name,
         model_source=model_source,
-        replicas=_parse_roles(_mapping(spec, "roles", required=True)),
+        replicas=replicas,
         engine=_parse_engine(_mapping(spec, "engine")),
         routing=_parse_routing(_mapping(spec, "routing")),
         scheduler=_parse_scheduler(_mapping(spec, "scheduler")),
+        gateway=gateway,
     )
+
+
+def _parse_gateway(gateway: Mapping[str, Any]) -> GatewaySpec:
+    kind = _string(gateway, "kind", path="gateway.kind", default=DEFAULT_GATEWAY_KIND)
+    failure_mode = _string(gateway, "failureMode", path="gateway.failureMode", default="FailClose")
+    processing = _string(gateway, "processing", path="gateway.processing", default="lean")
+    for field_name, value, allowed in (
+        ("gateway.kind", kind, GATEWAY_KINDS),
+        ("gateway.failureMode", failure_mode, PICKER_FAILURE_MODES),
+        ("gateway.processing", processing, GATEWAY_PROCESSING),
+    ):
+        if value not in allowed:
+            raise SpecError(field=field_name, message=f"{value!r} is not one of {list(allowed)}")
+    return GatewaySpec(
+        kind=kind,
+        failure_mode=failure_mode,
+        processing=processing,
+        envoy_image=_string(
+            gateway, "envoyImage", path="gateway.envoyImage", default=DEFAULT_ENVOY_IMAGE
+        ),
+        replicas=_integer(
+            gateway, "replicas", path="gateway.replicas", default=1, low=1,
+            high=MAX_GATEWAY_REPLICAS,
+        ),
+    )  # fmt: skip
 
 
 def _parse_roles(roles: Mapping[str, Any]) -> dict[Role, int]:

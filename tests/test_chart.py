@@ -31,12 +31,16 @@ from twinroute.operator.spec import (
     DEFAULT_SCRAPE_INTERVAL_S,
     DEFAULT_TTFT_SLO_S,
     DEFAULT_VIRTUAL_NODES,
+    GATEWAY_KINDS,
+    GATEWAY_PROCESSING,
     KV_CONNECTORS,
     MAX_PD_MIN_PREFILL_TOKENS,
     MAX_SCHEDULER_REPLICAS,
     MIGRATION_MODES,
+    PICKER_FAILURE_MODES,
     TIMEOUT_FIELDS,
     EngineTimeouts,
+    GatewaySpec,
     SpecError,
     parse_pool,
 )
@@ -170,6 +174,7 @@ def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str
             ("", "secrets"),
             ("apps", "deployments"),
             ("rbac.authorization.k8s.io", "rolebindings"),
+            ("inference.networking.k8s.io", "inferencepools"),
         )
         for v in ("list", "create", "patch", "delete")
     }
@@ -275,6 +280,10 @@ INVALID_SPECS = {
     "first byte timeout zero": _with("scheduler.timeouts.firstByteSeconds", 0),
     "idle timeout as string": _with("scheduler.timeouts.idleSeconds", "60"),
     "response timeout over a day": _with("scheduler.timeouts.responseSeconds", 86401),
+    "unknown gateway": _with("gateway.kind", "nginx"),
+    "failure mode in lower case": _with("gateway.failureMode", "failopen"),
+    "no envoy pods": _with("gateway.replicas", 0),
+    "unknown processing mode": _with("gateway.processing", "buffered"),
 }
 
 
@@ -318,6 +327,16 @@ def test_crd_defaults_equal_the_parser_defaults() -> None:
     assert engine["image"]["default"] == DEFAULT_ENGINE_IMAGE
     assert engine["port"]["default"] == DEFAULT_ENGINE_PORT
     assert engine["kvTransfer"]["properties"]["connector"]["enum"] == list(KV_CONNECTORS)
+    gateway = spec["gateway"]["properties"]
+    defaults = GatewaySpec()
+    assert gateway["kind"]["enum"] == list(GATEWAY_KINDS)
+    assert gateway["kind"]["default"] == defaults.kind
+    assert gateway["failureMode"]["enum"] == list(PICKER_FAILURE_MODES)
+    assert gateway["failureMode"]["default"] == defaults.failure_mode
+    assert gateway["processing"]["enum"] == list(GATEWAY_PROCESSING)
+    assert gateway["processing"]["default"] == defaults.processing
+    assert gateway["envoyImage"]["default"] == defaults.envoy_image
+    assert gateway["replicas"]["default"] == defaults.replicas
 
 
 def test_crd_has_status_scale_printer_columns_and_cross_field_rules() -> None:
@@ -369,7 +388,7 @@ def test_kubectl_applies_manifests_and_samples(
     )
     assert out.count("created") == len(SAMPLES)
     table = kubectl(tools, kubectl_env, "get", "mp", "-n", "serving")
-    assert table.split("\n")[0].split() == ["NAME", "READY", "POLICY", "PHASE", "AGE"]
+    assert table.split("\n")[0].split() == ["NAME", "READY", "POLICY", "GATEWAY", "PHASE", "AGE"]
     assert {line.split()[0] for line in table.strip().split("\n")[1:]} == {
         yaml.safe_load(s.read_text())["metadata"]["name"] for s in SAMPLES
     }

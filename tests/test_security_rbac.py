@@ -239,6 +239,26 @@ def run_lifecycle(harness: Harness, *, grpc_port: int) -> None:
         ),
         what="children relabelled",
     )
+    # Fronted by an existing GIE gateway: an InferencePool is created, patched, and deleted
+    # when the pool goes back to the router.
+    inference_pools = "inference.networking.k8s.io/v1/inferencepools"
+    harness.request("PATCH", harness.pool_path("chat"),
+                    {"spec": {"gateway": {"kind": "inferencePool"}}})  # fmt: skip
+    wait_for(lambda: api.stored(inference_pools, NS, "chat"), what="InferencePool created")
+    harness.request("PATCH", harness.pool_path("chat"),
+                    {"spec": {"gateway": {"failureMode": "FailOpen"}}})  # fmt: skip
+    wait_for(
+        lambda: (
+            (api.stored(inference_pools, NS, "chat") or {})["spec"]["endpointPickerRef"][
+                "failureMode"
+            ]
+            == "FailOpen"
+        ),
+        what="InferencePool patched",
+    )
+    harness.request("PATCH", harness.pool_path("chat"),
+                    {"spec": {"gateway": {"kind": "router"}}})  # fmt: skip
+    wait_for(lambda: api.stored(inference_pools, NS, "chat") is None, what="InferencePool gone")
     # Unified -> prefill/decode: the unified children are deleted.
     harness.request("PATCH", harness.pool_path("chat"), {"spec": DISAGGREGATED})
     wait_for(lambda: harness.deployment("chat-unified") is None, what="unified children gone")

@@ -23,6 +23,8 @@ COMPONENT_LABEL: Final = "app.kubernetes.io/component"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE: Final = "twinroute-operator"
 SCHEDULER_ROLE: Final = "scheduler"
+# The pods of a pool's own Envoy gateway (`gateway.kind: envoy`).
+GATEWAY_ROLE: Final = "gateway"
 
 # Annotations on engine pods: where the OpenAI API and the metrics are served.
 ENGINE_PORT_ANNOTATION: Final = "twinroute.io/engine-port"
@@ -34,6 +36,8 @@ ENGINE_PORT_NAME: Final = "http"
 SCHEDULER_GRPC_PORT_NAME: Final = "grpc"
 ROUTER_HTTP_PORT_NAME: Final = "http"
 SCHEDULER_METRICS_PORT_NAME: Final = "metrics"
+# The scheduler's endpoint picker (Envoy external processing, the GIE protocol).
+SCHEDULER_PICKER_PORT_NAME: Final = "picker"
 
 
 def model_label_value(model: str) -> str:

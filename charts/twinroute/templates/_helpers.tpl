@@ -59,6 +59,11 @@ app.kubernetes.io/component: operator
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [rolebindings]
   verbs: [list, create, patch, delete]
+# A pool fronted by an existing GIE gateway (gateway.kind inferencePool) owns an InferencePool;
+# the CRD is the Gateway API Inference Extension's (without it, the list finds nothing).
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [list, create, patch, delete]
 # Binding each pool's scheduler to the read-only discovery role, without holding its rights.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [clusterroles]

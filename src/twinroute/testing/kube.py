@@ -75,6 +75,14 @@ RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] =
     ),
     ("monitoring.coreos.com/v1/servicemonitors", "ServiceMonitor", True, (), ("smon",)),
     ("twinroute.io/v1alpha1/modelpools", "ModelPool", True, ("status", "scale"), ("mp",)),
+    # The Gateway API Inference Extension's, as a cluster that installed its CRDs has it.
+    (
+        "inference.networking.k8s.io/v1/inferencepools",
+        "InferencePool",
+        True,
+        ("status",),
+        ("infpool",),
+    ),
 )
 _NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?:/([^/]+))?(?:/(status|finalize))?")
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
