@@ -48,6 +48,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "twinroute.bench.router_overhead",
         "latency and CPU the routers add in front of near-instant engines",
     ),
+    "streaming": (
+        "twinroute.bench.streaming",
+        "streams/s, chunk gaps and CPU per stream of each path (router, Envoy + picker, peers)",
+    ),
     "ring-quality": (
         "twinroute.bench.ring_quality",
         "keys remapped when one endpoint joins or leaves, and load balance of the dual ring",

@@ -61,6 +61,9 @@ INLINE_SUFFIX = "_inline"
 # A twinroute router named with this suffix does not follow the engines' KV events (real
 # vLLM engines only): its cache lookups are the approximate record of its own decisions.
 APPROX_SUFFIX = "_approx"
+# `twinroute gateway --embedded` (Envoy + the endpoint picker, dualmap); a suffix names the
+# processing mode other than lean: `twinroute_envoy_full`, `twinroute_envoy_gie`.
+ENVOY_PREFIX = "twinroute_envoy"
 TRACE_BLOCK_TOKENS = 512
 # `--admission-hold on`: the longest a scheduler holds a Pick answer.
 ADMISSION_MAX_HOLD_S = 3.0
@@ -356,6 +359,19 @@ async def start_router(
     )
 
     log = str(logs / f"{name}.log")
+    if name.startswith(ENVOY_PREFIX):
+        processing = name.removeprefix(ENVOY_PREFIX).removeprefix("_") or "lean"
+        endpoints = ",".join(
+            f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(engine_urls)
+        )
+        argv = twinroute_argv(
+            "gateway", "--port=0", f"--model={MODEL}", f"--endpoints={endpoints}",
+            "--embedded", "--policy=dualmap", f"--processing={processing}",
+            f"--ttft-slo-s={slo_s}", f"--key-block-chars={shape.key_block_chars}",
+            f"--tokens-per-char={shape.tokens_per_char:.4f}", "--access-log=",
+            *router_args,
+        )  # fmt: skip
+        return [await start_announced(name, argv, log_path=log, timeout_s=60)]
     if name.startswith("twinroute_"):
         inline = name.endswith(INLINE_SUFFIX)
         policy = (

@@ -56,6 +56,24 @@ def free_port() -> int:
         return port
 
 
+def process_tree(pid: int) -> dict[int, str]:
+    """`pid` and every process below it (Linux /proc), by pid: their command names (a gateway
+    runs Envoy as its child, whose CPU counts too)."""
+    tree: dict[int, str] = {}
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/comm", encoding="utf-8") as handle:
+                tree[current] = handle.read().strip()
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as handle:
+                    pending.extend(int(child) for child in handle.read().split())
+        except OSError:
+            continue  # it exited meanwhile
+    return tree
+
+
 def twinroute_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "twinroute", *args]
 

@@ -8,7 +8,9 @@ router in turn, after a short warm-up per path. Added latency = a router's perce
 the direct path's percentile, measured in the same run on the same engines.
 
 Targets: twinroute adds p50 <= 1 ms and p99 <= 5 ms at 200 req/s on the 2-core
-machine, and no more than vllm-router's round_robin.
+machine, and no more than vllm-router's round_robin; Envoy with the endpoint picker
+(`twinroute_envoy`, `twinroute gateway --embedded`) adds p50 <= 0.5 ms and p99 <= 2 ms.
+A gateway's CPU counts Envoy (its child process) too, split by process in the JSON.
 
 Under long prompts (`--long-prompt-kib K --long-every-s S`): beside the measured short
 requests, one request with a K KiB prompt goes to the same path every S seconds, and only the
@@ -39,7 +41,12 @@ import numpy.typing as npt
 
 from twinroute.bench import command_line
 from twinroute.bench.live import MODEL, ensure_peers, start_router
-from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
+from twinroute.bench.processes import (
+    ServerProcess,
+    process_tree,
+    start_announced,
+    twinroute_argv,
+)
 from twinroute.bench.scheduler_pick import cpu_seconds
 
 DEFAULT_ROUTERS = "twinroute_round_robin,vllm_round_robin"
@@ -141,7 +148,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     paths: dict[str, list[str]] = {"direct": urls}
     started: list[Any] = []
     results: dict[str, Any] = {}
-    pids: dict[str, list[int]] = {"direct": []}
+    pids: dict[str, dict[int, str]] = {"direct": {}}
     router_args = [f"--tokenizer={args.tokenizer}"] if args.tokenizer else []
     try:
         for name in [n for n in args.routers.split(",") if n]:
@@ -155,13 +162,15 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
             started.extend(processes)
             paths[name] = [processes[-1].url]
-            pids[name] = [p.process.pid for p in processes]
+            pids[name] = {}
+            for process in processes:
+                pids[name].update(process_tree(process.process.pid))
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for name, targets in paths.items():
                 print(f"  {name}: warm-up, then {args.rate:g} req/s for {args.duration:g}s")
                 await load(urls=targets, rate=args.rate, duration_s=2.0, session=session)
-                cpu_before = sum(cpu_seconds(pid) for pid in pids[name])
+                cpu_before = {pid: cpu_seconds(pid) for pid in pids[name]}
                 latency = await load(
                     urls=targets,
                     rate=args.rate,
@@ -170,7 +179,12 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     long_prompt_kib=args.long_prompt_kib,
                     long_every_s=args.long_every_s,
                 )
-                cpu = sum(cpu_seconds(pid) for pid in pids[name]) - cpu_before
+                cpu_by_pid = {pid: cpu_seconds(pid) - cpu_before[pid] for pid in pids[name]}
+                cpu = sum(cpu_by_pid.values())
+                per_command: dict[str, float] = {}
+                for pid, used in cpu_by_pid.items():
+                    command = pids[name][pid]
+                    per_command[command] = per_command.get(command, 0.0) + used
                 ok = latency[~np.isnan(latency)]
                 results[name] = {
                     "requests": len(latency),
@@ -181,6 +195,11 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                     "p999_ms": float(np.percentile(ok, 99.9) * 1000),
                     # Router processes' CPU over the measured requests (long ones included).
                     "router_cpu_ms_per_request": 1000 * cpu / max(1, len(latency)),
+                    # The same split by process (a gateway: envoy and its python picker).
+                    "cpu_ms_per_request_by_process": {
+                        command: 1000 * used / max(1, len(latency))
+                        for command, used in sorted(per_command.items())
+                    },
                     "latency_ms": [round(float(x) * 1000, 3) for x in ok],
                 }
     finally:
