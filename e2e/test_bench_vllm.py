@@ -1,6 +1,6 @@
-"""`twinroute bench vllm` end to end: two real vLLM CPU engines, twinroute's dualmap and
-round-robin routers in turn, one low rate for 20 s; every request must succeed and the JSON
-must carry what the bench promises.
+"""`twinroute bench vllm` end to end: two real vLLM CPU engines, twinroute's dualmap (through
+its router and through Envoy with the endpoint picker) and round robin in turn, one low rate
+for 20 s; every request must succeed and the JSON must carry what the bench promises.
 
     TWINROUTE_E2E_VLLM=1 .venv/bin/pytest e2e/test_bench_vllm.py -v
 
@@ -19,11 +19,11 @@ from vllm_real import REAL_VLLM_MARKS, REPO_ROOT, ensure_vllm_installed
 
 pytestmark = REAL_VLLM_MARKS
 
-ROUTERS = ("twinroute_dualmap", "twinroute_round_robin")
+ROUTERS = ("twinroute_dualmap", "twinroute_envoy", "twinroute_round_robin")
 RATE = "1"
 
 
-def test_bench_vllm_runs_every_request_through_both_routers(tmp_path: pathlib.Path) -> None:
+def test_bench_vllm_runs_every_request_through_every_path(tmp_path: pathlib.Path) -> None:
     ensure_vllm_installed(log_path=REPO_ROOT / ".tools" / "logs" / "vllm-install.log")
     out = tmp_path / "out"
     document_path = tmp_path / "vllm.json"

@@ -5,7 +5,8 @@ core, once per policy and request rate, and prints how each policy fares: the sh
 requests within the TTFT SLO, TTFT percentiles, the engine prefix-cache hit rate against what
 one cache of the whole pool's size could reach, and how evenly the load spreads. Then the live
 part: the start of the same trace through real processes on 127.0.0.1 (engine simulators, the
-gRPC scheduler, the router), with dualmap and with round_robin, as `twinroute bench live` does.
+gRPC scheduler, the router), with dualmap and with round_robin, and dualmap once more through
+Envoy with the scheduler as its endpoint picker, as `twinroute bench live` does.
 No GPU, no Kubernetes; about two minutes. `twinroute bench goodput` does the full search.
 """
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=40.0,
         help="then replay the trace for this long through real processes on 127.0.0.1 (4 "
         "engine simulators, `twinroute scheduler`, `twinroute router`), once with dualmap and "
-        "once with round_robin; 0 = skip",
+        "once with round_robin, then dualmap through Envoy (`twinroute gateway`); 0 = skip",
     )
     parser.add_argument(
         "--out", default="results/demo", help="folder for the live part's table, JSON and PNGs"
@@ -112,13 +113,14 @@ def _live(*, seconds: float, slo_s: float, out: str) -> int:
     print()
     print(
         f"Live: the trace's first {seconds:g} s replayed through 4 `twinroute engine-sim` "
-        "processes behind `twinroute scheduler` (gRPC) and `twinroute router`, on 127.0.0.1"
+        "processes behind `twinroute scheduler` (gRPC) and `twinroute router`, then behind "
+        "Envoy with the scheduler as its endpoint picker (`twinroute gateway`), on 127.0.0.1"
     )
     parser = argparse.ArgumentParser(prog="twinroute demo (live)")
     live.add_arguments(parser)
     live_args = parser.parse_args(
         [
-            "--routers=twinroute_dualmap,twinroute_round_robin",
+            "--routers=twinroute_dualmap,twinroute_round_robin,twinroute_envoy",
             f"--duration={seconds}",
             f"--ttft-slo-s={slo_s}",
             "--twinroute-scheduler=grpc",

@@ -79,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
     parser.add_argument("--engines", type=int, default=4)
     parser.add_argument(
-        "--routers", default=",".join(ROUTERS), help=f"comma-separated, from {', '.join(ROUTERS)}"
+        "--routers",
+        default=",".join(ROUTERS),
+        help=f"comma-separated, from {', '.join(ROUTERS)}, and {ENVOY_PREFIX} (Envoy with the "
+        "endpoint picker)",
     )
     parser.add_argument(
         "--duration", type=float, default=120.0, help="seconds of replay (wall clock) per router"
@@ -642,7 +645,8 @@ def _stop_on_sigterm() -> None:
 
 def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.routers.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ROUTERS]
+    envoy = {ENVOY_PREFIX, *(f"{ENVOY_PREFIX}_{mode}" for mode in ("full", "gie"))}
+    unknown = [n for n in names if n not in ROUTERS and n not in envoy]
     if unknown or not names:
         print(f"bench live: unknown routers {unknown}; choose from {', '.join(ROUTERS)}")
         return 2

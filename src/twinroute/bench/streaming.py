@@ -226,8 +226,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         streams.plot(clients, [runs[c]["streams_per_s"] for c in runs], **style)
         if name != "direct":
             cpu.plot(clients, [runs[c]["cpu_ms_per_stream_total"] for c in runs], **style)
+    ticks = sorted({int(c) for runs in results.values() for c in runs})
     for axis in (streams, cpu):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(ticks, [str(t) for t in ticks])
         axis.set_xlabel("concurrent streams")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)

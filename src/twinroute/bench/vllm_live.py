@@ -67,6 +67,7 @@ import numpy as np
 from twinroute.bench import command_line
 from twinroute.bench.live import (
     APPROX_SUFFIX,
+    ENVOY_PREFIX,
     MODEL,
     TRACE_BLOCK_TOKENS,
     Replay,
@@ -103,6 +104,7 @@ if TYPE_CHECKING:
 
 ROUTERS = (
     "twinroute_dualmap",
+    "twinroute_envoy",
     "twinroute_dualmap_approx",
     "twinroute_consistent_hash",
     "twinroute_round_robin",
@@ -569,7 +571,8 @@ async def run_router(
         after = await engine_counters(session, fleet.servers)
         scheduler = (
             await twinroute_scheduler_figures(session, processes[-1].url)
-            if name.startswith("twinroute_")
+            # Envoy's /metrics is an engine's (the gateway's path for unpicked requests).
+            if name.startswith("twinroute_") and not name.startswith(ENVOY_PREFIX)
             else None
         )
     finally:
