@@ -370,14 +370,10 @@ def gateway_bootstrap(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, 
 
 def _gateway_config_map(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
     text = yaml.safe_dump(gateway_bootstrap(pool, settings=settings), sort_keys=False)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            gateway_name(pool=pool.name), pool_labels(pool, role=labels.GATEWAY_ROLE)
-        ),
-        "data": {GATEWAY_CONFIG_FILE: text},
-    }
+    return _config_map(
+        gateway_name(pool=pool.name), pool_labels(pool, role=labels.GATEWAY_ROLE),
+        {GATEWAY_CONFIG_FILE: text},
+    )  # fmt: skip
 
 
 def _gateway_deployment(pool: PoolSpec, *, settings: RenderSettings, config_hash: str) -> Obj:
@@ -604,14 +600,15 @@ def _engine_service(pool: PoolSpec, *, role: Role) -> Obj:
 
 def _scheduler_config_map(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
     text = yaml.safe_dump(scheduler_config(pool, settings=settings), sort_keys=True)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(
-            scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
-        ),
-        "data": {CONFIG_FILE: text},
-    }
+    return _config_map(
+        scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE),
+        {CONFIG_FILE: text},
+    )  # fmt: skip
+
+
+def _config_map(name: str, object_labels: dict[str, str], data: dict[str, str]) -> Obj:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(name, object_labels),
+            "data": data}  # fmt: skip
 
 
 def _scheduler_service_account(pool: PoolSpec) -> Obj:

@@ -95,6 +95,8 @@ _PATH_KINDS: Final[Mapping[str, Kind]] = {
     "/v1/chat/completions": "chat",
 }
 _FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+# NONE is also what a gateway that announces no protocol_config (older Envoys) reads as: the
+# picker then answers the headers and waits for a buffered body, the common configuration.
 _BUFFERED_MODES = frozenset(
     {processing_mode_pb2.ProcessingMode.BUFFERED, processing_mode_pb2.ProcessingMode.NONE}
 )

@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import aiohttp
@@ -72,6 +73,27 @@ def process_tree(pid: int) -> dict[int, str]:
         except OSError:
             continue  # it exited meanwhile
     return tree
+
+
+async def start_engine_sims(
+    count: int, *, model: str, time_scale: float, logs: Path
+) -> list[ServerProcess]:
+    """`count` engine simulators on free ports (`engine-0`, ...), each logging to `logs`."""
+    return list(
+        await asyncio.gather(
+            *(
+                start_announced(
+                    f"engine-{i}",
+                    twinroute_argv(
+                        "engine-sim", "--port=0", f"--model={model}",
+                        f"--instance-id=engine-{i}", f"--time-scale={time_scale}",
+                    ),
+                    log_path=str(logs / f"engine-{i}.log"),
+                )
+                for i in range(count)
+            )
+        )
+    )  # fmt: skip
 
 
 def twinroute_argv(*args: str) -> list[str]:

@@ -42,10 +42,8 @@ import numpy.typing as npt
 from twinroute.bench import command_line
 from twinroute.bench.live import MODEL, ensure_peers, start_router
 from twinroute.bench.processes import (
-    ServerProcess,
     process_tree,
-    start_announced,
-    twinroute_argv,
+    start_engine_sims,
 )
 from twinroute.bench.scheduler_pick import cpu_seconds
 
@@ -126,23 +124,8 @@ async def load(
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    engines: list[ServerProcess] = list(
-        await asyncio.gather(
-            *(
-                start_announced(
-                    f"engine-{i}",
-                    twinroute_argv(
-                        "engine-sim",
-                        "--port=0",
-                        f"--model={MODEL}",
-                        f"--instance-id=engine-{i}",
-                        f"--time-scale={args.time_scale}",
-                    ),
-                    log_path=str(logs / f"engine-{i}.log"),
-                )
-                for i in range(args.engines)
-            )
-        )
+    engines = await start_engine_sims(
+        args.engines, model=MODEL, time_scale=args.time_scale, logs=logs
     )
     urls = [e.url for e in engines]
     paths: dict[str, list[str]] = {"direct": urls}
