@@ -259,6 +259,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._tokenizer = tokenizer
         self._clock = clock
         self._metrics = PickerMetrics(registry if registry is not None else CollectorRegistry())
+        self._picked = self._metrics.picks.labels("picked")
         self._numbers = itertools.count(1)
         self._prefix = f"gw-{uuid.uuid4().hex[:6]}"
         self._in_flight = 0
@@ -367,7 +368,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if exchange.gateway_request_id and self._log_streams:
             self._await_log(exchange)
         self._metrics.pick_seconds.observe(exchange.picked_at - started)
-        self._metrics.picks.labels("picked").inc()
+        self._picked.inc()
         destinations = ",".join(
             [
                 placement.endpoint.address,
@@ -386,7 +387,8 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ),
         )
         metadata = struct_pb2.Struct()
-        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: destinations}})
+        lb = metadata.fields[LB_NAMESPACE].struct_value
+        lb.fields[DESTINATION_HEADER].string_value = destinations
         if not exchange.full_duplex:
             # Buffered: the headers went on already; the mutation rides on the body's answer.
             return [
