@@ -328,3 +328,48 @@ async def test_gateway_in_front_of_the_scheduler_service(engines: list[ServerPro
     finally:
         await gateway.stop()
         await scheduler.stop()
+
+
+async def test_engine_killed_mid_run_loses_only_streams_it_had_accepted(
+    engines: list[ServerProcess],
+) -> None:
+    """Kill an engine while requests stream: every request sent after the kill succeeds (the
+    pick's fallback serves those whose primary died), and a failure is only ever a stream the
+    dead engine had already answered with its headers (vLLM sends them before the first
+    token; Envoy never retries after response headers, where the router would)."""
+    gateway = await start_gateway(engines)
+    dead = engines[2]
+    outcomes: list[tuple[bool, str | None, bool]] = []  # (sent after kill, served by, ok)
+    killed = asyncio.Event()
+
+    async def one(session: aiohttp.ClientSession, index: int) -> None:
+        after_kill = killed.is_set()
+        body = {"model": MODEL, "prompt": prompt(100 + index), "max_tokens": 40, "stream": True}
+        served: str | None = None
+        ok = False
+        try:
+            async with session.post(f"{gateway.url}/v1/completions", json=body) as response:
+                served = response.headers.get("x-gateway-destination-endpoint-served")
+                data = await response.read()
+                ok = response.status == 200 and data.rstrip().endswith(b"data: [DONE]")
+        except (aiohttp.ClientError, OSError):
+            ok = False
+        outcomes.append((after_kill, served, ok))
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            tasks = []
+            for index in range(60):
+                tasks.append(asyncio.create_task(one(session, index)))
+                if index == 30:
+                    dead.kill()
+                    await dead.process.wait()
+                    killed.set()
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*tasks)
+    finally:
+        await gateway.stop()
+    after = [ok for after_kill, _, ok in outcomes if after_kill]
+    assert after and all(after), "a request sent after the kill failed"
+    for _, served, ok in outcomes:
+        assert ok or served == dead.address, "only streams the dead engine had accepted fail"
