@@ -15,6 +15,8 @@ from twinroute.operator.handlers import OperatorConfig, Reconciler, build_regist
 from twinroute.operator.pool_token_key import PoolTokenKeyError, ensure_pool_token_key
 from twinroute.operator.render import RenderSettings, derive_pool_token
 
+from twinroute.runtime import LOG_LEVELS
+
 log = logging.getLogger(__name__)
 
 
@@ -56,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ClusterRole each pool's scheduler is bound to (pods read-only)",
     )
     parser.add_argument(
-        "--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never")
-    )
+        "--image-pull-policy", default="IfNotPresent", choices=("Always", "IfNotPresent", "Never"),
+        help="pull policy of the pods the operator renders",
+    )  # fmt: skip
     parser.add_argument(
         "--resync-s",
         type=float,
@@ -116,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CA bundle (PEM) the operator trusts when it calls Drain over TLS",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+        "--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help="log threshold"
     )
 
 

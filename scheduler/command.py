@@ -47,6 +47,7 @@ from twinroute.scheduler.telemetry import build_metrics_app
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import Endpoint
 
+from twinroute.runtime import LOG_LEVELS
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "take precedence over the flags they correspond to, and an unknown key is an error",
     )  # fmt: skip
     routing = parser.add_argument_group("routing")
-    routing.add_argument("--policy", default=defaults.policy, choices=POLICY_NAMES)
+    routing.add_argument(
+        "--policy", default=defaults.policy, choices=POLICY_NAMES, help="routing policy"
+    )
     routing.add_argument(
         "--ttft-slo-s", type=float, default=defaults.ttft_slo_s,
         help="TTFT objective of requests that bring none (seconds)",
@@ -128,7 +131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--scrape-interval-s", type=float, default=defaults.scrape_interval_s,
         help="seconds between engine metric scrapes; 0 = off",
     )  # fmt: skip
-    load.add_argument("--scrape-timeout-s", type=float, default=defaults.scrape_timeout_s)
+    load.add_argument(
+        "--scrape-timeout-s", type=float, default=defaults.scrape_timeout_s,
+        help="an engine's /metrics that takes longer counts as not scraped",
+    )  # fmt: skip
     load.add_argument(
         "--lease-ttl-s", type=float, default=defaults.lease_ttl_s,
         help="a lease whose Complete never came closes after this many seconds",
@@ -169,7 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "between two listed engines; routers migrate the rest by recompute)",
     )  # fmt: skip
     parser.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace, seconds")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help="log threshold"
+    )
 
 
 def _add_picker_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 
+from twinroute.simulator.command import positive_int
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
 from twinroute.simulator.traces import bundled_mooncake_trace, read_mooncake, summarize
 from twinroute.vocabulary import DEFAULT_TTFT_SLO_S
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(f"{r:g}" for r in DEFAULT_RATES),
         help="comma-separated request rates (req/s) to replay the trace at",
     )
-    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument(
+        "--instances", type=positive_int, default=8, help="vLLM instances in the simulated pool"
+    )
     parser.add_argument("--policies", default=None, help="comma-separated (default: all)")
     parser.add_argument(
         "--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO, seconds"

@@ -27,6 +27,7 @@ from twinroute.enginesim.kv_transfer import (
     parse_kv_transfer_config,
 )
 from twinroute.enginesim.server import EngineIdentity, build_app
+from twinroute.runtime import LOG_LEVELS
 from twinroute.simulator.instance import Instance
 from twinroute.simulator.profiles import (
     DEFAULT_PROFILE,
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address the engine listens on")
     parser.add_argument("--port", type=int, default=8000, help="0 = any free port")
     parser.add_argument("--model", default="twinroute-sim", help="served model name")
     parser.add_argument(
@@ -93,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-pin-timeout", type=float, default=DEFAULT_PIN_TIMEOUT_S,
         help="seconds prefilled KV stays pinned for a decode instance to pull it",
     )  # fmt: skip
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper, help="log threshold"
+    )
 
 
 def build(args: argparse.Namespace) -> web.Application:

@@ -37,6 +37,7 @@ from twinroute.gateway.bootstrap import (
     render_bootstrap,
 )
 from twinroute.router.command import EMBEDDED_FLAGS, embedded_settings, parse_endpoints
+from twinroute.runtime import LOG_LEVELS
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.settings import SchedulerSettings
 from twinroute.vocabulary import POLICY_NAMES
@@ -69,7 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retries", type=int, default=defaults.retries,
         help="fallback endpoints Envoy tries after the primary fails before answering",
     )  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes,
+        help="request bodies larger than this are refused with 413 (Envoy's buffer limit)",
+    )  # fmt: skip
     parser.add_argument(
         "--offload", choices=("on", "off"), default="on",
         help="tokenize and hash long prompts on worker threads, off the event loop",
@@ -132,7 +136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests in flight through the picker at most; more are shed with 429 (0 = no "
         "limit)",
     )  # fmt: skip
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper,
+        help="log threshold of the scheduler and picker (Envoy logs warnings)",
+    )  # fmt: skip
     # The embedded scheduler's settings the router also reads; fixed here.
     parser.set_defaults(admission_hold="off", migration="off")
 

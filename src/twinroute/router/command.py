@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, build_app
-from twinroute.runtime import event_loop_runner
+from twinroute.runtime import LOG_LEVELS, event_loop_runner
 from twinroute.scheduler.api import Endpoint, Scheduler
 from twinroute.scheduler.client import SchedulerClient
 from twinroute.scheduler.openai_queries import Tokenizer
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     embedded = SchedulerSettings()
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     parser.add_argument("--port", type=int, default=8080, help="0 = any free port")
     parser.add_argument(
         "--model", action="append", required=True, help="served model name (repeatable)"
@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="migrate running streams by recompute on the scheduler's orders (--scheduler: "
         "it decides; --embedded: drain = on drain only, on = also on persistent imbalance)",
     )  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024)
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=16 * 1024 * 1024,
+        help="request bodies larger than this are refused with 413",
+    )  # fmt: skip
     parser.add_argument(
         "--offload", choices=("on", "off"), default="on",
         help="tokenize (and, embedded, hash) long prompts on worker threads, off the event "
@@ -125,7 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument(
         "--scheduler-token-file", help="file with the scheduler's admin token (a mounted Secret)"
     )
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper, help="log threshold"
+    )
 
 
 def _add_timeout_arguments(parser: argparse.ArgumentParser) -> None:

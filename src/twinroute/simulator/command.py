@@ -26,6 +26,17 @@ from twinroute.vocabulary import (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a pool of no instances is no pool)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
     """Trace options shared by `simulate` and the benchmarks."""
     group = parser.add_argument_group("trace")
@@ -35,7 +46,9 @@ def add_trace_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="trace file (default: the bundled Mooncake synthetic trace)",
     )
-    group.add_argument("--format", choices=TRACE_FORMATS, default="mooncake")
+    group.add_argument(
+        "--format", choices=TRACE_FORMATS, default="mooncake", help="how the trace file is laid out"
+    )
     group.add_argument(
         "--block-size", type=int, default=512, help="prompt tokens per trace block id"
     )
@@ -91,8 +104,13 @@ def trace_spec_from(args: argparse.Namespace) -> TraceSpec:
 
 def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("pool")
-    group.add_argument("--instances", type=int, default=8)
-    group.add_argument("--profile", choices=sorted(INSTANCE_PROFILES), default=DEFAULT_PROFILE)
+    group.add_argument(
+        "--instances", type=positive_int, default=8, help="vLLM instances in the simulated pool"
+    )
+    group.add_argument(
+        "--profile", choices=sorted(INSTANCE_PROFILES), default=DEFAULT_PROFILE,
+        help="hardware and model the instances simulate (step costs, KV size, batching)",
+    )  # fmt: skip
     group.add_argument(
         "--kv-capacity-tokens",
         type=int,
@@ -119,7 +137,9 @@ def add_pool_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_trace_arguments(parser)
     add_pool_arguments(parser)
-    parser.add_argument("--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY)
+    parser.add_argument(
+        "--policy", choices=POLICY_NAMES, default=DEFAULT_POLICY, help="routing policy"
+    )
     load = parser.add_mutually_exclusive_group()
     load.add_argument(
         "--time-scale",
@@ -128,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiply arrival times (0.5 = twice the rate)",
     )
     load.add_argument("--rate", type=float, default=None, help="target request rate (req/s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the simulation's random choices"
+    )
     parser.add_argument(
         "--rebalance",
         choices=("on", "off"),
