@@ -126,28 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="served model name (repeatable); endpoints without a model serve these",
     )  # fmt: skip
     _add_cache_arguments(parser)
-    load = parser.add_argument_group("load and leases")
-    load.add_argument(
-        "--scrape-interval-s", type=float, default=defaults.scrape_interval_s,
-        help="seconds between engine metric scrapes; 0 = off",
-    )  # fmt: skip
-    load.add_argument(
-        "--scrape-timeout-s", type=float, default=defaults.scrape_timeout_s,
-        help="an engine's /metrics that takes longer counts as not scraped",
-    )  # fmt: skip
-    load.add_argument(
-        "--lease-ttl-s", type=float, default=defaults.lease_ttl_s,
-        help="a lease whose Complete never came closes after this many seconds",
-    )  # fmt: skip
-    load.add_argument(
-        "--admission-hold", choices=("on", "off"), default=_on_off(defaults.admission_hold),
-        help="hold the answers of requests routed to a hotspot so that hotspot rebalancing can "
-        "still move them (policies that rebalance; benchmarks/rebalance.md)",
-    )  # fmt: skip
-    load.add_argument(
-        "--admission-max-hold-s", type=float, default=defaults.admission_max_hold_s,
-        help="seconds a Pick answer may be held at most (never past the caller's deadline)",
-    )  # fmt: skip
+    _add_load_arguments(parser, defaults)
     source = parser.add_argument_group("where the engines are (exactly one)")
     sources = source.add_mutually_exclusive_group()
     sources.add_argument("--static-endpoints", help="comma-separated [ID=]HOST:PORT")
@@ -178,6 +157,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help="log threshold"
     )
+
+
+def _add_load_arguments(parser: argparse.ArgumentParser, defaults: SchedulerSettings) -> None:
+    load = parser.add_argument_group("load and leases")
+    load.add_argument(
+        "--scrape-interval-s", type=float, default=defaults.scrape_interval_s,
+        help="seconds between engine metric scrapes; 0 = off",
+    )  # fmt: skip
+    load.add_argument(
+        "--scrape-timeout-s", type=float, default=defaults.scrape_timeout_s,
+        help="an engine's /metrics that takes longer counts as not scraped",
+    )  # fmt: skip
+    load.add_argument(
+        "--lease-ttl-s", type=float, default=defaults.lease_ttl_s,
+        help="a lease whose Complete never came closes after this many seconds",
+    )  # fmt: skip
+    load.add_argument(
+        "--admission-hold", choices=("on", "off"), default=_on_off(defaults.admission_hold),
+        help="hold the answers of requests routed to a hotspot so that hotspot rebalancing can "
+        "still move them (policies that rebalance; benchmarks/rebalance.md)",
+    )  # fmt: skip
+    load.add_argument(
+        "--admission-max-hold-s", type=float, default=defaults.admission_max_hold_s,
+        help="seconds a Pick answer may be held at most (never past the caller's deadline)",
+    )  # fmt: skip
 
 
 def _add_picker_arguments(parser: argparse.ArgumentParser) -> None:

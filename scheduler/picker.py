@@ -89,6 +89,10 @@ SUBSET_KEY: Final = "x-gateway-destination-endpoint-subset"
 ENDPOINT_HEADER: Final = "x-twinroute-endpoint"
 REASON_HEADER: Final = "x-twinroute-reason"
 EXT_PROC_SERVICE: Final = "envoy.service.ext_proc.v3.ExternalProcessor"
+# A gateway whose ext_proc stream ends before the request does (no response phase) says so
+# with this gRPC metadata, and reports each request's end in its gRPC access log instead.
+END_REPORT_METADATA: Final = "x-twinroute-request-ends"
+END_REPORT_ACCESS_LOG: Final = "access-log"
 HEALTH_SERVICES: Final = ("liveness", "readiness", EXT_PROC_SERVICE)
 _PATH_KINDS: Final[Mapping[str, Kind]] = {
     "/v1/completions": "completions",
@@ -240,6 +244,8 @@ class _Exchange:
     outcome: Outcome | None = None
     # Envoy's x-request-id: how the access log names this request.
     gateway_request_id: str = ""
+    # The gateway reports this request's end in its access log, not on this stream.
+    ends_by_log: bool = False
 
 
 class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -267,7 +273,6 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # Picked requests whose end the access log will report, by Envoy's request id; the
         # oldest are dropped beyond a bound (their leases then expire at the TTL).
         self._awaiting_log: dict[str, _Exchange] = {}
-        self._log_streams = 0
 
     @property
     def in_flight(self) -> int:
@@ -278,7 +283,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         request_iterator: AsyncIterator[ext_pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ext_pb.ProcessingResponse]:
-        exchange = _Exchange(number=next(self._numbers))
+        exchange = _Exchange(number=next(self._numbers), ends_by_log=_ends_by_log(context))
         self._in_flight += 1
         try:
             async for message in request_iterator:
@@ -365,7 +370,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         exchange.placement = placement
         exchange.picked_at = self._clock()
         exchange.gateway_request_id = exchange.headers.get(REQUEST_ID_HEADER, "")
-        if exchange.gateway_request_id and self._log_streams:
+        if exchange.ends_by_log and exchange.gateway_request_id:
             self._await_log(exchange)
         self._metrics.pick_seconds.observe(exchange.picked_at - started)
         self._picked.inc()
@@ -572,13 +577,9 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> als_pb2.StreamAccessLogsResponse:
-        self._log_streams += 1
-        try:
-            async for message in request_iterator:
-                for entry in message.http_logs.log_entry:
-                    self._logged(entry)
-        finally:
-            self._log_streams -= 1
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                self._logged(entry)
         return als_pb2.StreamAccessLogsResponse()
 
     def _logged(self, entry: Any) -> None:
@@ -662,6 +663,15 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             "bytes",
             "body_too_large",
         )
+
+
+def _ends_by_log(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the gateway said (gRPC metadata on its ext_proc stream, set in its bootstrap)
+    that request ends come in its access log: then the stream's end is not the request's."""
+    for key, value in context.invocation_metadata() or ():
+        if key == END_REPORT_METADATA:
+            return value == END_REPORT_ACCESS_LOG
+    return False
 
 
 def _error(message: str, error_type: str, code: str) -> dict[str, Any]:

@@ -404,10 +404,9 @@ async def test_access_log_entry_closes_the_lease_where_it_was_served(picker: Pic
     from envoy.data.accesslog.v3 import accesslog_pb2
     from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
-    logs = als_pb2_grpc.AccessLogServiceStub(picker.channel).StreamAccessLogs()
-    await logs.write(als_pb2.StreamAccessLogsMessage())
-    await asyncio.sleep(0.05)  # the log stream is open before the request comes
-    call = picker.stub().Process()
+    # As a lean Envoy does: it says so on the stream, and opens its access-log stream only
+    # when the first request ends (after this one was picked).
+    call = picker.stub().Process(metadata=(("x-twinroute-request-ends", "access-log"),))
     await call.write(
         headers_message(request_body_mode=Mode.BUFFERED, extra={"x-request-id": "req-1"})
     )
@@ -420,6 +419,7 @@ async def test_access_log_entry_closes_the_lease_where_it_was_served(picker: Pic
     assert await call.read() == grpc.aio.EOF
     await asyncio.sleep(0.05)
     assert picker.service.core.in_flight(ids[primary]) == 1, "the stream's end is not the end"
+    logs = als_pb2_grpc.AccessLogServiceStub(picker.channel).StreamAccessLogs()
     host, port = fallback.split(":")
     entry = accesslog_pb2.HTTPAccessLogEntry()
     entry.request.request_id = "req-1"
@@ -440,3 +440,21 @@ async def test_access_log_entry_closes_the_lease_where_it_was_served(picker: Pic
     (record,) = await picker.service.explain(limit=1)
     assert record.decision.endpoint_id == ids[fallback]
     await logs.done_writing()
+
+
+async def test_without_the_access_log_a_streams_end_closes_its_lease(picker: Picker) -> None:
+    """A gateway that does not say its request ends come in the access log (any GIE gateway)
+    and sends no response phase: the stream's end is the request's, and the lease closes."""
+    call = picker.stub().Process()
+    await call.write(headers_message(request_body_mode=Mode.BUFFERED, extra={"x-request-id": "r"}))
+    await call.read()
+    await call.write(body_message(completion("gie " * 90)))
+    primary = destination(await call.read(), phase="request_body")[0].split(",")[0]
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+    primary_id = {v: k for k, v in ADDRESSES.items()}[primary]
+    for _ in range(50):
+        if picker.service.core.in_flight(primary_id) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert picker.service.core.in_flight(primary_id) == 0

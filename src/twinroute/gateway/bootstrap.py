@@ -303,6 +303,13 @@ def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
         "grpc_service": {
             "envoy_grpc": {"cluster_name": "picker"},
             "timeout": _duration(config.picker_timeout_s),
+            # Lean: the stream ends before the request; its end comes in the access log (the
+            # picker's `END_REPORT_METADATA`).
+            **(
+                {"initial_metadata": [{"key": "x-twinroute-request-ends", "value": "access-log"}]}
+                if config.processing == "lean"
+                else {}
+            ),
         },
         "processing_mode": processing_mode(config.processing),
         "message_timeout": _duration(config.picker_timeout_s),
