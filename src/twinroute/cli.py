@@ -58,6 +58,18 @@ def _load(name: str) -> _Subcommand:
     return module
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, when it has one to show (argparse's
+    own defaults formatter also prints "default: None" for options that are only optional)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, "", argparse.SUPPRESS)
+        if shown and "%(default)" not in text and action.option_strings and action.nargs != 0:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
     from twinroute import __version__
 
@@ -72,7 +84,7 @@ def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsShown,
         )
         if name == chosen:
             _load(name).add_arguments(sub)
