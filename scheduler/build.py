@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from twinroute.scheduler.admission import AdmissionMetrics, AdmissionQueue, AdmissionSettings
@@ -168,3 +169,23 @@ class KvEventFollower:
             await asyncio.Event().wait()
         finally:
             await self.subscriber.stop()
+
+
+def embedded_service(
+    settings: SchedulerSettings, endpoints: Sequence[Endpoint]
+) -> tuple[SchedulerService, list[Callable[[], Coroutine[Any, Any, None]]]]:
+    """A front end's in-process scheduler over a static list of engines (`twinroute router
+    --embedded`, `twinroute gateway --embedded`), with Prometheus telemetry, and the work to run
+    beside it: imbalance rounds (`--migration on`) and the engines' KV-event subscriptions."""
+    service = build_service(settings, registry=CollectorRegistry())
+    # Every static engine serves every model the front end serves.
+    service.set_endpoints(endpoints)
+    migrator = service.migrator
+    work: list[Callable[[], Coroutine[Any, Any, None]]] = (
+        [migrator.run] if migrator is not None and migrator.settings.rebalance else []
+    )
+    follower = KvEventFollower.of(service)
+    if follower is not None:
+        follower.set_endpoints(endpoints)
+        work.append(follower.run)
+    return service, work

@@ -26,7 +26,6 @@ from typing import Any
 
 import aiohttp
 import yaml
-from prometheus_client import CollectorRegistry
 
 from twinroute.gateway.bootstrap import (
     FAILURE_MODES,
@@ -36,11 +35,15 @@ from twinroute.gateway.bootstrap import (
     addresses_of,
     render_bootstrap,
 )
-from twinroute.router.command import EMBEDDED_FLAGS, embedded_settings, parse_endpoints
+from twinroute.router.command import (
+    EMBEDDED_FLAGS,
+    add_embedded_scheduler_arguments,
+    embedded_settings,
+    parse_endpoints,
+)
 from twinroute.runtime import LOG_LEVELS
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.settings import SchedulerSettings
-from twinroute.vocabulary import POLICY_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--render", action="store_true", help="print Envoy's bootstrap (YAML) and exit"
     )
     scheduler = parser.add_argument_group("embedded scheduler (--embedded only)")
-    scheduler.add_argument(
-        "--policy", choices=POLICY_NAMES, help=f"routing policy (default {embedded.policy})"
-    )
-    scheduler.add_argument(
-        "--ttft-slo-s", type=float,
-        help=f"TTFT objective of requests that bring none (default {embedded.ttft_slo_s:g})",
-    )  # fmt: skip
-    scheduler.add_argument("--key-block-tokens", type=int, help="prefix-key block, tokens")
-    scheduler.add_argument("--key-block-chars", type=int, help="prefix-key block, characters")
-    scheduler.add_argument(
-        "--kv-events-endpoints", help="comma-separated ID=tcp://HOST:PORT (vLLM KV events)"
-    )
-    scheduler.add_argument("--engine-block-size", type=int, help="engines' KV block size")
+    add_embedded_scheduler_arguments(scheduler, admission_hold=False)
     scheduler.add_argument(
         "--max-in-flight", type=int, default=0,
         help="requests in flight through the picker at most; more are shed with 429 (0 = no "
@@ -223,7 +214,7 @@ def start_envoy(
 
 
 async def serve(args: argparse.Namespace) -> None:
-    from twinroute.scheduler.build import KvEventFollower, build_service
+    from twinroute.scheduler.build import embedded_service
     from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
     from twinroute.scheduler.types import Endpoint
 
@@ -237,13 +228,8 @@ async def serve(args: argparse.Namespace) -> None:
     notes: list[str] = []
     if args.embedded:
         endpoints = [Endpoint(id=eid, address=a) for eid, a in parse_endpoints(args.endpoints)]
-        registry = CollectorRegistry()
-        service = build_service(embedded_settings(args), registry=registry)
-        service.set_endpoints(endpoints)
-        follower = KvEventFollower.of(service)
-        if follower is not None:
-            follower.set_endpoints(endpoints)
-            tasks.append(asyncio.create_task(follower.run(), name="kv-events"))
+        service, work = embedded_service(embedded_settings(args), endpoints)
+        tasks += [asyncio.create_task(run()) for run in work]
         picker = EndpointPicker(
             scheduler=service,
             settings=PickerSettings(
@@ -253,7 +239,7 @@ async def serve(args: argparse.Namespace) -> None:
                 max_in_flight=args.max_in_flight,
                 offload=args.offload == "on",
             ),
-            registry=registry,
+            registry=service.telemetry.registry if service.telemetry is not None else None,
             tokenizer=Tokenizer(args.tokenizer) if args.tokenizer else None,
         )
         picker_server = PickerServer(picker=picker, listen="127.0.0.1:0")

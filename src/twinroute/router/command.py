@@ -23,7 +23,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, build_app
@@ -86,6 +85,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     scheduler = parser.add_argument_group(
         "embedded scheduler (--embedded only; with --scheduler, set these on the scheduler)"
     )
+    add_embedded_scheduler_arguments(scheduler, admission_hold=True)
+    security = parser.add_argument_group("TLS and tokens")
+    security.add_argument("--tls-cert", help="PEM certificate: serve HTTPS instead of HTTP")
+    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    security.add_argument(
+        "--scheduler-ca", help="PEM CA bundle: reach --scheduler over TLS, trusting this CA"
+    )
+    security.add_argument(
+        "--scheduler-server-name",
+        help="name the scheduler's certificate carries, when not --scheduler's host",
+    )
+    security.add_argument(
+        "--scheduler-token-file", help="file with the scheduler's admin token (a mounted Secret)"
+    )
+    parser.add_argument(
+        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper, help="log threshold"
+    )
+
+
+def add_embedded_scheduler_arguments(
+    group: argparse._ArgumentGroup, *, admission_hold: bool
+) -> None:
+    """The embedded scheduler's flags, named as its settings fields (`EMBEDDED_FLAGS`; None =
+    not given, the settings' default applies): the router's and the gateway's alike."""
+    embedded = SchedulerSettings()
+    scheduler = group
     scheduler.add_argument(
         "--policy", choices=POLICY_NAMES, help=f"routing policy (default {embedded.policy})"
     )
@@ -94,10 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"TTFT objective of requests that bring none (default {embedded.ttft_slo_s:g}; "
         "a client sets its own with the x-twinroute-ttft-slo-s header)",
     )  # fmt: skip
-    scheduler.add_argument(
-        "--admission-hold", choices=("on", "off"),
-        help="hold hotspot requests so hotspot rebalancing can move them (default off)",
-    )  # fmt: skip
+    if admission_hold:
+        scheduler.add_argument(
+            "--admission-hold", choices=("on", "off"),
+            help="hold hotspot requests so hotspot rebalancing can move them (default off)",
+        )  # fmt: skip
     scheduler.add_argument(
         "--key-block-tokens", type=int,
         help=f"prefix-key block, tokens (default {embedded.key_block_tokens})",
@@ -115,22 +141,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine-block-size", type=int,
         help="the engines' KV block size in tokens (default: --key-block-tokens)",
     )  # fmt: skip
-    security = parser.add_argument_group("TLS and tokens")
-    security.add_argument("--tls-cert", help="PEM certificate: serve HTTPS instead of HTTP")
-    security.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    security.add_argument(
-        "--scheduler-ca", help="PEM CA bundle: reach --scheduler over TLS, trusting this CA"
-    )
-    security.add_argument(
-        "--scheduler-server-name",
-        help="name the scheduler's certificate carries, when not --scheduler's host",
-    )
-    security.add_argument(
-        "--scheduler-token-file", help="file with the scheduler's admin token (a mounted Secret)"
-    )
-    parser.add_argument(
-        "--log-level", default="WARNING", choices=LOG_LEVELS, type=str.upper, help="log threshold"
-    )
 
 
 def _add_timeout_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,17 +229,9 @@ def build_scheduler(
     if args.embedded:
         if not endpoints:
             raise ValueError("--embedded needs --endpoints")
-        from twinroute.scheduler.build import KvEventFollower, build_service
+        from twinroute.scheduler.build import embedded_service
 
-        service = build_service(embedded_settings(args), registry=CollectorRegistry())
-        # Every static engine serves every model the router serves.
-        service.set_endpoints(endpoints)
-        migrator = service.migrator
-        rounds = [migrator.run] if migrator is not None and migrator.settings.rebalance else []
-        follower = KvEventFollower.of(service)
-        if follower is not None:
-            follower.set_endpoints(endpoints)
-            rounds.append(follower.run)
+        service, rounds = embedded_service(embedded_settings(args), endpoints)
         telemetry = service.telemetry
         return service, rounds, telemetry.exposition if telemetry is not None else None
     given = [
