@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -41,7 +43,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "bench": (
         "twinroute.bench.command",
-        "every benchmark (goodput, live, elastic, soak, decision cost, rings, ...)",
+        "every benchmark, one subcommand each: `twinroute bench --help` lists them",
     ),
     "operator": ("twinroute.operator.command", "run the ModelPool operator (kopf) for Kubernetes"),
 }
@@ -64,10 +66,42 @@ class DefaultsShown(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        shown = action.default not in (None, False, "", argparse.SUPPRESS)
-        if shown and "%(default)" not in text and action.option_strings and action.nargs != 0:
-            text += " (default: %(default)s)"
+        if _shows_default(action) and "%(default)" not in text:
+            text += " (default: " + _shown_default(action.default).replace("%", "%%") + ")"
         return text
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return _ListWrapper(width=width, break_on_hyphens=False).wrap(" ".join(text.split()))
+
+
+class _ListWrapper(textwrap.TextWrapper):
+    """Lines break at spaces (never inside an option's name at a hyphen) and also after a
+    comma inside a word, so that a comma-separated list (a default such as
+    "dualmap,round_robin") wraps between its names rather than inside one."""
+
+    def _split(self, text: str) -> list[str]:
+        return [
+            piece
+            for chunk in super()._split(text)
+            for piece in re.split(r"(?<=,)(?=\S)", chunk)
+            if piece
+        ]
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """Whether `DefaultsShown` ends the option's help with its default: an option that takes a
+    value and has one (0 is a value; None, "", an empty list and a flag's False are not)."""
+    default = action.default
+    absent = default is None or default is False or default is argparse.SUPPRESS
+    empty = isinstance(default, str | list | tuple) and not default
+    return bool(action.option_strings) and action.nargs != 0 and not absent and not empty
+
+
+def _shown_default(default: object) -> str:
+    """A default as it is typed: a list or tuple as its values separated by spaces."""
+    if isinstance(default, list | tuple):
+        return " ".join(str(value) for value in default)
+    return str(default)
 
 
 def build_parser(chosen: str | None = None) -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ import importlib
 import sys
 from typing import Protocol
 
+from twinroute.cli import DefaultsShown
+
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "elastic": (
@@ -89,7 +91,9 @@ def _load(name: str) -> _Bench:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     benches = parser.add_subparsers(dest="bench", metavar="BENCH")
     for name, (_module, help_text) in BENCHES.items():
-        sub = benches.add_parser(name, help=help_text, description=help_text)
+        sub = benches.add_parser(
+            name, help=help_text, description=help_text, formatter_class=DefaultsShown
+        )
         _load(name).add_arguments(sub)
 
 

@@ -204,14 +204,34 @@ def _plot(rows: list[CostRow], path: str, *, prompt_tokens: int, keys_p50_us: fl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policies", default=",".join(POLICY_NAMES))
+    parser.add_argument(
+        "--policies", default=",".join(POLICY_NAMES),
+        help="policies to measure, comma-separated; the default is every one there is",
+    )  # fmt: skip
     parser.add_argument("--endpoints", default="8,256", help="pool sizes, comma-separated")
-    parser.add_argument("--prompt-tokens", type=int, default=8192)
-    parser.add_argument("--conversations", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=300, help="decisions per pair, unmeasured")
-    parser.add_argument("--decisions", type=int, default=400, help="measured per pair")
-    parser.add_argument("--batch", type=int, default=20, help="decisions per pair per round")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=8192,
+        help=f"tokens per prompt: a {SYSTEM_PROMPT_TOKENS}-token shared system prompt, a "
+        f"{HISTORY_TOKENS}-token history, then a fresh tail (more than "
+        f"{SYSTEM_PROMPT_TOKENS + HISTORY_TOKENS} in all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--conversations", type=int, default=64,
+        help="conversations, each with its own history; a request continues one at random",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warmup", type=int, default=300,
+        help="unmeasured decisions per (policy, pool size) pair first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--decisions", type=int, default=400, help="measured decisions per (policy, pool size)"
+    )
+    parser.add_argument(
+        "--batch", type=int, default=20, help="decisions per pair in each interleaved round"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=7, help="seed of the prompts (token ids, conversation picked)"
+    )
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines too")
     parser.add_argument("--plot", metavar="PNG", help="write a bar chart to this PNG")
 

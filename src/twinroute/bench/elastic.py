@@ -73,45 +73,93 @@ DEFAULT_POLICIES = ("dualmap", "consistent_hash", "round_robin")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--live", action="store_true", help="real processes, not the simulator")
-    parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
     parser.add_argument(
-        "--policies",
-        default=None,
-        help=f"default: {','.join(DEFAULT_POLICIES)} (live: dualmap,round_robin)",
-    )
+        "--trace", type=Path, default=None,
+        help="Mooncake JSONL trace (default: the bundled synthetic one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policies", default=None,
+        help=f"comma-separated, from {', '.join(POLICY_NAMES)} (default: "
+        f"{','.join(DEFAULT_POLICIES)}; live: dualmap,round_robin)",
+    )  # fmt: skip
     parser.add_argument("--initial", type=int, default=4, help="instances at the start")
     parser.add_argument("--added", type=int, default=4, help="instances added at scale-out")
     parser.add_argument("--removed", type=int, default=4, help="instances removed at scale-in")
-    parser.add_argument("--scale-out-at", type=float, default=None, help="seconds (arrival time)")
-    parser.add_argument("--scale-in-at", type=float, default=None, help="seconds (arrival time)")
     parser.add_argument(
-        "--rate", type=float, default=None, help="req/s before scale-in (default 6)"
-    )
+        "--scale-out-at", type=float, default=None,
+        help="when --added instances join, seconds of arrival time (default: 90; live: 10)",
+    )  # fmt: skip
     parser.add_argument(
-        "--scale-in-load", type=float, default=0.5, help="share of the rate after scale-in"
-    )
+        "--scale-in-at", type=float, default=None,
+        help="when the load drops and --removed instances drain, seconds of arrival time "
+        "(default: 360; live: 30)",
+    )  # fmt: skip
     parser.add_argument(
-        "--duration", type=float, default=None, help="seconds of arrivals (default: whole trace)"
-    )
-    parser.add_argument("--max-requests", type=int, default=None)
+        "--rate", type=float, default=6.0,
+        help="requests/s before the scale-in (the trace's arrivals rescaled to it)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scale-in-load", type=float, default=0.5,
+        help="arrival rate after the scale-in, as a share of --rate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--duration", type=float, default=None,
+        help="seconds of arrivals (default: the whole trace; live: --scale-in-at + 20)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-requests", type=int, default=None,
+        help="send at most this many requests (default: no limit)",
+    )  # fmt: skip
     parser.add_argument(
         "--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO, seconds"
     )
-    parser.add_argument("--window", type=float, default=None, help="report window, seconds")
-    parser.add_argument("--drain-deadline", type=float, default=120.0, help="seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--virtual-nodes", type=int, default=256)
-    parser.add_argument("--json", type=Path, default=None, help="write the JSON here")
-    parser.add_argument("--out", type=Path, default=Path("results/elastic"))
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--window", type=float, default=None,
+        help="report window, seconds of arrival time (default: 30; live: 5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--drain-deadline", type=float, default=120.0,
+        help="seconds a draining instance's running requests get before it is removed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="simulator: seed of the policies' random choices, the scrape phase, the prefix keys",
+    )  # fmt: skip
+    parser.add_argument(
+        "--virtual-nodes", type=int, default=256,
+        help="virtual nodes per member on each ring, for keys remapped (live: also the "
+        "scheduler's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the JSON here (it is always in --out)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/elastic"),
+        help="folder for the JSON, the table (.md), the PNG and, live, the processes' logs",
+    )  # fmt: skip
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     # Live only.
-    live = parser.add_argument_group("live")
-    live.add_argument("--block-words", type=int, default=16)
-    live.add_argument("--max-output-tokens", type=int, default=16)
-    live.add_argument("--time-scale", type=float, default=1.0, help="engine-sim --time-scale")
-    live.add_argument("--kv-capacity-tokens", type=int, default=None)
-    live.add_argument("--request-timeout", type=float, default=120.0)
+    live = parser.add_argument_group("live", "with --live only")
+    live.add_argument(
+        "--block-words", type=int, default=16,
+        help="prompt words per 512-token trace block (as `twinroute bench live`)",
+    )  # fmt: skip
+    live.add_argument(
+        "--max-output-tokens", type=int, default=16, help="cap on each request's output tokens"
+    )
+    live.add_argument(
+        "--time-scale", type=float, default=1.0,
+        help="engine-sim --time-scale: wall seconds per modelled second",
+    )  # fmt: skip
+    live.add_argument(
+        "--kv-capacity-tokens", type=int, default=None,
+        help="engine KV memory in model tokens (default: the profile's)",
+    )  # fmt: skip
+    live.add_argument(
+        "--request-timeout", type=float, default=120.0,
+        help="seconds a request may take before it counts as failed",
+    )  # fmt: skip
     live.add_argument(
         "--admission-hold", choices=("on", "off"), default="off",
         help="scheduler --admission-hold: held requests are the queued ones Drain can move",

@@ -37,11 +37,14 @@ BASELINE_ANCHOR = "dualmap"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from twinroute.vocabulary import POLICY_NAMES
+
     add_trace_arguments(parser)
     add_pool_arguments(parser)
     parser.add_argument(
-        "--policies", default=None, help="comma-separated policy names (default: all)"
-    )
+        "--policies", default=None,
+        help=f"comma-separated, from {', '.join(POLICY_NAMES)} (default: all)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="seeds per point (0..N-1)")
     parser.add_argument(
         "--fixed-seeds",
@@ -53,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--target", type=float, default=0.9, help="SLO attainment that defines goodput"
     )
     parser.add_argument(
-        "--tolerance", type=float, default=0.03, help="relative width of the final bracket"
-    )
+        "--tolerance", type=float, default=0.03,
+        help="the goodput search stops when its bracket is this narrow (relative width)",
+    )  # fmt: skip
     parser.add_argument(
         "--rates",
         default=None,
@@ -73,7 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rate for the TTFT CDF and load plots (default: best baseline's goodput)",
     )
     parser.add_argument("--jobs", type=int, default=1, help="parallel simulation processes")
-    parser.add_argument("--out", type=Path, default=Path("bench-goodput"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-goodput"),
+        help="folder for results.json, results.md and the PNG plots",
+    )  # fmt: skip
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 

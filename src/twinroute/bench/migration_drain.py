@@ -309,13 +309,22 @@ def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--engines", type=int, default=3)
+    parser.add_argument("--engines", type=int, default=3, help="engine-sim processes")
     parser.add_argument("--rate", type=float, default=4.0, help="streams per second")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of arrivals")
-    parser.add_argument("--max-tokens", type=int, default=500)
-    parser.add_argument("--time-scale", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=500, help="tokens streamed per request")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0,
+        help="engine-sim --time-scale: wall seconds per modelled second",
+    )  # fmt: skip
     parser.add_argument("--drain-at", type=float, default=4.0, help="seconds into the run")
-    parser.add_argument("--drain-timeout", type=float, default=30.0)
-    parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--plot", help="write a PNG here")
-    parser.add_argument("--logs", help="keep the servers' logs in this folder")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=30.0,
+        help="deadline of the Drain RPC, seconds: how long it may wait for the engine to empty",
+    )  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", help="write the results here")
+    parser.add_argument("--plot", metavar="PNG", help="write a PNG here")
+    parser.add_argument(
+        "--logs", metavar="DIR",
+        help="keep the servers' logs in this folder (default: a temporary one, deleted)",
+    )  # fmt: skip

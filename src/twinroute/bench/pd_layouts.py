@@ -56,14 +56,33 @@ def _command(*, policy: str, rate: float, seed: int, warmup: float, layout: str,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rates", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--instances", type=int, default=8)
-    parser.add_argument("--layouts", nargs="+", default=["unified", "3:5", "4:4", "6:2"])
-    parser.add_argument("--policies", nargs="+", default=["dualmap", "round_robin"])
-    parser.add_argument("--warmup", type=float, default=0.125)
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    from twinroute.vocabulary import POLICY_NAMES
+
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[2.0, 4.0, 6.0, 8.0], metavar="RATE",
+        help="request rates to run, req/s",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+        help="seeds to run at each rate",
+    )  # fmt: skip
+    parser.add_argument(
+        "--instances", type=int, default=8, help="GPUs (simulated instances) in every layout"
+    )
+    parser.add_argument(
+        "--layouts", nargs="+", default=["unified", "3:5", "4:4", "6:2"], metavar="LAYOUT",
+        help="unified, or P:D prefill and decode instances (P + D = --instances)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policies", nargs="+", default=["dualmap", "round_robin"], choices=POLICY_NAMES,
+        metavar="POLICY", help=f"policies to compare, from {', '.join(POLICY_NAMES)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--warmup", type=float, default=0.125,
+        help="share of the earliest requests left out of the metrics (simulate --warmup)",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write a PNG here")
 
 
 def run(args: argparse.Namespace) -> int:

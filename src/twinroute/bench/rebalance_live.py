@@ -73,10 +73,21 @@ def read_run(target: Path) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--speedups", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5])
-    parser.add_argument("--duration", type=float, default=120.0)
-    parser.add_argument("--out", type=Path, default=Path("results/rebalance-live"))
-    parser.add_argument("--reuse", action="store_true")
+    parser.add_argument(
+        "--speedups", type=float, nargs="+", default=[1.0, 1.1, 1.25, 1.5], metavar="S",
+        help="trace speedups to run (`bench live --speedup`), each with the hold off and on",
+    )  # fmt: skip
+    parser.add_argument(
+        "--duration", type=float, default=120.0, help="seconds of replay per run (wall clock)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/rebalance-live"),
+        help="folder for each run's `bench live` output (OUT/sS-on|off), "
+        "rebalance_live.json and .png",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip runs whose live.json is already there"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

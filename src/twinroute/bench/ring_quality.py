@@ -135,12 +135,25 @@ def _plot(rows: list[QualityRow], path: str, *, virtual_nodes: int) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)))
-    parser.add_argument("--virtual-nodes", type=int, default=DEFAULT_VIRTUAL_NODES)
-    parser.add_argument("--keys-per-endpoint", type=int, default=2000)
-    parser.add_argument("--min-keys", type=int, default=50_000)
-    parser.add_argument("--check-removals", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+        help="pool sizes N to measure, comma-separated",
+    )  # fmt: skip
+    parser.add_argument(
+        "--virtual-nodes", type=int, default=DEFAULT_VIRTUAL_NODES,
+        help="virtual nodes per endpoint on each of the two rings",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keys-per-endpoint", type=int, default=2000,
+        help="random 64-bit keys placed per endpoint (N x this, at least --min-keys)",
+    )  # fmt: skip
+    parser.add_argument("--min-keys", type=int, default=50_000, help="keys placed at least")
+    parser.add_argument(
+        "--check-removals", type=int, default=3,
+        help="endpoints (those in the most pairs) removed for real, to confirm the computed "
+        "share (0 = none)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=2026, help="seed of the random keys")
     parser.add_argument("--json", action="store_true", help="print rows as JSON lines too")
     parser.add_argument("--plot", metavar="PNG", help="write the two panels to this PNG")
 

@@ -232,19 +232,48 @@ def report(results: dict[str, Any], *, out: Path, command: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rate", type=float, default=200.0)
-    parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--routers", default=DEFAULT_ROUTERS)
-    parser.add_argument("--time-scale", type=float, default=1e-4)
-    parser.add_argument("--scheduler", choices=("grpc", "embedded"), default="embedded")
+    from twinroute.vocabulary import POLICY_NAMES
+
+    parser.add_argument(
+        "--rate", type=float, default=200.0,
+        help="requests per second, open loop (non-streaming, max_tokens=1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="seconds measured per path, after a warm-up"
+    )
+    parser.add_argument("--engines", type=int, default=2, help="engine-sim processes")
+    parser.add_argument(
+        "--routers", default=DEFAULT_ROUTERS,
+        help="comma-separated: twinroute_POLICY[_inline] (POLICY from "
+        f"{', '.join(POLICY_NAMES)}; _inline: --offload=off), twinroute_envoy[_full|_gie], "
+        "vllm_POLICY and sglang_POLICY (the peer's own policy, e.g. round_robin, "
+        "cache_aware); the direct path always runs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--time-scale", type=float, default=1e-4,
+        help="engine-sim --time-scale: tiny, so that the modelled GPU time is microseconds",
+    )  # fmt: skip
+    parser.add_argument(
+        "--scheduler", choices=("grpc", "embedded"), default="embedded",
+        help="twinroute routers: a `twinroute scheduler` process, or the router's --embedded",
+    )  # fmt: skip
     parser.add_argument(
         "--long-prompt-kib", type=int, default=0,
-        help="beside the measured requests, one with a prompt this long every --long-every-s",
+        help="beside the measured requests, one with a prompt this long every --long-every-s "
+        "(0 = none)",
     )  # fmt: skip
-    parser.add_argument("--long-every-s", type=float, default=1.0)
-    parser.add_argument("--tokenizer", help="tokenizer.json for the twinroute routers")
-    parser.add_argument("--out", type=Path, default=Path("results/router_overhead"))
+    parser.add_argument(
+        "--long-every-s", type=float, default=1.0, help="seconds between the long-prompt requests"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="a Hugging Face tokenizer.json for the twinroute routers (default: none, they "
+        "key text prompts by characters)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/router_overhead"),
+        help="folder for router_overhead.json, .md and .png and the processes' logs",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry
 from twinroute.bench import command_line
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
+from twinroute.vocabulary import POLICY_NAMES
 
 MODEL = "bench-model"
 
@@ -233,24 +234,48 @@ async def measure(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policies", default="dualmap,round_robin")
-    parser.add_argument("--endpoints", type=int, default=64)
+    parser.add_argument(
+        "--policies", default="dualmap,round_robin",
+        help=f"comma-separated, from {', '.join(POLICY_NAMES)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--endpoints", type=int, default=64, help="static endpoints in the scheduler's pool"
+    )
     parser.add_argument(
         "--block-sizes",
         default="16,64",
-        help="scheduler --key-block-tokens values (tokens per key)",
+        help="scheduler --key-block-tokens values (tokens per key), comma-separated",
     )
-    parser.add_argument("--prompt-tokens", type=int, default=8192)
-    parser.add_argument("--conversations", type=int, default=256)
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=8192,
+        help="token ids per Pick: a 1024-token shared system prompt, up to 4096 of history, "
+        "then a fresh tail",
+    )  # fmt: skip
+    parser.add_argument(
+        "--conversations", type=int, default=256, help="conversations, each its own history"
+    )
     parser.add_argument("--requests", type=int, default=512, help="distinct prompts, cycled")
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rate", type=float, default=2000.0)
-    parser.add_argument("--warmup", type=int, default=500)
-    parser.add_argument("--server-core", type=int, default=0)
-    parser.add_argument("--client-core", type=int, default=1)
-    parser.add_argument("--json", help="write rows here")
-    parser.add_argument("--plot", help="write a PNG here")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0,
+        help="seconds per measurement (in_process: at most 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="saturation: callers in a closed loop"
+    )
+    parser.add_argument(
+        "--rate", type=float, default=2000.0, help="fixed rate: Picks per second, open loop"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=500, help="unmeasured Picks before each measurement"
+    )
+    parser.add_argument(
+        "--server-core", type=int, default=0, help="CPU core the scheduler process is pinned to"
+    )
+    parser.add_argument(
+        "--client-core", type=int, default=1, help="CPU core this (client) process is pinned to"
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to this file")
+    parser.add_argument("--plot", metavar="PNG", help="write a chart to this PNG")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,23 +48,39 @@ VARIANTS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rates", type=float, nargs="+", default=[7.0, 8.0, 9.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--instances", type=int, default=8)
-    parser.add_argument("--warmup", type=float, default=0.125)
-    parser.add_argument("--policy", default="dualmap")
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--plot", type=Path, default=None)
+    from twinroute.vocabulary import POLICY_NAMES
+
+    parser.add_argument(
+        "--rates", type=float, nargs="+", default=[7.0, 8.0, 9.0], metavar="RATE",
+        help="request rates to run, req/s",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+        help="seeds to run at each rate",
+    )  # fmt: skip
+    parser.add_argument("--instances", type=int, default=8, help="simulated instances")
+    parser.add_argument(
+        "--warmup", type=float, default=0.125,
+        help="share of the earliest requests left out of the metrics (simulate --warmup)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policy", default="dualmap", choices=POLICY_NAMES,
+        help="routing policy run with each switch",
+    )  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="write a PNG here")
     parser.add_argument(
         "--weights",
         type=float,
         nargs="*",
         default=[],
+        metavar="WEIGHT",
         help="also run phase-aware with these interference weights (ablation of the score term)",
     )
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="re-tabulate and re-plot saved rows"
-    )
+        "--from-json", type=Path, default=None, metavar="JSON",
+        help="re-tabulate and re-plot the rows saved by --json, running nothing",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
 from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
+from twinroute.vocabulary import POLICY_NAMES
 
 MODEL = "twinroute-sim"
 FAULT_SETTLE_S = 5.0
@@ -73,19 +74,39 @@ ENGINE_SIM_TOKEN_S = 0.006
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of traffic")
-    parser.add_argument("--rate", type=float, default=20.0, help="requests per second")
-    parser.add_argument("--engines", type=int, default=3)
-    parser.add_argument("--groups", type=int, default=12, help="shared system prompts")
-    parser.add_argument("--chaos", action="store_true", help="inject faults (see --help text)")
-    parser.add_argument("--policy", default="dualmap")
+    parser.add_argument(
+        "--rate", type=float, default=20.0, help="requests per second (Poisson arrivals)"
+    )
+    parser.add_argument("--engines", type=int, default=3, help="engine-sim processes (at least 2)")
+    parser.add_argument(
+        "--groups", type=int, default=12,
+        help="shared system prompts; each request adds its own user turn to one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--chaos", action="store_true",
+        help="inject faults at fixed shares of --duration: at 20%% SIGKILL engine 0 (restarted "
+        "2 s later), at 45%% SIGSTOP engine 1 for 3 s (hung), at 60%% Drain engine 1 with no "
+        "token and a wrong token (both must be refused), at 70%% restart the scheduler under "
+        "load with long streams across the restart",
+    )  # fmt: skip
+    parser.add_argument(
+        "--policy", default="dualmap", choices=POLICY_NAMES, help="the scheduler's --policy"
+    )
     parser.add_argument(
         "--time-scale", type=float, default=0.05, help="engine-sim --time-scale (0.05 = 20x fast)"
     )
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--request-timeout", type=float, default=30.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request")
+    parser.add_argument(
+        "--request-timeout", type=float, default=30.0,
+        help="seconds a request may take before it fails as a timeout; also the longest "
+        "wait for requests in flight at the end",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival times")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--log-dir", type=Path, default=Path("results/soak"))
+    parser.add_argument(
+        "--log-dir", type=Path, default=Path("results/soak"),
+        help="folder for the processes' logs and the pool's token file",
+    )  # fmt: skip
 
 
 @dataclass(slots=True)

@@ -235,13 +235,29 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--paths", default=DEFAULT_PATHS, help="comma-separated paths")
-    parser.add_argument("--concurrency", default="16,64,256", help="concurrent streams per run")
+    from twinroute.vocabulary import POLICY_NAMES
+
+    parser.add_argument(
+        "--paths", default=DEFAULT_PATHS,
+        help="comma-separated, besides direct (always run): twinroute_POLICY (POLICY from "
+        f"{', '.join(POLICY_NAMES)}), twinroute_envoy[_full|_gie], vllm_POLICY and "
+        "sglang_POLICY (the peer's own policy, e.g. round_robin, cache_aware)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", default="16,64,256",
+        help="concurrent streams, one run per value, comma-separated",
+    )  # fmt: skip
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per run")
     parser.add_argument("--tokens", type=int, default=200, help="tokens (SSE events) per stream")
-    parser.add_argument("--engines", type=int, default=2)
-    parser.add_argument("--time-scale", type=float, default=1e-4)
-    parser.add_argument("--out", type=Path, default=Path("results/streaming"))
+    parser.add_argument("--engines", type=int, default=2, help="engine-sim processes")
+    parser.add_argument(
+        "--time-scale", type=float, default=1e-4,
+        help="engine-sim --time-scale: near zero, so the proxies' work is what is measured",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/streaming"),
+        help="folder for streaming.json, .md and .png and the processes' logs",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -127,15 +127,19 @@ SCALE_OUT_FLAG = "--enable-scale-out"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
+    parser.add_argument(
+        "--trace", type=Path, default=None,
+        help="Mooncake JSONL trace (default: the bundled synthetic one)",
+    )  # fmt: skip
     parser.add_argument(
         "--trace-window", choices=("end", "start"), default="end",
         help="replay the trace's last requests (its prefix reuse has built up) or its first",
     )  # fmt: skip
     parser.add_argument("--engines", type=int, default=4, help="vLLM servers, one core each")
     parser.add_argument(
-        "--routers", default=",".join(ROUTERS), help=f"comma-separated, from {', '.join(ROUTERS)}"
-    )
+        "--routers", default=",".join(ROUTERS),
+        help="routers to run in turn, comma-separated; the default is every one there is",
+    )  # fmt: skip
     parser.add_argument("--rates", default="2,4", help="comma-separated request rates (req/s)")
     parser.add_argument("--duration", type=float, default=40.0, help="seconds of replay per run")
     parser.add_argument("--ttft-slo-s", type=float, default=1.0, help="TTFT SLO in seconds")
@@ -143,23 +147,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--block-words", type=int, default=1,
         help="words per 512-token trace block (about 6 tokens each with the tiny tokenizer)",
     )  # fmt: skip
-    parser.add_argument("--max-output-tokens", type=int, default=8)
+    parser.add_argument(
+        "--max-output-tokens", type=int, default=8, help="cap on each request's output tokens"
+    )
     parser.add_argument(
         "--kv-tokens-per-engine", type=int, default=4096,
         help="each engine's KV cache, in tokens (the replay's working set should not fit)",
     )  # fmt: skip
     parser.add_argument("--model-layers", type=int, default=4, help="tiny Llama's layers")
     parser.add_argument("--model-hidden", type=int, default=512, help="tiny Llama's width")
-    parser.add_argument("--max-model-len", type=int, default=2048, help="engines' context")
+    parser.add_argument(
+        "--max-model-len", type=int, default=2048,
+        help="engines' context, tokens (prompts are cut to fit it with their output)",
+    )  # fmt: skip
     parser.add_argument("--max-num-seqs", type=int, default=16, help="engines' batch limit")
-    parser.add_argument("--request-timeout", type=float, default=120.0)
-    parser.add_argument("--startup-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--request-timeout", type=float, default=120.0,
+        help="seconds a request may take before it counts as an error",
+    )  # fmt: skip
+    parser.add_argument(
+        "--startup-timeout-s", type=float, default=300.0,
+        help="seconds each vLLM engine gets to become healthy",
+    )  # fmt: skip
     parser.add_argument(
         "--install", action="store_true",
         help="install vLLM (CPU build) into .tools/vllm-venv first when missing (minutes)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
-    parser.add_argument("--out", type=Path, default=Path("results/vllm"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/vllm"),
+        help="folder for vllm.json, vllm.md, a PNG per rate and the processes' logs",
+    )  # fmt: skip
 
 
 # -- workload ---------------------------------------------------------------------------------

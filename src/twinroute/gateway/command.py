@@ -107,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     envoy.add_argument(
         "--envoy-concurrency", type=int, default=1, help="Envoy worker threads (--concurrency)"
     )
-    envoy.add_argument("--admin-port", type=int, default=0, help="Envoy admin on 127.0.0.1")
+    envoy.add_argument(
+        "--admin-port", type=int, default=0, help="Envoy admin port on 127.0.0.1 (0 = a free one)"
+    )
     parser.add_argument(
         "--metrics-listen", default="",
         help="embedded: HOST:PORT for the scheduler's and picker's /metrics and "
