@@ -1,20 +1,31 @@
-"""`twinroute demo` (`make demo`): every routing policy on the bundled Mooncake trace.
+"""`twinroute demo` (`make demo`): why twinroute, on the bundled Mooncake trace, on one machine.
 
-Simulates a pool of 8 vLLM instances (the `llama3-8b-h100` profile) behind the live routing
-core, once per policy and request rate, and prints how each policy fares: the share of
-requests within the TTFT SLO, TTFT percentiles, the engine prefix-cache hit rate against what
-one cache of the whole pool's size could reach, and how evenly the load spreads. Then the live
-part: the start of the same trace through real processes on 127.0.0.1 (engine simulators, the
-gRPC scheduler, the router), with dualmap and with round_robin, and dualmap once more through
-Envoy with the scheduler as its endpoint picker, as `twinroute bench live` does.
-No GPU, no Kubernetes; about two minutes. `twinroute bench goodput` does the full search.
+1. **Simulated**: a pool of 8 vLLM instances (the `llama3-8b-h100` profile) behind the live
+   routing core, once per policy and request rate: the share of requests within the TTFT SLO,
+   TTFT percentiles, the engines' prefix-cache hit rate against what one cache of the whole
+   pool's size could reach, and how evenly the load spreads.
+2. **Live**: a window of the same trace through real processes on 127.0.0.1 (4 engine
+   simulators): what users run today (a Kubernetes Service, i.e. round robin; sglang-router and
+   vllm-router when they can be installed) and twinroute (its router with a `twinroute
+   scheduler`, and Envoy with the scheduler as its endpoint picker), as `twinroute bench live`.
+   The window is one where the trace reuses prefixes: its first minutes barely repeat, so no
+   router could show a cache there.
+3. **Why twinroute**: a summary table, one sentence per alternative, and where twinroute did
+   not win. Everything printed is also saved (Markdown and JSON, each with the command that
+   reproduces it) under `--out`; the terms are defined in docs/glossary.md.
+No GPU, no Kubernetes; about six minutes (two with `--peers off --live-seconds 20`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 from twinroute.simulator.command import positive_int
 from twinroute.simulator.runner import RunSpec, TraceSpec, run_spec
@@ -22,31 +33,66 @@ from twinroute.simulator.traces import bundled_mooncake_trace, read_mooncake, su
 from twinroute.vocabulary import DEFAULT_TTFT_SLO_S
 
 DEFAULT_RATES = (6.0, 8.0)
+# Trace seconds where the live window starts: the bundled trace repeats about a third of its
+# prompt tokens within 40 s from here, against 7% in its first 40 s (`twinroute.bench.live.
+# window_reuse`), and 4 engine simulators are busy but not swamped.
+DEFAULT_LIVE_TRACE_START_S = 900.0
+GLOSSARY = "docs/glossary.md"
+# In the order the live part runs them: twinroute, what users have today, Envoy last.
+LIVE_ROUTERS = (
+    "twinroute_dualmap",
+    "twinroute_round_robin",
+    "sglang_cache_aware",
+    "vllm_cache_aware",
+    "twinroute_envoy",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rates",
         default=",".join(f"{r:g}" for r in DEFAULT_RATES),
-        help="comma-separated request rates (req/s) to replay the trace at",
+        help="comma-separated request rates (req/s) to replay the trace at, simulated",
     )
     parser.add_argument(
         "--instances", type=positive_int, default=8, help="vLLM instances in the simulated pool"
     )
-    parser.add_argument("--policies", default=None, help="comma-separated (default: all)")
     parser.add_argument(
-        "--ttft-slo-s", type=float, default=DEFAULT_TTFT_SLO_S, help="TTFT SLO, seconds"
+        "--policies",
+        default=None,
+        help="comma-separated routing policies to simulate (default: every policy)",
+    )
+    parser.add_argument(
+        "--ttft-slo-s",
+        type=float,
+        default=DEFAULT_TTFT_SLO_S,
+        help="TTFT objective in seconds, simulated and live",
     )
     parser.add_argument(
         "--live-seconds",
         type=float,
         default=40.0,
-        help="then replay the trace for this long through real processes on 127.0.0.1 (4 "
-        "engine simulators, `twinroute scheduler`, `twinroute router`), once with dualmap and "
-        "once with round_robin, then dualmap through Envoy (`twinroute gateway`); 0 = skip",
+        help="then replay this many seconds of the trace through real processes on 127.0.0.1, "
+        "once per router; 0 = simulated part only",
     )
     parser.add_argument(
-        "--out", default="results/demo", help="folder for the live part's table, JSON and PNGs"
+        "--live-trace-start-s",
+        type=float,
+        default=DEFAULT_LIVE_TRACE_START_S,
+        help="where in the trace (seconds) the live window starts",
+    )
+    parser.add_argument(
+        "--peers",
+        choices=("on", "off"),
+        default="on",
+        help="live: also run sglang-router and vllm-router (pip-installed into "
+        ".tools/peers-venv on first use; skipped when they cannot be installed)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/demo"),
+        help="folder for the tables (Markdown and JSON) and PNG plots",
     )
 
 
@@ -60,26 +106,64 @@ def run(args: argparse.Namespace) -> int:
     )
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
-        print(f"twinroute demo: unknown policies {unknown}", file=sys.stderr)
+        print(
+            f"twinroute demo: unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}",
+            file=sys.stderr,
+        )
         return 2
-    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    try:
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    except ValueError:
+        print(f"twinroute demo: --rates wants numbers, got {args.rates!r}", file=sys.stderr)
+        return 2
+    if not rates or min(rates) <= 0 or args.ttft_slo_s <= 0 or args.live_seconds < 0:
+        print(
+            "twinroute demo: --rates > 0, --ttft-slo-s > 0 and --live-seconds >= 0 please",
+            file=sys.stderr,
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    simulated = _simulated(args, policies=policies, rates=rates)
+    live_document: dict[str, Any] | None = None
+    if args.live_seconds > 0:
+        code, live_document = _live(args)
+        if code != 0:
+            return code
+    _summary(args, simulated=simulated, live=live_document)
+    return 0
+
+
+# -- simulated ---------------------------------------------------------------------------------
+
+
+def _simulated(
+    args: argparse.Namespace, *, policies: list[str], rates: list[float]
+) -> dict[str, Any]:
+    from twinroute.bench.live import seconds
+
     path = bundled_mooncake_trace()
     summary = summarize(read_mooncake(path))
     trace = TraceSpec(path=str(path))
-    print(
-        f"Mooncake synthetic trace: {summary.requests} requests, mean prompt "
-        f"{summary.mean_prompt_tokens:,.0f} tokens, recorded at {summary.rate_rps:.2f} req/s; "
-        f"{args.instances} simulated instances (llama3-8b-h100), TTFT SLO {args.ttft_slo_s:g} s"
+    intro = (
+        f"Simulated: the bundled Mooncake trace ({summary.requests:,} requests, mean prompt "
+        f"{summary.mean_prompt_tokens:,.0f} tokens, recorded at {summary.rate_rps:.2f} req/s) "
+        f"through {args.instances} simulated vLLM instances (Llama-3-8B on H100), every "
+        f"routing policy, TTFT SLO {args.ttft_slo_s:g} s. Terms: {GLOSSARY}."
     )
+    print(intro, flush=True)
     started = time.perf_counter()
     header = (
-        f"{'rate':>6} {'policy':<16} {'within SLO':>10} {'TTFT p50':>9} {'TTFT p90':>9} "
-        f"{'cache hit':>9} {'ideal':>6} {'load CV':>7} {'SLO switches':>12}"
+        "| req/s | policy | within SLO | TTFT p50 | TTFT p90 | cache hit | ideal "
+        "| load CV | SLO switches |"
     )
-    print(header)
-    print("-" * len(header))
+    rule = "|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+    lines = [header, rule]
+    print(header, flush=True)
+    print(rule, flush=True)
+    records: dict[str, dict[str, Any]] = {}
+    verdicts: list[str] = []
     for rate in rates:
-        rows = []
+        rows: list[tuple[str, Any]] = []
         for policy in policies:
             spec = RunSpec(
                 trace=trace,
@@ -90,44 +174,170 @@ def run(args: argparse.Namespace) -> int:
             )
             result = run_spec(spec, progress=None)
             rows.append((policy, result))
-            print(
-                f"{rate:>6g} {policy:<16} {100 * result.slo_attainment:>9.1f}% "
-                f"{result.ttft_p50_s:>8.2f}s {result.ttft_p90_s:>8.2f}s "
-                f"{100 * result.cache_hit_rate:>8.1f}% {100 * result.ideal_cache_hit_rate:>5.1f}% "
-                f"{result.load_cv:>7.2f} {result.slo_switches:>12}",
-                flush=True,
+            records.setdefault(f"{rate:g}", {})[policy] = result.summary()
+            line = (
+                f"| {rate:g} | {policy} | {result.slo_attainment:.1%} "
+                f"| {seconds(result.ttft_p50_s)} | {seconds(result.ttft_p90_s)} "
+                f"| {result.cache_hit_rate:.1%} | {result.ideal_cache_hit_rate:.1%} "
+                f"| {result.load_cv:.2f} | {result.slo_switches} |"
             )
-        best = max(rows, key=lambda row: row[1].slo_attainment)
-        print(f"{'':>6} best within SLO at {rate:g} req/s: {best[0]}")
-        print()
+            lines.append(line)
+            print(line, flush=True)
+        verdicts.append(_rank_line(rate, rows))
+    for verdict in verdicts:
+        print(verdict)
+    elapsed = time.perf_counter() - started
     print(
-        f"({time.perf_counter() - started:.0f} s; `twinroute bench goodput` finds each "
-        "policy's highest rate within the SLO)"
+        f"({elapsed:.0f} s. `ideal` is what one cache as large as the whole pool would hit; "
+        "`twinroute bench goodput` finds each policy's highest rate within the SLO.)",
+        flush=True,
     )
-    if args.live_seconds <= 0:
-        return 0
-    return _live(seconds=args.live_seconds, slo_s=args.ttft_slo_s, out=args.out)
+    command = shlex.join(
+        [
+            "twinroute", "demo", "--live-seconds", "0",
+            "--rates", ",".join(f"{r:g}" for r in rates),
+            "--instances", str(args.instances), "--ttft-slo-s", f"{args.ttft_slo_s:g}",
+            *(["--policies", ",".join(policies)] if args.policies else []),
+        ]
+    )  # fmt: skip
+    ideal = max(
+        (float(row["ideal_cache_hit_rate"]) for by in records.values() for row in by.values()),
+        default=None,
+    )
+    document = {
+        "command": command,
+        "trace": path.name,
+        "instances": args.instances,
+        "ttft_slo_s": args.ttft_slo_s,
+        "rates": records,
+        "verdicts": verdicts,
+    }
+    (args.out / "simulated.json").write_text(json.dumps(document, indent=1) + "\n")
+    (args.out / "simulated.md").write_text(
+        f"Command: `{command}`\n\n{intro}\n\n" + "\n".join(lines) + "\n\n"
+        + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    )  # fmt: skip
+    return {"document": document, "ideal": ideal}
 
 
-def _live(*, seconds: float, slo_s: float, out: str) -> int:
-    """The same trace through the real processes, via `twinroute bench live`."""
+def _rank_line(rate: float, rows: list[tuple[str, Any]]) -> str:
+    """Where dualmap stands among the policies at one rate, said plainly either way."""
+    ranked = sorted(rows, key=lambda row: row[1].slo_attainment, reverse=True)
+    best_name, best = ranked[0]
+    place = next((i for i, (name, _) in enumerate(ranked, start=1) if name == "dualmap"), None)
+    if place is None:
+        return f"{rate:g} req/s: best within the SLO {best_name} ({best.slo_attainment:.1%})"
+    ours = ranked[place - 1][1]
+    if place == 1:
+        runner_name, runner = ranked[1] if len(ranked) > 1 else ranked[0]
+        return (
+            f"{rate:g} req/s: dualmap kept the most requests within the SLO "
+            f"({ours.slo_attainment:.1%}; next {runner_name} {runner.slo_attainment:.1%})"
+        )
+    return (
+        f"{rate:g} req/s: dualmap {ours.slo_attainment:.1%} within the SLO, "
+        f"{_ordinal(place)} of {len(ranked)}; {best_name} did best ({best.slo_attainment:.1%})"
+    )
+
+
+def _ordinal(place: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(place, f"{place}th")
+
+
+# -- live --------------------------------------------------------------------------------------
+
+
+def _live(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """A window of the trace through real processes, via `twinroute bench live`."""
     from twinroute.bench import live
 
+    routers = [name for name in LIVE_ROUTERS
+               if args.peers == "on" or not name.startswith(("sglang", "vllm"))]  # fmt: skip
+    routers = _installable(routers)
     print()
     print(
-        f"Live: the trace's first {seconds:g} s replayed through 4 `twinroute engine-sim` "
-        "processes behind `twinroute scheduler` (gRPC) and `twinroute router`, then behind "
-        "Envoy with the scheduler as its endpoint picker (`twinroute gateway`), on 127.0.0.1"
+        f"Live: {args.live_seconds:g} s of the same trace (from second "
+        f"{args.live_trace_start_s:g}) sent to 4 `twinroute engine-sim` processes on 127.0.0.1 "
+        "through each of: " + ", ".join(live.label(name) for name in routers) + ".",
+        flush=True,
     )
+    argv = [
+        f"--routers={','.join(routers)}",
+        f"--duration={args.live_seconds:g}",
+        f"--trace-start-s={args.live_trace_start_s:g}",
+        f"--ttft-slo-s={args.ttft_slo_s:g}",
+        "--twinroute-scheduler=grpc",
+        f"--out={args.out}",
+    ]
     parser = argparse.ArgumentParser(prog="twinroute demo (live)")
     live.add_arguments(parser)
-    live_args = parser.parse_args(
-        [
-            "--routers=twinroute_dualmap,twinroute_round_robin,twinroute_envoy",
-            f"--duration={seconds}",
-            f"--ttft-slo-s={slo_s}",
-            "--twinroute-scheduler=grpc",
-            f"--out={out}",
+    live_args = parser.parse_args(argv)
+    live_args.reproduce_with = shlex.join(["twinroute", "bench", "live", *argv])
+    code = live.run(live_args)
+    if code != 0:
+        return code, None
+    document: dict[str, Any] = json.loads((args.out / "live.json").read_text())
+    return 0, document
+
+
+def _installable(routers: list[str]) -> list[str]:
+    """The routers whose programs are here or can be installed; the others are skipped with
+    the reason (no network, no wheel for this platform)."""
+    from twinroute.bench import live
+
+    kept = []
+    for name in routers:
+        try:
+            live.ensure_peers([name])
+        except (subprocess.CalledProcessError, OSError) as error:
+            print(f"skipping {live.label(name)}: it could not be installed ({error})", flush=True)
+            continue
+        kept.append(name)
+    return kept
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def _summary(
+    args: argparse.Namespace, *, simulated: dict[str, Any], live: dict[str, Any] | None
+) -> None:
+    from twinroute.bench import command_line
+    from twinroute.demo_report import live_verdict
+
+    out: Path = args.out
+    sections = ["# Why twinroute?", ""]
+    data: dict[str, Any] = {"simulated": simulated["document"]["verdicts"]}
+    if live is not None:
+        verdict = live_verdict(live, simulated_ideal=simulated["ideal"])
+        sections += [
+            f"Live, {live['requests']} requests through each path "
+            f"(reproduce: `{live['command']}`):",
+            "",
+            verdict.markdown,
+            "",
         ]
+        data["live"] = verdict.data
+        data["live_command"] = live["command"]
+    sections += [
+        f"Simulated, {args.instances} instances, the whole trace "
+        f"(reproduce: `{simulated['document']['command']}`):",
+        "",
+        *(f"- {line}" for line in simulated["document"]["verdicts"]),
+        "",
+        f"What the numbers mean: {GLOSSARY}. More: BENCHMARKS.md (every benchmark, and where "
+        'twinroute loses); on Kubernetes: README.md, "Running on Kubernetes".',
+    ]
+    text = "\n".join(sections)
+    written = sorted(
+        p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".json", ".png")
     )
-    return live.run(live_args)
+    written = sorted({*written, "summary.md", "summary.json"})
+    data["command"] = command_line()
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps(data, indent=1) + "\n")
+    print()
+    print("=" * 78)
+    print(text)
+    print()
+    print(f"Saved in {out}/: {', '.join(written)}")

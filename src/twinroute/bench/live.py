@@ -31,8 +31,6 @@ import argparse
 import asyncio
 import json
 import math
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from twinroute.bench import command_line
 from twinroute.bench.pd_live import (
     PD_SUFFIX,
     engine_roles,
@@ -76,32 +75,63 @@ def _default_trace() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--trace", type=Path, default=None, help="Mooncake JSONL trace")
-    parser.add_argument("--engines", type=int, default=4)
+    from twinroute.simulator.profiles import INSTANCE_PROFILES
+
+    parser.add_argument(
+        "--trace", type=Path, default=None,
+        help="Mooncake JSONL trace (default: the bundled synthetic one)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--engines", type=int, default=4, help="engine-sim processes, started afresh per router"
+    )
     parser.add_argument(
         "--routers",
         default=",".join(ROUTERS),
-        help=f"comma-separated, from {', '.join(ROUTERS)}, and {ENVOY_PREFIX} (Envoy with the "
-        "endpoint picker)",
+        help=f"comma-separated, from {', '.join(ROUTERS)}, and {ENVOY_PREFIX}[_full|_gie] "
+        "(Envoy with the endpoint picker)",
     )
     parser.add_argument(
         "--duration", type=float, default=120.0, help="seconds of replay (wall clock) per router"
     )
     parser.add_argument(
-        "--speedup", type=float, default=1.0, help="arrival-time compression of the trace"
-    )
+        "--speedup", type=float, default=1.0,
+        help="arrival-time compression of the trace (2 = twice its request rate)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trace-start-s", type=float, default=0.0,
+        help="replay the trace from this many seconds in (trace time); later windows of a "
+        "trace reuse more prefixes",
+    )  # fmt: skip
     parser.add_argument("--ttft-slo-s", type=float, default=2.0, help="TTFT SLO in seconds")
-    parser.add_argument("--block-words", type=int, default=16)
-    parser.add_argument("--max-output-tokens", type=int, default=32)
-    parser.add_argument("--profile", default="llama3-8b-h100")
+    parser.add_argument(
+        "--block-words", type=int, default=16,
+        help="prompt words per 512-token trace block; must divide 512 (each word costs "
+        "512/N model tokens)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-output-tokens", type=int, default=32, help="cap on each request's output tokens"
+    )
+    parser.add_argument(
+        "--profile", default="llama3-8b-h100", choices=sorted(INSTANCE_PROFILES),
+        help="engine-sim --profile: the hardware and model the engines simulate",
+    )  # fmt: skip
     parser.add_argument(
         "--kv-capacity-tokens", type=int, default=None,
         help="engine KV memory in model tokens (default: the profile's)",
     )  # fmt: skip
-    parser.add_argument("--time-scale", type=float, default=1.0, help="engine-sim --time-scale")
-    parser.add_argument("--request-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0,
+        help="engine-sim --time-scale: wall seconds per modelled second",
+    )  # fmt: skip
+    parser.add_argument(
+        "--request-timeout", type=float, default=300.0,
+        help="seconds a request may take before it counts as an error",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
-    parser.add_argument("--out", type=Path, default=Path("results/live"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/live"),
+        help="folder for live.json, live.md, the PNG plots and the processes' logs",
+    )  # fmt: skip
     parser.add_argument(
         "--pd", default=None, metavar="P:D",
         help="also run each twinroute router as NAME+pd over P prefill and D decode engines "
@@ -150,8 +180,16 @@ class Workload:
 
 
 def load_workload(
-    *, trace: Path, duration_s: float, speedup: float, block_words: int, max_output: int
+    *,
+    trace: Path,
+    duration_s: float,
+    speedup: float,
+    block_words: int,
+    max_output: int,
+    start_s: float = 0.0,
 ) -> Workload:
+    """The trace's requests that arrive in [`start_s`, `start_s` + `duration_s` x `speedup`)
+    of trace time, their arrivals made relative to `start_s` and divided by `speedup`."""
     from twinroute.simulator.traces import read_mooncake
 
     scale = TRACE_BLOCK_TOKENS // block_words
@@ -162,20 +200,25 @@ def load_workload(
     blocks: list[npt.NDArray[np.int64]] = []
     base = 0
     for chunk in read_mooncake(trace):
-        arrival = chunk.arrival_s / speedup
-        keep = arrival < duration_s
-        count = int(keep.sum())
-        if count == 0:
+        arrival = (chunk.arrival_s - start_s) / speedup
+        # Arrivals are sorted, so the window is one slice [first, last) of the chunk.
+        first = int(np.searchsorted(arrival, 0.0, side="left"))
+        last = int(np.searchsorted(arrival, duration_s, side="left"))
+        if first == last:
+            if last < len(chunk):
+                break
+            continue
+        arrivals.append(arrival[first:last])
+        words.append(np.maximum(1, -(-chunk.prompt_tokens[first:last] // scale)))
+        outputs.append(np.clip(chunk.output_tokens[first:last], 1, max_output))
+        begin, end = int(chunk.block_offsets[first]), int(chunk.block_offsets[last])
+        offsets.append(chunk.block_offsets[first:last] - begin + base)
+        blocks.append(chunk.block_ids[begin:end])
+        base += end - begin
+        if last < len(chunk):
             break
-        arrivals.append(arrival[:count])
-        words.append(np.maximum(1, -(-chunk.prompt_tokens[:count] // scale)))
-        outputs.append(np.clip(chunk.output_tokens[:count], 1, max_output))
-        end = int(chunk.block_offsets[count])
-        offsets.append(chunk.block_offsets[:count] + base)
-        blocks.append(chunk.block_ids[:end])
-        base += end
-        if count < len(chunk):
-            break
+    if not arrivals:
+        raise ValueError(f"no request of {trace} arrives between {start_s:g} s and the end")
     return Workload(
         arrival_s=np.concatenate(arrivals),
         prompt_words=np.concatenate(words),
@@ -570,6 +613,68 @@ def _tpot_and_transfers(result: Replay, delta: Any) -> dict[str, Any]:
 # -- report -----------------------------------------------------------------------------------
 
 
+# What each router is, for people: bench names are for the command line and the JSON.
+LABELS = {
+    "twinroute_dualmap": "twinroute router (dualmap)",
+    "twinroute_round_robin": "round robin (a Kubernetes Service)",
+    "twinroute_consistent_hash": "plain prefix hash",
+    "twinroute_envoy": "twinroute via Envoy (endpoint picker)",
+    "twinroute_envoy_full": "twinroute via Envoy (picker sees responses)",
+    "twinroute_envoy_gie": "twinroute via Envoy (GIE full duplex)",
+    "sglang_cache_aware": "sglang-router (cache_aware)",
+    "vllm_cache_aware": "vllm-router (cache_aware)",
+}
+# One colour per router in every plot, so a router is the same colour everywhere.
+COLOURS = {
+    "twinroute_dualmap": "tab:blue",
+    "twinroute_envoy": "tab:cyan",
+    "twinroute_round_robin": "tab:grey",
+    "sglang_cache_aware": "tab:orange",
+    "vllm_cache_aware": "tab:green",
+}
+_SPARE_COLOURS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:red")
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def colours(names: Sequence[str]) -> dict[str, str]:
+    spare = iter(_SPARE_COLOURS * (1 + len(names) // len(_SPARE_COLOURS)))
+    return {name: COLOURS.get(name) or next(spare) for name in names}
+
+
+def window_reuse(workload: Workload) -> float:
+    """The share of prompt words that repeat an earlier request of the same window, block by
+    leading block (a cache that starts empty and never evicts, as the engines' counters see
+    it: the last prompt token is always computed). No router can hit more from cold caches."""
+    seen: set[int] = set()
+    reused = total = 0
+    for index in range(len(workload)):
+        blocks = workload.block_ids[
+            workload.block_offsets[index] : workload.block_offsets[index + 1]
+        ].tolist()
+        words = int(workload.prompt_words[index])
+        matched = 0
+        for block in blocks:
+            if block not in seen:
+                break
+            matched += 1
+        reused += min(words - 1, matched * workload.block_words)
+        total += words
+        seen.update(blocks)
+    return reused / total if total else 0.0
+
+
+def seconds(value: float | None) -> str:
+    """Seconds for people: ms below one second, 3 significant figures."""
+    if value is None or math.isnan(value):
+        return "-"
+    if value < 1.0:
+        return f"{value * 1000:.3g} ms"
+    return f"{value:.3g} s"
+
+
 def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -589,47 +694,93 @@ def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, Any]], *, out: Path, slo_s: float) -> list[Path]:
+def plot(
+    results: dict[str, dict[str, Any]],
+    *,
+    out: Path,
+    slo_s: float,
+    reuse_in_window: float | None = None,
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = list(results)
+    colour = colours(names)
     paths: list[Path] = []
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 4.8))
     for name, r in results.items():
         ttft = np.sort(np.asarray([x for x in r["ttft_s"] if not math.isnan(x)]))
         if len(ttft):
-            axis.plot(ttft, np.arange(1, len(ttft) + 1) / r["requests"], label=name)
-    axis.axvline(slo_s, color="grey", linestyle="--", label=f"SLO {slo_s:g}s")
+            share = 100 * np.arange(1, len(ttft) + 1) / r["requests"]
+            axis.plot(ttft, share, label=label(name), color=colour[name], linewidth=1.8)
+    axis.axvline(slo_s, color="black", linestyle="--", linewidth=1, label=f"SLO {slo_s:g} s")
     axis.set_xscale("log")
-    axis.set_xlabel("TTFT (s), client side")
-    axis.set_ylabel("share of requests")
-    axis.set_title("Live: TTFT CDF per router (same engines, same trace)")
-    axis.legend()
+    axis.set_ylim(0, 101)
+    axis.set_xlabel("time to first token, client side (s, log scale)")
+    axis.set_ylabel("requests answered by then (%)")
+    axis.set_title(
+        "Live: share of requests whose first token came within x seconds\n"
+        "(same engines, same requests; further up and left is better)",
+        fontsize=10,
+    )
+    axis.legend(fontsize=8, loc="lower right")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     paths.append(out / "live_ttft_cdf.png")
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
 
-    names = list(results)
-    figure, axes = plt.subplots(1, 3, figsize=(12, 4))
-    for axis, key, title in zip(
-        axes,
-        ("slo_attainment", "cache_hit_rate", "max_over_mean_load"),
-        (f"SLO attainment (TTFT <= {slo_s:g}s)", "engine prefix-cache hit rate", "max/mean load"),
-        strict=True,
-    ):
-        axis.bar(range(len(names)), [results[n][key] for n in names], color="tab:blue")
-        axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-        axis.set_title(title, fontsize=10)
+    figure, axes = plt.subplots(1, 4, figsize=(15, 4.6))
+    panels: list[tuple[str, str, str, float]] = [
+        ("slo_attainment", f"within the {slo_s:g} s TTFT SLO", "requests (%)", 100.0),
+        ("ttft_p50_s", "median TTFT", "seconds", 1.0),
+        ("cache_hit_rate", "prompt tokens found cached", "prompt tokens (%)", 100.0),
+        ("max_over_mean_load", "busiest engine's share of requests", "max / mean", 1.0),
+    ]
+    hints = ("higher is better", "lower is better", "higher is better", "lower is better; 1 = even")
+    positions = range(len(names))
+    for axis, (key, title, unit, factor), hint in zip(axes, panels, hints, strict=True):
+        values = [factor * results[n][key] if results[n][key] is not None else 0.0 for n in names]
+        bars = axis.bar(positions, values, color=[colour[n] for n in names])
+        shown = [f"{v:.1f}%" if factor == 100.0 else f"{v:.3g}" for v in values]
+        axis.bar_label(bars, labels=shown, fontsize=8, padding=2)
+        axis.set_xticks(list(positions), [label(n) for n in names], rotation=30, ha="right",
+                        fontsize=8)  # fmt: skip
+        axis.set_title(f"{title}\n({hint})", fontsize=10)
+        axis.set_ylabel(unit)
         axis.grid(axis="y", alpha=0.3)
+        top = max(values, default=0.0)
+        if factor == 100.0:
+            axis.set_ylim(0, 105)
+        else:
+            axis.set_ylim(0, top * 1.2 if top else 1.0)
+        if key == "cache_hit_rate" and reuse_in_window is not None:
+            axis.axhline(
+                100 * reuse_in_window, color="black", linestyle="--", linewidth=1,
+                label=f"the most any router can hit\nhere: {100 * reuse_in_window:.1f}%",
+            )  # fmt: skip
+            axis.legend(fontsize=7, loc="upper right")
+        if key == "max_over_mean_load":
+            axis.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    figure.suptitle("Live: the same requests through each router, to the same engines", fontsize=11)
     figure.tight_layout()
     paths.append(out / "live_summary.png")
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
     return paths
+
+
+def drop_empty_logs(folder: Path) -> None:
+    """Logs nobody wrote to say nothing; an empty folder goes too."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_file() and path.stat().st_size == 0:
+            path.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _stop_on_sigterm() -> None:
@@ -650,8 +801,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not names:
         print(f"bench live: unknown routers {unknown}; choose from {', '.join(ROUTERS)}")
         return 2
-    if args.engines < 1 or args.duration <= 0 or args.speedup <= 0:
-        print("bench live: --engines >= 1, --duration > 0 and --speedup > 0 please")
+    if args.engines < 1 or args.duration <= 0 or args.speedup <= 0 or args.trace_start_s < 0:
+        print(
+            "bench live: --engines >= 1, --duration > 0, --speedup > 0 and "
+            "--trace-start-s >= 0 please"
+        )
         return 2
     if TRACE_BLOCK_TOKENS % args.block_words:
         print(f"bench live: --block-words must divide {TRACE_BLOCK_TOKENS}")
@@ -673,6 +827,7 @@ def run(args: argparse.Namespace) -> int:
         speedup=args.speedup,
         block_words=args.block_words,
         max_output=args.max_output_tokens,
+        start_s=args.trace_start_s,
     )
     print(
         f"live bench: {len(workload)} requests over {args.duration:g}s "
@@ -680,18 +835,24 @@ def run(args: argparse.Namespace) -> int:
         f"routers {', '.join(names)}",
         flush=True,
     )
+    reuse = window_reuse(workload)
     _stop_on_sigterm()
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        print(f"  {name} ...", flush=True)
+    for index, name in enumerate(names, start=1):
+        print(f"  [{index}/{len(names)}] {label(name)} ({name}) ...", flush=True)
         results[name] = asyncio.run(run_one(name, args, workload))
         r = results[name]
+        failures = f" ({'; '.join(r['error_samples'][:2])})" if r["errors"] else ""
         print(
-            f"  {name}: p50 {r['ttft_p50_s']}, SLO {r['slo_attainment']:.1%}, "
-            f"hit {r['cache_hit_rate']:.1%}, errors {r['errors']} {r['error_samples'][:2]}",
+            f"  [{index}/{len(names)}] {label(name)}: TTFT p50 {seconds(r['ttft_p50_s'])}, "
+            f"p90 {seconds(r['ttft_p90_s'])}, within SLO {r['slo_attainment']:.1%}, "
+            f"cache hit {r['cache_hit_rate']:.1%} (at most {reuse:.1%}), "
+            f"errors {r['errors']}{failures}",
             flush=True,
         )
-    command = "twinroute bench live " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    drop_empty_logs(args.out / "logs")
+    # A caller that builds the arguments itself (`twinroute demo`) says how to rerun them.
+    command = getattr(args, "reproduce_with", None) or command_line()
     text = table(results, slo_s=args.ttft_slo_s)
     if args.pd is not None:
         text += f"\n\nPrefill/decode ({args.pd} for the +pd runs):\n\n" + pd_table(results)
@@ -701,12 +862,18 @@ def run(args: argparse.Namespace) -> int:
         "requests": len(workload),
         "engines": args.engines,
         "slo_s": args.ttft_slo_s,
+        "trace": trace.name,
+        "trace_start_s": args.trace_start_s,
+        "duration_s": args.duration,
+        "speedup": args.speedup,
+        # No router can hit more than this from empty caches (`window_reuse`).
+        "reuse_in_window": reuse,
         "routers": results,
     }
     (args.out / "live.json").write_text(json.dumps(document, indent=1))
     if args.json:
         args.json.write_text(json.dumps(document, indent=1))
-    plots = plot(results, out=args.out, slo_s=args.ttft_slo_s)
+    plots = plot(results, out=args.out, slo_s=args.ttft_slo_s, reuse_in_window=reuse)
     if args.pd is not None:
         plots.append(plot_pd(results, out=args.out, split=args.pd))
     (args.out / "live.md").write_text(
