@@ -196,8 +196,8 @@ def test_simulate_cli_runs_a_disaggregated_pool(capsys: pytest.CaptureFixture[st
     code = main(["simulate", "--pd", "1:2", "--max-requests", "40", "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "instances" in out and " 3\n" in out
-    assert "disaggregated_requests" in out and "pd_split" in out
+    assert "3 instances (1:2)" in out
+    assert "prefill/decode" in out and "disaggregated_requests 25" in out
 
 
 def test_a_pd_pool_refuses_a_membership_schedule() -> None:

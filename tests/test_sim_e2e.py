@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,6 +121,18 @@ def test_simulate_command_writes_json(tmp_path: Path) -> None:
     ):
         assert key in metrics
     assert metrics["requests"] == 200
+
+
+def test_simulate_prints_figures_for_people(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--format", "synthetic", "--synthetic-requests", "200",
+                 "--instances", "2", "--quiet"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "{" not in out, "no raw dict"
+    assert not re.search(r"\d\.\d{5,}", out), "no unformatted float"
+    assert re.search(r"within SLO +\d+\.\d%", out)
+    assert re.search(r"TTFT p50/p90/p99 +[\d.]+ m?s / ", out)
+    assert "docs/glossary.md" in out
 
 
 def test_simulate_command_reports_a_bad_trace(

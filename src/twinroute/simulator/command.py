@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from twinroute.simulator.cluster import SIMULATED_SCRAPE_INTERVAL_S
 from twinroute.simulator.disaggregation import parse_pd
@@ -234,11 +236,70 @@ def run(args: argparse.Namespace) -> int:
         rebalance=args.rebalance,
         phase_aware=args.phase_aware,
     )
-    width = max(len(k) for k in metrics)
-    for key, value in metrics.items():
-        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"{key:<{width}}  {shown}")
+    shown_trace = Path(trace.path).name if trace.path else f"a {trace.trace_format} trace"
+    print("\n".join(report(metrics, trace=shown_trace)))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def _seconds(value: object) -> str:
+    """Seconds for people: ms below one second, 3 significant figures."""
+    if not isinstance(value, int | float) or math.isnan(value):
+        return "-"
+    return f"{value * 1000:.3g} ms" if abs(value) < 1.0 else f"{value:.3g} s"
+
+
+def _share(value: object) -> str:
+    return f"{value:.1%}" if isinstance(value, int | float) and not math.isnan(value) else "-"
+
+
+def report(metrics: dict[str, Any], *, trace: str) -> list[str]:
+    """What `twinroute simulate` prints: each figure once, with its unit (the JSON keys and
+    their meaning are in docs/glossary.md)."""
+    m = metrics
+    decisions: dict[str, int] = dict(m["decisions"])
+    lines = [
+        f"{m['policy']} on {trace}: {m['instances']} instances ({m['pd_split']}), "
+        f"{m['rate_rps']:.3g} req/s, TTFT SLO {m['ttft_slo_s']:g} s, seed {m['seed']}",
+        f"  within SLO          {_share(m['slo_attainment'])}",
+        f"  TTFT p50/p90/p99    {_seconds(m['ttft_p50_s'])} / {_seconds(m['ttft_p90_s'])} / "
+        f"{_seconds(m['ttft_p99_s'])}",
+        f"  e2e p50/p90         {_seconds(m['e2e_p50_s'])} / {_seconds(m['e2e_p90_s'])}",
+        f"  TPOT p50/p90        {_seconds(m['tpot_p50_s'])} / {_seconds(m['tpot_p90_s'])}",
+        f"  cache hit           {_share(m['cache_hit_rate'])} of prompt tokens (ideal "
+        f"{_share(m['ideal_cache_hit_rate'])}, unbounded {_share(m['unbounded_cache_hit_rate'])})",
+        f"  load CV             {m['load_cv']:.2f} (0 = perfectly even)",
+        f"  TTFT prediction     median error {_seconds(m['ttft_prediction_error_p50_s'])}, "
+        f"{_share(m['ttft_prediction_abs_error_ratio_p50'])} of TTFT; SLO misses predicted "
+        f"within it {_share(m['slo_misses_predicted_ok'])}",
+        "  decisions           "
+        + (
+            ", ".join(
+                f"{reason} {count:,}"
+                for reason, count in sorted(decisions.items(), key=lambda item: -item[1])
+            )
+            or "-"
+        ),
+        f"  SLO switches {m['slo_switches']:,}, rebalance moves {m['rebalance_moves']:,}, "
+        f"preemptions {m['preemptions']:,}; rebalancing {m['rebalance']}, phase-aware "
+        f"{m['phase_aware']}",
+    ]
+    pd = m.get("pd")
+    if isinstance(pd, dict) and pd:
+        shown = ", ".join(
+            f"{key} {_seconds(value) if key.endswith('_s') else _share(value)}"
+            if key.endswith(("_s", "_utilisation"))
+            else f"{key} {value:,.0f}"
+            if isinstance(value, int | float)
+            else f"{key} {value}"
+            for key, value in sorted(pd.items())
+        )
+        lines.append(f"  prefill/decode      {shown}")
+    lines.append(
+        f"  {m['requests']:,} requests ({m['measured_requests']:,} measured), "
+        f"{m['sim_duration_s']:,.0f} s simulated in {m['wall_s']:.1f} s; time scale "
+        f"{m['time_scale']:.3g}. Terms: docs/glossary.md; --json FILE keeps every figure."
+    )
+    return lines
