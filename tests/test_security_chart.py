@@ -44,6 +44,7 @@ from twinroute.scheduler.command import add_arguments as scheduler_arguments
 
 from twinroute.bench.processes import free_port, start_announced, twinroute_argv
 from twinroute.router.command import add_arguments as router_arguments
+from twinroute.testing.k8s_tools import K8sToolsUnavailable, ensure_k8s_tools
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "twinroute"
@@ -69,8 +70,10 @@ Obj = dict[str, Any]
 
 @pytest.fixture(scope="module")
 def helm() -> str:
-    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True, timeout=300)
-    return str(ROOT / ".tools" / "bin" / "helm")
+    try:
+        return str(ensure_k8s_tools(ROOT) / "helm")
+    except K8sToolsUnavailable as error:  # npm's own message and how to work offline
+        pytest.fail(str(error), pytrace=False)
 
 
 def helm_template(helm: str, *options: str) -> list[Obj]:

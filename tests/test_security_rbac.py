@@ -37,6 +37,7 @@ from twinroute.scheduler.discovery import KubernetesSource
 from twinroute.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 from twinroute import labels
+from twinroute.testing.k8s_tools import K8sToolsUnavailable, ensure_k8s_tools
 from twinroute.testing.kube import ApiCall, KubeApiServer, api_server_in_thread
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -303,9 +304,12 @@ async def wait_async(check: Callable[[], bool]) -> None:
 
 def helm_rules(*options: str) -> dict[str, list[dict[str, Any]]]:
     """Rules of every Role/ClusterRole the chart renders, by name."""
-    subprocess.run(["bash", str(ROOT / "tools" / "fetch_k8s_tools.sh")], check=True, timeout=300)
+    try:
+        helm = ensure_k8s_tools(ROOT) / "helm"
+    except K8sToolsUnavailable as error:  # npm's own message and how to work offline
+        pytest.fail(str(error), pytrace=False)
     out = subprocess.run(
-        [str(ROOT / ".tools" / "bin" / "helm"), "template", "twinroute", str(CHART),
+        [str(helm), "template", "twinroute", str(CHART),
          "--namespace", "twinroute-system", *options],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
