@@ -139,7 +139,7 @@ def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, ours: 
     if not math.isfinite(p50):
         return f"{label(other)} answered no request; {within}."
     speed = (
-        f"the median request got its first token {_sooner(p50)} "
+        f"with twinroute the median request got its first token {_sooner(p50)} "
         f"({seconds(mine['ttft_p50_s'])} vs {seconds(theirs['ttft_p50_s'])})"
         if abs(math.log(p50)) >= math.log(LEVEL_RATIO)
         else f"the median TTFT was level ({seconds(mine['ttft_p50_s'])} vs "
@@ -153,18 +153,21 @@ def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, ours: 
         )
     elif hit_points > LEVEL_POINTS:
         why = (
-            f"{label(other)} found fewer prompts cached ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%})"
+            f"It found fewer prompt tokens cached ({theirs['cache_hit_rate']:.0%} vs "
+            f"{mine['cache_hit_rate']:.0%} with twinroute)"
         )
     elif hit_points < -LEVEL_POINTS:
         why = (
-            f"{label(other)} found more prompts cached ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%}) yet placed them differently under load"
+            f"It found more prompt tokens cached ({theirs['cache_hit_rate']:.0%} vs "
+            f"{mine['cache_hit_rate']:.0%} with twinroute) yet placed requests differently "
+            "under load"
         )
     else:
         why = (
-            f"{label(other)} found as much cached ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%}); the difference is where each put requests under load"
+            f"It found as much cached as twinroute ({theirs['cache_hit_rate']:.0%} vs "
+            f"{mine['cache_hit_rate']:.0%}); the difference is where it put requests under load "
+            f"(busiest engine {theirs['max_over_mean_load']:.2f}x the mean vs "
+            f"{mine['max_over_mean_load']:.2f}x)"
         )
     return f"{why}; {speed}, and {within}."
 
