@@ -110,3 +110,11 @@ def test_soak_chaos_help_names_the_faults() -> None:
     for fault in ("kill", "engine", "drain", "token", "scheduler", "restart"):
         assert fault in text, f"twinroute bench soak --chaos does not say: {fault}"
     assert "stop" in text or "hang" in text or "hung" in text, "--chaos: the hung engine"
+
+
+def test_simulate_refuses_a_pool_of_no_instances(capsys: pytest.CaptureFixture[str]) -> None:
+    for count in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["simulate", "--instances", count])
+        assert exit_info.value.code == 2
+        assert "--instances" in capsys.readouterr().err

@@ -209,7 +209,7 @@ def test_the_demo_ends_with_why_twinroute_and_saves_what_it_prints(tmp_path: Pat
     result = subprocess.run(
         [sys.executable, "-m", "twinroute", "demo", "--policies", "dualmap,round_robin",
          "--rates", "6", "--live-seconds", "6", "--peers", "off", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPOSITORY,
+        capture_output=True, text=True, timeout=600, cwd=REPOSITORY,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last_screen = result.stdout.split("=" * 78)[-1]
@@ -231,3 +231,82 @@ def test_the_demo_ends_with_why_twinroute_and_saves_what_it_prints(tmp_path: Pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["live"]["headline"].startswith("Against round robin")
     assert (out / "summary.md").read_text().strip() in result.stdout
+
+
+def failed(requests: int = 100) -> dict[str, Any]:
+    return figures(
+        slo_attainment=0.0, ttft_p50_s=None, ttft_p90_s=None, ttft_p99_s=None,
+        cache_hit_rate=None, max_over_mean_load=None, errors=requests, ttft_s=[],
+    )  # fmt: skip
+
+
+def test_a_router_that_answered_nothing_is_said_so_and_wins_nothing() -> None:
+    verdict = live_verdict(
+        document({"twinroute_dualmap": figures(), "sglang_cache_aware": failed()})
+    )
+    text = verdict.markdown
+    assert "**sglang-router (cache_aware)**: It answered no request in this run" in text
+    losses = text.split("Where twinroute did not win here:")[1]
+    assert "sglang" not in losses, "a router with no answers beats twinroute at nothing"
+    assert "| sglang-router (cache_aware) | 0.0% | - | - | - | - | 100 |" in text
+
+    ours_failed = live_verdict(
+        document({"twinroute_dualmap": failed(), "twinroute_round_robin": figures()})
+    ).markdown
+    assert "twinroute's router answered no request in this run" in ours_failed
+    assert "round robin (a Kubernetes Service) failed fewer requests (0 vs 100)" in ours_failed
+
+
+def test_the_headline_calls_small_ratios_level_and_prints_large_ones_plainly() -> None:
+    text = live_verdict(
+        document(
+            {
+                "twinroute_dualmap": figures(ttft_p50_s=0.05, ttft_p90_s=3.0),
+                "twinroute_round_robin": figures(ttft_p50_s=6.15, ttft_p90_s=3.1),
+            }
+        )
+    ).markdown
+    assert text.startswith("**Against round robin (a Kubernetes Service): median TTFT 123x lower, "
+                           "p90 TTFT level,")  # fmt: skip
+    assert "e+" not in text
+
+
+def test_a_kubernetes_service_that_hit_more_is_not_said_to_ignore_the_cache() -> None:
+    text = live_verdict(
+        document(
+            {
+                "twinroute_dualmap": figures(cache_hit_rate=0.01),
+                "twinroute_round_robin": figures(cache_hit_rate=0.20),
+            }
+        )
+    ).markdown
+    assert "ignores the cache" not in text
+    assert "It found more prompt tokens cached (20% vs 1% with twinroute)" in text
+
+
+def test_a_router_that_cannot_start_costs_the_others_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    from twinroute.bench import live
+
+    async def run_one(name: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+        if name == "sglang_cache_aware":
+            raise OSError("sglang-router did not say it was listening within 60 s")
+        return figures(requests=len(workload), ttft_s=[1.0] * len(workload))
+
+    monkeypatch.setattr(live, "run_one", run_one)
+    monkeypatch.setattr(live, "ensure_peers", lambda names: None)
+    parser = argparse.ArgumentParser()
+    live.add_arguments(parser)
+    args = parser.parse_args(
+        ["--routers=twinroute_dualmap,sglang_cache_aware", "--duration=5", f"--out={tmp_path}"]
+    )
+    assert live.run(args) == 0
+    recorded = json.loads((tmp_path / "live.json").read_text())["routers"]
+    assert recorded["twinroute_dualmap"]["errors"] == 0
+    lost = recorded["sglang_cache_aware"]
+    assert lost["errors"] == lost["requests"] > 0
+    assert "did not say it was listening" in lost["error_samples"][0]
+    assert lost["max_over_mean_load"] is None and lost["cache_hit_rate"] is None

@@ -172,8 +172,9 @@ def test_progress_while_pip_runs_and_its_log_on_failure(checkout: Checkout) -> N
     assert run.returncode == 0, run.stderr
     # Not a terminal (as in CI): one line every 5 s, with the elapsed time and pip's last step.
     progress = [line for line in run.stderr.splitlines() if re.match(r"bootstrap: +\d+ s ", line)]
-    assert len(progress) == 1, run.stderr
-    assert re.match(r"bootstrap: +5 s +Collecting fake-package>=1$", progress[0]), progress
+    # A loaded machine may run the 0.5 s poll late: 5 to 9 s, once or (past 10 s) twice.
+    assert 1 <= len(progress) <= 2, run.stderr
+    assert re.match(r"bootstrap: +[5-9] s +Collecting fake-package>=1$", progress[0]), progress
     assert "\r" not in run.stderr
 
     with (checkout.root / "pyproject.toml").open("a") as pyproject:
@@ -259,6 +260,14 @@ def test_fetch_shows_npms_error_and_how_to_work_offline(tmp_path: Path, refused_
     run = run_fetch(
         tmp_path,
         npm_config_registry=refused_url,
+        # A proxy from the environment would answer instead of the refused port.
+        npm_config_proxy="",
+        npm_config_https_proxy="",
+        HTTP_PROXY="",
+        HTTPS_PROXY="",
+        http_proxy="",
+        https_proxy="",
+        npm_config_noproxy="127.0.0.1",
         npm_config_fetch_retries="0",
         npm_config_cache=str(tmp_path / "npm-cache"),
         npm_config_offline="false",

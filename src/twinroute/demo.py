@@ -13,7 +13,7 @@
 3. **Why twinroute**: a summary table, one sentence per alternative, and where twinroute did
    not win. Everything printed is also saved (Markdown and JSON, each with the command that
    reproduces it) under `--out`; the terms are defined in docs/glossary.md.
-No GPU, no Kubernetes; about six minutes (two with `--peers off --live-seconds 20`).
+No GPU, no Kubernetes; about four minutes (about two with `--peers off --live-seconds 20`).
 """
 
 from __future__ import annotations
@@ -116,9 +116,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"twinroute demo: --rates wants numbers, got {args.rates!r}", file=sys.stderr)
         return 2
-    if not rates or min(rates) <= 0 or args.ttft_slo_s <= 0 or args.live_seconds < 0:
+    if (
+        not rates
+        or min(rates) <= 0
+        or args.ttft_slo_s <= 0
+        or args.live_seconds < 0
+        or args.live_trace_start_s < 0
+    ):
         print(
-            "twinroute demo: --rates > 0, --ttft-slo-s > 0 and --live-seconds >= 0 please",
+            "twinroute demo: --rates > 0, --ttft-slo-s > 0, --live-seconds >= 0 and "
+            "--live-trace-start-s >= 0 please",
             file=sys.stderr,
         )
         return 2
@@ -228,8 +235,10 @@ def _rank_line(rate: float, rows: list[tuple[str, Any]]) -> str:
     if place is None:
         return f"{rate:g} req/s: best within the SLO {best_name} ({best.slo_attainment:.1%})"
     ours = ranked[place - 1][1]
+    if len(ranked) == 1:
+        return f"{rate:g} req/s: dualmap {ours.slo_attainment:.1%} within the SLO"
     if place == 1:
-        runner_name, runner = ranked[1] if len(ranked) > 1 else ranked[0]
+        runner_name, runner = ranked[1]
         return (
             f"{rate:g} req/s: dualmap kept the most requests within the SLO "
             f"({ours.slo_attainment:.1%}; next {runner_name} {runner.slo_attainment:.1%})"
@@ -273,7 +282,11 @@ def _live(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
     live.add_arguments(parser)
     live_args = parser.parse_args(argv)
     live_args.reproduce_with = shlex.join(["twinroute", "bench", "live", *argv])
-    code = live.run(live_args)
+    try:
+        code = live.run(live_args)
+    except ValueError as error:  # e.g. a window past the end of the trace
+        print(f"twinroute demo: {error}", file=sys.stderr)
+        return 2, None
     if code != 0:
         return code, None
     document: dict[str, Any] = json.loads((args.out / "live.json").read_text())
@@ -329,10 +342,10 @@ def _summary(
         'twinroute loses); on Kubernetes: README.md, "Running on Kubernetes".',
     ]
     text = "\n".join(sections)
-    written = sorted(
-        p.name for p in out.iterdir() if p.is_file() and p.suffix in (".md", ".json", ".png")
-    )
-    written = sorted({*written, "summary.md", "summary.json"})
+    # What this run wrote (an earlier run's files may lie beside them).
+    written = ["summary.md", "summary.json", "simulated.md", "simulated.json"]
+    if live is not None:
+        written += ["live.md", "live.json", "live_summary.png", "live_ttft_cdf.png"]
     data["command"] = command_line()
     (out / "summary.md").write_text(text + "\n")
     (out / "summary.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -12,14 +12,16 @@ from typing import Any
 
 from twinroute.bench.live import label, seconds
 
-# twinroute's own paths, the one the others are measured against first.
+# twinroute's own path, the one the others are measured against.
 TWINROUTE = "twinroute_dualmap"
 KUBERNETES_SERVICE = "twinroute_round_robin"
-# Differences smaller than these are called level: one run of a few hundred requests on a
-# shared machine moves by about this much between repeats.
-LEVEL_POINTS = 2.0  # percentage points (SLO attainment, cache hit rate)
+# Differences smaller than these are called level. Shares (SLO attainment, cache hits) use two
+# standard errors of the difference of two shares over the run's requests, at least this many
+# percentage points: one run of a few hundred requests moves by about that between repeats.
+MIN_LEVEL_POINTS = 2.0
 LEVEL_RATIO = 1.10  # latency ratio
 LEVEL_LOAD = 0.10  # max/mean load
+LEVEL_ERRORS = 0.01  # share of requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +30,11 @@ class Comparison:
 
     other: str
     slo_points: float  # twinroute's SLO attainment minus the other's, percentage points
-    p50_ratio: float  # the other's TTFT p50 / twinroute's (> 1: twinroute is faster)
+    p50_ratio: float  # the other's TTFT p50 / twinroute's (> 1: twinroute is faster); NaN: n/a
     p90_ratio: float
     hit_points: float  # twinroute's cache hit rate minus the other's, percentage points
     load_difference: float  # the other's max/mean load minus twinroute's (> 0: we are evener)
+    level_points: float  # the noise margin used for the shares
     sentence: str
     losses: tuple[str, ...]
 
@@ -39,18 +42,24 @@ class Comparison:
         return {
             "other": self.other,
             "other_label": label(self.other),
-            "slo_attainment_points": round(self.slo_points, 2),
-            "ttft_p50_ratio": _rounded(self.p50_ratio),
-            "ttft_p90_ratio": _rounded(self.p90_ratio),
-            "cache_hit_points": round(self.hit_points, 2),
-            "max_over_mean_load_difference": round(self.load_difference, 3),
+            "slo_attainment_points": _rounded(self.slo_points, 2),
+            "ttft_p50_ratio": _rounded(self.p50_ratio, 3),
+            "ttft_p90_ratio": _rounded(self.p90_ratio, 3),
+            "cache_hit_points": _rounded(self.hit_points, 2),
+            "max_over_mean_load_difference": _rounded(self.load_difference, 3),
+            "level_points": _rounded(self.level_points, 2),
             "meaning": self.sentence,
             "where_twinroute_loses": list(self.losses),
         }
 
 
-def _rounded(value: float) -> float | None:
-    return round(value, 3) if math.isfinite(value) else None
+def _rounded(value: float, digits: int) -> float | None:
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _number(value: Any) -> float:
+    """A figure from the JSON; None (nothing measured) becomes NaN."""
+    return math.nan if value is None else float(value)
 
 
 def _ratio(other: float | None, ours: float | None) -> float:
@@ -59,31 +68,50 @@ def _ratio(other: float | None, ours: float | None) -> float:
     return other / ours
 
 
+def _factor(ratio: float) -> str:
+    """3.4 -> "3.4x", 123 -> "123x": two significant figures, never an exponent."""
+    return f"{ratio:.2g}x" if ratio < 10 else f"{ratio:.0f}x"
+
+
 def _times(ratio: float) -> str:
-    """ "2.3x lower" / "1.4x higher" for a ratio other/ours of a lower-is-better figure."""
-    if ratio >= 1:
-        return f"{ratio:.2g}x lower"
-    return f"{1 / ratio:.2g}x higher"
+    """ "2.3x lower" / "1.4x higher" / "level" for a ratio other/ours of a lower-is-better
+    figure."""
+    if abs(math.log(ratio)) < math.log(LEVEL_RATIO):
+        return "level"
+    return f"{_factor(ratio)} lower" if ratio > 1 else f"{_factor(1 / ratio)} higher"
 
 
 def _sooner(ratio: float) -> str:
     """ "2.3x sooner" / "1.4x later" for a ratio other/ours of a waiting time."""
-    if ratio >= 1:
-        return f"{ratio:.2g}x sooner"
-    return f"{1 / ratio:.2g}x later"
+    return f"{_factor(ratio)} sooner" if ratio >= 1 else f"{_factor(1 / ratio)} later"
+
+
+def level_points(mine: dict[str, Any], theirs: dict[str, Any], key: str) -> float:
+    """The noise margin, in percentage points, for a share measured on both runs."""
+    a, b = _number(mine.get(key)), _number(theirs.get(key))
+    n = max(1, min(int(mine.get("requests") or 0), int(theirs.get("requests") or 0)))
+    if math.isnan(a) or math.isnan(b):
+        return MIN_LEVEL_POINTS
+    spread = math.sqrt((a * (1 - a) + b * (1 - b)) / n)
+    return max(MIN_LEVEL_POINTS, 100 * 2 * spread)
+
+
+def _answered(figures: dict[str, Any]) -> bool:
+    return figures.get("ttft_p50_s") is not None
 
 
 def compare(results: dict[str, dict[str, Any]], other: str, *, ours: str = TWINROUTE,
             slo_s: float) -> Comparison:  # fmt: skip
     """twinroute (`ours`) against `other`, from the live bench's per-router figures."""
     mine, theirs = results[ours], results[other]
+    margin = level_points(mine, theirs, "slo_attainment")
     slo_points = 100 * (mine["slo_attainment"] - theirs["slo_attainment"])
     p50 = _ratio(theirs["ttft_p50_s"], mine["ttft_p50_s"])
     p90 = _ratio(theirs["ttft_p90_s"], mine["ttft_p90_s"])
-    hit_points = 100 * (mine["cache_hit_rate"] - theirs["cache_hit_rate"])
-    load = theirs["max_over_mean_load"] - mine["max_over_mean_load"]
+    hit_points = 100 * (_number(mine.get("cache_hit_rate")) - _number(theirs.get("cache_hit_rate")))
+    load = _number(theirs.get("max_over_mean_load")) - _number(mine.get("max_over_mean_load"))
     losses: list[str] = []
-    if slo_points < -LEVEL_POINTS:
+    if slo_points < -margin:
         losses.append(
             f"{label(other)} kept more requests within the {slo_s:g} s SLO "
             f"({theirs['slo_attainment']:.1%} vs {mine['slo_attainment']:.1%})"
@@ -94,7 +122,8 @@ def compare(results: dict[str, dict[str, Any]], other: str, *, ours: str = TWINR
                 f"{label(other)} had the lower {name} TTFT ({seconds(theirs[key])} vs "
                 f"{seconds(mine[key])})"
             )
-    if hit_points < -LEVEL_POINTS:
+    # Cache and load figures of a run that answered nothing say nothing (NaN compares false).
+    if hit_points < -level_points(mine, theirs, "cache_hit_rate"):
         losses.append(
             f"{label(other)} found more prompt tokens cached ({theirs['cache_hit_rate']:.1%} "
             f"vs {mine['cache_hit_rate']:.1%})"
@@ -104,7 +133,8 @@ def compare(results: dict[str, dict[str, Any]], other: str, *, ours: str = TWINR
             f"{label(other)} spread requests more evenly (busiest engine "
             f"{theirs['max_over_mean_load']:.2f}x the mean vs {mine['max_over_mean_load']:.2f}x)"
         )
-    if theirs["errors"] < mine["errors"]:
+    requests = max(1, int(mine.get("requests") or 0))
+    if (mine["errors"] - theirs["errors"]) / requests > LEVEL_ERRORS:
         losses.append(
             f"{label(other)} failed fewer requests ({theirs['errors']} vs {mine['errors']})"
         )
@@ -115,29 +145,35 @@ def compare(results: dict[str, dict[str, Any]], other: str, *, ours: str = TWINR
         p90_ratio=p90,
         hit_points=hit_points,
         load_difference=load,
+        level_points=margin,
         sentence=_meaning(
-            mine, theirs, other=other, ours=ours, slo_s=slo_s, p50=p50, hit_points=hit_points
+            mine, theirs, other=other, slo_s=slo_s, p50=p50, hit_points=hit_points, margin=margin
         ),
         losses=tuple(losses),
     )
 
 
-def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, ours: str,
-             slo_s: float, p50: float, hit_points: float) -> str:  # fmt: skip
+def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, slo_s: float,
+             p50: float, hit_points: float, margin: float) -> str:  # fmt: skip
     """One sentence a newcomer can act on: what the difference is, and why."""
     within = (
         f"{mine['slo_attainment']:.0%} of requests met the {slo_s:g} s TTFT objective against "
         f"{theirs['slo_attainment']:.0%}"
     )
+    if not _answered(mine):
+        return f"twinroute's router answered no request in this run (see its logs); {within}."
+    if not _answered(theirs):
+        return f"It answered no request in this run (see its logs); {within}."
     if _is_envoy(other):
+        similar = abs(hit_points) <= margin
         return (
-            "The same scheduler behind Envoy makes the same kind of decisions "
-            f"(cache hit {theirs['cache_hit_rate']:.0%} vs {mine['cache_hit_rate']:.0%}); use it "
-            "where you already run a Gateway API gateway. It costs more CPU per request than "
-            "the Python router on a small machine (BENCHMARKS.md)."
+            f"The same scheduler behind Envoy (cache hit {theirs['cache_hit_rate']:.0%} vs "
+            f"{mine['cache_hit_rate']:.0%}, median TTFT {seconds(theirs['ttft_p50_s'])} vs "
+            f"{seconds(mine['ttft_p50_s'])}"
+            + ("" if similar else "; the cache hits differ more than the noise")
+            + "); use it where you already run a Gateway API gateway. It costs more CPU per "
+            "request than the Python router on a small machine (BENCHMARKS.md)."
         )
-    if not math.isfinite(p50):
-        return f"{label(other)} answered no request; {within}."
     speed = (
         f"with twinroute the median request got its first token {_sooner(p50)} "
         f"({seconds(mine['ttft_p50_s'])} vs {seconds(theirs['ttft_p50_s'])})"
@@ -145,29 +181,22 @@ def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, ours: 
         else f"the median TTFT was level ({seconds(mine['ttft_p50_s'])} vs "
         f"{seconds(theirs['ttft_p50_s'])})"
     )
-    if other == KUBERNETES_SERVICE:
+    hits = f"{theirs['cache_hit_rate']:.0%} vs {mine['cache_hit_rate']:.0%} with twinroute"
+    if other == KUBERNETES_SERVICE and hit_points > margin:
         why = (
             f"A Kubernetes Service spreads requests evenly but ignores the cache: the engines "
             f"found {theirs['cache_hit_rate']:.0%} of prompt tokens cached against "
             f"{mine['cache_hit_rate']:.0%} with twinroute, so they computed the rest again"
         )
-    elif hit_points > LEVEL_POINTS:
-        why = (
-            f"It found fewer prompt tokens cached ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%} with twinroute)"
-        )
-    elif hit_points < -LEVEL_POINTS:
-        why = (
-            f"It found more prompt tokens cached ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%} with twinroute) yet placed requests differently "
-            "under load"
-        )
+    elif hit_points > margin:
+        why = f"It found fewer prompt tokens cached ({hits})"
+    elif hit_points < -margin:
+        why = f"It found more prompt tokens cached ({hits}) yet placed requests differently"
     else:
         why = (
-            f"It found as much cached as twinroute ({theirs['cache_hit_rate']:.0%} vs "
-            f"{mine['cache_hit_rate']:.0%}); the difference is where it put requests under load "
-            f"(busiest engine {theirs['max_over_mean_load']:.2f}x the mean vs "
-            f"{mine['max_over_mean_load']:.2f}x)"
+            f"It found as much cached as twinroute ({hits}); the difference is where it put "
+            f"requests under load (busiest engine {theirs['max_over_mean_load']:.2f}x the mean "
+            f"vs {mine['max_over_mean_load']:.2f}x)"
         )
     return f"{why}; {speed}, and {within}."
 
@@ -184,7 +213,8 @@ def headline(comparison: Comparison) -> str:
     if math.isfinite(comparison.p90_ratio):
         parts.append(f"p90 TTFT {_times(comparison.p90_ratio)}")
     parts.append(f"{comparison.slo_points:+.1f} points of requests within the SLO")
-    parts.append(f"{comparison.hit_points:+.1f} points of prompt tokens cached")
+    if math.isfinite(comparison.hit_points):
+        parts.append(f"{comparison.hit_points:+.1f} points of prompt tokens cached")
     return f"Against {label(comparison.other)}: " + ", ".join(parts) + "."
 
 
@@ -192,6 +222,10 @@ def headline(comparison: Comparison) -> str:
 class Verdict:
     markdown: str
     data: dict[str, Any]
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = None) -> Verdict:
@@ -208,13 +242,13 @@ def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = No
     for name, r in results.items():
         lines.append(
             f"| {label(name)} | {r['slo_attainment']:.1%} | {seconds(r['ttft_p50_s'])} "
-            f"| {seconds(r['ttft_p90_s'])} | {r['cache_hit_rate']:.1%} "
-            f"| {r['max_over_mean_load']:.2f} | {r['errors']} |"
+            f"| {seconds(r['ttft_p90_s'])} | {_cell(r.get('cache_hit_rate'), '.1%')} "
+            f"| {_cell(r.get('max_over_mean_load'), '.2f')} | {r['errors']} |"
         )
     table = "\n".join(lines)
-    if TWINROUTE not in results:
-        return Verdict(markdown=table, data={"table": table, "comparisons": []})
     others = [n for n in results if n != TWINROUTE]
+    if TWINROUTE not in results or not others:
+        return Verdict(markdown=table, data={"table": table, "comparisons": []})
     comparisons = [compare(results, n, slo_s=slo_s) for n in others]
     lead = next((c for c in comparisons if c.other == KUBERNETES_SERVICE), None)
     text = [f"**{headline(lead)}**", ""] if lead is not None else []
@@ -223,7 +257,10 @@ def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = No
     # The Envoy path is twinroute too: where it beats the router is no loss of twinroute's.
     losses = [loss for c in comparisons if not _is_envoy(c.other) for loss in c.losses]
     text += ["", "Where twinroute did not win here:"]
-    text += [f"- {loss}" for loss in losses] or ["- nowhere in this run, beyond the noise margin"]
+    text += [f"- {loss}" for loss in losses] or [
+        "- nowhere in this run, beyond the noise margin (two standard errors, at least "
+        f"{MIN_LEVEL_POINTS:g} points; latency within {LEVEL_RATIO:g}x)"
+    ]
     text.append(
         "- not measured here: CPU per request. twinroute's Python router and its Envoy path "
         'cost several times the CPU of the Rust routers (BENCHMARKS.md, "Where we lose").'
@@ -235,12 +272,12 @@ def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = No
             if simulated_ideal is not None
             else ""
         )
+        window_s = float(document.get("duration_s", 0)) * float(document.get("speedup", 1))
         text += [
             "",
-            f"Why the live hit rates are what they are: the live run replays "
-            f"{document.get('duration_s', 0):g} s of the trace from second "
-            f"{document.get('trace_start_s', 0):g}, starting with empty caches; "
-            f"{reuse:.1%} of its prompt tokens repeat an earlier request of that window, "
+            f"Why the live hit rates are what they are: the live run replays {window_s:g} s of "
+            f"the trace from second {document.get('trace_start_s', 0):g}, starting with empty "
+            f"caches; {reuse:.1%} of its prompt tokens repeat an earlier request of that window, "
             f"which is the most any router could find cached.{gap}",
         ]
     data = {
@@ -251,12 +288,18 @@ def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = No
         "paths": {
             name: {
                 "label": label(name),
-                "slo_attainment": r["slo_attainment"],
-                "ttft_p50_s": r["ttft_p50_s"],
-                "ttft_p90_s": r["ttft_p90_s"],
-                "cache_hit_rate": r["cache_hit_rate"],
-                "max_over_mean_load": r["max_over_mean_load"],
-                "errors": r["errors"],
+                **{
+                    key: r.get(key)
+                    for key in (
+                        "requests",
+                        "slo_attainment",
+                        "ttft_p50_s",
+                        "ttft_p90_s",
+                        "cache_hit_rate",
+                        "max_over_mean_load",
+                        "errors",
+                    )
+                },
             }
             for name, r in results.items()
         },

@@ -11,8 +11,9 @@ Method:
    short on the wire but take realistic-relative prefill times in real time. Outputs are capped
    at `--max-output-tokens` (the router streams every token; long outputs would measure
    Python's chunk handling on this 2-core machine, not routing).
-2. **Time.** The first `--duration` seconds of the trace's arrivals, compressed `--speedup`
-   times, are replayed open-loop by an async client (streaming requests; TTFT = first chunk).
+2. **Time.** `--duration` seconds of the trace's arrivals from `--trace-start-s` on,
+   compressed `--speedup` times, are replayed open-loop by an async client (streaming
+   requests; TTFT = first chunk).
 3. **Routers**, each in front of `--engines` freshly started engine-sim processes (cold caches
    for everyone): twinroute with `dualmap` and with `round_robin`, sglang-router and
    vllm-router with `cache_aware`. Peers are pip-installed into `.tools/peers-venv` when
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -218,7 +220,10 @@ def load_workload(
         if last < len(chunk):
             break
     if not arrivals:
-        raise ValueError(f"no request of {trace} arrives between {start_s:g} s and the end")
+        raise ValueError(
+            f"no request of {trace.name} arrives in the window from {start_s:g} s of the trace "
+            f"({duration_s:g} s x speedup {speedup:g})"
+        )
     return Workload(
         arrival_s=np.concatenate(arrivals),
         prompt_words=np.concatenate(words),
@@ -358,7 +363,15 @@ def ensure_peers(names: Sequence[str]) -> None:
     print(f"installing {', '.join(missing)} into {PEERS_VENV} ...", flush=True)
     if not (PEERS_VENV / "bin" / "pip").exists():
         venv.create(PEERS_VENV, with_pip=True)
-    subprocess.run([str(PEERS_VENV / "bin" / "pip"), "install", "-q", *missing], check=True)
+    # pip's chatter only when it fails (then it says why: no network, no wheel here).
+    install = subprocess.run(
+        [str(PEERS_VENV / "bin" / "pip"), "install", "-q", *missing],
+        capture_output=True,
+        text=True,
+    )
+    if install.returncode != 0:
+        print(install.stdout[-2000:] + install.stderr[-2000:], file=sys.stderr, flush=True)
+        raise subprocess.CalledProcessError(install.returncode, install.args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,12 +596,13 @@ def summarize(
         # Failed requests count as missing the SLO.
         "slo_attainment": float((ok <= slo_s).sum() / total) if total else 0.0,
         "throughput_rps": len(ok) / result.wall_s if result.wall_s else 0.0,
-        "cache_hit_rate": hits / queries if queries else 0.0,
+        # None: no engine was asked (nothing answered), not a hit rate of zero.
+        "cache_hit_rate": hits / queries if queries else None,
         "errors": result.errors,
         "error_samples": result.error_samples,
         "router_overhead_ms": (float(ok.mean()) - engine_ttft_mean) * 1000 if len(ok) else None,
         "requests_per_engine": per_engine,
-        "max_over_mean_load": max(per_engine) / mean_load if mean_load else 0.0,
+        "max_over_mean_load": max(per_engine) / mean_load if mean_load else None,
         "ttft_s": [round(float(x), 4) for x in ttft],
         **_tpot_and_transfers(result, delta),
     }
@@ -675,6 +689,10 @@ def seconds(value: float | None) -> str:
     return f"{value:.3g} s"
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -688,8 +706,8 @@ def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
         lines.append(
             f"| {name} | {fmt(r['ttft_p50_s'], '.3f')} | {fmt(r['ttft_p90_s'], '.3f')} "
             f"| {fmt(r['ttft_p99_s'], '.3f')} | {r['slo_attainment']:.1%} "
-            f"| {r['throughput_rps']:.2f} | {r['cache_hit_rate']:.1%} | {r['errors']} "
-            f"| {fmt(r['router_overhead_ms'], '.1f')} | {r['max_over_mean_load']:.2f} |"
+            f"| {r['throughput_rps']:.2f} | {fmt(r['cache_hit_rate'], '.1%')} | {r['errors']} "
+            f"| {fmt(r['router_overhead_ms'], '.1f')} | {fmt(r['max_over_mean_load'], '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -742,9 +760,14 @@ def plot(
     hints = ("higher is better", "lower is better", "higher is better", "lower is better; 1 = even")
     positions = range(len(names))
     for axis, (key, title, unit, factor), hint in zip(axes, panels, hints, strict=True):
-        values = [factor * results[n][key] if results[n][key] is not None else 0.0 for n in names]
+        measured = [results[n][key] for n in names]
+        # A router that answered nothing has no bar and says so (a 0 would read as best).
+        values = [factor * v if v is not None else 0.0 for v in measured]
         bars = axis.bar(positions, values, color=[colour[n] for n in names])
-        shown = [f"{v:.1f}%" if factor == 100.0 else f"{v:.3g}" for v in values]
+        shown = [
+            "no answers" if m is None else f"{v:.1f}%" if factor == 100.0 else f"{v:.3g}"
+            for m, v in zip(measured, values, strict=True)
+        ]
         axis.bar_label(bars, labels=shown, fontsize=8, padding=2)
         axis.set_xticks(list(positions), [label(n) for n in names], rotation=30, ha="right",
                         fontsize=8)  # fmt: skip
@@ -840,13 +863,29 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(names, start=1):
         print(f"  [{index}/{len(names)}] {label(name)} ({name}) ...", flush=True)
-        results[name] = asyncio.run(run_one(name, args, workload))
+        try:
+            results[name] = asyncio.run(run_one(name, args, workload))
+        except Exception as error:  # one router that cannot start must not cost the others
+            reason = f"{type(error).__name__}: {error} (logs in {args.out / 'logs'})"
+            print(f"  [{index}/{len(names)}] {label(name)} did not run: {reason}", flush=True)
+            results[name] = summarize(
+                Replay(
+                    ttft_s=np.full(len(workload), np.nan),
+                    errors=len(workload),
+                    wall_s=0.0,
+                    error_samples=[reason],
+                ),
+                before=[],
+                after=[],
+                slo_s=args.ttft_slo_s,
+            )
+            continue
         r = results[name]
         failures = f" ({'; '.join(r['error_samples'][:2])})" if r["errors"] else ""
         print(
             f"  [{index}/{len(names)}] {label(name)}: TTFT p50 {seconds(r['ttft_p50_s'])}, "
             f"p90 {seconds(r['ttft_p90_s'])}, within SLO {r['slo_attainment']:.1%}, "
-            f"cache hit {r['cache_hit_rate']:.1%} (at most {reuse:.1%}), "
+            f"cache hit {_share(r['cache_hit_rate'])} (at most {reuse:.1%}), "
             f"errors {r['errors']}{failures}",
             flush=True,
         )

@@ -657,7 +657,8 @@ def router_summary(
     finished = [a["finished"] - b["finished"] for a, b in pairs]
     requests = len(result.ttft_s)
     summary.update(
-        prefix_hit_rate=summary["cache_hit_rate"],
+        # No engine asked (every request failed) reads as no hits in this bench's tables.
+        prefix_hit_rate=summary["cache_hit_rate"] or 0.0,
         load_max=max(finished),
         load_mean=sum(finished) / len(finished),
         finished_per_engine=finished,

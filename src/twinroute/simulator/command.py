@@ -255,6 +255,17 @@ def _share(value: object) -> str:
     return f"{value:.1%}" if isinstance(value, int | float) and not math.isnan(value) else "-"
 
 
+def _prediction_line(m: dict[str, Any]) -> str:
+    ratio = m["ttft_prediction_abs_error_ratio_p50"]
+    if not isinstance(ratio, int | float) or math.isnan(ratio):
+        return "  TTFT prediction     none (this policy predicts no TTFT)"
+    return (
+        f"  TTFT prediction     median error {_seconds(m['ttft_prediction_error_p50_s'])} "
+        f"({_share(ratio)} of TTFT); requests predicted within the SLO that missed it: "
+        f"{_share(m['slo_misses_predicted_ok'])}"
+    )
+
+
 def report(metrics: dict[str, Any], *, trace: str) -> list[str]:
     """What `twinroute simulate` prints: each figure once, with its unit (the JSON keys and
     their meaning are in docs/glossary.md)."""
@@ -271,9 +282,7 @@ def report(metrics: dict[str, Any], *, trace: str) -> list[str]:
         f"  cache hit           {_share(m['cache_hit_rate'])} of prompt tokens (ideal "
         f"{_share(m['ideal_cache_hit_rate'])}, unbounded {_share(m['unbounded_cache_hit_rate'])})",
         f"  load CV             {m['load_cv']:.2f} (0 = perfectly even)",
-        f"  TTFT prediction     median error {_seconds(m['ttft_prediction_error_p50_s'])}, "
-        f"{_share(m['ttft_prediction_abs_error_ratio_p50'])} of TTFT; SLO misses predicted "
-        f"within it {_share(m['slo_misses_predicted_ok'])}",
+        _prediction_line(m),
         "  decisions           "
         + (
             ", ".join(
