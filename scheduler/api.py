@@ -21,6 +21,7 @@ Errors are typed; each maps to one gRPC status (and back again in the client):
 | `NoEndpointError`          | UNAVAILABLE         | nothing routable left (empty pool, excluded) |
 | `UnknownEndpointError`     | NOT_FOUND           | Drain named an endpoint the scheduler lacks  |
 | `MigrationOffError`        | FAILED_PRECONDITION | migration orders asked of a scheduler without |
+| `StaleMembershipError`     | UNAVAILABLE         | a replica behind its peers: ask another one  |
 | `SchedulerUnreachableError`| (anything else)     | the scheduler could not answer: fail open    |
 """
 
@@ -84,6 +85,11 @@ class MigrationOffError(RuntimeError):
 class SchedulerUnreachableError(ConnectionError):
     """The scheduler could not answer (connection, deadline, server error): the caller may
     fail open (the router's static fallback), never mistaking it for "the pool is empty"."""
+
+
+class StaleMembershipError(SchedulerUnreachableError):
+    """This replica's ring membership is behind a peer's (active-active replicas): it refuses
+    to pick on it for a moment, so that the caller asks another replica (or fails open)."""
 
 
 # -- a pick ---------------------------------------------------------------------------------

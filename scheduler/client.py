@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, NoReturn
@@ -73,11 +75,14 @@ class SchedulerClient:
         root_certificates: bytes | None = None,
         tls_server_name: str | None = None,
         channel: grpc.aio.Channel | None = None,
+        wait_for_ready: bool = True,
     ) -> None:
         """`root_certificates` (PEM) switches the channel to TLS, trusting that CA;
         `tls_server_name` is the name the certificate must carry when it differs from
         `target`'s host (a scheduler reached by IP). `admin_token` goes with every call
-        (a scheduler with a token refuses any call without it)."""
+        (a scheduler with a token refuses any call without it). `wait_for_ready` False: a
+        Pick fails at once while the scheduler is known down (one of several replicas, so
+        the caller asks another) instead of waiting for it within its deadline."""
         if channel is not None:
             self._channel = channel
         elif root_certificates is not None:
@@ -93,6 +98,8 @@ class SchedulerClient:
         self._pick_prefix = f"{uuid.uuid4().hex[:12]}-"
         self._pick_numbers = itertools.count(1)
         self._timeout_s = timeout_s
+        self._wait_for_ready = wait_for_ready
+        self.target = target
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
@@ -107,7 +114,7 @@ class SchedulerClient:
             response = await self._stub.Pick(
                 message,
                 timeout=timeout_s or self._timeout_s,
-                wait_for_ready=True,
+                wait_for_ready=self._wait_for_ready,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as error:
@@ -269,3 +276,271 @@ class SchedulerClient:
         if self._background:
             await asyncio.wait(self._background, timeout=self._timeout_s)
         await self._channel.close()
+
+
+def resolve_targets(targets: Sequence[str]) -> list[str]:
+    """HOST:PORT targets as IP:PORT addresses: every address a name resolves to (a headless
+    Service names each replica), in a stable order; a name that does not resolve is kept as
+    it is (gRPC resolves it again on its own)."""
+    addresses: list[str] = []
+    for target in targets:
+        host, _, port = target.rpartition(":")
+        try:
+            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            addresses.append(target)
+            continue
+        for family, _type, _proto, _name, sockaddr in infos:
+            ip = str(sockaddr[0])
+            address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            if address not in addresses:
+                addresses.append(address)
+    return addresses
+
+
+def lease_owner(lease_id: str) -> str:
+    """The replica that issued a lease: its id's prefix (`<replica>-<number>`)."""
+    return lease_id.rpartition("-")[0]
+
+
+class ReplicatedSchedulerClient:
+    """The scheduler's API over several active-active replicas of one pool's scheduler.
+
+    Picks rotate over the replicas; a replica that fails a Pick (down, restarting, or behind
+    its peers' membership) is skipped for `down_for_s` and the same Pick goes to the next one
+    within the caller's deadline, so a dead replica costs a pick one failed attempt, not a
+    failed request. The reports of a placed request (Complete, Progress, Renew) go to the
+    replica that issued its lease (lease ids name it); admin calls (Drain, Undrain) go to every
+    replica, since each routes on its own rings; Explain asks them all."""
+
+    def __init__(
+        self,
+        *,
+        targets: Sequence[str],
+        timeout_s: float = 1.0,
+        admin_token: str | None = None,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        down_for_s: float = 1.0,
+        names: Sequence[str] = (),
+    ) -> None:
+        """`targets`: the replicas' addresses now; `names`: what they were resolved from
+        (`keep_resolved` looks again, so a replica that restarts at a new address is found)."""
+        if not targets:
+            raise ValueError("no scheduler replica to talk to")
+
+        def client(target: str) -> SchedulerClient:
+            return SchedulerClient(
+                target=target,
+                timeout_s=timeout_s,
+                admin_token=admin_token,
+                root_certificates=root_certificates,
+                tls_server_name=tls_server_name,
+                wait_for_ready=False,
+            )
+
+        self._client = client
+        self._names = tuple(names)
+        self._replicas = [client(target) for target in targets]
+        self._timeout_s = timeout_s
+        self._down_for_s = down_for_s
+        self._down_until = [0.0] * len(self._replicas)
+        self._turn = itertools.count()
+        self._owners: dict[str, SchedulerClient] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self.failovers = 0
+
+    @property
+    def targets(self) -> list[str]:
+        return [replica.target for replica in self._replicas]
+
+    async def keep_resolved(self, every_s: float = 5.0) -> None:
+        """Follow the names' addresses (replicas come, go, restart elsewhere), until cancelled.
+        A vanished replica's client is closed after its reports' time to arrive."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                wanted = await asyncio.to_thread(resolve_targets, self._names)
+            except Exception:
+                continue
+            if not wanted or wanted == self.targets:
+                continue
+            kept = [r for r in self._replicas if r.target in wanted]
+            gone = [r for r in self._replicas if r.target not in wanted]
+            known = {r.target for r in kept}
+            self._replicas = kept + [self._client(t) for t in wanted if t not in known]
+            self._down_until = [0.0] * len(self._replicas)
+            if gone:
+                task = asyncio.get_running_loop().create_task(self._close_later(gone))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    async def _close_later(self, gone: list[SchedulerClient]) -> None:
+        """Reports of leases a vanished replica issued may still be on their way."""
+        await asyncio.sleep(self._timeout_s * 10)
+        await asyncio.gather(*(replica.close() for replica in gone), return_exceptions=True)
+
+    def _order(self) -> list[int]:
+        """Replicas to try, from the next in turn; those marked down last (all of them may
+        be: they are tried anyway rather than failing without asking)."""
+        count = len(self._replicas)
+        start = next(self._turn) % count
+        order = [(start + offset) % count for offset in range(count)]
+        now = time.monotonic()
+        return sorted(order, key=lambda i: self._down_until[i] > now)
+
+    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+        deadline = time.monotonic() + (timeout_s or self._timeout_s)
+        last: SchedulerUnreachableError | None = None
+        for attempt, index in enumerate(self._order()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            replica = self._replicas[index]
+            try:
+                placement = await replica.pick(query, timeout_s=remaining)
+            except SchedulerUnreachableError as error:
+                self._down_until[index] = time.monotonic() + self._down_for_s
+                last = error
+                continue
+            if attempt:
+                self.failovers += 1
+            if placement.answer.lease_id:
+                self._owners[lease_owner(placement.answer.lease_id)] = replica
+            return placement
+        raise last or SchedulerUnreachableError("no scheduler replica answered in time")
+
+    def _owner(self, lease_id: str) -> SchedulerClient | None:
+        return self._owners.get(lease_owner(lease_id))
+
+    async def complete(
+        self,
+        *,
+        lease_id: str,
+        outcome: Outcome = "success",
+        observed_ttft_s: float = 0.0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> bool:
+        owner = self._owner(lease_id)
+        if owner is None:
+            return False
+        return await owner.complete(
+            lease_id=lease_id,
+            outcome=outcome,
+            observed_ttft_s=observed_ttft_s,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
+
+    async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+        owner = self._owner(lease_id)
+        return False if owner is None else await owner.progress(lease_id=lease_id, event=event)
+
+    async def cancel(self, *, pick_id: str) -> bool:
+        results = await asyncio.gather(
+            *(replica.cancel(pick_id=pick_id) for replica in self._replicas),
+            return_exceptions=True,
+        )
+        return any(result is True for result in results)
+
+    async def renew(self, *, lease_ids: Sequence[str]) -> int:
+        by_owner: dict[int, list[str]] = {}
+        for lease_id in lease_ids:
+            owner = self._owner(lease_id)
+            if owner is not None:
+                by_owner.setdefault(id(owner), []).append(lease_id)
+        replicas = {id(replica): replica for replica in self._replicas}
+        results = await asyncio.gather(
+            *(replicas[key].renew(lease_ids=ids) for key, ids in by_owner.items()),
+            return_exceptions=True,
+        )
+        # A lost replica's leases are gone with it: nothing to renew there.
+        return sum(result for result in results if isinstance(result, int))
+
+    async def _first(self, call: Any) -> Any:
+        last: Exception | None = None
+        for index in self._order():
+            try:
+                return await call(self._replicas[index])
+            except SchedulerUnreachableError as error:
+                last = error
+        assert last is not None
+        raise last
+
+    async def list_endpoints(self, *, model: str = "") -> list[EndpointStatus]:
+        result: list[EndpointStatus] = await self._first(
+            lambda replica: replica.list_endpoints(model=model)
+        )
+        return result
+
+    async def explain(
+        self, *, limit: int = DEFAULT_EXPLAIN_LIMIT, request_id: str = ""
+    ) -> list[DecisionRecord]:
+        results = await asyncio.gather(
+            *(r.explain(limit=limit, request_id=request_id) for r in self._replicas),
+            return_exceptions=True,
+        )
+        records = [record for result in results if isinstance(result, list) for record in result]
+        if not records and all(isinstance(r, BaseException) for r in results):
+            error = results[0]
+            assert isinstance(error, BaseException)
+            raise error
+        # Newest first over every replica (their clocks are each process's own monotonic
+        # time, so the order across replicas is approximate).
+        records.sort(key=lambda record: record.decided_at, reverse=True)
+        return records[:limit]
+
+    async def drain(self, *, endpoint_id: str, timeout_s: float = 0.0) -> DrainResult:
+        results = await asyncio.gather(
+            *(r.drain(endpoint_id=endpoint_id, timeout_s=timeout_s) for r in self._replicas),
+            return_exceptions=True,
+        )
+        drained = [result for result in results if isinstance(result, DrainResult)]
+        if not drained:
+            error = results[0]
+            assert isinstance(error, BaseException)
+            raise error
+        # Drained only where every replica that answered says so: each routes on its own rings.
+        return DrainResult(
+            drained=all(result.drained for result in drained),
+            remaining_in_flight=sum(result.remaining_in_flight for result in drained),
+        )
+
+    async def undrain(self, *, endpoint_id: str) -> bool:
+        results = await asyncio.gather(
+            *(r.undrain(endpoint_id=endpoint_id) for r in self._replicas),
+            return_exceptions=True,
+        )
+        return any(result is True for result in results)
+
+    async def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
+        """Every replica's orders, merged (each replica orders moves of its own leases)."""
+        queue: asyncio.Queue[MigrationOrder | BaseException] = asyncio.Queue()
+
+        async def follow(replica: SchedulerClient) -> None:
+            try:
+                async for order in replica.watch_migrations(watcher=watcher):
+                    await queue.put(order)
+            except Exception as error:  # the merged stream breaks as a single one would
+                await queue.put(error)
+
+        tasks = [asyncio.create_task(follow(replica)) for replica in self._replicas]
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def report_migration(self, report: MigrationReport) -> bool:
+        owner = self._owner(report.lease_id)
+        return False if owner is None else await owner.report_migration(report)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(replica.close() for replica in self._replicas))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import time
@@ -37,6 +38,8 @@ from twinroute.scheduler.discovery import (
 )
 from twinroute.scheduler.migration import parse_hooks
 from twinroute.scheduler.openai_queries import Tokenizer
+from twinroute.scheduler.peer_loads import DEFAULT_MEMBERSHIP_GRACE_S, DEFAULT_PEER_STALE_S
+from twinroute.scheduler.peers import DEFAULT_SHARE_INTERVAL_S, PeerExchange, enable_replicas
 from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
 from twinroute.scheduler.policies.base import COLD_PLACEMENTS
 from twinroute.scheduler.scrape import ScrapeListener, Scraper, ScrapeSettings
@@ -53,6 +56,32 @@ from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 logger = logging.getLogger(__name__)
 
 
+def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    replicas = parser.add_argument_group(
+        "active-active replicas",
+        "several schedulers for one pool, each serving Pick; they share the load they placed",
+    )
+    replicas.add_argument(
+        "--peers", default="",
+        help="comma-separated HOST:PORT of the pool's scheduler replicas (this one may be "
+        "among them); a name that resolves to several addresses, such as a headless Service, "
+        "stands for all of them ('' = a lone scheduler)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--peer-interval-ms", type=float, default=1000 * DEFAULT_SHARE_INTERVAL_S,
+        help="how often this replica sends its load to each peer",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--peer-stale-s", type=float, default=DEFAULT_PEER_STALE_S,
+        help="a peer's load stops counting this long after its last share (a dead replica)",
+    )  # fmt: skip
+    replicas.add_argument(
+        "--membership-grace-s", type=float, default=DEFAULT_MEMBERSHIP_GRACE_S,
+        help="while a peer has newer ring membership, refuse picks (routers ask another "
+        "replica) for at most this long, then route on what this replica has",
+    )  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SchedulerSettings()
     parser.add_argument("--listen", default="127.0.0.1:50051", help="gRPC HOST:PORT (port 0 = any)")
@@ -64,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, help="gRPC port on --host")
     parser.add_argument("--metrics-port", type=int, help="metrics port on --host")
     _add_picker_arguments(parser)
+    _add_replica_arguments(parser)
     parser.add_argument(
         "--config", help="the pool's scheduler.yaml (as the operator renders it); its values "
         "take precedence over the flags they correspond to, and an unknown key is an error",
@@ -405,6 +435,15 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     service = build_service(settings, registry=CollectorRegistry())
     source = build_source(args, settings)
     tls = TlsFiles(cert_path=args.tls_cert, key_path=args.tls_key) if args.tls_cert else None
+    replica_id = None
+    if args.peers:
+        if args.peer_interval_ms <= 0 or args.peer_stale_s <= 0 or args.membership_grace_s < 0:
+            raise ValueError(
+                "--peer-interval-ms > 0, --peer-stale-s > 0 and --membership-grace-s >= 0"
+            )
+        replica_id = enable_replicas(
+            service, stale_after_s=args.peer_stale_s, grace_s=args.membership_grace_s
+        )
     server = GrpcServer(service=service, listen=args.listen, admin_token=args.admin_token, tls=tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -418,9 +457,21 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     )
     try:
         await server.start()
+        if replica_id is not None:
+            exchange = PeerExchange(
+                service=service,
+                replica_id=replica_id,
+                targets=[t.strip() for t in args.peers.split(",") if t.strip()],
+                own_addresses=_own_addresses(server.address),
+                interval_s=args.peer_interval_ms / 1000,
+                admin_token=args.admin_token,
+            )
+            tasks.append(asyncio.create_task(exchange.run(), name="peer-exchange"))
         if picker is not None:
             await picker.start()
         picker_note = f", picker {picker.address}" if picker is not None else ""
+        if replica_id is not None:
+            picker_note += f", replica {replica_id} with peers {args.peers}"
         print(
             f"scheduler listening on {server.address} "
             f"(policy {settings.policy}, metrics {metrics_url}{picker_note})",
@@ -481,6 +532,16 @@ def _picker_server(args: argparse.Namespace, service: SchedulerService) -> Picke
         tokenizer=Tokenizer(args.tokenizer) if args.tokenizer else None,
     )
     return PickerServer(picker=picker, listen=args.picker_listen)
+
+
+def _own_addresses(listen_address: str) -> list[str]:
+    """The addresses peers may know this replica by, so it does not stream to itself: its
+    listen address, and its pod IP on the same port (`POD_IP`, from the downward API)."""
+    port = listen_address.rpartition(":")[2]
+    addresses = [listen_address, f"127.0.0.1:{port}"]
+    if os.environ.get("POD_IP"):
+        addresses.append(f"{os.environ['POD_IP']}:{port}")
+    return addresses
 
 
 def _background_tasks(

@@ -28,6 +28,7 @@ from twinroute.scheduler.history import DecisionHistory
 from twinroute.scheduler.kv_events import KvEventIndex, KvState
 from twinroute.scheduler.leases import Lease, LeaseTable
 from twinroute.scheduler.moves import MovePlanner, RebalanceMove
+from twinroute.scheduler.peer_loads import PeerLoads, ReplicaMembership
 from twinroute.scheduler.policies.base import Policy
 from twinroute.scheduler.policies.pd import PdMode, PdPlacer, PdSettings
 from twinroute.scheduler.prefill_leases import PrefillLeases
@@ -158,6 +159,12 @@ class SchedulerCore:
         self._pd_prefill: tuple[Endpoint, ...] = ()
         self._pd_decode: tuple[Endpoint, ...] = ()
         self.endpoints: dict[str, Endpoint] = {}
+        # Active-active replicas: what the other replicas' leases put on each endpoint, added
+        # to this replica's own (None: a lone scheduler).
+        self.peer_loads: PeerLoads | None = None
+        # ... and this replica's ring membership as they compare it (refuses picks while it
+        # is behind theirs).
+        self.replica: ReplicaMembership | None = None
         self.draining: set[str] = set()
         self.unhealthy: set[str] = set()
         self._scrapes: dict[str, _Scrape] = {}
@@ -271,6 +278,8 @@ class SchedulerCore:
 
     def load(self, endpoint_id: str, *, now: float) -> LoadSnapshot:
         own = self.leases.load(endpoint_id, now=now)
+        if self.peer_loads is not None:
+            own = self.peer_loads.add_to(own, endpoint_id, now=now)
         scrape = self._scrapes.get(endpoint_id)
         if scrape is None or now - scrape.at > self.scrape_staleness_s:
             return own

@@ -101,6 +101,11 @@ class LeaseTable:
     def __len__(self) -> int:
         return len(self._leases)
 
+    @property
+    def id_prefix(self) -> str:
+        """What every lease id this table issues starts with (the replica's id)."""
+        return self._id_prefix
+
     def get(self, lease_id: str) -> Lease | None:
         return self._leases.get(lease_id)
 
@@ -230,6 +235,15 @@ class LeaseTable:
             decoding=queue.decoding,
             decoding_tokens=queue.decoding_tokens,
         )
+
+    def loads(self, *, now: float) -> dict[str, LoadSnapshot]:
+        """The load of every endpoint that carries any of these leases (what a replica
+        shares with its peers)."""
+        shown: dict[str, LoadSnapshot] = {}
+        for endpoint_id, queue in self._queues.items():
+            if queue.in_flight:
+                shown[endpoint_id] = self.load(endpoint_id, now=now)
+        return shown
 
     def _queue(self, endpoint_id: str, now: float) -> _EndpointQueue:
         queue = self._queues.get(endpoint_id)

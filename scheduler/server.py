@@ -30,9 +30,11 @@ from twinroute.scheduler.api import (
     DEFAULT_EXPLAIN_LIMIT,
     InvalidPickError,
     MigrationOffError,
+    StaleMembershipError,
     UnknownEndpointError,
     UnknownModelError,
 )
+from twinroute.scheduler.peers import PeerServicer
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import NoEndpointError
@@ -74,6 +76,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, grpc.StatusCode.NOT_FOUND, "unknown_model", str(error))
         except NoEndpointError as error:
             await _abort(context, grpc.StatusCode.UNAVAILABLE, "no_endpoint", str(error))
+        except StaleMembershipError as error:
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "stale_membership", str(error))
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             # The caller's deadline passed while deciding: the answer would reach nobody, so
@@ -233,6 +237,10 @@ class GrpcServer:
         self._service = service
         pb_grpc.add_SchedulerServicer_to_server(
             SchedulerServicer(service=service, admin_token=admin_token), self.server
+        )
+        # Active-active replicas' load exchange (refused where the scheduler has no --peers).
+        pb_grpc.add_SchedulerPeersServicer_to_server(
+            PeerServicer(service=service, admin_token=admin_token), self.server
         )
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -36,6 +36,7 @@ from twinroute.scheduler.api import (
     PickQuery,
     Placement,
     ProgressEvent,
+    StaleMembershipError,
     UnknownEndpointError,
     UnknownModelError,
 )
@@ -119,10 +120,16 @@ class SchedulerService:
         self._leases_of_picks: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._cancelled_picks: collections.OrderedDict[str, None] = collections.OrderedDict()
 
+    def now(self) -> float:
+        """The clock leases and loads are kept on (monotonic seconds)."""
+        return self._clock()
+
     # -- membership (discovery feeds this) ------------------------------------------------
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> MembershipChange:
         change = self.core.set_endpoints(endpoints, now=self._clock())
+        if self.core.replica is not None:
+            self.core.replica.observe(self.core.endpoints.values(), wall_now=self._wall_clock())
         if change:
             logger.info(
                 "membership: +%s -%s (%d endpoints)",
@@ -239,6 +246,14 @@ class SchedulerService:
         if query.pick_id and query.pick_id in self._cancelled_picks:
             self._refused("cancelled")
             raise InvalidPickError("this Pick was cancelled by its caller before it came")
+        if self.core.replica is not None:
+            peer = self.core.replica.behind(now=self._clock())
+            if peer is not None:
+                self._refused("stale_membership")
+                raise StaleMembershipError(
+                    f"this replica's endpoint set is behind replica {peer.replica_id}'s; ask "
+                    "another replica"
+                )
         try:
             request = self._routing_request(query, prompt=prompt)
             now = self._clock()

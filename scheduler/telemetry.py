@@ -151,6 +151,68 @@ class _CoreCollector(Collector):
             yield from _calibration_families(core)
         if core.kv_events is not None:
             yield from _kv_event_families(core)
+        if core.peer_loads is not None:
+            yield from _replica_families(core, now=now)
+
+
+def _replica_families(core: SchedulerCore, *, now: float) -> Iterator[Metric]:
+    """Active-active replicas: the peers heard from, how old their word is, and whether this
+    replica's ring membership agrees with theirs."""
+    peers = core.peer_loads
+    assert peers is not None
+    shares = peers.shares()
+    counts = GaugeMetricFamily(
+        f"{NAMESPACE}_peers",
+        "Scheduler replicas heard from, by whether their last load share still counts.",
+        labels=["state"],
+    )
+    fresh = sum(now - s.received_at < peers.stale_after_s for s in shares)
+    counts.add_metric(["fresh"], fresh)
+    counts.add_metric(["stale"], len(shares) - fresh)
+    yield counts
+    age = GaugeMetricFamily(
+        f"{NAMESPACE}_peer_share_age_seconds",
+        "Seconds since each peer's last load share arrived (the load exchange's age).",
+        labels=["peer"],
+    )
+    lag = GaugeMetricFamily(
+        f"{NAMESPACE}_peer_lag_seconds",
+        "Each peer's last share: arrival wall clock minus its send time (transit and skew).",
+        labels=["peer"],
+    )
+    for share in sorted(shares, key=lambda s: s.replica_id):
+        age.add_metric([share.replica_id], now - share.received_at)
+        lag.add_metric([share.replica_id], share.lag_s)
+    yield age
+    yield lag
+    replica = core.replica
+    if replica is not None:
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_membership_info",
+            "This replica's ring membership: its digest (equal on replicas that agree).",
+            labels=["digest"],
+        )
+        info.add_metric([replica.digest], 1.0)
+        yield info
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_membership_changed_timestamp_seconds",
+            "Wall clock when this replica's ring membership last changed (its epoch).",
+            value=replica.changed_at_unix_s,
+        )
+        behind = replica.peers.behind_peer(
+            digest=replica.digest, changed_at_unix_s=replica.changed_at_unix_s, now=now
+        )
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_membership_behind",
+            "1 while a peer has newer ring membership than this replica (picks are refused "
+            "for at most the grace period).",
+            value=float(behind is not None),
+        )
+        yield CounterMetricFamily(
+            f"{NAMESPACE}_routed_while_behind",
+            "Picks answered past the grace period while a peer's membership was newer.",
+            value=replica.routed_while_behind,
+        )
 
 
 def _kv_event_families(core: SchedulerCore) -> Iterator[Metric]:

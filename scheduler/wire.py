@@ -22,6 +22,7 @@ from twinroute.scheduler.api import (
     PickAnswer,
     PickQuery,
     ProgressEvent,
+    StaleMembershipError,
     Trigger,
     UnknownEndpointError,
     UnknownModelError,
@@ -49,6 +50,7 @@ ERROR_KINDS: Final[dict[str, type[Exception]]] = {
     "no_endpoint": NoEndpointError,
     "unknown_endpoint": UnknownEndpointError,
     "migration_off": MigrationOffError,
+    "stale_membership": StaleMembershipError,
     "unauthenticated": PermissionError,
     "permission_denied": PermissionError,
 }

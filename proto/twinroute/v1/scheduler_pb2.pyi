@@ -1091,6 +1091,92 @@ class MigrationReportResponse(_message.Message):
 Global___MigrationReportResponse: _TypeAlias = MigrationReportResponse  # noqa: Y015
 
 @_typing.final
+class LoadShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    SENT_AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_DIGEST_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_CHANGED_AT_UNIX_S_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """The sending replica (its lease-id prefix: leases it issued start with it)."""
+    sent_at_unix_s: _builtins.float
+    """The sender's wall clock (Unix seconds) when it took this snapshot."""
+    membership_digest: _builtins.str
+    """Digest of the sender's ring membership (sorted endpoint ids and addresses) and when, on the
+    sender's wall clock, it last changed: replicas with different digests compute different
+    candidate pairs, and the one whose membership is older is the one behind.
+    """
+    membership_changed_at_unix_s: _builtins.float
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointShare]:
+        """The load the sender's own leases put on each endpoint (only endpoints with any)."""
+
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        sent_at_unix_s: _builtins.float = ...,
+        membership_digest: _builtins.str = ...,
+        membership_changed_at_unix_s: _builtins.float = ...,
+        endpoints: _abc.Iterable[Global___EndpointShare] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "membership_changed_at_unix_s", b"membership_changed_at_unix_s", "membership_digest", b"membership_digest", "replica_id", b"replica_id", "sent_at_unix_s", b"sent_at_unix_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadShare: _TypeAlias = LoadShare  # noqa: Y015
+
+@_typing.final
+class EndpointShare(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    PENDING_PREFILL_TOKENS_FIELD_NUMBER: _builtins.int
+    DECODING_FIELD_NUMBER: _builtins.int
+    DECODING_TOKENS_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    in_flight: _builtins.int
+    pending_prefill_tokens: _builtins.int
+    decoding: _builtins.int
+    decoding_tokens: _builtins.int
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        in_flight: _builtins.int = ...,
+        pending_prefill_tokens: _builtins.int = ...,
+        decoding: _builtins.int = ...,
+        decoding_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decoding", b"decoding", "decoding_tokens", b"decoding_tokens", "endpoint_id", b"endpoint_id", "in_flight", b"in_flight", "pending_prefill_tokens", b"pending_prefill_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointShare: _TypeAlias = EndpointShare  # noqa: Y015
+
+@_typing.final
+class ShareLoadAck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShareLoadAck: _TypeAlias = ShareLoadAck  # noqa: Y015
+
+@_typing.final
 class ListRequestsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -568,6 +568,112 @@ class Scheduler:
             _registered_method=True)
 
 
+class SchedulerPeersStub:
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ShareLoad = channel.stream_unary(
+                '/twinroute.v1.SchedulerPeers/ShareLoad',
+                request_serializer=twinroute_dot_v1_dot_scheduler__pb2.LoadShare.SerializeToString,
+                response_deserializer=twinroute_dot_v1_dot_scheduler__pb2.ShareLoadAck.FromString,
+                _registered_method=True)
+
+
+class SchedulerPeersServicer:
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    def ShareLoad(self, request_iterator, context):
+        """One long-lived stream per (sender, receiver); the sender sends a LoadShare every interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_SchedulerPeersServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ShareLoad': grpc.stream_unary_rpc_method_handler(
+                    servicer.ShareLoad,
+                    request_deserializer=twinroute_dot_v1_dot_scheduler__pb2.LoadShare.FromString,
+                    response_serializer=twinroute_dot_v1_dot_scheduler__pb2.ShareLoadAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'twinroute.v1.SchedulerPeers', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('twinroute.v1.SchedulerPeers', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class SchedulerPeers:
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+
+    """
+
+    @staticmethod
+    def ShareLoad(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/twinroute.v1.SchedulerPeers/ShareLoad',
+            twinroute_dot_v1_dot_scheduler__pb2.LoadShare.SerializeToString,
+            twinroute_dot_v1_dot_scheduler__pb2.ShareLoadAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class MigrationHookStub:
     """---------------------------------------------------------------------------------------------
     Migration hook, implemented by an agent next to each engine (the engine simulator implements

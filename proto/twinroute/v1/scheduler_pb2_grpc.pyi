@@ -275,6 +275,67 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class SchedulerPeersStub:
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> SchedulerPeersAsyncStub: ...
+    ShareLoad: _grpc.StreamUnaryMultiCallable[_scheduler_pb2.LoadShare, _scheduler_pb2.ShareLoadAck]
+    """One long-lived stream per (sender, receiver); the sender sends a LoadShare every interval."""
+
+@_typing.type_check_only
+class SchedulerPeersAsyncStub(SchedulerPeersStub):
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ShareLoad: _aio.StreamUnaryMultiCallable[_scheduler_pb2.LoadShare, _scheduler_pb2.ShareLoadAck]  # type: ignore[assignment]
+    """One long-lived stream per (sender, receiver); the sender sends a LoadShare every interval."""
+
+class SchedulerPeersServicer(metaclass=_abc_1.ABCMeta):
+    """---------------------------------------------------------------------------------------------
+    Scheduler peers: active-active replicas of one pool's scheduler share what each of them placed.
+
+    Every replica computes the same DualMap candidate pair for a prompt from the same ring
+    membership, and (with KV events) follows the same engines' caches; what it cannot see is the
+    load the other replicas put on each engine since the last scrape. Each replica therefore
+    streams its own leases' load per endpoint to every peer every few milliseconds, with its ring
+    membership digest, and adds the peers' latest shares to its own view. A share older than the
+    receiver's staleness limit (a peer that died) no longer counts.
+    ---------------------------------------------------------------------------------------------
+    """
+
+    @_abc_1.abstractmethod
+    def ShareLoad(
+        self,
+        request_iterator: _MaybeAsyncIterator[_scheduler_pb2.LoadShare],
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.ShareLoadAck, _abc.Awaitable[_scheduler_pb2.ShareLoadAck]]:
+        """One long-lived stream per (sender, receiver); the sender sends a LoadShare every interval."""
+
+def add_SchedulerPeersServicer_to_server(servicer: SchedulerPeersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class MigrationHookStub:
     """---------------------------------------------------------------------------------------------
     Migration hook, implemented by an agent next to each engine (the engine simulator implements

@@ -28,7 +28,11 @@ from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, build_app
 from twinroute.runtime import LOG_LEVELS, event_loop_runner
 from twinroute.scheduler.api import Endpoint, Scheduler
-from twinroute.scheduler.client import SchedulerClient
+from twinroute.scheduler.client import (
+    ReplicatedSchedulerClient,
+    SchedulerClient,
+    resolve_targets,
+)
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.settings import SchedulerSettings, parse_kv_event_endpoints
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
@@ -44,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", action="append", required=True, help="served model name (repeatable)"
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--scheduler", help="gRPC address of `twinroute scheduler`")
+    source.add_argument(
+        "--scheduler",
+        help="gRPC HOST:PORT of `twinroute scheduler`; several, comma-separated (or a name that "
+        "resolves to several, a headless Service) for active-active replicas: picks rotate "
+        "over them and fail over within the deadline",
+    )
     source.add_argument("--embedded", action="store_true", help="run the scheduler in this process")
     parser.add_argument(
         "--endpoints", default="",
@@ -231,9 +240,9 @@ def build_scheduler(
             raise ValueError("--embedded needs --endpoints")
         from twinroute.scheduler.build import embedded_service
 
-        service, rounds = embedded_service(embedded_settings(args), endpoints)
+        service, embedded_rounds = embedded_service(embedded_settings(args), endpoints)
         telemetry = service.telemetry
-        return service, rounds, telemetry.exposition if telemetry is not None else None
+        return service, embedded_rounds, telemetry.exposition if telemetry is not None else None
     given = [
         "--" + flag.replace("_", "-")
         for flag in (*EMBEDDED_FLAGS, "admission_hold")
@@ -245,20 +254,30 @@ def build_scheduler(
             "`twinroute scheduler` (a client sends its own SLO in the x-twinroute-ttft-slo-s "
             "header)"
         )
-    primary = SchedulerClient(
-        target=args.scheduler,
-        timeout_s=args.scheduler_timeout_s,
-        admin_token=_read_token(args.scheduler_token_file),
-        root_certificates=_read_bytes(args.scheduler_ca),
-        tls_server_name=args.scheduler_server_name,
-    )
+    names = [name.strip() for name in args.scheduler.split(",") if name.strip()]
+    addresses = resolve_targets(names)
+    connection: dict[str, Any] = {
+        "timeout_s": args.scheduler_timeout_s,
+        "admin_token": _read_token(args.scheduler_token_file),
+        "root_certificates": _read_bytes(args.scheduler_ca),
+        "tls_server_name": args.scheduler_server_name,
+    }
+    primary: Scheduler
+    rounds: list[BackgroundWork] = []
+    if len(names) > 1 or len(addresses) > 1:
+        # Active-active replicas: spread picks over them, fail over within the deadline.
+        replicated = ReplicatedSchedulerClient(targets=addresses, names=names, **connection)
+        rounds.append(replicated.keep_resolved)
+        primary = replicated
+    else:
+        primary = SchedulerClient(target=args.scheduler, **connection)
     if endpoints:
-        return FailOpenScheduler(primary=primary, endpoints=endpoints), [], None
+        return FailOpenScheduler(primary=primary, endpoints=endpoints), rounds, None
     if args.fail_open_learn_every_s <= 0:
-        return primary, [], None
+        return primary, rounds, None
     # No list given (an operator-managed pool): fail open to what the scheduler last listed.
     fail_open = FailOpenScheduler(primary=primary, learn_every_s=args.fail_open_learn_every_s)
-    return fail_open, [fail_open.learn_endpoints], None
+    return fail_open, [*rounds, fail_open.learn_endpoints], None
 
 
 def _read_bytes(path: str | None) -> bytes | None:

@@ -1,0 +1,175 @@
+"""Active-active replicas over gRPC: each replica streams its load to every peer.
+
+`PeerExchange` runs in every replica given `--peers`: one client stream per peer address
+(`SchedulerPeers/ShareLoad`), a `LoadShare` every `interval_s` with the load this replica's own
+leases put on each endpoint and its ring membership digest. A host name that resolves to several
+addresses (a Kubernetes headless Service) stands for all of them and is resolved again every few
+seconds, so replicas that come and go (or restart at a new address) are found. `PeerServicer`
+takes the peers' shares into the core's `PeerLoads` (`scheduler/peer_loads.py`, where the
+consistency model is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+from twinroute.scheduler.client import resolve_targets
+from twinroute.scheduler.peer_loads import (
+    EndpointLoadShare,
+    PeerLoads,
+    PeerShare,
+    ReplicaMembership,
+)
+from twinroute.scheduler.service import SchedulerService
+from twinroute.scheduler.tokens import TokenGuard
+from twinroute.v1 import scheduler_pb2 as pb
+from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHARE_INTERVAL_S = 0.02
+RESOLVE_EVERY_S = 5.0
+RECONNECT_AFTER_S = 0.5
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def enable_replicas(service: SchedulerService, *, stale_after_s: float, grace_s: float) -> str:
+    """Make `service` one of several replicas: its core adds the peers' load and compares
+    memberships. Returns this replica's id (its lease-id prefix, so a lease names its owner)."""
+    core = service.core
+    replica_id = core.leases.id_prefix.rstrip("-") or "replica"
+    core.peer_loads = PeerLoads(own_replica_id=replica_id, stale_after_s=stale_after_s)
+    core.replica = ReplicaMembership(peers=core.peer_loads, grace_s=grace_s)
+    core.replica.observe(core.endpoints.values(), wall_now=time.time())
+    return replica_id
+
+
+def own_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
+    core = service.core
+    assert core.replica is not None, "enable_replicas first"
+    share = pb.LoadShare(
+        replica_id=replica_id,
+        sent_at_unix_s=time.time(),
+        membership_digest=core.replica.digest,
+        membership_changed_at_unix_s=core.replica.changed_at_unix_s,
+    )
+    for endpoint_id, load in core.leases.loads(now=service.now()).items():
+        share.endpoints.add(
+            endpoint_id=endpoint_id,
+            in_flight=load.in_flight,
+            pending_prefill_tokens=load.pending_prefill_tokens,
+            decoding=load.decoding,
+            decoding_tokens=load.decoding_tokens,
+        )
+    return share
+
+
+def share_from_pb(message: pb.LoadShare, *, received_at: float) -> PeerShare:
+    return PeerShare(
+        replica_id=message.replica_id,
+        received_at=received_at,
+        sent_at_unix_s=message.sent_at_unix_s,
+        membership_digest=message.membership_digest,
+        membership_changed_at_unix_s=message.membership_changed_at_unix_s,
+        endpoints={
+            e.endpoint_id: EndpointLoadShare(
+                in_flight=e.in_flight,
+                pending_prefill_tokens=e.pending_prefill_tokens,
+                decoding=e.decoding,
+                decoding_tokens=e.decoding_tokens,
+            )
+            for e in message.endpoints
+        },
+        lag_s=time.time() - message.sent_at_unix_s,
+    )
+
+
+class PeerServicer(pb_grpc.SchedulerPeersServicer):
+    """Takes the peers' shares; with a token configured, peers must send it (they share it)."""
+
+    def __init__(self, *, service: SchedulerService, admin_token: str | None = None) -> None:
+        self._service = service
+        self._guard = TokenGuard(admin_token)
+
+    async def ShareLoad(
+        self, request_iterator: AsyncIterator[pb.LoadShare], context: Context
+    ) -> pb.ShareLoadAck:
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        why = self._guard.refusal(str(header)) if self._guard.required else None
+        if why is not None:
+            self._guard.refused("ShareLoad", why, peer=context.peer())
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"peer refused: {why}")
+        peers = self._service.core.peer_loads
+        if peers is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this scheduler runs without --peers"
+            )
+        assert peers is not None
+        async for message in request_iterator:
+            peers.update(share_from_pb(message, received_at=self._service.now()))
+        return pb.ShareLoadAck()
+
+
+class PeerExchange:
+    """Streams this replica's share to every peer; `run` until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        service: SchedulerService,
+        replica_id: str,
+        targets: Sequence[str],
+        own_addresses: Sequence[str] = (),
+        interval_s: float = DEFAULT_SHARE_INTERVAL_S,
+        admin_token: str | None = None,
+        resolver: Callable[[Sequence[str]], list[str]] = resolve_targets,
+    ) -> None:
+        self._service = service
+        self._replica_id = replica_id
+        self._targets = tuple(targets)
+        self._own = frozenset(own_addresses)
+        self._interval_s = interval_s
+        self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
+        self._resolver = resolver
+        self._senders: dict[str, asyncio.Task[None]] = {}
+        self.sent = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                wanted = set(await asyncio.to_thread(self._resolver, self._targets)) - self._own
+                for address in wanted - self._senders.keys():
+                    logger.info("peer %s: sharing load every %g ms", address,
+                                self._interval_s * 1000)  # fmt: skip
+                    self._senders[address] = asyncio.create_task(self._send_to(address))
+                for address in self._senders.keys() - wanted:
+                    self._senders.pop(address).cancel()
+                await asyncio.sleep(RESOLVE_EVERY_S)
+        finally:
+            for task in self._senders.values():
+                task.cancel()
+            await asyncio.gather(*self._senders.values(), return_exceptions=True)
+
+    async def _shares(self) -> AsyncIterator[pb.LoadShare]:
+        while True:
+            yield own_share(self._service, replica_id=self._replica_id)
+            self.sent += 1
+            await asyncio.sleep(self._interval_s)
+
+    async def _send_to(self, address: str) -> None:
+        while True:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub: Any = pb_grpc.SchedulerPeersStub(channel)
+                try:
+                    await stub.ShareLoad(self._shares(), metadata=self._metadata)
+                except grpc.aio.AioRpcError as error:
+                    # A peer that is down or restarting: try again shortly; its own shares
+                    # stop meanwhile, and ours go stale on its side, as they should.
+                    logger.debug("peer %s: %s", address, error.code().name)
+            await asyncio.sleep(RECONNECT_AFTER_S)
