@@ -45,6 +45,7 @@ def enable_replicas(service: SchedulerService, *, stale_after_s: float, grace_s:
     core = service.core
     replica_id = core.leases.id_prefix.rstrip("-") or "replica"
     core.peer_loads = PeerLoads(own_replica_id=replica_id, stale_after_s=stale_after_s)
+    core.prefix_index.journal = []
     core.replica = ReplicaMembership(peers=core.peer_loads, grace_s=grace_s)
     core.replica.observe(core.endpoints.values(), wall_now=time.time())
     return replica_id
@@ -67,6 +68,11 @@ def own_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
             decoding=load.decoding,
             decoding_tokens=load.decoding_tokens,
         )
+    journal = core.prefix_index.journal
+    if journal:
+        for endpoint_id, hashes in journal:
+            share.placed.add(endpoint_id=endpoint_id, block_hashes=hashes)
+        journal.clear()
     return share
 
 
@@ -111,13 +117,23 @@ class PeerServicer(pb_grpc.SchedulerPeersServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, "this scheduler runs without --peers"
             )
         assert peers is not None
+        core = self._service.core
         async for message in request_iterator:
             peers.update(share_from_pb(message, received_at=self._service.now()))
+            for placed in message.placed:
+                if placed.endpoint_id in core.endpoints:
+                    core.prefix_index.record_hashes(placed.endpoint_id, placed.block_hashes)
         return pb.ShareLoadAck()
 
 
 class PeerExchange:
-    """Streams this replica's share to every peer; `run` until cancelled."""
+    """Streams this replica's share to every peer; `run` until cancelled.
+
+    One share is taken per interval and sent to every peer (its placements since the last one
+    go once to each); a peer whose stream is down misses what was said meanwhile, and its
+    queue keeps only the newest shares."""
+
+    QUEUE_SHARES = 50
 
     def __init__(
         self,
@@ -137,37 +153,51 @@ class PeerExchange:
         self._interval_s = interval_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
         self._resolver = resolver
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._senders: dict[str, tuple[asyncio.Task[None], asyncio.Queue[pb.LoadShare]]] = {}
         self.sent = 0
 
     async def run(self) -> None:
+        broadcast = asyncio.create_task(self._broadcast())
         try:
             while True:
                 wanted = set(await asyncio.to_thread(self._resolver, self._targets)) - self._own
                 for address in wanted - self._senders.keys():
                     logger.info("peer %s: sharing load every %g ms", address,
                                 self._interval_s * 1000)  # fmt: skip
-                    self._senders[address] = asyncio.create_task(self._send_to(address))
+                    queue: asyncio.Queue[pb.LoadShare] = asyncio.Queue(self.QUEUE_SHARES)
+                    task = asyncio.create_task(self._send_to(address, queue))
+                    self._senders[address] = (task, queue)
                 for address in self._senders.keys() - wanted:
-                    self._senders.pop(address).cancel()
+                    self._senders.pop(address)[0].cancel()
                 await asyncio.sleep(RESOLVE_EVERY_S)
         finally:
-            for task in self._senders.values():
+            broadcast.cancel()
+            tasks = [broadcast, *(task for task, _ in self._senders.values())]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._senders.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _shares(self) -> AsyncIterator[pb.LoadShare]:
+    async def _broadcast(self) -> None:
         while True:
-            yield own_share(self._service, replica_id=self._replica_id)
+            share = own_share(self._service, replica_id=self._replica_id)
+            for _task, queue in self._senders.values():
+                if queue.full():
+                    queue.get_nowait()  # the oldest: the newest load is what counts
+                queue.put_nowait(share)
             self.sent += 1
             await asyncio.sleep(self._interval_s)
 
-    async def _send_to(self, address: str) -> None:
+    @staticmethod
+    async def _drain(queue: asyncio.Queue[pb.LoadShare]) -> AsyncIterator[pb.LoadShare]:
+        while True:
+            yield await queue.get()
+
+    async def _send_to(self, address: str, queue: asyncio.Queue[pb.LoadShare]) -> None:
         while True:
             async with grpc.aio.insecure_channel(address) as channel:
                 stub: Any = pb_grpc.SchedulerPeersStub(channel)
                 try:
-                    await stub.ShareLoad(self._shares(), metadata=self._metadata)
+                    await stub.ShareLoad(self._drain(queue), metadata=self._metadata)
                 except grpc.aio.AioRpcError as error:
                     # A peer that is down or restarting: try again shortly; its own shares
                     # stop meanwhile, and ours go stale on its side, as they should.

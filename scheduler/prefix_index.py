@@ -21,7 +21,7 @@ the first block a binary search of its own.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from twinroute.scheduler.types import PromptKeys
 
@@ -39,6 +39,9 @@ class PrefixIndex:
         self._capacity_of: dict[str, int] = {}
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._holders: dict[int, set[str]] = {}
+        # Active-active replicas: what `record` learnt since the last share to the peers
+        # (None: a lone scheduler keeps no journal).
+        self.journal: list[tuple[str, list[int]]] | None = None
 
     @property
     def capacity_blocks(self) -> int:
@@ -75,11 +78,19 @@ class PrefixIndex:
 
     def record(self, endpoint_id: str, keys: PromptKeys) -> None:
         """`endpoint_id` now holds every block of `keys` (it just served the prompt)."""
+        hashes = keys.block_hashes.tolist()
+        if self.journal is not None:
+            self.journal.append((endpoint_id, hashes))
+        self.record_hashes(endpoint_id, hashes)
+
+    def record_hashes(self, endpoint_id: str, hashes: Sequence[int]) -> None:
+        """`record` for keys as plain block hashes (a peer replica's placements); never
+        journaled, so what peers say is not said back to them."""
         lru = self._lru.get(endpoint_id)
         if lru is None:
             lru = self._lru[endpoint_id] = OrderedDict()
         holders = self._holders
-        for key in reversed(keys.block_hashes.tolist()):
+        for key in reversed(hashes):
             if key in lru:
                 lru.move_to_end(key)
             else:

@@ -262,3 +262,32 @@ async def test_replica_metrics_show_peers_their_age_and_the_membership(
         assert f'twinroute_scheduler_peer_share_age_seconds{{peer="{replica.replica_id}"}}' in text
     assert "twinroute_scheduler_membership_behind 0.0" in text
     assert f'digest="{membership_digest(ENDPOINTS)}"' in text
+
+
+async def test_a_prompt_one_replica_placed_is_known_to_the_others(
+    replicas: list[Replica],
+) -> None:
+    a, b, c = replicas
+    client = SchedulerClient(target=a.address, timeout_s=5.0)
+    try:
+        placement = await client.pick(query(7))
+        endpoint = placement.answer.endpoint.id
+        keys, _ = a.service._prompt_keys(query(7))
+
+        def known_by(replica: Replica) -> int:
+            return replica.service.core.prefix_index.matched_blocks(endpoint, keys)
+
+        await until(
+            lambda: known_by(b) == known_by(c) == len(keys.block_hashes) > 0,
+            what="b and c record a's placement",
+        )
+        # b now sends the same prompt where a did: the cache is where a put it.
+        via_b = SchedulerClient(target=b.address, timeout_s=5.0)
+        try:
+            again = await via_b.pick(query(7))
+        finally:
+            await via_b.close()
+        assert again.answer.endpoint.id == endpoint
+        assert again.answer.reason == "cache_affinity"
+    finally:
+        await client.close()

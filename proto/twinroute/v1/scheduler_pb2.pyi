@@ -1099,6 +1099,7 @@ class LoadShare(_message.Message):
     MEMBERSHIP_DIGEST_FIELD_NUMBER: _builtins.int
     MEMBERSHIP_CHANGED_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
+    PLACED_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """The sending replica (its lease-id prefix: leases it issued start with it)."""
     sent_at_unix_s: _builtins.float
@@ -1113,6 +1114,12 @@ class LoadShare(_message.Message):
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointShare]:
         """The load the sender's own leases put on each endpoint (only endpoints with any)."""
 
+    @_builtins.property
+    def placed(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlacedPrefix]:
+        """Prompts the sender placed since its previous share: the receiver records them in its own
+        approximate prefix index, so every replica knows what every replica sent where.
+        """
+
     def __init__(
         self,
         *,
@@ -1121,14 +1128,40 @@ class LoadShare(_message.Message):
         membership_digest: _builtins.str = ...,
         membership_changed_at_unix_s: _builtins.float = ...,
         endpoints: _abc.Iterable[Global___EndpointShare] | None = ...,
+        placed: _abc.Iterable[Global___PlacedPrefix] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "membership_changed_at_unix_s", b"membership_changed_at_unix_s", "membership_digest", b"membership_digest", "replica_id", b"replica_id", "sent_at_unix_s", b"sent_at_unix_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "membership_changed_at_unix_s", b"membership_changed_at_unix_s", "membership_digest", b"membership_digest", "placed", b"placed", "replica_id", b"replica_id", "sent_at_unix_s", b"sent_at_unix_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadShare: _TypeAlias = LoadShare  # noqa: Y015
+
+@_typing.final
+class PlacedPrefix(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    BLOCK_HASHES_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    @_builtins.property
+    def block_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The prompt's prefix keys (chained block hashes), as the scheduler's prefix index keeps them."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        block_hashes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_hashes", b"block_hashes", "endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlacedPrefix: _TypeAlias = PlacedPrefix  # noqa: Y015
 
 @_typing.final
 class EndpointShare(_message.Message):
