@@ -70,6 +70,10 @@ BENCHES: dict[str, tuple[str, str]] = {
         "twinroute.bench.rebalance_live",
         "the live scheduler's admission hold on vs off (runs `twinroute bench live`)",
     ),
+    "ha": (
+        "twinroute.bench.ha",
+        "1, 2 and 3 active-active scheduler replicas, one killed under load; the tier's Picks/s",
+    ),
     "migration-drain": (
         "twinroute.bench.migration_drain",
         "draining an engine with migration off, by router recompute, and by KV hooks",
