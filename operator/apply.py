@@ -33,6 +33,10 @@ _COLLECTIONS: Final[dict[tuple[str, str], str]] = {
     ("v1", "ServiceAccount"): "/api/v1/namespaces/{namespace}/serviceaccounts",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     (
+        "policy/v1",
+        "PodDisruptionBudget",
+    ): "/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+    (
         "rbac.authorization.k8s.io/v1",
         "RoleBinding",
     ): "/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}/rolebindings",

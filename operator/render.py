@@ -123,6 +123,11 @@ def engine_name(*, pool: str, role: Role) -> str:
     return f"{pool}-{role.value}"
 
 
+def scheduler_peers_name(*, pool: str) -> str:
+    """The headless Service that names every scheduler replica (peers and routers resolve it)."""
+    return f"{scheduler_name(pool=pool)}-peers"
+
+
 def scheduler_name(*, pool: str) -> str:
     return f"{pool}-scheduler"
 
@@ -297,6 +302,11 @@ def render_children(pool: PoolSpec, *, owner: Owner, settings: RenderSettings) -
         ),
         _scheduler_service(pool, settings=settings),
     ]
+    if pool.scheduler.replicas > 1:
+        children += [
+            _scheduler_peers_service(pool, settings=settings),
+            _scheduler_disruption_budget(pool),
+        ]
     if pool.gateway.kind == "envoy":
         gateway_config = _gateway_config_map(pool, settings=settings)
         children += [
@@ -712,6 +722,17 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
         },
         **common,
     }
+    if pool.scheduler.replicas > 1:
+        # Active-active: each replica shares its load with the others (found through the
+        # headless Service), and each router spreads its picks over all of them.
+        replicas_address = (
+            f"{scheduler_peers_name(pool=pool.name)}.{pool.namespace}.svc:{settings.grpc_port}"
+        )
+        scheduler["args"] += ["--peers", replicas_address]
+        scheduler["env"] = [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        ]
+        router["args"][router["args"].index("--scheduler") + 1] = replicas_address
     if pool.gateway.uses_picker:
         scheduler["ports"].append(
             {
@@ -852,6 +873,46 @@ def _pool_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
                     "protocol": "TCP",
                 }
             ],
+        },
+    }
+
+
+def _scheduler_peers_service(pool: PoolSpec, *, settings: RenderSettings) -> Obj:
+    """Headless: its name resolves to every scheduler replica's pod IP, ready or not (a peer
+    shares its load from its first second; routers skip a replica that does not answer)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(
+            scheduler_peers_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(pool, role=labels.SCHEDULER_ROLE),
+            "ports": [
+                {
+                    "name": labels.SCHEDULER_GRPC_PORT_NAME,
+                    "port": settings.grpc_port,
+                    "targetPort": labels.SCHEDULER_GRPC_PORT_NAME,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def _scheduler_disruption_budget(pool: PoolSpec) -> Obj:
+    """A voluntary disruption (node drain, rollout) leaves one replica at least."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(
+            scheduler_name(pool=pool.name), pool_labels(pool, role=labels.SCHEDULER_ROLE)
+        ),
+        "spec": {
+            "minAvailable": 1,
+            "selector": {"matchLabels": selector_labels(pool, role=labels.SCHEDULER_ROLE)},
         },
     }
 

@@ -39,9 +39,10 @@ DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
 DEFAULT_ENGINE_PORT: Final = 8000
 DEFAULT_PREFIX_BLOCK_SIZE: Final = DEFAULT_KEY_BLOCK_TOKENS
 DEFAULT_SCHEDULER_REPLICAS: Final = 1
-# One scheduler per pool until replicas share their load picture: each replica sees only the
-# leases it placed, so with k replicas each would balance on about 1/k of the truth.
-MAX_SCHEDULER_REPLICAS: Final = 1
+# Active-active replicas share their load and placements (`twinroute scheduler --peers`); each
+# streams to every other, so the exchange grows with the square of the count: a handful is
+# plenty (one replica serves about a thousand picks a second per core).
+MAX_SCHEDULER_REPLICAS: Final = 5
 DEFAULT_KV_CONNECTOR: Final = "NixlConnector"
 MAX_PD_MIN_PREFILL_TOKENS: Final = 10_000_000
 # A managed pool migrates on drain by default, unlike a bare `twinroute scheduler` (off): the
@@ -208,6 +209,14 @@ def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpe
     model_source = _string(model, "source", path="model.source", default=model_name)
     replicas = _parse_roles(_mapping(spec, "roles", required=True))
     gateway = _parse_gateway(_mapping(spec, "gateway"))
+    scheduler = _parse_scheduler(_mapping(spec, "scheduler"))
+    if gateway.kind == "envoy" and gateway.processing == "lean" and scheduler.replicas > 1:
+        raise SpecError(
+            field="gateway.processing",
+            message="'lean' closes each request from Envoy's access log, which reaches one "
+            "scheduler replica, not the one that picked it: with scheduler.replicas above 1 use "
+            "'full' (the picker sees the response) or 'gie'",
+        )
     if gateway.uses_picker and set(replicas) != {Role.UNIFIED}:
         raise SpecError(
             field="gateway.kind",
@@ -222,7 +231,7 @@ def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpe
         replicas=replicas,
         engine=_parse_engine(_mapping(spec, "engine")),
         routing=_parse_routing(_mapping(spec, "routing")),
-        scheduler=_parse_scheduler(_mapping(spec, "scheduler")),
+        scheduler=scheduler,
         gateway=gateway,
     )
 

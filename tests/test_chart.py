@@ -177,6 +177,7 @@ def test_rbac_grants_exactly_what_the_operator_and_scheduler_use(tools: dict[str
             ("", "serviceaccounts"),
             ("", "secrets"),
             ("apps", "deployments"),
+            ("policy", "poddisruptionbudgets"),
             ("rbac.authorization.k8s.io", "rolebindings"),
             ("inference.networking.k8s.io", "inferencepools"),
         )
@@ -322,7 +323,7 @@ def test_crd_defaults_equal_the_parser_defaults() -> None:
     assert routing["phaseAware"]["default"] is DEFAULT_PHASE_AWARE
     assert routing["rebalancing"]["default"] is True
     scheduler = spec["scheduler"]["properties"]
-    assert scheduler["replicas"]["maximum"] == MAX_SCHEDULER_REPLICAS == 1
+    assert scheduler["replicas"]["maximum"] == MAX_SCHEDULER_REPLICAS == 5
     timeouts = scheduler["timeouts"]["properties"]
     for key, name, low, high in TIMEOUT_FIELDS:
         assert timeouts[key]["default"] == getattr(EngineTimeouts(), name), key

@@ -81,7 +81,7 @@ INVALID = {
     "rebalancing string": ({**UNIFIED, "routing": {"rebalancing": "yes"}}, "routing.rebalancing"),
     "scheduler replicas zero": ({**UNIFIED, "scheduler": {"replicas": 0}}, "scheduler.replicas"),
     # Each replica would see only its own leases (a fraction of the load), silently.
-    "scheduler replicas two": ({**UNIFIED, "scheduler": {"replicas": 2}}, "scheduler.replicas"),
+    "scheduler replicas six": ({**UNIFIED, "scheduler": {"replicas": 6}}, "scheduler.replicas"),
     "engine not an object": ({**UNIFIED, "engine": ["x"]}, "engine"),
     "too many engine args": ({**UNIFIED, "engine": {"args": ["--x"] * 129}}, "engine.args"),
 }

@@ -223,6 +223,18 @@ def run_lifecycle(harness: Harness, *, grpc_port: int) -> None:
         ),
         what="pod-deletion-cost",
     )
+    # Active-active scheduler replicas: a headless Service and a PodDisruptionBudget come
+    # (and are relabelled with the rest below).
+    budgets = "policy/v1/poddisruptionbudgets"
+    harness.request("PATCH", harness.pool_path("chat"),
+                    {"spec": {"scheduler": {"replicas": 3}}})  # fmt: skip
+    wait_for(
+        lambda: (
+            api.stored(budgets, NS, "chat-scheduler") is not None
+            and api.stored("v1/services", NS, "chat-scheduler-peers") is not None
+        ),
+        what="PodDisruptionBudget and peers Service created",
+    )
     # A renamed model relabels every child: each kind is patched in place.
     harness.request("PATCH", harness.pool_path("chat"),
                     {"spec": {"model": {"name": "llama-3-8b-instruct"}}})  # fmt: skip
@@ -260,6 +272,10 @@ def run_lifecycle(harness: Harness, *, grpc_port: int) -> None:
     harness.request("PATCH", harness.pool_path("chat"),
                     {"spec": {"gateway": {"kind": "router"}}})  # fmt: skip
     wait_for(lambda: api.stored(inference_pools, NS, "chat") is None, what="InferencePool gone")
+    # Back to one scheduler replica: its PodDisruptionBudget goes.
+    harness.request("PATCH", harness.pool_path("chat"),
+                    {"spec": {"scheduler": {"replicas": 1}}})  # fmt: skip
+    wait_for(lambda: api.stored(budgets, NS, "chat-scheduler") is None, what="budget gone")
     # Unified -> prefill/decode: the unified children are deleted.
     harness.request("PATCH", harness.pool_path("chat"), {"spec": DISAGGREGATED})
     wait_for(lambda: harness.deployment("chat-unified") is None, what="unified children gone")

@@ -62,6 +62,7 @@ RESOURCES: tuple[tuple[str, str, bool, tuple[str, ...], tuple[str, ...]], ...] =
     ("v1/serviceaccounts", "ServiceAccount", True, (), ("sa",)),
     ("v1/events", "Event", True, (), ("ev",)),
     ("apps/v1/deployments", "Deployment", True, ("status", "scale"), ("deploy",)),
+    ("policy/v1/poddisruptionbudgets", "PodDisruptionBudget", True, ("status",), ("pdb",)),
     ("rbac.authorization.k8s.io/v1/roles", "Role", True, (), ()),
     ("rbac.authorization.k8s.io/v1/rolebindings", "RoleBinding", True, (), ()),
     ("rbac.authorization.k8s.io/v1/clusterroles", "ClusterRole", False, (), ()),
