@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def _start_replicas(
     count: int, *, exchange: bool, endpoints: str, slo_s: float, shape: Any, logs: Path,
-    label: str,
+    label: str, extra: Sequence[str] = (),
 ) -> tuple[list[Any], list[list[str]]]:  # fmt: skip
     """`count` schedulers on ports chosen here (a replica restarts on its own port)."""
     from twinroute.bench.processes import free_port, start_announced, twinroute_argv
@@ -102,6 +103,7 @@ async def _start_replicas(
             f"--key-block-chars={shape.key_block_chars}",
             f"--tokens-per-char={shape.tokens_per_char:.4f}",
             *([f"--peers={peers}"] if exchange and count > 1 else []),
+            *extra,
         )
         for port, metrics_port in zip(ports, metrics, strict=True)
     ]
@@ -269,6 +271,7 @@ async def _kill_and_restart(
 async def tier_rate(count: int, args: argparse.Namespace, workload: Any) -> dict[str, Any]:
     """Picks/s of `count` bare replicas (static pool, sharing load), Completes included."""
     from twinroute.bench.live import TRACE_BLOCK_TOKENS, text_shape
+    from twinroute.bench.scheduler_pick import cpu_seconds
     from twinroute.scheduler.api import PickQuery
     from twinroute.scheduler.client import ReplicatedSchedulerClient
 
@@ -279,6 +282,8 @@ async def tier_rate(count: int, args: argparse.Namespace, workload: Any) -> dict
     schedulers, _ = await _start_replicas(
         count, exchange=True, endpoints=endpoints, slo_s=args.ttft_slo_s, shape=shape,
         logs=logs, label=f"tier{count}",
+        # No engines behind these addresses: scraping them would mark every one unhealthy.
+        extra=["--scrape-interval-s=0"],
     )  # fmt: skip
     client = ReplicatedSchedulerClient(targets=[s.address for s in schedulers], timeout_s=5.0)
     prompts = [workload.prompt(i) for i in range(min(len(workload), 256))]
@@ -300,16 +305,32 @@ async def tier_rate(count: int, args: argparse.Namespace, workload: Any) -> dict
                     placement = await client.pick(query)
                     await placement.complete("success")
                     done += 1
-                except Exception:
+                except Exception as error:
                     failed += 1
+                    if failed == 1:
+                        print(f"  tier: a pick failed: {type(error).__name__}: {error}",
+                              flush=True)  # fmt: skip
 
+        pids = [s.process.pid for s in schedulers]
+        cpu_before = [cpu_seconds(pid) for pid in pids]
+        own_before = time.process_time()
         started = time.monotonic()
         await asyncio.gather(*(caller(i) for i in range(args.tier_concurrency)))
         elapsed = time.monotonic() - started
+        replica_cpu = [cpu_seconds(pid) - b for pid, b in zip(pids, cpu_before, strict=True)]
+        caller_cpu = time.process_time() - own_before
     finally:
         await client.close()
         await asyncio.gather(*(s.stop() for s in schedulers), return_exceptions=True)
-    return {"picks_per_s": done / elapsed if elapsed else 0.0, "failed": failed}
+    return {
+        "picks_per_s": done / elapsed if elapsed else 0.0,
+        "tier_failed_picks": failed,
+        # Who was busy: each replica's CPU share of the run, and the calling process's (one
+        # Python process can only drive so many Picks; on 2 cores it is the limit).
+        "tier_replica_cpu_share": [round(c / elapsed, 3) for c in replica_cpu],
+        "tier_caller_cpu_share": round(caller_cpu / elapsed, 3),
+        "tier_cpu_ms_per_pick": round(1000 * (sum(replica_cpu)) / done, 3) if done else None,
+    }
 
 
 def table(results: dict[str, Any]) -> str:
