@@ -733,6 +733,7 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
         ]
         router["args"][router["args"].index("--scheduler") + 1] = replicas_address
+        router["args"].append("--scheduler-replicas")
     if pool.gateway.uses_picker:
         scheduler["ports"].append(
             {
@@ -768,6 +769,12 @@ def _secure_scheduler_containers(
             "--scheduler-ca", f"{TLS_DIR}/ca.crt",
             "--scheduler-server-name", settings.tls_server_name,
         ]  # fmt: skip
+        if pool.scheduler.replicas > 1:
+            # The replicas dial each other by pod IP over the same TLS as the routers.
+            scheduler["args"] += [
+                "--peer-ca", f"{TLS_DIR}/ca.crt",
+                "--peer-server-name", settings.tls_server_name,
+            ]  # fmt: skip
         # The kubelet's gRPC probe cannot speak TLS: an open port is what it can check.
         for probe in ("readinessProbe", "livenessProbe"):
             scheduler[probe] = {

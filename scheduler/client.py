@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import socket
 import time
 import uuid
@@ -35,6 +36,8 @@ from twinroute.scheduler.api import (
 from twinroute.scheduler.types import DecisionRecord
 from twinroute.v1 import scheduler_pb2 as pb
 from twinroute.v1 import scheduler_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
 
 
 def _raise_typed(error: grpc.aio.AioRpcError) -> NoReturn:
@@ -278,16 +281,19 @@ class SchedulerClient:
         await self._channel.close()
 
 
-def resolve_targets(targets: Sequence[str]) -> list[str]:
+def resolve_targets(targets: Sequence[str], *, strict: bool = False) -> list[str]:
     """HOST:PORT targets as IP:PORT addresses: every address a name resolves to (a headless
-    Service names each replica), in a stable order; a name that does not resolve is kept as
-    it is (gRPC resolves it again on its own)."""
+    Service names each replica), sorted; a name that does not resolve is kept as it is (gRPC
+    resolves it again on its own), or with `strict` raises OSError (a caller that looks again
+    later keeps what it had rather than a name for every replica)."""
     addresses: list[str] = []
     for target in targets:
         host, _, port = target.rpartition(":")
         try:
-            infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        except (OSError, ValueError):
+            infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as error:
+            if strict:
+                raise OSError(f"{target} does not resolve: {error}") from error
             addresses.append(target)
             continue
         for family, _type, _proto, _name, sockaddr in infos:
@@ -295,7 +301,7 @@ def resolve_targets(targets: Sequence[str]) -> list[str]:
             address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
             if address not in addresses:
                 addresses.append(address)
-    return addresses
+    return sorted(addresses)
 
 
 def lease_owner(lease_id: str) -> str:
@@ -344,7 +350,8 @@ class ReplicatedSchedulerClient:
         self._replicas = [client(target) for target in targets]
         self._timeout_s = timeout_s
         self._down_for_s = down_for_s
-        self._down_until = [0.0] * len(self._replicas)
+        # By target, so that a list that changes under a pick never misattributes a mark.
+        self._down_until: dict[str, float] = {}
         self._turn = itertools.count()
         self._owners: dict[str, SchedulerClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -360,16 +367,16 @@ class ReplicatedSchedulerClient:
         while True:
             await asyncio.sleep(every_s)
             try:
-                wanted = await asyncio.to_thread(resolve_targets, self._names)
-            except Exception:
-                continue
-            if not wanted or wanted == self.targets:
+                wanted = await asyncio.to_thread(resolve_targets, self._names, strict=True)
+            except OSError:
+                continue  # a DNS hiccup: keep the replicas we know
+            if not wanted or set(wanted) == set(self.targets):
                 continue
             kept = [r for r in self._replicas if r.target in wanted]
             gone = [r for r in self._replicas if r.target not in wanted]
             known = {r.target for r in kept}
+            # A new list, never changed in place: a pick under way keeps the one it took.
             self._replicas = kept + [self._client(t) for t in wanted if t not in known]
-            self._down_until = [0.0] * len(self._replicas)
             if gone:
                 task = asyncio.get_running_loop().create_task(self._close_later(gone))
                 self._closing.add(task)
@@ -380,27 +387,30 @@ class ReplicatedSchedulerClient:
         await asyncio.sleep(self._timeout_s * 10)
         await asyncio.gather(*(replica.close() for replica in gone), return_exceptions=True)
 
-    def _order(self) -> list[int]:
+    def _order(self) -> list[SchedulerClient]:
         """Replicas to try, from the next in turn; those marked down last (all of them may
         be: they are tried anyway rather than failing without asking)."""
-        count = len(self._replicas)
-        start = next(self._turn) % count
-        order = [(start + offset) % count for offset in range(count)]
+        replicas = self._replicas
+        start = next(self._turn) % len(replicas)
+        order = replicas[start:] + replicas[:start]
         now = time.monotonic()
-        return sorted(order, key=lambda i: self._down_until[i] > now)
+        return sorted(order, key=lambda r: self._down_until.get(r.target, 0.0) > now)
 
     async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         last: SchedulerUnreachableError | None = None
-        for attempt, index in enumerate(self._order()):
+        order = self._order()
+        for attempt, replica in enumerate(order):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            replica = self._replicas[index]
+            # A replica that hangs (stopped, partitioned: its connection still looks up) may
+            # take only its share of what is left, so the others still get their turn.
+            budget = remaining if attempt == len(order) - 1 else remaining / 2
             try:
-                placement = await replica.pick(query, timeout_s=remaining)
+                placement = await replica.pick(query, timeout_s=budget)
             except SchedulerUnreachableError as error:
-                self._down_until[index] = time.monotonic() + self._down_for_s
+                self._down_until[replica.target] = time.monotonic() + self._down_for_s
                 last = error
                 continue
             if attempt:
@@ -447,14 +457,13 @@ class ReplicatedSchedulerClient:
         return any(result is True for result in results)
 
     async def renew(self, *, lease_ids: Sequence[str]) -> int:
-        by_owner: dict[int, list[str]] = {}
+        by_owner: dict[SchedulerClient, list[str]] = {}
         for lease_id in lease_ids:
             owner = self._owner(lease_id)
-            if owner is not None:
-                by_owner.setdefault(id(owner), []).append(lease_id)
-        replicas = {id(replica): replica for replica in self._replicas}
+            if owner is not None and owner in self._replicas:
+                by_owner.setdefault(owner, []).append(lease_id)
         results = await asyncio.gather(
-            *(replicas[key].renew(lease_ids=ids) for key, ids in by_owner.items()),
+            *(owner.renew(lease_ids=ids) for owner, ids in by_owner.items()),
             return_exceptions=True,
         )
         # A lost replica's leases are gone with it: nothing to renew there.
@@ -462,9 +471,9 @@ class ReplicatedSchedulerClient:
 
     async def _first(self, call: Any) -> Any:
         last: Exception | None = None
-        for index in self._order():
+        for replica in self._order():
             try:
-                return await call(self._replicas[index])
+                return await call(replica)
             except SchedulerUnreachableError as error:
                 last = error
         assert last is not None
@@ -518,22 +527,23 @@ class ReplicatedSchedulerClient:
 
     async def watch_migrations(self, *, watcher: str = "") -> AsyncIterator[MigrationOrder]:
         """Every replica's orders, merged (each replica orders moves of its own leases)."""
-        queue: asyncio.Queue[MigrationOrder | BaseException] = asyncio.Queue()
+        queue: asyncio.Queue[MigrationOrder] = asyncio.Queue()
 
         async def follow(replica: SchedulerClient) -> None:
-            try:
-                async for order in replica.watch_migrations(watcher=watcher):
-                    await queue.put(order)
-            except Exception as error:  # the merged stream breaks as a single one would
-                await queue.put(error)
+            # Each replica's stream on its own: one that is down must not cost the others'
+            # orders; it is subscribed again once it is back.
+            while True:
+                try:
+                    async for order in replica.watch_migrations(watcher=watcher):
+                        await queue.put(order)
+                except Exception as error:
+                    logger.debug("migration orders of %s: %s", replica.target, error)
+                await asyncio.sleep(self._down_for_s)
 
-        tasks = [asyncio.create_task(follow(replica)) for replica in self._replicas]
+        tasks = [asyncio.create_task(follow(replica)) for replica in list(self._replicas)]
         try:
             while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield await queue.get()
         finally:
             for task in tasks:
                 task.cancel()

@@ -76,6 +76,15 @@ def _add_replica_arguments(parser: argparse.ArgumentParser) -> None:
         help="a peer's load stops counting this long after its last share (a dead replica)",
     )  # fmt: skip
     replicas.add_argument(
+        "--peer-ca",
+        help="PEM CA the peers' TLS certificates are signed by (with --tls-cert: required, "
+        "peers are dialled over TLS)",
+    )
+    replicas.add_argument(
+        "--peer-server-name",
+        help="the name the peers' certificates carry (peers are dialled by IP)",
+    )
+    replicas.add_argument(
         "--membership-grace-s", type=float, default=DEFAULT_MEMBERSHIP_GRACE_S,
         help="while a peer has newer ring membership, refuse picks (routers ask another "
         "replica) for at most this long, then route on what this replica has",
@@ -441,6 +450,11 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
             raise ValueError(
                 "--peer-interval-ms > 0, --peer-stale-s > 0 and --membership-grace-s >= 0"
             )
+        if args.tls_cert and not args.peer_ca:
+            raise ValueError(
+                "--peers with --tls-cert needs --peer-ca: the peers serve TLS too, and their "
+                "load shares carry the pool token"
+            )
         replica_id = enable_replicas(
             service, stale_after_s=args.peer_stale_s, grace_s=args.membership_grace_s
         )
@@ -465,6 +479,8 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
                 own_addresses=_own_addresses(server.address),
                 interval_s=args.peer_interval_ms / 1000,
                 admin_token=args.admin_token,
+                root_certificates=_read_file(args.peer_ca) if args.peer_ca else None,
+                tls_server_name=args.peer_server_name,
             )
             tasks.append(asyncio.create_task(exchange.run(), name="peer-exchange"))
         if picker is not None:
@@ -538,10 +554,17 @@ def _own_addresses(listen_address: str) -> list[str]:
     """The addresses peers may know this replica by, so it does not stream to itself: its
     listen address, and its pod IP on the same port (`POD_IP`, from the downward API)."""
     port = listen_address.rpartition(":")[2]
-    addresses = [listen_address, f"127.0.0.1:{port}"]
-    if os.environ.get("POD_IP"):
-        addresses.append(f"{os.environ['POD_IP']}:{port}")
+    addresses = [listen_address, f"127.0.0.1:{port}", f"[::1]:{port}"]
+    pod_ip = os.environ.get("POD_IP", "")
+    if pod_ip:
+        # As `resolve_targets` writes addresses: IPv6 in brackets.
+        addresses.append(f"[{pod_ip}]:{port}" if ":" in pod_ip else f"{pod_ip}:{port}")
     return addresses
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _background_tasks(

@@ -32,9 +32,13 @@ DEFAULT_MEMBERSHIP_GRACE_S = 2.0
 
 
 def membership_digest(endpoints: Iterable[Endpoint]) -> str:
-    """The same on every replica that sees the same pool: sorted ids, addresses and roles."""
-    text = "\n".join(sorted(f"{e.id} {e.address} {e.role.value}" for e in endpoints))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """The same on every replica that sees the same pool: sorted ids, addresses and roles.
+    "" for no endpoints: a replica that has not heard from discovery yet has no opinion (its
+    peers never take it for newer, and it takes itself for behind any peer that has one)."""
+    lines = sorted(f"{e.id} {e.address} {e.role.value}" for e in endpoints)
+    if not lines:
+        return ""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,9 @@ class PeerLoads:
         self.own_replica_id = own_replica_id
         self.stale_after_s = stale_after_s
         self._shares: dict[str, PeerShare] = {}
+        # A peer not heard from for this long is forgotten (a restarted replica comes back
+        # under a new id; the old one must not linger in the metrics).
+        self.forget_after_s = 10 * stale_after_s
         self._totals: dict[str, EndpointLoadShare] = {}
         # When the oldest counted share goes stale: the totals are recomputed then.
         self._valid_until = float("inf")
@@ -83,6 +90,11 @@ class PeerLoads:
     def _recompute(self, now: float) -> None:
         totals: dict[str, list[int]] = {}
         valid_until = float("inf")
+        forgotten = [
+            r for r, s in self._shares.items() if now - s.received_at > self.forget_after_s
+        ]
+        for replica_id in forgotten:
+            del self._shares[replica_id]
         for share in self._shares.values():
             expires = share.received_at + self.stale_after_s
             if expires <= now:
@@ -129,10 +141,12 @@ class PeerLoads:
         """A fresh peer whose membership differs from ours and changed after ours did: ours is
         the older picture. None when no peer says so (or all agree)."""
         for share in self.fresh(now=now):
-            if (
-                share.membership_digest
-                and share.membership_digest != digest
-                and share.membership_changed_at_unix_s > changed_at_unix_s
+            if share.membership_digest and (
+                not digest
+                or (
+                    share.membership_digest != digest
+                    and share.membership_changed_at_unix_s > changed_at_unix_s
+                )
             ):
                 return share
         return None

@@ -102,6 +102,9 @@ class PeerServicer(pb_grpc.SchedulerPeersServicer):
     def __init__(self, *, service: SchedulerService, admin_token: str | None = None) -> None:
         self._service = service
         self._guard = TokenGuard(admin_token)
+        # Set when the server stops: the peers' endless streams end at their next share
+        # instead of holding the server for its whole grace period.
+        self.closing = False
 
     async def ShareLoad(
         self, request_iterator: AsyncIterator[pb.LoadShare], context: Context
@@ -119,7 +122,10 @@ class PeerServicer(pb_grpc.SchedulerPeersServicer):
         assert peers is not None
         core = self._service.core
         async for message in request_iterator:
-            peers.update(share_from_pb(message, received_at=self._service.now()))
+            if self.closing:
+                break
+            if not peers.update(share_from_pb(message, received_at=self._service.now())):
+                continue  # our own share (a replica listed among its own peers)
             for placed in message.placed:
                 if placed.endpoint_id in core.endpoints:
                     core.prefix_index.record_hashes(placed.endpoint_id, placed.block_hashes)
@@ -144,8 +150,12 @@ class PeerExchange:
         own_addresses: Sequence[str] = (),
         interval_s: float = DEFAULT_SHARE_INTERVAL_S,
         admin_token: str | None = None,
-        resolver: Callable[[Sequence[str]], list[str]] = resolve_targets,
+        root_certificates: bytes | None = None,
+        tls_server_name: str | None = None,
+        resolver: Callable[[Sequence[str]], list[str]] = lambda t: resolve_targets(t, strict=True),
     ) -> None:
+        """`root_certificates` (PEM): the peers serve TLS signed by that CA (the replicas'
+        own certificate); `tls_server_name`: the name it carries (peers are dialled by IP)."""
         self._service = service
         self._replica_id = replica_id
         self._targets = tuple(targets)
@@ -153,6 +163,14 @@ class PeerExchange:
         self._interval_s = interval_s
         self._metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else None
         self._resolver = resolver
+        self._credentials = (
+            grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            if root_certificates is not None
+            else None
+        )
+        self._channel_options: tuple[tuple[str, str], ...] = (
+            (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
+        )
         self._senders: dict[str, tuple[asyncio.Task[None], asyncio.Queue[pb.LoadShare]]] = {}
         self.sent = 0
 
@@ -160,7 +178,13 @@ class PeerExchange:
         broadcast = asyncio.create_task(self._broadcast())
         try:
             while True:
-                wanted = set(await asyncio.to_thread(self._resolver, self._targets)) - self._own
+                try:
+                    wanted = set(await asyncio.to_thread(self._resolver, self._targets)) - self._own
+                except OSError as error:
+                    # DNS hiccup: keep streaming to the peers we know.
+                    logger.warning("peers: %s; keeping the %d known", error, len(self._senders))
+                    await asyncio.sleep(RESOLVE_EVERY_S)
+                    continue
                 for address in wanted - self._senders.keys():
                     logger.info("peer %s: sharing load every %g ms", address,
                                 self._interval_s * 1000)  # fmt: skip
@@ -192,14 +216,25 @@ class PeerExchange:
         while True:
             yield await queue.get()
 
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(address, self._credentials, options=self._channel_options)
+
     async def _send_to(self, address: str, queue: asyncio.Queue[pb.LoadShare]) -> None:
+        failures = 0
         while True:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with self._channel(address) as channel:
                 stub: Any = pb_grpc.SchedulerPeersStub(channel)
                 try:
                     await stub.ShareLoad(self._drain(queue), metadata=self._metadata)
+                    failures = 0
                 except grpc.aio.AioRpcError as error:
                     # A peer that is down or restarting: try again shortly; its own shares
-                    # stop meanwhile, and ours go stale on its side, as they should.
-                    logger.debug("peer %s: %s", address, error.code().name)
+                    # stop meanwhile, and ours go stale on its side, as they should. One that
+                    # keeps refusing (TLS or token mismatch) is said out loud.
+                    failures += 1
+                    log = logger.warning if failures in (4, 100) else logger.debug
+                    log("peer %s: %s (%s), %d tries in a row", address, error.code().name,
+                        error.details(), failures)  # fmt: skip
             await asyncio.sleep(RECONNECT_AFTER_S)

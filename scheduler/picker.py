@@ -116,7 +116,9 @@ _BODY_CONTINUE: Final = ext_pb.ProcessingResponse(response_body=ext_pb.BodyRespo
 class PickingScheduler(Protocol):
     """What the picker needs of the scheduler (`SchedulerService` in the same process)."""
 
-    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement: ...
+    async def pick(
+        self, query: PickQuery, *, timeout_s: float | None = None, behind_ok: bool = False
+    ) -> Placement: ...
 
     def follow_fallback(self, *, lease_id: str, endpoint_id: str) -> bool: ...
 
@@ -459,7 +461,9 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if exchange.subset is not None:
             query = self._within_subset(query, exchange.subset)
         try:
-            return await self._scheduler.pick(query)
+            # Envoy cannot ask another replica: a replica behind its peers' membership routes
+            # on what it has rather than fail the request.
+            return await self._scheduler.pick(query, behind_ok=True)
         except (NoEndpointError, UnknownModelError) as error:
             raise _Refusal(503, _error(f"no endpoint can serve the request: {error}",
                                        "service_unavailable", "no_endpoint"),

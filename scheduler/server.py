@@ -239,9 +239,8 @@ class GrpcServer:
             SchedulerServicer(service=service, admin_token=admin_token), self.server
         )
         # Active-active replicas' load exchange (refused where the scheduler has no --peers).
-        pb_grpc.add_SchedulerPeersServicer_to_server(
-            PeerServicer(service=service, admin_token=admin_token), self.server
-        )
+        self._peers = PeerServicer(service=service, admin_token=admin_token)
+        pb_grpc.add_SchedulerPeersServicer_to_server(self._peers, self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -272,6 +271,7 @@ class GrpcServer:
         """NOT_SERVING first, then stop accepting; in-flight RPCs get `grace_s` to finish."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._peers.closing = True
         if self._service.admission is not None:
             # Held answers go out now, as picked: in-flight Picks finish within the grace.
             self._service.admission.release_all()

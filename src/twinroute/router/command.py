@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "resolves to several, a headless Service) for active-active replicas: picks rotate "
         "over them and fail over within the deadline",
     )
+    parser.add_argument(
+        "--scheduler-replicas", action="store_true",
+        help="--scheduler names active-active replicas (a headless Service): spread picks over "
+        "whatever it resolves to, even while that is one address or none",
+    )  # fmt: skip
     source.add_argument("--embedded", action="store_true", help="run the scheduler in this process")
     parser.add_argument(
         "--endpoints", default="",
@@ -264,7 +269,7 @@ def build_scheduler(
     }
     primary: Scheduler
     rounds: list[BackgroundWork] = []
-    if len(names) > 1 or len(addresses) > 1:
+    if args.scheduler_replicas or len(names) > 1 or len(addresses) > 1:
         # Active-active replicas: spread picks over them, fail over within the deadline.
         replicated = ReplicatedSchedulerClient(targets=addresses, names=names, **connection)
         rounds.append(replicated.keep_resolved)
