@@ -105,6 +105,7 @@ def test_a_level_run_is_called_level_and_not_a_win() -> None:
         )
     )
     assert "the median TTFT was level (1 s vs 1.05 s)" in verdict.markdown
+    assert "It found as much cached as twinroute (30% vs 30%); the difference" in verdict.markdown
     assert "nowhere in this run, beyond the noise margin" in verdict.markdown
 
 

@@ -194,7 +194,8 @@ def _meaning(mine: dict[str, Any], theirs: dict[str, Any], *, other: str, slo_s:
         why = f"It found more prompt tokens cached ({hits}) yet placed requests differently"
     else:
         why = (
-            f"It found as much cached as twinroute ({hits}); the difference is where it put "
+            f"It found as much cached as twinroute ({theirs['cache_hit_rate']:.0%} vs "
+            f"{mine['cache_hit_rate']:.0%}); the difference is where it put "
             f"requests under load (busiest engine {theirs['max_over_mean_load']:.2f}x the mean "
             f"vs {mine['max_over_mean_load']:.2f}x)"
         )
