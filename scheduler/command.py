@@ -483,6 +483,7 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
                 tls_server_name=args.peer_server_name,
             )
             tasks.append(asyncio.create_task(exchange.run(), name="peer-exchange"))
+            server.servicer.explain_elsewhere = exchange.explain
         if picker is not None:
             await picker.start()
         picker_note = f", picker {picker.address}" if picker is not None else ""

@@ -51,7 +51,13 @@ def enable_replicas(service: SchedulerService, *, stale_after_s: float, grace_s:
     return replica_id
 
 
-def own_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
+# Marks an Explain one replica asks another on a caller's behalf (never asked on again).
+FORWARDED_METADATA = "x-twinroute-forwarded"
+# Block hashes per snapshot message at most (gRPC's default message limit is 4 MiB).
+SNAPSHOT_HASHES_PER_MESSAGE = 100_000
+
+
+def _load_only_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
     core = service.core
     assert core.replica is not None, "enable_replicas first"
     share = pb.LoadShare(
@@ -68,12 +74,42 @@ def own_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
             decoding=load.decoding,
             decoding_tokens=load.decoding_tokens,
         )
+    return share
+
+
+def own_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
+    """This replica's load, and the placements it made since the previous share."""
+    core = service.core
+    share = _load_only_share(service, replica_id=replica_id)
     journal = core.prefix_index.journal
     if journal:
         for endpoint_id, hashes in journal:
             share.placed.add(endpoint_id=endpoint_id, block_hashes=hashes)
         journal.clear()
     return share
+
+
+def snapshot_shares(service: SchedulerService, *, replica_id: str) -> list[pb.LoadShare]:
+    """Everything this replica's prefix index holds, as shares (with the current load) of at
+    most `SNAPSHOT_HASHES_PER_MESSAGE` hashes: what a peer gets first on every new stream, so
+    a replica that (re)joins knows the caches at once instead of only what is placed later."""
+    index = service.core.prefix_index
+    messages: list[pb.LoadShare] = []
+    current = _load_only_share(service, replica_id=replica_id)
+    room = SNAPSHOT_HASHES_PER_MESSAGE
+    for endpoint_id in list(index.endpoints()):
+        hashes = index.snapshot(endpoint_id)
+        while hashes:
+            if room == 0:
+                messages.append(current)
+                current = _load_only_share(service, replica_id=replica_id)
+                room = SNAPSHOT_HASHES_PER_MESSAGE
+            # Least recent first across messages, so the receiver's order ends as ours.
+            part, hashes = hashes[-room:], hashes[:-room]
+            current.placed.add(endpoint_id=endpoint_id, block_hashes=part)
+            room -= len(part)
+    messages.append(current)
+    return messages
 
 
 def share_from_pb(message: pb.LoadShare, *, received_at: float) -> PeerShare:
@@ -211,10 +247,29 @@ class PeerExchange:
             self.sent += 1
             await asyncio.sleep(self._interval_s)
 
-    @staticmethod
-    async def _drain(queue: asyncio.Queue[pb.LoadShare]) -> AsyncIterator[pb.LoadShare]:
+    async def _stream(self, queue: asyncio.Queue[pb.LoadShare]) -> AsyncIterator[pb.LoadShare]:
+        """A new stream: the snapshot of what this replica knows, then the shares as taken."""
+        while not queue.empty():
+            queue.get_nowait()  # older than the snapshot, which includes them
+        for share in snapshot_shares(self._service, replica_id=self._replica_id):
+            yield share
         while True:
             yield await queue.get()
+
+    async def explain(self, *, limit: int, request_id: str) -> list[pb.DecisionRecord]:
+        """The peers' decisions for `request_id` (a request another replica placed)."""
+        metadata = (*(self._metadata or ()), (FORWARDED_METADATA, "1"))
+
+        async def ask(address: str) -> list[pb.DecisionRecord]:
+            async with self._channel(address) as channel:
+                stub: Any = pb_grpc.SchedulerStub(channel)
+                request = pb.ExplainRequest(limit=limit, request_id=request_id)
+                response = await stub.Explain(request, timeout=1.0, metadata=metadata)
+                return list(response.decisions)
+
+        answers = await asyncio.gather(*(ask(a) for a in list(self._senders)),
+                                       return_exceptions=True)  # fmt: skip
+        return [record for answer in answers if isinstance(answer, list) for record in answer]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if self._credentials is None:
@@ -227,7 +282,7 @@ class PeerExchange:
             async with self._channel(address) as channel:
                 stub: Any = pb_grpc.SchedulerPeersStub(channel)
                 try:
-                    await stub.ShareLoad(self._drain(queue), metadata=self._metadata)
+                    await stub.ShareLoad(self._stream(queue), metadata=self._metadata)
                     failures = 0
                 except grpc.aio.AioRpcError as error:
                     # A peer that is down or restarting: try again shortly; its own shares

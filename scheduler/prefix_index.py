@@ -76,6 +76,11 @@ class PrefixIndex:
     def endpoints(self) -> Iterable[str]:
         return self._lru.keys()
 
+    def snapshot(self, endpoint_id: str) -> list[int]:
+        """Every block recorded on `endpoint_id`, most recently used first: what
+        `record_hashes` takes to rebuild the same order elsewhere (a peer that just joined)."""
+        return list(reversed(self._lru.get(endpoint_id, {})))
+
     def record(self, endpoint_id: str, keys: PromptKeys) -> None:
         """`endpoint_id` now holds every block of `keys` (it just served the prompt)."""
         hashes = keys.block_hashes.tolist()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -34,7 +34,7 @@ from twinroute.scheduler.api import (
     UnknownEndpointError,
     UnknownModelError,
 )
-from twinroute.scheduler.peers import PeerServicer
+from twinroute.scheduler.peers import FORWARDED_METADATA, PeerServicer
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import NoEndpointError
@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "twinroute.v1.Scheduler"
 
 Context = grpc.aio.ServicerContext[Any, Any]
+ExplainElsewhere = Callable[..., Awaitable[list[pb.DecisionRecord]]]
 
 
 async def _abort(context: Context, code: grpc.StatusCode, kind: str, message: str) -> NoReturn:
@@ -59,6 +60,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def __init__(self, *, service: SchedulerService, admin_token: str | None = None) -> None:
         self._service = service
+        # Active-active replicas: asks the peers for a request this replica did not place.
+        self.explain_elsewhere: ExplainElsewhere | None = None
         telemetry = service.telemetry
         self._guard = TokenGuard(
             admin_token,
@@ -145,10 +148,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     async def Explain(self, request: pb.ExplainRequest, context: Context) -> pb.ExplainResponse:
         await self._authorize(context, "Explain")
-        records = await self._service.explain(
-            limit=request.limit or DEFAULT_EXPLAIN_LIMIT, request_id=request.request_id
-        )
-        return pb.ExplainResponse(decisions=[wire.record_to_pb(record) for record in records])
+        limit = request.limit or DEFAULT_EXPLAIN_LIMIT
+        records = await self._service.explain(limit=limit, request_id=request.request_id)
+        response = pb.ExplainResponse(decisions=[wire.record_to_pb(r) for r in records])
+        forwarded = any(key == FORWARDED_METADATA for key, _ in context.invocation_metadata() or ())
+        if not records and request.request_id and self.explain_elsewhere and not forwarded:
+            # Another replica placed it: any replica answers for any request.
+            response.decisions.extend(
+                await self.explain_elsewhere(limit=limit, request_id=request.request_id)
+            )
+        return response
 
     async def Drain(self, request: pb.DrainRequest, context: Context) -> pb.DrainResponse:
         await self._authorize(context, "Drain")
@@ -235,9 +244,8 @@ class GrpcServer:
     ) -> None:
         self.server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
         self._service = service
-        pb_grpc.add_SchedulerServicer_to_server(
-            SchedulerServicer(service=service, admin_token=admin_token), self.server
-        )
+        self.servicer = SchedulerServicer(service=service, admin_token=admin_token)
+        pb_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         # Active-active replicas' load exchange (refused where the scheduler has no --peers).
         self._peers = PeerServicer(service=service, admin_token=admin_token)
         pb_grpc.add_SchedulerPeersServicer_to_server(self._peers, self.server)

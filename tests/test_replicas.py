@@ -136,6 +136,7 @@ async def start_replicas(count: int, *, stale_after_s: float = 0.5) -> list[Repl
             service=service, replica_id=replica_id, targets=addresses,
             own_addresses=[server.address], interval_s=0.01,
         )  # fmt: skip
+        server.servicer.explain_elsewhere = exchange.explain
         replicas.append(Replica(service, server, asyncio.create_task(exchange.run()), replica_id))
     return replicas
 
@@ -345,3 +346,47 @@ async def test_a_prompt_one_replica_placed_is_known_to_the_others(
         assert again.answer.reason == "cache_affinity"
     finally:
         await client.close()
+
+
+def test_a_new_stream_starts_with_a_snapshot_of_what_the_replica_knows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from twinroute.scheduler import peers as peer_module
+
+    settings = SchedulerSettings(policy="dualmap", served_models=(MODEL,))
+    source = build_service(settings)
+    source.set_endpoints(ENDPOINTS)
+    replica_id = enable_replicas(source, stale_after_s=1.0, grace_s=1.0)
+    for i in range(6):
+        source.pick_now(query(i))
+    index = source.core.prefix_index
+    monkeypatch.setattr(peer_module, "SNAPSHOT_HASHES_PER_MESSAGE", 20)
+    unshared = list(index.journal or [])
+    messages = peer_module.snapshot_shares(source, replica_id=replica_id)
+    assert len(messages) > 1, "split into messages of at most 20 hashes"
+    assert all(sum(len(p.block_hashes) for p in m.placed) <= 20 for m in messages)
+    # A replica that joins takes them in order and ends with the same record, same order.
+    joined = build_service(settings).core.prefix_index
+    for message in messages:
+        for placed in message.placed:
+            joined.record_hashes(placed.endpoint_id, placed.block_hashes)
+    for endpoint in ENDPOINTS:
+        assert joined.snapshot(endpoint.id) == index.snapshot(endpoint.id)
+    assert index.journal == unshared and unshared, "the journal is left for the next share"
+
+
+async def test_any_replica_explains_a_request_another_placed(replicas: list[Replica]) -> None:
+    a, b, _ = replicas
+    via_a = SchedulerClient(target=a.address, timeout_s=5.0)
+    via_b = SchedulerClient(target=b.address, timeout_s=5.0)
+    try:
+        placement = await via_a.pick(query(11))
+        # b placed nothing: it asks its peers (once they are streaming to each other).
+        await until(lambda: len(b.service.core.peer_loads.fresh(now=b.service.now())) == 2,  # type: ignore[union-attr]
+                    what="b hears its peers")  # fmt: skip
+        records = await via_b.explain(request_id="r11")
+        assert [r.lease_id for r in records] == [placement.answer.lease_id]
+        assert await via_b.explain(request_id="nobody-placed-this") == []
+    finally:
+        await via_a.close()
+        await via_b.close()
