@@ -18,10 +18,10 @@ from twinroute.bench.live import (
     label,
     load_workload,
     plot,
-    seconds,
     window_reuse,
 )
 from twinroute.demo_report import live_verdict
+from twinroute.formatting import seconds
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 def _simulated(
     args: argparse.Namespace, *, policies: list[str], rates: list[float]
 ) -> dict[str, Any]:
-    from twinroute.bench.live import seconds
+    from twinroute.formatting import seconds
 
     path = bundled_mooncake_trace()
     summary = summarize(read_mooncake(path))

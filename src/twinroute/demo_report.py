@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from twinroute.bench.live import label, seconds
+from twinroute.bench.live import label
+from twinroute.formatting import percent, seconds
 
 # twinroute's own path, the one the others are measured against.
 TWINROUTE = "twinroute_dualmap"
@@ -243,7 +244,7 @@ def live_verdict(document: dict[str, Any], *, simulated_ideal: float | None = No
     for name, r in results.items():
         lines.append(
             f"| {label(name)} | {r['slo_attainment']:.1%} | {seconds(r['ttft_p50_s'])} "
-            f"| {seconds(r['ttft_p90_s'])} | {_cell(r.get('cache_hit_rate'), '.1%')} "
+            f"| {seconds(r['ttft_p90_s'])} | {percent(r.get('cache_hit_rate'))} "
             f"| {_cell(r.get('max_over_mean_load'), '.2f')} | {r['errors']} |"
         )
     table = "\n".join(lines)

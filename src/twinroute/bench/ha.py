@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from twinroute.bench import command_line
+from twinroute.formatting import percent, seconds
 
 CONFIGS = ("1", "2", "3", "3_no_exchange", "kill")
 MODEL = "twinroute-sim"
@@ -334,12 +335,6 @@ async def tier_rate(count: int, args: argparse.Namespace, workload: Any) -> dict
 
 
 def table(results: dict[str, Any]) -> str:
-    def share(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1%}"
-
-    def secs(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3g} s"
-
     lines = [
         "| config | hit rate | within SLO | TTFT p50 | TTFT p90 | failed | picks > 1 s "
         "| picks per replica | tier Picks/s |",
@@ -351,8 +346,8 @@ def table(results: dict[str, Any]) -> str:
             continue
         tier = r.get("picks_per_s")
         lines.append(
-            f"| {name} | {share(r['hit_rate'])} | {share(r['slo_attainment'])} "
-            f"| {secs(r['ttft_p50_s'])} | {secs(r['ttft_p90_s'])} | {r['failed_requests']} "
+            f"| {name} | {percent(r['hit_rate'])} | {percent(r['slo_attainment'])} "
+            f"| {seconds(r['ttft_p50_s'])} | {seconds(r['ttft_p90_s'])} | {r['failed_requests']} "
             f"| {r['picks_over_1s']} | {' / '.join(map(str, r['picks_per_replica']))} "
             f"| {'-' if tier is None else f'{tier:,.0f}'} |"
         )

@@ -52,6 +52,7 @@ from twinroute.bench.pd_live import (
     role_flags,
     write_endpoints,
 )
+from twinroute.formatting import percent, seconds
 
 ROUTERS = ("twinroute_dualmap", "twinroute_round_robin", "sglang_cache_aware", "vllm_cache_aware")
 PEERS = {"sglang": "sglang-router==0.3.2", "vllm": "vllm-router==0.1.17"}
@@ -680,19 +681,6 @@ def window_reuse(workload: Workload) -> float:
     return reused / total if total else 0.0
 
 
-def seconds(value: float | None) -> str:
-    """Seconds for people: ms below one second, 3 significant figures."""
-    if value is None or math.isnan(value):
-        return "-"
-    if value < 1.0:
-        return f"{value * 1000:.3g} ms"
-    return f"{value:.3g} s"
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
-
-
 def table(results: dict[str, dict[str, Any]], *, slo_s: float) -> str:
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -885,7 +873,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  [{index}/{len(names)}] {label(name)}: TTFT p50 {seconds(r['ttft_p50_s'])}, "
             f"p90 {seconds(r['ttft_p90_s'])}, within SLO {r['slo_attainment']:.1%}, "
-            f"cache hit {_share(r['cache_hit_rate'])} (at most {reuse:.1%}), "
+            f"cache hit {percent(r['cache_hit_rate'])} (at most {reuse:.1%}), "
             f"errors {r['errors']}{failures}",
             flush=True,
         )

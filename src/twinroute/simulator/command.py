@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twinroute.formatting import percent, seconds
 from twinroute.simulator.cluster import SIMULATED_SCRAPE_INTERVAL_S
 from twinroute.simulator.disaggregation import parse_pd
 from twinroute.simulator.profiles import DEFAULT_PROFILE, INSTANCE_PROFILES
@@ -244,25 +245,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(value: object) -> str:
-    """Seconds for people: ms below one second, 3 significant figures."""
-    if not isinstance(value, int | float) or math.isnan(value):
-        return "-"
-    return f"{value * 1000:.3g} ms" if abs(value) < 1.0 else f"{value:.3g} s"
-
-
-def _share(value: object) -> str:
-    return f"{value:.1%}" if isinstance(value, int | float) and not math.isnan(value) else "-"
-
-
 def _prediction_line(m: dict[str, Any]) -> str:
     ratio = m["ttft_prediction_abs_error_ratio_p50"]
     if not isinstance(ratio, int | float) or math.isnan(ratio):
         return "  TTFT prediction     none (this policy predicts no TTFT)"
     return (
-        f"  TTFT prediction     median error {_seconds(m['ttft_prediction_error_p50_s'])} "
-        f"({_share(ratio)} of TTFT); requests predicted within the SLO that missed it: "
-        f"{_share(m['slo_misses_predicted_ok'])}"
+        f"  TTFT prediction     median error {seconds(m['ttft_prediction_error_p50_s'])} "
+        f"({percent(ratio)} of TTFT); requests predicted within the SLO that missed it: "
+        f"{percent(m['slo_misses_predicted_ok'])}"
     )
 
 
@@ -274,13 +264,14 @@ def report(metrics: dict[str, Any], *, trace: str) -> list[str]:
     lines = [
         f"{m['policy']} on {trace}: {m['instances']} instances ({m['pd_split']}), "
         f"{m['rate_rps']:.3g} req/s, TTFT SLO {m['ttft_slo_s']:g} s, seed {m['seed']}",
-        f"  within SLO          {_share(m['slo_attainment'])}",
-        f"  TTFT p50/p90/p99    {_seconds(m['ttft_p50_s'])} / {_seconds(m['ttft_p90_s'])} / "
-        f"{_seconds(m['ttft_p99_s'])}",
-        f"  e2e p50/p90         {_seconds(m['e2e_p50_s'])} / {_seconds(m['e2e_p90_s'])}",
-        f"  TPOT p50/p90        {_seconds(m['tpot_p50_s'])} / {_seconds(m['tpot_p90_s'])}",
-        f"  cache hit           {_share(m['cache_hit_rate'])} of prompt tokens (ideal "
-        f"{_share(m['ideal_cache_hit_rate'])}, unbounded {_share(m['unbounded_cache_hit_rate'])})",
+        f"  within SLO          {percent(m['slo_attainment'])}",
+        f"  TTFT p50/p90/p99    {seconds(m['ttft_p50_s'])} / {seconds(m['ttft_p90_s'])} / "
+        f"{seconds(m['ttft_p99_s'])}",
+        f"  e2e p50/p90         {seconds(m['e2e_p50_s'])} / {seconds(m['e2e_p90_s'])}",
+        f"  TPOT p50/p90        {seconds(m['tpot_p50_s'])} / {seconds(m['tpot_p90_s'])}",
+        f"  cache hit           {percent(m['cache_hit_rate'])} of prompt tokens (ideal "
+        f"{percent(m['ideal_cache_hit_rate'])}, "
+        f"unbounded {percent(m['unbounded_cache_hit_rate'])})",
         f"  load CV             {m['load_cv']:.2f} (0 = perfectly even)",
         _prediction_line(m),
         "  decisions           "
@@ -298,7 +289,7 @@ def report(metrics: dict[str, Any], *, trace: str) -> list[str]:
     pd = m.get("pd")
     if isinstance(pd, dict) and pd:
         shown = ", ".join(
-            f"{key} {_seconds(value) if key.endswith('_s') else _share(value)}"
+            f"{key} {seconds(value) if key.endswith('_s') else percent(value)}"
             if key.endswith(("_s", "_utilisation"))
             else f"{key} {value:,.0f}"
             if isinstance(value, int | float)
