@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_SHARE_INTERVAL_S = 0.02
 RESOLVE_EVERY_S = 5.0
 RECONNECT_AFTER_S = 0.5
+# Marks an Explain one replica asks another on a caller's behalf (never asked on again).
+FORWARDED_METADATA = "x-twinroute-forwarded"
+# Block hashes per snapshot message at most (gRPC's default message limit is 4 MiB).
+SNAPSHOT_HASHES_PER_MESSAGE = 100_000
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -49,12 +53,6 @@ def enable_replicas(service: SchedulerService, *, stale_after_s: float, grace_s:
     core.replica = ReplicaMembership(peers=core.peer_loads, grace_s=grace_s)
     core.replica.observe(core.endpoints.values(), wall_now=time.time())
     return replica_id
-
-
-# Marks an Explain one replica asks another on a caller's behalf (never asked on again).
-FORWARDED_METADATA = "x-twinroute-forwarded"
-# Block hashes per snapshot message at most (gRPC's default message limit is 4 MiB).
-SNAPSHOT_HASHES_PER_MESSAGE = 100_000
 
 
 def _load_only_share(service: SchedulerService, *, replica_id: str) -> pb.LoadShare:
