@@ -7,21 +7,33 @@ objective on either path, and therefore the same decision (tests replay a trace 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import logging
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Final
 
 from twinroute.scheduler.api import PickQuery
+from twinroute.scheduler.token_cache import (
+    DEFAULT_MAX_CHUNKS,
+    PrefixTokenCache,
+    TokenIds,
+    splits_safely,
+)
 
 from twinroute.openai_format import ParsedRequest, RequestError
+
+logger = logging.getLogger(__name__)
 
 # A client's own TTFT objective for one request, in seconds.
 TTFT_SLO_HEADER: Final = "x-twinroute-ttft-slo-s"
 REQUEST_ID_HEADER: Final = "x-request-id"
-# Shorter prompts are tokenized inline: under about a millisecond, less than the thread hop
-# costs the loop in contention. Longer ones go to a worker thread.
+# Shorter prompts (or uncached rests of prompts) are tokenized inline: under about a
+# millisecond, less than the thread hop costs the loop in contention. Longer ones go to a worker
+# thread.
 TOKENIZE_INLINE_BELOW_CHARS: Final = 2048
 # A client's request id is kept for correlation only when it looks like one: never trusted to
 # be unique (an engine refuses an id already running) nor safe to log or to put in a header.
@@ -29,28 +41,88 @@ _CLIENT_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._~:/-]{1,128}")
 
 
 class Tokenizer:
-    """Token ids for prefix keys from a Hugging Face `tokenizer.json` on disk."""
+    """Token ids for prefix keys from a Hugging Face `tokenizer.json` on disk.
 
-    def __init__(self, path: str) -> None:
+    Prompts go through a `PrefixTokenCache` when the tokenizer keeps its boundary promise (the
+    probe at load), so a prefix already seen is not tokenized again; `cache_chunks=0` turns the
+    cache off.
+    """
+
+    def __init__(self, path: str, *, cache_chunks: int = DEFAULT_MAX_CHUNKS) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._tokenizer = HFTokenizer.from_file(path)
+        # `encode_batch_fast` (tokenizers 0.21+) skips the offsets nobody here reads.
+        self._batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        self.cache: PrefixTokenCache | None = None
+        if cache_chunks > 0:
+            if splits_safely(self._encode_batch):
+                self.cache = PrefixTokenCache(self._encode_batch, max_chunks=cache_chunks)
+            else:
+                logger.warning(
+                    "tokenizer %s merges across spaces (its ids change when a text is cut "
+                    "before a word); prompts are tokenized whole, with no prefix cache",
+                    path,
+                )
 
-    def encode(self, text: str) -> list[int]:
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> Sequence[int] | TokenIds:
+        if self.cache is not None:
+            return self.cache.encode(text)
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
         return ids
 
-    def encode_releasing_the_gil(self, text: str) -> list[int]:
-        """`encode` for a worker thread: the batch call lets go of the GIL while it works
-        (`encode` holds it throughout, so a thread would still stall the event loop)."""
-        (encoding,) = self._tokenizer.encode_batch([text], add_special_tokens=False)
-        ids: list[int] = encoding.ids
-        return ids
+    async def encode_async(self, text: str, *, offload: bool) -> Sequence[int] | TokenIds:
+        """`encode`, with what is left to tokenize on a worker thread when it is long and
+        `offload` (the batch call lets go of the GIL while it works; `encode` holds it
+        throughout, so a thread would still stall the event loop)."""
+        if self.cache is None:
+            if offload and len(text) >= TOKENIZE_INLINE_BELOW_CHARS:
+                return await asyncio.to_thread(lambda: self._encode_batch([text])[0])
+            return self.encode(text)
+        lookup = self.cache.lookup(text)
+        uncached = len(text) - lookup.cached_chars
+        if offload and uncached >= TOKENIZE_INLINE_BELOW_CHARS:
+            encoded = await asyncio.to_thread(self.cache.tokenize, lookup)
+        else:
+            encoded = self.cache.tokenize(lookup)
+        return self.cache.complete(lookup, encoded)
+
+
+def add_tokenizer_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, help: str
+) -> None:
+    """`--tokenizer` and its prefix cache's size, the same on every front end."""
+    parser.add_argument("--tokenizer", help=help)
+    parser.add_argument(
+        "--tokenizer-cache-chunks", type=_non_negative_int, default=DEFAULT_MAX_CHUNKS,
+        metavar="N",
+        help="prompt chunks (about 128 characters each, some 0.6 KB of memory) whose token ids "
+        "are kept, so a prefix seen before is not tokenized again; 0 turns the cache off",
+    )  # fmt: skip
+
+
+def tokenizer_from_arguments(args: argparse.Namespace) -> Tokenizer | None:
+    if not args.tokenizer:
+        return None
+    # Batches here are one prompt's chunks: spreading them over Rust worker threads costs about
+    # a fifth more CPU than it saves, CPU the engines beside a router would rather have.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Tokenizer(args.tokenizer, cache_chunks=args.tokenizer_cache_chunks)
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {number}")
+    return number
 
 
 async def prompt_token_ids(
     parsed: ParsedRequest, tokenizer: Tokenizer | None, *, offload: bool = True
-) -> Sequence[int] | None:
+) -> Sequence[int] | TokenIds | None:
     """The prompt's token ids: the client's own, else the local tokenizer's (long prompts on a
     worker thread when `offload`, so they do not stall the event loop), else None (text keys)."""
     if parsed.prompt_token_ids is not None:
@@ -58,9 +130,7 @@ async def prompt_token_ids(
     text = parsed.prompt_text
     if tokenizer is None or text is None:
         return None
-    if offload and len(text) >= TOKENIZE_INLINE_BELOW_CHARS:
-        return await asyncio.to_thread(tokenizer.encode_releasing_the_gil, text)
-    return tokenizer.encode(text)
+    return await tokenizer.encode_async(text, offload=offload)
 
 
 def requested_slo(value: str | None) -> float | None:
@@ -90,7 +160,7 @@ def pick_query(
     parsed: ParsedRequest,
     *,
     request_id: str,
-    token_ids: Sequence[int] | None,
+    token_ids: Sequence[int] | TokenIds | None,
     ttft_slo_s: float | None,
     tokens_per_char: float,
 ) -> PickQuery:

@@ -427,14 +427,14 @@ async def test_prompt_keys_use_the_local_tokenizer_and_leases_are_completed(
                 assert response.status == 200
     finally:
         await runner.cleanup()  # waits for the background completions
-    assert port.queries[0].token_ids == [1, 2, 1]
+    assert list(port.queries[0].token_ids) == [1, 2, 1]
     assert port.queries[0].text is None
     # No per-request SLO unless the client asked for one.
     assert port.queries[0].ttft_slo_s is None
     assert port.queries[0].expected_output_tokens == 2
     # The chat conversation is rendered, then tokenized.
     rendered = render_chat([{"role": "user", "content": "world"}])
-    assert port.queries[1].token_ids == Tokenizer(word_tokenizer).encode(rendered)
+    assert list(port.queries[1].token_ids) == list(Tokenizer(word_tokenizer).encode(rendered))
     assert 2 in port.queries[1].token_ids
     assert sorted(c["lease_id"] for c in port.completions) == sorted(port.lease_ids)
     assert port.inner.core.leases.expired_total == 0 and len(port.inner.core.leases) == 0

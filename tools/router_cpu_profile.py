@@ -6,11 +6,13 @@ Starts one near-instant engine simulator and `twinroute router --embedded` in fr
 sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
 that shares all but its last two words with every other; 8 output tokens, 8 at a time) after
 100 warm-up requests, and reads the router process's CPU seconds from /proc before and after.
-It does this twice, with the tiny model's tokenizer (token-id keys, what KV-event lookups need)
-and without (keys over characters). With `--profile` the router also runs under cProfile and
-the functions with the most cumulative time are printed (cProfile inflates every figure; read
-its shares, not its milliseconds). The JSON holds the per-request CPU of both modes and the
-machine's load.
+It does this in four modes: with the tiny model's tokenizer (token-id keys, what KV-event
+lookups need) and its prefix token cache; the same with prompts that share nothing (each starts
+with its own word, so the cache never hits: its worst case); the tokenizer with the cache off;
+and without a tokenizer (keys over characters). With `--profile` the router also runs under
+cProfile (tokenizer, cache on) and the functions with the most cumulative time are printed
+(cProfile inflates every figure; read its shares, not its milliseconds). The JSON holds the
+per-request CPU of every mode and the machine's load.
 """
 
 from __future__ import annotations
@@ -36,9 +38,21 @@ TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
 PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
 
 
-async def measure(
-    *, requests: int, tokenizer: bool, profile: pathlib.Path | None
-) -> dict[str, float]:
+# mode -> (router flags, prompts share their prefix)
+MODES: dict[str, tuple[list[str], bool]] = {
+    "tokenizer": ([f"--tokenizer={TOKENIZER}"], True),
+    "tokenizer_nothing_shared": ([f"--tokenizer={TOKENIZER}"], False),
+    "tokenizer_cache_off": ([f"--tokenizer={TOKENIZER}", "--tokenizer-cache-chunks=0"], True),
+    "characters": ([], True),
+}
+
+
+def prompt(index: int, *, shared: bool) -> str:
+    return f"{PROMPT} question {index}" if shared else f"request{index} {PROMPT} question"
+
+
+async def measure(*, requests: int, mode: str, profile: pathlib.Path | None) -> dict[str, float]:
+    flags, shared = MODES[mode]
     engine = await start_announced(
         "engine",
         twinroute_argv(
@@ -49,7 +63,7 @@ async def measure(
     port = 18000 + os.getpid() % 1000
     argv = [
         "router", f"--port={port}", "--model=m", "--embedded", f"--endpoints=e0={engine.address}",
-        "--key-block-tokens=32", *([f"--tokenizer={TOKENIZER}"] if tokenizer else []),
+        "--key-block-tokens=32", *flags,
     ]  # fmt: skip
     router = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -70,7 +84,7 @@ async def measure(
                 async with gate:
                     body = {
                         "model": "m",
-                        "prompt": f"{PROMPT} question {index}",
+                        "prompt": prompt(index, shared=shared),
                         "max_tokens": 8,
                         "stream": True,
                     }
@@ -78,7 +92,7 @@ async def measure(
                         async for _chunk in response.content.iter_any():
                             pass
 
-            await asyncio.gather(*(one(i) for i in range(100)))
+            await asyncio.gather(*(one(i) for i in range(requests, requests + 100)))
             cpu_before, started = process_tree_cpu_s([router.pid]), time.monotonic()
             load_before = os.getloadavg()[0]
             await asyncio.gather(*(one(i) for i in range(requests)))
@@ -135,13 +149,13 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     results: dict[str, object] = {"prompt_words": len(PROMPT.split()) + 2, "output_tokens": 8}
-    for mode, tokenizer in (("tokenizer", True), ("characters", False)):
-        measured = asyncio.run(measure(requests=args.requests, tokenizer=tokenizer, profile=None))
+    for mode in MODES:
+        measured = asyncio.run(measure(requests=args.requests, mode=mode, profile=None))
         results[mode] = measured
         print(f"{mode}: {measured}", flush=True)
     if args.profile:
         path = pathlib.Path("/tmp") / f"router-{os.getpid()}.prof"
-        asyncio.run(measure(requests=args.requests, tokenizer=True, profile=path))
+        asyncio.run(measure(requests=args.requests, mode="tokenizer", profile=path))
         pstats.Stats(str(path)).sort_stats("cumulative").print_stats(30)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

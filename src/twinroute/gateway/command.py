@@ -42,7 +42,7 @@ from twinroute.router.command import (
     parse_endpoints,
 )
 from twinroute.runtime import LOG_LEVELS
-from twinroute.scheduler.openai_queries import Tokenizer
+from twinroute.scheduler.openai_queries import add_tokenizer_arguments, tokenizer_from_arguments
 from twinroute.scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines, comma-separated [ID=]IP:PORT (Envoy's pool; embedded: also the "
         "scheduler's)",
     )  # fmt: skip
-    parser.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json on disk")
+    add_tokenizer_arguments(parser, help="path to a Hugging Face tokenizer.json on disk")
     parser.add_argument(
         "--retries", type=int, default=defaults.retries,
         help="fallback endpoints Envoy tries after the primary fails before answering",
@@ -242,7 +242,7 @@ async def serve(args: argparse.Namespace) -> None:
                 offload=args.offload == "on",
             ),
             registry=service.telemetry.registry if service.telemetry is not None else None,
-            tokenizer=Tokenizer(args.tokenizer) if args.tokenizer else None,
+            tokenizer=tokenizer_from_arguments(args),
         )
         picker_server = PickerServer(picker=picker, listen="127.0.0.1:0")
         await picker_server.start()
