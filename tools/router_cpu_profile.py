@@ -6,12 +6,14 @@ Starts one near-instant engine simulator and `twinroute router --embedded` in fr
 sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
 that shares all but its last two words with every other; 8 output tokens, 8 at a time) after
 100 warm-up requests, and reads the router process's CPU seconds from /proc before and after.
-It does this in four modes: with the tiny model's tokenizer (token-id keys, what KV-event
+It does this in five modes: with the tiny model's tokenizer (token-id keys, what KV-event
 lookups need) and its prefix token cache; the same with prompts that share nothing (each starts
-with its own word, so the cache never hits: its worst case); the tokenizer with the cache off;
-and without a tokenizer (keys over characters). With `--profile` the router also runs under
-cProfile (tokenizer, cache on) and the functions with the most cumulative time are printed
-(cProfile inflates every figure; read its shares, not its milliseconds). The JSON holds the
+with its own word, so the cache never hits: its worst case); the tokenizer with the cache off,
+with shared prompts and with prompts that share nothing (unshared prompts also cost the
+scheduler more: every key is new to its index); and without a tokenizer (keys over
+characters). With `--profile` the router also runs under cProfile (tokenizer, cache on) and
+the functions with the most cumulative time are printed (cProfile inflates every figure; read
+its shares, not its milliseconds). The JSON holds the
 per-request CPU of every mode and the machine's load.
 """
 
@@ -43,6 +45,10 @@ MODES: dict[str, tuple[list[str], bool]] = {
     "tokenizer": ([f"--tokenizer={TOKENIZER}"], True),
     "tokenizer_nothing_shared": ([f"--tokenizer={TOKENIZER}"], False),
     "tokenizer_cache_off": ([f"--tokenizer={TOKENIZER}", "--tokenizer-cache-chunks=0"], True),
+    "tokenizer_cache_off_nothing_shared": (
+        [f"--tokenizer={TOKENIZER}", "--tokenizer-cache-chunks=0"],
+        False,
+    ),
     "characters": ([], True),
 }
 
