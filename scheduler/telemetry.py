@@ -46,6 +46,11 @@ _PICK_BUCKETS = (
 _TTFT_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 60.0,
 )  # fmt: skip
+# |observed - predicted| / observed: fine below 0.5, where a prediction is good enough to switch
+# on; a median over any span of time is `histogram_quantile` of two scrapes' difference.
+_RELATIVE_ERROR_BUCKETS = (
+    0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+)  # fmt: skip
 
 
 class _CoreCollector(Collector):
@@ -421,6 +426,15 @@ class SchedulerTelemetry(ScrapeListener):
             buckets=_TTFT_BUCKETS,
             registry=registry,
         )
+        self.ttft_relative_error = Histogram(
+            f"{NAMESPACE}_ttft_prediction_relative_error",
+            "|observed - predicted| / observed TTFT of completed requests, the prediction "
+            "made at the pick (the ratio gauge is the median of the last ones; this one can be "
+            "read over any span of time).",
+            ["policy"],
+            buckets=_RELATIVE_ERROR_BUCKETS,
+            registry=registry,
+        )
         self.ttft_underestimated = Counter(
             f"{NAMESPACE}_ttft_underestimated",
             "Completions whose observed TTFT exceeded the prediction.",
@@ -477,6 +491,7 @@ class SchedulerTelemetry(ScrapeListener):
         self._observed = self.observed_ttft.labels(self._policy)
         self._predicted = self.predicted_ttft.labels(self._policy)
         self._error = self.ttft_error.labels(self._policy)
+        self._relative_error = self.ttft_relative_error.labels(self._policy)
         self._under = self.ttft_underestimated.labels(self._policy)
 
     def observe_pick(self, seconds: float) -> None:
@@ -504,6 +519,10 @@ class SchedulerTelemetry(ScrapeListener):
         self._observed.observe(observed_ttft_s)
         self._predicted.observe(lease.predicted_ttft_s)
         self._error.observe(abs(observed_ttft_s - lease.predicted_ttft_s))
+        if observed_ttft_s > 0:
+            self._relative_error.observe(
+                abs(observed_ttft_s - lease.predicted_ttft_s) / observed_ttft_s
+            )
         if observed_ttft_s > lease.predicted_ttft_s:
             self._under.inc()
 

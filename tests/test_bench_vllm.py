@@ -29,6 +29,7 @@ from twinroute.bench.vllm_live import (
     block_keys,
     engine_cores,
     fit_prompts,
+    histogram_median,
     merged_cache_hit_rate,
     parse_rates,
     parse_scheduler_figures,
@@ -36,6 +37,7 @@ from twinroute.bench.vllm_live import (
     process_tree_cpu_s,
     rate_table,
     rate_window,
+    relative_error_buckets,
     router_summary,
     scheduler_note,
     twinroute_kv_events_args,
@@ -260,3 +262,28 @@ def test_the_embedded_schedulers_own_figures_are_read_and_told() -> None:
     assert "median abs. error 21%" in note
     assert "answered by KV events 75% whole, 0% in part" in note
     assert "agreed with the engine on 80% of picks (over 20%, under 0%; off by 64 tokens" in note
+
+
+def test_the_prediction_error_after_warmup_is_the_median_of_two_scrapes_difference() -> None:
+    def exposition(counts: list[float]) -> str:
+        bounds = ["0.1", "0.25", "0.5", "1.0", "+Inf"]
+        name = "twinroute_scheduler_ttft_prediction_relative_error_bucket"
+        return (
+            "\n".join(
+                f'{name}{{le="{bound}",policy="dualmap"}} {count}'
+                for bound, count in zip(bounds, counts, strict=True)
+            )
+            + '\ntwinroute_scheduler_ttft_prediction_relative_error_count{policy="dualmap"} 9.0\n'
+        )
+
+    # The first minute: 4 predictions, all off by more than 100%. After it: 10 more, 8 of
+    # them within 25%.
+    at_warmup = relative_error_buckets(exposition([0, 0, 0, 0, 4]))
+    at_end = relative_error_buckets(exposition([4, 8, 9, 10, 14]))
+    assert at_end == {0.1: 4.0, 0.25: 8.0, 0.5: 9.0, 1.0: 10.0, math.inf: 14.0}
+    span = {bound: at_end[bound] - at_warmup[bound] for bound in at_end}
+    # Rank 5 of 10 lies in (0.1, 0.25], a quarter of the way from 4 to 8.
+    assert histogram_median(span) == pytest.approx(0.1 + 0.15 * (5 - 4) / (8 - 4))
+    assert histogram_median(at_end) == pytest.approx(0.1 + 0.15 * (7 - 4) / (8 - 4))
+    assert histogram_median(at_warmup) == 1.0  # beyond the last bound: the last bound
+    assert histogram_median({math.inf: 0.0}) is None

@@ -229,3 +229,24 @@ def test_the_core_learns_only_from_requests_that_found_no_queue() -> None:
     core.complete(first.lease_id, now=2.5)
     core.first_token(third.lease_id, now=3.0)
     assert core.calibration.fitted()[first.endpoint.id][2] == 1
+
+
+def test_relative_errors_are_a_histogram_readable_over_any_span() -> None:
+    from twinroute.scheduler.leases import Lease
+
+    core = make_core()
+    registry = CollectorRegistry()
+    telemetry = SchedulerTelemetry(registry=registry, core=core, clock=lambda: 0.0)
+    for predicted, observed in ((0.1, 0.1), (0.1, 0.125), (0.3, 0.1), (0.05, 1.0)):
+        lease = Lease(
+            lease_id="l", endpoint_id="e0", request_id="r", opened_at=0.0, prompt_tokens=8,
+            uncached_tokens=8, predicted_ttft_s=predicted,
+        )  # fmt: skip
+        telemetry.observe_complete(lease, outcome="success", observed_ttft_s=observed)
+    text = telemetry.exposition().decode()
+    name = "twinroute_scheduler_ttft_prediction_relative_error"
+    # Errors 0, 0.2, 2 and 0.95.
+    assert f'{name}_bucket{{le="0.05",policy="dualmap"}} 1.0' in text
+    assert f'{name}_bucket{{le="0.25",policy="dualmap"}} 2.0' in text
+    assert f'{name}_bucket{{le="1.0",policy="dualmap"}} 3.0' in text
+    assert f'{name}_count{{policy="dualmap"}} 4.0' in text

@@ -124,6 +124,10 @@ CONTENDED_SHARE = 0.10
 # An engine flag vllm-router's cache_aware was expected to need; passed when the installed
 # vLLM defines it (0.32 does not; the JSON says which).
 SCALE_OUT_FLAG = "--enable-scale-out"
+# twinroute's TTFT prediction error is also read over what follows this much replay: the
+# calibration's first minute, while it learns the hardware, is not what it predicts after.
+PREDICTION_WARMUP_S = 60.0
+_RELATIVE_ERROR_BUCKET = "twinroute_scheduler_ttft_prediction_relative_error_bucket"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -581,6 +585,11 @@ async def run_router(
         before = await engine_counters(session, fleet.servers)
         cpu_before = process_tree_cpu_s(pids)
         foreign = ForeignLoad()
+        warm: asyncio.Task[str | None] | None = None
+        if name.startswith("twinroute_") and args.duration > PREDICTION_WARMUP_S:
+            warm = asyncio.create_task(
+                _metrics_after(session, processes[-1].url, delay_s=PREDICTION_WARMUP_S)
+            )
         result = await replay(
             url=processes[-1].url, workload=run.workload, timeout_s=args.request_timeout
         )
@@ -593,6 +602,8 @@ async def run_router(
             if name.startswith("twinroute_") and not name.startswith(ENVOY_PREFIX)
             else None
         )
+        if scheduler is not None and warm is not None:
+            scheduler.update(await _errors_after_warmup(session, processes[-1].url, warm))
     finally:
         await asyncio.gather(*(p.stop() for p in reversed(processes)))
     summary = router_summary(result, before=before, after=after, cpu_s=cpu_s, slo_s=args.ttft_slo_s)
@@ -616,6 +627,78 @@ _SCHEDULER_SERIES = {
     "twinroute_scheduler_prefix_record_error_tokens_total": "record_error_tokens",
     "twinroute_scheduler_kv_event_gaps_total": "kv_event_gaps",
 }
+
+
+async def _metrics_after(
+    session: aiohttp.ClientSession, router_url: str, *, delay_s: float
+) -> str | None:
+    await asyncio.sleep(delay_s)
+    try:
+        async with session.get(f"{router_url}/metrics") as response:
+            return await response.text()
+    except (OSError, TimeoutError):
+        return None
+
+
+async def _errors_after_warmup(
+    session: aiohttp.ClientSession, router_url: str, warm: asyncio.Task[str | None]
+) -> dict[str, float]:
+    """The median relative TTFT prediction error of the requests completed after the warm-up
+    (the difference of two scrapes of the error histogram), and how many there were."""
+    at_warmup = await warm
+    try:
+        async with session.get(f"{router_url}/metrics") as response:
+            at_end = await response.text()
+    except (OSError, TimeoutError):
+        return {}
+    if at_warmup is None:
+        return {}
+    before, after = relative_error_buckets(at_warmup), relative_error_buckets(at_end)
+    span = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+    median = histogram_median(span)
+    if median is None:
+        return {}
+    return {
+        "ttft_prediction_error_after_warmup": median,
+        "prediction_warmup_s": PREDICTION_WARMUP_S,
+        "predictions_after_warmup": span.get(math.inf, 0.0),
+    }
+
+
+def relative_error_buckets(text: str) -> dict[float, float]:
+    """Upper bound -> cumulative count of the relative-error histogram (all policies)."""
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(_RELATIVE_ERROR_BUCKET + "{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        bound = labels.split('le="', 1)[1].split('"', 1)[0]
+        upper = math.inf if bound == "+Inf" else float(bound)
+        buckets[upper] = buckets.get(upper, 0.0) + float(value)
+    return buckets
+
+
+def histogram_median(cumulative: dict[float, float]) -> float | None:
+    """The median of a cumulative histogram, interpolated within its bucket as Prometheus's
+    `histogram_quantile` does (the highest finite bound when it lies beyond); None when
+    empty."""
+    total = cumulative.get(math.inf, 0.0)
+    if total <= 0:
+        return None
+    rank = total / 2
+    lower_bound, lower_count = 0.0, 0.0
+    for bound in sorted(cumulative):
+        count = cumulative[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            if count == lower_count:
+                return bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / (
+                count - lower_count
+            )
+        lower_bound, lower_count = bound, count
+    return lower_bound
 
 
 def parse_scheduler_figures(text: str) -> dict[str, float]:
@@ -713,6 +796,12 @@ def scheduler_note(name: str, figures: dict[str, float]) -> str:
             f"TTFT prediction median abs. error {figures['ttft_prediction_error']:.0%} "
             f"(fitted scale {figures.get('cost_time_scale', 1.0):.3g}x the profile, overhead "
             f"{1000 * figures.get('cost_overhead_s', 0.0):.0f} ms)"
+        )
+    if "ttft_prediction_error_after_warmup" in figures:
+        parts.append(
+            f"{figures['ttft_prediction_error_after_warmup']:.0%} over the "
+            f"{figures['predictions_after_warmup']:.0f} requests after the first "
+            f"{figures['prediction_warmup_s']:.0f} s"
         )
     precise = figures.get("lookups_precise", 0.0)
     partial = figures.get("lookups_partial", 0.0)
