@@ -357,6 +357,11 @@ class SchedulerCore:
         )
         if self.calibration is not None:
             lease.work_s = self.calibration.work_s(endpoint.id, decision.predicted_ttft_s)
+        if lease.found_idle and self.peer_loads is not None:
+            # Idle by our own leases is not idle when another replica's requests are there:
+            # its first token would teach the fit a queue as if it were the engine's speed.
+            peers = self.peer_loads.added_load(endpoint.id, now=now)
+            lease.found_idle = peers is None or peers.in_flight == 0
         self.prefix_index.record(endpoint.id, request.keys)
         self._open[lease.lease_id] = (request, decision)
         self.history.record(request, decision, lease_id=lease.lease_id, now=now)

@@ -250,3 +250,24 @@ def test_relative_errors_are_a_histogram_readable_over_any_span() -> None:
     assert f'{name}_bucket{{le="0.25",policy="dualmap"}} 2.0' in text
     assert f'{name}_bucket{{le="1.0",policy="dualmap"}} 3.0' in text
     assert f'{name}_count{{policy="dualmap"}} 4.0' in text
+
+
+def test_a_first_token_queued_behind_a_peer_replicas_requests_does_not_teach_the_fit() -> None:
+    from twinroute.scheduler.peer_loads import EndpointLoadShare, PeerLoads, PeerShare
+
+    core = make_core()
+    core.peer_loads = PeerLoads(own_replica_id="me", stale_after_s=1.0)
+    busy = {f"e{i}": EndpointLoadShare(in_flight=2, pending_prefill_tokens=4096) for i in (0, 1)}
+    peer = PeerShare(
+        replica_id="peer", received_at=0.0, sent_at_unix_s=0.0, membership_digest="",
+        membership_changed_at_unix_s=0.0, endpoints=busy,
+    )  # fmt: skip
+    core.peer_loads.update(peer)
+    result = core.pick(request(0, 1024), now=0.1)
+    assert core.first_token(result.lease_id, now=3.0)
+    assert core.calibration is not None
+    fitted = core.calibration.fitted()
+    # Counted in the error, but no fit learnt from it: nothing of ours was there, a peer's was.
+    assert fitted.get(result.endpoint.id, (0.0, 0.0, 0))[2] == 0
+    assert fitted[""][2] == 0
+    assert core.calibration.error_ratio() is not None
