@@ -53,7 +53,7 @@ from twinroute.scheduler.types import (
     PromptKeys,
     RoutingRequest,
 )
-from twinroute.scheduler.vllm_blocks import VllmBlockHasher
+from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class SchedulerService:
         # With the engines' KV events followed: their own block hashes of each token-id
         # prompt, so the core can look the prompt up in what the engines say they hold.
         self._engine_hasher = (
-            VllmBlockHasher(
+            MemoizedBlockHasher(
                 self.settings.engine_block_size or self.settings.key_block_tokens,
                 seed=self.settings.engine_hash_seed,
             )

@@ -31,6 +31,9 @@ tuple once and are sliced per block. (Writing the pickle bytes by hand with nump
 was no faster: the per-block Python work, not pickle, dominates.) Token ids must hash as
 Python ints: pickle encodes numpy scalars differently, which would silently change every hash,
 so arrays go through `tolist()` and other sequences of non-ints through `operator.index`.
+The scheduler hashes through `scheduler/vllm_block_memo.py`, which reuses the digests of
+prefixes seen before; this module stays free of twinroute imports, as vLLM's own environment
+loads it for the parity tests.
 """
 
 from __future__ import annotations
@@ -60,6 +63,17 @@ _REFUSED_ALGOS["xxhash_cbor"] = _REFUSED_ALGOS["xxhash"]
 _MASK_64 = (1 << 64) - 1
 
 TokenIds = Sequence[int] | npt.NDArray[np.integer[Any]]
+
+
+def as_int_tuple(token_ids: TokenIds) -> tuple[int, ...]:
+    """Token ids as a tuple of Python ints, as vLLM pickles them."""
+    if isinstance(token_ids, np.ndarray):
+        return tuple(token_ids.tolist())
+    tokens = tuple(token_ids)
+    if tokens and type(tokens[0]) is not int:
+        # numpy scalars pickle differently from ints: every hash would silently differ.
+        tokens = tuple(map(operator.index, tokens))
+    return tokens
 
 
 class UnsupportedHashAlgoError(ValueError):
@@ -129,36 +143,48 @@ class VllmBlockHasher:
 
     def block_digests(self, token_ids: TokenIds, *, cache_salt: str | None = None) -> list[bytes]:
         """The full 32-byte digest of every full block of `token_ids`, in order."""
-        if isinstance(token_ids, np.ndarray):
-            tokens: tuple[int, ...] = tuple(token_ids.tolist())
-        else:
-            tokens = tuple(token_ids)
-            if tokens and type(tokens[0]) is not int:
-                # numpy scalars pickle differently from ints: every hash would silently differ.
-                tokens = tuple(map(operator.index, tokens))
-        size = self.block_size
-        full = len(tokens) - len(tokens) % size
-        parent = self.root
-        digests: list[bytes] = []
+        tokens = as_int_tuple(token_ids)
+        full = len(tokens) - len(tokens) % self.block_size
         if full == 0:
+            return []
+        return self._digests(tokens, first_block=0, full=full, parent=None, salt=cache_salt)
+
+    def _digests(
+        self,
+        tokens: tuple[int, ...],
+        *,
+        first_block: int,
+        full: int,
+        parent: bytes | None,
+        salt: str | None,
+    ) -> list[bytes]:
+        """The digests of the full blocks from `first_block` on, chained from `parent` (the
+        digest of the block before; None for the root)."""
+        size = self.block_size
+        start = first_block * size
+        digests: list[bytes] = []
+        if start >= full:
             return digests
         # vLLM tags the salt with its source and applies it to the first block only.
-        extra = (("cache_salt", cache_salt),) if cache_salt else None
+        extra = (("cache_salt", salt),) if salt and first_block == 0 else None
+        chained = self.root if parent is None else parent
         if self._pickled:
             # The default algorithm, inlined: a Python call per block would cost a fifth more.
             sha256, dumps, protocol = hashlib.sha256, pickle.dumps, _PICKLE_PROTOCOL
-            parent = sha256(dumps((parent, tokens[0:size], extra), protocol)).digest()
-            digests.append(parent)
-            for start in range(size, full, size):
-                parent = sha256(
-                    dumps((parent, tokens[start : start + size], None), protocol)
+            chained = sha256(
+                dumps((chained, tokens[start : start + size], extra), protocol)
+            ).digest()
+            digests.append(chained)
+            for begin in range(start + size, full, size):
+                chained = sha256(
+                    dumps((chained, tokens[begin : begin + size], None), protocol)
                 ).digest()
-                digests.append(parent)
+                digests.append(chained)
             return digests
         hash_fn = self._hash
-        for start in range(0, full, size):
-            parent = hash_fn((parent, tokens[start : start + size], extra))
-            digests.append(parent)
+        for begin in range(start, full, size):
+            chained = hash_fn((chained, tokens[begin : begin + size], extra))
+            digests.append(chained)
             extra = None
         return digests
 

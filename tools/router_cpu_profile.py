@@ -6,14 +6,14 @@ Starts one near-instant engine simulator and `twinroute router --embedded` in fr
 sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
 that shares all but its last two words with every other; 8 output tokens, 8 at a time) after
 100 warm-up requests, and reads the router process's CPU seconds from /proc before and after.
-It does this in five modes: with the tiny model's tokenizer (token-id keys, what KV-event
+It does this in six modes: with the tiny model's tokenizer (token-id keys, what KV-event
 lookups need) and its prefix token cache; the same with prompts that share nothing (each starts
 with its own word, so the cache never hits: its worst case); the tokenizer with the cache off,
 with shared prompts and with prompts that share nothing (unshared prompts also cost the
-scheduler more: every key is new to its index); and without a tokenizer (keys over
-characters). With `--profile` the router also runs under cProfile (tokenizer, cache on) and
-the functions with the most cumulative time are printed (cProfile inflates every figure; read
-its shares, not its milliseconds). The JSON holds the
+scheduler more: every key is new to its index); without a tokenizer (keys over characters);
+and, as the floor under all of them, a bare aiohttp relay. With `--profile` the router also
+runs under cProfile (tokenizer, cache on) and the functions with the most cumulative time are
+printed (cProfile inflates every figure; read its shares, not its milliseconds). The JSON holds the
 per-request CPU of every mode and the machine's load.
 """
 
@@ -37,6 +37,7 @@ from twinroute.bench.vllm_live import process_tree_cpu_s
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
+BARE_RELAY = "--bare-aiohttp-relay"
 PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
 
 
@@ -50,6 +51,9 @@ MODES: dict[str, tuple[list[str], bool]] = {
         False,
     ),
     "characters": ([], True),
+    # Not twinroute: the floor under it, an aiohttp server relaying each stream through one
+    # client session with nothing else (no pick, keys, metrics, retries or reports).
+    "bare_aiohttp_relay": ([BARE_RELAY], True),
 }
 
 
@@ -128,9 +132,56 @@ async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
     raise RuntimeError("the router did not come up")
 
 
+def bare_relay(argv: list[str]) -> None:
+    """An aiohttp relay and nothing else, on `--port`, to the engine of `--endpoints`."""
+    import uvloop
+    from aiohttp import web
+
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in argv if "=" in arg)
+    engine = flags["endpoints"].split("=", 1)[1]
+
+    async def main() -> None:
+        session = aiohttp.ClientSession()
+
+        async def relay(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            async with session.post(
+                f"http://{engine}{request.path}",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            ) as upstream:
+                response = web.StreamResponse(status=upstream.status)
+                await response.prepare(request)
+                while chunk := await upstream.content.readany():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", relay)
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", int(flags["port"])).start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await session.close()
+
+    uvloop.run(main())
+
+
 def serve(profile_path: str, argv: list[str]) -> None:
     """The router process: `twinroute` itself, under cProfile when a path is given."""
     from twinroute.cli import main
+
+    if BARE_RELAY in argv:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        bare_relay(argv)
+        return
 
     profiler = cProfile.Profile() if profile_path != "-" else None
     if profiler is not None:
@@ -153,9 +204,14 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
     args = parser.parse_args()
     results: dict[str, object] = {"prompt_words": len(PROMPT.split()) + 2, "output_tokens": 8}
-    for mode in MODES:
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            parser.error(f"unknown mode {mode!r}")
         measured = asyncio.run(measure(requests=args.requests, mode=mode, profile=None))
         results[mode] = measured
         print(f"{mode}: {measured}", flush=True)
