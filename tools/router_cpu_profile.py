@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import json
 import os
 import pathlib
@@ -61,12 +62,18 @@ def prompt(index: int, *, shared: bool) -> str:
     return f"{PROMPT} question {index}" if shared else f"request{index} {PROMPT} question"
 
 
-async def measure(*, requests: int, mode: str, profile: pathlib.Path | None) -> dict[str, float]:
+async def measure(
+    *, requests: int, mode: str, profile: pathlib.Path | None, engine_time_scale: float
+) -> dict[str, float]:
     flags, shared = MODES[mode]
     engine = await start_announced(
         "engine",
         twinroute_argv(
-            "engine-sim", "--port=0", "--model=m", "--instance-id=e0", "--time-scale=0.001"
+            "engine-sim",
+            "--port=0",
+            "--model=m",
+            "--instance-id=e0",
+            f"--time-scale={engine_time_scale}",
         ),
         timeout_s=60,
     )
@@ -133,12 +140,13 @@ async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
 
 
 def bare_relay(argv: list[str]) -> None:
-    """An aiohttp relay and nothing else, on `--port`, to the engine of `--endpoints`."""
+    """An aiohttp relay and nothing else, on `--port`, to the engines of `--endpoints` in
+    turn."""
     import uvloop
     from aiohttp import web
 
     flags = dict(arg.removeprefix("--").split("=", 1) for arg in argv if "=" in arg)
-    engine = flags["endpoints"].split("=", 1)[1]
+    engines = itertools.cycle([entry.split("=", 1)[1] for entry in flags["endpoints"].split(",")])
 
     async def main() -> None:
         session = aiohttp.ClientSession()
@@ -146,7 +154,7 @@ def bare_relay(argv: list[str]) -> None:
         async def relay(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             async with session.post(
-                f"http://{engine}{request.path}",
+                f"http://{next(engines)}{request.path}",
                 data=body,
                 headers={"Content-Type": "application/json"},
             ) as upstream:
@@ -166,9 +174,12 @@ def bare_relay(argv: list[str]) -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", int(flags["port"])).start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
+            await runner.cleanup()
             await session.close()
 
     uvloop.run(main())
@@ -179,11 +190,12 @@ def serve(profile_path: str, argv: list[str]) -> None:
     from twinroute.cli import main
 
     if BARE_RELAY in argv:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         bare_relay(argv)
         return
 
-    profiler = cProfile.Profile() if profile_path != "-" else None
+    # CPU time, not wall time: next to busy engines a call that wakes another process (a send
+    # on loopback) would otherwise be charged for the time the kernel ran someone else.
+    profiler = cProfile.Profile(time.process_time) if profile_path != "-" else None
     if profiler is not None:
         profiler.enable()
     try:
@@ -205,19 +217,42 @@ def main() -> int:
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--engine-time-scale", type=float, default=0.001,
+        help="the engine simulator's pace: 0.001 answers a stream in one read (the relay's "
+        "floor), 0.5 sends its tokens in separate reads, as a real engine does",
+    )  # fmt: skip
+    parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
     )
     args = parser.parse_args()
-    results: dict[str, object] = {"prompt_words": len(PROMPT.split()) + 2, "output_tokens": 8}
+    results: dict[str, object] = {
+        "prompt_words": len(PROMPT.split()) + 2,
+        "output_tokens": 8,
+        "engine_time_scale": args.engine_time_scale,
+    }
     for mode in args.modes.split(","):
         if mode not in MODES:
             parser.error(f"unknown mode {mode!r}")
-        measured = asyncio.run(measure(requests=args.requests, mode=mode, profile=None))
+        measured = asyncio.run(
+            measure(
+                requests=args.requests,
+                mode=mode,
+                profile=None,
+                engine_time_scale=args.engine_time_scale,
+            )
+        )
         results[mode] = measured
         print(f"{mode}: {measured}", flush=True)
     if args.profile:
         path = pathlib.Path("/tmp") / f"router-{os.getpid()}.prof"
-        asyncio.run(measure(requests=args.requests, mode="tokenizer", profile=path))
+        asyncio.run(
+            measure(
+                requests=args.requests,
+                mode=args.modes.split(",")[0],
+                profile=path,
+                engine_time_scale=args.engine_time_scale,
+            )
+        )
         pstats.Stats(str(path)).sort_stats("cumulative").print_stats(30)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,140 @@
+"""The router's CPU per request in front of real vLLM engines, beside a bare aiohttp relay.
+
+    .venv/bin/python tools/router_cpu_vllm.py [--requests 600] [--json FILE]
+
+`tools/router_cpu_profile.py` measures the router against an engine simulator; a real vLLM
+engine streams each token as it is decoded, so a request costs the relay a read and a write
+per token, and that is most of what a router spends on real engines. This starts two real
+vLLM CPU engines (the bench's tiny Llama, one core each, KV events on; needs
+`.tools/vllm-venv`, see `e2e/`), then, in turn, a bare aiohttp relay (no pick, keys, metrics,
+retries or reports: the floor of any aiohttp router) and `twinroute router --embedded` without
+a tokenizer, with the tokenizer, and with the tokenizer and the engines' KV events. Each gets
+50 warm-up and `--requests` streamed completions (prompts of ~180 words that share one of
+eight system prompts, 8 output tokens, 4 at a time); its CPU is read from
+/proc/PID/task/*/schedstat (exact, not tick-sampled) before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import glob
+import json
+import pathlib
+import random
+import signal
+import sys
+import time
+
+import aiohttp
+
+from twinroute.bench.live import MODEL
+from twinroute.bench.vllm_live import BLOCK_TOKENS, Fleet, engine_fleet, twinroute_kv_events_args
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODEL_DIR = REPO / ".tools" / "tiny-llama-s0-v2048-h512-l4"
+PROFILE_TOOL = REPO / "tools" / "router_cpu_profile.py"
+# mode -> what the router runs with
+MODES = ("bare_aiohttp_relay", "characters", "tokenizer", "tokenizer_kv_events")
+
+
+def cpu_s(pid: int) -> float:
+    """Seconds on a CPU of every thread of `pid` (the scheduler's own count, in ns)."""
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
+            total += int(handle.read().split()[0])
+    return total / 1e9
+
+
+async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[str, float]:
+    endpoints = ",".join(
+        f"engine-{i}={url.removeprefix('http://')}" for i, url in enumerate(fleet.urls)
+    )
+    argv = [
+        "router", f"--port={port}", f"--model={MODEL}", "--embedded",
+        f"--endpoints={endpoints}", f"--key-block-tokens={BLOCK_TOKENS}",
+    ]  # fmt: skip
+    if mode == "bare_aiohttp_relay":
+        argv.append("--bare-aiohttp-relay")
+    if mode.startswith("tokenizer"):
+        argv.append(f"--tokenizer={MODEL_DIR / 'tokenizer.json'}")
+    if mode == "tokenizer_kv_events":
+        argv += twinroute_kv_events_args(fleet.kv_events)
+    router = await asyncio.create_subprocess_exec(
+        sys.executable, str(PROFILE_TOOL), "--serve", "-", *argv,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(500)]
+    systems = [" ".join(rng.choices(words, k=150)) for _ in range(8)]
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(300):
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://127.0.0.1:{port}/health") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            gate = asyncio.Semaphore(4)
+
+            async def one() -> None:
+                prompt = rng.choice(systems) + " " + " ".join(rng.choices(words, k=30))
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": True}
+                async with gate, session.post(url, json=body) as response:
+                    if response.status != 200:
+                        raise RuntimeError(f"{mode}: HTTP {response.status}")
+                    async for _chunk in response.content.iter_any():
+                        pass
+
+            await asyncio.gather(*(one() for _ in range(50)))
+            before, started = cpu_s(router.pid), time.monotonic()
+            await asyncio.gather(*(one() for _ in range(requests)))
+            used, wall = cpu_s(router.pid) - before, time.monotonic() - started
+    finally:
+        router.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(router.wait(), 30)
+    return {
+        "requests": requests,
+        "router_cpu_ms_per_request": round(1000 * used / requests, 3),
+        "requests_per_s": round(requests / wall, 1),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    fleet_args = argparse.Namespace(
+        engines=2, kv_tokens_per_engine=4096, max_model_len=2048, max_num_seqs=16,
+        startup_timeout_s=300.0, out=args.out,
+    )  # fmt: skip
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    results: dict[str, object] = {
+        "engines": 2,
+        "prompt_words": 181,
+        "output_tokens": 8,
+        "concurrency": 4,
+    }
+    async with engine_fleet(fleet_args, model_dir=MODEL_DIR, extra_args=()) as fleet:
+        for index, mode in enumerate(MODES):
+            measured = await measure(mode, fleet=fleet, requests=args.requests, port=18790 + index)
+            results[mode] = measured
+            print(f"{mode}: {measured}", flush=True)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/router_cpu_vllm"))
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
