@@ -149,6 +149,10 @@ def selector_labels(pool: PoolSpec, *, role: str) -> dict[str, str]:
 # Where vLLM engines publish their KV-cache events (a ZMQ PUB socket bound on every address).
 KV_EVENTS_PORT = 5557
 KV_EVENTS_PORT_NAME = "kv-events"
+# Where they answer requests for batches a subscriber missed (a gap, or a scheduler that
+# started after them), from vLLM's buffer of recent batches.
+KV_EVENTS_REPLAY_PORT = 5558
+KV_EVENTS_REPLAY_PORT_NAME = "kv-replay"
 # vLLM's default KV block size on GPUs, when the engine's args do not set --block-size.
 VLLM_DEFAULT_BLOCK_SIZE = 16
 
@@ -196,11 +200,13 @@ def engine_args(pool: PoolSpec, *, role: Role) -> list[str]:
         "--enable-prefix-caching",
     ]
     if publishes_kv_events(pool):
-        # The scheduler subscribes to tcp://POD_IP:5557 (topic "": every batch).
+        # The scheduler subscribes to tcp://POD_IP:5557 (topic "": every batch) and asks
+        # tcp://POD_IP:5558 for what it missed.
         events = {
             "enable_kv_cache_events": True,
             "publisher": "zmq",
             "endpoint": f"tcp://*:{KV_EVENTS_PORT}",
+            "replay_endpoint": f"tcp://*:{KV_EVENTS_REPLAY_PORT}",
         }
         args += ["--kv-events-config", json.dumps(events, sort_keys=True)]
     return args + _kv_transfer_args(pool, role=role) + list(pool.engine.args)
@@ -257,6 +263,7 @@ def scheduler_config(pool: PoolSpec, *, settings: RenderSettings) -> dict[str, A
         config["admissionMaxHoldSeconds"] = ADMISSION_MAX_HOLD_S
     if publishes_kv_events(pool):
         config["kvEventsPort"] = KV_EVENTS_PORT
+        config["kvEventsReplayPort"] = KV_EVENTS_REPLAY_PORT
         config["engineBlockSize"] = engine_block_size(pool)
     return config
 
@@ -508,7 +515,13 @@ def _engine_deployment(pool: PoolSpec, *, role: Role) -> Obj:
         "ports": [
             {"name": labels.ENGINE_PORT_NAME, "containerPort": engine.port, "protocol": "TCP"},
             *(
-                [{"name": KV_EVENTS_PORT_NAME, "containerPort": KV_EVENTS_PORT, "protocol": "TCP"}]
+                [
+                    {"name": name, "containerPort": port, "protocol": "TCP"}
+                    for name, port in (
+                        (KV_EVENTS_PORT_NAME, KV_EVENTS_PORT),
+                        (KV_EVENTS_REPLAY_PORT_NAME, KV_EVENTS_REPLAY_PORT),
+                    )
+                ]
                 if publishes_kv_events(pool)
                 else []
             ),

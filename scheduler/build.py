@@ -133,15 +133,21 @@ def kv_event_sources(
     settings: SchedulerSettings, endpoints: Sequence[Endpoint]
 ) -> dict[str, KvEventSource | None]:
     """Where each endpoint's engine publishes its KV events (None: nowhere known): the
-    address given for it, else tcp://ITS_HOST:`kv_events_port`."""
+    address given for it, else tcp://ITS_HOST:`kv_events_port`; its replay address likewise."""
     explicit = dict(settings.kv_events_endpoints)
+    explicit_replay = dict(settings.kv_events_replay_endpoints)
     sources: dict[str, KvEventSource | None] = {}
     for endpoint in endpoints:
+        host = endpoint.address.split("://")[-1].rsplit(":", 1)[0]
         address = explicit.get(endpoint.id)
         if address is None and settings.kv_events_port is not None:
-            host = endpoint.address.split("://")[-1].rsplit(":", 1)[0]
             address = f"tcp://{host}:{settings.kv_events_port}"
-        sources[endpoint.id] = KvEventSource(address=address) if address else None
+        replay = explicit_replay.get(endpoint.id)
+        if replay is None and settings.kv_events_replay_port is not None:
+            replay = f"tcp://{host}:{settings.kv_events_replay_port}"
+        sources[endpoint.id] = (
+            KvEventSource(address=address, replay_address=replay) if address else None
+        )
     return sources
 
 

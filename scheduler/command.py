@@ -255,6 +255,16 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-events-port for those ids)",
     )  # fmt: skip
     caches.add_argument(
+        "--kv-events-replay-port", type=int, default=None,
+        help="ask every engine for missed KV-event batches at tcp://ENGINE_HOST:PORT (vLLM's "
+        "kv-events-config replay_endpoint tcp://*:PORT); default: gaps are not replayed",
+    )  # fmt: skip
+    caches.add_argument(
+        "--kv-events-replay-endpoints", default="",
+        help="comma-separated ID=tcp://HOST:PORT: each engine's KV-event replay socket "
+        "(overrides --kv-events-replay-port for those ids)",
+    )  # fmt: skip
+    caches.add_argument(
         "--engine-block-size", type=int, default=None,
         help="the engines' KV block size in tokens, to hash prompts as they do (default: "
         "--key-block-tokens)",
@@ -315,6 +325,8 @@ def settings_from_arguments(args: argparse.Namespace) -> SchedulerSettings:
         migration_hooks=tuple(parse_hooks(args.migration_hooks).items()),
         kv_events_port=args.kv_events_port,
         kv_events_endpoints=parse_kv_event_endpoints(args.kv_events_endpoints),
+        kv_events_replay_port=args.kv_events_replay_port,
+        kv_events_replay_endpoints=parse_kv_event_endpoints(args.kv_events_replay_endpoints),
         engine_block_size=args.engine_block_size,
         engine_hash_seed=args.engine_hash_seed,
         served_models=tuple(args.model),

@@ -77,6 +77,11 @@ class SchedulerSettings:
     # the addresses given per endpoint ((endpoint id, tcp://HOST:PORT) pairs).
     kv_events_port: int | None = None
     kv_events_endpoints: tuple[tuple[str, str], ...] = ()
+    # Where the engines answer requests for missed batches (vLLM's kv-events-config
+    # `replay_endpoint`): a gap in a stream, or a scheduler that joins one mid-way, is caught
+    # up from there when the engine still holds the batches (None / absent: gaps stay partial).
+    kv_events_replay_port: int | None = None
+    kv_events_replay_endpoints: tuple[tuple[str, str], ...] = ()
     # How the engines hash blocks, to compute the same hashes from a request's token ids:
     # tokens per block (None: `key_block_tokens`) and their PYTHONHASHSEED (None: unset).
     engine_block_size: int | None = None
@@ -146,11 +151,13 @@ class SchedulerSettings:
         for name, value in not_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if self.kv_events_port is not None and not 0 < self.kv_events_port < 65536:
-            raise ValueError(f"kv_events_port must be a TCP port, got {self.kv_events_port}")
+        for name in ("kv_events_port", "kv_events_replay_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"{name} must be a TCP port, got {port}")
         if self.engine_block_size is not None and self.engine_block_size <= 0:
             raise ValueError(f"engine_block_size must be positive, got {self.engine_block_size}")
-        for endpoint_id, address in self.kv_events_endpoints:
+        for endpoint_id, address in (*self.kv_events_endpoints, *self.kv_events_replay_endpoints):
             if not address.startswith("tcp://"):
                 raise ValueError(
                     f"KV events address of {endpoint_id!r} must be tcp://HOST:PORT, got {address!r}"
@@ -195,6 +202,7 @@ CONFIG_SETTINGS: Final[Mapping[str, str]] = {
     "migration": "migration",
     "leaseTtlSeconds": "lease_ttl_s",
     "kvEventsPort": "kv_events_port",
+    "kvEventsReplayPort": "kv_events_replay_port",
     "engineBlockSize": "engine_block_size",
     "engineHashSeed": "engine_hash_seed",
 }

@@ -187,14 +187,19 @@ def test_foreign_load_sees_cpu_spent_outside_this_process_tree() -> None:
 def test_the_engines_kv_event_publishers_reach_twinroutes_router() -> None:
     where = {"address": "tcp://127.0.0.1:5557", "replay_address": "tcp://127.0.0.1:5558"}
     args = twinroute_kv_events_args({"engine-0": where})
-    assert args == [f"{KV_EVENTS_FLAG}=engine-0=tcp://127.0.0.1:5557"]
+    assert args == [
+        f"{KV_EVENTS_FLAG}=engine-0=tcp://127.0.0.1:5557",
+        "--kv-events-replay-endpoints=engine-0=tcp://127.0.0.1:5558",
+    ]
     # The router takes them (embedded scheduler settings).
     from twinroute.router.command import add_arguments, embedded_settings
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parsed = parser.parse_args(["--embedded", "--model=m", "--endpoints=engine-0=h:1", *args])
-    assert embedded_settings(parsed).kv_events_endpoints == (("engine-0", "tcp://127.0.0.1:5557"),)
+    settings = embedded_settings(parsed)
+    assert settings.kv_events_endpoints == (("engine-0", "tcp://127.0.0.1:5557"),)
+    assert settings.kv_events_replay_endpoints == (("engine-0", "tcp://127.0.0.1:5558"),)
 
 
 def canned_counters(finished: list[int], hits: list[int]) -> list[dict[str, float]]:

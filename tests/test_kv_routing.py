@@ -204,3 +204,21 @@ def test_where_each_engine_publishes() -> None:
             parse_kv_event_endpoints(bad)
     with pytest.raises(ValueError, match="kv_events_port"):
         SchedulerSettings(kv_events_port=0)
+
+
+def test_where_each_engine_replays_missed_batches() -> None:
+    endpoints = [Endpoint(id="a", address="10.1.2.3:8000"), Endpoint(id="b", address="b:8000")]
+    settings = SchedulerSettings(
+        kv_events_port=5557,
+        kv_events_replay_port=5558,
+        kv_events_replay_endpoints=(("b", "tcp://x:10"),),
+    )
+    assert kv_event_sources(settings, endpoints) == {
+        "a": KvEventSource(address="tcp://10.1.2.3:5557", replay_address="tcp://10.1.2.3:5558"),
+        "b": KvEventSource(address="tcp://b:5557", replay_address="tcp://x:10"),
+    }
+    # A replay address alone follows nothing: there is no stream to catch up on.
+    alone = SchedulerSettings(kv_events_replay_port=5558)
+    assert kv_event_sources(alone, endpoints) == {"a": None, "b": None}
+    with pytest.raises(ValueError, match="kv_events_replay_port"):
+        SchedulerSettings(kv_events_replay_port=70000)

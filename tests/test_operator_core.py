@@ -241,6 +241,7 @@ def test_vllm_args_carry_what_routing_needs() -> None:
     assert events == {
         "enable_kv_cache_events": True,
         "endpoint": "tcp://*:5557",
+        "replay_endpoint": "tcp://*:5558",
         "publisher": "zmq",
     }
 
@@ -250,8 +251,10 @@ def test_engines_publish_kv_events_where_the_scheduler_listens_unless_told_not_t
     engine = by_name(children(spec))[("Deployment", "chat-unified")]
     ports = engine["spec"]["template"]["spec"]["containers"][0]["ports"]
     assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in ports
+    assert {"name": "kv-replay", "containerPort": 5558, "protocol": "TCP"} in ports
     config = scheduler_config(pool(spec), settings=SETTINGS)
     assert (config["kvEventsPort"], config["engineBlockSize"]) == (5557, 32)
+    assert config["kvEventsReplayPort"] == 5558
 
     off = {**spec, "routing": {"kvEvents": False}}
     assert "--kv-events-config" not in engine_args(pool(off), role=Role.UNIFIED)

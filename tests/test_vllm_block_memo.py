@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 import pytest
-
 from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
 from twinroute.scheduler.vllm_blocks import VllmBlockHasher
 

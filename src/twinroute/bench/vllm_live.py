@@ -119,6 +119,7 @@ BLOCK_TOKENS = 32
 # The twinroute router flag the engines' KV event addresses go to (`ID=tcp://HOST:PORT`
 # comma-separated, IDs as in --endpoints).
 KV_EVENTS_FLAG = "--kv-events-endpoints"
+KV_REPLAY_FLAG = "--kv-events-replay-endpoints"
 # Other processes' share of the machine's CPU above which a run's figures are flagged.
 CONTENDED_SHARE = 0.10
 # An engine flag vllm-router's cache_aware was expected to need; passed when the installed
@@ -533,9 +534,16 @@ async def tokenizer_agreement(
 
 def twinroute_kv_events_args(kv_events: dict[str, dict[str, str]]) -> list[str]:
     """The engines' KV event addresses for twinroute's embedded scheduler:
-    `--kv-events-endpoints=ID=tcp://HOST:PORT,...` (PUB addresses, ids as in --endpoints)."""
+    `--kv-events-endpoints=ID=tcp://HOST:PORT,...` (PUB addresses, ids as in --endpoints), and
+    their replay sockets, so a router that starts after the engines catches up on what they
+    published before."""
     pairs = ",".join(f"{engine}={where['address']}" for engine, where in kv_events.items())
-    return [f"{KV_EVENTS_FLAG}={pairs}"]
+    replays = ",".join(
+        f"{engine}={where['replay_address']}"
+        for engine, where in kv_events.items()
+        if where.get("replay_address")
+    )
+    return [f"{KV_EVENTS_FLAG}={pairs}", *([f"{KV_REPLAY_FLAG}={replays}"] if replays else [])]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -152,6 +152,11 @@ def add_embedded_scheduler_arguments(
         "followed so cache lookups of token-id prompts are exact (needs --tokenizer)",
     )  # fmt: skip
     scheduler.add_argument(
+        "--kv-events-replay-endpoints",
+        help="comma-separated ID=tcp://HOST:PORT: each engine's KV-event replay socket, asked "
+        "for the batches missed in a gap or before the router started",
+    )  # fmt: skip
+    scheduler.add_argument(
         "--engine-block-size", type=int,
         help="the engines' KV block size in tokens (default: --key-block-tokens)",
     )  # fmt: skip
@@ -206,6 +211,7 @@ EMBEDDED_FLAGS = (
     "key_block_tokens",
     "key_block_chars",
     "kv_events_endpoints",
+    "kv_events_replay_endpoints",
     "engine_block_size",
 )
 
@@ -215,8 +221,9 @@ def embedded_settings(args: argparse.Namespace) -> SchedulerSettings:
     given = {
         flag: getattr(args, flag) for flag in EMBEDDED_FLAGS if getattr(args, flag) is not None
     }
-    if "kv_events_endpoints" in given:
-        given["kv_events_endpoints"] = parse_kv_event_endpoints(given["kv_events_endpoints"])
+    for flag in ("kv_events_endpoints", "kv_events_replay_endpoints"):
+        if flag in given:
+            given[flag] = parse_kv_event_endpoints(given[flag])
     return SchedulerSettings(
         tokens_per_char=args.tokens_per_char,
         admission_hold=args.admission_hold == "on",
