@@ -13,9 +13,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Final
 
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from twinroute.scheduler.api import PickQuery
 from twinroute.scheduler.token_cache import (
     DEFAULT_MAX_CHUNKS,
@@ -89,6 +92,33 @@ class Tokenizer:
         else:
             encoded = self.cache.tokenize(lookup)
         return self.cache.complete(lookup, encoded)
+
+
+class _TokenizerCacheCollector(Collector):
+    """The prefix token cache's characters by where their ids came from, as a counter."""
+
+    def __init__(self, cache: PrefixTokenCache, name: str) -> None:
+        self._cache = cache
+        self._name = name
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            self._name,
+            "Prompt characters tokenized by the front end, by where their token ids came from "
+            "(cached: the prefix token cache; tokenized: the tokenizer).",
+            labels=["source"],
+        )
+        family.add_metric(["cached"], self._cache.cached_chars)
+        family.add_metric(["tokenized"], self._cache.tokenized_chars)
+        yield family
+
+
+def register_tokenizer_metrics(
+    tokenizer: Tokenizer | None, registry: CollectorRegistry, *, name: str
+) -> None:
+    """Expose the tokenizer's prefix-cache counts as `name`_total{source}, when it has one."""
+    if tokenizer is not None and tokenizer.cache is not None:
+        registry.register(_TokenizerCacheCollector(tokenizer.cache, name))
 
 
 def add_tokenizer_arguments(

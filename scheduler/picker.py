@@ -71,6 +71,7 @@ from twinroute.scheduler.openai_queries import (
     Tokenizer,
     pick_query,
     prompt_token_ids,
+    register_tokenizer_metrics,
     requested_slo,
     tag_request_id,
 )
@@ -266,7 +267,9 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._settings = settings
         self._tokenizer = tokenizer
         self._clock = clock
-        self._metrics = PickerMetrics(registry if registry is not None else CollectorRegistry())
+        registry = registry if registry is not None else CollectorRegistry()
+        self._metrics = PickerMetrics(registry)
+        register_tokenizer_metrics(tokenizer, registry, name="twinroute_picker_prompt_chars")
         self._picked = self._metrics.picks.labels("picked")
         self._numbers = itertools.count(1)
         self._prefix = f"gw-{uuid.uuid4().hex[:6]}"

@@ -213,3 +213,28 @@ def test_long_uncached_rests_are_tokenized_on_a_worker_thread(
         assert np.asarray(answer).tolist() == whole(byte_level, text + ending)
     # The third call found all but its last words cached (the second one cut and kept them).
     assert len(threads) == 2
+
+
+def test_the_router_counts_prompt_characters_by_where_their_ids_came_from(
+    tmp_path: Path, byte_level: HFTokenizer
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from twinroute.scheduler.openai_queries import register_tokenizer_metrics
+
+    byte_level.save(str(tmp_path / "byte.json"))
+    tokenizer = Tokenizer(str(tmp_path / "byte.json"))
+    registry = CollectorRegistry()
+    register_tokenizer_metrics(tokenizer, registry, name="twinroute_router_prompt_chars")
+    system = random_text(random.Random(4), 100)
+    for question in (" one", " two", " three"):
+        tokenizer.encode(system + question)
+    text = generate_latest(registry).decode()
+    assert tokenizer.cache is not None
+    cached, tokenized = tokenizer.cache.cached_chars, tokenizer.cache.tokenized_chars
+    assert cached > len(system) / 2 and tokenized > len(system)
+    assert f'twinroute_router_prompt_chars_total{{source="cached"}} {float(cached)}' in text
+    assert f'twinroute_router_prompt_chars_total{{source="tokenized"}} {float(tokenized)}' in text
+    # No cache, no series.
+    empty = CollectorRegistry()
+    register_tokenizer_metrics(None, empty, name="twinroute_router_prompt_chars")
+    assert "prompt_chars" not in generate_latest(empty).decode()

@@ -73,6 +73,7 @@ from twinroute.scheduler.openai_queries import (
     Tokenizer,
     pick_query,
     prompt_token_ids,
+    register_tokenizer_metrics,
     requested_slo,
     tag_request_id,
 )
@@ -245,6 +246,7 @@ class RouterServer:
         self._clock = clock
         self._registry = CollectorRegistry()
         self._metrics = RouterMetrics(self._registry)
+        register_tokenizer_metrics(tokenizer, self._registry, name="twinroute_router_prompt_chars")
         self._scheduler_metrics = scheduler_metrics
         if isinstance(scheduler, FailOpenScheduler):
             fallback = scheduler
