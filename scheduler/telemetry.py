@@ -405,42 +405,7 @@ class SchedulerTelemetry(ScrapeListener):
             ["call", "why"],
             registry=registry,
         )
-        self.predicted_ttft = Histogram(
-            f"{NAMESPACE}_predicted_ttft_seconds",
-            "The scheduler's TTFT prediction for completed requests.",
-            ["policy"],
-            buckets=_TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.observed_ttft = Histogram(
-            f"{NAMESPACE}_observed_ttft_seconds",
-            "TTFT the router observed for completed requests.",
-            ["policy"],
-            buckets=_TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.ttft_error = Histogram(
-            f"{NAMESPACE}_ttft_prediction_error_seconds",
-            "Absolute difference between observed and predicted TTFT.",
-            ["policy"],
-            buckets=_TTFT_BUCKETS,
-            registry=registry,
-        )
-        self.ttft_relative_error = Histogram(
-            f"{NAMESPACE}_ttft_prediction_relative_error",
-            "|observed - predicted| / observed TTFT of completed requests, the prediction "
-            "made at the pick (the ratio gauge is the median of the last ones; this one can be "
-            "read over any span of time).",
-            ["policy"],
-            buckets=_RELATIVE_ERROR_BUCKETS,
-            registry=registry,
-        )
-        self.ttft_underestimated = Counter(
-            f"{NAMESPACE}_ttft_underestimated",
-            "Completions whose observed TTFT exceeded the prediction.",
-            ["policy"],
-            registry=registry,
-        )
+        self._add_prediction_metrics(registry)
         self.completions = Counter(
             f"{NAMESPACE}_completions",
             "Complete calls by outcome (unknown = a lease of this process already closed or "
@@ -493,6 +458,45 @@ class SchedulerTelemetry(ScrapeListener):
         self._error = self.ttft_error.labels(self._policy)
         self._relative_error = self.ttft_relative_error.labels(self._policy)
         self._under = self.ttft_underestimated.labels(self._policy)
+
+    def _add_prediction_metrics(self, registry: CollectorRegistry) -> None:
+        """How the TTFT predictions made at pick time compare with what the routers saw."""
+        self.predicted_ttft = Histogram(
+            f"{NAMESPACE}_predicted_ttft_seconds",
+            "The scheduler's TTFT prediction for completed requests.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.observed_ttft = Histogram(
+            f"{NAMESPACE}_observed_ttft_seconds",
+            "TTFT the router observed for completed requests.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_error = Histogram(
+            f"{NAMESPACE}_ttft_prediction_error_seconds",
+            "Absolute difference between observed and predicted TTFT.",
+            ["policy"],
+            buckets=_TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_relative_error = Histogram(
+            f"{NAMESPACE}_ttft_prediction_relative_error",
+            "|observed - predicted| / observed TTFT of completed requests, the prediction "
+            "made at the pick (the ratio gauge is the median of the last ones; this one can be "
+            "read over any span of time).",
+            ["policy"],
+            buckets=_RELATIVE_ERROR_BUCKETS,
+            registry=registry,
+        )
+        self.ttft_underestimated = Counter(
+            f"{NAMESPACE}_ttft_underestimated",
+            "Completions whose observed TTFT exceeded the prediction.",
+            ["policy"],
+            registry=registry,
+        )
 
     def observe_pick(self, seconds: float) -> None:
         self.pick_duration.observe(seconds)

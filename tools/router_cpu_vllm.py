@@ -7,11 +7,14 @@ engine streams each token as it is decoded, so a request costs the relay a read 
 per token, and that is most of what a router spends on real engines. This starts two real
 vLLM CPU engines (the bench's tiny Llama, one core each, KV events on; needs
 `.tools/vllm-venv`, see `e2e/`), then, in turn, a bare aiohttp relay (no pick, keys, metrics,
-retries or reports: the floor of any aiohttp router) and `twinroute router --embedded` without
-a tokenizer, with the tokenizer, and with the tokenizer and the engines' KV events. Each gets
+retries or reports: the floor of any aiohttp router), `twinroute router --embedded` without a
+tokenizer, with the tokenizer, and with the tokenizer and the engines' KV events, and
+`twinroute gateway --embedded` (Envoy relaying, the picker in the scheduler's process; lean
+processing) with the tokenizer and KV events, its CPU counted with Envoy's. Each gets
 50 warm-up and `--requests` streamed completions (prompts of ~180 words that share one of
 eight system prompts, 8 output tokens, 4 at a time); its CPU is read from
-/proc/PID/task/*/schedstat (exact, not tick-sampled) before and after.
+/proc/PID/task/*/schedstat of the process and its children (exact, not tick-sampled) before
+and after.
 """
 
 from __future__ import annotations
@@ -36,15 +39,30 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO / ".tools" / "tiny-llama-s0-v2048-h512-l4"
 PROFILE_TOOL = REPO / "tools" / "router_cpu_profile.py"
 # mode -> what the router runs with
-MODES = ("bare_aiohttp_relay", "characters", "tokenizer", "tokenizer_kv_events")
+MODES = (
+    "bare_aiohttp_relay",
+    "characters",
+    "tokenizer",
+    "tokenizer_kv_events",
+    "envoy_tokenizer_kv_events",
+)
 
 
-def cpu_s(pid: int) -> float:
-    """Seconds on a CPU of every thread of `pid` (the scheduler's own count, in ns)."""
-    total = 0
-    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-        with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
-            total += int(handle.read().split()[0])
+def cpu_s(root: int) -> float:
+    """Seconds on a CPU of every thread of `root` and its live descendants (the kernel
+    scheduler's own count, in ns)."""
+    children: dict[int, list[int]] = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError), open(path) as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(path.split("/")[2]))
+    pids, total = [root], 0
+    while pids:
+        pid = pids.pop()
+        pids += children.get(pid, [])
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
+                total += int(handle.read().split()[0])
     return total / 1e9
 
 
@@ -52,15 +70,17 @@ async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[
     endpoints = ",".join(
         f"engine-{i}={url.removeprefix('http://')}" for i, url in enumerate(fleet.urls)
     )
+    envoy = mode.startswith("envoy_")
     argv = [
-        "router", f"--port={port}", f"--model={MODEL}", "--embedded",
+        "gateway" if envoy else "router", f"--port={port}", f"--model={MODEL}", "--embedded",
         f"--endpoints={endpoints}", f"--key-block-tokens={BLOCK_TOKENS}",
+        *(["--access-log="] if envoy else []),
     ]  # fmt: skip
     if mode == "bare_aiohttp_relay":
         argv.append("--bare-aiohttp-relay")
-    if mode.startswith("tokenizer"):
+    if "tokenizer" in mode:
         argv.append(f"--tokenizer={MODEL_DIR / 'tokenizer.json'}")
-    if mode == "tokenizer_kv_events":
+    if mode.endswith("kv_events"):
         argv += twinroute_kv_events_args(fleet.kv_events)
     router = await asyncio.create_subprocess_exec(
         sys.executable, str(PROFILE_TOOL), "--serve", "-", *argv,
