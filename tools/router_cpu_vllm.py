@@ -123,7 +123,7 @@ async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
+async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, object]:
     fleet_args = argparse.Namespace(
         engines=2, kv_tokens_per_engine=4096, max_model_len=2048, max_num_seqs=16,
         startup_timeout_s=300.0, out=args.out,
@@ -136,7 +136,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "concurrency": 4,
     }
     async with engine_fleet(fleet_args, model_dir=MODEL_DIR, extra_args=()) as fleet:
-        for index, mode in enumerate(MODES):
+        for index, mode in enumerate(modes):
             measured = await measure(mode, fleet=fleet, requests=args.requests, port=18790 + index)
             results[mode] = measured
             print(f"{mode}: {measured}", flush=True)
@@ -146,10 +146,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=600)
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/router_cpu_vllm"))
     args = parser.parse_args()
-    results = asyncio.run(run(args))
+    modes = args.modes.split(",")
+    if unknown := sorted(set(modes) - set(MODES)):
+        parser.error(f"unknown modes: {', '.join(unknown)}")
+    results = asyncio.run(run(args, modes))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
