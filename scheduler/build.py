@@ -26,7 +26,7 @@ from twinroute.scheduler.policies.pd import PdSettings
 from twinroute.scheduler.prefix_index import DEFAULT_CAPACITY_BLOCKS
 from twinroute.scheduler.service import SchedulerService
 from twinroute.scheduler.settings import SchedulerSettings
-from twinroute.scheduler.telemetry import SchedulerTelemetry
+from twinroute.scheduler.telemetry import SchedulerTelemetry, register_block_memo_metrics
 from twinroute.scheduler.types import Endpoint
 
 
@@ -111,6 +111,8 @@ def build_service(
         wall_clock=wall_clock,
         admission=admission,
     )
+    if registry is not None and service.engine_hasher is not None:
+        register_block_memo_metrics(registry, service.engine_hasher)
     if settings.migration != "off":
         service.attach_migrator(
             Migrator(

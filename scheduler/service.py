@@ -89,7 +89,7 @@ class SchedulerService:
         self._served_models = frozenset(self.settings.served_models)
         # With the engines' KV events followed: their own block hashes of each token-id
         # prompt, so the core can look the prompt up in what the engines say they hold.
-        self._engine_hasher = (
+        self.engine_hasher = (
             MemoizedBlockHasher(
                 self.settings.engine_block_size or self.settings.key_block_tokens,
                 seed=self.settings.engine_hash_seed,
@@ -217,7 +217,7 @@ class SchedulerService:
                 keys = keys_from_tokens(
                     query.token_ids, block_size=self.settings.key_block_tokens, seed=seed
                 )
-                hasher = self._engine_hasher
+                hasher = self.engine_hasher
                 # A LoRA adapter's blocks are keyed by its path on the engine: not computable;
                 # nor are a chat's, whose tokens the engine makes with its own template.
                 if hasher is not None and query.exact_engine_tokens and not query.lora_adapter:

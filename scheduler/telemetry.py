@@ -35,6 +35,7 @@ from twinroute.scheduler.ring import DualHashRing
 from twinroute.scheduler.scrape import EngineStats, ScrapeListener
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import DecisionRecord, Endpoint
+from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
 
 NAMESPACE = "twinroute_scheduler"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -331,6 +332,33 @@ def _calibration_families(core: SchedulerCore) -> Iterator[Metric]:
         overhead.add_metric([endpoint_id], overhead_s)
         observations.add_metric([endpoint_id], count)
     yield from (error, scale, overhead, observations)
+
+
+class _BlockMemoCollector(Collector):
+    """How many of vLLM's block digests the memo answered and how many were hashed."""
+
+    def __init__(self, hasher: MemoizedBlockHasher) -> None:
+        self._hasher = hasher
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            f"{NAMESPACE}_engine_block_digests",
+            "vLLM block digests of token-id prompts, by where they came from (memo: a prefix "
+            "seen before; hashed: computed).",
+            labels=["source"],
+        )
+        family.add_metric(["memo"], self._hasher.reused_blocks)
+        family.add_metric(["hashed"], self._hasher.hashed_blocks)
+        yield family
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_engine_block_digest_memo_blocks",
+            "Block digests the memo holds.",
+            value=len(self._hasher),
+        )
+
+
+def register_block_memo_metrics(registry: CollectorRegistry, hasher: MemoizedBlockHasher) -> None:
+    registry.register(_BlockMemoCollector(hasher))
 
 
 class RingRemapProbe:

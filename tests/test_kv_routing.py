@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 import zmq.asyncio
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from twinroute.scheduler.api import PickQuery
 from twinroute.scheduler.build import build_service, kv_event_sources
 from twinroute.scheduler.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
@@ -222,3 +222,17 @@ def test_where_each_engine_replays_missed_batches() -> None:
     assert kv_event_sources(alone, endpoints) == {"a": None, "b": None}
     with pytest.raises(ValueError, match="kv_events_replay_port"):
         SchedulerSettings(kv_events_replay_port=70000)
+
+
+async def test_block_digests_of_a_repeated_prefix_come_from_the_memo_and_are_counted() -> None:
+    registry = CollectorRegistry()
+    service = build_service(settings(), registry=registry)
+    service.set_endpoints([Endpoint(id=f"e{i}", address=f"10.0.0.{i}:8000") for i in range(2)])
+    shared = prompt(5000, 6 * BLOCK)
+    await pick(service, shared + prompt(1, 2 * BLOCK), "r1")
+    await pick(service, shared + prompt(9, 2 * BLOCK), "r2")
+    text = generate_latest(registry).decode()
+    # 8 blocks hashed for the first prompt, then the 6 shared ones found and 2 hashed.
+    assert 'twinroute_scheduler_engine_block_digests_total{source="memo"} 6.0' in text
+    assert 'twinroute_scheduler_engine_block_digests_total{source="hashed"} 10.0' in text
+    assert "twinroute_scheduler_engine_block_digest_memo_blocks 10.0" in text
