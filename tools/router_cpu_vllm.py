@@ -33,6 +33,7 @@ import time
 import aiohttp
 
 from twinroute.bench.live import MODEL
+from twinroute.bench.processes import process_tree
 from twinroute.bench.vllm_live import BLOCK_TOKENS, Fleet, engine_fleet, twinroute_kv_events_args
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -50,16 +51,9 @@ MODES = (
 
 def cpu_s(root: int) -> float:
     """Seconds on a CPU of every thread of `root` and its live descendants (the kernel
-    scheduler's own count, in ns)."""
-    children: dict[int, list[int]] = {}
-    for path in glob.glob("/proc/[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError), open(path) as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(path.split("/")[2]))
-    pids, total = [root], 0
-    while pids:
-        pid = pids.pop()
-        pids += children.get(pid, [])
+    scheduler's own count, in ns, where /proc's utime and stime are sampled per tick)."""
+    total = 0
+    for pid in process_tree(root):
         for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
             with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
                 total += int(handle.read().split()[0])
