@@ -222,10 +222,12 @@ class SchedulerService:
                 # nor are a chat's, whose tokens the engine makes with its own template.
                 if hasher is not None and query.exact_engine_tokens and not query.lora_adapter:
                     salt = query.cache_salt or None
+                    # The routing keys name the same prefixes when their blocks are the
+                    # engine's: the hasher's memo looks them up rather than keying again.
+                    names = keys.block_hashes if keys.block_size == hasher.block_size else None
+                    hashes = hasher.block_hashes(query.token_ids, cache_salt=salt, names=names)
                     keys = dataclasses.replace(
-                        keys,
-                        engine_hashes=tuple(hasher.block_hashes(query.token_ids, cache_salt=salt)),
-                        engine_block_size=hasher.block_size,
+                        keys, engine_hashes=tuple(hashes), engine_block_size=hasher.block_size
                     )
             except (TypeError, ValueError) as error:
                 raise InvalidPickError(f"bad token ids: {error}") from None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import numpy.typing as npt
 from twinroute.scheduler.keys import keys_from_tokens, namespace_seed
 from twinroute.scheduler.vllm_blocks import TokenIds, VllmBlockHasher, as_int_tuple
 
@@ -54,30 +55,48 @@ class MemoizedBlockHasher(VllmBlockHasher):
     def block_digests(self, token_ids: TokenIds, *, cache_salt: str | None = None) -> list[bytes]:
         return [digest for digest, _ in self._blocks(token_ids, cache_salt=cache_salt)]
 
-    def block_hashes(self, token_ids: TokenIds, *, cache_salt: str | None = None) -> list[int]:
-        return [block_hash for _, block_hash in self._blocks(token_ids, cache_salt=cache_salt)]
+    def block_hashes(
+        self,
+        token_ids: TokenIds,
+        *,
+        cache_salt: str | None = None,
+        names: npt.NDArray[np.uint64] | None = None,
+    ) -> list[int]:
+        """`names`: chained keys of the prompt's blocks in this hasher's block size that the
+        caller already has (the routing keys, when their block size is the engine's, seeded
+        with the salt), so they are not computed twice; None: computed here."""
+        blocks = self._blocks(token_ids, cache_salt=cache_salt, names=names)
+        return [block_hash for _, block_hash in blocks]
 
-    def _blocks(self, token_ids: TokenIds, *, cache_salt: str | None) -> list[tuple[bytes, int]]:
+    def _blocks(
+        self,
+        token_ids: TokenIds,
+        *,
+        cache_salt: str | None,
+        names: npt.NDArray[np.uint64] | None = None,
+    ) -> list[tuple[bytes, int]]:
         """(digest, 64-bit hash as events carry it) of every full block."""
         ids = token_ids if isinstance(token_ids, np.ndarray) else np.asarray(token_ids)
         full = len(ids) - len(ids) % self.block_size
         if full == 0:
             return []
-        seed = namespace_seed(model=_NAMESPACE, cache_salt=cache_salt or "")
-        names: list[int] = keys_from_tokens(
-            ids[:full], block_size=self.block_size, seed=seed
-        ).block_hashes.tolist()
+        if names is None:
+            seed = namespace_seed(model=_NAMESPACE, cache_salt=cache_salt or "")
+            names = keys_from_tokens(ids[:full], block_size=self.block_size, seed=seed).block_hashes
+        if len(names) != full // self.block_size:
+            raise ValueError(f"{len(names)} block names for {full // self.block_size} blocks")
+        chained: list[int] = names.tolist()
         blocks: list[tuple[bytes, int]] = []
         memo = self._memo
         with self._lock:
-            for name in names:
+            for name in chained:
                 block = memo.get(name)
                 if block is None:
                     break
                 blocks.append(block)
         known = len(blocks)
         self.reused_blocks += known
-        if known == len(names):
+        if known == len(chained):
             return blocks
         # Only the blocks not found become Python ints and are hashed; the salt belongs to
         # block 0 alone.
@@ -91,7 +110,7 @@ class MemoizedBlockHasher(VllmBlockHasher):
         fresh = [(digest, int.from_bytes(digest[-8:], "big")) for digest in digests]
         self.hashed_blocks += len(fresh)
         with self._lock:
-            memo.update(zip(names[known:], fresh, strict=True))
+            memo.update(zip(chained[known:], fresh, strict=True))
             # First in, first out: a hit costs no bookkeeping, and a hot prefix that ages out
             # is hashed once more by the next prompt that carries it.
             while len(memo) > self.memo_blocks:

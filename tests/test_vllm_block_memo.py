@@ -61,3 +61,17 @@ def test_a_prefix_that_ages_out_is_hashed_once_more_then_found_again() -> None:
     memo.block_hashes(head + [6] * 16)
     assert memo.hashed_blocks - hashed <= 4 + 2
     assert memo.reused_blocks - reused >= 4
+
+
+def test_names_the_caller_already_has_stand_in_for_the_memos_own_keys() -> None:
+    from twinroute.scheduler.keys import keys_from_tokens
+
+    whole = VllmBlockHasher(16)
+    memo = MemoizedBlockHasher(16)
+    prompt = np.arange(100, 100 + 16 * 5 + 3, dtype=np.uint32)
+    names = keys_from_tokens(prompt, block_size=16, seed=7).block_hashes
+    assert memo.block_hashes(prompt, names=names) == whole.block_hashes(prompt)
+    assert memo.block_hashes(prompt, names=names) == whole.block_hashes(prompt)
+    assert (memo.reused_blocks, memo.hashed_blocks) == (5, 5)
+    with pytest.raises(ValueError, match="block names"):
+        memo.block_hashes(prompt, names=names[:3])
