@@ -1,0 +1,174 @@
+"""CPU of the hot path's parts, each beside what it replaced, in one process.
+
+    .venv/bin/python tools/hot_path_parts.py [--json FILE]
+
+- Tokenizing a 1,405-token prompt that repeats all but its last words (the tiny model's
+  tokenizer, `.tools/tiny-llama`): the whole prompt each time, against the prefix token cache.
+- vLLM's block digests of a 1,405-token prompt whose full blocks repeat (16- and 32-token
+  blocks): hashed whole, through the memo, and through the memo with the routing keys as its
+  names (what the scheduler does when the engine's block size is its key block).
+- Parsing a busy real vLLM engine's /metrics (55 KB, `tests/fixtures/`): every line split and
+  checked (what the parser did before), against the parser, which splits only what it reads.
+- An idle `twinroute gateway --embedded` in front of one engine simulator: Envoy's and the
+  gateway process's share of a core over 20 s (schedstat).
+
+CPU per call from `time.process_time`, best of three rounds; one machine, one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+from twinroute.scheduler.keys import keys_from_tokens
+from twinroute.scheduler.openai_queries import Tokenizer
+from twinroute.scheduler.scrape import _split_sample, parse_vllm_metrics
+from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
+from twinroute.scheduler.vllm_blocks import VllmBlockHasher
+
+from twinroute.bench.processes import process_tree, start_announced, twinroute_argv
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
+METRICS = REPO / "tests" / "fixtures" / "vllm_metrics_real_busy.txt"
+PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
+
+
+def us_per_call(call: Callable[[int], object], calls: int = 300) -> float:
+    """Best of three rounds of `calls` calls (each given its index), in microseconds."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        for index in range(calls):
+            call(index)
+        best = min(best, (time.process_time() - started) / calls)
+    return round(best * 1e6, 1)
+
+
+def tokenizing() -> dict[str, float]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    whole = Tokenizer(str(TOKENIZER), cache_chunks=0)
+    cached = Tokenizer(str(TOKENIZER))
+    return {
+        "whole_us": us_per_call(lambda i: whole.encode(f"{PROMPT} question {i}")),
+        "prefix_cache_us": us_per_call(lambda i: cached.encode(f"{PROMPT} question {i}")),
+    }
+
+
+def block_digests(size: int) -> dict[str, float]:
+    """The routing keys plus vLLM's digests of a prompt whose full blocks all repeat."""
+    base = np.arange(1405, dtype=np.uint32) % 2000
+    whole, memo, named = VllmBlockHasher(size), MemoizedBlockHasher(size), MemoizedBlockHasher(size)
+
+    def prompt(index: int) -> npt.NDArray[np.uint32]:
+        ids = base.copy()
+        ids[-1] = index  # the last, partial block differs: every full block repeats
+        return ids
+
+    def keys_and_whole(index: int) -> None:
+        ids = prompt(index)
+        keys_from_tokens(ids, block_size=size, seed=3)  # the routing keys
+        whole.block_hashes(ids)
+
+    def keys_and_memo(index: int) -> None:
+        ids = prompt(index)
+        keys_from_tokens(ids, block_size=size, seed=3)
+        memo.block_hashes(ids)
+
+    def keys_and_memo_named(index: int) -> None:
+        ids = prompt(index)
+        named.block_hashes(ids, names=keys_from_tokens(ids, block_size=size, seed=3).block_hashes)
+
+    return {
+        "keys_and_whole_us": us_per_call(keys_and_whole),
+        "keys_and_memo_us": us_per_call(keys_and_memo),
+        "keys_and_memo_named_us": us_per_call(keys_and_memo_named),
+    }
+
+
+def parsing() -> dict[str, float]:
+    text = METRICS.read_text()
+
+    def every_line(_: int) -> None:
+        for raw in text.splitlines():
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                _split_sample(line)
+
+    return {
+        "bytes": len(text),
+        "split_every_line_us": us_per_call(every_line, calls=100),
+        "parser_us": us_per_call(lambda _: parse_vllm_metrics(text), calls=100),
+    }
+
+
+def schedstat_s(pid: int) -> float:
+    total = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path, encoding="ascii") as handle:
+                total += int(handle.read().split()[0])
+        except OSError:
+            continue
+    return total / 1e9
+
+
+async def idle_gateway(seconds: float = 20.0) -> dict[str, float]:
+    engine = await start_announced(
+        "engine",
+        twinroute_argv("engine-sim", "--port=0", "--model=m", "--instance-id=e0"),
+        timeout_s=60,
+    )
+    gateway = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "twinroute", "gateway", "--port=0", "--model=m", "--embedded",
+        f"--endpoints=e0={engine.address}", "--access-log=",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await asyncio.sleep(10)
+        tree = process_tree(gateway.pid)
+        before = {pid: schedstat_s(pid) for pid in tree}
+        await asyncio.sleep(seconds)
+        shares = {
+            name: round(100 * (schedstat_s(pid) - before[pid]) / seconds, 2)
+            for pid, name in tree.items()
+        }
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(gateway.wait(), 30)
+        await engine.stop()
+    return {
+        "envoy_core_percent": sum(v for k, v in shares.items() if k == "envoy"),
+        "gateway_process_core_percent": sum(v for k, v in shares.items() if k != "envoy"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=pathlib.Path)
+    args = parser.parse_args()
+    results = {
+        "tokenizing_1405_tokens": tokenizing(),
+        "vllm_block_digests_1405_tokens": {f"block_{n}": block_digests(n) for n in (16, 32)},
+        "parsing_busy_vllm_metrics": parsing(),
+        "idle_gateway": asyncio.run(idle_gateway()),
+    }
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
