@@ -196,6 +196,43 @@ def test_dualmap_equal_reuse_goes_to_the_less_loaded(busier: str) -> None:
     assert decision.reason is DecisionReason.TIE_LESS_LOADED
 
 
+def memory(kv_usage: float) -> LoadSnapshot:
+    """A freshly scraped endpoint with no queue, its KV memory `kv_usage` full."""
+    return LoadSnapshot(in_flight=1, running=1, queued=0, kv_usage=kv_usage)
+
+
+@pytest.mark.parametrize("fuller", ["ring-1", "ring-2"])
+def test_dualmap_equal_reuse_and_load_goes_where_memory_is_free(fuller: str) -> None:
+    # Placing a prompt where the KV memory is full evicts what others cached there (and, past
+    # full, preempts): among equal candidates the one with room wins.
+    policy = DualMapPolicy(config=PolicyConfig(cold_placement=COLD_PAIR))
+    prompt = keys(40, 41)
+    first, second = _cached_pair(policy, prompt, view(8))
+    full, free = (first, second) if fuller == "ring-1" else (second, first)
+    loads = {full: memory(0.97), free: memory(0.30)}
+    decision = policy.pick(request("r1", prompt), view(8, loads=loads))
+    assert decision.endpoint_id == free
+    assert decision.reason is DecisionReason.TIE_LESS_LOADED
+    scores = {c.endpoint_id: c for c in decision.candidates}
+    # The charge is in the ranking score only; the predicted TTFT (the SLO check) is the
+    # cost model's.
+    assert scores[full].score > scores[full].predicted_ttft_s
+    assert scores[full].predicted_ttft_s == scores[free].predicted_ttft_s
+
+
+def test_dualmap_a_cold_prompt_leaves_a_pair_whose_memory_is_full() -> None:
+    policy = DualMapPolicy(config=PolicyConfig())
+    prompt = keys(40, 41)
+    first, second = _cached_pair(policy, prompt, view(8))
+    loads = {e: memory(0.5) for e in view(8).ids()}
+    loads[first] = loads[second] = memory(0.98)
+    decision = policy.pick(request("r1", prompt), view(8, loads=loads))
+    assert decision.endpoint_id not in (first, second)
+    # Without the charge the pair and the rest are equal, and ties stay on the pair.
+    blind = DualMapPolicy(config=PolicyConfig(charge_eviction=False))
+    assert blind.pick(request("r2", prompt), view(8, loads=loads)).endpoint_id in (first, second)
+
+
 def test_dualmap_a_cold_prompt_goes_to_an_idle_endpoint_and_its_next_turn_follows() -> None:
     policy = DualMapPolicy(config=PolicyConfig())
     index = PrefixIndex(capacity_blocks=10_000)
@@ -245,10 +282,12 @@ def test_dualmap_an_excluded_candidate_falls_to_the_other_ones() -> None:
 def test_dualmap_unknown_scrapes_fall_back_to_lease_load() -> None:
     policy = DualMapPolicy(config=PolicyConfig())
     prompt = keys(40, 41)
-    first, second = _cached_pair(policy, prompt, view(8))
+    # Two endpoints: the pair is the pool (idle endpoints outside it, unscraped, would draw a
+    # cold prompt away from a pair whose memory is known to be in use).
+    first, second = _cached_pair(policy, prompt, view(2))
     unknown = LoadSnapshot(in_flight=1, pending_prefill_tokens=30_000)
     fresh = LoadSnapshot(in_flight=1, pending_prefill_tokens=0, running=0, queued=0, kv_usage=0.2)
-    decision = policy.pick(request("r1", prompt), view(8, loads={first: unknown, second: fresh}))
+    decision = policy.pick(request("r1", prompt), view(2, loads={first: unknown, second: fresh}))
     assert decision.endpoint_id == second
 
 

@@ -64,6 +64,9 @@ class PolicyConfig:
     phase_interference_weight: float = DEFAULT_PHASE_INTERFERENCE_WEIGHT
     # DualMap: where a prompt that neither ring candidate holds goes (`COLD_PLACEMENTS`).
     cold_placement: str = COLD_LEAST_LOADED
+    # DualMap: rank candidates with the eviction their KV memory pressure implies
+    # (`score_endpoint`'s `charge_eviction`).
+    charge_eviction: bool = True
 
 
 class Policy(ABC):
@@ -145,6 +148,7 @@ def score_endpoint(
     matched_blocks: int | None = None,
     phase_aware: bool = False,
     interference_weight: float = 0.0,
+    charge_eviction: bool = False,
 ) -> CandidateScore:
     """Predicted TTFT of `request` on `endpoint_id`, from the view's load and prefix record,
     with the endpoint's fitted cost model when the view has one, else `cost_model`.
@@ -154,6 +158,12 @@ def score_endpoint(
     the delay the request inflicts on the sequences decoding there (its prefill, then its
     expected output; `CostModel.interference_s`), so that among otherwise equal candidates the
     one with less decode work to disturb ranks first.
+
+    `charge_eviction`: the score adds the prefill time of the uncached part times the
+    endpoint's scraped KV usage (nothing when no fresh scrape gives it). A prompt placed where
+    memory is nearly full evicts about as much cached prefix as it brings, which later
+    requests pay to recompute, and past full the engine preempts running sequences. The
+    predicted TTFT, which the SLO check reads, stays the cost model's.
     """
     matched = (
         view.prefix_index.matched_blocks(endpoint_id, request.keys)
@@ -176,6 +186,10 @@ def score_endpoint(
             expected_output_tokens=request.expected_output_tokens,
             load=load,
         )
+    if charge_eviction and load.kv_usage is not None:
+        pressure = min(1.0, max(0.0, load.kv_usage))
+        recompute = cost_model.prefill_time_s(uncached_tokens=uncached, cached_tokens=cached)
+        score += pressure * recompute
     return CandidateScore(
         endpoint_id=endpoint_id,
         score=score,

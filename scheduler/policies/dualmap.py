@@ -133,6 +133,7 @@ class DualMapPolicy(Policy):
             role="ring-1",
             phase_aware=config.phase_aware,
             interference_weight=config.phase_interference_weight,
+            charge_eviction=config.charge_eviction,
         )
         if eligible_count == 1 or second_id == first_id:
             return Decision(
@@ -153,6 +154,7 @@ class DualMapPolicy(Policy):
             role="ring-2",
             phase_aware=config.phase_aware,
             interference_weight=config.phase_interference_weight,
+            charge_eviction=config.charge_eviction,
         )
         if config.cold_placement == COLD_LEAST_LOADED:
             first, second = self._widen(request, view, first, second, depth=depth)
@@ -233,6 +235,7 @@ class DualMapPolicy(Policy):
             matched_blocks=matched,
             phase_aware=config.phase_aware,
             interference_weight=config.phase_interference_weight,
+            charge_eviction=config.charge_eviction,
         )
 
     def _choose(
