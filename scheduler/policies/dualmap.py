@@ -16,7 +16,9 @@ Steps (DualMap, arXiv 2602.06502; the algorithm and its thresholds: docs/design.
    (e.g. a new prefix) -> the lower score, then fewer pending prefill tokens, then ring-1
    (TIE_LESS_LOADED). The score is the predicted TTFT; with `phase_aware` the TTFT counts the
    decode steps interleaved with the prefill and the score adds the weighted delay the request
-   would inflict on the sequences decoding there (`scheduler/costmodel.py`).
+   would inflict on the sequences decoding there (`scheduler/costmodel.py`); with
+   `charge_eviction` (default) it adds the eviction the endpoint's KV memory pressure implies
+   (`score_endpoint`), so long prompts do not pile onto an instance whose memory is full.
 5. SLO check: if the default's predicted TTFT exceeds the request's TTFT SLO and the other
    candidate's is lower, take the other (SLO_SWITCH). If both exceed it the lower predicted
    TTFT wins (SLO_SWITCH when that is the other one, else the default stays), and the detail
