@@ -37,7 +37,11 @@ from twinroute.scheduler.discovery import (
     run_discovery,
 )
 from twinroute.scheduler.migration import parse_hooks
-from twinroute.scheduler.openai_queries import add_tokenizer_arguments, tokenizer_from_arguments
+from twinroute.scheduler.openai_queries import (
+    TOKENIZER_HELP,
+    add_tokenizer_arguments,
+    tokenizer_from_arguments,
+)
 from twinroute.scheduler.peer_loads import DEFAULT_MEMBERSHIP_GRACE_S, DEFAULT_PEER_STALE_S
 from twinroute.scheduler.peers import DEFAULT_SHARE_INTERVAL_S, PeerExchange, enable_replicas
 from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
@@ -230,7 +234,9 @@ def _add_picker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     picker.add_argument("--picker-listen", default="", help="HOST:PORT ('' = no picker)")
     picker.add_argument("--picker-port", type=int, help="the picker's port on --host")
-    add_tokenizer_arguments(picker, help="Hugging Face tokenizer.json for the picker's prefix keys")
+    add_tokenizer_arguments(
+        picker, help="the picker's tokenizer, for prefix keys: " + TOKENIZER_HELP
+    )
     picker.add_argument(
         "--picker-max-in-flight", type=int, default=0,
         help="requests in flight through the picker at most; more are shed with 429 (0 = no "

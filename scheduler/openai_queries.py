@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import os
+import pathlib
 import re
 from collections.abc import Iterator, Sequence
 from typing import Final
@@ -54,7 +55,10 @@ class Tokenizer:
     def __init__(self, path: str, *, cache_chunks: int = DEFAULT_MAX_CHUNKS) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
-        self._tokenizer = HFTokenizer.from_file(path)
+        try:
+            self._tokenizer = HFTokenizer.from_file(path)
+        except Exception as error:  # tokenizers raises a bare Exception for a bad file
+            raise ValueError(f"tokenizer {path}: not a tokenizer.json ({error})") from error
         # `encode_batch_fast` (tokenizers 0.21+) skips the offsets nobody here reads.
         self._batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
         self.cache: PrefixTokenCache | None = None
@@ -121,11 +125,53 @@ def register_tokenizer_metrics(
         registry.register(_TokenizerCacheCollector(tokenizer.cache, name))
 
 
+# A Hugging Face hub repository id: `name` or `owner/name`.
+_HUB_REPOSITORY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+TOKENIZER_FILE: Final = "tokenizer.json"
+TOKENIZER_HELP: Final = (
+    "a Hugging Face tokenizer.json, a folder holding one (a model snapshot), or a hub "
+    "repository id, whose tokenizer.json is fetched once into the hub cache"
+)
+
+
+def tokenizer_file(source: str, *, revision: str | None = None) -> str:
+    """The local path of `source`'s `tokenizer.json`: `source` itself when it is a file, the
+    one inside it when it is a folder (a model snapshot, a mounted volume), else `source` read
+    as a Hugging Face hub repository and the file fetched once into the hub cache, the way vLLM
+    fetches its tokenizer (`HF_TOKEN` for gated repositories, `HF_ENDPOINT` for a mirror,
+    `HF_HUB_OFFLINE=1` for the cache alone, `HF_HOME` for where it lives). Raises ValueError
+    saying what was tried."""
+    path = pathlib.Path(source)
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        inside = path / TOKENIZER_FILE
+        if inside.is_file():
+            return str(inside)
+        raise ValueError(f"tokenizer {source!r}: the folder has no {TOKENIZER_FILE}")
+    if not _HUB_REPOSITORY.fullmatch(source):
+        raise ValueError(f"tokenizer {source!r}: no such file, and not a hub repository id")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return str(hf_hub_download(repo_id=source, filename=TOKENIZER_FILE, revision=revision))
+    except Exception as error:  # the hub client raises many kinds; all mean "not loaded"
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(
+            f"tokenizer {source!r}: no such file, and {TOKENIZER_FILE} could not be fetched "
+            f"from the Hugging Face hub{at} ({type(error).__name__}: {error})"
+        ) from error
+
+
 def add_tokenizer_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, help: str
 ) -> None:
     """`--tokenizer` and its prefix cache's size, the same on every front end."""
     parser.add_argument("--tokenizer", help=help)
+    parser.add_argument(
+        "--tokenizer-revision", metavar="REV",
+        help="with a hub repository as --tokenizer: the branch, tag or commit to fetch",
+    )  # fmt: skip
     parser.add_argument(
         "--tokenizer-cache-chunks", type=_non_negative_int, default=DEFAULT_MAX_CHUNKS,
         metavar="N",
@@ -140,7 +186,8 @@ def tokenizer_from_arguments(args: argparse.Namespace) -> Tokenizer | None:
     # Batches here are one prompt's chunks: spreading them over Rust worker threads costs about
     # a fifth more CPU than it saves, CPU the engines beside a router would rather have.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return Tokenizer(args.tokenizer, cache_chunks=args.tokenizer_cache_chunks)
+    path = tokenizer_file(args.tokenizer, revision=getattr(args, "tokenizer_revision", None))
+    return Tokenizer(path, cache_chunks=args.tokenizer_cache_chunks)
 
 
 def _non_negative_int(value: str) -> int:

@@ -42,7 +42,11 @@ from twinroute.router.command import (
     parse_endpoints,
 )
 from twinroute.runtime import LOG_LEVELS
-from twinroute.scheduler.openai_queries import add_tokenizer_arguments, tokenizer_from_arguments
+from twinroute.scheduler.openai_queries import (
+    TOKENIZER_HELP,
+    add_tokenizer_arguments,
+    tokenizer_from_arguments,
+)
 from twinroute.scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -68,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the engines, comma-separated [ID=]IP:PORT (Envoy's pool; embedded: also the "
         "scheduler's)",
     )  # fmt: skip
-    add_tokenizer_arguments(parser, help="path to a Hugging Face tokenizer.json on disk")
+    add_tokenizer_arguments(parser, help=TOKENIZER_HELP)
     parser.add_argument(
         "--retries", type=int, default=defaults.retries,
         help="fallback endpoints Envoy tries after the primary fails before answering",

@@ -33,7 +33,11 @@ from twinroute.scheduler.client import (
     SchedulerClient,
     resolve_targets,
 )
-from twinroute.scheduler.openai_queries import add_tokenizer_arguments, tokenizer_from_arguments
+from twinroute.scheduler.openai_queries import (
+    TOKENIZER_HELP,
+    add_tokenizer_arguments,
+    tokenizer_from_arguments,
+)
 from twinroute.scheduler.settings import SchedulerSettings, parse_kv_event_endpoints
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
@@ -70,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --scheduler and no --endpoints: how often the fallback list is learnt "
         "from the scheduler's endpoint list (0 = no fail-open: 503 while it is away)",
     )  # fmt: skip
-    add_tokenizer_arguments(parser, help="path to a Hugging Face tokenizer.json on disk")
+    add_tokenizer_arguments(parser, help=TOKENIZER_HELP)
     parser.add_argument("--retries", type=int, default=2, help="other endpoints to try")
     parser.add_argument(
         "--migration", default="off", choices=MIGRATION_MODES,
