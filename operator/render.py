@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import yaml
-from twinroute.operator.spec import PoolSpec, Role
+from twinroute.operator.spec import PoolSpec, Role, TokenizerSpec
 
 from twinroute import labels
 from twinroute.gateway.bootstrap import GatewayConfig, Upstream, render_bootstrap
@@ -41,6 +41,10 @@ CONFIG_FILE: Final = "scheduler.yaml"
 CONFIG_DIR: Final = "/etc/twinroute"
 ADMIN_TOKEN_DIR: Final = "/etc/twinroute-admin"
 TLS_DIR: Final = "/etc/twinroute-tls"
+# `routing.tokenizer`: its volume, mounted read-only, or the hub cache the front end fetches
+# the tokenizer into (an emptyDir: the root filesystem is read-only).
+TOKENIZER_DIR: Final = "/var/lib/twinroute/tokenizer"
+HUB_CACHE_DIR: Final = "/var/cache/twinroute/huggingface"
 # Writable places under a read-only root: vLLM, Hugging Face, Triton and torch write caches
 # under $HOME and /tmp.
 ENGINE_HOME: Final = "/home/engine"
@@ -755,10 +759,40 @@ def _scheduler_containers(pool: PoolSpec, *, settings: RenderSettings) -> Sequen
                 "protocol": "TCP",
             }
         )
+    if pool.routing.tokenizer is not None:
+        # The front end makes the prompt keys: the picker in the scheduler, else the router.
+        _give_tokenizer(
+            scheduler if pool.gateway.uses_picker else router, tokenizer=pool.routing.tokenizer
+        )
     _secure_scheduler_containers(pool, scheduler=scheduler, router=router, settings=settings)
     if pool.gateway.kind != "router":
         return [scheduler]
     return [scheduler, router]
+
+
+def _give_tokenizer(container: Obj, *, tokenizer: TokenizerSpec) -> None:
+    """`--tokenizer` for the front end: a path in the mounted volume, or a hub repository
+    fetched at start into an emptyDir (with the hub token from its Secret, when given)."""
+    mounts = container.setdefault("volumeMounts", [])
+    if tokenizer.volume is not None:
+        path = f"{TOKENIZER_DIR}/{tokenizer.source}".rstrip("/")
+        container["args"] += ["--tokenizer", path]
+        mounts.append({"name": "tokenizer", "mountPath": TOKENIZER_DIR, "readOnly": True})
+        return
+    container["args"] += ["--tokenizer", tokenizer.source]
+    if tokenizer.revision:
+        container["args"] += ["--tokenizer-revision", tokenizer.revision]
+    mounts.append({"name": "hub-cache", "mountPath": HUB_CACHE_DIR})
+    env = container.setdefault("env", [])
+    env.append({"name": "HF_HOME", "value": HUB_CACHE_DIR})
+    if tokenizer.hub_token is not None:
+        secret = tokenizer.hub_token
+        env.append(
+            {
+                "name": "HF_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+            }
+        )
 
 
 def _secure_scheduler_containers(
@@ -825,6 +859,14 @@ def _scheduler_volumes(pool: PoolSpec, *, settings: RenderSettings) -> list[Obj]
         volumes.append(
             {"name": "tls", "secret": {"secretName": settings.tls_secret, "defaultMode": 0o440}}
         )
+    tokenizer = pool.routing.tokenizer
+    if tokenizer is not None:
+        if tokenizer.volume is not None:
+            volumes.append({"name": "tokenizer", **tokenizer.volume})
+        else:
+            # A tokenizer.json is 2-20 MB; the limit only keeps a bad source from filling
+            # the node's disk.
+            volumes.append({"name": "hub-cache", "emptyDir": {"sizeLimit": "256Mi"}})
     return volumes
 
 

@@ -23,6 +23,7 @@ from twinroute.vocabulary import (
     DEFAULT_SCRAPE_INTERVAL_S,
     DEFAULT_TTFT_SLO_S,
     DEFAULT_VIRTUAL_NODES,
+    HUB_REPOSITORY_ID,
     MIGRATION_MODES,
     POLICY_NAMES,
 )
@@ -117,6 +118,29 @@ class EngineSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretKey:
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerSpec:
+    """Where the front end (router or picker) gets the model's tokenizer, for token-id prefix
+    keys, the only keys the engines' KV events can be matched against.
+
+    Without `volume`: `source` is a Hugging Face hub repository (default: the model's source),
+    fetched once per pod start, `hub_token` for a gated one. With `volume` (a Kubernetes volume
+    source, e.g. the engines' model PVC): mounted read-only, and `source` is the path of the
+    tokenizer.json, or of the folder holding it, inside that volume ("" = its root).
+    """
+
+    source: str = ""
+    revision: str = ""
+    hub_token: SecretKey | None = None
+    volume: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingSpec:
     policy: str = DEFAULT_POLICY
     ttft_slo_s: float = DEFAULT_TTFT_SLO_S
@@ -130,6 +154,8 @@ class RoutingSpec:
     phase_aware: bool = DEFAULT_PHASE_AWARE
     # vLLM engines publish KV-cache events and the scheduler follows them.
     kv_events: bool = DEFAULT_KV_EVENTS
+    # None: text prompts are keyed by characters (no tokenizer on the front end).
+    tokenizer: TokenizerSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +256,7 @@ def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpe
         model_source=model_source,
         replicas=replicas,
         engine=_parse_engine(_mapping(spec, "engine")),
-        routing=_parse_routing(_mapping(spec, "routing")),
+        routing=_parse_routing(_mapping(spec, "routing"), model_source=model_source),
         scheduler=scheduler,
         gateway=gateway,
     )
@@ -328,7 +354,50 @@ def _parse_engine(engine: Mapping[str, Any]) -> EngineSpec:
     )
 
 
-def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
+def _parse_tokenizer(routing: Mapping[str, Any], *, model_source: str) -> TokenizerSpec | None:
+    if routing.get("tokenizer") is None:
+        return None
+    tokenizer = _mapping(routing, "tokenizer")
+    path = "routing.tokenizer"
+    volume = _mapping(tokenizer, "volume") or None
+    if volume is not None and len(volume) != 1:
+        raise SpecError(
+            field=f"{path}.volume",
+            message="must name exactly one volume source (e.g. persistentVolumeClaim), "
+            f"not {sorted(volume)}",
+        )
+    hub_token = None
+    if tokenizer.get("hubTokenSecret") is not None:
+        secret = _mapping(tokenizer, "hubTokenSecret")
+        hub_token = SecretKey(
+            name=_string(secret, "name", path=f"{path}.hubTokenSecret.name", required=True),
+            key=_string(secret, "key", path=f"{path}.hubTokenSecret.key", default="token"),
+        )
+    revision = _string(tokenizer, "revision", path=f"{path}.revision")
+    if volume is not None:
+        source = _string(tokenizer, "source", path=f"{path}.source")
+        if source.startswith("/") or ".." in source.split("/"):
+            raise SpecError(
+                field=f"{path}.source",
+                message=f"{source!r}: with a volume, a path inside it (relative, no '..')",
+            )
+        if revision or hub_token is not None:
+            raise SpecError(
+                field=path,
+                message="revision and hubTokenSecret apply to a hub repository, not a volume",
+            )
+        return TokenizerSpec(source=source, volume=dict(volume))
+    source = _string(tokenizer, "source", path=f"{path}.source", default=model_source)
+    if not HUB_REPOSITORY_ID.fullmatch(source):
+        raise SpecError(
+            field=f"{path}.source",
+            message=f"{source!r} is not a Hugging Face hub repository id (owner/name); for "
+            f"a tokenizer on a volume, give {path}.volume and the path inside it",
+        )
+    return TokenizerSpec(source=source, revision=revision, hub_token=hub_token)
+
+
+def _parse_routing(routing: Mapping[str, Any], *, model_source: str) -> RoutingSpec:
     policy = _string(routing, "policy", path="routing.policy", default=DEFAULT_POLICY)
     if policy not in POLICY_NAMES:
         raise SpecError(
@@ -391,6 +460,7 @@ def _parse_routing(routing: Mapping[str, Any]) -> RoutingSpec:
             routing, "phaseAware", path="routing.phaseAware", default=DEFAULT_PHASE_AWARE
         ),
         kv_events=_boolean(routing, "kvEvents", path="routing.kvEvents", default=DEFAULT_KV_EVENTS),
+        tokenizer=_parse_tokenizer(routing, model_source=model_source),
     )
 
 

@@ -29,6 +29,7 @@ from twinroute.scheduler.token_cache import (
 )
 
 from twinroute.openai_format import ParsedRequest, RequestError
+from twinroute.vocabulary import HUB_REPOSITORY_ID
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +126,6 @@ def register_tokenizer_metrics(
         registry.register(_TokenizerCacheCollector(tokenizer.cache, name))
 
 
-# A Hugging Face hub repository id: `name` or `owner/name`.
-_HUB_REPOSITORY: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 TOKENIZER_FILE: Final = "tokenizer.json"
 TOKENIZER_HELP: Final = (
     "a Hugging Face tokenizer.json, a folder holding one (a model snapshot), or a hub "
@@ -149,7 +148,7 @@ def tokenizer_file(source: str, *, revision: str | None = None) -> str:
         if inside.is_file():
             return str(inside)
         raise ValueError(f"tokenizer {source!r}: the folder has no {TOKENIZER_FILE}")
-    if not _HUB_REPOSITORY.fullmatch(source):
+    if not HUB_REPOSITORY_ID.fullmatch(source):
         raise ValueError(f"tokenizer {source!r}: no such file, and not a hub repository id")
     from huggingface_hub import hf_hub_download
 

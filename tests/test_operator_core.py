@@ -84,6 +84,28 @@ INVALID = {
     "scheduler replicas six": ({**UNIFIED, "scheduler": {"replicas": 6}}, "scheduler.replicas"),
     "engine not an object": ({**UNIFIED, "engine": ["x"]}, "engine"),
     "too many engine args": ({**UNIFIED, "engine": {"args": ["--x"] * 129}}, "engine.args"),
+    # The model source is a path in the engines' volume, which the router cannot reach.
+    "tokenizer from a path": (
+        {**UNIFIED, "routing": {"tokenizer": {}}},
+        "routing.tokenizer.source",
+    ),
+    "tokenizer leaves its volume": (
+        {
+            **UNIFIED,
+            "routing": {
+                "tokenizer": {"volume": {"emptyDir": {}}, "source": "../etc/tokenizer.json"}
+            },
+        },
+        "routing.tokenizer.source",
+    ),
+    "tokenizer two volume sources": (
+        {**UNIFIED, "routing": {"tokenizer": {"volume": {"emptyDir": {}, "hostPath": {}}}}},
+        "routing.tokenizer.volume",
+    ),
+    "tokenizer secret without name": (
+        {**UNIFIED, "routing": {"tokenizer": {"source": "a/b", "hubTokenSecret": {"key": "t"}}}},
+        "routing.tokenizer.hubTokenSecret.name",
+    ),
 }
 
 
@@ -201,6 +223,55 @@ def test_every_pool_gets_a_token_of_its_own_that_both_containers_mount() -> None
     ]
     assert annotations[0] != annotations[1]
     assert token not in json.dumps(annotations[0])
+
+
+def test_without_a_tokenizer_the_front_end_keys_text_by_characters() -> None:
+    for container in _scheduler_pod(by_name(children()))["containers"]:
+        assert "--tokenizer" not in container["args"]
+
+
+def test_a_hub_tokenizer_reaches_the_router_with_a_cache_and_the_hub_token() -> None:
+    spec = {
+        "model": {"name": "llama", "source": "meta-llama/Llama-3.1-8B-Instruct"},
+        "roles": {"unified": {"replicas": 2}},
+        "routing": {
+            "tokenizer": {"revision": "v1", "hubTokenSecret": {"name": "hf", "key": "token"}}
+        },
+    }
+    pod = _scheduler_pod(by_name(children(spec)))
+    scheduler, router = pod["containers"]
+    args = router["args"]
+    # The model's own repository unless told otherwise.
+    assert args[args.index("--tokenizer") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--tokenizer-revision") + 1] == "v1"
+    assert "--tokenizer" not in scheduler["args"]
+    env = {e["name"]: e for e in router["env"]}
+    cache = env["HF_HOME"]["value"]
+    assert {"name": "hub-cache", "mountPath": cache} in router["volumeMounts"]
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes["hub-cache"]
+    # The root filesystem stays read-only: the cache is the only place written.
+    assert router["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_a_tokenizer_on_a_volume_is_mounted_read_only_for_the_picker() -> None:
+    claim = {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    spec = {
+        **UNIFIED,
+        "gateway": {"kind": "envoy", "processing": "full"},
+        "routing": {"tokenizer": {"volume": claim, "source": "llama/tokenizer.json"}},
+    }
+    pod = _scheduler_pod(by_name(children(spec)))
+    (scheduler,) = pod["containers"]
+    args = scheduler["args"]
+    path = args[args.index("--tokenizer") + 1]
+    mount = next(m for m in scheduler["volumeMounts"] if m["name"] == "tokenizer")
+    assert mount["readOnly"] is True
+    assert path == f"{mount['mountPath']}/llama/tokenizer.json"
+    assert {"name": "tokenizer", **claim} in pod["volumes"]
+    assert "--tokenizer-revision" not in args
+    assert all(e["name"] != "HF_TOKEN" for e in scheduler.get("env", []))
 
 
 def test_without_any_token_the_scheduler_is_told_so_in_its_flags() -> None:

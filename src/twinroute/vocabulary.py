@@ -11,6 +11,7 @@ enum against them).
 from __future__ import annotations
 
 import enum
+import re
 from typing import Final, Literal
 
 # Routing policies, in the order tables and plots list them; "dualmap" is the default, the
@@ -92,3 +93,8 @@ __all__ = [
     "DecisionReason",
     "MigrationMode",
 ]
+
+# A Hugging Face hub repository id (`name` or `owner/name`): what the front ends' `--tokenizer`
+# fetches when it is not a local path, and what a ModelPool's `routing.tokenizer.source` must be
+# when no volume is mounted for it.
+HUB_REPOSITORY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
