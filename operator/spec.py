@@ -236,13 +236,6 @@ def parse_pool(*, name: str, namespace: str, spec: Mapping[str, Any]) -> PoolSpe
     replicas = _parse_roles(_mapping(spec, "roles", required=True))
     gateway = _parse_gateway(_mapping(spec, "gateway"))
     scheduler = _parse_scheduler(_mapping(spec, "scheduler"))
-    if gateway.kind == "envoy" and gateway.processing == "lean" and scheduler.replicas > 1:
-        raise SpecError(
-            field="gateway.processing",
-            message="'lean' closes each request from Envoy's access log, which reaches one "
-            "scheduler replica, not the one that picked it: with scheduler.replicas above 1 use "
-            "'full' (the picker sees the response) or 'gie'",
-        )
     if gateway.uses_picker and set(replicas) != {Role.UNIFIED}:
         raise SpecError(
             field="gateway.kind",

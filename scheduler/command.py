@@ -500,6 +500,11 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
             )
             tasks.append(asyncio.create_task(exchange.run(), name="peer-exchange"))
             server.servicer.explain_elsewhere = exchange.explain
+            if picker is not None:
+                # A lean gateway's access log reaches one replica: each request's end goes on
+                # to the replica that picked it.
+                picker.picker.forward_log = exchange.forward_gateway_log
+                server.peers.on_gateway_log = picker.picker.take_peer_log
         if picker is not None:
             await picker.start()
         picker_note = f", picker {picker.address}" if picker is not None else ""

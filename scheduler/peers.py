@@ -136,6 +136,9 @@ class PeerServicer(pb_grpc.SchedulerPeersServicer):
     def __init__(self, *, service: SchedulerService, admin_token: str | None = None) -> None:
         self._service = service
         self._guard = TokenGuard(admin_token)
+        # Where the peers' forwarded gateway access-log entries go (this replica's endpoint
+        # picker); None: dropped.
+        self.on_gateway_log: Callable[[bytes], None] | None = None
         # Set when the server stops: the peers' endless streams end at their next share
         # instead of holding the server for its whole grace period.
         self.closing = False
@@ -163,6 +166,9 @@ class PeerServicer(pb_grpc.SchedulerPeersServicer):
             for placed in message.placed:
                 if placed.endpoint_id in core.endpoints:
                     core.prefix_index.record_hashes(placed.endpoint_id, placed.block_hashes)
+            if self.on_gateway_log is not None:
+                for entry in message.gateway_logs:
+                    self.on_gateway_log(entry)
         return pb.ShareLoadAck()
 
 
@@ -174,6 +180,9 @@ class PeerExchange:
     queue keeps only the newest shares."""
 
     QUEUE_SHARES = 50
+    # Gateway access-log entries held for the next share at most (beyond, the oldest go: their
+    # leases then close at the lease TTL).
+    MAX_GATEWAY_LOGS = 10_000
 
     def __init__(
         self,
@@ -206,7 +215,16 @@ class PeerExchange:
             (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
         )
         self._senders: dict[str, tuple[asyncio.Task[None], asyncio.Queue[pb.LoadShare]]] = {}
+        self._gateway_logs: list[bytes] = []
         self.sent = 0
+
+    def forward_gateway_log(self, entry: bytes) -> None:
+        """Send an access-log entry this replica's picker cannot place (another replica picked
+        the request) to every peer with the next share."""
+        logs = self._gateway_logs
+        if len(logs) >= self.MAX_GATEWAY_LOGS:
+            del logs[0]
+        logs.append(entry)
 
     async def run(self) -> None:
         broadcast = asyncio.create_task(self._broadcast())
@@ -238,6 +256,9 @@ class PeerExchange:
     async def _broadcast(self) -> None:
         while True:
             share = own_share(self._service, replica_id=self._replica_id)
+            if self._gateway_logs:
+                share.gateway_logs.extend(self._gateway_logs)
+                self._gateway_logs.clear()
             for _task, queue in self._senders.values():
                 if queue.full():
                     queue.get_nowait()  # the oldest: the newest load is what counts

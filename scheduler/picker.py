@@ -49,12 +49,14 @@ from typing import Any, Final, Protocol
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -153,6 +155,15 @@ class PickerMetrics:
         self.fallbacks_served = Counter(
             "twinroute_picker_fallbacks_served",
             "Requests the gateway served on a fallback endpoint after the primary failed",
+            registry=registry,
+        )
+        self.access_log_entries = Counter(
+            "twinroute_picker_access_log_entries",
+            "Entries of the gateway's access log (lean gateways' request ends), by what became "
+            "of them: here (closed a lease of this replica's), forwarded (sent to the peer "
+            "replicas: another one picked), from_peer (a peer's, closed a lease here), "
+            "unmatched (no lease open for it)",
+            ["handled"],
             registry=registry,
         )
         self.pick_seconds = Histogram(
@@ -278,6 +289,10 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # Picked requests whose end the access log will report, by Envoy's request id; the
         # oldest are dropped beyond a bound (their leases then expire at the TTL).
         self._awaiting_log: dict[str, _Exchange] = {}
+        # With active-active replicas, where access-log entries of requests this replica did
+        # not pick go (the peer exchange, which hands them to the replica that did: Envoy
+        # streams its whole access log to one replica). None: one replica, they match nothing.
+        self.forward_log: Callable[[bytes], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -589,9 +604,29 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 self._logged(entry)
         return als_pb2.StreamAccessLogsResponse()
 
-    def _logged(self, entry: Any) -> None:
-        exchange = self._awaiting_log.pop(entry.request.request_id, None)
-        if exchange is None or exchange.placement is None or exchange.outcome is not None:
+    def take_peer_log(self, data: bytes) -> None:
+        """An access-log entry a peer replica's picker received for a request it did not pick."""
+        entry = accesslog_pb2.HTTPAccessLogEntry()
+        try:
+            entry.ParseFromString(data)
+        except DecodeError:
+            logger.warning("a peer forwarded an access-log entry that does not parse")
+            return
+        self._logged(entry, from_peer=True)
+
+    def _logged(self, entry: Any, *, from_peer: bool = False) -> None:
+        request_id = entry.request.request_id
+        exchange = self._awaiting_log.pop(request_id, None)
+        counts = self._metrics.access_log_entries
+        if exchange is None:
+            if from_peer or self.forward_log is None or not request_id:
+                counts.labels("unmatched").inc()
+            else:
+                counts.labels("forwarded").inc()
+                self.forward_log(entry.SerializeToString())
+            return
+        counts.labels("from_peer" if from_peer else "here").inc()
+        if exchange.placement is None or exchange.outcome is not None:
             return
         common = entry.common_properties
         address = common.upstream_remote_address.socket_address

@@ -247,8 +247,8 @@ class GrpcServer:
         self.servicer = SchedulerServicer(service=service, admin_token=admin_token)
         pb_grpc.add_SchedulerServicer_to_server(self.servicer, self.server)
         # Active-active replicas' load exchange (refused where the scheduler has no --peers).
-        self._peers = PeerServicer(service=service, admin_token=admin_token)
-        pb_grpc.add_SchedulerPeersServicer_to_server(self._peers, self.server)
+        self.peers = PeerServicer(service=service, admin_token=admin_token)
+        pb_grpc.add_SchedulerPeersServicer_to_server(self.peers, self.server)
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -279,7 +279,7 @@ class GrpcServer:
         """NOT_SERVING first, then stop accepting; in-flight RPCs get `grace_s` to finish."""
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._peers.closing = True
+        self.peers.closing = True
         if self._service.admission is not None:
             # Held answers go out now, as picked: in-flight Picks finish within the grace.
             self._service.admission.release_all()

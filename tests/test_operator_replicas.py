@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from twinroute.operator.render import Owner, RenderSettings, render_children
-from twinroute.operator.spec import SpecError, parse_pool
+from twinroute.operator.spec import parse_pool
 
 from twinroute import labels
 
@@ -73,20 +72,17 @@ def test_replicas_dial_each_other_over_the_pools_tls() -> None:
     assert flag(scheduler, "--peer-server-name") == settings.tls_server_name
 
 
-def test_a_lean_envoy_gateway_is_refused_with_several_replicas() -> None:
+def test_a_lean_envoy_gateway_runs_with_several_replicas() -> None:
+    # Its access log reaches one replica, which forwards each request's end to the replica
+    # that picked it (tests/test_picker.py).
     spec = {
         "model": {"name": "llama", "source": "/models/llama"},
         "roles": {"unified": {"replicas": 2}},
         "scheduler": {"replicas": 2},
         "gateway": {"kind": "envoy"},
     }
-    with pytest.raises(SpecError, match=r"gateway\.processing: 'lean' closes each request"):
-        parse_pool(name="chat", namespace="ns", spec=spec)
-    parse_pool(
-        name="chat",
-        namespace="ns",
-        spec={**spec, "gateway": {"kind": "envoy", "processing": "full"}},
-    )
+    pool = parse_pool(name="chat", namespace="ns", spec=spec)
+    assert (pool.gateway.processing, pool.scheduler.replicas) == ("lean", 2)
 
 
 def test_one_replica_renders_as_before() -> None:

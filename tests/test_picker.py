@@ -458,3 +458,99 @@ async def test_without_the_access_log_a_streams_end_closes_its_lease(picker: Pic
             break
         await asyncio.sleep(0.01)
     assert picker.service.core.in_flight(primary_id) == 0
+
+
+async def test_a_lean_gateways_log_reaching_another_replica_closes_the_lease_here() -> None:
+    """Envoy streams its whole access log to one replica: an entry for a request another
+    replica picked goes on to it with the peers' load share, and closes the lease there."""
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+    from twinroute.scheduler.peers import PeerExchange, enable_replicas
+    from twinroute.scheduler.server import GrpcServer
+
+    settings = SchedulerSettings(policy="dualmap", served_models=(MODEL,))
+    replicas = []
+    for _ in range(2):
+        registry = CollectorRegistry()
+        service = build_service(settings, registry=registry)
+        service.set_endpoints([Endpoint(id=k, address=v) for k, v in ADDRESSES.items()])
+        replica_id = enable_replicas(service, stale_after_s=5.0, grace_s=5.0)
+        grpc_server = GrpcServer(service=service, listen="127.0.0.1:0")
+        await grpc_server.start()
+        picker = EndpointPicker(
+            scheduler=service, settings=PickerSettings(models=(MODEL,)), registry=registry
+        )
+        picker_server = PickerServer(picker=picker, listen="127.0.0.1:0")
+        await picker_server.start()
+        await picker_server.mark_synced()
+        replicas.append((service, grpc_server, picker_server, replica_id, registry))
+    addresses = [grpc_server.address for _, grpc_server, *_ in replicas]
+    tasks = []
+    for service, grpc_server, picker_server, replica_id, _ in replicas:
+        exchange = PeerExchange(
+            service=service, replica_id=replica_id, targets=addresses,
+            own_addresses=[grpc_server.address], interval_s=0.01,
+        )  # fmt: skip
+        picker_server.picker.forward_log = exchange.forward_gateway_log
+        grpc_server.peers.on_gateway_log = picker_server.picker.take_peer_log
+        tasks.append(asyncio.create_task(exchange.run()))
+    (a_service, _, a_picker, _, a_registry), (_, _, b_picker, _, b_registry) = replicas
+    a_channel = grpc.aio.insecure_channel(a_picker.address)
+    b_channel = grpc.aio.insecure_channel(b_picker.address)
+    try:
+        call = ext_grpc.ExternalProcessorStub(a_channel).Process(
+            metadata=(("x-twinroute-request-ends", "access-log"),)
+        )
+        await call.write(
+            headers_message(request_body_mode=Mode.BUFFERED, extra={"x-request-id": "req-a"})
+        )
+        await call.read()
+        await call.write(body_message(completion("picked on a " * 40)))
+        primary = destination(await call.read(), phase="request_body")[0].split(",")[0]
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        primary_id = {v: k for k, v in ADDRESSES.items()}[primary]
+        assert a_service.core.in_flight(primary_id) == 1
+
+        logs = als_pb2_grpc.AccessLogServiceStub(b_channel).StreamAccessLogs()
+        message = als_pb2.StreamAccessLogsMessage()
+        for request_id in ("req-a", "nobody-picked-this"):
+            entry = accesslog_pb2.HTTPAccessLogEntry()
+            entry.request.request_id = request_id
+            entry.response.response_code.value = 200
+            host, port = primary.split(":")
+            address = entry.common_properties.upstream_remote_address.socket_address
+            address.address, address.port_value = host, int(port)
+            message.http_logs.log_entry.append(entry)
+        await logs.write(message)
+        for _ in range(300):
+            if a_service.core.in_flight(primary_id) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert a_service.core.in_flight(primary_id) == 0
+
+        def handled(registry: CollectorRegistry, how: str) -> float:
+            value = registry.get_sample_value(
+                "twinroute_picker_access_log_entries_total", {"handled": how}
+            )
+            return value or 0.0
+
+        assert handled(b_registry, "forwarded") == 2
+        assert handled(a_registry, "from_peer") == 1
+        # Forwarded once, never on again: what no replica picked ends unmatched.
+        for _ in range(50):
+            if handled(a_registry, "unmatched") == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert handled(a_registry, "unmatched") == 1
+        assert handled(b_registry, "from_peer") == 0
+        await logs.done_writing()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await a_channel.close()
+        await b_channel.close()
+        for _, grpc_server, picker_server, *_ in replicas:
+            await picker_server.stop(grace_s=0.1)
+            await grpc_server.stop(grace_s=0.1)

@@ -1100,6 +1100,7 @@ class LoadShare(_message.Message):
     MEMBERSHIP_CHANGED_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     PLACED_FIELD_NUMBER: _builtins.int
+    GATEWAY_LOGS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """The sending replica (its lease-id prefix: leases it issued start with it)."""
     sent_at_unix_s: _builtins.float
@@ -1120,6 +1121,14 @@ class LoadShare(_message.Message):
         approximate prefix index, so every replica knows what every replica sent where.
         """
 
+    @_builtins.property
+    def gateway_logs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Envoy access-log entries (serialized envoy.data.accesslog.v3.HTTPAccessLogEntry) that
+        reached the sender's endpoint picker for requests it did not pick. A lean gateway reports
+        every request's end in one access-log stream, to one replica; the replica that picked the
+        request is the one that closes its lease.
+        """
+
     def __init__(
         self,
         *,
@@ -1129,10 +1138,11 @@ class LoadShare(_message.Message):
         membership_changed_at_unix_s: _builtins.float = ...,
         endpoints: _abc.Iterable[Global___EndpointShare] | None = ...,
         placed: _abc.Iterable[Global___PlacedPrefix] | None = ...,
+        gateway_logs: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "membership_changed_at_unix_s", b"membership_changed_at_unix_s", "membership_digest", b"membership_digest", "placed", b"placed", "replica_id", b"replica_id", "sent_at_unix_s", b"sent_at_unix_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "gateway_logs", b"gateway_logs", "membership_changed_at_unix_s", b"membership_changed_at_unix_s", "membership_digest", b"membership_digest", "placed", b"placed", "replica_id", b"replica_id", "sent_at_unix_s", b"sent_at_unix_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
