@@ -790,7 +790,11 @@ def _give_tokenizer(container: Obj, *, tokenizer: TokenizerSpec) -> None:
         env.append(
             {
                 "name": "HF_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+                # Optional: a public repository needs none, and a gated one then fails to
+                # fetch with the hub's own reason in the log, not a pod stuck creating.
+                "valueFrom": {
+                    "secretKeyRef": {"name": secret.name, "key": secret.key, "optional": True}
+                },
             }
         )
 

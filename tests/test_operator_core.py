@@ -248,7 +248,9 @@ def test_a_hub_tokenizer_reaches_the_router_with_a_cache_and_the_hub_token() -> 
     env = {e["name"]: e for e in router["env"]}
     cache = env["HF_HOME"]["value"]
     assert {"name": "hub-cache", "mountPath": cache} in router["volumeMounts"]
-    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["HF_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "hf", "key": "token", "optional": True}
+    }
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes["hub-cache"]
     # The root filesystem stays read-only: the cache is the only place written.
