@@ -479,9 +479,10 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # First what can refuse the flags (the picker's tokenizer): nothing is open yet to leak.
+    picker = _picker_server(args, service)
     metrics, metrics_url = await serve_metrics(args.metrics_listen, service, token=args.admin_token)
     session = aiohttp.ClientSession()
-    picker = _picker_server(args, service)
     tasks = _background_tasks(
         service, source=source, session=session, synced=picker.mark_synced if picker else None
     )

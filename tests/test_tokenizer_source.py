@@ -191,3 +191,22 @@ def test_the_router_refuses_to_start_on_a_tokenizer_it_cannot_load(tmp_path: Pat
     assert result.returncode == 2
     assert "router: tokenizer 'acme/absent'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_scheduler_refuses_its_pickers_tokenizer_before_opening_anything(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "twinroute", "scheduler", "--model", "m",
+            "--static-endpoints", "e0=127.0.0.1:9", "--grpc-port", "0", "--metrics-port", "0",
+            "--picker-port", "0", "--tokenizer", "acme/absent",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "twinroute scheduler: tokenizer 'acme/absent'" in result.stderr
+    assert "Unclosed" not in result.stderr
