@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+import yaml
 from local_cluster import REPO_ROOT, LocalCluster, wait_until
 
 POOL = "sim"
@@ -121,7 +122,14 @@ async def test_pool_lifecycle_through_the_real_processes(cluster: LocalCluster) 
 
 
 async def scenario(cluster: LocalCluster) -> None:
-    await cluster.kubectl("apply", "-f", str(SAMPLE))
+    # The sample as it is, but with one scheduler replica: the local kubelet runs pods as
+    # processes on 127.0.0.1 and nothing here resolves the replicas' headless Service (the
+    # real-cluster scenario applies the sample unchanged).
+    pool = yaml.safe_load(SAMPLE.read_text())
+    pool["spec"]["scheduler"] = {**pool["spec"].get("scheduler", {}), "replicas": 1}
+    manifest = cluster.work_dir / "modelpool-simulator.yaml"
+    manifest.write_text(yaml.safe_dump(pool))
+    await cluster.kubectl("apply", "-f", str(manifest))
     await wait_until(lambda: _count_is(cluster, 2), "two Ready engine pods", timeout_s=90)
     await cluster.wait_for_frontend(pool=POOL)
     router = cluster.router_url

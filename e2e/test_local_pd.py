@@ -47,6 +47,9 @@ spec:
   routing:
     policy: dualmap
     ttftSloSeconds: 5
+  # The local kubelet runs pods as processes and resolves no headless Service.
+  scheduler:
+    replicas: 1
 """
 
 pytestmark = pytest.mark.slow

@@ -39,7 +39,7 @@ DEFAULT_ENGINE_IMAGE: Final = "vllm/vllm-openai:v0.11.0"
 DEFAULT_ENGINE_COMMAND: Final = ("vllm", "serve")
 DEFAULT_ENGINE_PORT: Final = 8000
 DEFAULT_PREFIX_BLOCK_SIZE: Final = DEFAULT_KEY_BLOCK_TOKENS
-DEFAULT_SCHEDULER_REPLICAS: Final = 1
+DEFAULT_SCHEDULER_REPLICAS: Final = 2
 # Active-active replicas share their load and placements (`twinroute scheduler --peers`); each
 # streams to every other, so the exchange grows with the square of the count: a handful is
 # plenty (one replica serves about a thousand picks a second per core).

@@ -161,6 +161,10 @@ def test_children_of_unified_and_disaggregated_pools() -> None:
         ("Service", "chat"),
         ("Service", "chat-scheduler"),
         ("Secret", "chat-scheduler-token"),
+        # Two active-active scheduler replicas by default: their peers' headless Service and
+        # a disruption budget that keeps one.
+        ("Service", "chat-scheduler-peers"),
+        ("PodDisruptionBudget", "chat-scheduler"),
     }
     assert unified == common | {("Deployment", "chat-unified"), ("Service", "chat-unified")}
     assert pd == common | {
@@ -379,7 +383,14 @@ def test_scheduler_gets_routing_config_and_discovery_selector() -> None:
     assert pod["serviceAccountName"] == "chat-scheduler"
     assert pod["securityContext"]["runAsNonRoot"] is True
     router = next(c for c in pod["containers"] if c["name"] == "router")
-    assert router["args"][router["args"].index("--scheduler") + 1] == "127.0.0.1:50051"
+    # Every router spreads its picks over all the replicas (the default two).
+    assert deployment["spec"]["replicas"] == 2
+    assert router["args"][router["args"].index("--scheduler") + 1] == (
+        "chat-scheduler-peers.ns.svc:50051"
+    )
+    one = by_name(children({**PD, "scheduler": {"replicas": 1}}))[("Deployment", "chat-scheduler")]
+    alone = next(c for c in one["spec"]["template"]["spec"]["containers"] if c["name"] == "router")
+    assert alone["args"][alone["args"].index("--scheduler") + 1] == "127.0.0.1:50051"
 
 
 def test_rendering_is_deterministic_and_a_routing_change_rolls_the_scheduler() -> None:
@@ -411,7 +422,7 @@ def existing_from(desired: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_plan_creates_everything_on_an_empty_namespace() -> None:
     plan = plan_children(desired=children(), existing=[])
     assert all(isinstance(a, Create) for a in plan.actions)
-    assert len(plan.actions) == 9
+    assert len(plan.actions) == 11
 
 
 def test_plan_is_empty_when_everything_matches_even_with_server_fields() -> None:
