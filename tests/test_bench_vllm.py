@@ -259,11 +259,16 @@ def test_the_embedded_schedulers_own_figures_are_read_and_told() -> None:
             'twinroute_scheduler_prefix_record_checks_total{verdict="same"} 8.0',
             'twinroute_scheduler_prefix_record_checks_total{verdict="over"} 2.0',
             "twinroute_scheduler_prefix_record_error_tokens_total 640.0",
+            'twinroute_scheduler_decisions_total{policy="dualmap",reason="cache_affinity"} 60.0',
+            'twinroute_scheduler_decisions_total{policy="dualmap",reason="tie_less_loaded"} 30.0',
+            'twinroute_scheduler_decisions_total{policy="dualmap",reason="slo_switch"} 10.0',
         ]
     )
     figures = parse_scheduler_figures(text)
     assert figures["ttft_prediction_error"] == 0.21
+    assert figures["decisions_slo_switch"] == 10.0
     note = scheduler_note("twinroute_dualmap", figures)
+    assert "decisions: cache_affinity 60%, tie_less_loaded 30%, slo_switch 10%" in note
     assert "median abs. error 21%" in note
     assert "answered by KV events 75% whole, 0% in part" in note
     assert "agreed with the engine on 80% of picks (over 20%, under 0%; off by 64 tokens" in note

@@ -56,6 +56,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -637,6 +638,10 @@ _SCHEDULER_SERIES = {
 }
 
 
+_DECISIONS_SERIES = "twinroute_scheduler_decisions_total{"
+_REASON_LABEL = re.compile(r'reason="([a-z_]+)"')
+
+
 async def _metrics_after(
     session: aiohttp.ClientSession, router_url: str, *, delay_s: float
 ) -> str | None:
@@ -710,13 +715,19 @@ def histogram_median(cumulative: dict[float, float]) -> float | None:
 
 
 def parse_scheduler_figures(text: str) -> dict[str, float]:
-    """The figures of `_SCHEDULER_SERIES` found in an exposition text."""
+    """The figures of `_SCHEDULER_SERIES` found in an exposition text, and the decisions by
+    reason as `decisions_<reason>` (what a run's placements came from: affinity, ties, SLO
+    switches)."""
     figures: dict[str, float] = {}
     for line in text.splitlines():
         series, _, value = line.rpartition(" ")
         name = _SCHEDULER_SERIES.get(series)
         if name is not None:
             figures[name] = float(value)
+        elif series.startswith(_DECISIONS_SERIES):
+            reason = _REASON_LABEL.search(series)
+            if reason is not None:
+                figures[f"decisions_{reason.group(1)}"] = float(value)
     return figures
 
 
@@ -826,6 +837,20 @@ def scheduler_note(name: str, figures: dict[str, float]) -> str:
             f"approximate record agreed with the engine on {share['same']:.0%} of picks "
             f"(over {share['over']:.0%}, under {share['under']:.0%}; off by "
             f"{figures.get('record_error_tokens', 0.0) / checks:.0f} tokens per pick)"
+        )
+    decisions = {
+        key.removeprefix("decisions_"): count
+        for key, count in figures.items()
+        if key.startswith("decisions_")
+    }
+    total = sum(decisions.values())
+    if total > 0:
+        parts.append(
+            "decisions: "
+            + ", ".join(
+                f"{reason} {count / total:.0%}"
+                for reason, count in sorted(decisions.items(), key=lambda item: -item[1])
+            )
         )
     return f"- `{name}`: " + ("; ".join(parts) if parts else "no scheduler figures")
 
