@@ -185,7 +185,7 @@ def tokenizer_from_arguments(args: argparse.Namespace) -> Tokenizer | None:
     # Batches here are one prompt's chunks: spreading them over Rust worker threads costs about
     # a fifth more CPU than it saves, CPU the engines beside a router would rather have.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    path = tokenizer_file(args.tokenizer, revision=getattr(args, "tokenizer_revision", None))
+    path = tokenizer_file(args.tokenizer, revision=args.tokenizer_revision)
     return Tokenizer(path, cache_chunks=args.tokenizer_cache_chunks)
 
 

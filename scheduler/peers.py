@@ -12,6 +12,7 @@ consistency model is).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -215,16 +216,15 @@ class PeerExchange:
             (("grpc.ssl_target_name_override", tls_server_name),) if tls_server_name else ()
         )
         self._senders: dict[str, tuple[asyncio.Task[None], asyncio.Queue[pb.LoadShare]]] = {}
-        self._gateway_logs: list[bytes] = []
+        self._gateway_logs: collections.deque[bytes] = collections.deque(
+            maxlen=self.MAX_GATEWAY_LOGS
+        )
         self.sent = 0
 
     def forward_gateway_log(self, entry: bytes) -> None:
         """Send an access-log entry this replica's picker cannot place (another replica picked
         the request) to every peer with the next share."""
-        logs = self._gateway_logs
-        if len(logs) >= self.MAX_GATEWAY_LOGS:
-            del logs[0]
-        logs.append(entry)
+        self._gateway_logs.append(entry)
 
     async def run(self) -> None:
         broadcast = asyncio.create_task(self._broadcast())

@@ -282,6 +282,11 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self._metrics = PickerMetrics(registry)
         register_tokenizer_metrics(tokenizer, registry, name="twinroute_picker_prompt_chars")
         self._picked = self._metrics.picks.labels("picked")
+        # One access-log entry per request in lean mode: the label children bound once.
+        self._log_entries = {
+            handled: self._metrics.access_log_entries.labels(handled)
+            for handled in ("here", "forwarded", "from_peer", "unmatched")
+        }
         self._numbers = itertools.count(1)
         self._prefix = f"gw-{uuid.uuid4().hex[:6]}"
         self._in_flight = 0
@@ -617,15 +622,15 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def _logged(self, entry: Any, *, from_peer: bool = False) -> None:
         request_id = entry.request.request_id
         exchange = self._awaiting_log.pop(request_id, None)
-        counts = self._metrics.access_log_entries
+        counts = self._log_entries
         if exchange is None:
             if from_peer or self.forward_log is None or not request_id:
-                counts.labels("unmatched").inc()
+                counts["unmatched"].inc()
             else:
-                counts.labels("forwarded").inc()
+                counts["forwarded"].inc()
                 self.forward_log(entry.SerializeToString())
             return
-        counts.labels("from_peer" if from_peer else "here").inc()
+        counts["from_peer" if from_peer else "here"].inc()
         if exchange.placement is None or exchange.outcome is not None:
             return
         common = entry.common_properties
