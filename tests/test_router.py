@@ -126,6 +126,45 @@ async def test_streaming_and_whole_responses_pass_through(
     assert "".join(d.get("content", "") for d in deltas).split() == ["lorem", "ipsum", "dolor"]
 
 
+def _dechunked(framed: bytes) -> bytes:
+    body = b""
+    while True:
+        size_line, _, framed = framed.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return body
+        body += framed[:size]
+        framed = framed[size + 2 :]
+
+
+async def test_a_stream_reaches_http_1_0_and_1_1_clients_alike(
+    start_engine: StartEngine, start_router: StartRouter
+) -> None:
+    # HTTP/1.1 gets the engine's own chunks spliced through; HTTP/1.0 has no chunks and gets
+    # the stream read by read, ended by the close.
+    engine = await start_engine("e0")
+    router = await start_router([("e0", engine.address)])
+    host, port = router.removeprefix("http://").split(":")
+    body = json.dumps(completion(stream=True, max_tokens=5)).encode()
+    texts = {}
+    for version in ("1.0", "1.1"):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /v1/completions HTTP/{version}\r\nHost: router\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head, _, payload = (await reader.read()).partition(b"\r\n\r\n")
+        writer.close()
+        assert head.startswith(f"HTTP/{version} 200".encode())
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        assert chunked == (version == "1.1")
+        events = (_dechunked(payload) if chunked else payload).decode().split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""]
+        texts[version] = [json.loads(e[6:])["choices"][0]["text"] for e in events[:-2]]
+    assert texts["1.0"] == texts["1.1"] == [" lorem", " ipsum", " dolor", " sit", " amet", ""]
+
+
 async def test_connection_refused_is_retried_on_another_endpoint(
     start_engine: StartEngine, start_router: StartRouter
 ) -> None:

@@ -45,7 +45,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -62,6 +62,19 @@ from twinroute.scheduler.api import (
 logger = logging.getLogger(__name__)
 
 CONTINUATION_START_TIMEOUT_S = 30.0
+
+
+class _ReadsAny(Protocol):
+    async def readany(self) -> bytes: ...
+
+
+class EngineStream(Protocol):
+    """A streamed engine answer: the router's first leg, or an aiohttp continuation."""
+
+    @property
+    def content(self) -> _ReadsAny: ...
+
+    def close(self) -> None: ...
 
 
 class RouterMigrationMetrics:
@@ -287,7 +300,7 @@ class MigrationCoordinator:
         self,
         *,
         session: aiohttp.ClientSession,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineStream,
         path: str,
         parsed: ParsedRequest,
         lease_id: str,
@@ -330,7 +343,7 @@ class SplicedStream:
         coordinator: MigrationCoordinator,
         slot: _Slot,
         session: aiohttp.ClientSession,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineStream,
         path: str,
         parsed: ParsedRequest,
         lease_id: str,
@@ -338,7 +351,7 @@ class SplicedStream:
         self._coordinator = coordinator
         self._slot = slot
         self._session = session
-        self._upstream = upstream
+        self._upstream: EngineStream = upstream
         self._path = path
         self._parsed = parsed
         self._lease_id = lease_id

@@ -22,8 +22,10 @@ Per request:
 5. Complete the lease (outcome, TTFT, tokens) off the response path: the `Placement` of each
    attempt owes exactly one Complete, which it enforces itself.
 
-Streaming is passed through chunk by chunk as it arrives (aiohttp sets TCP_NODELAY on both the
-server and the client sockets). The response names the engine in `x-twinroute-endpoint`.
+Streaming is passed through chunk by chunk as it arrives: the first chunk through aiohttp with
+the response's headers, every later one straight from the engine's socket to the client's,
+framing and all (`engine_http.py`; TCP_NODELAY on both sides). The response names the engine
+in `x-twinroute-endpoint`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from yarl import URL
 
 from twinroute.openai_format import (
     Kind,
@@ -55,6 +56,7 @@ from twinroute.openai_format import (
     parse_request,
 )
 from twinroute.router.disaggregated import PREFILL_HEADER, Disaggregation, PrefillFailed
+from twinroute.router.engine_http import ClientGoneError, EngineConnections, EngineResponse
 from twinroute.router.failopen import FailOpenScheduler
 from twinroute.router.migration import MigrationCoordinator, SplicedStream
 from twinroute.router.upstream_errors import describe
@@ -86,7 +88,9 @@ _REQUEST_ID_KEY = web.RequestKey("twinroute_request_id", str)
 RENEW_BATCH = 10_000
 REASON_HEADER = "x-twinroute-reason"
 # Headers of the engine's response that are passed on to the client.
-_PASSED_HEADERS = ("Content-Type", "x-twinroute-instance", "Cache-Control")
+_PASSED_HEADERS = tuple(
+    (name, name.lower()) for name in ("Content-Type", "x-twinroute-instance", "Cache-Control")
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +260,9 @@ class RouterServer:
                 "(given, or learnt from the scheduler); 0: such requests get a 503.",
                 registry=self._registry,
             ).set_function(lambda: len(fallback.endpoints))
+        # Engine requests go through `_engines`; the session serves the prefill hop and
+        # migration's continuations.
+        self._engines: EngineConnections | None = None
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._request_numbers = itertools.count()
@@ -266,7 +273,6 @@ class RouterServer:
         # keeps alive at the scheduler.
         self._placed: dict[str, Placement] = {}
         self._renewing: asyncio.Task[None] | None = None
-        self._urls: dict[tuple[str, str], URL] = {}
         # vLLM's disaggregated prefill/decode protocol (router/disaggregated.py).
         self._disaggregation = Disaggregation(registry=self._registry, clock=clock)
         # Recompute migration of running streams on the scheduler's orders (router/migration.py).
@@ -286,6 +292,7 @@ class RouterServer:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False
         )
+        self._engines = EngineConnections(connect_timeout_s=self._settings.connect_timeout_s)
         if self.migration is not None:
             await self.migration.start()
         if self._settings.lease_renew_every_s > 0:
@@ -325,6 +332,8 @@ class RouterServer:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        if self._engines is not None:
+            self._engines.close()
         await self._scheduler.close()
 
     def routes(self) -> list[web.RouteDef]:
@@ -503,13 +512,7 @@ class RouterServer:
     ) -> web.StreamResponse:
         """Send the request to the placement's endpoint and relay its answer; `sent` is when
         the client's wait for this attempt began (the prefill hop's start, if any)."""
-        assert self._session is not None, "start() the router before serving"
-        address = placement.endpoint.address
-        url = self._urls.get((address, request.path))
-        if url is None:
-            url = URL(f"http://{address}{request.path}")
-            if len(self._urls) < 4096:
-                self._urls[(address, request.path)] = url
+        assert self._engines is not None, "start() the router before serving"
         # Until the first chunk of a stream, or the whole of any other answer, arrives: past
         # this the attempt failed before the client saw anything, and is tried elsewhere.
         deadline = asyncio.get_running_loop().time() + (
@@ -519,9 +522,7 @@ class RouterServer:
         )
         try:
             async with asyncio.timeout_at(deadline):
-                upstream = await self._session.post(
-                    url, data=raw, headers={"Content-Type": "application/json"}
-                )
+                upstream = await self._engines.post(placement.endpoint.address, request.path, raw)
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             self._count_timeout(error, first_byte=parsed.stream)
             raise _EngineFailed(
@@ -594,9 +595,11 @@ class RouterServer:
             await self._report(placement.progress("prefill_fell_back"), what="prefill_fell_back")
         return decode.body
 
-    def _headers(self, upstream: aiohttp.ClientResponse, placement: Placement) -> dict[str, str]:
+    def _headers(self, upstream: EngineResponse, placement: Placement) -> dict[str, str]:
         headers = {
-            name: upstream.headers[name] for name in _PASSED_HEADERS if name in upstream.headers
+            name: upstream.headers[lower]
+            for name, lower in _PASSED_HEADERS
+            if lower in upstream.headers
         }
         headers[ENDPOINT_HEADER] = placement.endpoint.id
         headers[REASON_HEADER] = placement.reason.value
@@ -610,7 +613,7 @@ class RouterServer:
 
     async def _relay_whole(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
         placement: Placement,
         *,
         sent: float,
@@ -648,7 +651,7 @@ class RouterServer:
     async def _relay_stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: EngineResponse,
         placement: Placement,
         parsed: ParsedRequest,
         *,
@@ -657,7 +660,7 @@ class RouterServer:
         prompt_tokens: int,
     ) -> web.StreamResponse:
         endpoint_id = placement.endpoint.id
-        content: Any = upstream.content
+        content: Any = upstream
         spliced: SplicedStream | None = None
         if self.migration is not None and self._session is not None:
             content = spliced = self.migration.splice(
@@ -683,15 +686,78 @@ class RouterServer:
         self._report_soon(placement.progress("first_token"), what="first_token")
         response = web.StreamResponse(status=200, headers=self._headers(upstream, placement))
         response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
+        # The engine's own chunks go to the client as they are (engine_http.py): the client's
+        # response must be chunked too, which HTTP/1.0 has no word for.
+        spliceable = (
+            spliced is None
+            and upstream.chunked
+            and request.version >= aiohttp.HttpVersion11
+            and request.transport is not None
+        )
+        if spliceable:
+            response.enable_chunked_encoding()
         outcome: Outcome = "cancelled"
-        events = 0
-        idle = _IdleWatch(self._settings.idle_timeout_s)
+        events = _EventCount(first)
         try:
             await response.prepare(request)
             await response.write(first)
-            events += first.count(b'"finish_reason":null')
+            if spliceable and request.transport is not None:
+                broke = await self._pass_on(upstream, request.transport, events)
+            else:
+                broke = await self._read_on(content, response, events)
+            if broke is None:
+                outcome = "success"
+            else:
+                outcome = "stream_error"
+                self._metrics.stream_errors.labels(self._metrics.endpoint(endpoint_id)).inc()
+                logger.warning(
+                    "endpoint %s broke a stream after it started: %s", endpoint_id, broke
+                )
+                await response.write(_stream_error(endpoint_id, broke))
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client went away mid-stream (aiohttp's ClientConnectionResetError and
+            # engine_http's ClientGoneError are ones).
+            outcome = "cancelled"
+        finally:
+            if spliced is not None:
+                spliced.close()
+            self._report_soon(
+                placement.complete(
+                    outcome,
+                    observed_ttft_s=ttft,
+                    prompt_tokens=prompt_tokens,
+                    output_tokens=events.count,
+                ),
+                what="complete",
+            )
+        return response
+
+    async def _pass_on(
+        self, upstream: EngineResponse, client: asyncio.Transport, events: _EventCount
+    ) -> BaseException | None:
+        """Splice the rest of the stream from the engine's socket to the client's; what broke
+        it, if anything did (a client that left raises ClientGoneError)."""
+        upstream.forward_to(client, events.add)
+        try:
+            await upstream.forwarded(idle_timeout_s=self._settings.idle_timeout_s)
+        except ClientGoneError:
+            raise
+        except TimeoutError as error:
+            self._metrics.timeouts.labels("idle").inc()
+            return error
+        except OSError as error:
+            return error
+        return None
+
+    async def _read_on(
+        self, content: Any, response: web.StreamResponse, events: _EventCount
+    ) -> BaseException | None:
+        """Relay the rest of the stream read by read (a migrating stream, an HTTP/1.0 client,
+        an engine that does not chunk); what broke it, if anything did."""
+        idle = _IdleWatch(self._settings.idle_timeout_s)
+        try:
             while True:
-                broke: BaseException | None = None
                 try:
                     idle.waiting()
                     chunk = await content.readany()
@@ -700,37 +766,15 @@ class RouterServer:
                     if not idle.fired():
                         raise
                     self._metrics.timeouts.labels("idle").inc()
-                    broke = TimeoutError(f"no data for {self._settings.idle_timeout_s:g} s")
+                    return TimeoutError(f"no data for {self._settings.idle_timeout_s:g} s")
                 except (TimeoutError, aiohttp.ClientError, OSError) as error:
-                    broke = error
-                if broke is not None:
-                    outcome = "stream_error"
-                    self._metrics.stream_errors.labels(self._metrics.endpoint(endpoint_id)).inc()
-                    logger.warning(
-                        "endpoint %s broke a stream after it started: %s", endpoint_id, broke
-                    )
-                    await response.write(_stream_error(endpoint_id, broke))
-                    break
+                    return error
                 if not chunk:
-                    outcome = "success"
-                    break
-                events += chunk.count(b'"finish_reason":null')
+                    return None
+                events.add(chunk)
                 await response.write(chunk)
-            await response.write_eof()
-        except ConnectionResetError:
-            # The client went away mid-stream (aiohttp's ClientConnectionResetError is one).
-            outcome = "cancelled"
         finally:
             idle.stop()
-            if spliced is not None:
-                spliced.close()
-            self._report_soon(
-                placement.complete(
-                    outcome, observed_ttft_s=ttft, prompt_tokens=prompt_tokens, output_tokens=events
-                ),
-                what="complete",
-            )
-        return response
 
     def _report_soon(self, report: Awaitable[bool], *, what: str) -> None:
         """Send a report to the scheduler without holding up the response."""
@@ -918,6 +962,18 @@ def _usage(body: bytes) -> dict[str, int]:
     except (ValueError, AttributeError):
         return {}
     return {k: v for k, v in usage.items() if isinstance(v, int)}
+
+
+class _EventCount:
+    """Token events relayed so far: the engine's chunks with `"finish_reason":null`."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, first: bytes) -> None:
+        self.count = first.count(b'"finish_reason":null')
+
+    def add(self, data: bytes) -> None:
+        self.count += data.count(b'"finish_reason":null')
 
 
 def _stream_error(endpoint_id: str, error: BaseException) -> bytes:
