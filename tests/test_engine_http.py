@@ -331,3 +331,61 @@ async def test_a_malformed_chunk_fails_the_stream(pool: EngineConnections) -> No
         with pytest.raises(EngineConnectionError) as broke:
             await response.readany()
         assert broke.value.kind == "bad answer"
+
+
+async def test_a_stream_that_ends_while_the_client_lags_leaves_a_usable_connection(
+    pool: EngineConnections,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, STREAM_HEAD + chunk(b"first"))
+        await send_slowly(writer, chunk(b"last") + b"0\r\n\r\n")
+        await read_request(reader)
+        await send_slowly(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+
+    async with engine(script) as (address, accepted):
+        response = await pool.post(address, "/", b"{}")
+        await response.readany()
+        sink = RecordingTransport()
+        sink.buffered = CLIENT_BUFFER_HIGH + 1  # never catches up before the end
+        response.forward_to(as_transport(sink), lambda _: None)
+        await asyncio.wait_for(response.forwarded(idle_timeout_s=5), 5)
+        response.release()
+        response = await asyncio.wait_for(pool.post(address, "/", b"{}"), 5)
+        assert await asyncio.wait_for(response.read(), 5) == b"next"
+        assert len(accepted) == 1
+
+
+async def test_answers_without_a_body_and_stray_bytes(pool: EngineConnections) -> None:
+    answered = 0
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        while True:
+            await read_request(reader)
+            answered += 1
+            if answered == 1:  # 204 has no body; the bytes after it belong to no request
+                await send_slowly(writer, b"HTTP/1.1 204 No Content\r\n\r\n", b"stray")
+            else:
+                await send_slowly(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with engine(script) as (address, accepted):
+        response = await pool.post(address, "/", b"{}")
+        assert response.status == 204
+        assert await asyncio.wait_for(response.read(), 5) == b""
+        response.release()
+        await asyncio.sleep(0.1)  # the stray bytes arrive on the idle connection
+        response = await pool.post(address, "/", b"{}")
+        assert await response.read() == b"ok"
+        assert len(accepted) == 2  # the out-of-step connection was not reused
+
+
+async def test_a_malformed_content_length_is_a_bad_answer(pool: EngineConnections) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\nok")
+
+    async with engine(script) as (address, _):
+        with pytest.raises(EngineConnectionError) as failed:
+            await pool.post(address, "/", b"{}")
+        assert failed.value.kind == "bad answer"

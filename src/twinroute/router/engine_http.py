@@ -137,6 +137,8 @@ class _Connection(asyncio.Protocol):
         elif self._mode == "until_close":
             self._pieces.append(data)
             self._wake()
+        elif self._mode == "ended":  # bytes nobody asked for: this connection is not in step
+            self.abort()
 
     # -- parsing ------------------------------------------------------------------------------
 
@@ -170,11 +172,17 @@ class _Connection(asyncio.Protocol):
         self._head = bytearray()
         self._keep(rest, need=0)
         self.reusable = version == b"HTTP/1.1" and headers.get("connection", "") != "close"
-        if "chunked" in headers.get("transfer-encoding", ""):
+        if self.status in (204, 304):  # no body, whatever the headers say
+            self._mode = "ended"
+        elif "chunked" in headers.get("transfer-encoding", ""):
             self._mode = "chunked"
             self.body_chunked = True
         elif "content-length" in headers:
-            self._remaining = int(headers["content-length"])
+            try:
+                self._remaining = int(headers["content-length"])
+            except ValueError:
+                self._fail(EngineConnectionError("bad answer", "malformed Content-Length"))
+                return False
             self._mode = "length" if self._remaining else "ended"
         else:
             self._mode = "until_close"
@@ -405,6 +413,8 @@ class EngineResponse:
             return
         connection = self._connection
         if connection.ended and connection.reusable and not connection.closed:
+            if connection.paused:  # the stream ended while a slow client held it back
+                connection.resume()
             pool.put_back(connection)
         else:
             connection.abort()
