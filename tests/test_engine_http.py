@@ -389,3 +389,97 @@ async def test_a_malformed_content_length_is_a_bad_answer(pool: EngineConnection
         with pytest.raises(EngineConnectionError) as failed:
             await pool.post(address, "/", b"{}")
         assert failed.value.kind == "bad answer"
+
+
+@pytest.mark.parametrize("size_line", [b"-6", b"0x1a", b"+1a", b"1_a"])
+async def test_chunk_sizes_are_hex_digits_only(pool: EngineConnections, size_line: bytes) -> None:
+    # int(..., 16) takes each of these; "-6" once sent the parser round a loop for ever.
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, STREAM_HEAD + chunk(b"a") + size_line + b"\r\n" + b"x" * 26)
+
+    async with engine(script) as (address, _):
+        response = await pool.post(address, "/", b"{}")
+        assert await asyncio.wait_for(response.readany(), 5) == b"a"  # whole chunks first
+        with pytest.raises(EngineConnectionError) as broke:
+            await asyncio.wait_for(response.readany(), 5)
+        assert broke.value.kind == "bad answer"
+
+
+async def test_a_negative_content_length_is_a_bad_answer(pool: EngineConnections) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\nhello world")
+
+    async with engine(script) as (address, _):
+        with pytest.raises(EngineConnectionError):
+            await pool.post(address, "/", b"{}")
+
+
+async def test_a_kept_alive_connection_closed_while_serving_is_not_retried(
+    pool: EngineConnections,
+) -> None:
+    # The engine read the request and worked on it before its connection went: sending it
+    # again would run it twice.
+    received: list[bytes] = []
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        received.append(await read_request(reader))
+        await asyncio.sleep(0.3)
+
+    async with engine(script) as (address, _):
+        response = await pool.post(address, "/", b"{}")
+        assert await response.read() == b"ok"
+        response.release()
+        with pytest.raises(EngineConnectionError) as failed:
+            await pool.post(address, "/", b'{"n": 2}')
+        assert failed.value.kind == "disconnected"
+        await asyncio.sleep(0.1)
+    assert [request.endswith(b'{"n": 2}') for request in received] == [False, True]
+
+
+async def test_time_held_back_by_a_slow_client_is_not_engine_silence(
+    pool: EngineConnections,
+) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, STREAM_HEAD + chunk(b"first"))
+        await send_slowly(writer, *(chunk(b"token") for _ in range(20)), b"0\r\n\r\n")
+
+    async with engine(script) as (address, _):
+        response = await pool.post(address, "/", b"{}")
+        await response.readany()
+        sink = RecordingTransport()
+        sink.buffered = CLIENT_BUFFER_HIGH + 1
+        response.forward_to(as_transport(sink), lambda _: None)
+        relay = asyncio.ensure_future(response.forwarded(idle_timeout_s=0.3))
+        await asyncio.sleep(0.6)  # the client lags twice the idle limit; the engine does not
+        sink.buffered = 0
+        await asyncio.wait_for(relay, 5)
+        assert dechunk(bytes(sink.written)) == [b"token"] * 20
+
+
+async def test_nothing_reaches_the_client_from_an_engine_after_its_idle_timeout(
+    pool: EngineConnections,
+) -> None:
+    timed_out = asyncio.Event()
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await send_slowly(writer, STREAM_HEAD + chunk(b"first"))
+        await timed_out.wait()
+        await send_slowly(writer, chunk(b"late token"))
+
+    async with engine(script) as (address, _):
+        response = await pool.post(address, "/", b"{}")
+        await response.readany()
+        sink = RecordingTransport()
+        response.forward_to(as_transport(sink), lambda _: None)
+        with pytest.raises(TimeoutError):
+            await response.forwarded(idle_timeout_s=0.2)
+        timed_out.set()
+        await asyncio.sleep(0.2)
+        assert sink.written == b""

@@ -28,11 +28,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Callable
 from typing import cast
 
+_HEX_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# A reused connection that closes this soon after a request was written on it was closed by
+# the engine as idle (uvicorn's keep-alive timer), not while serving the request: retried.
+STALE_CLOSE_WINDOW_S = 0.05
 # A response head larger than this is not an engine's answer.
 MAX_HEAD_BYTES = 64 * 1024
 # The client's transport holding more than HIGH bytes unsent pauses reading the engine;
@@ -52,6 +57,10 @@ class EngineConnectionError(ConnectionError):
         self.kind = kind
 
 
+class EngineConnectTimeoutError(EngineConnectionError, TimeoutError):
+    """No connection within the connect timeout (counted as a timeout, like aiohttp's)."""
+
+
 class ClientGoneError(ConnectionResetError):
     """The client's connection closed while its stream was being forwarded."""
 
@@ -64,6 +73,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.released_at = 0.0
+        self.sent_at = 0.0
+        self.lost_at = 0.0
         self._begin()
 
     def _begin(self) -> None:
@@ -102,6 +113,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = time.monotonic()
         if self._mode == "until_close":
             self._mode = "ended"
             self._wake()
@@ -171,18 +183,17 @@ class _Connection(asyncio.Protocol):
         self.headers = headers
         self._head = bytearray()
         self._keep(rest, need=0)
-        self.reusable = version == b"HTTP/1.1" and headers.get("connection", "") != "close"
+        self.reusable = version == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
         if self.status in (204, 304):  # no body, whatever the headers say
             self._mode = "ended"
-        elif "chunked" in headers.get("transfer-encoding", ""):
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._mode = "chunked"
             self.body_chunked = True
         elif "content-length" in headers:
-            try:
-                self._remaining = int(headers["content-length"])
-            except ValueError:
+            if not headers["content-length"].isdigit():  # int() would take "-3" or "1_0"
                 self._fail(EngineConnectionError("bad answer", "malformed Content-Length"))
                 return False
+            self._remaining = int(headers["content-length"])
             self._mode = "length" if self._remaining else "ended"
         else:
             self._mode = "until_close"
@@ -201,11 +212,12 @@ class _Connection(asyncio.Protocol):
             if line_end < 0:
                 need = size - position + 1
                 break
-            try:
-                length = int(data[position:line_end].split(b";", 1)[0], 16)
-            except ValueError:
+            size_field = data[position:line_end].split(b";", 1)[0].strip(b" \t")
+            if not _HEX_SIZE.fullmatch(size_field):  # int() would take "-6" or "0x1a"
+                self._deliver(data, pieces, forwarded_end=position)
                 self._fail(EngineConnectionError("bad answer", "malformed chunk size"))
                 return
+            length = int(size_field, 16)
             if length == 0:  # the last chunk, then optional trailers and an empty line
                 if data.find(b"\r\n\r\n", line_end) < 0:
                     need = line_end + 4 - position
@@ -220,6 +232,7 @@ class _Connection(asyncio.Protocol):
                 need = chunk_end + 2 - position
                 break
             if data[chunk_end : chunk_end + 2] != b"\r\n":
+                self._deliver(data, pieces, forwarded_end=position)
                 self._fail(EngineConnectionError("bad answer", "chunk not terminated"))
                 return
             if self.sink is None:
@@ -289,6 +302,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._begin()
         self._head_waiter = asyncio.get_running_loop().create_future()
+        self.sent_at = time.monotonic()
         self.transport.write(request)
         return self._head_waiter
 
@@ -317,6 +331,7 @@ class _Connection(asyncio.Protocol):
     def forward(self, sink: asyncio.Transport, on_forward: Callable[[bytes], None]) -> None:
         self.sink = sink
         self._on_forward = on_forward
+        self.last_data_at = time.monotonic()  # the idle limit runs from here
         if self._pieces:  # arrived since the caller's last readany(): framed again
             data = b"".join(self._pieces)
             self._pieces.clear()
@@ -327,6 +342,8 @@ class _Connection(asyncio.Protocol):
 
     def resume(self) -> None:
         self.paused = False
+        # The engine's silence is not observable while its socket is not read.
+        self.last_data_at = time.monotonic()
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
@@ -398,6 +415,10 @@ class EngineResponse:
                 continue
             silent_s = time.monotonic() - connection.last_data_at
             if silent_s >= idle_timeout_s:
+                # Nothing more from this engine may reach the client after the error event
+                # and the end the relay writes next.
+                connection.abort()
+                connection.sink = None
                 raise TimeoutError(f"no data for {idle_timeout_s:g} s")
             try:
                 async with asyncio.timeout(idle_timeout_s - silent_s):
@@ -451,9 +472,11 @@ class EngineConnections:
                 return EngineResponse(connection, self)
             except EngineConnectionError:
                 connection.abort()
-                if connection.received_any:
+                closed_after_s = connection.lost_at - connection.sent_at
+                if connection.received_any or not 0 <= closed_after_s <= STALE_CLOSE_WINDOW_S:
                     raise
-                # Closed idle by the engine as the request went out: it never saw it.
+                # Closed idle by the engine as the request went out: it never saw it. (One
+                # closed later may have been working on it: that is the engine's failure.)
             except BaseException:
                 connection.abort()
                 raise
@@ -470,12 +493,16 @@ class EngineConnections:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if connection.closed:
+            if connection.closed or connection.transport is None:
                 continue
-            if now - connection.released_at > self._idle_keep_s:
+            if connection.transport.is_closing() or (
+                now - connection.released_at > self._idle_keep_s
+            ):
                 connection.abort()
                 continue
             return connection
+        if idle is not None:  # engines come and go: forget the ones with nothing kept
+            del self._idle[address]
         return None
 
     async def _open(self, address: str) -> _Connection:
@@ -486,7 +513,11 @@ class EngineConnections:
                 _, connection = await loop.create_connection(
                     lambda: _Connection(address), host.strip("[]"), int(port)
                 )
-        except (OSError, TimeoutError, ValueError) as error:
+        except TimeoutError:
+            raise EngineConnectTimeoutError(
+                "timed out", f"connecting to {address} took over {self._connect_timeout_s:g} s"
+            ) from None
+        except (OSError, ValueError) as error:
             raise EngineConnectionError("cannot connect", f"{address}: {error!r}") from None
         self.opened += 1
         return connection
@@ -496,7 +527,8 @@ class EngineConnections:
         if len(idle) >= self._idle_per_engine:
             connection.abort()
             return
-        connection.released_at = time.monotonic()
+        # The engine's keep-alive timer runs from its last byte, not from our release.
+        connection.released_at = connection.last_data_at or time.monotonic()
         idle.append(connection)
 
     def close(self) -> None:
