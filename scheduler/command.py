@@ -54,7 +54,7 @@ from twinroute.scheduler.telemetry import build_metrics_app
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import Endpoint
 
-from twinroute.runtime import LOG_LEVELS
+from twinroute.runtime import LOG_LEVELS, settle_heap_for_serving
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
@@ -516,6 +516,7 @@ async def serve(args: argparse.Namespace, settings: SchedulerSettings) -> int:
             f"(policy {settings.policy}, metrics {metrics_url}{picker_note})",
             flush=True,
         )
+        settle_heap_for_serving()
         await stop.wait()
         logger.info("stopping: health NOT_SERVING, %.1fs grace for in-flight RPCs", args.grace_s)
         if picker is not None:

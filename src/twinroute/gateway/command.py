@@ -41,7 +41,7 @@ from twinroute.router.command import (
     embedded_settings,
     parse_endpoints,
 )
-from twinroute.runtime import LOG_LEVELS
+from twinroute.runtime import LOG_LEVELS, settle_heap_for_serving
 from twinroute.scheduler.openai_queries import (
     TOKENIZER_HELP,
     add_tokenizer_arguments,
@@ -280,6 +280,7 @@ async def serve(args: argparse.Namespace) -> None:
                 f"gateway listening on http://{args.host}:{args.port} ({', '.join(notes)})",
                 flush=True,
             )
+            settle_heap_for_serving()
             exited = asyncio.create_task(asyncio.to_thread(envoy.wait))
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from twinroute.router.failopen import DEFAULT_LEARN_EVERY_S, FailOpenScheduler
 from twinroute.router.server import RouterSettings, build_app
-from twinroute.runtime import LOG_LEVELS, event_loop_runner
+from twinroute.runtime import LOG_LEVELS, event_loop_runner, settle_heap_for_serving
 from twinroute.scheduler.api import Endpoint, Scheduler
 from twinroute.scheduler.client import (
     ReplicatedSchedulerClient,
@@ -342,6 +342,7 @@ async def serve(
     await site.start()
     scheme = "https" if tls is not None else "http"
     print(f"router listening on {scheme}://{host}:{runner.addresses[0][1]}", flush=True)
+    settle_heap_for_serving()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
