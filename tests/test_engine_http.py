@@ -19,6 +19,7 @@ from twinroute.router.engine_http import (
     ClientGoneError,
     EngineConnectionError,
     EngineConnections,
+    EngineResponse,
 )
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -81,6 +82,20 @@ class RecordingTransport:
 
 def as_transport(sink: RecordingTransport) -> asyncio.Transport:
     return cast(asyncio.Transport, sink)
+
+
+async def start_forwarding(
+    pool: EngineConnections, address: str, *, buffered: int = 0, closing: bool = False
+) -> tuple[EngineResponse, RecordingTransport]:
+    """A streamed request as the router makes it: its first chunk read (it must be b"first"),
+    the rest forwarded to a recording client (`buffered` bytes unsent, `closing` or not)."""
+    response = await pool.post(address, "/", b"{}")
+    assert await response.readany() == b"first"
+    sink = RecordingTransport()
+    sink.buffered = buffered
+    sink.closing = closing
+    response.forward_to(as_transport(sink), lambda _: None)
+    return response, sink
 
 
 @contextlib.asynccontextmanager
@@ -202,10 +217,7 @@ async def test_an_engine_that_dies_mid_chunk_passes_on_only_whole_chunks(
         writer.transport.abort()
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        assert await response.readany() == b"first"
-        sink = RecordingTransport()
-        response.forward_to(as_transport(sink), lambda _: None)
+        response, sink = await start_forwarding(pool, address)
         forwarding.set()
         with pytest.raises(EngineConnectionError) as broke:
             await response.forwarded(idle_timeout_s=5)
@@ -222,9 +234,7 @@ async def test_a_silent_engine_times_the_stream_out(pool: EngineConnections) -> 
         await asyncio.sleep(5)
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        response.forward_to(as_transport(RecordingTransport()), lambda _: None)
+        response, _ = await start_forwarding(pool, address)
         with pytest.raises(TimeoutError):
             await response.forwarded(idle_timeout_s=0.2)
         response.release()
@@ -242,11 +252,7 @@ async def test_a_client_that_left_stops_the_stream_and_drops_the_engine_connecti
             engine_saw_close.set()
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        sink = RecordingTransport()
-        sink.closing = True
-        response.forward_to(as_transport(sink), lambda _: None)
+        response, sink = await start_forwarding(pool, address, closing=True)
         with pytest.raises(ClientGoneError):
             await response.forwarded(idle_timeout_s=5)
         await asyncio.wait_for(engine_saw_close.wait(), 5)
@@ -262,11 +268,7 @@ async def test_a_slow_client_pauses_reading_the_engine_until_it_catches_up(
         await send_slowly(writer, *(chunk(b"x" * 100) for _ in range(5)), b"0\r\n\r\n")
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        sink = RecordingTransport()
-        sink.buffered = CLIENT_BUFFER_HIGH + 1
-        response.forward_to(as_transport(sink), lambda _: None)
+        response, sink = await start_forwarding(pool, address, buffered=CLIENT_BUFFER_HIGH + 1)
         relay = asyncio.ensure_future(response.forwarded(idle_timeout_s=5))
         await asyncio.sleep(0.3)
         # Paused after the first forwarded write: the rest waits in the engine's socket.
@@ -344,11 +346,8 @@ async def test_a_stream_that_ends_while_the_client_lags_leaves_a_usable_connecti
         await send_slowly(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
 
     async with engine(script) as (address, accepted):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        sink = RecordingTransport()
-        sink.buffered = CLIENT_BUFFER_HIGH + 1  # never catches up before the end
-        response.forward_to(as_transport(sink), lambda _: None)
+        # The client never catches up before the end.
+        response, _ = await start_forwarding(pool, address, buffered=CLIENT_BUFFER_HIGH + 1)
         await asyncio.wait_for(response.forwarded(idle_timeout_s=5), 5)
         response.release()
         response = await asyncio.wait_for(pool.post(address, "/", b"{}"), 5)
@@ -450,11 +449,7 @@ async def test_time_held_back_by_a_slow_client_is_not_engine_silence(
         await send_slowly(writer, *(chunk(b"token") for _ in range(20)), b"0\r\n\r\n")
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        sink = RecordingTransport()
-        sink.buffered = CLIENT_BUFFER_HIGH + 1
-        response.forward_to(as_transport(sink), lambda _: None)
+        response, sink = await start_forwarding(pool, address, buffered=CLIENT_BUFFER_HIGH + 1)
         relay = asyncio.ensure_future(response.forwarded(idle_timeout_s=0.3))
         await asyncio.sleep(0.6)  # the client lags twice the idle limit; the engine does not
         sink.buffered = 0
@@ -474,10 +469,7 @@ async def test_nothing_reaches_the_client_from_an_engine_after_its_idle_timeout(
         await send_slowly(writer, chunk(b"late token"))
 
     async with engine(script) as (address, _):
-        response = await pool.post(address, "/", b"{}")
-        await response.readany()
-        sink = RecordingTransport()
-        response.forward_to(as_transport(sink), lambda _: None)
+        response, sink = await start_forwarding(pool, address)
         with pytest.raises(TimeoutError):
             await response.forwarded(idle_timeout_s=0.2)
         timed_out.set()
