@@ -6,9 +6,9 @@ stream reader, future, coroutine step) and is framed again on the way out. Here 
 socket is read by a plain `asyncio.Protocol`: once the relay has sent the client the first
 chunk (through aiohttp, with the response's headers), `EngineResponse.forward_to` makes every
 further complete chunk go straight from the engine socket's `data_received` to the client's
-transport, framing and all, with no task woken until the stream ends. Measured beside a bare
-aiohttp relay in front of two real vLLM engines: about a third less CPU per streamed request
-(BENCHMARKS.md, `tools/router_cpu_vllm.py`).
+transport, framing and all, with no task woken until the stream ends. In front of two real
+vLLM engines that took 0.4-0.56 ms (15-18%) off the router's CPU per 8-token stream, and on
+200-token streams about a quarter (BENCHMARKS.md, `benchmarks/hot_path/splice/`).
 
 Only whole chunks are passed on, so a stream that breaks mid-chunk leaves the client's framing
 intact for the relay's error event; the engine's terminating chunk is held back for the
@@ -17,10 +17,12 @@ error answers, bodies of a known length) is read through `readany()` / `read()`,
 like aiohttp's `content`.
 
 Connections are kept alive per engine and reused most recent first; one idle for longer than
-`idle_keep_s` is closed rather than reused (uvicorn, vLLM's server, drops idle ones after 5 s,
-and a request written into a connection the engine is closing is lost). A reused connection
-that closes before its answer began is retried once on a fresh one: the engine closed it
-idle, it never saw the request.
+`idle_keep_s` after the engine's last byte is closed rather than reused (uvicorn, vLLM's
+server, drops idle ones after 5 s, and a request written into a connection the engine is
+closing is lost). A reused connection that closes within `STALE_CLOSE_WINDOW_S` of the
+request, before any answer, is retried once on a fresh one: the engine closed it idle and
+never saw the request. A later close may have cut a request the engine was working on, and
+is the engine's failure (never sent twice).
 """
 
 from __future__ import annotations
