@@ -1,11 +1,12 @@
 """Records the CPU time of every cyclic-GC collection of a `twinroute router` process.
 
-Put this folder on PYTHONPATH and name a folder in GC_PROBE_DIR: every Python process started
-with that environment imports this file, and a router writes `gc-PID.json` there when it exits
-(collections and their CPU time per generation, the process's own CPU time):
+Put this folder on PYTHONPATH and name an existing folder in GC_PROBE_DIR: every Python
+process started with that environment imports this file, and a router writes `gc-PID.json`
+there when it exits (collections and their CPU time per generation, the process's own CPU):
 
-    GC_PROBE_DIR=/tmp/gc PYTHONPATH=tools/gc_probe .venv/bin/twinroute bench streaming \
-      --paths twinroute_dualmap --concurrency 256 --duration 15 --out /tmp/gc/bench
+    mkdir -p results/gc
+    GC_PROBE_DIR=results/gc PYTHONPATH=tools/gc_probe .venv/bin/twinroute bench streaming \
+      --paths twinroute_dualmap --concurrency 256 --duration 15 --out results/gc/bench
 """
 
 import atexit
