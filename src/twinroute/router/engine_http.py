@@ -320,9 +320,7 @@ class _Connection(asyncio.Protocol):
         """Body bytes received and not taken yet; b"" at the end; None when there are none
         yet. Raises the exchange's error."""
         if self._pieces:
-            data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
-            self._pieces.clear()
-            return data
+            return self._take_pieces()
         if self._mode == "failed":
             assert self.error is not None
             raise self.error
@@ -330,13 +328,17 @@ class _Connection(asyncio.Protocol):
             return b""
         return None
 
+    def _take_pieces(self) -> bytes:
+        data = self._pieces[0] if len(self._pieces) == 1 else b"".join(self._pieces)
+        self._pieces.clear()
+        return data
+
     def forward(self, sink: asyncio.Transport, on_forward: Callable[[bytes], None]) -> None:
         self.sink = sink
         self._on_forward = on_forward
         self.last_data_at = time.monotonic()  # the idle limit runs from here
         if self._pieces:  # arrived since the caller's last readany(): framed again
-            data = b"".join(self._pieces)
-            self._pieces.clear()
+            data = self._take_pieces()
             sink.write(b"%x\r\n%b\r\n" % (len(data), data))
             on_forward(data)
         if self._pending and self._mode == "chunked":

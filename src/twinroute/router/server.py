@@ -688,21 +688,18 @@ class RouterServer:
         response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
         # The engine's own chunks go to the client as they are (engine_http.py): the client's
         # response must be chunked too, which HTTP/1.0 has no word for.
-        spliceable = (
-            spliced is None
-            and upstream.chunked
-            and request.version >= aiohttp.HttpVersion11
-            and request.transport is not None
-        )
-        if spliceable:
+        client = request.transport
+        if spliced is not None or not upstream.chunked or request.version < aiohttp.HttpVersion11:
+            client = None
+        if client is not None:
             response.enable_chunked_encoding()
         outcome: Outcome = "cancelled"
         events = _EventCount(first)
         try:
             await response.prepare(request)
             await response.write(first)
-            if spliceable and request.transport is not None:
-                broke = await self._pass_on(upstream, request.transport, events)
+            if client is not None:
+                broke = await self._pass_on(upstream, client, events)
             else:
                 broke = await self._read_on(content, response, events)
             if broke is None:
