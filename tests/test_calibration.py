@@ -114,6 +114,40 @@ def test_a_few_stalled_requests_do_not_drag_the_fit() -> None:
     assert calibration.fitted()["e0"][1] == pytest.approx(4.0, rel=0.15)
 
 
+def test_the_fit_predicts_the_typical_first_token_under_right_skewed_delays() -> None:
+    """On a busy host first tokens are late far more often, and by far more, than they are
+    early (the engine waits for a core, its API server for the event loop): measured on two
+    real vLLM CPU engines, small prompts' first tokens ran from 17 ms (p10) through 23 (p50)
+    to 78 ms (p90). A fit of the mean lands above most of them; the error reported is the
+    median relative one, so the fit is of relative error, robust to the tail."""
+    engine = PROFILE.calibrated(time_scale=3.0, overhead_s=0.018)
+    calibration = CostCalibration(prior=PROFILE)
+    rng = random.Random(7)
+    errors_at_typical = []
+    for _ in range(600):
+        uncached = rng.choice((16, 64, 200, 600, 2000))
+        predicted = calibration.model_for("e0").estimate_ttft_s(
+            uncached_tokens=uncached, cached_tokens=0, load=EMPTY_LOAD
+        )
+        typical = true_ttft_s(engine, uncached)
+        # 60% within 10% of the engine's time; 40% late by 1.3-4x.
+        late = rng.random() < 0.4
+        observed = typical * (rng.uniform(1.3, 4.0) if late else rng.uniform(0.9, 1.1))
+        calibration.observe(
+            "e0",
+            work_s=calibration.work_s("e0", predicted),
+            predicted_ttft_s=predicted,
+            observed_ttft_s=observed,
+        )
+        errors_at_typical.append(abs(predicted - typical) / typical)
+    fitted = calibration.model_for("e0")
+    for uncached in (16, 200, 2000):
+        assert relative_error(fitted, engine, uncached) < 0.12, uncached
+    ratio = calibration.error_ratio("e0")
+    assert ratio is not None and ratio < 0.15
+    assert float(np.median(errors_at_typical[300:])) < 0.1
+
+
 def test_the_fit_follows_an_engine_that_slows_down() -> None:
     calibration = CostCalibration(prior=PROFILE, settings=CalibrationSettings(decay=0.98))
     feed(calibration, "e0", PROFILE.calibrated(time_scale=2.0, overhead_s=0.01), requests=300)
