@@ -484,7 +484,12 @@ class SchedulerTelemetry(ScrapeListener):
         self._observed = self.observed_ttft.labels(self._policy)
         self._predicted = self.predicted_ttft.labels(self._policy)
         self._error = self.ttft_error.labels(self._policy)
-        self._relative_error = self.ttft_relative_error.labels(self._policy)
+        # By what the pick found: the fit learns from first tokens of requests that found
+        # their engine idle, so their error is the fit's; the others' is the queue estimate's.
+        self._relative_error = {
+            found_idle: self.ttft_relative_error.labels(self._policy, at_pick)
+            for found_idle, at_pick in ((True, "idle"), (False, "busy"))
+        }
         self._under = self.ttft_underestimated.labels(self._policy)
 
     def _add_prediction_metrics(self, registry: CollectorRegistry) -> None:
@@ -514,8 +519,9 @@ class SchedulerTelemetry(ScrapeListener):
             f"{NAMESPACE}_ttft_prediction_relative_error",
             "|observed - predicted| / observed TTFT of completed requests, the prediction "
             "made at the pick (the ratio gauge is the median of the last ones; this one can be "
-            "read over any span of time).",
-            ["policy"],
+            "read over any span of time), by whether the request found its engine idle (none "
+            "of the scheduler's requests in flight there) or busy.",
+            ["policy", "engine_at_pick"],
             buckets=_RELATIVE_ERROR_BUCKETS,
             registry=registry,
         )
@@ -552,7 +558,7 @@ class SchedulerTelemetry(ScrapeListener):
         self._predicted.observe(lease.predicted_ttft_s)
         self._error.observe(abs(observed_ttft_s - lease.predicted_ttft_s))
         if observed_ttft_s > 0:
-            self._relative_error.observe(
+            self._relative_error[lease.found_idle].observe(
                 abs(observed_ttft_s - lease.predicted_ttft_s) / observed_ttft_s
             )
         if observed_ttft_s > lease.predicted_ttft_s:

@@ -34,6 +34,7 @@ from twinroute.bench.vllm_live import (
     parse_rates,
     parse_scheduler_figures,
     plot_rate,
+    prediction_errors_after_warmup,
     process_tree_cpu_s,
     rate_table,
     rate_window,
@@ -272,6 +273,32 @@ def test_the_embedded_schedulers_own_figures_are_read_and_told() -> None:
     assert "median abs. error 21%" in note
     assert "answered by KV events 75% whole, 0% in part" in note
     assert "agreed with the engine on 80% of picks (over 20%, under 0%; off by 64 tokens" in note
+
+
+def test_the_prediction_error_after_warmup_is_split_by_what_the_pick_found() -> None:
+    """Requests that found their engine idle measure the fit; the others, the queue estimate."""
+
+    def exposition(idle: list[float], busy: list[float]) -> str:
+        bounds = ["0.1", "0.25", "0.5", "1.0", "+Inf"]
+        name = "twinroute_scheduler_ttft_prediction_relative_error_bucket"
+        return "\n".join(
+            f'{name}{{engine_at_pick="{at_pick}",le="{bound}",policy="dualmap"}} {count}'
+            for at_pick, counts in (("idle", idle), ("busy", busy))
+            for bound, count in zip(bounds, counts, strict=True)
+        )
+
+    at_warmup = exposition([0, 0, 0, 0, 2], [0, 0, 0, 0, 2])
+    # After it: 10 idle, all within 10%; 10 busy, all between 50% and 100% off.
+    at_end = exposition([10, 10, 10, 10, 12], [0, 0, 0, 10, 12])
+    figures = prediction_errors_after_warmup(at_warmup, at_end)
+    assert figures["predictions_after_warmup"] == 20
+    assert figures["predictions_after_warmup_idle"] == 10
+    assert figures["ttft_prediction_error_after_warmup_idle"] == pytest.approx(0.05)
+    assert figures["ttft_prediction_error_after_warmup_busy"] == pytest.approx(0.75)
+    assert figures["ttft_prediction_error_after_warmup"] == pytest.approx(0.1)
+    note = scheduler_note("twinroute_dualmap", {**figures, "prediction_warmup_s": 60.0})
+    assert "10% over the 20 requests after the first 60 s (5% of the 10 that found their " in note
+    assert "engine idle, 75% of the 10 that found it busy)" in note
 
 
 def test_the_prediction_error_after_warmup_is_the_median_of_two_scrapes_difference() -> None:

@@ -271,19 +271,27 @@ def test_relative_errors_are_a_histogram_readable_over_any_span() -> None:
     core = make_core()
     registry = CollectorRegistry()
     telemetry = SchedulerTelemetry(registry=registry, core=core, clock=lambda: 0.0)
-    for predicted, observed in ((0.1, 0.1), (0.1, 0.125), (0.3, 0.1), (0.05, 1.0)):
+    cases = ((0.1, 0.1, True), (0.1, 0.125, True), (0.3, 0.1, True), (0.05, 1.0, False))
+    for predicted, observed, idle in cases:
         lease = Lease(
             lease_id="l", endpoint_id="e0", request_id="r", opened_at=0.0, prompt_tokens=8,
-            uncached_tokens=8, predicted_ttft_s=predicted,
+            uncached_tokens=8, predicted_ttft_s=predicted, found_idle=idle,
         )  # fmt: skip
         telemetry.observe_complete(lease, outcome="success", observed_ttft_s=observed)
     text = telemetry.exposition().decode()
     name = "twinroute_scheduler_ttft_prediction_relative_error"
-    # Errors 0, 0.2, 2 and 0.95.
-    assert f'{name}_bucket{{le="0.05",policy="dualmap"}} 1.0' in text
-    assert f'{name}_bucket{{le="0.25",policy="dualmap"}} 2.0' in text
-    assert f'{name}_bucket{{le="1.0",policy="dualmap"}} 3.0' in text
-    assert f'{name}_count{{policy="dualmap"}} 4.0' in text
+    # Errors 0, 0.2 and 2 for requests that found their engine idle, 0.95 for one that did
+    # not (what is left of the error once the fit is right is the queue's).
+    for at_pick, bound, count in (
+        ("idle", "0.05", 1),
+        ("idle", "0.25", 2),
+        ("idle", "1.0", 2),
+        ("busy", "1.0", 1),
+    ):
+        labels = f'engine_at_pick="{at_pick}",le="{bound}",policy="dualmap"'
+        assert f"{name}_bucket{{{labels}}} {count:.1f}" in text
+    assert f'{name}_count{{engine_at_pick="idle",policy="dualmap"}} 3.0' in text
+    assert f'{name}_count{{engine_at_pick="busy",policy="dualmap"}} 1.0' in text
 
 
 def test_a_first_token_queued_behind_a_peer_replicas_requests_does_not_teach_the_fit() -> None:

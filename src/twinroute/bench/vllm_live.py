@@ -666,23 +666,39 @@ async def _errors_after_warmup(
         return {}
     if at_warmup is None:
         return {}
-    before, after = relative_error_buckets(at_warmup), relative_error_buckets(at_end)
-    span = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
-    median = histogram_median(span)
-    if median is None:
-        return {}
-    return {
-        "ttft_prediction_error_after_warmup": median,
-        "prediction_warmup_s": PREDICTION_WARMUP_S,
-        "predictions_after_warmup": span.get(math.inf, 0.0),
-    }
+    figures = prediction_errors_after_warmup(at_warmup, at_end)
+    if figures:
+        figures["prediction_warmup_s"] = PREDICTION_WARMUP_S
+    return figures
 
 
-def relative_error_buckets(text: str) -> dict[float, float]:
-    """Upper bound -> cumulative count of the relative-error histogram (all policies)."""
+def prediction_errors_after_warmup(at_warmup: str, at_end: str) -> dict[str, float]:
+    """From two scrapes of the relative-error histogram: the median error of the requests
+    completed between them and how many there were, all of them and apart by what the pick
+    found (`_idle`: the engine had none of the scheduler's requests in flight, so the error
+    is the fitted costs'; `_busy`: it had, so the queue estimate's too)."""
+    figures: dict[str, float] = {}
+    for suffix, at_pick in (("", None), ("_idle", "idle"), ("_busy", "busy")):
+        before = relative_error_buckets(at_warmup, engine_at_pick=at_pick)
+        after = relative_error_buckets(at_end, engine_at_pick=at_pick)
+        span = {bound: after[bound] - before.get(bound, 0.0) for bound in after}
+        median = histogram_median(span)
+        if median is None:
+            continue
+        figures[f"ttft_prediction_error_after_warmup{suffix}"] = median
+        figures[f"predictions_after_warmup{suffix}"] = span.get(math.inf, 0.0)
+    return figures
+
+
+def relative_error_buckets(text: str, *, engine_at_pick: str | None = None) -> dict[float, float]:
+    """Upper bound -> cumulative count of the relative-error histogram (all policies; those
+    of requests that found their engine `engine_at_pick`, "idle" or "busy", when given)."""
+    wanted = f'engine_at_pick="{engine_at_pick}"'
     buckets: dict[float, float] = {}
     for line in text.splitlines():
         if not line.startswith(_RELATIVE_ERROR_BUCKET + "{"):
+            continue
+        if engine_at_pick is not None and wanted not in line:
             continue
         labels, _, value = line.rpartition(" ")
         bound = labels.split('le="', 1)[1].split('"', 1)[0]
@@ -817,10 +833,16 @@ def scheduler_note(name: str, figures: dict[str, float]) -> str:
             f"{1000 * figures.get('cost_overhead_s', 0.0):.0f} ms)"
         )
     if "ttft_prediction_error_after_warmup" in figures:
+        split = [
+            f"{figures[f'ttft_prediction_error_after_warmup_{at_pick}']:.0%} of the "
+            f"{figures[f'predictions_after_warmup_{at_pick}']:.0f} that found {what}"
+            for at_pick, what in (("idle", "their engine idle"), ("busy", "it busy"))
+            if f"ttft_prediction_error_after_warmup_{at_pick}" in figures
+        ]
         parts.append(
             f"{figures['ttft_prediction_error_after_warmup']:.0%} over the "
             f"{figures['predictions_after_warmup']:.0f} requests after the first "
-            f"{figures['prediction_warmup_s']:.0f} s"
+            f"{figures['prediction_warmup_s']:.0f} s" + (f" ({', '.join(split)})" if split else "")
         )
     precise = figures.get("lookups_precise", 0.0)
     partial = figures.get("lookups_partial", 0.0)
