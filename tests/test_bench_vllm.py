@@ -298,7 +298,7 @@ def test_the_prediction_error_after_warmup_is_split_by_what_the_pick_found() -> 
     assert figures["ttft_prediction_error_after_warmup"] == pytest.approx(0.1)
     note = scheduler_note("twinroute_dualmap", {**figures, "prediction_warmup_s": 60.0})
     assert "10% over the 20 requests after the first 60 s (5% of the 10 that found their " in note
-    assert "engine idle, 75% of the 10 that found it busy)" in note
+    assert "engine idle, 75% of the 10 that found their engine busy)" in note
 
 
 def test_the_prediction_error_after_warmup_is_the_median_of_two_scrapes_difference() -> None:

@@ -836,7 +836,7 @@ def scheduler_note(name: str, figures: dict[str, float]) -> str:
         split = [
             f"{figures[f'ttft_prediction_error_after_warmup_{at_pick}']:.0%} of the "
             f"{figures[f'predictions_after_warmup_{at_pick}']:.0f} that found {what}"
-            for at_pick, what in (("idle", "their engine idle"), ("busy", "it busy"))
+            for at_pick, what in (("idle", "their engine idle"), ("busy", "their engine busy"))
             if f"ttft_prediction_error_after_warmup_{at_pick}" in figures
         ]
         parts.append(
