@@ -29,28 +29,29 @@ idle moments are rare, and the fit keeps what it learnt when they were not.
 
 Estimator: exponentially weighted least squares of the *relative* error (each observation
 weighs 1 / observed^2, so a 20 ms first token missed by 10 ms counts as much as a 2 s one
-missed by 1 s; its weight decays by `decay` per later observation: an effective memory of 1 /
-(1 - decay) requests, so the model follows an engine that slows down under a different mix),
-ridge-regularised towards a prior with the weight of `prior_weight` observations, so few or
-uninformative observations (all of one size) leave the prior nearly untouched; the prior's
-weight decays as the observations' do, so it does not bias a well-observed fit. Two levels: a
-pool fit over every endpoint's observations, shrunk towards the profile (overhead = the
-profile's, scale = 1), and one fit per endpoint, shrunk towards the pool fit. An endpoint not
-yet observed (just added, or one whose requests all failed) is predicted with the pool fit, not
-the raw profile: otherwise an observed endpoint on fast hardware would look faster than its
-identical, unobserved peers, and none of them would get traffic to be observed with. Robust:
-once `robust_after` observations are in, each also weighs 1 / |its relative residual| against
-the fit as it stands (at least `robust_floor`), one step of iteratively reweighted least
-squares per observation, which makes the fit one of median rather than mean relative error.
-Delays on a busy host are one-sided: first tokens are late far more often, and by far more,
-than they are early (measured on two real vLLM CPU engines sharing a 2-core machine with the
-router and the load generator: small prompts' first tokens ran from 17 ms (p10) through 23 ms
-(p50) to 78 ms (p90)). A fit of the mean sat above most of them: there its predictions were 35%
-off (median) after a minute, 22% with this fit. A request that waited behind a stalled engine
-does not drag it either. The price: a level shift looks like outliers at first, so an engine
-that slows down 3x is followed to within 10% after about 530 first tokens (300 for the fit of
-the mean). The scale stays within [`MIN_SCALE`, `MAX_SCALE`] and the overhead
-within [0, `MAX_OVERHEAD_S`].
+missed by 1 s; observed as no less than half the fit's prediction, so a first token reported
+absurdly early cannot outweigh the rest; its weight decays by `decay` per later observation: an
+effective memory of 1 / (1 - decay) requests, so the model follows an engine that slows down
+under a different mix), ridge-regularised towards a prior with the weight of `prior_weight`
+observations, so few or uninformative observations (all of one size) leave the prior nearly
+untouched; the prior's weight decays as the observations' do, so it does not bias a
+well-observed fit. Two levels: a pool fit over every endpoint's observations, shrunk towards
+the profile (overhead = the profile's, scale = 1), and one fit per endpoint, shrunk towards the
+pool fit. An endpoint not yet observed (just added, or one whose requests all failed) is
+predicted with the pool fit, not the raw profile: otherwise an observed endpoint on fast
+hardware would look faster than its identical, unobserved peers, and none of them would get
+traffic to be observed with. Robust: once `robust_after` observations are in, each also weighs
+1 / |its relative residual| against the fit as it stands (at least `robust_floor`), one step of
+iteratively reweighted least squares per observation, which makes the fit one of median rather
+than mean relative error. Delays on a busy host are one-sided: first tokens are late far more
+often, and by far more, than they are early (measured on two real vLLM CPU engines sharing a
+2-core machine with the router and the load generator: small prompts' first tokens ran from 17
+ms (p10) through 23 ms (p50) to 78 ms (p90)). A fit of the mean sat above most of them: there
+its predictions were 35% off (median) after a minute, 22% with this fit. A request that waited
+behind a stalled engine does not drag it either. The price: a level shift looks like outliers
+at first, so an engine that slows down 3x is followed to within 10% after about 530 first
+tokens (300 for the fit of the mean). The scale stays within [`MIN_SCALE`, `MAX_SCALE`] and the
+overhead within [0, `MAX_OVERHEAD_S`].
 
 Quality is reported, not assumed: the median absolute percentage error of the predictions
 made at pick time against the TTFTs observed, over the last `error_window` first tokens, per
@@ -71,6 +72,8 @@ from twinroute.scheduler.costmodel import CostModel
 MIN_SCALE = 0.01
 MAX_SCALE = 1000.0
 MAX_OVERHEAD_S = 30.0
+# Observations weigh as if at least this long (relative errors of nothing are no measure).
+_MIN_SCALE_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +195,14 @@ class CostCalibration:
         settings = self.settings
         fit.errors.append(error)
         y = observed_ttft_s
-        weight = 1.0 / (y * y)
+        expected = fit.overhead_s + fit.time_scale * work_s
+        # Relative to the observation, but never to less than half the fit's prediction: a
+        # first token reported absurdly early (a clock step, a report racing its pick) must
+        # not outweigh all the others (with 1 / y^2 one 10 us report undid 200 good ones).
+        scale = max(y, 0.5 * expected, _MIN_SCALE_S)
+        weight = 1.0 / (scale * scale)
         if fit.observations >= settings.robust_after:
-            relative = abs(y - (fit.overhead_s + fit.time_scale * work_s)) / y
-            weight /= max(relative, settings.robust_floor)
+            weight /= max(abs(y - expected) / scale, settings.robust_floor)
         decay = settings.decay
         fit.count = fit.count * decay + 1.0
         fit.weight = fit.weight * decay + weight

@@ -148,6 +148,26 @@ def test_the_fit_predicts_the_typical_first_token_under_right_skewed_delays() ->
     assert float(np.median(errors_at_typical[300:])) < 0.1
 
 
+def test_a_first_token_reported_absurdly_early_does_not_undo_the_fit() -> None:
+    """Relative errors weigh small observations more; a 10 us first token (a clock step, a
+    report racing its pick) must still count as one observation far off, no more."""
+    engine = PROFILE.calibrated(time_scale=4.0, overhead_s=0.02)
+    calibration = CostCalibration(prior=PROFILE)
+    feed(calibration, "e0", engine, requests=200)
+    predicted = calibration.model_for("e0").estimate_ttft_s(
+        uncached_tokens=512, cached_tokens=0, load=EMPTY_LOAD
+    )
+    calibration.observe(
+        "e0",
+        work_s=calibration.work_s("e0", predicted),
+        predicted_ttft_s=predicted,
+        observed_ttft_s=1e-5,
+    )
+    overhead_s, time_scale, _ = calibration.fitted()["e0"]
+    assert time_scale == pytest.approx(4.0, rel=0.05)
+    assert overhead_s == pytest.approx(0.02, abs=0.003)
+
+
 def test_the_fit_follows_an_engine_that_slows_down() -> None:
     calibration = CostCalibration(prior=PROFILE, settings=CalibrationSettings(decay=0.98))
     feed(calibration, "e0", PROFILE.calibrated(time_scale=2.0, overhead_s=0.01), requests=300)
