@@ -1,8 +1,8 @@
 """Replay the logged first tokens through a calibration and report its prediction error.
 
     .venv/bin/python replay.py                      # twinroute's own calibration
-    git show ca0a483:scheduler/calibration.py > /tmp/mean_fit.py
-    .venv/bin/python replay.py /tmp/mean_fit.py     # another version of the module
+    git show ca0a483:scheduler/calibration.py > mean_fit.py
+    .venv/bin/python replay.py mean_fit.py          # another version of the module
 
 For each log here, every first token in the order it came: the calibration predicts it from
 the work logged at its pick (the prior profile's work, which does not depend on the fit),
