@@ -73,7 +73,7 @@ MIN_SCALE = 0.01
 MAX_SCALE = 1000.0
 MAX_OVERHEAD_S = 30.0
 # Observations weigh as if at least this long (relative errors of nothing are no measure).
-_MIN_SCALE_S = 1e-4
+_MIN_SIZE_S = 1e-4
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,10 +199,10 @@ class CostCalibration:
         # Relative to the observation, but never to less than half the fit's prediction: a
         # first token reported absurdly early (a clock step, a report racing its pick) must
         # not outweigh all the others (with 1 / y^2 one 10 us report undid 200 good ones).
-        scale = max(y, 0.5 * expected, _MIN_SCALE_S)
-        weight = 1.0 / (scale * scale)
+        size = max(y, 0.5 * expected, _MIN_SIZE_S)
+        weight = 1.0 / (size * size)
         if fit.observations >= settings.robust_after:
-            weight /= max(abs(y - expected) / scale, settings.robust_floor)
+            weight /= max(abs(y - expected) / size, settings.robust_floor)
         decay = settings.decay
         fit.count = fit.count * decay + 1.0
         fit.weight = fit.weight * decay + weight
