@@ -6,25 +6,16 @@ scale is within 10% of the new one (noise +-5%, prompts of 64-8192 uncached toke
     .venv/bin/python follow_slowdown.py mean_fit.py      # the fit of the mean before it
 """
 
-import importlib.util
 import random
 import sys
+from pathlib import Path
 
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100 as PRIOR
 from twinroute.scheduler.types import EMPTY_LOAD
 
-
-def module_at(path: str | None):
-    if path is None:
-        import twinroute.scheduler.calibration as module
-
-        return module
-    spec = importlib.util.spec_from_file_location("followed_calibration", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+# One loader for a calibration module given by path, the replay's.
+sys.path.insert(0, str(Path(__file__).parent / "first-tokens"))
+from replay import calibration_module
 
 
 def feed(calibration, engine, requests: int, seed: int) -> None:
@@ -46,7 +37,7 @@ def feed(calibration, engine, requests: int, seed: int) -> None:
 
 
 for path in sys.argv[1:] or [None]:
-    calibration = module_at(path).CostCalibration(prior=PRIOR)
+    calibration = calibration_module(path).CostCalibration(prior=PRIOR)
     feed(calibration, PRIOR.calibrated(time_scale=2.0, overhead_s=0.01), 300, seed=0)
     slow = PRIOR.calibrated(time_scale=6.0, overhead_s=0.01)
     seen = 0

@@ -61,13 +61,14 @@ def replay(module, rows: list[dict]) -> tuple[float, float, tuple]:
     return statistics.median(errors), statistics.median(idle_errors), pool
 
 
-for path in sys.argv[1:] or [None]:
-    module = calibration_module(path)
-    for log in sorted(HERE.glob("*.jsonl.gz")):
-        with gzip.open(log, "rt") as handle:
-            rows = [json.loads(line) for line in handle]
-        everyone, idle, (overhead_s, time_scale, _) = replay(module, rows)
-        print(
-            f"{path or 'twinroute'}: {log.name}: {everyone:.0%} off ({idle:.0%} for requests "
-            f"that found their engine idle); fit {time_scale:.2f}x, {1000 * overhead_s:.0f} ms"
-        )
+if __name__ == "__main__":
+    for path in sys.argv[1:] or [None]:
+        module = calibration_module(path)
+        for log in sorted(HERE.glob("*.jsonl.gz")):
+            with gzip.open(log, "rt") as handle:
+                rows = [json.loads(line) for line in handle]
+            everyone, idle, (overhead_s, time_scale, _) = replay(module, rows)
+            print(
+                f"{path or 'twinroute'}: {log.name}: {everyone:.0%} off ({idle:.0%} for requests "
+                f"that found their engine idle); fit {time_scale:.2f}x, {1000 * overhead_s:.0f} ms"
+            )
