@@ -14,10 +14,11 @@ import re
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import aiohttp
 
@@ -29,6 +30,7 @@ class ServerProcess:
     name: str
     process: asyncio.subprocess.Process
     address: str  # host:port
+    announcement: str = ""  # the line that said where it listens (some name more addresses)
 
     @property
     def url(self) -> str:
@@ -107,8 +109,11 @@ async def start_announced(
     timeout_s: float = 30.0,
     log_path: str | None = None,
 ) -> ServerProcess:
-    """Start a server that prints `listening on [http://]HOST:PORT`; stderr goes to `log_path`."""
-    stderr = _log_target(log_path)
+    """Start a server that prints `listening on [http://]HOST:PORT`; stderr goes to `log_path`.
+
+    Without `log_path`, stderr is kept in an unnamed temporary file so that a server that
+    exits before listening says why in the error."""
+    stderr = _stderr_file(log_path)
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -116,16 +121,21 @@ async def start_announced(
             stderr=stderr,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    finally:
-        if not isinstance(stderr, int):
-            stderr.close()
+    except BaseException:
+        stderr.close()
+        raise
     assert process.stdout is not None
     try:
         async with asyncio.timeout(timeout_s):
             while True:
                 line = await process.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"{name} exited before listening (argv: {' '.join(argv)})")
+                    await process.wait()
+                    raise RuntimeError(
+                        f"{name} exited with status {process.returncode} before listening "
+                        f"(argv: {' '.join(argv)}); "
+                        + (f"its stderr is in {log_path}" if log_path else _stderr_tail(stderr))
+                    )
                 match = _LISTENING.search(line)
                 if match:
                     break
@@ -134,10 +144,13 @@ async def start_announced(
             process.kill()
             await process.wait()
         raise
+    finally:
+        stderr.close()
     # Nothing else is read from stdout; drain it so a chatty server never blocks on a pipe.
     asyncio.get_running_loop().create_task(_drain(process.stdout))
     address = f"{match.group(1).decode()}:{int(match.group(2))}"
-    return ServerProcess(name=name, process=process, address=address)
+    announcement = line.decode(errors="replace").strip()
+    return ServerProcess(name=name, process=process, address=address, announcement=announcement)
 
 
 async def start_polled(
@@ -181,6 +194,18 @@ async def wait_ready(
                     if response.status == 200:
                         return
             await asyncio.sleep(0.2)
+
+
+def _stderr_file(log_path: str | None) -> IO[bytes]:
+    """`log_path` to append to, or an unnamed temporary file to read back on failure."""
+    return open(log_path, "ab") if log_path else tempfile.TemporaryFile()
+
+
+def _stderr_tail(stderr: IO[bytes], limit: int = 4000) -> str:
+    """The end of what a child wrote to `stderr` (a file of ours it shares)."""
+    stderr.seek(0)
+    text = stderr.read().decode(errors="replace")[-limit:].strip()
+    return f"its stderr ends:\n{text}" if text else "its stderr is empty"
 
 
 def _log_target(path: str | None) -> int | BinaryIO:
