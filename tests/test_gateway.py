@@ -68,6 +68,14 @@ async def start_gateway(
     )
 
 
+def metrics_url(gateway: ServerProcess) -> str:
+    """The embedded scheduler's /metrics base URL, as the gateway announced it (port 0 given:
+    a port probed free by the test could be taken before the gateway binds it)."""
+    found = re.search(r"metrics (http://[\d.]+:\d+)", gateway.announcement)
+    assert found, gateway.announcement
+    return found.group(1)
+
+
 @pytest.fixture
 async def engines() -> AsyncIterator[list[ServerProcess]]:
     started = await start_engines(3)
@@ -117,11 +125,11 @@ async def test_gateway_routes_streams_and_keeps_cache_affinity(
 async def test_dead_primary_costs_the_client_nothing(
     engines: list[ServerProcess], tmp_path: Path
 ) -> None:
-    metrics = f"127.0.0.1:{free_port()}"
     access_log = tmp_path / "access.log"
     gateway = await start_gateway(
-        engines, f"--metrics-listen={metrics}", f"--access-log={access_log}"
+        engines, "--metrics-listen=127.0.0.1:0", f"--access-log={access_log}"
     )
+    metrics = metrics_url(gateway)
     try:
         dead = engines[1]
         dead.kill()
@@ -146,7 +154,7 @@ async def test_dead_primary_costs_the_client_nothing(
             served = {headers["x-gateway-destination-endpoint-served"] for _, headers, _ in answers}
             assert dead.address not in served
             await asyncio.sleep(0.3)  # the access log reaches the picker in batches
-            async with session.get(f"http://{metrics}/metrics") as response:
+            async with session.get(f"{metrics}/metrics") as response:
                 text = await response.text()
         served_by_fallback = _sample(text, "twinroute_picker_fallbacks_served_total")
         assert served_by_fallback > 0, "some primaries were the dead engine: leases followed"
@@ -204,10 +212,10 @@ async def test_body_over_the_limit_is_413(engines: list[ServerProcess]) -> None:
 async def test_every_processing_mode_routes_and_closes_leases(
     engines: list[ServerProcess], processing: str
 ) -> None:
-    metrics = f"127.0.0.1:{free_port()}"
     gateway = await start_gateway(
-        engines, f"--processing={processing}", f"--metrics-listen={metrics}"
+        engines, f"--processing={processing}", "--metrics-listen=127.0.0.1:0"
     )
+    metrics = metrics_url(gateway)
     try:
         async with aiohttp.ClientSession() as session:
             for stream in (True, False):
@@ -219,7 +227,7 @@ async def test_every_processing_mode_routes_and_closes_leases(
                 else:
                     assert json.loads(data)["usage"]["completion_tokens"] == 5
             await asyncio.sleep(0.3)
-            async with session.get(f"http://{metrics}/metrics") as response:
+            async with session.get(f"{metrics}/metrics") as response:
                 text = await response.text()
         in_flight = [
             float(line.rsplit(" ", 1)[1])

@@ -35,6 +35,8 @@ FailureMode = Literal["FailOpen", "FailClose"]
 FAILURE_MODES: Final[tuple[FailureMode, ...]] = ("FailOpen", "FailClose")
 INFERENCE_PATHS: Final = ("/v1/completions", "/v1/chat/completions")
 
+# The listener clients connect to; `twinroute gateway` asks the admin for its bound port by it.
+LISTENER_NAME: Final = "gateway"
 _EXT_PROC = "envoy.filters.http.ext_proc"
 _TYPES = "type.googleapis.com/envoy."
 
@@ -359,7 +361,7 @@ def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
         "static_resources": {
             "listeners": [
                 {
-                    "name": "gateway",
+                    "name": LISTENER_NAME,
                     "address": _socket(config.listen_host, config.listen_port),
                     # The buffered request body is held up to this; a larger one is a 413.
                     "per_connection_buffer_limit_bytes": config.max_body_bytes,

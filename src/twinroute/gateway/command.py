@@ -15,12 +15,12 @@ import contextlib
 import logging
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import yaml
 
 from twinroute.gateway.bootstrap import (
     FAILURE_MODES,
+    LISTENER_NAME,
     PROCESSING,
     GatewayConfig,
     Upstream,
@@ -154,13 +155,6 @@ def envoy_binary(given: str | None = None) -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def gateway_config(args: argparse.Namespace, *, picker_address: str) -> GatewayConfig:
     endpoints = parse_endpoints(args.endpoints)
     if not endpoints:
@@ -181,29 +175,62 @@ def gateway_config(args: argparse.Namespace, *, picker_address: str) -> GatewayC
     )
 
 
+@dataclass(frozen=True, slots=True)
+class EnvoyAddresses:
+    """Where a started Envoy listens: it binds its own ports, so these are read back from it."""
+
+    admin: str  # host:port
+    listen_port: int
+
+
 async def wait_for_envoy(
-    process: subprocess.Popen[bytes], *, admin_port: int, timeout_s: float = 30.0
-) -> None:
-    """Until Envoy's admin says LIVE (its listeners are up), or raise if it exits first."""
+    process: subprocess.Popen[bytes], *, admin_address_path: Path, timeout_s: float = 30.0
+) -> EnvoyAddresses:
+    """Until Envoy's admin says LIVE (its listeners are up), or raise if it exits first.
+
+    Envoy is started with `--admin-address-path`: the admin address appears there once bound;
+    the gateway listener's port comes from the admin's /listeners."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise OSError(f"envoy exited with status {process.returncode} while starting")
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(f"http://127.0.0.1:{admin_port}/ready") as response:
-                    if response.status == 200:
-                        return
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError, KeyError):
+                admin = _written_address(admin_address_path)
+                if admin:
+                    async with session.get(f"http://{admin}/ready") as response:
+                        ready = response.status == 200
+                    if ready:
+                        return EnvoyAddresses(
+                            admin=admin, listen_port=await _listener_port(session, admin)
+                        )
             await asyncio.sleep(0.05)
     raise OSError(f"envoy did not become ready within {timeout_s:g} s")
 
 
+def _written_address(path: Path) -> str:
+    """What Envoy wrote to its `--admin-address-path` ('' until it has)."""
+    return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+
+
+async def _listener_port(session: aiohttp.ClientSession, admin: str) -> int:
+    async with session.get(f"http://{admin}/listeners", params={"format": "json"}) as response:
+        statuses = (await response.json())["listener_statuses"]
+    for status in statuses:
+        if status["name"] == LISTENER_NAME:
+            port: int = status["local_address"]["socket_address"]["port_value"]
+            return port
+    raise KeyError(f"envoy has no listener named {LISTENER_NAME!r}")
+
+
 def start_envoy(
     config: GatewayConfig, *, binary: str, concurrency: int, workdir: Path
-) -> subprocess.Popen[bytes]:
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Envoy on `config`'s bootstrap, and the file where it will write its admin address."""
     path = workdir / "envoy.yaml"
     path.write_text(yaml.safe_dump(render_bootstrap(config), sort_keys=False))
-    return subprocess.Popen(
+    admin_address_path = workdir / "admin-address"
+    process = subprocess.Popen(
         [
             binary,
             "-c",
@@ -214,9 +241,12 @@ def start_envoy(
             "warn",
             # Several Envoys on one machine (tests, benchmarks): no shared hot-restart memory.
             "--disable-hot-restart",
+            "--admin-address-path",
+            str(admin_address_path),
         ],
         stdin=subprocess.DEVNULL,
     )
+    return process, admin_address_path
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -224,10 +254,9 @@ async def serve(args: argparse.Namespace) -> None:
     from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
     from twinroute.scheduler.types import Endpoint
 
-    if args.port == 0:
-        args.port = free_port(args.host)
-    if args.admin_port == 0:
-        args.admin_port = free_port()
+    # Port 0 goes to Envoy as it is: Envoy binds a free port itself and the admin tells which.
+    # (A port probed free here and bound by Envoy later can be taken in between, by the
+    # picker's own bind below or by any other process: a gateway that fails to start.)
     picker_server: PickerServer | None = None
     tasks: list[asyncio.Task[None]] = []
     metrics: Any = None
@@ -266,18 +295,18 @@ async def serve(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
     with tempfile.TemporaryDirectory(prefix="twinroute-gateway-") as workdir:
-        envoy = start_envoy(
+        envoy, admin_address_path = start_envoy(
             config,
             binary=envoy_binary(args.envoy),
             concurrency=args.envoy_concurrency,
             workdir=Path(workdir),
         )
         try:
-            await wait_for_envoy(envoy, admin_port=config.admin_port)
+            bound = await wait_for_envoy(envoy, admin_address_path=admin_address_path)
             notes[:0] = [f"picker {picker_address}", f"processing {config.processing}",
                          config.failure_mode]  # fmt: skip
             print(
-                f"gateway listening on http://{args.host}:{args.port} ({', '.join(notes)})",
+                f"gateway listening on http://{args.host}:{bound.listen_port} ({', '.join(notes)})",
                 flush=True,
             )
             settle_heap_for_serving()

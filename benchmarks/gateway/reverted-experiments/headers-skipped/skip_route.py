@@ -17,8 +17,9 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from google.protobuf import struct_pb2
 
+from twinroute.bench.processes import free_port
 from twinroute.gateway.bootstrap import GatewayConfig, Upstream, render_bootstrap
-from twinroute.gateway.command import free_port, wait_for_envoy
+from twinroute.gateway.command import wait_for_envoy
 
 
 class Picker(ext_grpc.ExternalProcessorServicer):
@@ -96,11 +97,13 @@ async def run(mode: str) -> collections.Counter:
             "error",
             "--concurrency",
             "1",
+            "--admin-address-path",
+            str(folder / "admin-address"),
         ]
     )
     served: collections.Counter = collections.Counter()
     try:
-        await wait_for_envoy(envoy, admin_port=config.admin_port)
+        await wait_for_envoy(envoy, admin_address_path=folder / "admin-address")
         async with ClientSession() as session:
             for _ in range(20):
                 async with session.post(
