@@ -11,10 +11,16 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import zmq
 import zmq.asyncio
-from twinroute.scheduler.kv_events import KvEventDecodeError, KvEventIndex, decode_message
+from twinroute.scheduler.kv_events import (
+    KvEventBatch,
+    KvEventDecodeError,
+    KvEventIndex,
+    decode_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +30,7 @@ DEFAULT_REPLAY_TIMEOUT_S = 2.0
 # vLLM's PUB high-water mark is 100,000 batches; ZMQ's default of 1,000 on our side would
 # drop (and so gap) a burst that arrives while a replay is being read.
 _RECEIVE_HWM = 100_000
+_AnySocket = TypeVar("_AnySocket", bound="zmq.Socket[Any]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +67,7 @@ class KvEventSubscriber:
         self._sources: dict[str, KvEventSource] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
-        self._sockets: set[zmq.asyncio.Socket] = set()
+        self._sockets: set[zmq.Socket[Any]] = set()
         self.messages_received = 0
         self.duplicates_skipped = 0
         self.replays_succeeded = 0
@@ -128,60 +135,55 @@ class KvEventSubscriber:
 
     def _socket(self, kind: int, address: str) -> zmq.asyncio.Socket:
         assert self._context is not None
-        socket = self._context.socket(kind)
+        return self._configured(self._context.socket(kind), address)
+
+    def _configured(self, socket: _AnySocket, address: str) -> _AnySocket:
         self._sockets.add(socket)
         socket.setsockopt(zmq.LINGER, 0)
         if "[" in address:
             socket.setsockopt(zmq.IPV6, 1)
         return socket
 
-    def _close(self, socket: zmq.asyncio.Socket) -> None:
+    def _close(self, socket: zmq.Socket[Any]) -> None:
         self._sockets.discard(socket)
         socket.close(linger=0)
 
     async def _follow(self, endpoint_id: str, source: KvEventSource) -> None:
-        topic = source.topic.encode()
-        sub = self._socket(zmq.SUB, source.address)
+        # A plain (not asyncio) SUB socket drained from a reader callback on its ZMQ file
+        # descriptor: each message is handled where it is read, with no future, task wake-up
+        # or pyzmq poller per message (about two messages per request on a router with KV
+        # events). The task only sleeps here until a replay is needed or the socket fails.
+        assert self._context is not None
+        sub = self._configured(zmq.Socket(self._context, zmq.SUB), source.address)
+        loop = asyncio.get_running_loop()
+        descriptor: int | None = None
         try:
             sub.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
-            sub.setsockopt(zmq.SUBSCRIBE, topic)
+            sub.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
             sub.connect(source.address)
-            # Set after a replay: live copies of the batches it applied are duplicates, until
-            # the first live batch past it (PUB delivers in order).
-            replayed_through = -1
+            descriptor = cast(int, sub.getsockopt(zmq.FD))
+            live = _LiveBatches(self, endpoint_id, source, sub, loop)
             while True:
-                frames = await sub.recv_multipart()
-                self.messages_received += 1
-                try:
-                    batch = decode_message(frames)
-                except KvEventDecodeError as error:
-                    self.index.note_decode_error(endpoint_id, error.seq)
-                    logger.warning("undecodable KV events from %s: %s", endpoint_id, error)
-                    continue
-                if topic and batch.topic != topic:
-                    continue  # a longer topic that only shares our prefix
-                if replayed_through >= 0:
-                    if batch.seq <= replayed_through:
-                        self.duplicates_skipped += 1
-                        continue
-                    replayed_through = -1
-                expected = self.index.next_seq(endpoint_id)
-                if batch.seq < expected:
-                    logger.info("KV event publisher of %s restarted", endpoint_id)
-                    self.index.note_restart(endpoint_id)
-                    expected = 0
-                if batch.seq > expected and source.replay_address is not None:
-                    replayed_through = await self._replay(endpoint_id, source, expected)
-                    if batch.seq <= replayed_through:
-                        self.duplicates_skipped += 1
-                        continue
-                self.index.apply_batch(endpoint_id, batch)
+                loop.add_reader(descriptor, live.drain)
+                # ZMQ's descriptor signals edges: what queued before the reader was
+                # registered (or during a replay) is read now, or it would wait for the next.
+                live.drain()
+                batch, expected = await live.gap
+                loop.remove_reader(descriptor)
+                replayed_through = await self._replay(endpoint_id, source, expected)
+                if batch.seq <= replayed_through:
+                    self.duplicates_skipped += 1
+                else:
+                    self.index.apply_batch(endpoint_id, batch)
+                live.after_replay(replayed_through)
         except zmq.ZMQError as error:
             # A bad address: this endpoint's index can no longer be trusted (unknown from now
             # on, so picks fall back to the approximate index); the others carry on.
             logger.error("KV event subscription to %s failed: %s", endpoint_id, error)
             self.index.resync(endpoint_id)
         finally:
+            if descriptor is not None:
+                loop.remove_reader(descriptor)
             self._close(sub)
 
     async def _replay(self, endpoint_id: str, source: KvEventSource, start: int) -> int:
@@ -229,3 +231,77 @@ class KvEventSubscriber:
         else:
             self.replays_succeeded += 1
         return last
+
+
+class _LiveBatches:
+    """One endpoint's live stream, read from its SUB socket's reader callback.
+
+    `drain` handles every message waiting, in order, as `_follow` used to one by one: skip
+    what a replay already applied, notice a publisher restart, apply the rest. A batch past a
+    gap, when the engine has a replay socket, resolves `gap` with (batch, first missing seq)
+    and stops reading until `_follow` has replayed (the socket keeps queueing meanwhile); a
+    ZMQ error fails `gap`, which ends `_follow`.
+    """
+
+    def __init__(
+        self,
+        subscriber: KvEventSubscriber,
+        endpoint_id: str,
+        source: KvEventSource,
+        socket: zmq.Socket[bytes],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.subscriber = subscriber
+        self.endpoint_id = endpoint_id
+        self.source = source
+        self.topic = source.topic.encode()
+        self.socket = socket
+        self.loop = loop
+        self.gap: asyncio.Future[tuple[KvEventBatch, int]] = loop.create_future()
+        # Set after a replay: live copies of the batches it applied are duplicates, until
+        # the first live batch past it (PUB delivers in order).
+        self.replayed_through = -1
+
+    def after_replay(self, replayed_through: int) -> None:
+        self.replayed_through = replayed_through
+        self.gap = self.loop.create_future()
+
+    def drain(self) -> None:
+        if self.gap.done():
+            return  # a replay is due: the rest waits in the socket
+        socket = self.socket
+        try:
+            while cast(int, socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self._handle(socket.recv_multipart(zmq.NOBLOCK))
+                if self.gap.done():
+                    return
+        except zmq.Again:
+            return
+        except Exception as error:  # ends `_follow`, as a raise there used to
+            self.gap.set_exception(error)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        subscriber, endpoint_id, index = self.subscriber, self.endpoint_id, self.subscriber.index
+        subscriber.messages_received += 1
+        try:
+            batch = decode_message(frames)
+        except KvEventDecodeError as error:
+            index.note_decode_error(endpoint_id, error.seq)
+            logger.warning("undecodable KV events from %s: %s", endpoint_id, error)
+            return
+        if self.topic and batch.topic != self.topic:
+            return  # a longer topic that only shares our prefix
+        if self.replayed_through >= 0:
+            if batch.seq <= self.replayed_through:
+                subscriber.duplicates_skipped += 1
+                return
+            self.replayed_through = -1
+        expected = index.next_seq(endpoint_id)
+        if batch.seq < expected:
+            logger.info("KV event publisher of %s restarted", endpoint_id)
+            index.note_restart(endpoint_id)
+            expected = 0
+        if batch.seq > expected and self.source.replay_address is not None:
+            self.gap.set_result((batch, expected))
+            return
+        index.apply_batch(endpoint_id, batch)

@@ -655,6 +655,24 @@ async def test_a_missed_batch_is_replayed_and_the_index_stays_live(
     assert index.precise_matched_blocks("engine", [1, 4]) == 1
 
 
+async def test_a_burst_with_a_gap_in_it_is_applied_whole_without_a_later_batch(
+    publisher: FakeVllmPublisher, subscriber: KvEventSubscriber
+) -> None:
+    """Batches are read from the socket's reader callback, and ZMQ's descriptor signals edges:
+    whatever queued (in a burst, or while a replay ran) must be read without waiting for
+    another batch to arrive."""
+    subscriber.set_endpoints({"engine": publisher.source})
+    await subscriber.start()
+    await publisher.wait_subscribed()
+    for block in range(60):
+        await publisher.publish([stored([block])], drop=block == 20)
+    index = subscriber.index
+    await eventually(lambda: index.next_seq("engine") == 60)
+    assert subscriber.replays_succeeded == 1
+    assert index.state("engine") is KvState.LIVE
+    assert index.blocks_held("engine") == 60
+
+
 async def test_joining_late_replays_from_zero(
     publisher: FakeVllmPublisher, subscriber: KvEventSubscriber
 ) -> None:
