@@ -32,15 +32,30 @@ def test_pick_waits_are_read_from_the_routers_histogram() -> None:
     assert _pick_waits(calm) == {"picks": 5, "picks_over_1s": 0, "max_pick_gap_s": 0.01}
 
 
+def replica_processes() -> set[int]:
+    """Pids of running `twinroute scheduler` replicas (their command lines name --peers)."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # it exited meanwhile
+        if b"scheduler" in argv and any(a.startswith(b"--peers=") for a in argv):
+            found.add(int(cmdline.parent.name))
+    return found
+
+
 @pytest.mark.slow
 def test_killing_one_of_three_replicas_under_load_fails_no_request(tmp_path: Path) -> None:
     out = tmp_path / "ha.json"
+    running_before = replica_processes()
     result = subprocess.run(
         [sys.executable, "-m", "twinroute", "bench", "ha", "--configs", "kill",
          "--duration", "12", "--tier-seconds", "0", "--json", str(out), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=REPOSITORY,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert replica_processes() <= running_before, "the restarted replica outlived the run"
     kill = json.loads(out.read_text())["kill"]
     assert [e["event"] for e in kill["events"]] == ["SIGKILL replica 1", "replica 1 restarted"]
     assert kill["requests"] > 20

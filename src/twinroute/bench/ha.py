@@ -186,6 +186,10 @@ async def run_config(config: str, args: argparse.Namespace, workload: Any) -> di
         )
     )
     processes: list[Any] = list(engines)
+    # Stopped from this list, not from `processes`: a replica restarted under load replaces
+    # its entry here, and the restarted process must be stopped too.
+    schedulers: list[Any] = []
+    chaos: asyncio.Task[None] | None = None
     try:
         urls = [e.url for e in engines]
         endpoints = ",".join(f"engine-{i}={u.removeprefix('http://')}" for i, u in enumerate(urls))
@@ -194,7 +198,6 @@ async def run_config(config: str, args: argparse.Namespace, workload: Any) -> di
             count, exchange=config != "3_no_exchange", endpoints=endpoints,
             slo_s=args.ttft_slo_s, shape=shape, logs=logs, label=config,
         )  # fmt: skip
-        processes.extend(schedulers)
         router = await start_announced(
             "router",
             twinroute_argv(
@@ -231,7 +234,12 @@ async def run_config(config: str, args: argparse.Namespace, workload: Any) -> di
                 int(_sample(text, "twinroute_scheduler_pick_duration_seconds_count"))
             )
     finally:
-        await asyncio.gather(*(p.stop() for p in reversed(processes)), return_exceptions=True)
+        if chaos is not None and not chaos.done():
+            chaos.cancel()
+            await asyncio.gather(chaos, return_exceptions=True)
+        await asyncio.gather(
+            *(p.stop() for p in [*reversed(processes), *schedulers]), return_exceptions=True
+        )
     figures = summarize(result, before=before, after=after, slo_s=args.ttft_slo_s)
     return {
         "replicas": count,
