@@ -161,13 +161,15 @@ def test_dualmap_a_tighter_request_slo_switches_earlier() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cached_backlog", "other_backlog", "expect_cached"),
-    [(SWAMPED, 2 * SWAMPED, True), (2 * SWAMPED, SWAMPED, False)],
+    ("cached_backlog", "other_backlog"),
+    [(SWAMPED, 2 * SWAMPED), (2 * SWAMPED, SWAMPED)],
     ids=["cached-one-lower", "other-lower"],
 )
-def test_dualmap_both_over_the_slo_takes_the_lower_predicted_ttft(
-    cached_backlog: int, other_backlog: int, expect_cached: bool
-) -> None:
+def test_dualmap_both_over_the_slo_keeps_the_cache(cached_backlog: int, other_backlog: int) -> None:
+    """A switch that cannot meet the SLO only gives the cache away: past the pool's capacity
+    every candidate is over, and chasing the lower prediction spends compute on prefill that
+    the cached one would have skipped (in the simulator, 5-6 points of SLO attainment lost
+    just past the goodput cliff)."""
     policy = DualMapPolicy(config=PolicyConfig())
     index = PrefixIndex(capacity_blocks=10_000)
     prompt = keys(5, 6, 7, 8)
@@ -175,11 +177,10 @@ def test_dualmap_both_over_the_slo_takes_the_lower_predicted_ttft(
     index.record(first, prompt)
     loads = {first: pending(cached_backlog), second: pending(other_backlog)}
     decision = policy.pick(request("r1", prompt), view(8, index=index, loads=loads))
-    assert decision.endpoint_id == (first if expect_cached else second)
-    assert decision.reason is (
-        DecisionReason.CACHE_AFFINITY if expect_cached else DecisionReason.SLO_SWITCH
-    )
+    assert decision.endpoint_id == first
+    assert decision.reason is DecisionReason.CACHE_AFFINITY
     assert "both candidates over" in decision.detail
+    assert f"kept {first}" in decision.detail
 
 
 @pytest.mark.parametrize("busier", ["ring-1", "ring-2"], ids=["ring-1-busier", "ring-2-busier"])
