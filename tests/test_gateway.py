@@ -313,17 +313,18 @@ async def test_routing_is_the_routers_decision_for_decision(
 async def test_gateway_in_front_of_the_scheduler_service(engines: list[ServerProcess]) -> None:
     """The Kubernetes shape: `twinroute scheduler` serves the picker on its own port, Envoy
     (here `twinroute gateway --picker`) asks it; readiness waits for discovery."""
-    picker_port = free_port()
     scheduler = await start_announced(
         "scheduler",
         twinroute_argv(
-            "scheduler", f"--listen=127.0.0.1:{free_port()}", "--metrics-listen=",
-            f"--picker-listen=127.0.0.1:{picker_port}", f"--model={MODEL}",
+            "scheduler", "--listen=127.0.0.1:0", "--metrics-listen=",
+            "--picker-listen=127.0.0.1:0", f"--model={MODEL}",
             f"--static-endpoints={endpoint_list(engines)}", "--scrape-interval-s=0",
         ),
         timeout_s=60,
     )  # fmt: skip
-    gateway = await start_gateway(engines, f"--picker=127.0.0.1:{picker_port}", embedded=False)
+    picker = re.search(r"picker ([\d.]+:\d+)", scheduler.announcement)
+    assert picker, scheduler.announcement
+    gateway = await start_gateway(engines, f"--picker={picker.group(1)}", embedded=False)
     try:
         async with aiohttp.ClientSession() as session:
             served = set()

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 
 MODEL = "sim-model"
 
@@ -81,8 +81,8 @@ async def run_stack(tmp_path: Path, *, level: str, marker: str) -> tuple[Logs, i
             "--time-scale=0.02", f"--log-level={level}",
         )  # fmt: skip
         scheduler = await start(
-            "scheduler", "scheduler", f"--listen=127.0.0.1:{free_port()}",
-            f"--metrics-listen=127.0.0.1:{free_port()}", f"--model={MODEL}",
+            "scheduler", "scheduler", "--listen=127.0.0.1:0",
+            "--metrics-listen=127.0.0.1:0", f"--model={MODEL}",
             f"--static-endpoints=e0={engine.address},echo={echo_address}",
             "--scrape-interval-s=0", f"--log-level={level}",
         )  # fmt: skip

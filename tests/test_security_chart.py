@@ -366,7 +366,7 @@ async def test_the_charts_generated_certificate_passes_a_real_handshake(
     scheduler = await start_announced(
         "scheduler",
         twinroute_argv(
-            "scheduler", f"--listen=127.0.0.1:{free_port()}", "--metrics-listen=",
+            "scheduler", "--listen=127.0.0.1:0", "--metrics-listen=",
             "--model=m", f"--static-endpoints=e0=127.0.0.1:{free_port()}",
             "--scrape-interval-s=0", f"--tls-cert={files['tls.crt']}",
             f"--tls-key={files['tls.key']}", f"--admin-token-file={files['token']}",

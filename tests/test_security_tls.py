@@ -22,7 +22,7 @@ import grpc
 import pytest
 from twinroute.operator.drain import Drainer
 
-from twinroute.bench.processes import ServerProcess, free_port, start_announced, twinroute_argv
+from twinroute.bench.processes import ServerProcess, start_announced, twinroute_argv
 
 MODEL = "sim-model"
 SERVER_NAME = "twinroute-scheduler"
@@ -76,7 +76,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         scheduler = await start_announced(
             "scheduler",
             twinroute_argv(
-                "scheduler", f"--listen=127.0.0.1:{free_port()}", "--metrics-listen=",
+                "scheduler", "--listen=127.0.0.1:0", "--metrics-listen=",
                 f"--model={MODEL}", f"--static-endpoints=e0={engine.address}",
                 "--scrape-interval-s=0", f"--tls-cert={certificate.cert}",
                 f"--tls-key={certificate.key}", f"--admin-token-file={token_file}",
