@@ -25,9 +25,8 @@ HERE = Path(__file__).parent
 
 def replay(rows: list[dict], mode: str) -> str:
     calibration = CostCalibration(prior=PRIOR)
-    start = rows[0]["t"]
     learnt, num, den = 1.0, 0.0, 0.0
-    errors, busy, queued = [], [], []
+    errors = ReplayErrors(start=rows[0]["t"])
     for row in rows:
         own = (
             PRIOR.estimate_ttft_s(
@@ -61,26 +60,53 @@ def replay(rows: list[dict], mode: str) -> str:
             num = num * 0.99 + weight * x * (y - overhead - scale * own)
             den = den * 0.99 + weight * x * x
             learnt = min(4.0, max(0.25, num / den))
-        if row["t"] - start > 60:
+        errors.add(row, predicted)
+
+    return errors.summary()
+
+
+def median_abs(values: list[float]) -> float:
+    return statistics.median(abs(v) for v in values)
+
+
+class ReplayErrors:
+    """Relative errors of the predictions for first tokens after the first 60 s: all of them,
+    those that found their engine busy, those queued behind another's prefill."""
+
+    def __init__(self, *, start: float) -> None:
+        self.start = start
+        self.all: list[float] = []
+        self.busy: list[float] = []
+        self.queued: list[float] = []
+
+    def add(self, row: dict, predicted: float) -> None:
+        if row["t"] - self.start > 60:
             error = (predicted - row["obs"]) / row["obs"]
-            errors.append(abs(error))
+            self.all.append(abs(error))
             if row["inflight"] > 0:
-                busy.append(error)
+                self.busy.append(error)
             if row["pending"] > 0:
-                queued.append(error)
+                self.queued.append(error)
 
-    def median_abs(values: list[float]) -> float:
-        return statistics.median(abs(v) for v in values)
+    def summary(self) -> str:
+        """Median absolute error of each group, with the bias (median signed error)."""
+        return (
+            f"all {statistics.median(self.all):.0%}; busy {median_abs(self.busy):.0%} off "
+            f"(bias {statistics.median(self.busy):+.0%}); prefill queued ahead "
+            f"{median_abs(self.queued):.0%} off (bias {statistics.median(self.queued):+.0%})"
+        )
 
-    return (
-        f"all {statistics.median(errors):.0%}; busy {median_abs(busy):.0%} off (bias "
-        f"{statistics.median(busy):+.0%}); prefill queued ahead {median_abs(queued):.0%} off "
-        f"(bias {statistics.median(queued):+.0%})"
-    )
+
+def logged_runs() -> list[tuple[str, list[dict]]]:
+    """Each logged run's first tokens, in the order they came: (file name, rows)."""
+    runs = []
+    for log in sorted(HERE.glob("*.jsonl.gz")):
+        with gzip.open(log, "rt") as handle:
+            runs.append((log.name, [json.loads(line) for line in handle]))
+    return runs
 
 
-for log in sorted(HERE.glob("*.jsonl.gz")):
-    with gzip.open(log, "rt") as handle:
-        rows = [json.loads(line) for line in handle]
-    for mode in ("as is", "queue x q learnt", "queue x 1.6", "+ overhead per queued lease"):
-        print(f"{log.name}: {mode}: {replay(rows, mode)}")
+if __name__ == "__main__":
+    for name, rows in logged_runs():
+        for mode in ("as is", "queue x q learnt", "queue x 1.6", "+ overhead per queued lease"):
+            print(f"{name}: {mode}: {replay(rows, mode)}")

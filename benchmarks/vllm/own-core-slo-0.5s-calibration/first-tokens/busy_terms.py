@@ -11,16 +11,11 @@ decay 0.99, ridge towards 0); `fixed overhead*prefilling` adds the fitted overhe
 still prefilling, as busy_replay.py does.
 """
 
-import gzip
-import json
 import statistics
-from pathlib import Path
 
+from busy_replay import ReplayErrors, logged_runs
 from twinroute.scheduler.calibration import CostCalibration
 from twinroute.scheduler.costmodel import LLAMA3_8B_H100 as PRIOR
-
-HERE = Path(__file__).parent
-
 
 REGRESSORS = {
     "as is": lambda row: [],
@@ -41,20 +36,15 @@ def solve(a: list[list[float]], b: list[float], ridge: float) -> list[float]:
     return [max(0.0, (a11 * b[0] - a01 * b[1]) / det), max(0.0, (a00 * b[1] - a10 * b[0]) / det)]
 
 
-def median_abs(values: list[float]) -> float:
-    return statistics.median(abs(v) for v in values)
-
-
 def replay(rows: list[dict], mode: str, decay: float = 0.99) -> str:
     calibration = CostCalibration(prior=PRIOR)
-    start = rows[0]["t"]
     regressors = REGRESSORS[mode]
     k = len(regressors(rows[0]))
     sums_a = [[0.0] * k for _ in range(k)]
     sums_b = [0.0] * k
     coefficients = [0.0] * k
     learnt_from = 0
-    errors, busy, queued = [], [], []
+    errors = ReplayErrors(start=rows[0]["t"])
     for row in rows:
         fits = calibration.fitted()
         overhead, scale = fits.get(row["ep"], fits[""])[:2]
@@ -80,32 +70,20 @@ def replay(rows: list[dict], mode: str, decay: float = 0.99) -> str:
                     sums_a[i][j] = sums_a[i][j] * decay + weight * xs[i] * xs[j]
             ridge = 2.0 * sum(sums_a[i][i] for i in range(k)) / k / learnt_from
             coefficients = solve(sums_a, sums_b, ridge)
-        if row["t"] - start > 60:
-            error = (predicted - row["obs"]) / row["obs"]
-            errors.append(abs(error))
-            if row["inflight"] > 0:
-                busy.append(error)
-            if row["pending"] > 0:
-                queued.append(error)
+        errors.add(row, predicted)
     learnt = ", ".join(f"{c * 1000:.1f} ms" for c in coefficients)
-    return (
-        f"all {statistics.median(errors):.0%}; busy {median_abs(busy):.0%} off (bias "
-        f"{statistics.median(busy):+.0%}); prefill queued ahead {median_abs(queued):.0%} off "
-        f"(bias {statistics.median(queued):+.0%}){'; b = ' + learnt if learnt else ''}"
-    )
+    return errors.summary() + (f"; b = {learnt}" if learnt else "")
 
 
-for log in sorted(HERE.glob("*.jsonl.gz")):
-    with gzip.open(log, "rt") as handle:
-        rows = [json.loads(line) for line in handle]
+for name, rows in logged_runs():
     for mode in ["as is", "fixed overhead*prefilling", "b*prefilling", "b*inflight",
                  "b1*prefilling+b2*decoding", "b*[inflight>0]"]:  # fmt: skip
-        print(f"{log.name}: {mode:28s} {replay(rows, mode)}")
+        print(f"{name}: {mode:28s} {replay(rows, mode)}")
     misses = [r for r in rows if r["obs"] > 0.5]
     on_idle = sum(1 for r in misses if r["idle"])
     predicted = sorted(r["pred"] for r in misses)
     print(
-        f"{log.name}: {len(misses)} of {len(rows)} first tokens over 0.5 s; {on_idle} of them "
+        f"{name}: {len(misses)} of {len(rows)} first tokens over 0.5 s; {on_idle} of them "
         f"on an engine idle by our leases; predicted {predicted[0] * 1000:.0f}-"
         f"{predicted[-1] * 1000:.0f} ms (median {statistics.median(predicted) * 1000:.0f} ms), "
         f"observed {min(r['obs'] for r in misses):.2f}-{max(r['obs'] for r in misses):.2f} s"
