@@ -20,7 +20,6 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,21 +174,15 @@ def gateway_config(args: argparse.Namespace, *, picker_address: str) -> GatewayC
     )
 
 
-@dataclass(frozen=True, slots=True)
-class EnvoyAddresses:
-    """Where a started Envoy listens: it binds its own ports, so these are read back from it."""
-
-    admin: str  # host:port
-    listen_port: int
-
-
 async def wait_for_envoy(
     process: subprocess.Popen[bytes], *, admin_address_path: Path, timeout_s: float = 30.0
-) -> EnvoyAddresses:
-    """Until Envoy's admin says LIVE (its listeners are up), or raise if it exits first.
+) -> int:
+    """Until Envoy's admin says LIVE (its listeners are up), then the port the gateway listener
+    bound; raise if Envoy exits first.
 
-    Envoy is started with `--admin-address-path`: the admin address appears there once bound;
-    the gateway listener's port comes from the admin's /listeners."""
+    Envoy binds its own ports (port 0 given: any free one) and is started with
+    `--admin-address-path`: the admin address appears there once bound; the listener's port
+    comes from the admin's /listeners."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
@@ -201,9 +194,7 @@ async def wait_for_envoy(
                     async with session.get(f"http://{admin}/ready") as response:
                         ready = response.status == 200
                     if ready:
-                        return EnvoyAddresses(
-                            admin=admin, listen_port=await _listener_port(session, admin)
-                        )
+                        return await _listener_port(session, admin)
             await asyncio.sleep(0.05)
     raise OSError(f"envoy did not become ready within {timeout_s:g} s")
 
@@ -302,11 +293,11 @@ async def serve(args: argparse.Namespace) -> None:
             workdir=Path(workdir),
         )
         try:
-            bound = await wait_for_envoy(envoy, admin_address_path=admin_address_path)
+            listen_port = await wait_for_envoy(envoy, admin_address_path=admin_address_path)
             notes[:0] = [f"picker {picker_address}", f"processing {config.processing}",
                          config.failure_mode]  # fmt: skip
             print(
-                f"gateway listening on http://{args.host}:{bound.listen_port} ({', '.join(notes)})",
+                f"gateway listening on http://{args.host}:{listen_port} ({', '.join(notes)})",
                 flush=True,
             )
             settle_heap_for_serving()
