@@ -6,26 +6,34 @@ i + 1 blocks (up to 64-bit hash collisions). Keys are seeded by a namespace (mod
 adapter, cache_salt): prompts in different namespaces never share a key, just as vLLM never
 shares their cached blocks.
 
-Steps, all vectorised with numpy (no Python loop per token or per block):
-1. Cut the ids into full blocks of `block_size` (the tail is not hashed: vLLM caches only full
-   blocks) and view them as a (blocks x block_size) uint64 matrix.
-2. Mix every element with a constant of its column (its offset within the block) through the
-   splitmix64 finaliser, and sum each row (wrapping). Each term is a well-mixed function of one
-   token and its offset, so a change of any token changes the block value, and two blocks
-   collide only by a 64-bit coincidence, not by any linear pattern of token differences.
-3. Combine each block value with its block position and the namespace seed, and mix
+Token ids and characters: the ids are cut into full blocks of `block_size` (the tail is not
+hashed: vLLM caches only full blocks), each written as little-endian 64-bit words, and each
+block's key is XXH3-64 of its bytes seeded with the key before it (the namespace seed for the
+first). Key i therefore depends on blocks 0..i and, through the chain, on its depth, the way
+vLLM chains each block's hash to its parent's. One short C call per block: on an idle 2-core
+VM (`tools/hot_path_parts.py`, `benchmarks/hot_path/prompt_keys.json`) 11-12 us for a
+1,400-token prompt in 32-token blocks and 17 us in 16-token blocks, where the vectorised
+splitmix64 scheme it replaced took 35-37 us either way (some 30 array operations, each with
+its fixed cost), on a request path that costs the router about half a millisecond in all.
+Past about 300 blocks the per-block call costs more than numpy did: a 32k-token prompt in
+16-token blocks takes 0.3 ms against 0.15-0.2 ms (such prompts are hashed on a worker thread,
+which holds the GIL while it does); in the default 64-token blocks the two are level there
+(106 against 116 us).
+
+Trace block ids (Mooncake `hash_ids`, the simulator's prompts) keep their vectorised scheme:
+they are a separate key space (no trace prompt is ever compared with a tokenised one), and
+every simulation result committed in the benchmarks stays reproducible with them.
+
+1. View the ids, each multiplied by an odd constant, as one value per block.
+2. Combine each block value with its block position and the namespace seed, and mix
    (splitmix64).
-4. Chain: a prefix sum of the mixed block values (wrapping uint64), mixed once more with the
+3. Chain: a prefix sum of the mixed block values (wrapping uint64), mixed once more with the
    seed. Element i of the sum depends on every block 0..i and on its position, so it is a
    prefix hash computed without a sequential loop.
 
-Cost (2-core shared host, numpy 2.4, steady state): about 60 us for an 8k-token prompt and
-150-200 us for 32k tokens at block 16 (`twinroute bench decision-cost` prints it); about 20 us
-for a trace prompt of 24 block ids. Converting a Python list of token ids to an array costs
-more than hashing it (about 30 ns per id): pass numpy arrays where possible.
-
 All arithmetic is fixed-width and seeded explicitly: keys are identical across processes and
-never depend on PYTHONHASHSEED. The scheme is not cryptographic; keys decide routing only.
+machines and never depend on PYTHONHASHSEED. The scheme is not cryptographic; keys decide
+routing only.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 import xxhash
-from twinroute.scheduler.types import PromptKeys
+from twinroute.scheduler.types import BlockHashes, PromptKeys
 
 DEFAULT_BLOCK_SIZE = 16
 """vLLM's default prefix-cache block size in tokens."""
@@ -82,24 +90,6 @@ def _mix_in_place(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return z
 
 
-def _column_constants(block_size: int) -> npt.NDArray[np.uint64]:
-    # Derived from the offset alone, so they are the same in every process and every run.
-    return mix64_array(np.arange(1, block_size + 1, dtype=np.uint64) * _U64(_MIX_2))
-
-
-_COLUMN_CACHE: dict[int, npt.NDArray[np.uint64]] = {}
-
-
-def _columns(block_size: int) -> npt.NDArray[np.uint64]:
-    columns = _COLUMN_CACHE.get(block_size)
-    if columns is None:
-        columns = _column_constants(block_size)
-        columns.flags.writeable = False
-        if len(_COLUMN_CACHE) < 64:
-            _COLUMN_CACHE[block_size] = columns
-    return columns
-
-
 def namespace_seed(*, model: str, lora_adapter: str = "", cache_salt: str = "") -> int:
     """The 64-bit seed of a prefix-cache namespace (xxh64; the same in every process).
 
@@ -130,16 +120,24 @@ def _chain(block_values: npt.NDArray[np.uint64], seed: int) -> npt.NDArray[np.ui
     return hashes
 
 
-def _fold_blocks(ids: npt.NDArray[np.uint64], block_size: int) -> npt.NDArray[np.uint64]:
-    blocks = ids.shape[0] // block_size
+def _chain_words(words: npt.NDArray[np.uint64], block_size: int, seed: int) -> BlockHashes:
+    """XXH3-64 of each full block of `words` (little-endian bytes), seeded with the key
+    before it; the first with `seed`."""
+    blocks = words.shape[0] // block_size
     if blocks == 0:
         return _EMPTY
-    matrix = ids[: blocks * block_size].reshape(blocks, block_size)
-    mixed = matrix ^ _columns(block_size)
-    mixed += _U64(_GOLDEN)
-    _mix_in_place(mixed)
-    folded: npt.NDArray[np.uint64] = mixed.sum(axis=1, dtype=np.uint64)
-    return folded
+    data = words[: blocks * block_size].astype("<u8", copy=False).tobytes()
+    step = 8 * block_size
+    digest = xxhash.xxh3_64_intdigest
+    key = seed & _MASK
+    hashes: list[int] = []
+    append = hashes.append
+    for start in range(0, blocks * step, step):
+        key = digest(data[start : start + step], key)
+        append(key)
+    array = np.array(hashes, dtype=np.uint64)
+    array.flags.writeable = False
+    return array
 
 
 def _check_block_size(block_size: int) -> None:
@@ -173,7 +171,7 @@ def keys_from_tokens(
     """Keys of a tokenised prompt; units are tokens."""
     _check_block_size(block_size)
     ids = _as_ids(token_ids, what="token ids")
-    hashes = _chain(_fold_blocks(ids, block_size), seed)
+    hashes = _chain_words(ids, block_size, seed)
     return PromptKeys(block_size=block_size, block_hashes=hashes, total_units=int(ids.shape[0]))
 
 
@@ -188,8 +186,8 @@ def keys_from_text(text: str, *, block_chars: int, seed: int) -> PromptKeys:
     _check_block_size(block_chars)
     # Lone surrogates (from JSON escapes) are kept as their code points, not rejected.
     encoded = text.encode("utf-32-le", "surrogatepass")
-    code_points = np.frombuffer(encoded, dtype=np.uint32).astype(np.uint64)
-    hashes = _chain(_fold_blocks(code_points, block_chars), seed)
+    code_points = np.frombuffer(encoded, dtype="<u4").astype(np.uint64)
+    hashes = _chain_words(code_points, block_chars, seed)
     return PromptKeys(
         block_size=block_chars, block_hashes=hashes, total_units=int(code_points.shape[0])
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twinroute.scheduler.keys import (
@@ -346,21 +348,33 @@ def test_keys_are_identical_across_processes() -> None:
 def test_keys_match_pinned_values() -> None:
     """Keys must not drift with numpy versions, platforms or refactors: schedulers of two
     versions side by side (a rolling update) must agree on every key. A deliberate change of
-    the scheme updates these values and says so in the changelog."""
+    the scheme updates these values and says so in `docs/design.md`."""
     assert namespace_seed(model="m") == 1388814801423089711
     assert _hashes(keys_from_tokens(np.arange(48), block_size=16, seed=0)) == [
-        11447663173313581941,
-        9299842926498438788,
-        10827979223431710275,
+        16680715524026282394,
+        13710502030508884005,
+        14581088409626518173,
     ]
     assert _hashes(keys_from_text("abcd" * 4, block_chars=8, seed=1)) == [
-        11117182377437237870,
-        15170598492330124866,
+        17695594259239372742,
+        13167690810522916806,
     ]
     assert _hashes(keys_from_block_ids([7, 8], block_size=512, total_tokens=1024, seed=2)) == [
         3465288304758533098,
         11999602048438466249,
     ]
+
+
+def test_token_keys_are_xxh3_of_each_block_seeded_with_the_key_before() -> None:
+    """The scheme as `scheduler/keys.py` documents it, computed here from its definition."""
+    tokens = [7, 2**32 + 5, 0, 31999, 12, 12, 9, 1, 4]  # 2 full blocks of 4, a tail of 1
+    key, expected = 99, []
+    for block in range(2):
+        key = xxhash.xxh3_64_intdigest(struct.pack("<4Q", *tokens[4 * block : 4 * block + 4]), key)
+        expected.append(key)
+    assert _hashes(keys_from_tokens(tokens, block_size=4, seed=99)) == expected
+    text_key = xxhash.xxh3_64_intdigest(struct.pack("<3Q", *map(ord, "日本x")), 5)
+    assert _hashes(keys_from_text("日本xyz", block_chars=3, seed=5)) == [text_key]
 
 
 def test_trace_keys_match_exactly_when_the_block_id_prefixes_match() -> None:

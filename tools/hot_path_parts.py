@@ -2,6 +2,9 @@
 
     .venv/bin/python tools/hot_path_parts.py [--json FILE]
 
+- Prompt keys of a 1,405-token prompt (32- and 16-token blocks) and of 32k tokens (16- and
+  64-token blocks): the XXH3 chain `scheduler/keys.py` uses, beside the vectorised splitmix64
+  scheme it replaced (kept here as the reference; it gives the old scheme's pinned keys).
 - Tokenizing a 1,405-token prompt that repeats all but its last words (the tiny model's
   tokenizer, `.tools/tiny-llama`): the whole prompt each time, against the prefix token cache.
 - vLLM's block digests of a 1,405-token prompt whose full blocks repeat (16- and 32-token
@@ -13,6 +16,7 @@
   gateway process's share of a core over 20 s (schedstat).
 
 CPU per call from `time.process_time`, best of three rounds; one machine, one run.
+`--parts` picks some of them (keys, tokenizing, digests, parsing, gateway).
 """
 
 from __future__ import annotations
@@ -53,6 +57,62 @@ def us_per_call(call: Callable[[int], object], calls: int = 300) -> float:
             call(index)
         best = min(best, (time.process_time() - started) / calls)
     return round(best * 1e6, 1)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix_in_place(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def splitmix_keys(ids: npt.NDArray[np.uint32], block_size: int, seed: int) -> object:
+    """The token keys before the XXH3 chain: every id mixed with its column's constant and
+    summed per block, then block values, positions and seed mixed and prefix-summed."""
+    words = ids.astype(np.uint64)
+    blocks = words.shape[0] // block_size
+    columns = np.arange(1, block_size + 1, dtype=np.uint64) * np.uint64(0x94D049BB133111EB)
+    columns = _splitmix_in_place(columns + _GOLDEN)
+    mixed = words[: blocks * block_size].reshape(blocks, block_size) ^ columns
+    mixed += _GOLDEN
+    values = _splitmix_in_place(mixed).sum(axis=1, dtype=np.uint64)
+    salted = np.arange(blocks, dtype=np.uint64)
+    salted *= _GOLDEN
+    salted += np.uint64(seed)
+    salted ^= values
+    salted += _GOLDEN
+    sums = np.cumsum(_splitmix_in_place(salted), dtype=np.uint64)
+    sums ^= np.uint64(seed)
+    sums += _GOLDEN
+    return _splitmix_in_place(sums)
+
+
+def prompt_keys() -> dict[str, dict[str, float]]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ids = np.asarray(Tokenizer(str(TOKENIZER)).encode(f"{PROMPT} question 1"), dtype=np.uint32)
+    long_ids = np.resize(ids, 32_768)
+    cases = {"1405_tokens_block_32": (ids, 32), "1405_tokens_block_16": (ids, 16)}
+    cases["32768_tokens_block_16"] = (long_ids, 16)
+    cases["32768_tokens_block_64"] = (long_ids, 64)
+    results: dict[str, dict[str, float]] = {}
+    for name, (tokens, size) in cases.items():
+
+        def chain(_: int, tokens: npt.NDArray[np.uint32] = tokens, size: int = size) -> object:
+            return keys_from_tokens(tokens, block_size=size, seed=3)
+
+        def vectorised(_: int, tokens: npt.NDArray[np.uint32] = tokens, size: int = size) -> object:
+            return splitmix_keys(tokens, size, 3)
+
+        results[name] = {
+            "xxh3_chain_us": us_per_call(chain, calls=200),
+            "splitmix_vectorised_us": us_per_call(vectorised, calls=200),
+        }
+    return results
 
 
 def tokenizing() -> dict[str, float]:
@@ -156,13 +216,24 @@ async def idle_gateway(seconds: float = 20.0) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--parts", default="keys,tokenizing,digests,parsing,gateway")
     args = parser.parse_args()
-    results = {
-        "tokenizing_1405_tokens": tokenizing(),
-        "vllm_block_digests_1405_tokens": {f"block_{n}": block_digests(n) for n in (16, 32)},
-        "parsing_busy_vllm_metrics": parsing(),
-        "idle_gateway": asyncio.run(idle_gateway()),
+    parts: dict[str, tuple[str, Callable[[], object]]] = {
+        "keys": ("prompt_keys", prompt_keys),
+        "tokenizing": ("tokenizing_1405_tokens", tokenizing),
+        "digests": (
+            "vllm_block_digests_1405_tokens",
+            lambda: {f"block_{n}": block_digests(n) for n in (16, 32)},
+        ),
+        "parsing": ("parsing_busy_vllm_metrics", parsing),
+        "gateway": ("idle_gateway", lambda: asyncio.run(idle_gateway())),
     }
+    results: dict[str, object] = {}
+    for part in args.parts.split(","):
+        if part not in parts:
+            parser.error(f"unknown part {part!r}; choose from {', '.join(parts)}")
+        name, measure = parts[part]
+        results[name] = measure()
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
