@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twinroute.scheduler.cache_lookup import CacheLookup
@@ -36,6 +36,8 @@ from twinroute.scheduler.scrape import EngineStats, ScrapeListener
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import DecisionRecord, Endpoint
 from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
+
+from twinroute.lean_metrics import LeanCounter, LeanHistogram
 
 NAMESPACE = "twinroute_scheduler"
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -407,7 +409,9 @@ class SchedulerTelemetry(ScrapeListener):
         self.registry = registry
         self._policy = core.policy.name
         registry.register(_CoreCollector(core, clock))
-        self.pick_duration = Histogram(
+        # What every request updates is kept lean (`twinroute/lean_metrics.py`: no lock, no
+        # per-bucket calls); the rare events use prometheus-client's own.
+        self.pick_duration = LeanHistogram(
             f"{NAMESPACE}_pick_duration_seconds",
             "Time to decide one Pick (keys, policy, lease), as served.",
             buckets=_PICK_BUCKETS,
@@ -434,7 +438,7 @@ class SchedulerTelemetry(ScrapeListener):
             registry=registry,
         )
         self._add_prediction_metrics(registry)
-        self.completions = Counter(
+        self.completions = LeanCounter(
             f"{NAMESPACE}_completions",
             "Complete calls by outcome (unknown = a lease of this process already closed or "
             "expired; foreign = a lease id this process never issued, e.g. from before a "
@@ -442,7 +446,7 @@ class SchedulerTelemetry(ScrapeListener):
             ["outcome"],
             registry=registry,
         )
-        self.progress_reports = Counter(
+        self.progress_reports = LeanCounter(
             f"{NAMESPACE}_progress_reports",
             "Progress calls by event (prefill_done, first_token, prefill_fell_back) and whether "
             "the lease knew it.",
@@ -494,28 +498,28 @@ class SchedulerTelemetry(ScrapeListener):
 
     def _add_prediction_metrics(self, registry: CollectorRegistry) -> None:
         """How the TTFT predictions made at pick time compare with what the routers saw."""
-        self.predicted_ttft = Histogram(
+        self.predicted_ttft = LeanHistogram(
             f"{NAMESPACE}_predicted_ttft_seconds",
             "The scheduler's TTFT prediction for completed requests.",
             ["policy"],
             buckets=_TTFT_BUCKETS,
             registry=registry,
         )
-        self.observed_ttft = Histogram(
+        self.observed_ttft = LeanHistogram(
             f"{NAMESPACE}_observed_ttft_seconds",
             "TTFT the router observed for completed requests.",
             ["policy"],
             buckets=_TTFT_BUCKETS,
             registry=registry,
         )
-        self.ttft_error = Histogram(
+        self.ttft_error = LeanHistogram(
             f"{NAMESPACE}_ttft_prediction_error_seconds",
             "Absolute difference between observed and predicted TTFT.",
             ["policy"],
             buckets=_TTFT_BUCKETS,
             registry=registry,
         )
-        self.ttft_relative_error = Histogram(
+        self.ttft_relative_error = LeanHistogram(
             f"{NAMESPACE}_ttft_prediction_relative_error",
             "|observed - predicted| / observed TTFT of completed requests, the prediction "
             "made at the pick (the ratio gauge is the median of the last ones; this one can be "
@@ -525,7 +529,7 @@ class SchedulerTelemetry(ScrapeListener):
             buckets=_RELATIVE_ERROR_BUCKETS,
             registry=registry,
         )
-        self.ttft_underestimated = Counter(
+        self.ttft_underestimated = LeanCounter(
             f"{NAMESPACE}_ttft_underestimated",
             "Completions whose observed TTFT exceeded the prediction.",
             ["policy"],

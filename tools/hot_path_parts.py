@@ -5,6 +5,8 @@
 - Prompt keys of a 1,405-token prompt (32- and 16-token blocks) and of 32k tokens (16- and
   64-token blocks): the XXH3 chain `scheduler/keys.py` uses, beside the vectorised splitmix64
   scheme it replaced (kept here as the reference; it gives the old scheme's pinned keys).
+- A histogram observation and a labelled counter increment: prometheus-client's own against
+  `twinroute/lean_metrics.py` (what the request path updates about twenty times a request).
 - Tokenizing a 1,405-token prompt that repeats all but its last words (the tiny model's
   tokenizer, `.tools/tiny-llama`): the whole prompt each time, against the prefix token cache.
 - vLLM's block digests of a 1,405-token prompt whose full blocks repeat (16- and 32-token
@@ -16,7 +18,7 @@
   gateway process's share of a core over 20 s (schedstat).
 
 CPU per call from `time.process_time`, best of three rounds; one machine, one run.
-`--parts` picks some of them (keys, tokenizing, digests, parsing, gateway).
+`--parts` picks some of them (keys, metrics, tokenizing, digests, parsing, gateway).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from twinroute.scheduler.keys import keys_from_tokens
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.scrape import _split_sample, parse_vllm_metrics
@@ -41,6 +44,7 @@ from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
 from twinroute.scheduler.vllm_blocks import VllmBlockHasher
 
 from twinroute.bench.processes import process_tree, start_announced, twinroute_argv
+from twinroute.lean_metrics import LeanCounter, LeanHistogram
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
@@ -113,6 +117,28 @@ def prompt_keys() -> dict[str, dict[str, float]]:
             "splitmix_vectorised_us": us_per_call(vectorised, calls=200),
         }
     return results
+
+
+def metric_updates() -> dict[str, float]:
+    buckets = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0)
+    registry = CollectorRegistry()
+    histogram = Histogram("h_seconds", "h", buckets=buckets, registry=registry)
+    counter = Counter("c", "c", ["reason"], registry=registry)
+    lean_histogram = LeanHistogram("l_seconds", "l", buckets=buckets, registry=registry)
+    lean_counter = LeanCounter("lc", "lc", ["reason"], registry=registry)
+    values = [0.0001 * (index % 50) for index in range(1000)]
+    return {
+        "histogram_observe_us": us_per_call(lambda i: histogram.observe(values[i]), calls=1000),
+        "lean_histogram_observe_us": us_per_call(
+            lambda i: lean_histogram.observe(values[i]), calls=1000
+        ),
+        "counter_labels_inc_us": us_per_call(
+            lambda _: counter.labels("cache_affinity").inc(), calls=1000
+        ),
+        "lean_counter_labels_inc_us": us_per_call(
+            lambda _: lean_counter.labels("cache_affinity").inc(), calls=1000
+        ),
+    }
 
 
 def tokenizing() -> dict[str, float]:
@@ -216,10 +242,11 @@ async def idle_gateway(seconds: float = 20.0) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=pathlib.Path)
-    parser.add_argument("--parts", default="keys,tokenizing,digests,parsing,gateway")
+    parser.add_argument("--parts", default="keys,metrics,tokenizing,digests,parsing,gateway")
     args = parser.parse_args()
     parts: dict[str, tuple[str, Callable[[], object]]] = {
         "keys": ("prompt_keys", prompt_keys),
+        "metrics": ("metric_updates", metric_updates),
         "tokenizing": ("tokenizing_1405_tokens", tokenizing),
         "digests": (
             "vllm_block_digests_1405_tokens",

@@ -44,8 +44,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from twinroute.lean_metrics import LeanCounter, LeanHistogram
 from twinroute.openai_format import (
     Kind,
     ParsedRequest,
@@ -163,7 +164,7 @@ MAX_ENDPOINT_LABELS = 256
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._endpoints: set[str] = set()
-        self.requests = Counter(
+        self.requests = LeanCounter(
             "twinroute_router_requests",
             "Requests answered, by matched route (other: no route matched) and HTTP status.",
             ["route", "status"],
@@ -188,7 +189,7 @@ class RouterMetrics:
             ["endpoint"],
             registry=registry,
         )
-        self.decisions = Counter(
+        self.decisions = LeanCounter(
             "twinroute_router_decisions",
             "Placements by the scheduler's reason.",
             ["reason"],
@@ -202,16 +203,19 @@ class RouterMetrics:
             ["report", "why"],
             registry=registry,
         )
-        self.in_flight = Gauge(
+        # What every request updates is kept lean (`twinroute/lean_metrics.py`); the gauge
+        # reads a plain count when scraped.
+        self.in_flight_count = 0
+        Gauge(
             "twinroute_router_in_flight", "Requests being served.", registry=registry
-        )
-        self.pick_seconds = Histogram(
+        ).set_function(lambda: self.in_flight_count)
+        self.pick_seconds = LeanHistogram(
             "twinroute_router_pick_seconds",
             "Time to get a placement from the scheduler.",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25, 1.0),
             registry=registry,
         )
-        self.ttft_seconds = Histogram(
+        self.ttft_seconds = LeanHistogram(
             "twinroute_router_time_to_first_token_seconds",
             "From the router's forward to the first chunk from the engine.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
@@ -405,11 +409,11 @@ class RouterServer:
             max_tokens_limit=self._settings.max_tokens_limit,
         )
         query = await self._query(parsed, request)
-        self._metrics.in_flight.inc()
+        self._metrics.in_flight_count += 1
         try:
             return await self._serve(request, raw, parsed, query)
         finally:
-            self._metrics.in_flight.dec()
+            self._metrics.in_flight_count -= 1
 
     async def _query(self, parsed: ParsedRequest, request: web.Request) -> PickQuery:
         token_ids = await prompt_token_ids(parsed, self._tokenizer, offload=self._settings.offload)
