@@ -54,6 +54,19 @@ def relative_error(model: CostModel, engine: CostModel, uncached: int) -> float:
     return abs(true_ttft_s(model, uncached) - truth) / truth
 
 
+def test_calibrating_keeps_every_field_it_does_not_scale() -> None:
+    # Every field away from its default, so one left out of `calibrated` shows.
+    model = CostModel(
+        name="custom",
+        **{field.name: 0.25 for field in dataclasses.fields(CostModel) if field.type == "float"},
+        step_token_budget=123,
+    )
+    assert model.calibrated(time_scale=1.0, overhead_s=model.step_overhead_s) == model
+    slower = model.calibrated(time_scale=2.0, overhead_s=0.5)
+    assert (slower.name, slower.step_token_budget) == ("custom", 123)
+    assert (slower.linear_tokens_per_s, slower.kv_read_s_per_token) == (0.125, 0.5)
+
+
 def test_a_slower_engine_is_learned_from_its_first_tokens() -> None:
     # The profile is an H100; the engine is 7x slower and pays 30 ms per request on top.
     engine = PROFILE.calibrated(time_scale=7.0, overhead_s=0.030)
