@@ -59,7 +59,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from twinroute.scheduler.api import (
     InvalidPickError,
     Outcome,
@@ -79,6 +79,7 @@ from twinroute.scheduler.openai_queries import (
 )
 from twinroute.scheduler.types import Endpoint, NoEndpointError
 
+from twinroute.lean_metrics import LeanCounter, LeanHistogram
 from twinroute.openai_format import Kind, RequestError, decode_json, error_body, parse_request
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ class PickerSettings:
 
 
 class PickerMetrics:
+    # What every request updates is kept lean (`twinroute/lean_metrics.py`).
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.picks = Counter(
+        self.picks = LeanCounter(
             "twinroute_picker_requests",
             "Requests the endpoint picker answered, by what it answered (picked, or the HTTP "
             "status of an immediate answer)",
@@ -157,7 +159,7 @@ class PickerMetrics:
             "Requests the gateway served on a fallback endpoint after the primary failed",
             registry=registry,
         )
-        self.access_log_entries = Counter(
+        self.access_log_entries = LeanCounter(
             "twinroute_picker_access_log_entries",
             "Entries of the gateway's access log (lean gateways' request ends), by what became "
             "of them: here (closed a lease of this replica's), forwarded (sent to the peer "
@@ -166,7 +168,7 @@ class PickerMetrics:
             ["handled"],
             registry=registry,
         )
-        self.pick_seconds = Histogram(
+        self.pick_seconds = LeanHistogram(
             "twinroute_picker_pick_seconds",
             "From the request's last body byte at the picker to its answer",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25),
