@@ -77,3 +77,12 @@ def test_misuse_is_refused_clearly() -> None:
         LeanHistogram("h", "doc", buckets=(1.0, 0.5), registry=registry)
     with pytest.raises(ValueError, match="Duplicated"):
         LeanCounter("c", "doc", registry=registry)
+
+
+def test_label_values_given_as_other_types_name_the_same_series() -> None:
+    registry = CollectorRegistry()
+    counter = LeanCounter("answers", "doc", ["status"], registry=registry)
+    counter.labels(200).inc()
+    counter.labels("200").inc()
+    assert counter.labels(200) is counter.labels("200")
+    assert registry.get_sample_value("answers_total", {"status": "200"}) == 2

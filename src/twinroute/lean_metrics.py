@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -56,7 +57,10 @@ class _HistogramChild:
         self.sum += amount
 
 
-class _Family(Collector):
+_Child = TypeVar("_Child", _CounterChild, _HistogramChild)
+
+
+class _Family(Collector, Generic[_Child]):
     """One metric name with its label names; children by label values."""
 
     def __init__(
@@ -69,14 +73,23 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], object] = {}
-        self._only: object = None
+        self._children: dict[tuple[str, ...], _Child] = {}
+        # The same children by the values as callers give them (an int status, say), so that
+        # a repeated `labels(...)` is one dict lookup.
+        self._given: dict[tuple[object, ...], _Child] = {}
+        self._only: _Child | None = None
         if not self.labelnames:  # exposed from the start, at zero, as prometheus-client does
             self._only = self._children[()] = self._new_child()
         if registry is not None:
             registry.register(self)
 
-    def _child_for(self, values: tuple[str, ...]) -> object:
+    def labels(self, *values: object) -> _Child:
+        child = self._given.get(values)
+        if child is None:
+            child = self._given[values] = self._child_for(tuple(str(v) for v in values))
+        return child
+
+    def _child_for(self, values: tuple[str, ...]) -> _Child:
         child = self._children.get(values)
         if child is None:
             if len(values) != len(self.labelnames):
@@ -87,10 +100,10 @@ class _Family(Collector):
             child = self._children[values] = self._new_child()
         return child
 
-    def _new_child(self) -> object:
+    def _new_child(self) -> _Child:
         raise NotImplementedError
 
-    def _unlabelled(self) -> object:
+    def _unlabelled(self) -> _Child:
         if self._only is None:
             raise ValueError(f"{self.name} has labels ({', '.join(self.labelnames)}): use labels()")
         return self._only
@@ -102,7 +115,7 @@ class _Family(Collector):
         raise NotImplementedError
 
 
-class LeanCounter(_Family):
+class LeanCounter(_Family[_CounterChild]):
     """A counter, as `prometheus_client.Counter` exposes it (`NAME_total`), without its
     `_created` series."""
 
@@ -119,15 +132,8 @@ class LeanCounter(_Family):
     def _new_child(self) -> _CounterChild:
         return _CounterChild()
 
-    def labels(self, *values: str) -> _CounterChild:
-        child = self._child_for(tuple(str(value) for value in values))
-        assert isinstance(child, _CounterChild)
-        return child
-
     def inc(self, amount: float = 1.0) -> None:
-        child = self._unlabelled()
-        assert isinstance(child, _CounterChild)
-        child.inc(amount)
+        self._unlabelled().inc(amount)
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -135,12 +141,11 @@ class LeanCounter(_Family):
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, child in list(self._children.items()):
-            assert isinstance(child, _CounterChild)
             family.add_metric(list(values), child.value)
         yield family
 
 
-class LeanHistogram(_Family):
+class LeanHistogram(_Family[_HistogramChild]):
     """A histogram with fixed upper bounds (`+Inf` added), as `prometheus_client.Histogram`
     exposes it, without its `_created` series."""
 
@@ -163,21 +168,12 @@ class LeanHistogram(_Family):
     def _new_child(self) -> _HistogramChild:
         return _HistogramChild(self.bounds)
 
-    def labels(self, *values: str) -> _HistogramChild:
-        child = self._child_for(tuple(str(value) for value in values))
-        assert isinstance(child, _HistogramChild)
-        return child
-
     def observe(self, amount: float) -> None:
-        child = self._unlabelled()
-        assert isinstance(child, _HistogramChild)
-        child.observe(amount)
+        self._unlabelled().observe(amount)
 
     def child(self) -> _HistogramChild:
         """The unlabelled histogram itself, for a caller that observes it on a hot path."""
-        child = self._unlabelled()
-        assert isinstance(child, _HistogramChild)
-        return child
+        return self._unlabelled()
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -185,7 +181,6 @@ class LeanHistogram(_Family):
     def collect(self) -> Iterator[Metric]:
         family = self._family()
         for values, child in list(self._children.items()):
-            assert isinstance(child, _HistogramChild)
             counts, total = list(child.counts), child.sum
             cumulative, buckets = 0, []
             for label, count in zip(self._labels_text, counts, strict=True):
