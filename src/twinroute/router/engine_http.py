@@ -299,6 +299,10 @@ class _Connection(asyncio.Protocol):
     def ended(self) -> bool:
         return self._mode == "ended"
 
+    @property
+    def has_pieces(self) -> bool:
+        return bool(self._pieces)
+
     def send(self, request: bytes) -> asyncio.Future[None]:
         """Write one request; the future is done when its answer's head has arrived."""
         assert self.transport is not None
@@ -371,6 +375,12 @@ class EngineResponse:
     def content(self) -> EngineResponse:
         """`readany()` here, as on aiohttp's response.content."""
         return self
+
+    @property
+    def read_to_end(self) -> bool:
+        """Whether the whole body has arrived and been taken (`readany()` has only b"" left)."""
+        connection = self._connection
+        return connection.ended and not connection.has_pieces
 
     @property
     def chunked(self) -> bool:

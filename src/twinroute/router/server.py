@@ -161,6 +161,14 @@ class _EngineRejected(Exception):
 MAX_ENDPOINT_LABELS = 256
 
 
+class _StreamResponse(web.StreamResponse):
+    """A stream whose head waits for its first body bytes and goes out in the same write, as
+    aiohttp's own `web.Response` does: one send to the client's socket less per stream (a
+    send on loopback costs about as much CPU as the router's pick)."""
+
+    _send_headers_immediately = False
+
+
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._endpoints: set[str] = set()
@@ -688,7 +696,7 @@ class RouterServer:
         ttft = self._clock() - sent
         self._metrics.ttft_seconds.observe(ttft)
         self._report_soon(placement.progress("first_token"), what="first_token")
-        response = web.StreamResponse(status=200, headers=self._headers(upstream, placement))
+        response = _StreamResponse(status=200, headers=self._headers(upstream, placement))
         response.headers[REQUEST_ID_HEADER] = request[_REQUEST_ID_KEY]
         # The engine's own chunks go to the client as they are (engine_http.py): the client's
         # response must be chunked too, which HTTP/1.0 has no word for.
@@ -701,7 +709,13 @@ class RouterServer:
         events = _EventCount(first)
         try:
             await response.prepare(request)
-            await response.write(first)
+            if client is not None and upstream.read_to_end:
+                # The whole stream came with its first read (a short answer, a fast engine):
+                # head, body and end go to the client in one write.
+                await response.write_eof(first)
+                outcome = "success"
+                return response
+            await response.write(first)  # with the head, in one write
             if client is not None:
                 broke = await self._pass_on(upstream, client, events)
             else:
