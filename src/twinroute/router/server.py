@@ -164,7 +164,8 @@ MAX_ENDPOINT_LABELS = 256
 class _StreamResponse(web.StreamResponse):
     """A stream whose head waits for its first body bytes and goes out in the same write, as
     aiohttp's own `web.Response` does: one send to the client's socket less per stream, and
-    a client that reads the head and the first event together."""
+    a client that reads the head and the first event together. The switch is aiohttp's own
+    (private) class attribute; an aiohttp without it sends the head at once, as before."""
 
     _send_headers_immediately = False
 
