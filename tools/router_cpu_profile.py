@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import itertools
 import json
@@ -116,9 +117,12 @@ async def measure(
             cpu_s = process_tree_cpu_s([router.pid]) - cpu_before
             wall_s = time.monotonic() - started
     finally:
-        router.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(router.wait(), 30)
-        await engine.stop()
+        try:
+            with contextlib.suppress(ProcessLookupError):  # one that failed to start is gone
+                router.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(router.wait(), 30)
+        finally:
+            await engine.stop()
     return {
         "requests": requests,
         "router_cpu_ms_per_request": round(1000 * cpu_s / requests, 3),

@@ -108,7 +108,8 @@ async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[
             await asyncio.gather(*(one() for _ in range(requests)))
             used, wall = cpu_s(router.pid) - before, time.monotonic() - started
     finally:
-        router.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # one that failed to start is gone
+            router.send_signal(signal.SIGTERM)
         await asyncio.wait_for(router.wait(), 30)
     return {
         "requests": requests,
