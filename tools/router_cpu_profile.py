@@ -6,12 +6,13 @@ Starts one near-instant engine simulator and `twinroute router --embedded` in fr
 sends `--requests` streaming completions (a 362-word prompt, 1,405 tokens of the tiny model,
 that shares all but its last two words with every other; 8 output tokens, 8 at a time) after
 100 warm-up requests, and reads the router process's CPU seconds from /proc before and after.
-It does this in six modes: with the tiny model's tokenizer (token-id keys, what KV-event
+It does this in seven modes: with the tiny model's tokenizer (token-id keys, what KV-event
 lookups need) and its prefix token cache; the same with prompts that share nothing (each starts
 with its own word, so the cache never hits: its worst case); the tokenizer with the cache off,
 with shared prompts and with prompts that share nothing (unshared prompts also cost the
 scheduler more: every key is new to its index); without a tokenizer (keys over characters);
-and, as the floor under all of them, a bare aiohttp relay. With `--profile` the router also
+and, as the floor under all of them, a bare aiohttp relay, and below that aiohttp's server side
+alone (a canned stream, no engine). With `--profile` the router also
 runs under cProfile (tokenizer, cache on) and the functions with the most cumulative time are
 printed (cProfile inflates every figure; read its shares, not its milliseconds). The JSON holds the
 per-request CPU of every mode and the machine's load.
@@ -40,6 +41,12 @@ from twinroute.bench.vllm_live import process_tree_cpu_s
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TOKENIZER = REPO / ".tools" / "tiny-llama" / "tokenizer.json"
 BARE_RELAY = "--bare-aiohttp-relay"
+BARE_SERVER = "--bare-aiohttp-server"
+# What the bare server answers every completion with: eight events and the end, one write.
+CANNED_STREAM = (
+    b'data: {"id":"cmpl-0","object":"text_completion","choices":[{"index":0,"text":" tok",'
+    b'"logprobs":null,"finish_reason":null}]}\n\n' * 8
+) + b"data: [DONE]\n\n"
 PROMPT = " ".join(f"word{i % 50} of the shared system prompt" for i in range(60))
 
 
@@ -56,6 +63,9 @@ MODES: dict[str, tuple[list[str], bool]] = {
     # Not twinroute: the floor under it, an aiohttp server relaying each stream through one
     # client session with nothing else (no pick, keys, metrics, retries or reports).
     "bare_aiohttp_relay": ([BARE_RELAY], True),
+    # Not twinroute either: aiohttp serving the client alone, each completion answered with a
+    # canned 8-event stream and no engine behind it (what aiohttp's server side costs).
+    "bare_aiohttp_server": ([BARE_RELAY, BARE_SERVER], True),
 }
 
 
@@ -145,7 +155,7 @@ async def _wait_healthy(session: aiohttp.ClientSession, url: str) -> None:
 
 def bare_relay(argv: list[str]) -> None:
     """An aiohttp relay and nothing else, on `--port`, to the engines of `--endpoints` in
-    turn."""
+    turn; with `--bare-aiohttp-server`, no relay either: a canned stream for every request."""
     import uvloop
     from aiohttp import web
 
@@ -169,11 +179,18 @@ def bare_relay(argv: list[str]) -> None:
                 await response.write_eof()
                 return response
 
+        async def canned(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write_eof(CANNED_STREAM)
+            return response
+
         async def health(_: web.Request) -> web.Response:
             return web.Response(text="ok")
 
         app = web.Application()
-        app.router.add_post("/v1/completions", relay)
+        app.router.add_post("/v1/completions", canned if BARE_SERVER in argv else relay)
         app.router.add_get("/health", health)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
