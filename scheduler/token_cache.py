@@ -16,6 +16,13 @@ chunk never seen; only the rest is tokenized (one batch call), and its complete 
 A prompt whose first chunk was never seen is tokenized whole and not cut (cutting costs about a
 fifth more tokenizer work); it is cut and remembered when its first chunk comes again.
 
+After its last full chunk a text is cut in quarter chunks: prompts that share all but a short
+ending (a system prompt and a question) then share their text up to the last quarter-chunk
+boundary before the ending instead of the last full chunk, and a new ending costs the tokenizer
+at most a quarter chunk of shared text (on the router bench's 1,405-token prompt, 44 -> 27 us a
+prompt, `benchmarks/hot_path/tail-chunks/`). An ending long enough to reach the next full
+boundary is still tokenized from the last full chunk they share.
+
 Whether a tokenizer keeps the boundary promise is not assumed: `splits_safely` tokenizes a set of
 probe texts both ways at load, with a boundary at every space, and the cache is used only when the
 two agree on every probe (a tokenizer that prepends a marker to every call, as Llama 2's does,
@@ -43,6 +50,8 @@ TokenIds = npt.NDArray[np.uint32]
 BatchEncoder = Callable[[list[str]], Sequence[Sequence[int]]]
 
 DEFAULT_CHUNK_CHARS: Final = 128
+# The text after its last full chunk is cut every `chunk_chars // TAIL_DIVISOR` characters.
+TAIL_DIVISOR: Final = 4
 DEFAULT_MAX_CHUNKS: Final = 32_768
 _ROOT: Final = 0
 _EMPTY: Final[TokenIds] = np.zeros(0, dtype=np.uint32)
@@ -131,6 +140,7 @@ class PrefixTokenCache:
             raise ValueError(f"max_chunks must be at least 1, got {max_chunks}")
         self._encode_batch = encode_batch
         self._chunk_chars = chunk_chars
+        self._tail_chars = max(1, chunk_chars // TAIL_DIVISOR)
         self._max_chunks = max_chunks
         self._chunks: OrderedDict[tuple[int, str], _Chunk] = OrderedDict()
         # First chunks seen once: a prompt is cut into chunks only when its first chunk comes
@@ -155,6 +165,10 @@ class PrefixTokenCache:
         path: list[tuple[int, str]] = []
         parent, begin = _ROOT, 0
         bounds = safe_boundaries(text, start=0, every=self._chunk_chars)
+        # The last stretch in smaller chunks: prompts that share all but their ending (a
+        # system prompt and a short question) then share it up to the last small boundary
+        # before the ending, not only up to the last full chunk.
+        bounds += safe_boundaries(text, start=bounds[-1] if bounds else 0, every=self._tail_chars)
         for index, end in enumerate(bounds):
             key = (parent, text[begin:end])
             chunk = self._chunks.get(key)

@@ -131,6 +131,23 @@ def test_a_repeated_prefix_is_not_tokenized_again(byte_level: HFTokenizer) -> No
     assert encoder.chars - before <= 64 + 16 + len(question)
 
 
+def test_prompts_that_differ_only_in_a_short_ending_retokenize_little_more(
+    byte_level: HFTokenizer,
+) -> None:
+    # A system prompt and short questions: after the last full chunk the text is cut in
+    # quarter chunks, so a new question costs at most a quarter chunk of the shared text.
+    for seed in range(10):
+        encoder = CountingEncoder(byte_level)
+        cache = PrefixTokenCache(encoder, chunk_chars=64)
+        system = random_text(random.Random(seed), 300)
+        for number in range(3):
+            cache.encode(f"{system} question {number}")
+        before = encoder.chars
+        text = f"{system} question 3"
+        assert cache.encode(text).tolist() == whole(byte_level, text)
+        assert encoder.chars - before <= 64 // 4 + len(" question 3"), seed
+
+
 def test_prompts_that_share_nothing_are_tokenized_whole_and_not_kept(
     byte_level: HFTokenizer,
 ) -> None:
