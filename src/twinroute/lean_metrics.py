@@ -1,7 +1,7 @@
 """Counters and histograms for the request path, exposed through prometheus-client.
 
 prometheus-client's `Histogram.observe` and `Counter.labels(...).inc` take a lock per value and
-walk the buckets one Python call at a time: 0.8 and 1.4 us on an idle 2-core VM, against 0.2
+walk the buckets one Python call at a time: 0.8 and 1.3 us on an idle 2-core VM, against 0.2
 and 0.5 us here (`tools/hot_path_parts.py --parts metrics`,
 `benchmarks/hot_path/metric_updates.json`). A request through the router with its embedded
 scheduler makes seven observations and about as many increments: some 9 us of the half
