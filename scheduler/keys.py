@@ -13,12 +13,12 @@ first). Key i therefore depends on blocks 0..i and, through the chain, on its de
 vLLM chains each block's hash to its parent's. One short C call per block: on an idle 2-core
 VM (`tools/hot_path_parts.py`, `benchmarks/hot_path/prompt_keys.json`) 11-12 us for a
 1,400-token prompt in 32-token blocks and 17 us in 16-token blocks, where the vectorised
-splitmix64 scheme it replaced took 35-37 us either way (some 30 array operations, each with
+splitmix64 scheme it replaced took 29-30 us either way (some 35 array operations, each with
 its fixed cost), on a request path that costs the router about half a millisecond in all.
 Past about 300 blocks the per-block call costs more than numpy did: a 32k-token prompt in
-16-token blocks takes 0.3 ms against 0.15-0.2 ms (such prompts are hashed on a worker thread,
+16-token blocks takes 0.31 ms against 0.14 ms (such prompts are hashed on a worker thread,
 which holds the GIL while it does); in the default 64-token blocks the two are level there
-(106 against 116 us).
+(110 against 111 us).
 
 Trace block ids (Mooncake `hash_ids`, the simulator's prompts) keep their vectorised scheme:
 they are a separate key space (no trace prompt is ever compared with a tokenised one), and

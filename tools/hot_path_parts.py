@@ -37,7 +37,14 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from twinroute.scheduler.keys import keys_from_tokens
+from twinroute.scheduler.keys import (
+    _GOLDEN,
+    _MIX_2,
+    _chain,
+    _mix_in_place,
+    keys_from_tokens,
+    mix64_array,
+)
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.scrape import _split_sample, parse_vllm_metrics
 from twinroute.scheduler.vllm_block_memo import MemoizedBlockHasher
@@ -63,37 +70,23 @@ def us_per_call(call: Callable[[int], object], calls: int = 300) -> float:
     return round(best * 1e6, 1)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _splitmix_in_place(z: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(0xBF58476D1CE4E5B9)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return z
+_COLUMNS: dict[int, npt.NDArray[np.uint64]] = {}
 
 
 def splitmix_keys(ids: npt.NDArray[np.uint32], block_size: int, seed: int) -> object:
-    """The token keys before the XXH3 chain: every id mixed with its column's constant and
-    summed per block, then block values, positions and seed mixed and prefix-summed."""
+    """The token keys before the XXH3 chain, operation for operation: every id mixed with its
+    column's constant (cached per block size) and summed per block, then the splitmix64 chain
+    `scheduler/keys.py` still uses for trace keys."""
     words = ids.astype(np.uint64)
     blocks = words.shape[0] // block_size
-    columns = np.arange(1, block_size + 1, dtype=np.uint64) * np.uint64(0x94D049BB133111EB)
-    columns = _splitmix_in_place(columns + _GOLDEN)
+    columns = _COLUMNS.get(block_size)
+    if columns is None:
+        offsets = np.arange(1, block_size + 1, dtype=np.uint64) * np.uint64(_MIX_2)
+        columns = _COLUMNS[block_size] = mix64_array(offsets)
     mixed = words[: blocks * block_size].reshape(blocks, block_size) ^ columns
-    mixed += _GOLDEN
-    values = _splitmix_in_place(mixed).sum(axis=1, dtype=np.uint64)
-    salted = np.arange(blocks, dtype=np.uint64)
-    salted *= _GOLDEN
-    salted += np.uint64(seed)
-    salted ^= values
-    salted += _GOLDEN
-    sums = np.cumsum(_splitmix_in_place(salted), dtype=np.uint64)
-    sums ^= np.uint64(seed)
-    sums += _GOLDEN
-    return _splitmix_in_place(sums)
+    mixed += np.uint64(_GOLDEN)
+    _mix_in_place(mixed)
+    return _chain(mixed.sum(axis=1, dtype=np.uint64), seed)
 
 
 def prompt_keys() -> dict[str, dict[str, float]]:
