@@ -19,7 +19,7 @@ fifth more tokenizer work); it is cut and remembered when its first chunk comes 
 After its last full chunk a text is cut in quarter chunks: prompts that share all but a short
 ending (a system prompt and a question) then share their text up to the last quarter-chunk
 boundary before the ending instead of the last full chunk, and a new ending costs the tokenizer
-at most a quarter chunk of shared text (on the router bench's 1,405-token prompt, 44 -> 27 us a
+at most a quarter chunk of shared text (on the router bench's 1,405-token prompt, 43 -> 27 us a
 prompt, `benchmarks/hot_path/tail-chunks/`). An ending long enough to reach the next full
 boundary is still tokenized from the last full chunk they share.
 
@@ -165,9 +165,7 @@ class PrefixTokenCache:
         path: list[tuple[int, str]] = []
         parent, begin = _ROOT, 0
         bounds = safe_boundaries(text, start=0, every=self._chunk_chars)
-        # The last stretch in smaller chunks: prompts that share all but their ending (a
-        # system prompt and a short question) then share it up to the last small boundary
-        # before the ending, not only up to the last full chunk.
+        # After the last full chunk, quarter chunks (module docstring).
         bounds += safe_boundaries(text, start=bounds[-1] if bounds else 0, every=self._tail_chars)
         for index, end in enumerate(bounds):
             key = (parent, text[begin:end])
