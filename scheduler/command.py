@@ -54,7 +54,7 @@ from twinroute.scheduler.telemetry import build_metrics_app
 from twinroute.scheduler.tokens import TokenGuard
 from twinroute.scheduler.types import Endpoint
 
-from twinroute.runtime import LOG_LEVELS, settle_heap_for_serving
+from twinroute.runtime import LOG_LEVELS, event_loop_runner, settle_heap_for_serving
 from twinroute.vocabulary import MIGRATION_MODES, POLICY_NAMES
 
 logger = logging.getLogger(__name__)
@@ -645,7 +645,8 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         settings = resolve_arguments(args)
-        return asyncio.run(serve(args, settings))
+        code: int = event_loop_runner()(serve(args, settings))
+        return code
     except (ValueError, OSError) as error:
         print(f"twinroute scheduler: {error}", file=sys.stderr)
         return 2

@@ -41,7 +41,7 @@ from twinroute.router.command import (
     embedded_settings,
     parse_endpoints,
 )
-from twinroute.runtime import LOG_LEVELS, settle_heap_for_serving
+from twinroute.runtime import LOG_LEVELS, event_loop_runner, settle_heap_for_serving
 from twinroute.scheduler.openai_queries import (
     TOKENIZER_HELP,
     add_tokenizer_arguments,
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(render_bootstrap(gateway_config(args, picker_address=picker)),
                                  sort_keys=False), end="")  # fmt: skip
             return 0
-        asyncio.run(serve(args))
+        event_loop_runner()(serve(args))
     except (ValueError, OSError) as error:
         print(f"twinroute gateway: {error}", file=sys.stderr)
         return 2
