@@ -334,7 +334,7 @@ class SchedulerService:
             slo = query.ttft_slo_s or self.core.policy.config.ttft_slo_s
             deadline = None if timeout_s is None else self._clock() + timeout_s
             answer = await self.admission.admit(answer, slo_s=slo, deadline=deadline)
-        return Placement(answer, reports=self)
+        return Placement(answer, reports=self, at_once=self)
 
     def _refused(self, kind: str) -> None:
         if self.telemetry is not None:
@@ -351,6 +351,26 @@ class SchedulerService:
         cached_prompt_tokens: int = 0,
     ) -> bool:
         """Close a lease; False when it was unknown (already closed or expired)."""
+        return self.complete_now(
+            lease_id=lease_id,
+            outcome=outcome,
+            observed_ttft_s=observed_ttft_s,
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
+            cached_prompt_tokens=cached_prompt_tokens,
+        )
+
+    def complete_now(
+        self,
+        *,
+        lease_id: str,
+        outcome: Outcome = "success",
+        observed_ttft_s: float = 0.0,
+        prompt_tokens: int = 0,
+        output_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> bool:
+        """`complete`, made at once (it waits on nothing)."""
         if not lease_id:
             raise InvalidPickError("lease_id is required")
         if outcome not in OUTCOMES:
@@ -407,6 +427,11 @@ class SchedulerService:
         return closed
 
     async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+        """A placed request reached a milestone; False when the lease or event did not apply
+        (`progress_now`)."""
+        return self.progress_now(lease_id=lease_id, event=event)
+
+    def progress_now(self, *, lease_id: str, event: ProgressEvent) -> bool:
         """A placed request reached a milestone; False when the lease or event did not apply.
 
         `prefill_done` closes a disaggregated pick's prefill lease (the prefill instance's

@@ -617,6 +617,41 @@ async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothi
     assert 'twinroute_router_reports_lost_total{report="complete",why="refused"} 2.0' in text
 
 
+async def test_an_embedded_scheduler_takes_the_reports_without_a_task_and_counts_refusals(
+    start_engine: StartEngine,
+) -> None:
+    """An in-process scheduler's reports are made when claimed (no task per report); one it
+    refuses is counted as lost, exactly as a remote scheduler's refusal is."""
+    engine = await start_engine("e0")
+
+    class AtOnce(RecordingPort):
+        async def pick(self, query: Any, *, timeout_s: float | None = None) -> Placement:
+            placement = await super().pick(query, timeout_s=timeout_s)
+            return Placement(placement.answer, reports=self, at_once=self)
+
+        def complete_now(self, **fields: Any) -> bool:
+            self.completions.append(fields)
+            raise RuntimeError("the scheduler had a bad day")
+
+        def progress_now(self, **fields: Any) -> bool:
+            self.progress_reports.append(fields)
+            return True
+
+    port = AtOnce([("e0", engine.address)])
+    async with serving(port) as router, aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            body = completion(stream=stream)
+            async with session.post(f"{router}/v1/completions", json=body) as response:
+                assert response.status == 200
+                await response.read()
+            # Made before the answer was done: nothing waits in the background.
+            assert len(port.completions) == 1 + stream
+        async with session.get(f"{router}/metrics") as response:
+            text = await response.text()
+    assert [r["event"] for r in port.progress_reports] == ["first_token"]
+    assert 'twinroute_router_reports_lost_total{report="complete",why="refused"} 2.0' in text
+
+
 async def test_random_paths_add_no_metric_series(start_router: StartRouter) -> None:
     """Clients choose paths: labelling requests by the raw path would let them grow the
     metric series without bound. Unknown paths share one label."""

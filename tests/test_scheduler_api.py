@@ -17,11 +17,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from twinroute.scheduler.api import (
     EndpointStatus,
+    InvalidPickError,
     NoEndpointError,
     PickQuery,
     Placement,
     Scheduler,
     SchedulerUnreachableError,
+    SettledReport,
 )
 from twinroute.scheduler.build import build_service
 from twinroute.scheduler.client import SchedulerClient
@@ -264,6 +266,40 @@ async def test_a_placement_completes_exactly_once_whatever_calls_it() -> None:
     assert service.core.leases.expired_total == 0
     # Progress after completion reaches nobody.
     assert not await placement.progress("first_token")
+
+
+async def test_the_in_process_scheduler_takes_reports_when_they_are_claimed() -> None:
+    """The embedded scheduler waits on nothing: a report is made when the placement hands it
+    out, and comes back settled, so a front end runs no task for it."""
+    service = in_process()
+    placement = await service.pick(query(text="hello " * 40, reports_first_token=True))
+    lease = service.core.leases.get(placement.lease_id)
+    assert lease is not None and lease.first_token_at is None
+    progress = placement.progress("first_token")
+    assert isinstance(progress, SettledReport)
+    assert lease.first_token_at is not None  # made before anything was awaited
+    report = placement.complete("success", output_tokens=3)
+    assert isinstance(report, SettledReport)
+    assert service.core.in_flight(placement.endpoint.id) == 0
+    assert (await progress, await report, await placement.complete("cancelled")) == (
+        True,
+        True,
+        False,
+    )
+
+
+async def test_an_at_once_report_that_fails_raises_where_it_is_awaited() -> None:
+    service = in_process()
+    placement = await service.pick(query())
+
+    def refuse(**_: Any) -> bool:
+        raise InvalidPickError("refused")
+
+    service.complete_now = refuse  # type: ignore[method-assign]
+    report = placement.complete("success")  # claimed without raising
+    assert placement.done
+    with pytest.raises(InvalidPickError, match="refused"):
+        await report
 
 
 async def test_the_same_handle_over_grpc(grpc_target: tuple[str, RecordingScheduler]) -> None:

@@ -68,6 +68,7 @@ from twinroute.scheduler.api import (
     Placement,
     Scheduler,
     SchedulerUnreachableError,
+    SettledReport,
     UnknownModelError,
 )
 from twinroute.scheduler.openai_queries import (
@@ -794,6 +795,10 @@ class RouterServer:
 
     def _report_soon(self, report: Awaitable[bool], *, what: str) -> None:
         """Send a report to the scheduler without holding up the response."""
+        if isinstance(report, SettledReport):  # the embedded scheduler took it already
+            if report.error is not None:
+                self._lost(report.error, what=what)
+            return
         task = asyncio.ensure_future(self._report(report, what=what))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -803,15 +808,19 @@ class RouterServer:
         the event) never fails the request; the lease's time-to-live settles what is lost."""
         try:
             await report
-        except SchedulerUnreachableError as error:
+        except Exception as error:  # whatever went wrong, the request goes on
+            self._lost(error, what=what)
+
+    def _lost(self, error: Exception, *, what: str) -> None:
+        if isinstance(error, SchedulerUnreachableError):
             # A lost Complete holds load until the lease's time-to-live; a lost milestone
             # only makes the estimate coarser until then.
             self._metrics.reports_lost.labels(what, "unreachable").inc()
             level = logging.WARNING if what == "complete" else logging.DEBUG
             logger.log(level, "%s not reported: %s", what, error)
-        except Exception as error:  # whatever else went wrong, the request goes on
-            self._metrics.reports_lost.labels(what, "refused").inc()
-            logger.warning("the scheduler refused the %s report: %s", what, type(error).__name__)
+            return
+        self._metrics.reports_lost.labels(what, "refused").inc()
+        logger.warning("the scheduler refused the %s report: %s", what, type(error).__name__)
 
 
 class _IdleWatch:
