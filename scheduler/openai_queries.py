@@ -239,9 +239,11 @@ def pick_query(
     token_ids: Sequence[int] | TokenIds | None,
     ttft_slo_s: float | None,
     tokens_per_char: float,
+    reports_first_token: bool | None = None,
 ) -> PickQuery:
     """The scheduler's query for a parsed request; `token_ids` are the prompt's (the client's
-    own, or a local tokenizer's), None to key the prompt by its text."""
+    own, or a local tokenizer's), None to key the prompt by its text. `reports_first_token`:
+    whether the caller will report the first token; None: when the request streams."""
     text = parsed.prompt_text
     return PickQuery(
         request_id=request_id,
@@ -253,7 +255,7 @@ def pick_query(
         expected_output_tokens=parsed.max_tokens or 0,
         ttft_slo_s=ttft_slo_s,
         # A stream's first chunk is reported (Progress "first_token"); a whole answer is not.
-        reports_first_token=parsed.stream,
+        reports_first_token=parsed.stream if reports_first_token is None else reports_first_token,
         # A completions prompt is what the engine prefills; a chat it renders itself.
         exact_engine_tokens=parsed.kind == "completions" and token_ids is not None,
         prompt_tokens=(

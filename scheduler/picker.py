@@ -43,7 +43,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -65,6 +65,7 @@ from twinroute.scheduler.api import (
     Outcome,
     PickQuery,
     Placement,
+    SettledReport,
     UnknownModelError,
 )
 from twinroute.scheduler.openai_queries import (
@@ -111,6 +112,8 @@ _BUFFERED_MODES = frozenset(
 _NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 # Requests awaiting their access-log entry at most (a bound on a gateway that stops logging).
 _MAX_AWAITING_LOG: Final = 100_000
+# Answers naming a pick kept for reuse at most (`EndpointPicker._buffered_answer`).
+_MAX_KEPT_ANSWERS: Final = 4096
 # The tail of a response body kept to read the usage from the last chunk of a stream.
 _USAGE_TAIL_BYTES: Final = 4096
 _HEADERS_CONTINUE: Final = ext_pb.ProcessingResponse(request_headers=ext_pb.HeadersResponse())
@@ -219,6 +222,28 @@ def _header_values(headers: ext_pb.HttpHeaders, wanted: frozenset[str]) -> dict[
     return values
 
 
+def _pick_mutation(destinations: str, endpoint_id: str, reason: str) -> ext_pb.CommonResponse:
+    return ext_pb.CommonResponse(
+        header_mutation=ext_pb.HeaderMutation(
+            set_headers=[
+                _header(DESTINATION_HEADER, destinations),
+                # Echoed to the client by the gateway's route (and marks the request as picked
+                # for its access log).
+                _header(ENDPOINT_HEADER, endpoint_id),
+                _header(REASON_HEADER, reason),
+            ]
+        ),
+    )
+
+
+def _lb_metadata(destinations: str) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.fields[LB_NAMESPACE].struct_value.fields[
+        DESTINATION_HEADER
+    ].string_value = destinations
+    return metadata
+
+
 _REQUEST_HEADERS: Final = frozenset({":path", "content-length", REQUEST_ID_HEADER, TTFT_SLO_HEADER})
 _RESPONSE_HEADERS: Final = frozenset({":status", SERVED_KEY})
 
@@ -296,6 +321,7 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         # Picked requests whose end the access log will report, by Envoy's request id; the
         # oldest are dropped beyond a bound (their leases then expire at the TTL).
         self._awaiting_log: dict[str, _Exchange] = {}
+        self._answers: dict[tuple[str, str, str], ext_pb.ProcessingResponse] = {}
         # With active-active replicas, where access-log entries of requests this replica did
         # not pick go (the peer exchange, which hands them to the replica that did: Envoy
         # streams its whole access log to one replica). None: one replica, they match nothing.
@@ -407,29 +433,11 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                 *(fallback.address for fallback in placement.answer.fallbacks),
             ]
         )
-        mutation = ext_pb.CommonResponse(
-            header_mutation=ext_pb.HeaderMutation(
-                set_headers=[
-                    _header(DESTINATION_HEADER, destinations),
-                    # Echoed to the client by the gateway's route (and marks the request as
-                    # picked for its access log).
-                    _header(ENDPOINT_HEADER, placement.endpoint.id),
-                    _header(REASON_HEADER, placement.reason.value),
-                ]
-            ),
-        )
-        metadata = struct_pb2.Struct()
-        lb = metadata.fields[LB_NAMESPACE].struct_value
-        lb.fields[DESTINATION_HEADER].string_value = destinations
         if not exchange.full_duplex:
-            # Buffered: the headers went on already; the mutation rides on the body's answer.
-            return [
-                ext_pb.ProcessingResponse(
-                    request_body=ext_pb.BodyResponse(response=mutation),
-                    dynamic_metadata=metadata,
-                )
-            ]
+            # Buffered: the headers went on already; the pick rides on the body's answer.
+            return [self._buffered_answer(destinations, placement)]
         # Full duplex: the picker holds the body and hands it back whole after the headers.
+        mutation = _pick_mutation(destinations, placement.endpoint.id, placement.reason.value)
         body = ext_pb.CommonResponse(
             body_mutation=ext_pb.BodyMutation(
                 streamed_response=ext_pb.StreamedBodyResponse(
@@ -440,10 +448,30 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         return [
             ext_pb.ProcessingResponse(
                 request_headers=ext_pb.HeadersResponse(response=mutation),
-                dynamic_metadata=metadata,
+                dynamic_metadata=_lb_metadata(destinations),
             ),
             ext_pb.ProcessingResponse(request_body=ext_pb.BodyResponse(response=body)),
         ]
+
+    def _buffered_answer(
+        self, destinations: str, placement: Placement
+    ) -> ext_pb.ProcessingResponse:
+        """The body's answer naming a pick. A pool has few distinct answers (an ordered pair
+        of endpoints, a reason), and building one costs more than all the rest of answering
+        (10 us of protobuf objects here), so each is built once and handed out again: gRPC
+        only reads it (serialising), nothing here changes it after."""
+        key = (destinations, placement.endpoint.id, placement.reason.value)
+        answer = self._answers.get(key)
+        if answer is None:
+            if len(self._answers) >= _MAX_KEPT_ANSWERS:
+                self._answers.clear()  # membership churned: start again
+            answer = self._answers[key] = ext_pb.ProcessingResponse(
+                request_body=ext_pb.BodyResponse(
+                    response=_pick_mutation(destinations, placement.endpoint.id, key[2])
+                ),
+                dynamic_metadata=_lb_metadata(destinations),
+            )
+        return answer
 
     async def _pick(self, exchange: _Exchange) -> Placement:
         settings = self._settings
@@ -476,13 +504,12 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             token_ids=token_ids,
             ttft_slo_s=slo,
             tokens_per_char=settings.tokens_per_char,
+            # Without the response body the first token is never seen: the scheduler then
+            # drains the request's prefill at its predicted TTFT instead of waiting for it.
+            reports_first_token=parsed.stream and exchange.response_body,
         )
         exchange.stream = parsed.stream
         exchange.prompt_tokens = query.prompt_tokens
-        if not (parsed.stream and exchange.response_body):
-            # Without the response body the first token is never seen: the scheduler then
-            # drains the request's prefill at its predicted TTFT instead of waiting for it.
-            query = dataclasses.replace(query, reports_first_token=False)
         if exchange.subset is not None:
             query = self._within_subset(query, exchange.subset)
         try:
@@ -686,7 +713,11 @@ class EndpointPicker(ext_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             return
         self._finish(exchange)
 
-    def _report(self, report: Any) -> None:
+    def _report(self, report: Awaitable[bool]) -> None:
+        if isinstance(report, SettledReport):  # the scheduler in this process took it
+            if report.error is not None:
+                logger.warning("the scheduler refused a report: %s", report.error)
+            return
         task: asyncio.Task[bool] = asyncio.ensure_future(report)
         self._reports.add(task)
         task.add_done_callback(self._reports.discard)

@@ -226,6 +226,12 @@ async def test_every_processing_mode_routes_and_closes_leases(
                     assert data.rstrip().endswith(b"data: [DONE]")
                 else:
                     assert json.loads(data)["usage"]["completion_tokens"] == 5
+            # The headers the picker reads reach it (the lean and full modes send no others).
+            body = {"model": MODEL, "prompt": prompt(3), "max_tokens": 5}
+            status, _, data = await post(
+                session, gateway.url, body, **{"x-twinroute-ttft-slo-s": "fast"}
+            )
+            assert status == 400 and b"x-twinroute-ttft-slo-s" in data
             await asyncio.sleep(0.3)
             async with session.get(f"{metrics}/metrics") as response:
                 text = await response.text()
@@ -235,6 +241,9 @@ async def test_every_processing_mode_routes_and_closes_leases(
             if line.startswith("twinroute_scheduler_endpoint_in_flight{")
         ]
         assert in_flight and sum(in_flight) == 0, "every lease closed with its request"
+        if processing == "lean":
+            # Each request's end came in the access log, matched by Envoy's request id.
+            assert 'twinroute_picker_access_log_entries_total{handled="here"} 2.0' in text
     finally:
         await gateway.stop()
 

@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ext_grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from twinroute.scheduler import picker as picker_module
 from twinroute.scheduler.build import build_service
 from twinroute.scheduler.picker import EndpointPicker, PickerServer, PickerSettings
 from twinroute.scheduler.service import SchedulerService
@@ -180,6 +181,33 @@ async def test_buffered_body_carries_the_pick_and_headers_just_continue(picker: 
     header, metadata = destination(answer, phase="request_body")
     assert header == metadata and len(header.split(",")) == 2
     await call.done_writing()
+
+
+async def test_buffered_answers_built_once_still_name_each_pick(
+    picker: Picker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers are kept and handed out again (few distinct ones in a pool); each request's
+    still names its own pick, and the number kept stays bounded."""
+    monkeypatch.setattr(picker_module, "_MAX_KEPT_ANSWERS", 3)
+    kept: list[int] = []
+    for index in range(24):
+        call = picker.stub().Process()
+        await call.write(headers_message(request_body_mode=Mode.BUFFERED))
+        await call.read()
+        await call.write(body_message(completion(f"conversation {index} " * 40)))
+        answer = await call.read()
+        await call.done_writing()
+        header, metadata = destination(answer, phase="request_body")
+        (record,) = await picker.service.explain(limit=1)
+        picked = [
+            option.header.raw_value.decode()
+            for option in answer.request_body.response.header_mutation.set_headers
+            if option.header.key in ("x-twinroute-endpoint", "x-twinroute-reason")
+        ]
+        assert picked == [record.decision.endpoint_id, record.decision.reason.value]
+        assert header == metadata and header.split(",")[0] == ADDRESSES[picked[0]]
+        kept.append(len(picker.server.picker._answers))
+    assert max(kept) <= 3 and len(set(kept)) > 1
 
 
 async def test_stream_end_closes_the_lease_and_response_names_the_endpoint(
@@ -554,3 +582,12 @@ async def test_a_lean_gateways_log_reaching_another_replica_closes_the_lease_her
         for _, grpc_server, picker_server, *_ in replicas:
             await picker_server.stop(grace_s=0.1)
             await grpc_server.stop(grace_s=0.1)
+
+
+def test_the_gateway_forwards_exactly_the_headers_the_picker_reads() -> None:
+    """`twinroute gateway` has Envoy send the picker only these (fewer fields to write and
+    parse per request): a header the picker starts reading must be added there too."""
+    from twinroute.gateway.bootstrap import PICKER_READS_HEADERS
+
+    read = picker_module._REQUEST_HEADERS | picker_module._RESPONSE_HEADERS
+    assert read == set(PICKER_READS_HEADERS)

@@ -35,6 +35,18 @@ FailureMode = Literal["FailOpen", "FailClose"]
 FAILURE_MODES: Final[tuple[FailureMode, ...]] = ("FailOpen", "FailClose")
 INFERENCE_PATHS: Final = ("/v1/completions", "/v1/chat/completions")
 
+# The headers the picker reads (`twinroute.scheduler.picker`: the request's path, length, id
+# and SLO; the response's status and the endpoint that served). Envoy sends only these in the
+# lean and full modes: every header it sends costs it and the picker a field to write and
+# read (11 for a plain completion). `gie` sends them all, as a GIE gateway would.
+PICKER_READS_HEADERS: Final = (
+    ":path",
+    "content-length",
+    "x-request-id",
+    "x-twinroute-ttft-slo-s",
+    ":status",
+    "x-gateway-destination-endpoint-served",
+)
 # The listener clients connect to; `twinroute gateway` asks the admin for its bound port by it.
 LISTENER_NAME: Final = "gateway"
 _EXT_PROC = "envoy.filters.http.ext_proc"
@@ -325,6 +337,10 @@ def render_bootstrap(config: GatewayConfig) -> dict[str, Any]:
         "metadata_options": {"forwarding_namespaces": {"untyped": ["envoy.lb.subset_hint"]}},
         "mutation_rules": {"allow_all_routing": True},
     }
+    if config.processing != "gie":
+        ext_proc["forward_rules"] = {
+            "allowed_headers": {"patterns": [{"exact": name} for name in PICKER_READS_HEADERS]}
+        }
     connection_manager = {
         "@type": _TYPES + "extensions.filters.network.http_connection_manager.v3"
         ".HttpConnectionManager",
