@@ -11,8 +11,8 @@ A pick hands back a `Placement`: the answer (endpoint, lease, reason, prediction
 report owed for it. `Placement.complete()` is exactly-once by construction, as KubeAI's load
 balancer hands a `done()` callback out with every address: the first call claims the report,
 later calls do nothing, so no path of a request can leak or double-close its lease. An
-in-process scheduler takes its reports at once (`AtOnceLeaseReports`): the report comes back
-already made (`SettledReport`), and a front end need not start a task to run it.
+in-process scheduler makes a report when it is called and hands it back settled
+(`SettledReport`): a front end need not start a task to run it.
 
 Errors are typed; each maps to one gRPC status (and back again in the client):
 
@@ -146,9 +146,11 @@ class PickAnswer:
 
 
 class LeaseReports(Protocol):
-    """Reports about a placed request, by lease id (what a `Placement` calls)."""
+    """Reports about a placed request, by lease id (what a `Placement` calls). Each returns the
+    report to await: a coroutine over gRPC, a `SettledReport` from an in-process scheduler,
+    which makes it when called."""
 
-    async def complete(
+    def complete(
         self,
         *,
         lease_id: str,
@@ -157,31 +159,13 @@ class LeaseReports(Protocol):
         prompt_tokens: int = 0,
         output_tokens: int = 0,
         cached_prompt_tokens: int = 0,
-    ) -> bool:
+    ) -> Awaitable[bool]:
         """Close a lease; False when the scheduler no longer knew it (closed or expired)."""
         ...
 
-    async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
+    def progress(self, *, lease_id: str, event: ProgressEvent) -> Awaitable[bool]:
         """A milestone of a placed request; False when the lease or event did not apply."""
         ...
-
-
-class AtOnceLeaseReports(LeaseReports, Protocol):
-    """Reports made in this process without waiting on anything (the embedded scheduler's):
-    `Placement` makes them as soon as they are claimed."""
-
-    def complete_now(
-        self,
-        *,
-        lease_id: str,
-        outcome: Outcome = "success",
-        observed_ttft_s: float = 0.0,
-        prompt_tokens: int = 0,
-        output_tokens: int = 0,
-        cached_prompt_tokens: int = 0,
-    ) -> bool: ...
-
-    def progress_now(self, *, lease_id: str, event: ProgressEvent) -> bool: ...
 
 
 class SettledReport:
@@ -222,20 +206,11 @@ class Placement:
     placement without a lease (the router's fail-open placements) reports nothing.
     """
 
-    __slots__ = ("_answer", "_at_once", "_completed", "_reports")
+    __slots__ = ("_answer", "_completed", "_reports")
 
-    def __init__(
-        self,
-        answer: PickAnswer,
-        *,
-        reports: LeaseReports | None,
-        at_once: AtOnceLeaseReports | None = None,
-    ) -> None:
-        """`at_once`: the same reports, when this process takes them without waiting (the
-        embedded scheduler): they are made when claimed and returned settled."""
+    def __init__(self, answer: PickAnswer, *, reports: LeaseReports | None) -> None:
         self._answer = answer
         self._reports = reports if answer.lease_id else None
-        self._at_once = at_once if answer.lease_id else None
         self._completed = False
 
     @property
@@ -290,21 +265,8 @@ class Placement:
             self._completed = True
             return NOTHING_TO_REPORT
         self._completed = True
-        lease_id = self._answer.lease_id
-        at_once = self._at_once
-        if at_once is not None:
-            return SettledReport.of(
-                lambda: at_once.complete_now(
-                    lease_id=lease_id,
-                    outcome=outcome,
-                    observed_ttft_s=observed_ttft_s,
-                    prompt_tokens=prompt_tokens,
-                    output_tokens=output_tokens,
-                    cached_prompt_tokens=cached_prompt_tokens,
-                )
-            )
         return self._reports.complete(
-            lease_id=lease_id,
+            lease_id=self._answer.lease_id,
             outcome=outcome,
             observed_ttft_s=observed_ttft_s,
             prompt_tokens=prompt_tokens,
@@ -318,11 +280,7 @@ class Placement:
             self._answer = replace(self._answer, prefill_endpoint=None)
         if self._completed or self._reports is None:
             return NOTHING_TO_REPORT
-        lease_id = self._answer.lease_id
-        at_once = self._at_once
-        if at_once is not None:
-            return SettledReport.of(lambda: at_once.progress_now(lease_id=lease_id, event=event))
-        return self._reports.progress(lease_id=lease_id, event=event)
+        return self._reports.progress(lease_id=self._answer.lease_id, event=event)
 
     def __repr__(self) -> str:
         state = "done" if self._completed else "open"

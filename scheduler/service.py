@@ -36,6 +36,7 @@ from twinroute.scheduler.api import (
     PickQuery,
     Placement,
     ProgressEvent,
+    SettledReport,
     StaleMembershipError,
     UnknownEndpointError,
     UnknownModelError,
@@ -334,13 +335,13 @@ class SchedulerService:
             slo = query.ttft_slo_s or self.core.policy.config.ttft_slo_s
             deadline = None if timeout_s is None else self._clock() + timeout_s
             answer = await self.admission.admit(answer, slo_s=slo, deadline=deadline)
-        return Placement(answer, reports=self, at_once=self)
+        return Placement(answer, reports=self)
 
     def _refused(self, kind: str) -> None:
         if self.telemetry is not None:
             self.telemetry.pick_refused(kind)
 
-    async def complete(
+    def complete(
         self,
         *,
         lease_id: str,
@@ -349,28 +350,16 @@ class SchedulerService:
         prompt_tokens: int = 0,
         output_tokens: int = 0,
         cached_prompt_tokens: int = 0,
-    ) -> bool:
-        """Close a lease; False when it was unknown (already closed or expired)."""
-        return self.complete_now(
-            lease_id=lease_id,
-            outcome=outcome,
-            observed_ttft_s=observed_ttft_s,
-            prompt_tokens=prompt_tokens,
-            output_tokens=output_tokens,
-            cached_prompt_tokens=cached_prompt_tokens,
+    ) -> SettledReport:
+        """Close a lease; False when it was unknown (already closed or expired). Made now, in
+        this process: what comes back is settled (an error it met is raised when awaited)."""
+        return SettledReport.of(
+            lambda: self._close_lease(lease_id, outcome, observed_ttft_s, output_tokens)
         )
 
-    def complete_now(
-        self,
-        *,
-        lease_id: str,
-        outcome: Outcome = "success",
-        observed_ttft_s: float = 0.0,
-        prompt_tokens: int = 0,
-        output_tokens: int = 0,
-        cached_prompt_tokens: int = 0,
+    def _close_lease(
+        self, lease_id: str, outcome: Outcome, observed_ttft_s: float, output_tokens: int
     ) -> bool:
-        """`complete`, made at once (it waits on nothing)."""
         if not lease_id:
             raise InvalidPickError("lease_id is required")
         if outcome not in OUTCOMES:
@@ -426,12 +415,11 @@ class SchedulerService:
             self.telemetry.observe_cancel(closed=closed)
         return closed
 
-    async def progress(self, *, lease_id: str, event: ProgressEvent) -> bool:
-        """A placed request reached a milestone; False when the lease or event did not apply
-        (`progress_now`)."""
-        return self.progress_now(lease_id=lease_id, event=event)
+    def progress(self, *, lease_id: str, event: ProgressEvent) -> SettledReport:
+        """A placed request reached a milestone (`_note_progress`), made now and settled."""
+        return SettledReport.of(lambda: self._note_progress(lease_id, event))
 
-    def progress_now(self, *, lease_id: str, event: ProgressEvent) -> bool:
+    def _note_progress(self, lease_id: str, event: ProgressEvent) -> bool:
         """A placed request reached a milestone; False when the lease or event did not apply.
 
         `prefill_done` closes a disaggregated pick's prefill lease (the prefill instance's

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from twinroute.scheduler.api import Placement
+from twinroute.scheduler.api import Placement, SettledReport
 from twinroute.scheduler.build import build_service
 from twinroute.scheduler.openai_queries import Tokenizer
 from twinroute.scheduler.service import SchedulerService
@@ -625,17 +625,16 @@ async def test_an_embedded_scheduler_takes_the_reports_without_a_task_and_counts
     engine = await start_engine("e0")
 
     class AtOnce(RecordingPort):
-        async def pick(self, query: Any, *, timeout_s: float | None = None) -> Placement:
-            placement = await super().pick(query, timeout_s=timeout_s)
-            return Placement(placement.answer, reports=self, at_once=self)
+        def complete(self, **fields: Any) -> Any:  # type: ignore[override]
+            def refuse() -> bool:
+                self.completions.append(fields)
+                raise RuntimeError("the scheduler had a bad day")
 
-        def complete_now(self, **fields: Any) -> bool:
-            self.completions.append(fields)
-            raise RuntimeError("the scheduler had a bad day")
+            return SettledReport.of(refuse)
 
-        def progress_now(self, **fields: Any) -> bool:
+        def progress(self, **fields: Any) -> Any:  # type: ignore[override]
             self.progress_reports.append(fields)
-            return True
+            return SettledReport(True)
 
     port = AtOnce([("e0", engine.address)])
     async with serving(port) as router, aiohttp.ClientSession() as session:

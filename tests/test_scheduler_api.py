@@ -288,14 +288,14 @@ async def test_the_in_process_scheduler_takes_reports_when_they_are_claimed() ->
     )
 
 
-async def test_an_at_once_report_that_fails_raises_where_it_is_awaited() -> None:
+async def test_an_in_process_report_that_fails_raises_where_it_is_awaited() -> None:
     service = in_process()
     placement = await service.pick(query())
 
-    def refuse(**_: Any) -> bool:
+    def refuse(*_: Any, **__: Any) -> None:
         raise InvalidPickError("refused")
 
-    service.complete_now = refuse  # type: ignore[method-assign]
+    service.core.complete = refuse  # type: ignore[method-assign]
     report = placement.complete("success")  # claimed without raising
     assert placement.done
     with pytest.raises(InvalidPickError, match="refused"):
