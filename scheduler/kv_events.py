@@ -449,6 +449,13 @@ class KvEventIndex:
         self.clock = clock
         self.counters = KvEventCounters()
         self._engines: dict[str, EngineKvIndex] = {}
+        self._before_read: Callable[[str], None] | None = None
+
+    def read_through(self, before_read: Callable[[str], None] | None) -> None:
+        """Have the decisions' reads (`precise_matched_blocks`, `partial_answer`) call
+        `before_read(endpoint_id)` first: the subscriber applies what has reached that
+        engine's socket, so a pick sees every batch delivered before it (None: no hook)."""
+        self._before_read = before_read
 
     def _engine(self, endpoint_id: str) -> EngineKvIndex:
         engine = self._engines.get(endpoint_id)
@@ -528,6 +535,8 @@ class KvEventIndex:
         """For an engine whose index has a gap (it was joined mid-stream, or batches were
         lost): (leading blocks it is known to hold, whether the next block is known to have
         been evicted). None in any other state."""
+        if self._before_read is not None:
+            self._before_read(endpoint_id)
         engine = self._engines.get(endpoint_id)
         if engine is None or engine.state(self.clock() if now is None else now) is not KvState.GAP:
             return None
@@ -538,6 +547,8 @@ class KvEventIndex:
         self, endpoint_id: str, hashes: Sequence[int], now: float | None = None
     ) -> int | None:
         """Leading blocks of `hashes` the endpoint holds, or None unless its index is live."""
+        if self._before_read is not None:
+            self._before_read(endpoint_id)
         engine = self._engines.get(endpoint_id)
         if engine is None or engine.state(self.clock() if now is None else now) is not KvState.LIVE:
             return None

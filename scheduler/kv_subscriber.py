@@ -3,6 +3,16 @@
 The wire format, the replay protocol and what each index state means are described in
 `scheduler/kv_events.py`; this module holds the sockets (kept apart so that the routing core,
 which reads the index, imports no transport).
+
+When batches are read. Not as they arrive: each arrival would wake the event loop on its own
+(ZMQ's I/O thread signals the socket's descriptor), and that wake-up cost the router about
+65 us of CPU per batch on top of 10 us to decode and apply it, at one or two batches per
+request. An engine's socket is read instead when a decision is about to read its index (the
+index's `read_through` hook: a pick sees every batch that reached the socket before it, which
+is fresher than a reader callback queued behind the pick would be) and by a sweep every
+`sweep_interval_s` (default 0.25 s), which keeps metrics, gap replays and the silent rule
+current when no request comes. Batches wait in ZMQ's queue meanwhile (its high-water mark is
+raised so that a burst is not dropped).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ logger = logging.getLogger(__name__)
 # The end marker of a replay: sequence -1, signed, big-endian.
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_REPLAY_TIMEOUT_S = 2.0
+DEFAULT_SWEEP_INTERVAL_S = 0.25
 # vLLM's PUB high-water mark is 100,000 batches; ZMQ's default of 1,000 on our side would
 # drop (and so gap) a burst that arrives while a replay is being read.
 _RECEIVE_HWM = 100_000
@@ -49,6 +60,7 @@ class KvEventSubscriber:
     `set_endpoints` may be called at any time (before `start` too) and never blocks: a new or
     changed source gets a fresh socket and a fresh index entry, a removed one is closed and its
     index forgotten. `stop` cancels every task and closes every socket before it returns.
+    While running it is the index's `read_through` hook (module docstring).
     """
 
     def __init__(
@@ -56,16 +68,23 @@ class KvEventSubscriber:
         index: KvEventIndex,
         *,
         replay_timeout_s: float = DEFAULT_REPLAY_TIMEOUT_S,
+        sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
         if replay_timeout_s <= 0:
             raise ValueError(f"replay_timeout_s must be positive, got {replay_timeout_s}")
+        if sweep_interval_s <= 0:
+            raise ValueError(f"sweep_interval_s must be positive, got {sweep_interval_s}")
         self.index = index
         self.replay_timeout_s = replay_timeout_s
+        self.sweep_interval_s = sweep_interval_s
         self._given_context = context
         self._context: zmq.asyncio.Context | None = None
         self._sources: dict[str, KvEventSource] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Each followed endpoint's live stream, read on demand and by the sweep.
+        self._live: dict[str, _LiveBatches] = {}
+        self._sweep: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._sockets: set[zmq.Socket[Any]] = set()
         self.messages_received = 0
@@ -105,9 +124,27 @@ class KvEventSubscriber:
         self._context = zmq.asyncio.Context() if given is None else given
         for endpoint_id, source in self._sources.items():
             self._launch(endpoint_id, source)
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_now_and_then())
+        self.index.read_through(self.read_now)
+
+    def read_now(self, endpoint_id: str) -> None:
+        """Apply whatever has reached `endpoint_id`'s socket (nothing if it is not followed)."""
+        live = self._live.get(endpoint_id)
+        if live is not None:
+            live.drain()
+
+    async def _sweep_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            for live in list(self._live.values()):
+                live.drain()
 
     async def stop(self) -> None:
+        self.index.read_through(None)
         tasks = [*self._tasks.values(), *self._retiring]
+        if self._sweep is not None:
+            tasks.append(self._sweep)
+            self._sweep = None
         self._tasks.clear()
         for task in tasks:
             task.cancel()
@@ -121,6 +158,8 @@ class KvEventSubscriber:
 
     def _drop(self, endpoint_id: str) -> None:
         del self._sources[endpoint_id]
+        # Before forgetting: a read of the old socket would bring the forgotten index back.
+        self._live.pop(endpoint_id, None)
         self.index.forget(endpoint_id)
         task = self._tasks.pop(endpoint_id, None)
         if task is not None:
@@ -149,27 +188,22 @@ class KvEventSubscriber:
         socket.close(linger=0)
 
     async def _follow(self, endpoint_id: str, source: KvEventSource) -> None:
-        # A plain (not asyncio) SUB socket drained from a reader callback on its ZMQ file
-        # descriptor: each message is handled where it is read, with no future, task wake-up
-        # or pyzmq poller per message (about two messages per request on a router with KV
-        # events). The task only sleeps here until a replay is needed or the socket fails.
+        # A plain (not asyncio) SUB socket, read without blocking by `read_now` and the sweep
+        # (module docstring): no future, task or loop wake-up per message. The task only sleeps
+        # here until a replay is needed or the socket fails.
         assert self._context is not None
         sub = self._configured(zmq.Socket(self._context, zmq.SUB), source.address)
         loop = asyncio.get_running_loop()
-        descriptor: int | None = None
+        live: _LiveBatches | None = None
         try:
             sub.setsockopt(zmq.RCVHWM, _RECEIVE_HWM)
             sub.setsockopt(zmq.SUBSCRIBE, source.topic.encode())
             sub.connect(source.address)
-            descriptor = cast(int, sub.getsockopt(zmq.FD))
-            live = _LiveBatches(self, endpoint_id, source, sub, loop)
+            live = self._live[endpoint_id] = _LiveBatches(self, endpoint_id, source, sub, loop)
             while True:
-                loop.add_reader(descriptor, live.drain)
-                # ZMQ's descriptor signals edges: what queued before the reader was
-                # registered (or during a replay) is read now, or it would wait for the next.
+                # What queued during a replay is read now, not at the next read or sweep.
                 live.drain()
                 batch, expected = await live.gap
-                loop.remove_reader(descriptor)
                 replayed_through = await self._replay(endpoint_id, source, expected)
                 if batch.seq <= replayed_through:
                     self.duplicates_skipped += 1
@@ -182,8 +216,9 @@ class KvEventSubscriber:
             logger.error("KV event subscription to %s failed: %s", endpoint_id, error)
             self.index.resync(endpoint_id)
         finally:
-            if descriptor is not None:
-                loop.remove_reader(descriptor)
+            # A replaced source's new task may already have put its own stream here.
+            if live is not None and self._live.get(endpoint_id) is live:
+                del self._live[endpoint_id]
             self._close(sub)
 
     async def _replay(self, endpoint_id: str, source: KvEventSource, start: int) -> int:
@@ -234,7 +269,7 @@ class KvEventSubscriber:
 
 
 class _LiveBatches:
-    """One endpoint's live stream, read from its SUB socket's reader callback.
+    """One endpoint's live stream, read from its SUB socket when asked (`drain`).
 
     `drain` handles every message waiting, in order, as `_follow` used to one by one: skip
     what a replay already applied, notice a publisher restart, apply the rest. A batch past a

@@ -12,6 +12,7 @@ and a ROUTER replay socket that answers like vLLM's `_service_replay`.
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import subprocess
 from collections import deque
@@ -629,6 +630,57 @@ async def test_the_subscriber_fills_the_index_from_a_real_socket(
         assert index.precise_matched_blocks("engine", chain) == reference.leading(chain)
     assert (subscriber.replays_succeeded, subscriber.replays_failed) == (0, 0)
     assert publisher.replay_requests == []
+
+
+async def test_batches_wait_in_the_socket_until_a_decision_reads_that_engine(
+    publisher: FakeVllmPublisher,
+) -> None:
+    """No loop wake-up per batch: what arrives is applied when a pick reads the engine's
+    index (or at the sweep), and then everything that reached the socket is."""
+    subscriber = KvEventSubscriber(KvEventIndex(), sweep_interval_s=3600.0)
+    try:
+        subscriber.set_endpoints({"engine": publisher.source})
+        await subscriber.start()
+        index = subscriber.index
+        # The subscription lands when the socket is next touched: a read does that too.
+        subscribed = asyncio.create_task(publisher.wait_subscribed())
+        while not subscribed.done():
+            index.precise_matched_blocks("engine", [1])
+            await asyncio.sleep(0.01)
+        await publisher.publish([stored([1, 2])])
+        await publisher.publish([stored([3])])
+        await asyncio.sleep(0.2)  # the loop runs; the batches are in the socket
+        assert index.next_seq("engine") == 0
+        assert index.precise_matched_blocks("engine", [1, 2]) == 2
+        assert index.next_seq("engine") == 2
+        await publisher.publish([removed([1])])
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop must not run: no callback may apply it
+        assert index.precise_matched_blocks("engine", [1, 2]) == 0
+        await publisher.publish([stored([1])])
+        time.sleep(0.2)  # noqa: ASYNC251
+        assert index.partial_answer("engine", [3]) is None  # live, so no partial answer...
+        assert index.next_seq("engine") == 4  # ...but the read applied the batch first
+    finally:
+        await subscriber.stop()
+    assert subscriber.open_sockets() == 0
+
+
+async def test_a_dropped_endpoint_is_not_brought_back_by_a_read(
+    publisher: FakeVllmPublisher, subscriber: KvEventSubscriber
+) -> None:
+    # No replay socket: a batch past a gap is applied (as a gap) rather than held for a replay.
+    source = KvEventSource(publisher.source.address, None, publisher.source.topic)
+    subscriber.set_endpoints({"engine": source})
+    await subscriber.start()
+    await publisher.wait_subscribed()
+    index = subscriber.index
+    await publisher.publish([stored([1])])
+    await eventually(lambda: index.precise_matched_blocks("engine", [1]) == 1)
+    await publisher.publish([stored([2])])
+    time.sleep(0.2)  # noqa: ASYNC251 - batch 1 waits in the old socket, still open
+    subscriber.set_endpoints({})
+    assert index.precise_matched_blocks("engine", [1, 2]) is None
+    assert index.endpoints() == []
 
 
 async def test_a_missed_batch_is_replayed_and_the_index_stays_live(
