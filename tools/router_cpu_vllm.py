@@ -15,6 +15,11 @@ processing) with the tokenizer and KV events, its CPU counted with Envoy's. Each
 eight system prompts, 8 output tokens, 4 at a time); its CPU is read from
 /proc/PID/task/*/schedstat of the process and its children (exact, not tick-sampled) before
 and after.
+
+To compare revisions in one fleet, give each a `--variant NAME=DIR`, DIR a copy of the
+`twinroute` package tree put first on the router's PYTHONPATH (an empty DIR: this tree), and
+`--rounds N`: every round runs every mode for every variant, the variants' order alternating
+from round to round, and the report gives each variant's runs and their median.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import asyncio
 import contextlib
 import glob
 import json
+import os
 import pathlib
 import random
 import signal
+import statistics
 import sys
 import time
 
@@ -60,7 +67,9 @@ def cpu_s(root: int) -> float:
     return total / 1e9
 
 
-async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[str, float]:
+async def measure(
+    mode: str, *, fleet: Fleet, requests: int, port: int, python_path: str = ""
+) -> dict[str, float]:
     endpoints = ",".join(
         f"engine-{i}={url.removeprefix('http://')}" for i, url in enumerate(fleet.urls)
     )
@@ -76,9 +85,12 @@ async def measure(mode: str, *, fleet: Fleet, requests: int, port: int) -> dict[
         argv.append(f"--tokenizer={MODEL_DIR / 'tokenizer.json'}")
     if mode.endswith("kv_events"):
         argv += twinroute_kv_events_args(fleet.kv_events)
+    env = dict(os.environ)
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [python_path, env.get("PYTHONPATH")]))
     router = await asyncio.create_subprocess_exec(
         sys.executable, str(PROFILE_TOOL), "--serve", "-", *argv,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip
     rng = random.Random(0)
     words = [f"w{i}" for i in range(500)]
@@ -130,11 +142,40 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, object]:
         "output_tokens": 8,
         "concurrency": 4,
     }
+    variants: dict[str, str] = dict(v.partition("=")[::2] for v in args.variant) or {"": ""}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        name: {mode: [] for mode in modes} for name in variants
+    }
+    port = 18790
     async with engine_fleet(fleet_args, model_dir=MODEL_DIR, extra_args=()) as fleet:
-        for index, mode in enumerate(modes):
-            measured = await measure(mode, fleet=fleet, requests=args.requests, port=18790 + index)
-            results[mode] = measured
-            print(f"{mode}: {measured}", flush=True)
+        for round_number in range(args.rounds):
+            names = list(variants) if round_number % 2 == 0 else list(variants)[::-1]
+            for name in names:
+                for mode in modes:
+                    measured = await measure(
+                        mode, fleet=fleet, requests=args.requests, port=port,
+                        python_path=variants[name],
+                    )  # fmt: skip
+                    port += 1
+                    runs[name][mode].append(measured)
+                    label = f"round {round_number + 1} {name} {mode}" if name else mode
+                    print(f"{label}: {measured}", flush=True)
+    if list(variants) == [""] and args.rounds == 1:
+        results.update({mode: found[0] for mode, found in runs[""].items()})
+        return results
+    results["rounds"] = args.rounds
+    results["variants"] = {
+        name: {
+            mode: {
+                "router_cpu_ms_per_request_median": statistics.median(
+                    r["router_cpu_ms_per_request"] for r in found
+                ),
+                "runs": found,
+            }
+            for mode, found in by_mode.items()
+        }
+        for name, by_mode in runs.items()
+    }
     return results
 
 
@@ -144,6 +185,12 @@ def main() -> int:
     parser.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
     )
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=DIR",
+        help="a revision to measure: a copy of the twinroute package tree put first on the "
+        "router's PYTHONPATH (DIR empty: this tree); give two or more to compare",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/router_cpu_vllm"))
     args = parser.parse_args()
