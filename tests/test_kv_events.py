@@ -710,9 +710,8 @@ async def test_a_missed_batch_is_replayed_and_the_index_stays_live(
 async def test_a_burst_with_a_gap_in_it_is_applied_whole_without_a_later_batch(
     publisher: FakeVllmPublisher, subscriber: KvEventSubscriber
 ) -> None:
-    """Batches are read from the socket's reader callback, and ZMQ's descriptor signals edges:
-    whatever queued (in a burst, or while a replay ran) must be read without waiting for
-    another batch to arrive."""
+    """Whatever queued (in a burst, or while a replay ran) is read without waiting for another
+    batch to arrive or a pick to read the index: the sweep reads it."""
     subscriber.set_endpoints({"engine": publisher.source})
     await subscriber.start()
     await publisher.wait_subscribed()

@@ -2,15 +2,18 @@
 
 A publisher process sends real vLLM KV-event batches (the recording in
 `tests/fixtures/vllm_kv_events_real.jsonl`, cycled, with fresh sequence numbers) over ZMQ PUB
-at a fixed rate, spaced so that each message wakes the subscriber on its own, as on a router
-whose engines publish one or two batches per request. This process runs each given version of
-`scheduler/kv_subscriber.py` in turn (rounds alternate the order) and reads its own CPU time
-(/proc, through `time.process_time`) from the first message to the last: the transport, the
-decoding and the index updates together, nothing else running.
+at a fixed rate, spaced so that each message arrives on its own, as on a router whose engines
+publish one or two batches per request. This process runs each given version of
+`scheduler/kv_subscriber.py` in turn (rounds alternate the order) on the servers' event loop
+(uvloop), reads the index as a router's picks do (`--reads-per-s`, one engine read each, the
+same timer for every version), and reads its own CPU time (/proc, through
+`time.process_time`, every thread: ZMQ's I/O thread too) from the first message to the last:
+the transport, the decoding, the index updates and the reads together, nothing else running.
 
     .venv/bin/python tools/kv_subscriber_cpu.py \\
         --subscriber before=OLD_COPY.py --subscriber after=scheduler/kv_subscriber.py \\
-        --messages 5000 --rate 1000 --rounds 3 --json results/kv-subscriber-cpu.json
+        --messages 5000 --rate 1000 --reads-per-s 500 --rounds 3 \\
+        --json results/kv-subscriber-cpu.json
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 import msgspec
 import zmq
 from twinroute.scheduler.kv_events import KvEventIndex
+
+from twinroute.runtime import event_loop_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDING = ROOT / "tests" / "fixtures" / "vllm_kv_events_real.jsonl"
@@ -78,7 +83,17 @@ def load_version(name: str, path: Path) -> ModuleType:
     return module
 
 
-async def measure(module: ModuleType, *, messages: int, rate: float) -> dict[str, float]:
+async def read_like_picks(index: KvEventIndex, reads_per_s: float) -> None:
+    """One engine read per pick, as a router with KV events makes them."""
+    interval = 1.0 / reads_per_s
+    while True:
+        await asyncio.sleep(interval)
+        index.precise_matched_blocks("engine", [0])
+
+
+async def measure(
+    module: ModuleType, *, messages: int, rate: float, reads_per_s: float
+) -> dict[str, float]:
     spawn = multiprocessing.get_context("spawn")
     port_out, go = spawn.Queue(), spawn.Event()
     publisher = spawn.Process(target=publish, args=(port_out, go, messages, rate))
@@ -92,13 +107,18 @@ async def measure(module: ModuleType, *, messages: int, rate: float) -> dict[str
     await subscriber.start()
     go.set()
     deadline = time.monotonic() + 30 + messages / rate
+    reads = asyncio.create_task(read_like_picks(index, reads_per_s)) if reads_per_s > 0 else None
     while subscriber.messages_received < 1:  # noqa: ASYNC110 - a counter, not an event
         await asyncio.sleep(0.001)
     cpu_start, wall_start = time.process_time(), time.monotonic()
-    while subscriber.messages_received < messages and time.monotonic() < deadline:  # noqa: ASYNC110
+    while subscriber.messages_received < messages and time.monotonic() < deadline:
         await asyncio.sleep(0.1)  # the same few wake-ups for every version
+        if reads is None:
+            index.precise_matched_blocks("engine", [0])  # a version that waits to be read
     cpu = time.process_time() - cpu_start
     wall = time.monotonic() - wall_start
+    if reads is not None:
+        reads.cancel()
     received = subscriber.messages_received
     await subscriber.stop()
     await asyncio.to_thread(publisher.join, 10)
@@ -122,6 +142,10 @@ async def main() -> int:
     )  # fmt: skip
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=1000.0, help="messages per second")
+    parser.add_argument(
+        "--reads-per-s", type=float, default=500.0,
+        help="index reads per second, one per pick (0: none but the progress checks)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args()
@@ -134,7 +158,10 @@ async def main() -> int:
     for round_number in range(args.rounds):
         order = names if round_number % 2 == 0 else names[::-1]
         for name in order:
-            result = await measure(versions[name], messages=args.messages, rate=args.rate)
+            result = await measure(
+                versions[name], messages=args.messages, rate=args.rate,
+                reads_per_s=args.reads_per_s,
+            )  # fmt: skip
             runs[name].append(result)
             print(
                 f"round {round_number + 1}/{args.rounds} {name}: "
@@ -156,6 +183,7 @@ async def main() -> int:
             "command": command,
             "messages": args.messages,
             "rate": args.rate,
+            "reads_per_s": args.reads_per_s,
             "rounds": args.rounds,
             "summary": summary,
             "runs": runs,
@@ -166,4 +194,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    raise SystemExit(event_loop_runner()(main()))

@@ -56,15 +56,21 @@ MODES = (
 )
 
 
-def cpu_s(root: int) -> float:
+def cpu_s(root: int) -> dict[str, float]:
     """Seconds on a CPU of every thread of `root` and its live descendants (the kernel
-    scheduler's own count, in ns, where /proc's utime and stime are sampled per tick)."""
-    total = 0
+    scheduler's own count, in ns, where /proc's utime and stime are sampled per tick), by
+    thread name: the interpreter's threads share the process's name, ZMQ's I/O thread (the KV
+    events' transport) is "ZMQbg/IO/0", Envoy's workers have their own."""
+    by_name: dict[str, int] = {}
     for pid in process_tree(root):
-        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-            with contextlib.suppress(OSError), open(path, encoding="ascii") as handle:
-                total += int(handle.read().split()[0])
-    return total / 1e9
+        for task in glob.glob(f"/proc/{pid}/task/*"):
+            with contextlib.suppress(OSError):
+                with open(f"{task}/schedstat", encoding="ascii") as handle:
+                    used = int(handle.read().split()[0])
+                with open(f"{task}/comm", encoding="utf-8") as handle:
+                    name = handle.read().strip()
+                by_name[name] = by_name.get(name, 0) + used
+    return {name: used / 1e9 for name, used in by_name.items()}
 
 
 async def measure(
@@ -118,14 +124,20 @@ async def measure(
             await asyncio.gather(*(one() for _ in range(50)))
             before, started = cpu_s(router.pid), time.monotonic()
             await asyncio.gather(*(one() for _ in range(requests)))
-            used, wall = cpu_s(router.pid) - before, time.monotonic() - started
+            after, wall = cpu_s(router.pid), time.monotonic() - started
     finally:
         with contextlib.suppress(ProcessLookupError):  # one that failed to start is gone
             router.send_signal(signal.SIGTERM)
         await asyncio.wait_for(router.wait(), 30)
+    by_thread = {name: spent - before.get(name, 0.0) for name, spent in after.items()}
     return {
         "requests": requests,
-        "router_cpu_ms_per_request": round(1000 * used / requests, 3),
+        "router_cpu_ms_per_request": round(1000 * sum(by_thread.values()) / requests, 3),
+        "cpu_ms_per_request_by_thread": {
+            name: round(1000 * spent / requests, 3)
+            for name, spent in sorted(by_thread.items())
+            if spent > 0
+        },
         "requests_per_s": round(requests / wall, 1),
     }
 
