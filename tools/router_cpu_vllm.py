@@ -20,6 +20,9 @@ To compare revisions in one fleet, give each a `--variant NAME=DIR`, DIR a copy 
 `twinroute` package tree put first on the router's PYTHONPATH (an empty DIR: this tree), and
 `--rounds N`: every round runs every mode for every variant, the variants' order alternating
 from round to round, and the report gives each variant's runs and their median.
+`--profile-dir DIR` runs each router under cProfile (process time) and leaves
+DIR/VARIANT-MODE.prof (VARIANT "this" without variants; profiled runs cost more: compare their
+shares, not their milliseconds).
 """
 
 from __future__ import annotations
@@ -74,7 +77,13 @@ def cpu_s(root: int) -> dict[str, float]:
 
 
 async def measure(
-    mode: str, *, fleet: Fleet, requests: int, port: int, python_path: str = ""
+    mode: str,
+    *,
+    fleet: Fleet,
+    requests: int,
+    port: int,
+    python_path: str = "",
+    profile: pathlib.Path | None = None,
 ) -> dict[str, float]:
     endpoints = ",".join(
         f"engine-{i}={url.removeprefix('http://')}" for i, url in enumerate(fleet.urls)
@@ -95,7 +104,7 @@ async def measure(
     if python_path:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [python_path, env.get("PYTHONPATH")]))
     router = await asyncio.create_subprocess_exec(
-        sys.executable, str(PROFILE_TOOL), "--serve", "-", *argv,
+        sys.executable, str(PROFILE_TOOL), "--serve", str(profile or "-"), *argv,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env=env,
     )  # fmt: skip
     rng = random.Random(0)
@@ -167,6 +176,8 @@ async def run(args: argparse.Namespace, modes: list[str]) -> dict[str, object]:
                     measured = await measure(
                         mode, fleet=fleet, requests=args.requests, port=port,
                         python_path=variants[name],
+                        profile=args.profile_dir / f"{name or 'this'}-{mode}.prof"
+                        if args.profile_dir else None,
                     )  # fmt: skip
                     port += 1
                     runs[name][mode].append(measured)
@@ -203,10 +214,13 @@ def main() -> int:
         "router's PYTHONPATH (DIR empty: this tree); give two or more to compare",
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--profile-dir", type=pathlib.Path, help="cProfile each router here")
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/router_cpu_vllm"))
     args = parser.parse_args()
     modes = args.modes.split(",")
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"unknown modes: {', '.join(unknown)}")
     results = asyncio.run(run(args, modes))
