@@ -12,9 +12,9 @@ and a ROUTER replay socket that answers like vLLM's `_service_replay`.
 from __future__ import annotations
 
 import asyncio
-import time
 import json
 import subprocess
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
