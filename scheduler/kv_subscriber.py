@@ -5,14 +5,15 @@ The wire format, the replay protocol and what each index state means are describ
 which reads the index, imports no transport).
 
 When batches are read. Not as they arrive: each arrival would wake the event loop on its own
-(ZMQ's I/O thread signals the socket's descriptor), and that wake-up cost the router about
-65 us of CPU per batch on top of 10 us to decode and apply it, at one or two batches per
-request. An engine's socket is read instead when a decision is about to read its index (the
-index's `read_through` hook: a pick sees every batch that reached the socket before it, which
-is fresher than a reader callback queued behind the pick would be) and by a sweep every
-`sweep_interval_s` (default 0.25 s), which keeps metrics, gap replays and the silent rule
-current when no request comes. Batches wait in ZMQ's queue meanwhile (its high-water mark is
-raised so that a burst is not dropped).
+(ZMQ's I/O thread signals the socket's descriptor), and those wake-ups more than doubled the
+subscriber's CPU per batch (99 against 45 us, ZMQ's I/O thread and the 10 us of decoding and
+applying included, `benchmarks/hot_path/kv-read-on-pick/`), at about two batches per request
+on a router in front of vLLM. An engine's socket is read instead when a decision is about to
+read its index (the index's `read_through` hook: a pick sees every batch that reached the
+socket before it, which is fresher than a reader callback queued behind the pick would be)
+and by a sweep every `sweep_interval_s` (default 0.25 s), which keeps metrics, gap replays and
+the silent rule current when no request comes. Batches wait in ZMQ's queue meanwhile (its
+high-water mark is raised so that a burst is not dropped).
 """
 
 from __future__ import annotations
