@@ -13,13 +13,21 @@ read its index (the index's `read_through` hook: a pick sees every batch that re
 socket before it, which is fresher than a reader callback queued behind the pick would be)
 and by a sweep every `sweep_interval_s` (default 0.25 s), which keeps metrics, gap replays and
 the silent rule current when no request comes. Batches wait in ZMQ's queue meanwhile (its
-high-water mark is raised so that a burst is not dropped).
+high-water mark is raised so that a burst is not dropped). A pick reads an engine's index
+several times (its score, the placement, the record check) and the policies that consult
+every engine read them all, so a socket is asked at most once a millisecond
+(`READ_AGAIN_AFTER_S`, by the index's clock): the reads of one pick agree, and each costs a
+system call only once. ZMQ (re)sends the subscription from the application's side too, so
+after connecting, or after an engine restarts, the subscription lands at the next read or
+sweep: `sweep_interval_s` bounds that delay (batches published before it are missed, and
+replayed where the engine has a replay socket).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -39,6 +47,7 @@ logger = logging.getLogger(__name__)
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_REPLAY_TIMEOUT_S = 2.0
 DEFAULT_SWEEP_INTERVAL_S = 0.25
+READ_AGAIN_AFTER_S = 0.001
 # vLLM's PUB high-water mark is 100,000 batches; ZMQ's default of 1,000 on our side would
 # drop (and so gap) a burst that arrives while a replay is being read.
 _RECEIVE_HWM = 100_000
@@ -133,16 +142,25 @@ class KvEventSubscriber:
         self.index.read_through(self.read_now)
 
     def read_now(self, endpoint_id: str) -> None:
-        """Apply whatever has reached `endpoint_id`'s socket (nothing if it is not followed)."""
+        """Apply whatever has reached `endpoint_id`'s socket (nothing if it is not followed),
+        unless it was read less than `READ_AGAIN_AFTER_S` ago (module docstring)."""
         live = self._live.get(endpoint_id)
-        if live is not None:
-            live.drain()
+        if live is None:
+            return
+        now = self.index.clock()
+        if now - live.read_at < READ_AGAIN_AFTER_S:
+            return
+        live.read_at = now
+        live.drain()
 
     async def _sweep_now_and_then(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_interval_s)
             for live in list(self._live.values()):
-                live.drain()
+                try:
+                    live.drain()
+                except Exception:  # a bug here must not stop the sweep for every engine
+                    logger.exception("KV event sweep of %s failed", live.endpoint_id)
 
     async def stop(self) -> None:
         self.index.read_through(None)
@@ -163,7 +181,8 @@ class KvEventSubscriber:
 
     def _drop(self, endpoint_id: str) -> None:
         del self._sources[endpoint_id]
-        # Before forgetting: a read of the old socket would bring the forgotten index back.
+        # No read of the old socket from here on (its task's cancellation also stops them):
+        # one would bring the forgotten index back.
         self._live.pop(endpoint_id, None)
         self.index.forget(endpoint_id)
         task = self._tasks.pop(endpoint_id, None)
@@ -298,6 +317,8 @@ class _LiveBatches:
         self.socket = socket
         self.loop = loop
         self.gap: asyncio.Future[tuple[KvEventBatch, int]] = loop.create_future()
+        # When a decision's read last asked the socket (`KvEventSubscriber.read_now`).
+        self.read_at = -math.inf
         # Set after a replay: live copies of the batches it applied are duplicates, until
         # the first live batch past it (PUB delivers in order).
         self.replayed_through = -1

@@ -24,6 +24,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
+from twinroute.scheduler import kv_subscriber as kv_subscriber_module
 from twinroute.scheduler.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -663,6 +664,50 @@ async def test_batches_wait_in_the_socket_until_a_decision_reads_that_engine(
     finally:
         await subscriber.stop()
     assert subscriber.open_sockets() == 0
+
+
+async def test_the_reads_of_one_pick_ask_each_engines_socket_once(
+    publisher: FakeVllmPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pick reads an engine's index several times (its score, the placement, the record
+    check) and `holders` reads every engine: the socket is asked at most once a millisecond,
+    so the reads of one pick agree and a large pool does not pay a system call per engine
+    per read."""
+    now = [0.0]
+    subscriber = KvEventSubscriber(KvEventIndex(clock=lambda: now[0]), sweep_interval_s=3600.0)
+    asked: list[str] = []
+    drain = kv_subscriber_module._LiveBatches.drain
+
+    def counted(live: Any) -> None:
+        asked.append(live.endpoint_id)
+        drain(live)
+
+    monkeypatch.setattr(kv_subscriber_module._LiveBatches, "drain", counted)
+    try:
+        subscriber.set_endpoints({"engine": publisher.source})
+        await subscriber.start()
+        index = subscriber.index
+        subscribed = asyncio.create_task(publisher.wait_subscribed())
+        while not subscribed.done():
+            now[0] += 1.0
+            index.precise_matched_blocks("engine", [1])
+            await asyncio.sleep(0.01)
+        await publisher.publish([stored([1, 2])])
+        time.sleep(0.2)  # noqa: ASYNC251 - the loop must not run
+        now[0] += 1.0
+        asked.clear()
+        for _ in range(50):  # one pick's worth of reads, and more, within a millisecond
+            assert index.precise_matched_blocks("engine", [1, 2]) == 2
+            assert index.partial_answer("engine", [1, 2]) is None
+            now[0] += 0.000_01
+        assert asked == ["engine"]
+        await publisher.publish([removed([2])])
+        time.sleep(0.2)  # noqa: ASYNC251
+        now[0] += 0.001  # a later pick asks again, and sees the eviction
+        assert index.precise_matched_blocks("engine", [1, 2]) == 1
+        assert asked == ["engine", "engine"]
+    finally:
+        await subscriber.stop()
 
 
 async def test_a_dropped_endpoint_is_not_brought_back_by_a_read(
