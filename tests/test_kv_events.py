@@ -713,6 +713,9 @@ async def test_the_reads_of_one_pick_ask_each_engines_socket_once(
 async def test_a_dropped_endpoint_is_not_brought_back_by_a_read(
     publisher: FakeVllmPublisher, subscriber: KvEventSubscriber
 ) -> None:
+    """Two things keep a read away from a dropped endpoint's socket today (its stream leaves
+    the subscriber before its index is forgotten, and cancelling its task cancels the stream's
+    pending gap, which stops reads); this pins the behaviour, not either mechanism."""
     # No replay socket: a batch past a gap is applied (as a gap) rather than held for a replay.
     source = KvEventSource(publisher.source.address, None, publisher.source.topic)
     subscriber.set_endpoints({"engine": source})
