@@ -633,6 +633,24 @@ async def test_the_subscriber_fills_the_index_from_a_real_socket(
     assert publisher.replay_requests == []
 
 
+async def subscribed_by_reads(
+    subscriber: KvEventSubscriber,
+    publisher: FakeVllmPublisher,
+    *,
+    before_read: Callable[[], None] = lambda: None,
+) -> KvEventIndex:
+    """Follow `publisher` as "engine" and wait for the subscription, which lands when the
+    socket is next touched: the tests that set no sweep to speak of read the index for it."""
+    subscriber.set_endpoints({"engine": publisher.source})
+    await subscriber.start()
+    subscribed = asyncio.create_task(publisher.wait_subscribed())
+    while not subscribed.done():
+        before_read()
+        subscriber.index.precise_matched_blocks("engine", [1])
+        await asyncio.sleep(0.01)
+    return subscriber.index
+
+
 async def test_batches_wait_in_the_socket_until_a_decision_reads_that_engine(
     publisher: FakeVllmPublisher,
 ) -> None:
@@ -640,14 +658,7 @@ async def test_batches_wait_in_the_socket_until_a_decision_reads_that_engine(
     index (or at the sweep), and then everything that reached the socket is."""
     subscriber = KvEventSubscriber(KvEventIndex(), sweep_interval_s=3600.0)
     try:
-        subscriber.set_endpoints({"engine": publisher.source})
-        await subscriber.start()
-        index = subscriber.index
-        # The subscription lands when the socket is next touched: a read does that too.
-        subscribed = asyncio.create_task(publisher.wait_subscribed())
-        while not subscribed.done():
-            index.precise_matched_blocks("engine", [1])
-            await asyncio.sleep(0.01)
+        index = await subscribed_by_reads(subscriber, publisher)
         await publisher.publish([stored([1, 2])])
         await publisher.publish([stored([3])])
         await asyncio.sleep(0.2)  # the loop runs; the batches are in the socket
@@ -683,15 +694,12 @@ async def test_the_reads_of_one_pick_ask_each_engines_socket_once(
         drain(live)
 
     monkeypatch.setattr(kv_subscriber_module._LiveBatches, "drain", counted)
+
+    def tick() -> None:
+        now[0] += 1.0
+
     try:
-        subscriber.set_endpoints({"engine": publisher.source})
-        await subscriber.start()
-        index = subscriber.index
-        subscribed = asyncio.create_task(publisher.wait_subscribed())
-        while not subscribed.done():
-            now[0] += 1.0
-            index.precise_matched_blocks("engine", [1])
-            await asyncio.sleep(0.01)
+        index = await subscribed_by_reads(subscriber, publisher, before_read=tick)
         await publisher.publish([stored([1, 2])])
         time.sleep(0.2)  # noqa: ASYNC251 - the loop must not run
         now[0] += 1.0
