@@ -53,7 +53,8 @@ States, one per engine (`KvState`):
   sent batches). It stays in gap until an AllBlocksCleared (what `POST /reset_prefix_cache`
   sends) or until a new engine process is heard from sequence 0. `KvEventSubscriber` keeps
   most gaps from happening: it fetches the missing batches from the engine's replay socket
-  and applies them before anything newer; only what the replay cannot supply is a gap.
+  and applies them before anything newer; only what the replay cannot supply is a gap. While
+  such a replay runs (`note_replay`), the engine reads as a gap too: its index lacks them.
 - silent: live, but the scheduler placed a request there that had to store a new block
   (reported with `note_placed`: at least one full block of the prompt not held) at least
   `silent_after_s` ago and no message has come since. A stalled publisher or a lost
@@ -278,12 +279,17 @@ class EngineKvIndex:
         # being whole: known absent, where a gap leaves the rest unknown. Bounded, oldest
         # forgotten first.
         self._removed: OrderedDict[int, None] = OrderedDict()
+        # A batch showed a gap and the missed ones are being fetched from the engine's replay
+        # socket: until they are applied the index lacks them, so it reads as a gap.
+        self.replay_pending = False
 
     # -- reading --
 
     def state(self, now: float) -> KvState:
         if self._state is not KvState.LIVE:
             return self._state
+        if self.replay_pending:
+            return KvState.GAP
         if self._awaiting_since is not None and now - self._awaiting_since >= self.silent_after_s:
             return KvState.SILENT
         return KvState.LIVE
@@ -501,6 +507,13 @@ class KvEventIndex:
         """The endpoint's publisher started over: forget its blocks, wait for sequence 0."""
         self.counters.restarts += 1
         self._engine(endpoint_id).resync()
+
+    def note_replay(self, endpoint_id: str, *, pending: bool) -> None:
+        """A replay of `endpoint_id`'s missed batches began (`pending`) or ended: meanwhile its
+        index reads as a gap (see `KvState`)."""
+        engine = self._engines.get(endpoint_id)
+        if engine is not None:
+            engine.replay_pending = pending
 
     def resync(self, endpoint_id: str) -> None:
         engine = self._engines.get(endpoint_id)

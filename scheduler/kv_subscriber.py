@@ -228,11 +228,14 @@ class KvEventSubscriber:
                 # What queued during a replay is read now, not at the next read or sweep.
                 live.drain()
                 batch, expected = await live.gap
-                replayed_through = await self._replay(endpoint_id, source, expected)
-                if batch.seq <= replayed_through:
-                    self.duplicates_skipped += 1
-                else:
-                    self.index.apply_batch(endpoint_id, batch)
+                try:
+                    replayed_through = await self._replay(endpoint_id, source, expected)
+                    if batch.seq <= replayed_through:
+                        self.duplicates_skipped += 1
+                    else:
+                        self.index.apply_batch(endpoint_id, batch)
+                finally:
+                    self.index.note_replay(endpoint_id, pending=False)
                 live.after_replay(replayed_through)
         except zmq.ZMQError as error:
             # A bad address: this endpoint's index can no longer be trusted (unknown from now
@@ -363,6 +366,7 @@ class _LiveBatches:
             index.note_restart(endpoint_id)
             expected = 0
         if batch.seq > expected and self.source.replay_address is not None:
+            index.note_replay(endpoint_id, pending=True)
             self.gap.set_result((batch, expected))
             return
         index.apply_batch(endpoint_id, batch)

@@ -921,6 +921,41 @@ async def test_set_endpoints_adds_replaces_and_removes_and_stop_leaves_nothing(
     assert kv_tasks() == []
 
 
+async def test_an_engine_waiting_for_its_replay_is_not_read_as_exact(
+    context: zmq.asyncio.Context,
+) -> None:
+    """Between the batch that shows a gap and the end of its replay, the engine's index lacks
+    the missed batches: the decisions read it as a gap (the approximate record may answer for
+    what it cannot vouch for), not as exact."""
+    silent_router = context.socket(zmq.ROUTER)  # takes the replay request, never answers
+    silent_router.setsockopt(zmq.LINGER, 0)
+    replay_port = silent_router.bind_to_random_port("tcp://127.0.0.1")
+    publisher = FakeVllmPublisher(context)
+    subscriber = KvEventSubscriber(KvEventIndex(), replay_timeout_s=0.5)
+    try:
+        source = KvEventSource(publisher.source.address, f"tcp://127.0.0.1:{replay_port}", "kv")
+        subscriber.set_endpoints({"engine": source})
+        await subscriber.start()
+        await publisher.wait_subscribed()
+        index = subscriber.index
+        await publisher.publish([stored([1, 2])])
+        await eventually(lambda: index.precise_matched_blocks("engine", [1, 2]) == 2)
+        await publisher.publish([removed([2])], drop=True)
+        await publisher.publish([stored([3])])
+        await asyncio.wait_for(silent_router.recv_multipart(), timeout=5.0)
+        assert index.state("engine") is KvState.GAP
+        assert index.precise_matched_blocks("engine", [1, 2]) is None
+        assert index.partial_answer("engine", [1, 2]) == (2, False)
+        # The replay times out: the batch past the gap is applied, and the gap stays.
+        await eventually(lambda: subscriber.replays_failed == 1)
+        assert index.next_seq("engine") == 3
+        assert index.state("engine") is KvState.GAP
+    finally:
+        await subscriber.stop()
+        await publisher.close()
+        silent_router.close(linger=0)
+
+
 async def test_stop_cancels_a_subscriber_in_the_middle_of_a_replay(
     context: zmq.asyncio.Context,
 ) -> None:
