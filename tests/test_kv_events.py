@@ -12,6 +12,7 @@ and a ROUTER replay socket that answers like vLLM's `_service_replay`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -921,22 +922,40 @@ async def test_set_endpoints_adds_replaces_and_removes_and_stop_leaves_nothing(
     assert kv_tasks() == []
 
 
+@contextlib.asynccontextmanager
+async def followed_with_a_silent_replay(
+    context: zmq.asyncio.Context, *, replay_timeout_s: float
+) -> AsyncIterator[tuple[FakeVllmPublisher, KvEventSubscriber, zmq.asyncio.Socket]]:
+    """A publisher whose replay socket takes the request and never answers, followed (and
+    subscribed) by a subscriber: (publisher, subscriber, that replay socket)."""
+    silent_router = context.socket(zmq.ROUTER)
+    silent_router.setsockopt(zmq.LINGER, 0)
+    replay_port = silent_router.bind_to_random_port("tcp://127.0.0.1")
+    publisher = FakeVllmPublisher(context)
+    subscriber = KvEventSubscriber(KvEventIndex(), replay_timeout_s=replay_timeout_s)
+    try:
+        source = KvEventSource(publisher.source.address, f"tcp://127.0.0.1:{replay_port}", "kv")
+        subscriber.set_endpoints({"engine": source})
+        await subscriber.start()
+        await publisher.wait_subscribed()
+        yield publisher, subscriber, silent_router
+    finally:
+        await subscriber.stop()
+        await publisher.close()
+        silent_router.close(linger=0)
+
+
 async def test_an_engine_waiting_for_its_replay_is_not_read_as_exact(
     context: zmq.asyncio.Context,
 ) -> None:
     """Between the batch that shows a gap and the end of its replay, the engine's index lacks
     the missed batches: the decisions read it as a gap (the approximate record may answer for
     what it cannot vouch for), not as exact."""
-    silent_router = context.socket(zmq.ROUTER)  # takes the replay request, never answers
-    silent_router.setsockopt(zmq.LINGER, 0)
-    replay_port = silent_router.bind_to_random_port("tcp://127.0.0.1")
-    publisher = FakeVllmPublisher(context)
-    subscriber = KvEventSubscriber(KvEventIndex(), replay_timeout_s=0.5)
-    try:
-        source = KvEventSource(publisher.source.address, f"tcp://127.0.0.1:{replay_port}", "kv")
-        subscriber.set_endpoints({"engine": source})
-        await subscriber.start()
-        await publisher.wait_subscribed()
+    async with followed_with_a_silent_replay(context, replay_timeout_s=0.5) as (
+        publisher,
+        subscriber,
+        silent_router,
+    ):
         index = subscriber.index
         await publisher.publish([stored([1, 2])])
         await eventually(lambda: index.precise_matched_blocks("engine", [1, 2]) == 2)
@@ -950,26 +969,16 @@ async def test_an_engine_waiting_for_its_replay_is_not_read_as_exact(
         await eventually(lambda: subscriber.replays_failed == 1)
         assert index.next_seq("engine") == 3
         assert index.state("engine") is KvState.GAP
-    finally:
-        await subscriber.stop()
-        await publisher.close()
-        silent_router.close(linger=0)
 
 
 async def test_stop_cancels_a_subscriber_in_the_middle_of_a_replay(
     context: zmq.asyncio.Context,
 ) -> None:
-    # A replay socket that accepts the request and never answers.
-    silent_router = context.socket(zmq.ROUTER)
-    silent_router.setsockopt(zmq.LINGER, 0)
-    replay_port = silent_router.bind_to_random_port("tcp://127.0.0.1")
-    publisher = FakeVllmPublisher(context)
-    subscriber = KvEventSubscriber(KvEventIndex(), replay_timeout_s=30.0)
-    try:
-        source = KvEventSource(publisher.source.address, f"tcp://127.0.0.1:{replay_port}", "kv")
-        subscriber.set_endpoints({"engine": source})
-        await subscriber.start()
-        await publisher.wait_subscribed()
+    async with followed_with_a_silent_replay(context, replay_timeout_s=30.0) as (
+        publisher,
+        subscriber,
+        silent_router,
+    ):
         await publisher.publish([stored([1])], drop=True)
         await publisher.publish([stored([2])])
         await asyncio.wait_for(silent_router.recv_multipart(), timeout=5.0)
@@ -977,7 +986,3 @@ async def test_stop_cancels_a_subscriber_in_the_middle_of_a_replay(
         await asyncio.wait_for(subscriber.stop(), timeout=2.0)
         assert subscriber.open_sockets() == 0
         assert kv_tasks() == []
-    finally:
-        await subscriber.stop()
-        await publisher.close()
-        silent_router.close(linger=0)
