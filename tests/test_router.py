@@ -595,6 +595,22 @@ def test_embedded_scheduler_flags_are_refused_with_a_remote_scheduler() -> None:
     assert (settings.ttft_slo_s, settings.policy) == (2.0, "dualmap")
 
 
+async def post_whole_then_streamed(
+    session: aiohttp.ClientSession,
+    router: str,
+    *,
+    after_each: Callable[[bool], None] = lambda _stream: None,
+) -> None:
+    """A whole completion, then a streamed one, each answered 200 and read to its end;
+    `after_each(stream)` once each is read."""
+    for stream in (False, True):
+        body = completion(stream=stream)
+        async with session.post(f"{router}/v1/completions", json=body) as response:
+            assert response.status == 200
+            await response.read()
+        after_each(stream)
+
+
 async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothing(
     start_engine: StartEngine,
 ) -> None:
@@ -606,11 +622,7 @@ async def test_a_report_that_fails_any_way_is_counted_and_costs_the_client_nothi
 
     port = Refusing([("e0", engine.address)])
     async with serving(port) as router, aiohttp.ClientSession() as session:
-        for stream in (False, True):
-            body = completion(stream=stream)
-            async with session.post(f"{router}/v1/completions", json=body) as response:
-                assert response.status == 200
-                await response.read()
+        await post_whole_then_streamed(session, router)
         await asyncio.sleep(0.1)  # the reports run off the response path
         async with session.get(f"{router}/metrics") as response:
             text = await response.text()
@@ -637,14 +649,13 @@ async def test_an_embedded_scheduler_takes_the_reports_without_a_task_and_counts
             return SettledReport(True)
 
     port = AtOnce([("e0", engine.address)])
+
+    def reported_already(stream: bool) -> None:
+        # Made before the answer was done: nothing waits in the background.
+        assert len(port.completions) == 1 + stream
+
     async with serving(port) as router, aiohttp.ClientSession() as session:
-        for stream in (False, True):
-            body = completion(stream=stream)
-            async with session.post(f"{router}/v1/completions", json=body) as response:
-                assert response.status == 200
-                await response.read()
-            # Made before the answer was done: nothing waits in the background.
-            assert len(port.completions) == 1 + stream
+        await post_whole_then_streamed(session, router, after_each=reported_already)
         async with session.get(f"{router}/metrics") as response:
             text = await response.text()
     assert [r["event"] for r in port.progress_reports] == ["first_token"]
