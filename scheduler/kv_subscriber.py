@@ -51,8 +51,9 @@ READ_AGAIN_AFTER_S = 0.001
 # vLLM's PUB high-water mark is 100,000 batches; ZMQ's default of 1,000 on our side would
 # drop (and so gap) a burst that arrives while a replay is being read.
 _RECEIVE_HWM = 100_000
-# Plain ints: testing a reading against pyzmq's flag enums builds an enum each time, which
-# doubled the cost of asking a socket whether a batch waits (2.7 -> 1.5 us).
+# Plain ints: testing a reading against pyzmq's flag enums builds an enum each time, so
+# asking a socket whether a batch waits cost 2.2 us instead of 1.5
+# (`benchmarks/hot_path/kv-read-on-pick/micro.py`).
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _AnySocket = TypeVar("_AnySocket", bound="zmq.Socket[Any]")
