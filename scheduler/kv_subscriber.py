@@ -6,21 +6,21 @@ which reads the index, imports no transport).
 
 When batches are read. Not as they arrive: each arrival would wake the event loop on its own
 (ZMQ's I/O thread signals the socket's descriptor), and those wake-ups more than doubled the
-subscriber's CPU per batch (99 against 45 us, ZMQ's I/O thread and the 10 us of decoding and
-applying included, `benchmarks/hot_path/kv-read-on-pick/`), at about two batches per request
-on a router in front of vLLM. An engine's socket is read instead when a decision is about to
-read its index (the index's `read_through` hook: a pick sees every batch that reached the
-socket before it, which is fresher than a reader callback queued behind the pick would be)
+subscriber's CPU per batch (99-107 against 45-51 us, ZMQ's I/O thread and the 10 us of decoding
+and applying included, `benchmarks/hot_path/kv-read-on-pick/`), at about two batches per
+request on a router in front of vLLM. An engine's socket is read instead when a decision is
+about to read its index (the index's `read_through` hook: a pick sees every batch that reached
+the socket before it, which is fresher than a reader callback queued behind the pick would be)
 and by a sweep every `sweep_interval_s` (default 0.25 s), which keeps metrics, gap replays and
 the silent rule current when no request comes. Batches wait in ZMQ's queue meanwhile (its
 high-water mark is raised so that a burst is not dropped). A pick reads an engine's index
-several times (its score, the placement, the record check) and the policies that consult
-every engine read them all, so a socket is asked at most once a millisecond
-(`READ_AGAIN_AFTER_S`, by the index's clock): the reads of one pick agree, and each costs a
-system call only once. ZMQ (re)sends the subscription from the application's side too, so
-after connecting, or after an engine restarts, the subscription lands at the next read or
-sweep: `sweep_interval_s` bounds that delay (batches published before it are missed, and
-replayed where the engine has a replay socket).
+several times (its score, the placement, the record check) and the policies that consult every
+engine read them all, so a socket is asked at most once a millisecond (`READ_AGAIN_AFTER_S`, by
+the index's clock): the reads of one pick agree, and each costs a system call only once. ZMQ
+(re)sends the subscription from the application's side too, so after connecting, or after an
+engine restarts, the subscription lands at the next read or sweep: `sweep_interval_s` bounds
+that delay (batches published before it are missed, and replayed where the engine has a replay
+socket).
 """
 
 from __future__ import annotations

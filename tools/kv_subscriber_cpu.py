@@ -83,6 +83,20 @@ def load_version(name: str, path: Path) -> ModuleType:
     return module
 
 
+def cpu_s_by_thread() -> dict[str, float]:
+    """This process's CPU seconds by thread name (the kernel's schedstat, in ns): the
+    interpreter's threads share the process's name, ZMQ's I/O thread is "ZMQbg/IO/0"."""
+    by_name: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            used = int((task / "schedstat").read_text().split()[0]) / 1e9
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        by_name[name] = by_name.get(name, 0.0) + used
+    return by_name
+
+
 async def read_like_picks(index: KvEventIndex, reads_per_s: float) -> None:
     """One engine read per pick, as a router with KV events makes them."""
     interval = 1.0 / reads_per_s
@@ -111,12 +125,16 @@ async def measure(
     while subscriber.messages_received < 1:  # noqa: ASYNC110 - a counter, not an event
         await asyncio.sleep(0.001)
     cpu_start, wall_start = time.process_time(), time.monotonic()
+    threads_start = cpu_s_by_thread()
     while subscriber.messages_received < messages and time.monotonic() < deadline:
         await asyncio.sleep(0.1)  # the same few wake-ups for every version
         if reads is None:
             index.precise_matched_blocks("engine", [0])  # a version that waits to be read
     cpu = time.process_time() - cpu_start
     wall = time.monotonic() - wall_start
+    threads = {
+        name: used - threads_start.get(name, 0.0) for name, used in cpu_s_by_thread().items()
+    }
     if reads is not None:
         reads.cancel()
     received = subscriber.messages_received
@@ -130,6 +148,11 @@ async def measure(
         "cpu_s": round(cpu, 4),
         "wall_s": round(wall, 3),
         "cpu_us_per_message": round(cpu / counted * 1e6, 2),
+        "cpu_us_per_message_by_thread": {
+            name: round(used / counted * 1e6, 2)
+            for name, used in sorted(threads.items())
+            if used > 0
+        },
         "blocks_held": index.blocks_held("engine"),
     }
 

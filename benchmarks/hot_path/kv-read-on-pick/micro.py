@@ -4,7 +4,8 @@
 
 - asking a SUB socket whether a batch waits: `getsockopt(zmq.EVENTS) & zmq.POLLIN` (pyzmq's
   flag enums) against the same with plain ints (what `scheduler/kv_subscriber.py` does);
-- decoding a recorded vLLM batch with the index's structs against structs naming only the
+- decoding a recorded vLLM batch and applying it to an index, as the subscriber does; and
+  decoding alone, with the index's structs against structs naming only the
   fields the index reads (vLLM's BlockStored also carries every block's token ids);
 - draining queued batches with `recv_multipart` against a `recv` loop with int flags.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 import msgspec
 import zmq
-from twinroute.scheduler.kv_events import _TYPED_DECODER
+from twinroute.scheduler.kv_events import _TYPED_DECODER, KvEventIndex, decode_message
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
 from kv_subscriber_cpu import recorded_payloads
@@ -103,12 +104,20 @@ def main() -> int:
             drained += 1
         return drained
 
+    def decode_and_apply() -> None:
+        index = KvEventIndex(clock=lambda: 0.0)
+        for seq, payload in enumerate(payloads):
+            index.apply_batch("e", decode_message([b"kv", seq.to_bytes(8, "big"), payload]))
+
     n = 100_000
     report: dict[str, Any] = {
         "command": "benchmarks/hot_path/kv-read-on-pick/micro.py " + " ".join(sys.argv[1:]),
         "us_per_socket_question": {
             "flag_enums": best_us(lambda: sub.getsockopt(zmq.EVENTS) & zmq.POLLIN, n, args.rounds),
             "plain_ints": best_us(lambda: sub.getsockopt(events) & pollin, n, args.rounds),
+        },
+        "us_per_batch_decoded_and_applied": {
+            "index_structs": best_us(decode_and_apply, 50, args.rounds) / len(payloads),
         },
         "us_per_batch_decoded": {
             "index_structs": best_us(lambda: decode_with(_TYPED_DECODER), 50, args.rounds)
@@ -126,7 +135,11 @@ def main() -> int:
             report["us_per_batch_drained"][name].append(
                 round(drain_us(sub, pub, payloads, drain, 20_000), 2)
             )
-    for table in ("us_per_socket_question", "us_per_batch_decoded"):
+    for table in (
+        "us_per_socket_question",
+        "us_per_batch_decoded_and_applied",
+        "us_per_batch_decoded",
+    ):
         report[table] = {key: round(value, 2) for key, value in report[table].items()}
     print(json.dumps(report, indent=2))
     if args.json:
